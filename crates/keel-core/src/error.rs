@@ -1,0 +1,395 @@
+//! The error taxonomy shared by every port.
+//!
+//! Two families are kept apart on purpose:
+//!
+//! * [`Error`]: infrastructure failed or refused (a conflict, a timeout, a
+//!   database that is down, input that cannot be stored). It has a
+//!   [`kind`](Error::kind), a stable machine-readable [`code`](Error::code),
+//!   and says whether retrying may help ([`is_retryable`](Error::is_retryable)).
+//! * Domain errors: a business rule was broken. They are the aggregate's own
+//!   error type (or the ready-made [`DomainError`]); retrying never helps.
+//!
+//! [`CommandError`] carries either one out of a command handler.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use crate::version::{ExpectedVersion, Version};
+
+/// A boxed error that can cross threads; used for error sources.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with Keel's infrastructure [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong in infrastructure, as returned by every Keel port.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An optimistic-concurrency check failed: someone else wrote first.
+    #[error(transparent)]
+    Conflict(#[from] VersionConflict),
+
+    /// A record with this identity already exists (a duplicate id or a unique
+    /// key taken).
+    #[error("{subject} already exists")]
+    AlreadyExists {
+        /// What already exists, e.g. `order 0190…`.
+        subject: String,
+    },
+
+    /// The requested record does not exist.
+    #[error("{subject} was not found")]
+    NotFound {
+        /// What was looked for, e.g. `order 0190…`.
+        subject: String,
+    },
+
+    /// The caller's input was refused before anything was written.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+
+    /// A dependency (database, broker, cache) could not be reached or dropped
+    /// the connection. Retrying later may succeed.
+    #[error("{service} is unavailable: {message}")]
+    Unavailable {
+        /// The dependency, e.g. `postgres` or `pubsub`.
+        service: Cow<'static, str>,
+        /// What happened, free of secrets.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// An operation did not finish in time. Retrying later may succeed.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// The operation that timed out.
+        operation: Cow<'static, str>,
+        /// The time limit that was exceeded.
+        after: Duration,
+    },
+
+    /// The caller did not prove who they are.
+    #[error("unauthorized: {reason}")]
+    Unauthorized {
+        /// Why authentication failed (safe to show the caller).
+        reason: String,
+    },
+
+    /// The caller is known but may not do this.
+    #[error("forbidden: {reason}")]
+    Forbidden {
+        /// Why the request was refused (safe to show the caller).
+        reason: String,
+    },
+
+    /// A bug or an unexpected state: stored data that cannot be read, a
+    /// broken invariant, a misconfiguration.
+    #[error("internal error: {message}")]
+    Internal {
+        /// What happened.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+/// The broad class of an [`Error`], for mapping to transport status codes and
+/// metrics.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A concurrency conflict or a duplicate.
+    Conflict,
+    /// The record does not exist.
+    NotFound,
+    /// A dependency is down or unreachable.
+    Unavailable,
+    /// An operation ran out of time.
+    Timeout,
+    /// The input was refused.
+    InvalidInput,
+    /// Authentication is missing or failed.
+    Unauthorized,
+    /// Authorization denied the request.
+    Forbidden,
+    /// Anything else: a bug or corrupted data.
+    Internal,
+}
+
+impl ErrorKind {
+    /// A stable lower-case name, e.g. `invalid_input`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Error {
+    /// The broad class of this error.
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Conflict(_) | Error::AlreadyExists { .. } => ErrorKind::Conflict,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::Invalid(_) => ErrorKind::InvalidInput,
+            Error::Unavailable { .. } => ErrorKind::Unavailable,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Unauthorized { .. } => ErrorKind::Unauthorized,
+            Error::Forbidden { .. } => ErrorKind::Forbidden,
+            Error::Internal { .. } => ErrorKind::Internal,
+        }
+    }
+
+    /// A stable, machine-readable code such as `keel.conflict.version`.
+    /// Codes never change once released; clients may match on them.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Conflict(_) => "keel.conflict.version",
+            Error::AlreadyExists { .. } => "keel.conflict.already_exists",
+            Error::NotFound { .. } => "keel.not_found",
+            Error::Invalid(_) => "keel.invalid_input",
+            Error::Unavailable { .. } => "keel.unavailable",
+            Error::Timeout { .. } => "keel.timeout",
+            Error::Unauthorized { .. } => "keel.unauthorized",
+            Error::Forbidden { .. } => "keel.forbidden",
+            Error::Internal { .. } => "keel.internal",
+        }
+    }
+
+    /// Whether repeating the same operation unchanged may succeed (the
+    /// dependency was down or slow). A version conflict is not retryable as
+    /// such: the caller must reload and decide again.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
+    }
+
+    /// The structured conflict, when this is a version conflict.
+    #[must_use]
+    pub fn as_conflict(&self) -> Option<&VersionConflict> {
+        match self {
+            Error::Conflict(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid_input(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
+        Error::Invalid(InvalidInput::new(field, reason))
+    }
+
+    /// Shorthand for [`Error::NotFound`].
+    pub fn not_found(subject: impl Into<String>) -> Self {
+        Error::NotFound {
+            subject: subject.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Unavailable`] with a source.
+    pub fn unavailable(
+        service: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Unavailable {
+            service: service.into(),
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Shorthand for [`Error::Internal`] with a source.
+    pub fn internal(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Internal {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Shorthand for [`Error::Internal`] without a source.
+    pub fn internal_msg(message: impl Into<String>) -> Self {
+        Error::Internal {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+/// A failed optimistic-concurrency check, with what the writer expected and
+/// what it found.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("version conflict on {subject}: expected {expected}, actual version {actual}")]
+pub struct VersionConflict {
+    /// The stream or entity written to.
+    pub subject: String,
+    /// What the writer expected.
+    pub expected: ExpectedVersion,
+    /// The version actually found ([`Version::INITIAL`] when it does not exist).
+    pub actual: Version,
+}
+
+/// Input refused before anything was written, naming the offending field.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidInput {
+    /// The field or parameter that was refused.
+    pub field: Cow<'static, str>,
+    /// Why it was refused, free of secrets.
+    pub reason: String,
+}
+
+impl InvalidInput {
+    /// Builds an `InvalidInput`.
+    pub fn new(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A ready-made domain error for aggregates that do not need their own type:
+/// a broken business rule with a stable code and a message for people.
+///
+/// ```
+/// use keel_core::DomainError;
+/// let e = DomainError::new("order.already_shipped", "the order has already shipped");
+/// assert_eq!(e.code(), "order.already_shipped");
+/// ```
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DomainError {
+    code: Cow<'static, str>,
+    message: String,
+}
+
+impl DomainError {
+    /// Builds a domain error from a stable code and a message.
+    pub fn new(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The stable code, e.g. `order.already_shipped`.
+    #[must_use]
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// The message for people.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// The outcome of a failed command: a broken rule, or failed infrastructure.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E> {
+    /// The aggregate refused the command; retrying will not help.
+    #[error("command rejected: {0}")]
+    Rejected(#[source] E),
+    /// Infrastructure failed (a conflict, a timeout, a database error).
+    #[error(transparent)]
+    Infrastructure(#[from] Error),
+}
+
+impl<E> CommandError<E> {
+    /// The infrastructure error, if that is what this is.
+    pub fn as_infrastructure(&self) -> Option<&Error> {
+        match self {
+            CommandError::Infrastructure(e) => Some(e),
+            CommandError::Rejected(_) => None,
+        }
+    }
+
+    /// The domain error, if the command was rejected.
+    pub fn as_rejection(&self) -> Option<&E> {
+        match self {
+            CommandError::Rejected(e) => Some(e),
+            CommandError::Infrastructure(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_codes_and_retryability() {
+        let conflict = Error::from(VersionConflict {
+            subject: "Order-1".into(),
+            expected: ExpectedVersion::Exact(Version::new(2)),
+            actual: Version::new(3),
+        });
+        assert_eq!(conflict.kind(), ErrorKind::Conflict);
+        assert_eq!(conflict.code(), "keel.conflict.version");
+        assert!(!conflict.is_retryable());
+        assert_eq!(conflict.as_conflict().unwrap().actual, Version::new(3));
+        assert_eq!(
+            conflict.to_string(),
+            "version conflict on Order-1: expected version 2, actual version 3"
+        );
+
+        let down = Error::unavailable(
+            "postgres",
+            "connection reset",
+            std::io::Error::other("reset"),
+        );
+        assert_eq!(down.kind(), ErrorKind::Unavailable);
+        assert!(down.is_retryable());
+        assert!(std::error::Error::source(&down).is_some());
+
+        let timeout = Error::Timeout {
+            operation: "acquire".into(),
+            after: Duration::from_secs(1),
+        };
+        assert!(timeout.is_retryable());
+        assert_eq!(timeout.code(), "keel.timeout");
+
+        let bad = Error::invalid_input("page_size", "must be between 1 and 1000");
+        assert_eq!(bad.kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            bad.to_string(),
+            "invalid page_size: must be between 1 and 1000"
+        );
+        assert!(!bad.is_retryable());
+    }
+
+    #[test]
+    fn command_error_separates_domain_from_infrastructure() {
+        let rejected: CommandError<DomainError> =
+            CommandError::Rejected(DomainError::new("cart.empty", "cart is empty"));
+        assert!(rejected.as_rejection().is_some());
+        assert!(rejected.as_infrastructure().is_none());
+        let infra: CommandError<DomainError> = Error::not_found("cart 1").into();
+        assert_eq!(
+            infra.as_infrastructure().unwrap().kind(),
+            ErrorKind::NotFound
+        );
+    }
+}
