@@ -1,0 +1,3 @@
+//! Cache-aside caching for Keel on Redis, with an in-memory twin
+//!
+//! (Work in progress.)

@@ -1,0 +1,3 @@
+//! Event bus for Keel on Google Cloud Pub/Sub, with an in-memory twin
+//!
+//! (Work in progress.)

@@ -1,0 +1,3 @@
+//! Append-only PostgreSQL event store for Keel, with an in-memory twin
+//!
+//! (Work in progress.)

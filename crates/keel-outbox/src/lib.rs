@@ -1,0 +1,3 @@
+//! Transactional outbox and relay from PostgreSQL to Keel's event bus
+//!
+//! (Work in progress.)

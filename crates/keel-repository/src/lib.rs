@@ -1,0 +1,3 @@
+//! Repository base for state-based entities on PostgreSQL, with an in-memory twin
+//!
+//! (Work in progress.)

@@ -1,0 +1,3 @@
+//! Authentication, authorization, secrets and a tamper-evident audit log for Keel
+//!
+//! (Work in progress.)

@@ -1,0 +1,3 @@
+//! Structured logs, traces and metrics for Keel services via OpenTelemetry
+//!
+//! (Work in progress.)
