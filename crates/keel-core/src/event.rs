@@ -309,7 +309,7 @@ mod tests {
             EventId::new(),
             StreamId::new("Order-1").unwrap(),
             Version::new(1),
-            Position::new(10),
+            Position::new(1, 10),
             "order.placed",
             1,
             Utc::now(),

@@ -107,41 +107,61 @@ impl From<Version> for ExpectedVersion {
     }
 }
 
-/// A position in the global log: strictly increasing across all streams, in
-/// the order readers of the global log observe events.
+/// A position in the global log, in the order readers of the log see events.
 ///
-/// Positions can have gaps (a rolled-back transaction burns numbers); readers
-/// must never assume `n + 1` follows `n`.
+/// Global order must survive concurrent writers whose transactions commit out
+/// of order, so a position has two parts compared in turn: `commit`, an
+/// ordering key of the writing transaction that readers only pass once no
+/// transaction that could sort before it is still running, and `sequence`,
+/// the event's unique, gap-tolerant number. Readers checkpoint the whole
+/// position and resume strictly after it.
+///
+/// Positions can have gaps (a rolled-back transaction burns numbers); never
+/// assume `n + 1` follows `n`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Position(u64);
+pub struct Position {
+    /// The ordering key of the transaction that wrote the event.
+    pub commit: u64,
+    /// The event's unique sequence number within the log.
+    pub sequence: u64,
+}
 
 impl Position {
-    /// Before the first event: reading from here reads everything.
-    pub const START: Position = Position(0);
+    /// Before the first event: reading after here reads everything.
+    pub const START: Position = Position {
+        commit: 0,
+        sequence: 0,
+    };
 
-    /// Wraps a raw position.
+    /// Builds a position from its two parts.
     #[must_use]
-    pub const fn new(p: u64) -> Self {
-        Self(p)
-    }
-
-    /// The raw position.
-    #[must_use]
-    pub const fn get(self) -> u64 {
-        self.0
+    pub const fn new(commit: u64, sequence: u64) -> Self {
+        Self { commit, sequence }
     }
 }
 
 impl fmt::Debug for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "@{}", self.0)
+        write!(f, "@{}:{}", self.commit, self.sequence)
     }
 }
 
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        write!(f, "{}:{}", self.commit, self.sequence)
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || crate::Error::invalid_input("position", "expected COMMIT:SEQUENCE");
+        let (c, q) = s.split_once(':').ok_or_else(bad)?;
+        Ok(Self {
+            commit: c.parse().map_err(|_| bad())?,
+            sequence: q.parse().map_err(|_| bad())?,
+        })
     }
 }
 
@@ -173,5 +193,19 @@ mod tests {
             serde_json::to_string(&ExpectedVersion::Any).unwrap(),
             r#"{"mode":"any"}"#
         );
+    }
+
+    #[test]
+    fn positions_order_by_commit_then_sequence() {
+        let a = Position::new(10, 50);
+        let b = Position::new(11, 3);
+        assert!(
+            a < b,
+            "a later transaction sorts after, whatever its sequence"
+        );
+        assert!(Position::START < a);
+        assert_eq!("11:3".parse::<Position>().unwrap(), b);
+        assert!("11".parse::<Position>().is_err());
+        assert!("x:1".parse::<Position>().is_err());
     }
 }
