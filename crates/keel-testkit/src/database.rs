@@ -25,15 +25,10 @@ impl fmt::Debug for TestDatabase {
     }
 }
 
-fn server_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
 impl TestDatabase {
     /// Creates a database with `migrator`'s migrations applied.
     pub async fn create(migrator: &Migrator) -> Result<Self, Error> {
-        let server: PgConnectOptions = server_url().parse()?;
+        let server: PgConnectOptions = crate::services::postgres_url().await?.parse()?;
         let admin_opts = server.clone().database("postgres");
         let mut admin = PgConnection::connect_with(&admin_opts).await?;
 

@@ -1,13 +1,15 @@
 //! Test kit for Keel and for services built on it.
-//!
-//! (Work in progress.)
 
+mod aggregate;
 mod contract;
 mod database;
+mod error;
+mod pg;
 pub mod services;
+mod sys;
+mod throwaway;
 
+pub use aggregate::{AggregateTest, Outcome, RejectionCheck, Verified};
 pub use database::TestDatabase;
-
-/// Errors from the test kit carry a clear explanation: tests fail loudly and
-/// early.
-pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub use error::{Error, Result};
+pub use throwaway::ThrowawayPostgres;

@@ -1,0 +1,712 @@
+//! Finding, or starting, the services tests need: PostgreSQL, Redis and the
+//! Google Cloud Pub/Sub emulator.
+//!
+//! # Where a service comes from
+//!
+//! [`Discovery::find`] (and the shortcuts [`postgres_url`], [`redis_url`] and
+//! [`pubsub_emulator_host`]) tries these sources in order and takes the
+//! first that works:
+//!
+//! 1. **The environment variable** ([`Service::env_var`]: `DATABASE_URL`,
+//!    `REDIS_URL`, `PUBSUB_EMULATOR_HOST`), taken as is when set and not
+//!    empty.
+//! 2. **The default local service**, if it answers: `127.0.0.1:5432`,
+//!    `127.0.0.1:6379`, `127.0.0.1:8085` (PostgreSQL as user `postgres`
+//!    with trust authentication).
+//! 3. **A container** via testcontainers, when the `testcontainers` feature
+//!    is on and a Docker engine is reachable.
+//! 4. **Local binaries** started on a free port: PostgreSQL from
+//!    `/usr/lib/postgresql/*/bin` (`initdb`, then `postgres`, run as the
+//!    `postgres` user when the tests run as root), `redis-server`, and
+//!    the emulator from `/usr/lib/google-cloud-sdk` or next to `gcloud`.
+//! 5. Otherwise an [`Error::ServiceUnavailable`] that lists what was tried
+//!    and how to provide the service.
+//!
+//! # One started instance per test run
+//!
+//! `cargo test` runs every test binary as its own process, and nextest every
+//! test. A service the test kit starts is therefore shared across processes:
+//! its state lives in `<state dir>/<service>/` (state dir:
+//! `KEEL_TESTKIT_DIR`, default `$TMPDIR/keel-testkit`, usually
+//! `/tmp/keel-testkit`). The first process that needs the service takes a
+//! lock file, starts the service detached (in its own session) under a small
+//! watchdog, and records its port in a state file; later processes find the
+//! state file and reuse the instance. Each process leaves a lease (a file
+//! named after its pid). The watchdog stops the service and deletes its
+//! files once no lease holder has been alive for the idle timeout
+//! (`KEEL_TESTKIT_IDLE_SECS`, default 30 s), so nothing outlives the test run
+//! for long. A state file whose watchdog died or whose service no longer
+//! answers is discarded and a fresh instance started.
+//!
+//! The Pub/Sub emulator takes a few seconds to start, PostgreSQL about one
+//! (a fresh `initdb` with `fsync=off`), Redis a few milliseconds.
+//!
+//! # Settings (environment variables)
+//!
+//! | variable | effect |
+//! |---|---|
+//! | `DATABASE_URL`, `REDIS_URL`, `PUBSUB_EMULATOR_HOST` | use this service |
+//! | `KEEL_TESTKIT_IGNORE_DEFAULTS=1` | skip the default local ports |
+//! | `KEEL_TESTKIT_NO_CONTAINERS=1` | never use testcontainers |
+//! | `KEEL_TESTKIT_NO_START=1` | never start local binaries |
+//! | `KEEL_TESTKIT_DIR` | state directory of started services |
+//! | `KEEL_TESTKIT_IDLE_SECS` | idle time before a started service stops |
+//! | `KEEL_TESTKIT_PG_BIN` | directory with `initdb`, `postgres`, `pg_ctl` |
+//! | `KEEL_TESTKIT_REDIS_SERVER`, `KEEL_TESTKIT_PUBSUB_EMULATOR` | paths of those programs |
+//!
+//! Starting services when the tests run as root needs a `postgres` system
+//! user (PostgreSQL refuses to run as root) and the `runuser`, `setsid` and
+//! `flock` programs of util-linux.
+
+#[cfg(feature = "testcontainers")]
+mod containers;
+mod shared;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+use crate::error::{Error, Result};
+use crate::pg::{self, Auth, PgBin};
+use crate::sys;
+
+/// A service the test kit can find or start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Service {
+    /// PostgreSQL (15 or newer).
+    Postgres,
+    /// Redis (7 or newer).
+    Redis,
+    /// The Google Cloud Pub/Sub emulator.
+    PubSubEmulator,
+}
+
+impl Service {
+    /// Every service, in a stable order.
+    pub const ALL: [Service; 3] = [Service::Postgres, Service::Redis, Service::PubSubEmulator];
+
+    /// The environment variable that, when set, names the instance to use.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Service::Postgres => "DATABASE_URL",
+            Service::Redis => "REDIS_URL",
+            Service::PubSubEmulator => "PUBSUB_EMULATOR_HOST",
+        }
+    }
+
+    /// Where the service listens on a developer machine by default.
+    pub fn default_address(self) -> &'static str {
+        match self {
+            Service::Postgres => "127.0.0.1:5432",
+            Service::Redis => "127.0.0.1:6379",
+            Service::PubSubEmulator => "127.0.0.1:8085",
+        }
+    }
+
+    /// A short lowercase name, used for directories.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Service::Postgres => "postgres",
+            Service::Redis => "redis",
+            Service::PubSubEmulator => "pubsub-emulator",
+        }
+    }
+
+    /// The connection string tests use for an instance at `host:port`: a
+    /// URL for PostgreSQL and Redis, `host:port` for the emulator (the form
+    /// `PUBSUB_EMULATOR_HOST` takes).
+    pub fn connection_string(self, address: &str) -> String {
+        match self {
+            Service::Postgres => format!("postgres://postgres@{address}/postgres"),
+            Service::Redis => format!("redis://{address}"),
+            Service::PubSubEmulator => address.to_owned(),
+        }
+    }
+
+    /// Whether an instance at `address` (`ip:port`) answers as this service
+    /// would: a TCP accept for PostgreSQL, `PONG` for Redis, `200` for the
+    /// emulator.
+    fn ready(self, address: &str) -> bool {
+        match self {
+            Service::Postgres => sys::tcp_answers(address),
+            Service::Redis => sys::redis_answers(address),
+            Service::PubSubEmulator => sys::http_ok(address),
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        match self {
+            Service::Postgres => {
+                "set DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/postgres), start \
+                 PostgreSQL on 127.0.0.1:5432, install PostgreSQL's server binaries \
+                 (`apt-get install postgresql`) so the test kit can start one, or run \
+                 `docker compose up -d postgres`"
+            }
+            Service::Redis => {
+                "set REDIS_URL (e.g. redis://127.0.0.1:6379), start Redis on 127.0.0.1:6379, \
+                 install `redis-server` (`apt-get install redis-server`) so the test kit can \
+                 start one, or run `docker compose up -d redis`"
+            }
+            Service::PubSubEmulator => {
+                "set PUBSUB_EMULATOR_HOST (e.g. 127.0.0.1:8085), start the emulator with \
+                 `gcloud beta emulators pubsub start --host-port=127.0.0.1:8085`, install the \
+                 Google Cloud SDK's pubsub-emulator component and a Java runtime so the test \
+                 kit can start one, or run `docker compose up -d pubsub`"
+            }
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Service::Postgres => "PostgreSQL",
+            Service::Redis => "Redis",
+            Service::PubSubEmulator => "the Pub/Sub emulator",
+        })
+    }
+}
+
+/// Where a discovered service came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Source {
+    /// Its environment variable.
+    Environment,
+    /// The default local port.
+    DefaultLocal,
+    /// A container started through testcontainers.
+    Container,
+    /// A local binary the test kit started (shared by the test run).
+    Started,
+}
+
+/// A service instance tests can use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    service: Service,
+    connection: String,
+    source: Source,
+}
+
+impl Endpoint {
+    /// Which service this is.
+    pub fn service(&self) -> Service {
+        self.service
+    }
+
+    /// The connection string: a URL for PostgreSQL and Redis, `host:port`
+    /// for the Pub/Sub emulator.
+    pub fn connection_string(&self) -> &str {
+        &self.connection
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+}
+
+/// Settings for finding services; [`Discovery::from_env`] reads them from
+/// the environment, the builder methods override them (handy in tests of
+/// the discovery itself).
+///
+/// ```no_run
+/// # async fn example() -> keel_testkit::Result<()> {
+/// use keel_testkit::services::{Discovery, Service, Source};
+///
+/// let redis = Discovery::from_env().find(Service::Redis).await?;
+/// println!("{} from {:?}", redis.connection_string(), redis.source());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    overrides: BTreeMap<Service, String>,
+    defaults: BTreeMap<Service, String>,
+    ignore_defaults: bool,
+    containers: bool,
+    start_local: bool,
+    state_dir: PathBuf,
+    idle_timeout: Duration,
+    programs: BTreeMap<Service, PathBuf>,
+}
+
+fn flag(value: Option<&String>) -> bool {
+    matches!(
+        value.map(|v| v.trim()),
+        Some("1" | "true" | "yes" | "on" | "TRUE" | "YES")
+    )
+}
+
+/// The directory under which started services and throwaway clusters keep
+/// their files.
+pub(crate) fn state_root() -> PathBuf {
+    std::env::var_os("KEEL_TESTKIT_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("keel-testkit"))
+}
+
+impl Discovery {
+    /// Settings from the process environment (see the [module
+    /// docs](self) for the variables).
+    pub fn from_env() -> Self {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Settings from the given variables instead of the process
+    /// environment; variables not given count as unset.
+    pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .filter(|(_, v)| !v.trim().is_empty())
+            .collect();
+        let get = |k: &str| vars.get(k).cloned();
+        let is_set = |k: &str| flag(vars.get(k));
+        let overrides = Service::ALL
+            .into_iter()
+            .filter_map(|s| Some((s, get(s.env_var())?)))
+            .collect();
+        let programs = [
+            (Service::Redis, "KEEL_TESTKIT_REDIS_SERVER"),
+            (Service::PubSubEmulator, "KEEL_TESTKIT_PUBSUB_EMULATOR"),
+        ]
+        .into_iter()
+        .filter_map(|(s, k)| Some((s, PathBuf::from(get(k)?))))
+        .collect();
+        Self {
+            overrides,
+            defaults: Service::ALL
+                .into_iter()
+                .map(|s| (s, s.default_address().to_owned()))
+                .collect(),
+            ignore_defaults: is_set("KEEL_TESTKIT_IGNORE_DEFAULTS"),
+            containers: !is_set("KEEL_TESTKIT_NO_CONTAINERS"),
+            start_local: !is_set("KEEL_TESTKIT_NO_START"),
+            state_dir: get("KEEL_TESTKIT_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| std::env::temp_dir().join("keel-testkit")),
+            idle_timeout: get("KEEL_TESTKIT_IDLE_SECS")
+                .and_then(|s| s.trim().parse().ok())
+                .map_or(Duration::from_secs(30), Duration::from_secs),
+            programs,
+        }
+    }
+
+    /// Skips (or not) the default local ports.
+    #[must_use]
+    pub fn ignore_defaults(mut self, ignore: bool) -> Self {
+        self.ignore_defaults = ignore;
+        self
+    }
+
+    /// Looks for `service`'s default instance at `address` instead of its
+    /// usual port.
+    #[must_use]
+    pub fn default_address(mut self, service: Service, address: impl Into<String>) -> Self {
+        self.defaults.insert(service, address.into());
+        self
+    }
+
+    /// Allows (or forbids) testcontainers (only with the `testcontainers`
+    /// feature).
+    #[must_use]
+    pub fn containers(mut self, allow: bool) -> Self {
+        self.containers = allow;
+        self
+    }
+
+    /// Allows (or forbids) starting local binaries.
+    #[must_use]
+    pub fn start_local(mut self, allow: bool) -> Self {
+        self.start_local = allow;
+        self
+    }
+
+    /// Where started services keep their shared state; processes that use
+    /// the same directory share instances.
+    #[must_use]
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = dir.into();
+        self
+    }
+
+    /// How long a started service stays up once no test process uses it.
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Uses this program to start `service` (`redis-server`, or the
+    /// emulator's `cloud-pubsub-emulator` script).
+    #[must_use]
+    pub fn program(mut self, service: Service, path: impl Into<PathBuf>) -> Self {
+        self.programs.insert(service, path.into());
+        self
+    }
+
+    /// The directory holding a started `service`'s state.
+    pub fn service_dir(&self, service: Service) -> PathBuf {
+        self.state_dir.join(service.slug())
+    }
+
+    /// Finds or starts `service`, in the order the [module docs](self)
+    /// describe.
+    pub async fn find(&self, service: Service) -> Result<Endpoint> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.find_blocking(service)).await {
+            Ok(found) => found,
+            Err(e) => Err(Error::StartFailed {
+                service,
+                reason: format!("the discovery task failed: {e}"),
+                log: PathBuf::new(),
+                log_tail: String::new(),
+            }),
+        }
+    }
+
+    /// The same as [`find`](Self::find), blocking the calling thread; for
+    /// code outside an async runtime.
+    pub fn find_blocking(&self, service: Service) -> Result<Endpoint> {
+        if let Some(value) = self.overrides.get(&service) {
+            check_override(service, value)?;
+            return Ok(Endpoint {
+                service,
+                connection: value.clone(),
+                source: Source::Environment,
+            });
+        }
+        let mut tried = vec![format!("  - {}: not set", service.env_var())];
+
+        let default = &self.defaults[&service];
+        if self.ignore_defaults {
+            tried.push(format!(
+                "  - {default}: skipped (KEEL_TESTKIT_IGNORE_DEFAULTS)"
+            ));
+        } else if service.ready(default) {
+            return Ok(Endpoint {
+                service,
+                connection: service.connection_string(default),
+                source: Source::DefaultLocal,
+            });
+        } else {
+            tried.push(format!("  - {default}: nothing answers there"));
+        }
+
+        // Started instances are shared by the whole process: the lock also
+        // keeps two threads from starting the same service.
+        static STARTED: Mutex<BTreeMap<(Service, PathBuf), Endpoint>> = Mutex::new(BTreeMap::new());
+        let mut started = STARTED.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (service, self.state_dir.clone());
+        if let Some(found) = started.get(&key) {
+            if found.source == Source::Container || service.ready(address_of(found)) {
+                return Ok(found.clone());
+            }
+            started.remove(&key);
+        }
+
+        match self.try_container(service) {
+            Ok(Some(found)) => {
+                started.insert(key, found.clone());
+                return Ok(found);
+            }
+            Ok(None) => {}
+            Err(reason) => tried.push(format!("  - testcontainers: {reason}")),
+        }
+
+        if self.start_local {
+            match self.start(service) {
+                Ok(found) => {
+                    started.insert(key, found.clone());
+                    return Ok(found);
+                }
+                Err(Error::ServiceUnavailable { tried: why, .. }) => tried.push(why),
+                Err(other) => return Err(other),
+            }
+        } else {
+            tried.push("  - local binaries: not started (KEEL_TESTKIT_NO_START)".to_owned());
+        }
+
+        Err(Error::ServiceUnavailable {
+            service,
+            tried: tried.join("\n"),
+            hint: service.hint(),
+        })
+    }
+
+    /// `Ok(None)` means "not applicable here, go on silently"; an error
+    /// string says why containers could not be used.
+    #[cfg(feature = "testcontainers")]
+    fn try_container(&self, service: Service) -> std::result::Result<Option<Endpoint>, String> {
+        if !self.containers {
+            return Err("disabled (KEEL_TESTKIT_NO_CONTAINERS)".to_owned());
+        }
+        containers::start(service).map(|connection| {
+            Some(Endpoint {
+                service,
+                connection,
+                source: Source::Container,
+            })
+        })
+    }
+
+    #[cfg(not(feature = "testcontainers"))]
+    fn try_container(&self, _service: Service) -> std::result::Result<Option<Endpoint>, String> {
+        if !self.containers {
+            return Err("disabled (KEEL_TESTKIT_NO_CONTAINERS)".to_owned());
+        }
+        Err("not compiled in (enable keel-testkit's `testcontainers` feature)".to_owned())
+    }
+
+    fn start(&self, service: Service) -> Result<Endpoint> {
+        let dir = self.service_dir(service);
+        let address = match service {
+            Service::Postgres => {
+                let bin = PgBin::find()?;
+                shared::ensure(&dir, service, self.idle_timeout, |work, port| {
+                    let data = pg::init_cluster(&bin, work, port, &Auth::Trust, 500)?;
+                    let mut argv: Vec<OsString> = Vec::new();
+                    if sys::is_root() {
+                        argv.extend(
+                            ["runuser", "-u", sys::POSTGRES_USER, "--"].map(OsString::from),
+                        );
+                    }
+                    argv.push(bin.path("postgres").into());
+                    argv.push("-D".into());
+                    argv.push(data.into());
+                    Ok(shared::Launch {
+                        argv,
+                        stop: shared::STOP_POSTGRES,
+                        startup: Duration::from_secs(60),
+                    })
+                })?
+            }
+            Service::Redis => {
+                let program = self.redis_program()?;
+                shared::ensure(&dir, service, self.idle_timeout, |work, port| {
+                    let mut argv: Vec<OsString> = vec![program.into()];
+                    argv.extend(
+                        [
+                            "--port",
+                            &port.to_string(),
+                            "--bind",
+                            "127.0.0.1",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                            "--daemonize",
+                            "no",
+                            "--protected-mode",
+                            "no",
+                        ]
+                        .map(OsString::from),
+                    );
+                    argv.extend(["--dir".into(), work.as_os_str().to_owned()]);
+                    Ok(shared::Launch {
+                        argv,
+                        stop: shared::STOP_TERM,
+                        startup: Duration::from_secs(20),
+                    })
+                })?
+            }
+            Service::PubSubEmulator => {
+                let program = self.emulator_program()?;
+                shared::ensure(&dir, service, self.idle_timeout, |_work, port| {
+                    Ok(shared::Launch {
+                        argv: vec![
+                            program.into(),
+                            "--host=127.0.0.1".into(),
+                            format!("--port={port}").into(),
+                        ],
+                        stop: shared::STOP_TERM,
+                        startup: Duration::from_secs(120),
+                    })
+                })?
+            }
+        };
+        Ok(Endpoint {
+            service,
+            connection: service.connection_string(&address),
+            source: Source::Started,
+        })
+    }
+
+    fn redis_program(&self) -> Result<PathBuf> {
+        let found = self
+            .programs
+            .get(&Service::Redis)
+            .cloned()
+            .or_else(|| sys::which("redis-server"))
+            .or_else(|| existing("/usr/bin/redis-server"))
+            .or_else(|| existing("/usr/sbin/redis-server"));
+        found
+            .filter(|p| p.is_file())
+            .ok_or(Error::ServiceUnavailable {
+                service: Service::Redis,
+                tried:
+                    "  - local binaries: no `redis-server` on PATH (or KEEL_TESTKIT_REDIS_SERVER)"
+                        .to_owned(),
+                hint: Service::Redis.hint(),
+            })
+    }
+
+    fn emulator_program(&self) -> Result<PathBuf> {
+        const RELATIVE: &str = "platform/pubsub-emulator/bin/cloud-pubsub-emulator";
+        let from_gcloud = || {
+            let gcloud = sys::which("gcloud")?;
+            let gcloud = std::fs::canonicalize(gcloud).ok()?;
+            // gcloud lives in <sdk>/bin/gcloud.
+            existing(gcloud.parent()?.parent()?.join(RELATIVE))
+        };
+        let found = self
+            .programs
+            .get(&Service::PubSubEmulator)
+            .cloned()
+            .or_else(|| existing(Path::new("/usr/lib/google-cloud-sdk").join(RELATIVE)))
+            .or_else(|| existing(Path::new("/usr/share/google-cloud-sdk").join(RELATIVE)))
+            .or_else(from_gcloud);
+        let missing = |what: &str| Error::ServiceUnavailable {
+            service: Service::PubSubEmulator,
+            tried: format!("  - local binaries: {what}"),
+            hint: Service::PubSubEmulator.hint(),
+        };
+        let program = found.filter(|p| p.is_file()).ok_or_else(|| {
+            missing(
+                "no cloud-pubsub-emulator in /usr/lib/google-cloud-sdk, next to gcloud, or \
+                 KEEL_TESTKIT_PUBSUB_EMULATOR",
+            )
+        })?;
+        if std::env::var_os("JAVA_HOME").is_none() && sys::which("java").is_none() {
+            return Err(missing(
+                "the emulator needs Java, and there is no `java` on PATH",
+            ));
+        }
+        Ok(program)
+    }
+}
+
+fn existing(path: impl Into<PathBuf>) -> Option<PathBuf> {
+    let path = path.into();
+    path.is_file().then_some(path)
+}
+
+/// The `ip:port` part of an endpoint found by this module.
+fn address_of(endpoint: &Endpoint) -> &str {
+    let s = endpoint.connection.as_str();
+    let s = s.split_once("://").map_or(s, |(_, rest)| rest);
+    let s = s.rsplit_once('@').map_or(s, |(_, rest)| rest);
+    s.split('/').next().unwrap_or(s)
+}
+
+fn check_override(service: Service, value: &str) -> Result<()> {
+    let invalid = |reason: String| Error::InvalidUrl {
+        variable: service.env_var(),
+        value: redact(value),
+        reason,
+    };
+    match service {
+        Service::Postgres => PgConnectOptions::from_str(value)
+            .map(drop)
+            .map_err(|e| invalid(e.to_string())),
+        Service::Redis => {
+            if value.starts_with("redis://")
+                || value.starts_with("rediss://")
+                || value.starts_with("redis+unix://")
+                || value.starts_with("unix://")
+            {
+                Ok(())
+            } else {
+                Err(invalid("expected redis://host:port".to_owned()))
+            }
+        }
+        Service::PubSubEmulator => match value.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+            _ => Err(invalid(
+                "expected host:port, without a scheme (e.g. 127.0.0.1:8085)".to_owned(),
+            )),
+        },
+    }
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) by `***`.
+fn redact(value: &str) -> String {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return value.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => value.to_owned(),
+        },
+        None => value.to_owned(),
+    }
+}
+
+/// A PostgreSQL server URL (connect to any database; tests create their
+/// own), found as [`Discovery::from_env`] would.
+pub async fn postgres_url() -> Result<String> {
+    Ok(Discovery::from_env()
+        .find(Service::Postgres)
+        .await?
+        .connection)
+}
+
+/// A Redis URL, found as [`Discovery::from_env`] would. Give each test its
+/// own key prefix: the server is shared.
+pub async fn redis_url() -> Result<String> {
+    Ok(Discovery::from_env().find(Service::Redis).await?.connection)
+}
+
+/// The Pub/Sub emulator's `host:port`, found as [`Discovery::from_env`]
+/// would. Give each test its own topic and subscription names: the emulator
+/// is shared.
+pub async fn pubsub_emulator_host() -> Result<String> {
+    Ok(Discovery::from_env()
+        .find(Service::PubSubEmulator)
+        .await?
+        .connection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("127.0.0.1:8085"), "127.0.0.1:8085");
+    }
+
+    #[test]
+    fn address_of_strips_scheme_credentials_and_path() {
+        let e = |c: &str| Endpoint {
+            service: Service::Postgres,
+            connection: c.to_owned(),
+            source: Source::Started,
+        };
+        assert_eq!(
+            address_of(&e("postgres://postgres@127.0.0.1:1/postgres")),
+            "127.0.0.1:1"
+        );
+        assert_eq!(address_of(&e("redis://127.0.0.1:2")), "127.0.0.1:2");
+        assert_eq!(address_of(&e("127.0.0.1:3")), "127.0.0.1:3");
+    }
+}
