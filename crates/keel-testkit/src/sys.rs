@@ -55,11 +55,6 @@ fn connect(addr: &str, timeout: Duration) -> Option<TcpStream> {
     Some(stream)
 }
 
-/// Whether something accepts TCP connections at `addr` (`ip:port`).
-pub(crate) fn tcp_answers(addr: &str) -> bool {
-    connect(addr, Duration::from_millis(300)).is_some()
-}
-
 /// Whether a Redis server at `addr` answers `PING`.
 pub(crate) fn redis_answers(addr: &str) -> bool {
     let Some(mut stream) = connect(addr, Duration::from_millis(500)) else {
@@ -244,4 +239,45 @@ pub(crate) fn spawn_detached(script: &str, args: &[&std::ffi::OsStr], log: &Path
         });
     }
     Ok(())
+}
+
+/// Whether a PostgreSQL server at `addr` accepts sessions: it answers a
+/// startup message with an authentication request, or with an error other
+/// than "starting up / shutting down" (SQLSTATE 57P03).
+pub(crate) fn postgres_accepts(addr: &str) -> bool {
+    let Some(mut stream) = connect(addr, Duration::from_millis(1000)) else {
+        return false;
+    };
+    let mut body = Vec::new();
+    body.extend_from_slice(&196_608_u32.to_be_bytes()); // protocol 3.0
+    for part in ["user", "postgres", "database", "postgres"] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let len = u32::try_from(body.len() + 4).unwrap_or(u32::MAX);
+    let mut message = len.to_be_bytes().to_vec();
+    message.extend_from_slice(&body);
+    if stream.write_all(&message).is_err() {
+        return false;
+    }
+    let mut header = [0_u8; 5];
+    if stream.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let accepted = match header[0] {
+        b'R' => true,
+        b'E' => {
+            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            let mut fields = vec![0_u8; len.saturating_sub(4).min(4096)];
+            if stream.read_exact(&mut fields).is_err() {
+                return false;
+            }
+            !fields.split(|b| *b == 0).any(|field| field == b"C57P03")
+        }
+        _ => false,
+    };
+    // Terminate, so the server does not log an unexpected EOF.
+    let _ = stream.write_all(b"X\0\0\0\x04");
+    accepted
 }

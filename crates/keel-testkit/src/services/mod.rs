@@ -131,11 +131,11 @@ impl Service {
     }
 
     /// Whether an instance at `address` (`ip:port`) answers as this service
-    /// would: a TCP accept for PostgreSQL, `PONG` for Redis, `200` for the
+    /// would: a session start-up for PostgreSQL, `PONG` for Redis, `200` for the
     /// emulator.
     fn ready(self, address: &str) -> bool {
         match self {
-            Service::Postgres => sys::tcp_answers(address),
+            Service::Postgres => sys::postgres_accepts(address),
             Service::Redis => sys::redis_answers(address),
             Service::PubSubEmulator => sys::http_ok(address),
         }
@@ -634,7 +634,11 @@ fn check_override(service: Service, value: &str) -> Result<()> {
             }
         }
         Service::PubSubEmulator => match value.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+            Some((host, port))
+                if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() =>
+            {
+                Ok(())
+            }
             _ => Err(invalid(
                 "expected host:port, without a scheme (e.g. 127.0.0.1:8085)".to_owned(),
             )),
