@@ -1,0 +1,396 @@
+//! How a [`Message`] travels on the wire: JSON data plus attributes.
+//!
+//! The payload is the message data, serialized as JSON. Everything else is an
+//! attribute, so a consumer can route, deduplicate and trace without parsing
+//! the payload:
+//!
+//! | attribute | value |
+//! |---|---|
+//! | `keel-event-id` | the event id (UUID); consumers deduplicate on it |
+//! | `keel-event-type` | the stable event type name |
+//! | `keel-schema-version` | the payload's schema version (1 or more) |
+//! | `keel-correlation-id`, `keel-causation-id` | UUIDs, when set |
+//! | `traceparent`, `tracestate` | W3C trace context, when set |
+//! | `keel-actor`, `keel-tenant` | when set |
+//! | `keel-x-{key}` | each free metadata pair |
+//! | `content-type` | always `application/json` |
+//!
+//! Dead-lettered copies also carry [`DEAD_LETTER_REASON`],
+//! [`DEAD_LETTER_ATTEMPTS`] and [`DEAD_LETTER_SUBSCRIPTION`].
+
+use std::collections::BTreeMap;
+
+use keel_core::{CausationId, CorrelationId, EventId, Message, Metadata, TenantId, TraceContext};
+
+use crate::error::{EventBusError, Result};
+
+/// Attribute holding Keel's event id.
+pub const EVENT_ID: &str = "keel-event-id";
+/// Attribute holding the event type name.
+pub const EVENT_TYPE: &str = "keel-event-type";
+/// Attribute holding the payload's schema version.
+pub const SCHEMA_VERSION: &str = "keel-schema-version";
+/// Attribute holding the correlation id.
+pub const CORRELATION_ID: &str = "keel-correlation-id";
+/// Attribute holding the causation id.
+pub const CAUSATION_ID: &str = "keel-causation-id";
+/// Attribute holding the W3C `traceparent`.
+pub const TRACEPARENT: &str = "traceparent";
+/// Attribute holding the W3C `tracestate`.
+pub const TRACESTATE: &str = "tracestate";
+/// Attribute holding the actor.
+pub const ACTOR: &str = "keel-actor";
+/// Attribute holding the tenant id.
+pub const TENANT: &str = "keel-tenant";
+/// Prefix of the attributes holding free metadata pairs.
+pub const EXTRA_PREFIX: &str = "keel-x-";
+/// Attribute holding the content type.
+pub const CONTENT_TYPE: &str = "content-type";
+/// Why a message was dead-lettered (set on the dead-letter copy).
+pub const DEAD_LETTER_REASON: &str = "keel-dead-letter-reason";
+/// How many deliveries were attempted before dead-lettering.
+pub const DEAD_LETTER_ATTEMPTS: &str = "keel-dead-letter-attempts";
+/// The subscription the message was dead-lettered from.
+pub const DEAD_LETTER_SUBSCRIPTION: &str = "keel-dead-letter-subscription";
+/// Set by Pub/Sub itself when it forwards a message to a dead-letter topic.
+pub(crate) const PUBSUB_DELIVERY_COUNT: &str = "CloudPubSubDeadLetterSourceDeliveryCount";
+
+const JSON: &str = "application/json";
+/// Pub/Sub's limits, enforced here so the in-memory bus refuses the same
+/// messages the real one would.
+const MAX_ATTRIBUTE_KEY: usize = 256;
+const MAX_ATTRIBUTE_VALUE: usize = 1024;
+const MAX_ATTRIBUTES: usize = 100;
+const MAX_ORDERING_KEY: usize = 1024;
+
+/// A received message that is not a valid Keel message.
+///
+/// The subscriber dead-letters such messages with this reason; they never
+/// reach a handler and never stop the subscriber.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("malformed message: {reason}")]
+pub struct MalformedMessage {
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl MalformedMessage {
+    /// Builds the error.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A message as the broker sees it: bytes, attributes, an ordering key.
+///
+/// Use it to publish messages that did not come from Keel (or, in tests,
+/// deliberately broken ones) with [`EventBus::publish_raw`](crate::EventBus::publish_raw).
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct RawMessage {
+    /// The message data.
+    pub data: Vec<u8>,
+    /// The attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// The ordering key, if any.
+    pub ordering_key: Option<String>,
+}
+
+impl RawMessage {
+    /// Builds a raw message from data and attributes.
+    pub fn new(data: impl Into<Vec<u8>>, attributes: BTreeMap<String, String>) -> Self {
+        Self {
+            data: data.into(),
+            attributes,
+            ordering_key: None,
+        }
+    }
+
+    /// Sets the ordering key.
+    #[must_use]
+    pub fn with_ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
+    /// Encodes a Keel message.
+    pub fn encode(message: &Message) -> Result<Self> {
+        let bad = |reason: String| EventBusError::Encode {
+            event_id: message.event_id,
+            reason,
+        };
+        let data = serde_json::to_vec(&message.payload).map_err(|e| bad(e.to_string()))?;
+        let mut attributes = BTreeMap::new();
+        attributes.insert(EVENT_ID.to_owned(), message.event_id.to_string());
+        attributes.insert(EVENT_TYPE.to_owned(), message.event_type.clone());
+        attributes.insert(
+            SCHEMA_VERSION.to_owned(),
+            message.schema_version.to_string(),
+        );
+        attributes.insert(CONTENT_TYPE.to_owned(), JSON.to_owned());
+        let m = &message.metadata;
+        if let Some(id) = m.correlation_id {
+            attributes.insert(CORRELATION_ID.to_owned(), id.to_string());
+        }
+        if let Some(id) = m.causation_id {
+            attributes.insert(CAUSATION_ID.to_owned(), id.to_string());
+        }
+        if let Some(tc) = &m.trace_context {
+            attributes.insert(TRACEPARENT.to_owned(), tc.traceparent().to_owned());
+            if let Some(state) = tc.tracestate() {
+                attributes.insert(TRACESTATE.to_owned(), state.to_owned());
+            }
+        }
+        if let Some(actor) = &m.actor {
+            attributes.insert(ACTOR.to_owned(), actor.clone());
+        }
+        if let Some(tenant) = &m.tenant {
+            attributes.insert(TENANT.to_owned(), tenant.as_str().to_owned());
+        }
+        for (k, v) in &m.extra {
+            attributes.insert(format!("{EXTRA_PREFIX}{k}"), v.clone());
+        }
+        if message.event_type.is_empty() {
+            return Err(bad("the event type is empty".into()));
+        }
+        if message.schema_version == 0 {
+            return Err(bad("the schema version must be 1 or more".into()));
+        }
+        if attributes.len() > MAX_ATTRIBUTES {
+            return Err(bad(format!(
+                "{} attributes; Pub/Sub allows {MAX_ATTRIBUTES}",
+                attributes.len()
+            )));
+        }
+        for (k, v) in &attributes {
+            if k.len() > MAX_ATTRIBUTE_KEY || k.starts_with("goog") {
+                return Err(bad(format!(
+                    "attribute key {k:?} is longer than {MAX_ATTRIBUTE_KEY} bytes or starts with \"goog\""
+                )));
+            }
+            if v.len() > MAX_ATTRIBUTE_VALUE {
+                return Err(bad(format!(
+                    "attribute {k:?} is {} bytes long; Pub/Sub allows {MAX_ATTRIBUTE_VALUE}",
+                    v.len()
+                )));
+            }
+        }
+        let ordering_key = match &message.ordering_key {
+            Some(k) if k.is_empty() => return Err(bad("the ordering key is empty".into())),
+            Some(k) if k.len() > MAX_ORDERING_KEY => {
+                return Err(bad(format!(
+                    "the ordering key is longer than {MAX_ORDERING_KEY} bytes"
+                )));
+            }
+            other => other.clone(),
+        };
+        Ok(Self {
+            data,
+            attributes,
+            ordering_key,
+        })
+    }
+
+    /// Decodes a Keel message, refusing anything that is not one.
+    pub fn decode(&self) -> Result<Message, MalformedMessage> {
+        let attr = |name: &str| self.attributes.get(name).map(String::as_str);
+        let required = |name: &str| {
+            attr(name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| MalformedMessage::new(format!("the {name} attribute is missing")))
+        };
+        let event_id: EventId = required(EVENT_ID)?
+            .parse()
+            .map_err(|_| MalformedMessage::new(format!("{EVENT_ID} is not a UUID")))?;
+        let event_type = required(EVENT_TYPE)?.to_owned();
+        let schema_version: u32 = required(SCHEMA_VERSION)?
+            .parse()
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| {
+                MalformedMessage::new(format!("{SCHEMA_VERSION} is not a positive integer"))
+            })?;
+        if let Some(ct) = attr(CONTENT_TYPE)
+            && ct != JSON
+        {
+            return Err(MalformedMessage::new(format!(
+                "content type {ct:?} is not {JSON}"
+            )));
+        }
+        let payload: serde_json::Value = serde_json::from_slice(&self.data)
+            .map_err(|e| MalformedMessage::new(format!("the data is not JSON: {e}")))?;
+
+        let mut metadata = Metadata::new();
+        if let Some(v) = attr(CORRELATION_ID) {
+            let id: CorrelationId = v
+                .parse()
+                .map_err(|_| MalformedMessage::new(format!("{CORRELATION_ID} is not a UUID")))?;
+            metadata = metadata.with_correlation_id(id);
+        }
+        if let Some(v) = attr(CAUSATION_ID) {
+            let id: CausationId = v
+                .parse()
+                .map_err(|_| MalformedMessage::new(format!("{CAUSATION_ID} is not a UUID")))?;
+            metadata = metadata.with_causation_id(id);
+        }
+        if let Some(tp) = attr(TRACEPARENT) {
+            let tc = TraceContext::new(tp, attr(TRACESTATE).map(str::to_owned))
+                .map_err(|e| MalformedMessage::new(e.to_string()))?;
+            metadata = metadata.with_trace_context(tc);
+        }
+        if let Some(actor) = attr(ACTOR) {
+            metadata = metadata.with_actor(actor);
+        }
+        if let Some(t) = attr(TENANT) {
+            let tenant = TenantId::new(t).map_err(|e| MalformedMessage::new(e.to_string()))?;
+            metadata = metadata.with_tenant(tenant);
+        }
+        for (k, v) in &self.attributes {
+            if let Some(key) = k.strip_prefix(EXTRA_PREFIX) {
+                metadata = metadata.with_extra(key, v.clone());
+            }
+        }
+        let mut message = Message::new(event_type, payload)
+            .with_event_id(event_id)
+            .with_metadata(metadata);
+        message.schema_version = schema_version;
+        if let Some(key) = self.ordering_key.as_ref().filter(|k| !k.is_empty()) {
+            message = message.with_ordering_key(key.clone());
+        }
+        Ok(message)
+    }
+
+    /// The event id attribute, if present and valid (also on malformed
+    /// messages, when only something else is wrong).
+    #[must_use]
+    pub fn event_id(&self) -> Option<EventId> {
+        self.attributes.get(EVENT_ID)?.parse().ok()
+    }
+
+    /// A copy without the dead-letter bookkeeping attributes, as it was
+    /// originally published.
+    #[must_use]
+    pub(crate) fn without_dead_letter_attributes(&self) -> Self {
+        let mut copy = self.clone();
+        copy.attributes.retain(|k, _| {
+            !k.starts_with("keel-dead-letter-") && !k.starts_with("CloudPubSubDeadLetter")
+        });
+        copy
+    }
+
+    /// A dead-letter copy recording why and after how many attempts.
+    pub(crate) fn dead_letter_copy(&self, reason: &str, attempts: u32, subscription: &str) -> Self {
+        let mut copy = self.without_dead_letter_attributes();
+        // Attribute values are capped by Pub/Sub; keep the start of the reason.
+        let mut reason = reason.to_owned();
+        if reason.len() > MAX_ATTRIBUTE_VALUE {
+            let mut cut = MAX_ATTRIBUTE_VALUE;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        copy.attributes
+            .insert(DEAD_LETTER_REASON.to_owned(), reason);
+        copy.attributes
+            .insert(DEAD_LETTER_ATTEMPTS.to_owned(), attempts.to_string());
+        copy.attributes
+            .insert(DEAD_LETTER_SUBSCRIPTION.to_owned(), subscription.to_owned());
+        copy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn full_message() -> Message {
+        let metadata = Metadata::new()
+            .with_correlation_id(CorrelationId::new())
+            .with_causation_id(CausationId::new())
+            .with_trace_context(
+                TraceContext::new(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    Some("vendor=1".into()),
+                )
+                .unwrap(),
+            )
+            .with_actor("user:alice")
+            .with_tenant(TenantId::new("acme").unwrap())
+            .with_extra("source", "import");
+        let mut m = Message::new("order.placed", json!({"id": 7, "lines": ["a", "b"]}))
+            .with_metadata(metadata)
+            .with_ordering_key("Order-7");
+        m.schema_version = 3;
+        m
+    }
+
+    #[test]
+    fn round_trips_every_field() {
+        let m = full_message();
+        let raw = RawMessage::encode(&m).unwrap();
+        assert_eq!(raw.attributes[EVENT_TYPE], "order.placed");
+        assert_eq!(raw.attributes[SCHEMA_VERSION], "3");
+        assert_eq!(raw.attributes["keel-x-source"], "import");
+        assert_eq!(raw.ordering_key.as_deref(), Some("Order-7"));
+        assert_eq!(raw.decode().unwrap(), m);
+        assert_eq!(raw.event_id(), Some(m.event_id));
+    }
+
+    #[test]
+    fn refuses_malformed_messages_with_reasons() {
+        let good = RawMessage::encode(&full_message()).unwrap();
+        let mut not_json = good.clone();
+        not_json.data = b"{not json".to_vec();
+        assert!(not_json.decode().unwrap_err().reason.contains("not JSON"));
+
+        for (attr, expect) in [
+            (EVENT_ID, "keel-event-id attribute is missing"),
+            (EVENT_TYPE, "keel-event-type attribute is missing"),
+            (SCHEMA_VERSION, "keel-schema-version attribute is missing"),
+        ] {
+            let mut m = good.clone();
+            m.attributes.remove(attr);
+            assert!(m.decode().unwrap_err().reason.contains(expect), "{attr}");
+        }
+        for (attr, value) in [
+            (EVENT_ID, "nope"),
+            (SCHEMA_VERSION, "0"),
+            (SCHEMA_VERSION, "v2"),
+            (CORRELATION_ID, "x"),
+            (TRACEPARENT, "00-zz"),
+            (CONTENT_TYPE, "text/plain"),
+        ] {
+            let mut m = good.clone();
+            m.attributes.insert(attr.to_owned(), value.to_owned());
+            assert!(m.decode().is_err(), "{attr}={value}");
+        }
+    }
+
+    #[test]
+    fn refuses_messages_pubsub_would_refuse() {
+        let mut m = full_message();
+        m.metadata = m.metadata.clone().with_extra("big", "x".repeat(2000));
+        assert!(matches!(
+            RawMessage::encode(&m),
+            Err(EventBusError::Encode { .. })
+        ));
+        let m = Message::new("t", json!(null)).with_ordering_key("");
+        assert!(RawMessage::encode(&m).is_err());
+        let mut m = Message::new("t", json!(null));
+        m.schema_version = 0;
+        assert!(RawMessage::encode(&m).is_err());
+    }
+
+    #[test]
+    fn dead_letter_copies_strip_back_to_the_original() {
+        let raw = RawMessage::encode(&full_message()).unwrap();
+        let dl = raw.dead_letter_copy(&"r".repeat(5000), 5, "orders.billing");
+        assert_eq!(dl.attributes[DEAD_LETTER_ATTEMPTS], "5");
+        assert_eq!(dl.attributes[DEAD_LETTER_REASON].len(), 1024);
+        assert_eq!(dl.without_dead_letter_attributes(), raw);
+    }
+}
