@@ -205,6 +205,10 @@ async fn postgres_is_started_as_a_fresh_cluster_when_told_to_ignore_the_default(
 /// emulator as the environment says and prints what it found.
 #[tokio::test]
 #[ignore = "helper, run in a child process by another test"]
+#[allow(
+    clippy::print_stdout,
+    reason = "the parent process reads the answer from stdout"
+)]
 async fn child_finds_the_emulator() {
     let found = Discovery::from_env()
         .find(Service::PubSubEmulator)
