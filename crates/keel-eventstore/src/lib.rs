@@ -1,3 +1,91 @@
-//! Append-only PostgreSQL event store for Keel, with an in-memory twin
+//! An append-only event store for Keel services: PostgreSQL in production,
+//! an in-memory twin with the same behaviour for tests.
 //!
-//! (Work in progress.)
+//! Domain code never calls the store: it calls an
+//! [`AggregateRepository`](keel_core::AggregateRepository), which this crate
+//! implements as an event-sourced repository. Application and infrastructure
+//! code (projections, subscriptions, migrations) use the store's ports
+//! directly: [`Appender`], [`StreamReader`], [`GlobalLog`], combined as
+//! [`EventStore`].
+//!
+//! What it guarantees:
+//!
+//! * **exact optimistic concurrency** per stream, with four expected-version
+//!   modes; of two writers expecting the same version exactly one wins, the
+//!   other gets a [`VersionConflict`](keel_core::VersionConflict) with the
+//!   expected and actual versions;
+//! * **idempotent appends** by event id: retrying a stored batch returns the
+//!   original result, reusing an id for another event is a typed error;
+//! * **a gap-safe global log**: a reader that resumes after the last
+//!   [`Position`](keel_core::Position) it saw never skips an event that
+//!   committed late and never sees one twice;
+//! * **immutability** enforced by the database, **bounded memory** on reads,
+//!   typed errors for bad input with nothing half-written.
+//!
+//! # Example
+//!
+//! ```
+//! use futures::TryStreamExt;
+//! use keel_core::{ExpectedVersion, StreamId, Version};
+//! use keel_eventstore::{Appender, GlobalLog, InMemoryEventStore, NewEvent, ReadAll, ReadStream, StreamReader};
+//! use serde_json::json;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), keel_eventstore::EventStoreError> {
+//! let store = InMemoryEventStore::new();
+//! let cart = StreamId::new("Cart-1")?;
+//!
+//! let written = store
+//!     .append(&cart, ExpectedVersion::NoStream, vec![
+//!         NewEvent::from_json("cart.item_added", &json!({"sku": "A-1", "quantity": 2})),
+//!         NewEvent::from_json("cart.checked_out", &json!({})),
+//!     ])
+//!     .await?;
+//! assert_eq!(written.next_expected_version, Version::new(2));
+//!
+//! // A writer holding a stale version gets a structured conflict.
+//! let stale = store
+//!     .append(&cart, ExpectedVersion::Exact(Version::new(1)), vec![NewEvent::from_json("cart.reopened", &json!({}))])
+//!     .await
+//!     .unwrap_err();
+//! assert_eq!(stale.as_conflict().unwrap().actual, Version::new(2));
+//!
+//! let history: Vec<_> = store.read_stream(&cart, ReadStream::forward()).try_collect().await?;
+//! assert_eq!(history[1].event_type, "cart.checked_out");
+//!
+//! let log: Vec<_> = store.read_all(ReadAll::from_start().category("Cart")).try_collect().await?;
+//! assert_eq!(log.len(), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature flags
+//!
+//! * `postgres` (default): [`PostgresEventStore`], built on sqlx. Its tables
+//!   come with `keel_database::MIGRATOR`.
+//! * `testing`: the [`testing`] module, the contract suite every store
+//!   implementation must pass.
+//!
+//! The in-memory store needs no feature and no server.
+
+mod error;
+mod event;
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::{EventStoreError, Result};
+pub use event::{
+    AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, MAX_EVENT_TYPE_LEN, NewEvent, ReadAll, ReadDirection,
+    ReadStream, RecordedEvent, StoreConfig, StreamAppend,
+};
+pub use memory::InMemoryEventStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{NOTIFY_CHANNEL, PostgresEventStore};
+pub use store::{
+    Appender, EventSignal, EventStore, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
+    StreamReader, SubscriptionSupport,
+};

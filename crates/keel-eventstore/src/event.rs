@@ -1,0 +1,523 @@
+//! Events on their way in ([`NewEvent`]) and on their way out
+//! ([`RecordedEvent`]), append results and read options.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use keel_core::{
+    DomainEvent, EventEnvelope, EventId, ExpectedVersion, Metadata, Position, StreamId, Version,
+};
+use serde::de::DeserializeOwned;
+
+use crate::error::{EventStoreError, Result};
+
+/// The default payload size limit: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// The longest event type name accepted, in bytes.
+pub const MAX_EVENT_TYPE_LEN: usize = 200;
+
+/// An event to append: id, type, schema version, JSON payload and metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    event_id: EventId,
+    event_type: String,
+    schema_version: u32,
+    payload: String,
+    metadata: Metadata,
+}
+
+impl NewEvent {
+    /// Serializes a domain event, with a fresh id and empty metadata.
+    pub fn from_domain<E: DomainEvent>(event: &E) -> Result<Self> {
+        let payload =
+            serde_json::to_string(event).map_err(|source| EventStoreError::Serialize {
+                event_type: event.event_type().to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            event_id: EventId::new(),
+            event_type: event.event_type().to_owned(),
+            schema_version: event.schema_version(),
+            payload,
+            metadata: Metadata::new(),
+        })
+    }
+
+    /// An event from a JSON value (schema version 1, fresh id).
+    pub fn from_json(event_type: impl Into<String>, payload: &serde_json::Value) -> Self {
+        Self {
+            event_id: EventId::new(),
+            event_type: event_type.into(),
+            schema_version: 1,
+            payload: payload.to_string(),
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// An event from raw JSON bytes, validated here: bytes that are not one
+    /// JSON value give [`EventStoreError::NotJson`].
+    pub fn from_json_bytes(event_type: impl Into<String>, payload: &[u8]) -> Result<Self> {
+        let event_type = event_type.into();
+        let text = std::str::from_utf8(payload).map_err(|_| EventStoreError::NotJson {
+            event_type: event_type.clone(),
+            source: serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                .err()
+                .unwrap_or_else(|| serde::de::Error::custom("payload is not UTF-8")),
+        })?;
+        if let Err(source) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            return Err(EventStoreError::NotJson { event_type, source });
+        }
+        Ok(Self {
+            event_id: EventId::new(),
+            event_type,
+            schema_version: 1,
+            payload: text.to_owned(),
+            metadata: Metadata::new(),
+        })
+    }
+
+    /// Sets the event id (to make an append retryable, choose ids up front).
+    #[must_use]
+    pub fn with_id(mut self, id: EventId) -> Self {
+        self.event_id = id;
+        self
+    }
+
+    /// Sets the metadata.
+    #[must_use]
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Sets the payload's schema version.
+    #[must_use]
+    pub fn with_schema_version(mut self, version: u32) -> Self {
+        self.schema_version = version;
+        self
+    }
+
+    /// The event id.
+    #[must_use]
+    pub fn event_id(&self) -> EventId {
+        self.event_id
+    }
+
+    /// The event type.
+    #[must_use]
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The payload's schema version.
+    #[must_use]
+    pub fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+
+    /// The JSON payload as text.
+    #[must_use]
+    pub fn payload_json(&self) -> &str {
+        &self.payload
+    }
+
+    /// The metadata.
+    #[must_use]
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+}
+
+/// Checks a batch before anything is written. Shared by every store so they
+/// refuse exactly the same input.
+pub(crate) fn validate_batch(
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    max_payload_bytes: usize,
+) -> Result<()> {
+    if events.is_empty() {
+        return Err(EventStoreError::invalid(
+            "events",
+            "an append needs at least one event",
+        ));
+    }
+    if let ExpectedVersion::Exact(v) = expected
+        && i64::try_from(v.get()).is_err()
+    {
+        return Err(EventStoreError::invalid(
+            "expected_version",
+            format!("{v} is beyond the largest storable version"),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(events.len());
+    for e in events {
+        if e.event_type.is_empty() || e.event_type.len() > MAX_EVENT_TYPE_LEN {
+            return Err(EventStoreError::invalid(
+                "event_type",
+                format!("must be 1 to {MAX_EVENT_TYPE_LEN} bytes"),
+            ));
+        }
+        if e.event_type.chars().any(char::is_control) {
+            return Err(EventStoreError::invalid(
+                "event_type",
+                "must not contain control characters",
+            ));
+        }
+        if e.schema_version == 0 || i32::try_from(e.schema_version).is_err() {
+            return Err(EventStoreError::invalid(
+                "schema_version",
+                "must be between 1 and 2147483647",
+            ));
+        }
+        if e.payload.len() > max_payload_bytes {
+            return Err(EventStoreError::PayloadTooLarge {
+                event_type: e.event_type.clone(),
+                size: e.payload.len(),
+                limit: max_payload_bytes,
+            });
+        }
+        if !seen.insert(e.event_id) {
+            return Err(EventStoreError::invalid(
+                "event_id",
+                format!("{} appears twice in one append", e.event_id),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An event as stored, with its payload still JSON text.
+///
+/// Decode it with [`decode`](Self::decode) (or through an
+/// [`Upcasters`](crate::Upcasters) chain first), or keep it raw.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct RecordedEvent {
+    /// The event's unique id.
+    pub event_id: EventId,
+    /// The stream it belongs to.
+    pub stream_id: StreamId,
+    /// Its version in the stream (the first event is 1).
+    pub version: Version,
+    /// Its position in the global log.
+    pub position: Position,
+    /// The stable event type name.
+    pub event_type: String,
+    /// The payload's schema version.
+    pub schema_version: u32,
+    /// When the store committed it (server clock).
+    pub recorded_at: DateTime<Utc>,
+    /// Correlation, causation, trace context, actor, tenant, free pairs.
+    pub metadata: Metadata,
+    /// The payload as JSON text.
+    pub payload: String,
+}
+
+impl RecordedEvent {
+    /// The payload as a JSON value.
+    pub fn payload_value(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.payload).map_err(|source| self.decode_error(source))
+    }
+
+    /// Decodes the payload into `E`, checking that the decoded event reports
+    /// the stored event type.
+    pub fn decode<E: DomainEvent>(&self) -> Result<EventEnvelope<E>> {
+        let payload: E =
+            serde_json::from_str(&self.payload).map_err(|source| self.decode_error(source))?;
+        if payload.event_type() != self.event_type {
+            return Err(EventStoreError::UnknownEventType {
+                event_type: self.event_type.clone(),
+                stream_id: self.stream_id.clone(),
+                version: self.version,
+            });
+        }
+        Ok(self.envelope_with(payload))
+    }
+
+    /// Decodes the payload into any deserializable type, without the event
+    /// type check of [`decode`](Self::decode).
+    pub fn decode_as<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_str(&self.payload).map_err(|source| self.decode_error(source))
+    }
+
+    /// Wraps the decoded payload in an envelope.
+    pub fn envelope_with<E>(&self, payload: E) -> EventEnvelope<E> {
+        EventEnvelope::new(
+            self.event_id,
+            self.stream_id.clone(),
+            self.version,
+            self.position,
+            self.event_type.clone(),
+            self.schema_version,
+            self.recorded_at,
+            self.metadata.clone(),
+            payload,
+        )
+    }
+
+    fn decode_error(&self, source: serde_json::Error) -> EventStoreError {
+        EventStoreError::Decode {
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
+            stream_id: self.stream_id.clone(),
+            version: self.version,
+            source,
+        }
+    }
+}
+
+/// What an append stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AppendResult {
+    /// The stream appended to.
+    pub stream_id: StreamId,
+    /// The version of the first event of the batch.
+    pub first_version: Version,
+    /// The stream's version after the batch: pass it as the expected version
+    /// of the next append.
+    pub next_expected_version: Version,
+    /// Each event's global position, in batch order.
+    pub positions: Vec<Position>,
+    /// `true` when the batch had been stored already by an earlier identical
+    /// append and nothing new was written.
+    pub was_retry: bool,
+}
+
+/// One stream's part of an atomic multi-stream append.
+#[derive(Clone, Debug)]
+pub struct StreamAppend {
+    /// The stream to append to.
+    pub stream_id: StreamId,
+    /// What the stream's version must be.
+    pub expected: ExpectedVersion,
+    /// The events, in order.
+    pub events: Vec<NewEvent>,
+}
+
+impl StreamAppend {
+    /// Builds one stream's part of a multi-stream append.
+    #[must_use]
+    pub fn new(stream_id: StreamId, expected: ExpectedVersion, events: Vec<NewEvent>) -> Self {
+        Self {
+            stream_id,
+            expected,
+            events,
+        }
+    }
+}
+
+/// Which way to read a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadDirection {
+    /// Oldest first.
+    #[default]
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// Options for reading one stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReadStream {
+    pub(crate) direction: ReadDirection,
+    pub(crate) from: Option<Version>,
+    pub(crate) limit: Option<u64>,
+}
+
+impl ReadStream {
+    /// Oldest first, from the first event.
+    #[must_use]
+    pub fn forward() -> Self {
+        Self::default()
+    }
+
+    /// Newest first, from the last event.
+    #[must_use]
+    pub fn backward() -> Self {
+        Self {
+            direction: ReadDirection::Backward,
+            ..Self::default()
+        }
+    }
+
+    /// Starts at this version, inclusive (forward: this and later; backward:
+    /// this and earlier).
+    #[must_use]
+    pub fn from(mut self, version: Version) -> Self {
+        self.from = Some(version);
+        self
+    }
+
+    /// Stops after this many events.
+    #[must_use]
+    pub fn limit(mut self, limit: u64) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// The direction.
+    #[must_use]
+    pub fn direction(&self) -> ReadDirection {
+        self.direction
+    }
+
+    pub(crate) fn bounds(&self) -> (i64, i64) {
+        let from = self.from.map_or(
+            match self.direction {
+                ReadDirection::Forward => 0,
+                ReadDirection::Backward => i64::MAX,
+            },
+            |v| i64::try_from(v.get()).unwrap_or(i64::MAX),
+        );
+        let limit = self
+            .limit
+            .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        (from, limit)
+    }
+}
+
+/// Options for reading the global log: where to start, filters, a limit.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ReadAll {
+    pub(crate) after: Position,
+    pub(crate) category: Option<String>,
+    pub(crate) stream_prefix: Option<String>,
+    pub(crate) event_types: Option<Vec<String>>,
+    pub(crate) limit: Option<u64>,
+}
+
+impl ReadAll {
+    /// Everything from the start of the log.
+    #[must_use]
+    pub fn from_start() -> Self {
+        Self::default()
+    }
+
+    /// Everything strictly after `position` (a checkpoint).
+    #[must_use]
+    pub fn after(position: Position) -> Self {
+        Self {
+            after: position,
+            ..Self::default()
+        }
+    }
+
+    /// Only streams of this category (`Category` or `Category-…`).
+    #[must_use]
+    pub fn category(mut self, category: impl Into<String>) -> Self {
+        self.category = Some(category.into());
+        self
+    }
+
+    /// Only streams whose id starts with this prefix.
+    #[must_use]
+    pub fn stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Only these event types.
+    #[must_use]
+    pub fn event_types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.event_types = Some(types.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Stops after this many events.
+    #[must_use]
+    pub fn limit(mut self, limit: u64) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// The position reading starts after.
+    #[must_use]
+    pub fn start(&self) -> Position {
+        self.after
+    }
+
+    /// Whether an event passes the filters (the in-memory store's check and
+    /// the reference for the SQL one).
+    pub(crate) fn matches(&self, e: &RecordedEvent) -> bool {
+        if let Some(c) = &self.category {
+            let s = e.stream_id.as_str();
+            let ok =
+                s == c || (s.starts_with(c.as_str()) && s.as_bytes().get(c.len()) == Some(&b'-'));
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(p) = &self.stream_prefix
+            && !e.stream_id.as_str().starts_with(p.as_str())
+        {
+            return false;
+        }
+        self.event_types
+            .as_ref()
+            .is_none_or(|types| types.contains(&e.event_type))
+    }
+}
+
+/// Settings shared by both stores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreConfig {
+    /// The largest payload accepted, in bytes (default 1 MiB).
+    pub max_payload_bytes: usize,
+    /// Rows fetched per query when reading (default 1,000): bounds memory.
+    pub read_batch_size: u32,
+    /// Whether appends send a `NOTIFY` so subscriptions wake at once
+    /// (default on; without it they wake on their polling interval).
+    pub notify_on_append: bool,
+    /// How long a global-log read waits, at its end, for transactions still
+    /// running to finish so that events committed before the read are not
+    /// held back (default 5 s). See `docs/event-store.md`.
+    pub settle_timeout: std::time::Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            read_batch_size: 1000,
+            notify_on_append: true,
+            settle_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Sets the payload size limit.
+    #[must_use]
+    pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = bytes;
+        self
+    }
+
+    /// Sets the read batch size (at least 1).
+    #[must_use]
+    pub fn read_batch_size(mut self, rows: u32) -> Self {
+        self.read_batch_size = rows.max(1);
+        self
+    }
+
+    /// Sets how long a global-log read waits for running transactions.
+    #[must_use]
+    pub fn settle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.settle_timeout = timeout;
+        self
+    }
+
+    /// Turns the append notification on or off.
+    #[must_use]
+    pub fn notify_on_append(mut self, on: bool) -> Self {
+        self.notify_on_append = on;
+        self
+    }
+}

@@ -1,0 +1,471 @@
+//! The in-memory event store: same behaviour as the PostgreSQL one, no
+//! server. For tests and examples.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use keel_core::{ExpectedVersion, Position, StreamId, Version, VersionConflict};
+use tokio::sync::watch;
+
+use crate::error::{EventStoreError, Result};
+use crate::event::{
+    AppendResult, NewEvent, ReadAll, ReadDirection, ReadStream, RecordedEvent, StoreConfig,
+    StreamAppend, validate_batch,
+};
+use crate::store::{
+    Appender, EventSignal, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
+    StreamReader, SubscriptionSupport,
+};
+
+/// An event store held in memory. Cloning shares the same store.
+///
+/// Global positions use a per-append commit counter and a global sequence,
+/// so readers see the same ordering rules as with PostgreSQL.
+#[derive(Clone, Debug, Default)]
+pub struct InMemoryEventStore {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    config: StoreConfig,
+    state: Mutex<State>,
+    appended: Option<watch::Sender<u64>>,
+    leaders: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    events: Vec<RecordedEvent>,
+    streams: HashMap<StreamId, Vec<usize>>,
+    ids: HashMap<keel_core::EventId, usize>,
+    last_commit: u64,
+    snapshots: HashMap<StreamId, Snapshot>,
+    checkpoints: HashMap<String, Position>,
+}
+
+impl InMemoryEventStore {
+    /// An empty store with default settings.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_config(StoreConfig::default())
+    }
+
+    /// An empty store with the given settings.
+    #[must_use]
+    pub fn with_config(config: StoreConfig) -> Self {
+        let (tx, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Shared {
+                config,
+                state: Mutex::default(),
+                appended: Some(tx),
+                leaders: Mutex::default(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave half an append behind
+        // (appends are checked fully before the first write), so poisoning
+        // carries no meaning here.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn notify(&self) {
+        if let Some(tx) = &self.inner.appended {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+enum Plan {
+    Append { current: Version },
+    Retry(AppendResult),
+}
+
+fn plan(
+    state: &State,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<Plan> {
+    let indexes = state.streams.get(stream);
+    let current = Version::new(indexes.map_or(0, |v| v.len() as u64));
+    let stored: Vec<Option<&RecordedEvent>> = events
+        .iter()
+        .map(|e| state.ids.get(&e.event_id()).map(|&i| &state.events[i]))
+        .collect();
+    if stored.iter().any(Option::is_some) {
+        let first = stored
+            .iter()
+            .flatten()
+            .filter(|r| &r.stream_id == stream)
+            .map(|r| r.version)
+            .min();
+        let matches = |i: usize, e: &NewEvent, r: &RecordedEvent| {
+            first.is_some_and(|f| {
+                r.stream_id == *stream
+                    && r.version == f.advance(i as u64)
+                    && r.event_type == e.event_type()
+                    && r.schema_version == e.schema_version()
+                    && json_eq(&r.payload, e.payload_json())
+            })
+        };
+        let all_match = events
+            .iter()
+            .zip(&stored)
+            .enumerate()
+            .all(|(i, (e, r))| r.is_some_and(|r| matches(i, e, r)));
+        let first_v = first.unwrap_or_default();
+        let expectation_ok = match expected {
+            ExpectedVersion::Exact(v) => v.next() == first_v,
+            ExpectedVersion::NoStream => first_v == Version::new(1),
+            _ => true,
+        };
+        if all_match && expectation_ok {
+            return Ok(Plan::Retry(AppendResult {
+                stream_id: stream.clone(),
+                first_version: first_v,
+                next_expected_version: first_v.advance(events.len() as u64 - 1),
+                positions: stored.iter().flatten().map(|r| r.position).collect(),
+                was_retry: true,
+            }));
+        }
+        let bad = events
+            .iter()
+            .zip(&stored)
+            .enumerate()
+            .find(|(i, (e, r))| r.is_some_and(|r| !matches(*i, e, r)))
+            .or_else(|| {
+                events
+                    .iter()
+                    .zip(&stored)
+                    .enumerate()
+                    .find(|(_, (_, r))| r.is_some())
+            })
+            .map(|(_, (e, _))| e.event_id())
+            .unwrap_or_default();
+        return Err(EventStoreError::EventIdReused {
+            event_id: bad,
+            stream_id: stream.clone(),
+        });
+    }
+    if !expected.is_satisfied_by(current) {
+        return Err(VersionConflict {
+            subject: stream.to_string(),
+            expected,
+            actual: current,
+        }
+        .into());
+    }
+    Ok(Plan::Append { current })
+}
+
+fn json_eq(a: &str, b: &str) -> bool {
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn apply(
+    state: &mut State,
+    commit: u64,
+    stream: &StreamId,
+    current: Version,
+    events: Vec<NewEvent>,
+) -> AppendResult {
+    let now = Utc::now();
+    let mut positions = Vec::with_capacity(events.len());
+    let first = current.next();
+    for (i, e) in events.into_iter().enumerate() {
+        let index = state.events.len();
+        let position = Position::new(commit, index as u64 + 1);
+        positions.push(position);
+        state.ids.insert(e.event_id(), index);
+        state.streams.entry(stream.clone()).or_default().push(index);
+        state.events.push(RecordedEvent {
+            event_id: e.event_id(),
+            stream_id: stream.clone(),
+            version: first.advance(i as u64),
+            position,
+            event_type: e.event_type().to_owned(),
+            schema_version: e.schema_version(),
+            recorded_at: now,
+            metadata: e.metadata().clone(),
+            payload: e.payload_json().to_owned(),
+        });
+    }
+    let next = Version::new(state.streams[stream].len() as u64);
+    AppendResult {
+        stream_id: stream.clone(),
+        first_version: first,
+        next_expected_version: next,
+        positions,
+        was_retry: false,
+    }
+}
+
+#[async_trait]
+impl Appender for InMemoryEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        self.append_multi(vec![StreamAppend::new(stream.clone(), expected, events)])
+            .await
+            .map(|mut r| r.remove(0))
+    }
+
+    async fn append_multi(&self, appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        if appends.is_empty() {
+            return Err(EventStoreError::invalid(
+                "appends",
+                "at least one stream is needed",
+            ));
+        }
+        for a in &appends {
+            validate_batch(a.expected, &a.events, self.inner.config.max_payload_bytes)?;
+        }
+        let results = {
+            let mut state = self.state();
+            // Plan every part against the state as it would be after the
+            // earlier parts, without writing: all or nothing.
+            let mut plans = Vec::with_capacity(appends.len());
+            let mut pending: HashMap<StreamId, u64> = HashMap::new();
+            for a in &appends {
+                if pending.contains_key(&a.stream_id) {
+                    return Err(EventStoreError::invalid(
+                        "appends",
+                        format!(
+                            "stream {} appears twice in one multi-stream append",
+                            a.stream_id
+                        ),
+                    ));
+                }
+                let p = plan(&state, &a.stream_id, a.expected, &a.events)?;
+                pending.insert(a.stream_id.clone(), a.events.len() as u64);
+                plans.push(p);
+            }
+            let mut ids = std::collections::HashSet::new();
+            for a in &appends {
+                for e in &a.events {
+                    if !ids.insert(e.event_id()) {
+                        return Err(EventStoreError::invalid(
+                            "event_id",
+                            format!("{} appears twice in one append", e.event_id()),
+                        ));
+                    }
+                }
+            }
+            let writes = plans.iter().any(|p| matches!(p, Plan::Append { .. }));
+            if writes {
+                state.last_commit += 1;
+            }
+            let commit = state.last_commit;
+            let mut results = Vec::with_capacity(plans.len());
+            for (a, p) in appends.into_iter().zip(plans) {
+                results.push(match p {
+                    Plan::Retry(r) => r,
+                    Plan::Append { current } => {
+                        apply(&mut state, commit, &a.stream_id, current, a.events)
+                    }
+                });
+            }
+            results
+        };
+        if results.iter().any(|r| !r.was_retry) {
+            self.notify();
+        }
+        Ok(results)
+    }
+}
+
+#[async_trait]
+impl StreamReader for InMemoryEventStore {
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
+        let batch = self.inner.config.read_batch_size as usize;
+        Box::pin(async_stream::try_stream! {
+            let (from, limit) = options.bounds();
+            let mut remaining = usize::try_from(limit).unwrap_or(usize::MAX);
+            // Versions are 1-based and dense, so a version is an index + 1.
+            let mut next: i64 = match options.direction {
+                ReadDirection::Forward => from.max(1),
+                ReadDirection::Backward => from,
+            };
+            while remaining > 0 {
+                let chunk: Vec<RecordedEvent> = {
+                    let state = self.state();
+                    let Some(idx) = state.streams.get(stream) else { break };
+                    let len = idx.len() as i64;
+                    let take = remaining.min(batch);
+                    match options.direction {
+                        ReadDirection::Forward => {
+                            if next > len { Vec::new() } else {
+                                let start = (next - 1) as usize;
+                                idx[start..].iter().take(take).map(|&i| state.events[i].clone()).collect()
+                            }
+                        }
+                        ReadDirection::Backward => {
+                            let top = next.min(len);
+                            if top < 1 { Vec::new() } else {
+                                idx[..top as usize].iter().rev().take(take).map(|&i| state.events[i].clone()).collect()
+                            }
+                        }
+                    }
+                };
+                if chunk.is_empty() { break; }
+                let n = chunk.len();
+                remaining -= n;
+                next = match options.direction {
+                    ReadDirection::Forward => next + n as i64,
+                    ReadDirection::Backward => next.min(chunk[0].version.get() as i64) - n as i64,
+                };
+                for e in chunk { yield e; }
+                if n < batch { break; }
+            }
+        })
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Version> {
+        Ok(Version::new(
+            self.state()
+                .streams
+                .get(stream)
+                .map_or(0, |v| v.len() as u64),
+        ))
+    }
+}
+
+impl GlobalLog for InMemoryEventStore {
+    fn read_all(&self, options: ReadAll) -> EventStream<'_> {
+        let batch = self.inner.config.read_batch_size as usize;
+        Box::pin(async_stream::try_stream! {
+            let mut remaining = options.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+            let mut after = options.after;
+            while remaining > 0 {
+                let (chunk, scanned_to_end) = {
+                    let state = self.state();
+                    let start = state.events.partition_point(|e| e.position <= after);
+                    let mut out = Vec::new();
+                    let mut end = true;
+                    for e in &state.events[start..] {
+                        if out.len() == remaining.min(batch) { end = false; break; }
+                        if options.matches(e) { out.push(e.clone()); }
+                        after = e.position;
+                    }
+                    (out, end)
+                };
+                remaining -= chunk.len();
+                for e in chunk { yield e; }
+                if scanned_to_end { break; }
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for InMemoryEventStore {
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
+        Ok(self.state().snapshots.get(stream).cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let mut state = self.state();
+        match state.snapshots.get(&snapshot.stream_id) {
+            Some(s) if s.version > snapshot.version => {}
+            _ => {
+                state.snapshots.insert(snapshot.stream_id.clone(), snapshot);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct MemoryLeadership {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+#[async_trait]
+impl Leadership for MemoryLeadership {
+    async fn is_held(&mut self) -> bool {
+        true
+    }
+}
+
+#[derive(Debug)]
+struct MemorySignal {
+    rx: Option<watch::Receiver<u64>>,
+}
+
+#[async_trait]
+impl EventSignal for MemorySignal {
+    async fn wait(&mut self, timeout: Duration) {
+        match &mut self.rx {
+            Some(rx) => {
+                let _ = tokio::time::timeout(timeout, rx.changed()).await;
+            }
+            None => tokio::time::sleep(timeout).await,
+        }
+    }
+}
+
+#[async_trait]
+impl SubscriptionSupport for InMemoryEventStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
+        Ok(self.state().checkpoints.get(name).copied())
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        if name.is_empty() {
+            return Err(EventStoreError::invalid(
+                "subscription",
+                "the name must not be empty",
+            ));
+        }
+        let mut state = self.state();
+        let entry = state.checkpoints.entry(name.to_owned()).or_insert(position);
+        if *entry < position {
+            *entry = position;
+        }
+        Ok(())
+    }
+
+    async fn acquire_leadership(
+        &self,
+        name: &str,
+        _retry: Duration,
+    ) -> Result<Box<dyn Leadership>> {
+        let lock = {
+            let mut leaders = self
+                .inner
+                .leaders
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            leaders.entry(name.to_owned()).or_default().clone()
+        };
+        let guard = lock.lock_owned().await;
+        Ok(Box::new(MemoryLeadership { _guard: guard }))
+    }
+
+    async fn event_signal(&self) -> Result<Box<dyn EventSignal>> {
+        let mut rx = self.inner.appended.as_ref().map(watch::Sender::subscribe);
+        if let Some(rx) = &mut rx {
+            rx.mark_unchanged();
+        }
+        Ok(Box::new(MemorySignal { rx }))
+    }
+}

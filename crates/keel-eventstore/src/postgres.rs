@@ -1,0 +1,630 @@
+//! The PostgreSQL event store.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::{EventId, ExpectedVersion, Metadata, Position, StreamId, Version, VersionConflict};
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+
+use crate::error::{EventStoreError, Result};
+use crate::event::{
+    AppendResult, NewEvent, ReadAll, ReadDirection, ReadStream, RecordedEvent, StoreConfig,
+    StreamAppend, validate_batch,
+};
+use crate::store::{
+    Appender, EventSignal, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
+    StreamReader, SubscriptionSupport,
+};
+
+/// The channel appends notify on (when [`StoreConfig::notify_on_append`]).
+pub const NOTIFY_CHANNEL: &str = "keel_events";
+
+const EVENT_ID_CONSTRAINT: &str = "events_event_id_key";
+
+const COLUMNS: &str = "commit, position, event_id, stream_id, version, event_type, \
+                       schema_version, payload::text, metadata::text, recorded_at";
+
+/// The event store on PostgreSQL (tables in schema `keel`, created by
+/// `keel_database::MIGRATOR`).
+///
+/// Cheap to clone: it holds a connection pool.
+#[derive(Clone, Debug)]
+pub struct PostgresEventStore {
+    pool: PgPool,
+    config: StoreConfig,
+    global_sql: String,
+}
+
+impl PostgresEventStore {
+    /// A store on `pool` with default settings.
+    #[must_use]
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_config(pool, StoreConfig::default())
+    }
+
+    /// A store on `pool` with the given settings.
+    #[must_use]
+    pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
+        let global_sql = format!(
+            "SELECT {COLUMNS} FROM keel.events \
+             WHERE (commit, position) > ($1, $2) AND commit < keel.commit_horizon() \
+               AND ($3::text IS NULL OR stream_id = $3 OR starts_with(stream_id, $3 || '-')) \
+               AND ($4::text IS NULL OR starts_with(stream_id, $4)) \
+               AND ($5::text[] IS NULL OR event_type = ANY ($5)) \
+             ORDER BY commit, position LIMIT $6"
+        );
+        Self {
+            pool,
+            config,
+            global_sql,
+        }
+    }
+
+    /// The pool the store uses.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The store's settings.
+    #[must_use]
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Appends within the caller's transaction (a unit of work that also
+    /// writes an outbox row or a read model, say). Nothing is visible until
+    /// the caller commits; on an error the caller must roll back.
+    ///
+    /// The stream's row stays locked until the caller's transaction ends, so
+    /// keep such transactions short.
+    pub async fn append_in(
+        &self,
+        conn: &mut PgConnection,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        validate_batch(expected, &events, self.config.max_payload_bytes)?;
+        append_once(
+            conn,
+            stream,
+            expected,
+            &events,
+            self.config.notify_on_append,
+        )
+        .await
+    }
+
+    /// Appends to several streams within the caller's transaction; see
+    /// [`append_in`](Self::append_in).
+    pub async fn append_multi_in(
+        &self,
+        conn: &mut PgConnection,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<AppendResult>> {
+        check_multi(&appends, self.config.max_payload_bytes)?;
+        let mut results = Vec::with_capacity(appends.len());
+        for a in &appends {
+            results.push(
+                append_once(
+                    conn,
+                    &a.stream_id,
+                    a.expected,
+                    &a.events,
+                    self.config.notify_on_append,
+                )
+                .await?,
+            );
+        }
+        Ok(results)
+    }
+}
+
+fn check_multi(appends: &[StreamAppend], max_payload: usize) -> Result<()> {
+    if appends.is_empty() {
+        return Err(EventStoreError::invalid(
+            "appends",
+            "at least one stream is needed",
+        ));
+    }
+    let mut streams = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    for a in appends {
+        validate_batch(a.expected, &a.events, max_payload)?;
+        if !streams.insert(&a.stream_id) {
+            return Err(EventStoreError::invalid(
+                "appends",
+                format!(
+                    "stream {} appears twice in one multi-stream append",
+                    a.stream_id
+                ),
+            ));
+        }
+        for e in &a.events {
+            if !ids.insert(e.event_id()) {
+                return Err(EventStoreError::invalid(
+                    "event_id",
+                    format!("{} appears twice in one append", e.event_id()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn expected_args(expected: ExpectedVersion) -> (i16, i64) {
+    match expected {
+        ExpectedVersion::Any => (0, 0),
+        ExpectedVersion::NoStream => (1, 0),
+        ExpectedVersion::StreamExists => (2, 0),
+        // validate_batch has refused versions beyond i64 already
+        ExpectedVersion::Exact(v) => (3, i64::try_from(v.get()).unwrap_or(i64::MAX)),
+    }
+}
+
+fn is_event_id_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23505") && db.constraint() == Some(EVENT_ID_CONSTRAINT))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| EventStoreError::Corrupt(format!("negative {what} {v}")))
+}
+
+async fn append_once(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    notify: bool,
+) -> Result<AppendResult> {
+    let (mode, version) = expected_args(expected);
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut schemas = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut metadata = Vec::with_capacity(events.len());
+    for e in events {
+        ids.push(*e.event_id().as_uuid());
+        types.push(e.event_type());
+        schemas.push(i32::try_from(e.schema_version()).unwrap_or(i32::MAX));
+        payloads.push(e.payload_json());
+        metadata.push(serde_json::to_string(e.metadata()).map_err(|source| {
+            EventStoreError::Serialize {
+                event_type: e.event_type().to_owned(),
+                source,
+            }
+        })?);
+    }
+    let row = sqlx::query(
+        "SELECT outcome, actual_version, first_version, positions, commits, conflicting_event_id \
+         FROM keel.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(stream.as_str())
+    .bind(mode)
+    .bind(version)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&schemas)
+    .bind(&payloads)
+    .bind(&metadata)
+    .bind(notify)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_event_id_violation(&e) {
+            // Another transaction stored one of these ids at the same moment.
+            EventStoreError::EventIdReused {
+                event_id: events[0].event_id(),
+                stream_id: stream.clone(),
+            }
+        } else {
+            e.into()
+        }
+    })?;
+    let outcome: i16 = row.try_get(0)?;
+    let actual: i64 = row.try_get(1)?;
+    match outcome {
+        0 | 1 => {
+            let first: i64 = row.try_get(2)?;
+            let positions: Vec<i64> = row.try_get(3)?;
+            let commits: Vec<i64> = row.try_get(4)?;
+            let positions = commits
+                .iter()
+                .zip(&positions)
+                .map(|(&c, &p)| Ok(Position::new(to_u64(c, "commit")?, to_u64(p, "position")?)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(AppendResult {
+                stream_id: stream.clone(),
+                first_version: Version::new(to_u64(first, "version")?),
+                next_expected_version: Version::new(to_u64(actual, "version")?),
+                positions,
+                was_retry: outcome == 1,
+            })
+        }
+        2 => Err(VersionConflict {
+            subject: stream.to_string(),
+            expected,
+            actual: Version::new(to_u64(actual, "version")?),
+        }
+        .into()),
+        3 => {
+            let id: Option<uuid::Uuid> = row.try_get(5)?;
+            Err(EventStoreError::EventIdReused {
+                event_id: id.map_or_else(|| events[0].event_id(), EventId::from_uuid),
+                stream_id: stream.clone(),
+            })
+        }
+        other => Err(EventStoreError::Corrupt(format!(
+            "keel.append_events returned unknown outcome {other}"
+        ))),
+    }
+}
+
+fn decode_row(row: &PgRow, stream: Option<&StreamId>) -> Result<RecordedEvent> {
+    let commit: i64 = row.try_get(0)?;
+    let position: i64 = row.try_get(1)?;
+    let event_id: uuid::Uuid = row.try_get(2)?;
+    let stream_id = match stream {
+        Some(s) => s.clone(),
+        None => StreamId::new(row.try_get::<String, _>(3)?)?,
+    };
+    let version: i64 = row.try_get(4)?;
+    let event_type: String = row.try_get(5)?;
+    let schema_version: i32 = row.try_get(6)?;
+    let payload: String = row.try_get(7)?;
+    let metadata: String = row.try_get(8)?;
+    let metadata: Metadata = serde_json::from_str(&metadata).map_err(|e| {
+        EventStoreError::Corrupt(format!("unreadable metadata of event {event_id}: {e}"))
+    })?;
+    Ok(RecordedEvent {
+        event_id: EventId::from_uuid(event_id),
+        stream_id,
+        version: Version::new(to_u64(version, "version")?),
+        position: Position::new(to_u64(commit, "commit")?, to_u64(position, "position")?),
+        event_type,
+        schema_version: u32::try_from(schema_version)
+            .map_err(|_| EventStoreError::Corrupt(format!("schema version {schema_version}")))?,
+        recorded_at: row.try_get(9)?,
+        metadata,
+        payload,
+    })
+}
+
+#[async_trait]
+impl Appender for PostgresEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        validate_batch(expected, &events, self.config.max_payload_bytes)?;
+        let mut conn = self.pool.acquire().await?;
+        match append_once(
+            &mut conn,
+            stream,
+            expected,
+            &events,
+            self.config.notify_on_append,
+        )
+        .await
+        {
+            // A concurrent append stored one of the ids first; now that it has
+            // committed, a second attempt tells a retry from a misuse.
+            Err(EventStoreError::EventIdReused { .. }) => {
+                append_once(
+                    &mut conn,
+                    stream,
+                    expected,
+                    &events,
+                    self.config.notify_on_append,
+                )
+                .await
+            }
+            other => other,
+        }
+    }
+
+    async fn append_multi(&self, appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        check_multi(&appends, self.config.max_payload_bytes)?;
+        let mut tx = self.pool.begin().await?;
+        let results = self.append_multi_in(&mut tx, appends).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+}
+
+#[async_trait]
+impl StreamReader for PostgresEventStore {
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
+        let batch = i64::from(self.config.read_batch_size);
+        let sql = match options.direction() {
+            ReadDirection::Forward => format!(
+                "SELECT {COLUMNS} FROM keel.events WHERE stream_id = $1 AND version >= $2 \
+                 ORDER BY version LIMIT $3"
+            ),
+            ReadDirection::Backward => format!(
+                "SELECT {COLUMNS} FROM keel.events WHERE stream_id = $1 AND version <= $2 \
+                 ORDER BY version DESC LIMIT $3"
+            ),
+        };
+        Box::pin(async_stream::try_stream! {
+            let (mut from, mut remaining) = options.bounds();
+            while remaining > 0 {
+                let take = remaining.min(batch);
+                let rows = sqlx::query(&sql)
+                    .bind(stream.as_str())
+                    .bind(from)
+                    .bind(take)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let n = rows.len() as i64;
+                for row in &rows {
+                    let e = decode_row(row, Some(stream))?;
+                    let v = e.version.get() as i64;
+                    from = match options.direction() {
+                        ReadDirection::Forward => v + 1,
+                        ReadDirection::Backward => v - 1,
+                    };
+                    yield e;
+                }
+                remaining -= n;
+                if n < take { break; }
+            }
+        })
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<Version> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM keel.streams WHERE stream_id = $1")
+                .bind(stream.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(Version::new(to_u64(v.unwrap_or(0), "version")?))
+    }
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl GlobalLog for PostgresEventStore {
+    fn read_all(&self, options: ReadAll) -> EventStream<'_> {
+        let batch = i64::from(self.config.read_batch_size);
+        Box::pin(async_stream::try_stream! {
+            let mut after = (clamp(options.after.commit), clamp(options.after.sequence));
+            let mut remaining = options.limit.map_or(i64::MAX, clamp);
+            let mut settled = false;
+            while remaining > 0 {
+                let take = remaining.min(batch);
+                let rows = sqlx::query(&self.global_sql)
+                    .bind(after.0)
+                    .bind(after.1)
+                    .bind(options.category.as_deref())
+                    .bind(options.stream_prefix.as_deref())
+                    .bind(options.event_types.as_deref())
+                    .bind(take)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let n = rows.len() as i64;
+                for row in &rows {
+                    let e = decode_row(row, None)?;
+                    after = (e.position.commit as i64, e.position.sequence as i64);
+                    yield e;
+                }
+                remaining -= n;
+                if n < take {
+                    if settled {
+                        break;
+                    }
+                    // Events committed before now may still sit above the
+                    // horizon because some transaction that started earlier
+                    // is running. Wait (briefly) for the horizon to pass them
+                    // so a reader sees its own writes; never chase later ones.
+                    settled = true;
+                    if !self.settle().await? {
+                        break;
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl PostgresEventStore {
+    /// Waits until every event committed so far is below the read horizon.
+    /// Returns whether there was anything to wait for (and it arrived).
+    async fn settle(&self) -> Result<bool> {
+        let (target, horizon): (Option<i64>, i64) =
+            sqlx::query_as("SELECT max(commit), keel.commit_horizon() FROM keel.events")
+                .fetch_one(&self.pool)
+                .await?;
+        let Some(target) = target else {
+            return Ok(false);
+        };
+        if target < horizon {
+            return Ok(false);
+        }
+        let deadline = tokio::time::Instant::now() + self.config.settle_timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            tokio::time::sleep(pause).await;
+            let horizon: i64 = sqlx::query_scalar("SELECT keel.commit_horizon()")
+                .fetch_one(&self.pool)
+                .await?;
+            if horizon > target {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    waited = ?self.config.settle_timeout,
+                    "a long-running transaction holds back the event log's read horizon; \
+                     events committed after it started stay unread until it ends"
+                );
+                return Ok(false);
+            }
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for PostgresEventStore {
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
+        let row = sqlx::query(
+            "SELECT version, schema_version, state::text FROM keel.snapshots WHERE stream_id = $1",
+        )
+        .bind(stream.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let version: i64 = row.try_get(0)?;
+            let schema: i32 = row.try_get(1)?;
+            Ok(Snapshot::new(
+                stream.clone(),
+                Version::new(to_u64(version, "version")?),
+                u32::try_from(schema).unwrap_or(0),
+                row.try_get(2)?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let version = i64::try_from(snapshot.version.get()).map_err(|_| {
+            EventStoreError::invalid("version", "beyond the largest storable version")
+        })?;
+        let schema = i32::try_from(snapshot.schema_version)
+            .map_err(|_| EventStoreError::invalid("schema_version", "beyond 2147483647"))?;
+        sqlx::query(
+            "INSERT INTO keel.snapshots (stream_id, version, schema_version, state) \
+             VALUES ($1, $2, $3, $4::json) \
+             ON CONFLICT (stream_id) DO UPDATE \
+                SET version = EXCLUDED.version, schema_version = EXCLUDED.schema_version, \
+                    state = EXCLUDED.state, taken_at = now() \
+              WHERE keel.snapshots.version <= EXCLUDED.version",
+        )
+        .bind(snapshot.stream_id.as_str())
+        .bind(version)
+        .bind(schema)
+        .bind(&snapshot.state)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Leadership held as a session advisory lock on a dedicated connection: it
+/// ends when the connection does, whichever process or network fault ends it.
+#[derive(Debug)]
+struct AdvisoryLeadership {
+    conn: Option<PgConnection>,
+}
+
+#[async_trait]
+impl Leadership for AdvisoryLeadership {
+    async fn is_held(&mut self) -> bool {
+        let Some(conn) = &mut self.conn else {
+            return false;
+        };
+        match conn.ping().await {
+            Ok(()) => true,
+            Err(_) => {
+                self.conn = None;
+                false
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ListenSignal {
+    listener: Option<PgListener>,
+}
+
+#[async_trait]
+impl EventSignal for ListenSignal {
+    async fn wait(&mut self, timeout: Duration) {
+        let Some(listener) = &mut self.listener else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        match tokio::time::timeout(timeout, listener.try_recv()).await {
+            Ok(Ok(Some(_))) => {
+                // Many appends may have notified; one wake-up covers them all.
+                while listener.next_buffered().is_some() {}
+            }
+            // The connection dropped: PgListener reconnects on the next call;
+            // until then this wait degrades to polling.
+            Ok(Ok(None) | Err(_)) => tokio::time::sleep(timeout / 4).await,
+            Err(_) => {}
+        }
+    }
+}
+
+#[async_trait]
+impl SubscriptionSupport for PostgresEventStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT commit, sequence FROM keel.subscription_checkpoints WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(c, s)| Ok(Position::new(to_u64(c, "commit")?, to_u64(s, "sequence")?)))
+            .transpose()
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        if name.is_empty() {
+            return Err(EventStoreError::invalid(
+                "subscription",
+                "the name must not be empty",
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO keel.subscription_checkpoints (name, commit, sequence) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE \
+                SET commit = EXCLUDED.commit, sequence = EXCLUDED.sequence, updated_at = now() \
+              WHERE (keel.subscription_checkpoints.commit, keel.subscription_checkpoints.sequence) \
+                    < (EXCLUDED.commit, EXCLUDED.sequence)",
+        )
+        .bind(name)
+        .bind(clamp(position.commit))
+        .bind(clamp(position.sequence))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn acquire_leadership(&self, name: &str, retry: Duration) -> Result<Box<dyn Leadership>> {
+        let options = self.pool.connect_options();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        loop {
+            let won: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_lock(hashtextextended('keel.subscription:' || $1, 0))",
+            )
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await?;
+            if won {
+                return Ok(Box::new(AdvisoryLeadership { conn: Some(conn) }));
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+
+    async fn event_signal(&self) -> Result<Box<dyn EventSignal>> {
+        let listener = if self.config.notify_on_append {
+            let mut l = PgListener::connect_with(&self.pool).await?;
+            l.listen(NOTIFY_CHANNEL).await?;
+            Some(l)
+        } else {
+            None
+        };
+        Ok(Box::new(ListenSignal { listener }))
+    }
+}

@@ -1,0 +1,128 @@
+//! The store's ports: small traits, combined by [`EventStore`].
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use keel_core::{ExpectedVersion, Position, StreamId, Version};
+
+use crate::error::Result;
+use crate::event::{AppendResult, NewEvent, ReadAll, ReadStream, RecordedEvent, StreamAppend};
+
+/// A stream of stored events, fetched in bounded batches.
+pub type EventStream<'a> = BoxStream<'a, Result<RecordedEvent>>;
+
+/// Writes events.
+#[async_trait]
+pub trait Appender: Send + Sync {
+    /// Appends `events` to `stream` if it is at `expected`, atomically.
+    ///
+    /// Fails with [`Conflict`](crate::EventStoreError::Conflict) when it is
+    /// not; returns the original result when the same events (same ids,
+    /// types, schema versions and payloads) were stored by an earlier append.
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult>;
+
+    /// Appends to several streams in one transaction: all or nothing.
+    async fn append_multi(&self, appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>>;
+}
+
+/// Reads one stream.
+#[async_trait]
+pub trait StreamReader: Send + Sync {
+    /// Reads a stream in the given direction; a missing stream reads empty.
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a>;
+
+    /// The stream's current version ([`Version::INITIAL`] when missing).
+    async fn stream_version(&self, stream: &StreamId) -> Result<Version>;
+}
+
+/// Reads the global log in gap-safe order.
+pub trait GlobalLog: Send + Sync {
+    /// Reads the log strictly after `options.start()`, in position order.
+    ///
+    /// Only events that can no longer be preceded by a late commit are
+    /// returned, so a reader that resumes after the last position it saw
+    /// never skips an event and never sees one twice.
+    fn read_all(&self, options: ReadAll) -> EventStream<'_>;
+}
+
+/// The whole event store: append, read streams, read the global log.
+pub trait EventStore: Appender + StreamReader + GlobalLog {}
+
+impl<T: Appender + StreamReader + GlobalLog + ?Sized> EventStore for T {}
+
+/// A stored aggregate snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// The aggregate's stream.
+    pub stream_id: StreamId,
+    /// The stream version the state reflects.
+    pub version: Version,
+    /// The version of the state's shape; a mismatch makes it ignored.
+    pub schema_version: u32,
+    /// The state as JSON text.
+    pub state: String,
+}
+
+impl Snapshot {
+    /// Builds a snapshot.
+    #[must_use]
+    pub fn new(stream_id: StreamId, version: Version, schema_version: u32, state: String) -> Self {
+        Self {
+            stream_id,
+            version,
+            schema_version,
+            state,
+        }
+    }
+}
+
+/// Stores the latest snapshot per stream.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync {
+    /// The latest snapshot of a stream, if any.
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>>;
+
+    /// Stores a snapshot unless one at a higher version is stored already.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
+}
+
+/// A held leadership of a named subscription; dropping it lets go.
+#[async_trait]
+pub trait Leadership: Send + Debug {
+    /// Whether leadership is still held (for PostgreSQL: whether the session
+    /// holding the advisory lock is alive).
+    async fn is_held(&mut self) -> bool;
+}
+
+/// Wakes a caught-up subscription when new events may have been appended.
+#[async_trait]
+pub trait EventSignal: Send + Debug {
+    /// Returns when new events may exist, or after `timeout` at the latest.
+    async fn wait(&mut self, timeout: Duration);
+}
+
+/// What subscriptions need from a store: durable checkpoints, one leader per
+/// subscription name, and a wake-up signal.
+#[async_trait]
+pub trait SubscriptionSupport: Send + Sync {
+    /// The stored checkpoint of a subscription.
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>>;
+
+    /// Stores a checkpoint; a checkpoint never moves backwards.
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()>;
+
+    /// Waits until this process leads subscription `name`, polling every
+    /// `retry` while another consumer leads.
+    async fn acquire_leadership(&self, name: &str, retry: Duration) -> Result<Box<dyn Leadership>>;
+
+    /// A fresh wake-up signal.
+    async fn event_signal(&self) -> Result<Box<dyn EventSignal>>;
+}

@@ -1,0 +1,887 @@
+//! The contract suite every event store implementation must pass.
+//!
+//! Each function takes a fresh, empty store and panics when the store breaks
+//! the contract. Run them all with `keel_testkit::contract_tests!`:
+//!
+//! ```ignore
+//! keel_testkit::contract_tests! {
+//!     factory: || async { (keel_eventstore::InMemoryEventStore::new(), ()) },
+//!     suite: keel_eventstore::testing,
+//!     tests: [append_and_read_back, expected_version_modes /* , … */],
+//! }
+//! ```
+//!
+//! [`ALL`] lists every test name, so a new one cannot be forgotten silently:
+//! the store's test file asserts that it runs them all.
+
+#![allow(
+    clippy::missing_panics_doc,
+    reason = "contract tests panic on failure by design"
+)]
+
+use std::collections::HashSet;
+
+use futures::TryStreamExt;
+use keel_core::{
+    CorrelationId, EventId, ExpectedVersion, Metadata, Position, StreamId, TenantId, TraceContext,
+    Version,
+};
+use serde_json::json;
+
+use crate::{
+    EventStore, EventStoreError, NewEvent, ReadAll, ReadStream, RecordedEvent, Snapshot,
+    SnapshotStore, StreamAppend, SubscriptionSupport,
+};
+
+/// What the suite needs from a store under test.
+pub trait Subject: EventStore + SnapshotStore + SubscriptionSupport + Clone + 'static {}
+impl<T: EventStore + SnapshotStore + SubscriptionSupport + Clone + 'static> Subject for T {}
+
+/// The name of every contract test in this module.
+pub const ALL: &[&str] = &[
+    "append_and_read_back",
+    "expected_version_modes",
+    "racing_writers_exactly_one_wins",
+    "idempotent_retries",
+    "reused_event_ids_are_refused",
+    "bad_input_writes_nothing",
+    "multi_stream_append_is_atomic",
+    "read_stream_directions_and_limits",
+    "global_log_order_and_filters",
+    "typed_decoding",
+    "snapshots_keep_the_latest",
+    "checkpoints_never_move_backwards",
+];
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).expect("valid stream id")
+}
+
+fn ev(n: u64) -> NewEvent {
+    NewEvent::from_json("test.happened", &json!({ "n": n }))
+}
+
+async fn stream_of<S: Subject>(
+    store: &S,
+    stream: &StreamId,
+    opts: ReadStream,
+) -> Vec<RecordedEvent> {
+    store
+        .read_stream(stream, opts)
+        .try_collect()
+        .await
+        .expect("read stream")
+}
+
+async fn log_of<S: Subject>(store: &S, opts: ReadAll) -> Vec<RecordedEvent> {
+    store.read_all(opts).try_collect().await.expect("read all")
+}
+
+fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e.payload_value().expect("json")["n"].as_u64().expect("n"))
+        .collect()
+}
+
+/// Appended events read back with everything they were given, versions from
+/// 1, strictly increasing positions and server-side timestamps.
+pub async fn append_and_read_back<S: Subject>(store: S) {
+    let stream = sid("Order-1");
+    let meta = Metadata::new()
+        .with_correlation_id(CorrelationId::new())
+        .with_actor("alice")
+        .with_tenant(TenantId::new("acme").unwrap())
+        .with_trace_context(
+            TraceContext::new(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                None,
+            )
+            .unwrap(),
+        )
+        .with_extra("source", "test");
+    let first = ev(1).with_metadata(meta.clone()).with_schema_version(3);
+    let first_id = first.event_id();
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let r = store
+        .append(&stream, ExpectedVersion::NoStream, vec![first, ev(2)])
+        .await
+        .expect("append");
+    assert_eq!(r.first_version, Version::new(1));
+    assert_eq!(r.next_expected_version, Version::new(2));
+    assert_eq!(r.positions.len(), 2);
+    assert!(r.positions[0] < r.positions[1]);
+    assert!(!r.was_retry);
+    assert_eq!(
+        store.stream_version(&stream).await.unwrap(),
+        Version::new(2)
+    );
+
+    let r2 = store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(Version::new(2)),
+            vec![ev(3)],
+        )
+        .await
+        .expect("second append");
+    assert_eq!(r2.first_version, Version::new(3));
+    assert!(
+        r2.positions[0] > r.positions[1],
+        "a later append sorts later"
+    );
+
+    let read = stream_of(&store, &stream, ReadStream::forward()).await;
+    assert_eq!(numbers(&read), vec![1, 2, 3]);
+    assert_eq!(
+        read.iter().map(|e| e.version.get()).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(read[0].event_id, first_id);
+    assert_eq!(read[0].metadata, meta);
+    assert_eq!(read[0].schema_version, 3);
+    assert_eq!(read[1].schema_version, 1);
+    assert_eq!(read[0].event_type, "test.happened");
+    assert_eq!(read[0].position, r.positions[0]);
+    assert_eq!(read[2].position, r2.positions[0]);
+    assert!(read[0].recorded_at > before && read[0].recorded_at <= chrono::Utc::now());
+    assert_eq!(
+        store.stream_version(&sid("Order-none")).await.unwrap(),
+        Version::INITIAL
+    );
+    assert!(
+        stream_of(&store, &sid("Order-none"), ReadStream::forward())
+            .await
+            .is_empty()
+    );
+}
+
+fn conflict(e: &EventStoreError) -> (ExpectedVersion, Version) {
+    let c = e
+        .as_conflict()
+        .unwrap_or_else(|| panic!("expected a conflict, got {e:?}"));
+    (c.expected, c.actual)
+}
+
+/// Any, no stream, stream exists and exact behave as documented, and a
+/// refused append reports expected and actual versions and writes nothing.
+pub async fn expected_version_modes<S: Subject>(store: S) {
+    let s = sid("Modes-1");
+    let e = store
+        .append(&s, ExpectedVersion::StreamExists, vec![ev(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict(&e),
+        (ExpectedVersion::StreamExists, Version::INITIAL)
+    );
+    let e = store
+        .append(&s, ExpectedVersion::Exact(Version::new(1)), vec![ev(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict(&e),
+        (ExpectedVersion::Exact(Version::new(1)), Version::INITIAL)
+    );
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::INITIAL);
+
+    store
+        .append(&s, ExpectedVersion::Exact(Version::INITIAL), vec![ev(1)])
+        .await
+        .unwrap();
+    let e = store
+        .append(&s, ExpectedVersion::NoStream, vec![ev(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(conflict(&e), (ExpectedVersion::NoStream, Version::new(1)));
+    let e = store
+        .append(&s, ExpectedVersion::Exact(Version::INITIAL), vec![ev(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict(&e),
+        (ExpectedVersion::Exact(Version::INITIAL), Version::new(1))
+    );
+    store
+        .append(&s, ExpectedVersion::StreamExists, vec![ev(2)])
+        .await
+        .unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, vec![ev(3)])
+        .await
+        .unwrap();
+    let e = store
+        .append(&s, ExpectedVersion::Exact(Version::new(2)), vec![ev(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict(&e),
+        (ExpectedVersion::Exact(Version::new(2)), Version::new(3))
+    );
+    let e = store
+        .append(&s, ExpectedVersion::Exact(Version::new(9)), vec![ev(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict(&e),
+        (ExpectedVersion::Exact(Version::new(9)), Version::new(3))
+    );
+    store
+        .append(&s, ExpectedVersion::Exact(Version::new(3)), vec![ev(4)])
+        .await
+        .unwrap();
+    store
+        .append(&sid("Modes-2"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+
+    assert_eq!(
+        numbers(&stream_of(&store, &s, ReadStream::forward()).await),
+        vec![1, 2, 3, 4]
+    );
+    let all = log_of(&store, ReadAll::from_start()).await;
+    assert_eq!(all.len(), 5, "refused appends wrote nothing");
+    let converted: keel_core::Error = e.into();
+    assert_eq!(converted.code(), "keel.conflict.version");
+}
+
+/// Many tasks append with the same expectation at once: exactly one wins
+/// each round, the others get structured conflicts, and the stream stays
+/// dense.
+pub async fn racing_writers_exactly_one_wins<S: Subject>(store: S) {
+    const WRITERS: u64 = 12;
+    const ROUNDS: u64 = 5;
+    let s = sid("Race-1");
+    for round in 0..ROUNDS {
+        let expected = if round == 0 {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(Version::new(round))
+        };
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let store = store.clone();
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                store.append(&s, expected, vec![ev(round * 100 + w)]).await
+            }));
+        }
+        let mut wins = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(r) => {
+                    wins += 1;
+                    assert_eq!(r.next_expected_version, Version::new(round + 1));
+                }
+                Err(e) => assert_eq!(conflict(&e), (expected, Version::new(round + 1))),
+            }
+        }
+        assert_eq!(wins, 1, "round {round}: exactly one writer wins");
+    }
+    let events = stream_of(&store, &s, ReadStream::forward()).await;
+    assert_eq!(
+        events.iter().map(|e| e.version.get()).collect::<Vec<_>>(),
+        (1..=ROUNDS).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        log_of(&store, ReadAll::from_start()).await.len() as u64,
+        ROUNDS
+    );
+}
+
+/// Retrying a stored batch (after a lost reply, say) returns the original
+/// result and stores nothing new, whatever the expectation mode.
+pub async fn idempotent_retries<S: Subject>(store: S) {
+    let s = sid("Retry-1");
+    let batch = vec![ev(1), ev(2)];
+    let first = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    let again = store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    assert!(again.was_retry);
+    assert_eq!(again.positions, first.positions);
+    assert_eq!(again.first_version, first.first_version);
+    assert_eq!(again.next_expected_version, first.next_expected_version);
+
+    let third = vec![ev(3)];
+    let r3 = store
+        .append(&s, ExpectedVersion::Exact(Version::new(2)), third.clone())
+        .await
+        .unwrap();
+    // The stream moved on, yet retrying the old batches still succeeds.
+    let again = store
+        .append(&s, ExpectedVersion::Any, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(again.positions, first.positions);
+    let again3 = store
+        .append(&s, ExpectedVersion::Exact(Version::new(2)), third)
+        .await
+        .unwrap();
+    assert_eq!(again3.positions, r3.positions);
+    assert_eq!(again3.next_expected_version, Version::new(3));
+    // Key order inside a payload does not make it a different event.
+    let obj = NewEvent::from_json("test.obj", &json!({"a": 1, "b": 2}));
+    let id = obj.event_id();
+    store
+        .append(&s, ExpectedVersion::Any, vec![obj])
+        .await
+        .unwrap();
+    let reordered = NewEvent::from_json_bytes("test.obj", br#"{"b":2,"a":1}"#)
+        .unwrap()
+        .with_id(id);
+    assert!(
+        store
+            .append(&s, ExpectedVersion::Any, vec![reordered])
+            .await
+            .unwrap()
+            .was_retry
+    );
+
+    assert_eq!(
+        numbers(&stream_of(&store, &s, ReadStream::forward().limit(3)).await),
+        vec![1, 2, 3]
+    );
+    assert_eq!(log_of(&store, ReadAll::from_start()).await.len(), 4);
+}
+
+fn reused(e: &EventStoreError) -> EventId {
+    match e {
+        EventStoreError::EventIdReused { event_id, .. } => *event_id,
+        other => panic!("expected EventIdReused, got {other:?}"),
+    }
+}
+
+/// An id already used by a different event (other content, other stream,
+/// other version, or only part of the batch) is refused with a typed error
+/// naming the id, and nothing is written.
+pub async fn reused_event_ids_are_refused<S: Subject>(store: S) {
+    let s = sid("Reuse-1");
+    let a = ev(1);
+    let b = ev(2);
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![a.clone(), b.clone()])
+        .await
+        .unwrap();
+
+    let changed = ev(99).with_id(b.event_id());
+    let e = store
+        .append(&s, ExpectedVersion::Any, vec![a.clone(), changed])
+        .await
+        .unwrap_err();
+    assert_eq!(reused(&e), b.event_id());
+
+    let e = store
+        .append(&sid("Reuse-2"), ExpectedVersion::Any, vec![a.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(reused(&e), a.event_id());
+    assert_eq!(
+        store.stream_version(&sid("Reuse-2")).await.unwrap(),
+        Version::INITIAL
+    );
+
+    let partial = vec![a.clone(), b.clone(), ev(3)];
+    let e = store
+        .append(&s, ExpectedVersion::Any, partial)
+        .await
+        .unwrap_err();
+    assert_eq!(reused(&e), a.event_id());
+
+    let swapped = vec![b.clone(), a.clone()];
+    let e = store
+        .append(&s, ExpectedVersion::Any, swapped)
+        .await
+        .unwrap_err();
+    assert!([a.event_id(), b.event_id()].contains(&reused(&e)));
+
+    let other_type = NewEvent::from_json("test.other", &json!({"n": 1})).with_id(a.event_id());
+    let e = store
+        .append(&s, ExpectedVersion::Any, vec![other_type, b.clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(reused(&e), a.event_id());
+
+    let wrong_expectation = store
+        .append(
+            &s,
+            ExpectedVersion::Exact(Version::new(5)),
+            vec![a.clone(), b.clone()],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(reused(&wrong_expectation), a.event_id());
+
+    assert_eq!(log_of(&store, ReadAll::from_start()).await.len(), 2);
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::new(2));
+    let core: keel_core::Error = e.into();
+    assert_eq!(core.kind(), keel_core::ErrorKind::Conflict);
+}
+
+fn invalid_field(e: &EventStoreError) -> &str {
+    match e {
+        EventStoreError::Invalid(inv) => &inv.field,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+/// Bad input gets a typed error and nothing is written.
+pub async fn bad_input_writes_nothing<S: Subject>(store: S) {
+    let s = sid("Bad-1");
+    let e = store
+        .append(&s, ExpectedVersion::Any, vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&e), "events");
+
+    let big = "x".repeat(crate::DEFAULT_MAX_PAYLOAD_BYTES);
+    let e = store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![ev(1), NewEvent::from_json("test.big", &json!(big))],
+        )
+        .await
+        .unwrap_err();
+    match e {
+        EventStoreError::PayloadTooLarge {
+            event_type,
+            size,
+            limit,
+        } => {
+            assert_eq!(event_type, "test.big");
+            assert_eq!(size, crate::DEFAULT_MAX_PAYLOAD_BYTES + 2);
+            assert_eq!(limit, crate::DEFAULT_MAX_PAYLOAD_BYTES);
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    let just_fits = "x".repeat(crate::DEFAULT_MAX_PAYLOAD_BYTES - 2);
+    let fits = NewEvent::from_json("test.big", &json!(just_fits));
+    assert_eq!(fits.payload_json().len(), crate::DEFAULT_MAX_PAYLOAD_BYTES);
+
+    let dup = ev(1);
+    let e = store
+        .append(&s, ExpectedVersion::Any, vec![dup.clone(), ev(2), dup])
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&e), "event_id");
+
+    let e = store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![NewEvent::from_json("", &json!({}))],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&e), "event_type");
+    let e = store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![NewEvent::from_json("x".repeat(201), &json!({}))],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&e), "event_type");
+    let e = store
+        .append(&s, ExpectedVersion::Any, vec![ev(1).with_schema_version(0)])
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&e), "schema_version");
+    let e = store
+        .append(
+            &s,
+            ExpectedVersion::Exact(Version::new(u64::MAX)),
+            vec![ev(1)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&e), "expected_version");
+
+    for bad in [&b"not json"[..], b"{\"a\":", b"", b"{} {}", &[0xff, 0xfe]] {
+        match NewEvent::from_json_bytes("test.raw", bad) {
+            Err(EventStoreError::NotJson { event_type, .. }) => assert_eq!(event_type, "test.raw"),
+            other => panic!("expected NotJson for {bad:?}, got {other:?}"),
+        }
+    }
+    assert!(NewEvent::from_json_bytes("test.raw", br#"{"ok":true}"#).is_ok());
+
+    let e = store.append_multi(vec![]).await.unwrap_err();
+    assert_eq!(invalid_field(&e), "appends");
+
+    assert!(log_of(&store, ReadAll::from_start()).await.is_empty());
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::INITIAL);
+    // The limit is the payload's size: a payload at the limit is accepted.
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![fits])
+        .await
+        .unwrap();
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::new(1));
+}
+
+/// A multi-stream append is all or nothing, and its events share one commit.
+pub async fn multi_stream_append_is_atomic<S: Subject>(store: S) {
+    let (a, b, c) = (sid("Multi-a"), sid("Multi-b"), sid("Multi-c"));
+    store
+        .append(&b, ExpectedVersion::NoStream, vec![ev(1)])
+        .await
+        .unwrap();
+
+    let e = store
+        .append_multi(vec![
+            StreamAppend::new(a.clone(), ExpectedVersion::NoStream, vec![ev(10), ev(11)]),
+            StreamAppend::new(
+                b.clone(),
+                ExpectedVersion::Exact(Version::new(5)),
+                vec![ev(12)],
+            ),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict(&e),
+        (ExpectedVersion::Exact(Version::new(5)), Version::new(1))
+    );
+    assert_eq!(store.stream_version(&a).await.unwrap(), Version::INITIAL);
+    assert_eq!(log_of(&store, ReadAll::from_start()).await.len(), 1);
+
+    let twice = store
+        .append_multi(vec![
+            StreamAppend::new(a.clone(), ExpectedVersion::Any, vec![ev(1)]),
+            StreamAppend::new(a.clone(), ExpectedVersion::Any, vec![ev(2)]),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&twice), "appends");
+
+    let results = store
+        .append_multi(vec![
+            StreamAppend::new(a.clone(), ExpectedVersion::NoStream, vec![ev(10), ev(11)]),
+            StreamAppend::new(
+                b.clone(),
+                ExpectedVersion::Exact(Version::new(1)),
+                vec![ev(12)],
+            ),
+            StreamAppend::new(c.clone(), ExpectedVersion::Any, vec![ev(13)]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[1].first_version, Version::new(2));
+    let commits: HashSet<u64> = results
+        .iter()
+        .flat_map(|r| r.positions.iter().map(|p| p.commit))
+        .collect();
+    assert_eq!(commits.len(), 1, "one transaction, one commit key");
+    let log = log_of(&store, ReadAll::from_start()).await;
+    assert_eq!(numbers(&log), vec![1, 10, 11, 12, 13]);
+}
+
+/// Forward and backward reads from a version with limits, across read
+/// batch boundaries.
+pub async fn read_stream_directions_and_limits<S: Subject>(store: S) {
+    const N: u64 = 2_500;
+    let s = sid("Long-1");
+    let mut next = 0;
+    while next < N {
+        let batch: Vec<NewEvent> = (next + 1..=(next + 500).min(N)).map(ev).collect();
+        let len = batch.len() as u64;
+        store
+            .append(&s, ExpectedVersion::Exact(Version::new(next)), batch)
+            .await
+            .unwrap();
+        next += len;
+    }
+    let all = stream_of(&store, &s, ReadStream::forward()).await;
+    assert_eq!(numbers(&all), (1..=N).collect::<Vec<_>>());
+    let back = stream_of(&store, &s, ReadStream::backward()).await;
+    assert_eq!(numbers(&back), (1..=N).rev().collect::<Vec<_>>());
+
+    let mid = stream_of(
+        &store,
+        &s,
+        ReadStream::forward().from(Version::new(999)).limit(1_203),
+    )
+    .await;
+    assert_eq!(numbers(&mid), (999..=2_201).collect::<Vec<_>>());
+    let tail = stream_of(
+        &store,
+        &s,
+        ReadStream::backward()
+            .from(Version::new(1_001))
+            .limit(1_001),
+    )
+    .await;
+    assert_eq!(numbers(&tail), (1..=1_001).rev().collect::<Vec<_>>());
+    let beyond = stream_of(&store, &s, ReadStream::forward().from(Version::new(N + 1))).await;
+    assert!(beyond.is_empty());
+    let from_far = stream_of(
+        &store,
+        &s,
+        ReadStream::backward().from(Version::new(u64::MAX)).limit(2),
+    )
+    .await;
+    assert_eq!(numbers(&from_far), vec![N, N - 1]);
+    let zero = stream_of(&store, &s, ReadStream::forward().limit(0)).await;
+    assert!(zero.is_empty());
+    let from0 = stream_of(
+        &store,
+        &s,
+        ReadStream::forward().from(Version::INITIAL).limit(2),
+    )
+    .await;
+    assert_eq!(numbers(&from0), vec![1, 2]);
+    let back0 = stream_of(&store, &s, ReadStream::backward().from(Version::INITIAL)).await;
+    assert!(back0.is_empty());
+}
+
+/// The global log lists events in position order, resumes strictly after a
+/// position, and filters by category, stream prefix and event type.
+pub async fn global_log_order_and_filters<S: Subject>(store: S) {
+    let typed = |t: &str, n: u64| NewEvent::from_json(t, &json!({ "n": n }));
+    store
+        .append(
+            &sid("Order-1"),
+            ExpectedVersion::Any,
+            vec![typed("order.placed", 1)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            &sid("Orderly-1"),
+            ExpectedVersion::Any,
+            vec![typed("orderly.x", 2)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            &sid("Order-2"),
+            ExpectedVersion::Any,
+            vec![typed("order.placed", 3), typed("order.paid", 4)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            &sid("Order"),
+            ExpectedVersion::Any,
+            vec![typed("order.meta", 5)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            &sid("Cart_x-1"),
+            ExpectedVersion::Any,
+            vec![typed("cart.added", 6)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            &sid("Order-1"),
+            ExpectedVersion::Any,
+            vec![typed("order.paid", 7)],
+        )
+        .await
+        .unwrap();
+
+    let all = log_of(&store, ReadAll::from_start()).await;
+    assert_eq!(numbers(&all), vec![1, 2, 3, 4, 5, 6, 7]);
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+
+    let after = log_of(&store, ReadAll::after(all[2].position)).await;
+    assert_eq!(numbers(&after), vec![4, 5, 6, 7]);
+    let limited = log_of(&store, ReadAll::after(all[0].position).limit(2)).await;
+    assert_eq!(numbers(&limited), vec![2, 3]);
+    let end = log_of(&store, ReadAll::after(all[6].position)).await;
+    assert!(end.is_empty());
+    let far = log_of(&store, ReadAll::after(Position::new(u64::MAX, u64::MAX))).await;
+    assert!(far.is_empty());
+
+    assert_eq!(
+        numbers(&log_of(&store, ReadAll::from_start().category("Order")).await),
+        vec![1, 3, 4, 5, 7]
+    );
+    assert_eq!(
+        numbers(&log_of(&store, ReadAll::from_start().stream_prefix("Order-")).await),
+        vec![1, 3, 4, 7]
+    );
+    assert_eq!(
+        numbers(&log_of(&store, ReadAll::from_start().stream_prefix("Cart_")).await),
+        vec![6]
+    );
+    assert_eq!(
+        numbers(&log_of(&store, ReadAll::from_start().stream_prefix("Cart%")).await),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        numbers(
+            &log_of(
+                &store,
+                ReadAll::from_start().event_types(["order.paid", "cart.added"])
+            )
+            .await
+        ),
+        vec![4, 6, 7]
+    );
+    assert_eq!(
+        numbers(
+            &log_of(
+                &store,
+                ReadAll::from_start()
+                    .category("Order")
+                    .event_types(["order.paid"])
+                    .limit(1)
+            )
+            .await
+        ),
+        vec![4]
+    );
+    assert!(
+        log_of(&store, ReadAll::from_start().category("Nothing"))
+            .await
+            .is_empty()
+    );
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+enum Shape {
+    Circle { r: u32 },
+    Square { side: u32 },
+}
+
+impl keel_core::DomainEvent for Shape {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Shape::Circle { .. } => "shape.circle",
+            Shape::Square { .. } => "shape.square",
+        }
+    }
+}
+
+/// Domain events round-trip through the store; payloads of another type or
+/// shape give typed errors naming the event type.
+pub async fn typed_decoding<S: Subject>(store: S) {
+    let s = sid("Shape-1");
+    let events = vec![
+        NewEvent::from_domain(&Shape::Circle { r: 2 }).unwrap(),
+        NewEvent::from_domain(&Shape::Square { side: 3 }).unwrap(),
+        NewEvent::from_json("shape.triangle", &json!({"Triangle": {"a": 1}})),
+        NewEvent::from_json("shape.circle", &json!({"Circle": {"r": "big"}})),
+        NewEvent::from_json("shape.square", &json!({"Circle": {"r": 1}})),
+    ];
+    store
+        .append(&s, ExpectedVersion::NoStream, events)
+        .await
+        .unwrap();
+    let read = stream_of(&store, &s, ReadStream::forward()).await;
+    let circle = read[0].decode::<Shape>().unwrap();
+    assert_eq!(circle.payload, Shape::Circle { r: 2 });
+    assert_eq!(circle.version, Version::new(1));
+    assert_eq!(
+        read[1].decode::<Shape>().unwrap().payload,
+        Shape::Square { side: 3 }
+    );
+    match read[2].decode::<Shape>().unwrap_err() {
+        EventStoreError::Decode {
+            event_type,
+            version,
+            ..
+        } => {
+            assert_eq!(event_type, "shape.triangle");
+            assert_eq!(version, Version::new(3));
+        }
+        other => panic!("expected Decode, got {other:?}"),
+    }
+    match read[3].decode::<Shape>().unwrap_err() {
+        EventStoreError::Decode { event_type, .. } => assert_eq!(event_type, "shape.circle"),
+        other => panic!("expected Decode, got {other:?}"),
+    }
+    match read[4].decode::<Shape>().unwrap_err() {
+        EventStoreError::UnknownEventType { event_type, .. } => {
+            assert_eq!(event_type, "shape.square");
+        }
+        other => panic!("expected UnknownEventType, got {other:?}"),
+    }
+    assert_eq!(read[2].payload_value().unwrap()["Triangle"]["a"], 1);
+}
+
+/// The latest snapshot wins; an older one never replaces a newer one.
+pub async fn snapshots_keep_the_latest<S: Subject>(store: S) {
+    let s = sid("Snap-1");
+    assert!(store.load_snapshot(&s).await.unwrap().is_none());
+    store
+        .save_snapshot(Snapshot::new(
+            s.clone(),
+            Version::new(5),
+            1,
+            r#"{"v":5}"#.into(),
+        ))
+        .await
+        .unwrap();
+    store
+        .save_snapshot(Snapshot::new(
+            s.clone(),
+            Version::new(3),
+            1,
+            r#"{"v":3}"#.into(),
+        ))
+        .await
+        .unwrap();
+    let got = store.load_snapshot(&s).await.unwrap().unwrap();
+    assert_eq!(got.version, Version::new(5));
+    assert_eq!(got.state, r#"{"v":5}"#);
+    store
+        .save_snapshot(Snapshot::new(
+            s.clone(),
+            Version::new(9),
+            2,
+            r#"{"v":9}"#.into(),
+        ))
+        .await
+        .unwrap();
+    let got = store.load_snapshot(&s).await.unwrap().unwrap();
+    assert_eq!((got.version, got.schema_version), (Version::new(9), 2));
+    assert!(store.load_snapshot(&sid("Snap-2")).await.unwrap().is_none());
+}
+
+/// Checkpoints are durable per name and never move backwards.
+pub async fn checkpoints_never_move_backwards<S: Subject>(store: S) {
+    assert_eq!(store.load_checkpoint("projector").await.unwrap(), None);
+    store
+        .save_checkpoint("projector", Position::new(10, 5))
+        .await
+        .unwrap();
+    store
+        .save_checkpoint("projector", Position::new(9, 50))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_checkpoint("projector").await.unwrap(),
+        Some(Position::new(10, 5))
+    );
+    store
+        .save_checkpoint("projector", Position::new(10, 6))
+        .await
+        .unwrap();
+    store
+        .save_checkpoint("other", Position::new(1, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_checkpoint("projector").await.unwrap(),
+        Some(Position::new(10, 6))
+    );
+    assert_eq!(
+        store.load_checkpoint("other").await.unwrap(),
+        Some(Position::new(1, 1))
+    );
+}

@@ -1,0 +1,396 @@
+//! PostgreSQL-only behaviour: immutability in the database, gap-safe global
+//! order under concurrent out-of-order commits, appends inside a caller's
+//! transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version};
+use keel_eventstore::{
+    Appender, EventStoreError, GlobalLog, NewEvent, PostgresEventStore, ReadAll, StoreConfig,
+    StreamReader,
+};
+use keel_testkit::TestDatabase;
+use rand::Rng;
+use serde_json::json;
+
+/// Reads wait for the horizon for up to 30 s: it is cluster-wide, and other
+/// tests' CREATE/DROP DATABASE hold it back for seconds at times.
+fn patient() -> StoreConfig {
+    StoreConfig::default().settle_timeout(Duration::from_secs(30))
+}
+
+async fn store() -> (PostgresEventStore, TestDatabase) {
+    let db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .expect("test database");
+    (
+        PostgresEventStore::with_config(db.pool().clone(), patient()),
+        db,
+    )
+}
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).unwrap()
+}
+
+fn ev(n: u64) -> NewEvent {
+    NewEvent::from_json("test.happened", &json!({ "n": n }))
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_database_refuses_update_delete_and_truncate() {
+    let (store, db) = store().await;
+    store
+        .append(
+            &sid("Fact-1"),
+            ExpectedVersion::NoStream,
+            vec![ev(1), ev(2)],
+        )
+        .await
+        .unwrap();
+    for sql in [
+        "UPDATE keel.events SET payload = '{}'",
+        "UPDATE keel.events SET version = version + 10 WHERE version = 1",
+        "DELETE FROM keel.events",
+        "DELETE FROM keel.events WHERE version = 2",
+        "TRUNCATE keel.events",
+        "TRUNCATE keel.events CASCADE",
+    ] {
+        let err = sqlx::query(sql).execute(db.pool()).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("KL002"), "{sql}: {err}");
+    }
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT version, payload::text FROM keel.events ORDER BY version")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![(1, r#"{"n":1}"#.to_owned()), (2, r#"{"n":2}"#.to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn appends_join_the_callers_transaction() {
+    let (store, db) = store().await;
+    let s = sid("Uow-1");
+
+    let mut tx = db.pool().begin().await.unwrap();
+    let r = store
+        .append_in(&mut tx, &s, ExpectedVersion::NoStream, vec![ev(1)])
+        .await
+        .unwrap();
+    assert_eq!(r.next_expected_version, Version::new(1));
+    tx.rollback().await.unwrap();
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::INITIAL);
+    let log: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "a rolled-back unit of work leaves no event");
+
+    let mut tx = db.pool().begin().await.unwrap();
+    store
+        .append_in(&mut tx, &s, ExpectedVersion::NoStream, vec![ev(1)])
+        .await
+        .unwrap();
+    sqlx::query("CREATE TEMP TABLE side_effect (x int)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let conflict = store
+        .append_in(&mut tx, &s, ExpectedVersion::NoStream, vec![ev(2)])
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.as_conflict().unwrap().actual, Version::new(1));
+    tx.commit().await.unwrap();
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::new(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_event_id_raced_into_two_streams_is_stored_once() {
+    let (store, _db) = store().await;
+    for round in 0..20 {
+        let id = EventId::new();
+        let mut tasks = Vec::new();
+        for w in 0..4 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let s = sid(&format!("IdRace-{round}-{w}"));
+                store
+                    .append(&s, ExpectedVersion::Any, vec![ev(round).with_id(id)])
+                    .await
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(EventStoreError::EventIdReused { event_id, .. }) => assert_eq!(event_id, id),
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(ok, 1, "round {round}");
+    }
+    let log: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 20);
+    let streams: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.streams")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(streams, 20, "losing writers leave no stream row behind");
+}
+
+/// Many writers commit out of sequence order (random pauses inside their
+/// transactions, some roll back) while a reader tails the log with small
+/// batches from its last checkpoint. Afterwards the reader has seen every
+/// committed event exactly once, in strictly increasing positions, and no
+/// rolled-back event — although sequence order and commit order disagreed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tailing_reader_sees_every_committed_event_exactly_once() {
+    const WRITERS: usize = 12;
+    const TXS_PER_WRITER: usize = 25;
+    let db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .unwrap();
+    // The horizon is cluster-wide: other tests' CREATE/DROP DATABASE hold it
+    // back for a while, so reads wait for it (bounded) rather than end early.
+    let store = PostgresEventStore::with_config(
+        db.pool().clone(),
+        StoreConfig::default()
+            .read_batch_size(7)
+            .settle_timeout(Duration::from_secs(30)),
+    );
+    let committed = Arc::new(Mutex::new(HashSet::<EventId>::new()));
+    let rolled_back = Arc::new(Mutex::new(HashSet::<EventId>::new()));
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(WRITERS));
+
+    let reader = {
+        let store = store.clone();
+        let running = running.clone();
+        tokio::spawn(async move {
+            let mut seen: Vec<(Position, EventId)> = Vec::new();
+            let mut checkpoint = Position::START;
+            loop {
+                let finished = running.load(std::sync::atomic::Ordering::SeqCst) == 0;
+                let batch: Vec<_> = store
+                    .read_all(ReadAll::after(checkpoint))
+                    .try_collect()
+                    .await
+                    .unwrap();
+                for e in batch {
+                    seen.push((e.position, e.event_id));
+                    checkpoint = e.position;
+                }
+                if finished {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        let pool = db.pool().clone();
+        let committed = committed.clone();
+        let rolled_back = rolled_back.clone();
+        let running = running.clone();
+        writers.push(tokio::spawn(async move {
+            for t in 0..TXS_PER_WRITER {
+                let (pause_before, pause_after, events, stream, rollback) = {
+                    let mut rng = rand::rng();
+                    (
+                        rng.random_range(0..4u64),
+                        rng.random_range(0..12u64),
+                        rng.random_range(1..4u64),
+                        rng.random_range(0..6u32),
+                        rng.random_bool(0.2),
+                    )
+                };
+                let batch: Vec<NewEvent> = (0..events)
+                    .map(|i| ev((w * 1000 + t) as u64 * 10 + i))
+                    .collect();
+                let ids: Vec<EventId> = batch.iter().map(NewEvent::event_id).collect();
+                let mut tx = pool.begin().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(pause_before)).await;
+                store
+                    .append_in(
+                        &mut tx,
+                        &sid(&format!("Stress-{stream}")),
+                        ExpectedVersion::Any,
+                        batch,
+                    )
+                    .await
+                    .unwrap();
+                // The positions are taken; now commit late (or never).
+                tokio::time::sleep(Duration::from_millis(pause_after)).await;
+                if rollback {
+                    tx.rollback().await.unwrap();
+                    rolled_back.lock().unwrap().extend(ids);
+                } else {
+                    tx.commit().await.unwrap();
+                    committed.lock().unwrap().extend(ids);
+                }
+            }
+            running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let committed = committed.lock().unwrap().clone();
+    let rolled_back = rolled_back.lock().unwrap().clone();
+    assert!(committed.len() > 200, "the test wrote enough events");
+    assert!(!rolled_back.is_empty(), "some transactions rolled back");
+    let mut counts: HashMap<EventId, usize> = HashMap::new();
+    for (_, id) in &seen {
+        *counts.entry(*id).or_default() += 1;
+    }
+    assert!(counts.values().all(|&c| c == 1), "no event was seen twice");
+    let seen_ids: HashSet<EventId> = counts.keys().copied().collect();
+    assert!(
+        seen_ids.is_disjoint(&rolled_back),
+        "no rolled-back event was seen"
+    );
+    assert_eq!(
+        seen_ids.len(),
+        committed.len(),
+        "every committed event was seen"
+    );
+    assert_eq!(seen_ids, committed);
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "positions strictly increase"
+    );
+    // The hazard was real: sequence order disagreed with commit order, so a
+    // reader checkpointing by sequence alone would have skipped events.
+    let inversions = seen
+        .windows(2)
+        .filter(|w| w[0].0.sequence > w[1].0.sequence)
+        .count();
+    assert!(inversions > 0, "writers committed out of sequence order");
+    // The reader's order is the order a full read gives afterwards.
+    let full: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        full.iter()
+            .map(|e| (e.position, e.event_id))
+            .collect::<Vec<_>>(),
+        seen
+    );
+}
+
+#[tokio::test]
+async fn a_long_transaction_holds_back_the_horizon_but_loses_nothing() {
+    let (store, db) = store().await;
+    let quick = PostgresEventStore::with_config(
+        db.pool().clone(),
+        StoreConfig::default().settle_timeout(Duration::from_millis(50)),
+    );
+    let mut long = db.pool().begin().await.unwrap();
+    store
+        .append_in(&mut long, &sid("Slow-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    store
+        .append(&sid("Fast-1"), ExpectedVersion::Any, vec![ev(2)])
+        .await
+        .unwrap();
+    let visible: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        visible.is_empty(),
+        "a later commit waits behind the open transaction"
+    );
+    // The stream read does not depend on the horizon.
+    let fast: Vec<_> = store
+        .read_stream(&sid("Fast-1"), keel_eventstore::ReadStream::forward())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(fast.len(), 1);
+    long.commit().await.unwrap();
+    let visible: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    let streams: Vec<&str> = visible.iter().map(|e| e.stream_id.as_str()).collect();
+    assert_eq!(
+        streams,
+        vec!["Slow-1", "Fast-1"],
+        "commit order, not sequence order"
+    );
+}
+
+#[tokio::test]
+async fn rebasing_commit_order_moves_new_commits_above_stored_ones() {
+    let (store, db) = store().await;
+    store
+        .append(&sid("Rebase-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    // Simulate a restored dump whose commit keys are far above this
+    // cluster's transaction ids (the migration refuses UPDATE, so the row is
+    // written with an explicit commit key).
+    sqlx::query(
+        "INSERT INTO keel.events (commit, event_id, stream_id, version, event_type, schema_version, payload, metadata) \
+         VALUES (1000000000, gen_random_uuid(), 'Restored-1', 1, 'test.happened', 1, '{\"n\":0}', '{}')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO keel.streams VALUES ('Restored-1', 1)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let offset: i64 = sqlx::query_scalar("SELECT keel.rebase_commit_order()")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(offset > 0);
+    // A fresh pool: plans cached before the rebase keep the old offset.
+    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+    let store = PostgresEventStore::with_config(pool.clone(), patient());
+    let r = store
+        .append(&sid("Rebase-2"), ExpectedVersion::Any, vec![ev(2)])
+        .await
+        .unwrap();
+    assert!(r.positions[0].commit > 1_000_000_000);
+    let log: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    let streams: Vec<&str> = log.iter().map(|e| e.stream_id.as_str()).collect();
+    assert_eq!(streams, vec!["Rebase-1", "Restored-1", "Rebase-2"]);
+    pool.close().await;
+}
