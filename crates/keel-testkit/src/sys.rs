@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -48,7 +48,7 @@ pub(crate) fn free_port() -> Result<u16> {
 }
 
 fn connect(addr: &str, timeout: Duration) -> Option<TcpStream> {
-    let addr: SocketAddr = addr.parse().ok()?;
+    let addr: SocketAddr = addr.to_socket_addrs().ok()?.next()?;
     let stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
     stream.set_write_timeout(Some(timeout)).ok()?;
