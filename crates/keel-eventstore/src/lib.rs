@@ -74,6 +74,7 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod store;
+mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -88,4 +89,7 @@ pub use postgres::{NOTIFY_CHANNEL, PostgresEventStore};
 pub use store::{
     Appender, EventSignal, EventStore, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
     StreamReader, SubscriptionSupport,
+};
+pub use subscription::{
+    Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,
 };

@@ -435,8 +435,9 @@ impl GlobalLog for PostgresEventStore {
 }
 
 impl PostgresEventStore {
-    /// Waits until every event committed so far is below the read horizon.
-    /// Returns whether there was anything to wait for (and it arrived).
+    /// Waits until every event committed so far is below the read horizon,
+    /// so one more read returns them all. Returns `false` when the log is
+    /// empty or the wait timed out.
     async fn settle(&self) -> Result<bool> {
         let (target, horizon): (Option<i64>, i64) =
             sqlx::query_as("SELECT max(commit), keel.commit_horizon() FROM keel.events")
@@ -445,8 +446,10 @@ impl PostgresEventStore {
         let Some(target) = target else {
             return Ok(false);
         };
+        // The horizon may have passed the target since the last read; the
+        // caller reads once more either way.
         if target < horizon {
-            return Ok(false);
+            return Ok(true);
         }
         let deadline = tokio::time::Instant::now() + self.config.settle_timeout;
         let mut pause = Duration::from_millis(1);

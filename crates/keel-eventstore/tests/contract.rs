@@ -1,30 +1,13 @@
 //! The contract suite, run against both stores.
 
+/// Expands to the contract tests for one store factory. Keep the list equal
+/// to `keel_eventstore::testing::ALL` (checked by `runs_every_contract_test`).
 macro_rules! all_contract_tests {
-    (@each $factory:expr; $($test:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $test() {
-                let (subject, _guard) = ($factory)().await;
-                keel_eventstore::testing::$test(subject).await;
-            }
-        )*
-    };
     ($factory:expr) => {
-        // The same shape as keel_testkit::contract_tests!, which cannot yet
-        // expand a multi-segment suite path for several tests (its nested
-        // repetition does not compile).
-        all_contract_tests!(@each $factory; append_and_read_back, expected_version_modes,
-            racing_writers_exactly_one_wins, idempotent_retries, reused_event_ids_are_refused,
-            bad_input_writes_nothing, multi_stream_append_is_atomic,
-            read_stream_directions_and_limits, global_log_order_and_filters, typed_decoding,
-            snapshots_keep_the_latest, checkpoints_never_move_backwards);
-
-        /// Fails when a suite function was added to `testing::ALL` but not
-        /// to the list above.
-        #[test]
-        fn runs_every_contract_test() {
-            let listed = stringify!(
+        keel_testkit::contract_tests! {
+            factory: $factory,
+            suite: keel_eventstore::testing,
+            tests: [
                 append_and_read_back,
                 expected_version_modes,
                 racing_writers_exactly_one_wins,
@@ -37,12 +20,44 @@ macro_rules! all_contract_tests {
                 typed_decoding,
                 snapshots_keep_the_latest,
                 checkpoints_never_move_backwards,
-            );
-            for name in keel_eventstore::testing::ALL {
-                assert!(listed.split(',').any(|l| l.trim() == *name), "{name} is not run");
-            }
+                subscription_catches_up_then_tails,
+                subscription_redelivers_after_failure_or_crash,
+                subscription_has_one_leader_and_fails_over,
+            ],
         }
     };
+}
+
+const RUN: &str = stringify!(
+    append_and_read_back,
+    expected_version_modes,
+    racing_writers_exactly_one_wins,
+    idempotent_retries,
+    reused_event_ids_are_refused,
+    bad_input_writes_nothing,
+    multi_stream_append_is_atomic,
+    read_stream_directions_and_limits,
+    global_log_order_and_filters,
+    typed_decoding,
+    snapshots_keep_the_latest,
+    checkpoints_never_move_backwards,
+    subscription_catches_up_then_tails,
+    subscription_redelivers_after_failure_or_crash,
+    subscription_has_one_leader_and_fails_over,
+);
+
+/// Fails when a rule was added to `testing::ALL` but is not run here.
+#[test]
+fn runs_every_contract_test() {
+    let listed: Vec<&str> = RUN
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in keel_eventstore::testing::ALL {
+        assert!(listed.contains(name), "{name} is not run");
+    }
+    assert_eq!(listed.len(), keel_eventstore::testing::ALL.len());
 }
 
 mod in_memory {

@@ -9,8 +9,9 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version};
 use keel_eventstore::{
-    Appender, EventStoreError, GlobalLog, NewEvent, PostgresEventStore, ReadAll, StoreConfig,
-    StreamReader,
+    Appender, EventStoreError, GlobalLog, NewEvent, PostgresEventStore, ReadAll, RecordedEvent,
+    StoreConfig, StreamReader, Subscription, SubscriptionHandle, SubscriptionHandler,
+    SubscriptionOptions, SubscriptionStatus, SubscriptionSupport,
 };
 use keel_testkit::TestDatabase;
 use rand::Rng;
@@ -393,4 +394,99 @@ async fn rebasing_commit_order_moves_new_commits_above_stored_ones() {
     let streams: Vec<&str> = log.iter().map(|e| e.stream_id.as_str()).collect();
     assert_eq!(streams, vec!["Rebase-1", "Restored-1", "Rebase-2"]);
     pool.close().await;
+}
+
+#[derive(Clone, Default)]
+struct Numbers(Arc<Mutex<Vec<u64>>>);
+
+#[async_trait::async_trait]
+impl SubscriptionHandler for Numbers {
+    async fn handle(&self, event: &RecordedEvent) -> Result<(), keel_core::BoxError> {
+        let n = event.payload_value()?["n"].as_u64().unwrap_or(0);
+        self.0.lock().unwrap().push(n);
+        Ok(())
+    }
+}
+
+async fn until(
+    handle: &mut SubscriptionHandle,
+    what: &str,
+    f: impl Fn(&SubscriptionStatus) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(20), handle.wait_for(f))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}: {:?}", handle.status()));
+}
+
+/// The leader's session dies (its backend is terminated, as when its host
+/// vanishes): the advisory lock goes with it, a follower takes over from the
+/// checkpoint, and the old leader notices and stops delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminated_leader_session_hands_over() {
+    let (store, db) = store().await;
+    let store = Arc::new(store);
+    store
+        .append(
+            &sid("Takeover-1"),
+            ExpectedVersion::NoStream,
+            (1..=5).map(ev).collect(),
+        )
+        .await
+        .unwrap();
+    let options = SubscriptionOptions::new("takeover")
+        .checkpoint(1, Duration::from_millis(50))
+        .poll_interval(Duration::from_millis(50))
+        .leadership_retry(Duration::from_millis(50));
+    let first = Numbers::default();
+    let mut a = Subscription::spawn(store.clone(), options.clone(), first.clone());
+    until(&mut a, "A leads and caught up", |s| {
+        s.leader && s.handled >= 5
+    })
+    .await;
+    let second = Numbers::default();
+    let mut b = Subscription::spawn(store.clone(), options, second.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b.status().leader);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while store.load_checkpoint("takeover").await.unwrap() != a.status().position {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+
+    let holders: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        holders.len(),
+        1,
+        "exactly one session holds the leadership lock"
+    );
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(holders[0])
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(killed);
+
+    until(&mut b, "B took over", |s| s.leader).await;
+    until(&mut a, "A noticed", |s| !s.leader).await;
+    store
+        .append(
+            &sid("Takeover-1"),
+            ExpectedVersion::Exact(Version::new(5)),
+            (6..=8).map(ev).collect(),
+        )
+        .await
+        .unwrap();
+    until(&mut b, "B handled the new events", |s| s.handled >= 3).await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(*first.0.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(*second.0.lock().unwrap(), vec![6, 7, 8]);
 }

@@ -1,0 +1,360 @@
+//! Catch-up subscriptions over the global log: durable checkpoints, live
+//! tail, one active consumer per name.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use keel_core::{BoxError, Position};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::error::{EventStoreError, Result};
+use crate::event::{ReadAll, RecordedEvent};
+use crate::store::{EventStore, SubscriptionSupport};
+
+/// Handles the events a subscription delivers.
+///
+/// Delivery is at least once: after a crash or a leadership change, events
+/// after the last stored checkpoint are delivered again, so handlers must be
+/// idempotent (for example by remembering the last position they applied).
+#[async_trait]
+pub trait SubscriptionHandler: Send + Sync {
+    /// Handles one event. An error stops the subscription; the checkpoint
+    /// stays before this event, so it is delivered again on restart.
+    async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError>;
+}
+
+#[async_trait]
+impl<T: SubscriptionHandler + ?Sized> SubscriptionHandler for Arc<T> {
+    async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
+        (**self).handle(event).await
+    }
+}
+
+/// How a subscription reads, checkpoints and waits.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SubscriptionOptions {
+    /// The subscription's name: the key of its checkpoint and its leadership.
+    pub name: String,
+    /// Which events it receives (the filter's start position is ignored: the
+    /// checkpoint decides where to start).
+    pub filter: ReadAll,
+    /// Events fetched per read (default 500).
+    pub batch_size: u64,
+    /// Store the checkpoint after this many handled events (default 100)…
+    pub checkpoint_every_events: u64,
+    /// …or after this much time with unsaved progress (default 1 s), and
+    /// always on a graceful stop.
+    pub checkpoint_interval: Duration,
+    /// How long a caught-up subscription waits for a notification before
+    /// polling anyway (default 500 ms).
+    pub poll_interval: Duration,
+    /// How often a follower tries to take over leadership (default 1 s).
+    pub leadership_retry: Duration,
+}
+
+impl SubscriptionOptions {
+    /// Options with defaults for the subscription `name`.
+    #[must_use]
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            filter: ReadAll::from_start(),
+            batch_size: 500,
+            checkpoint_every_events: 100,
+            checkpoint_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(500),
+            leadership_retry: Duration::from_secs(1),
+        }
+    }
+
+    /// Receive only events passing this filter.
+    #[must_use]
+    pub fn filter(mut self, filter: ReadAll) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Sets the read batch size (at least 1).
+    #[must_use]
+    pub fn batch_size(mut self, n: u64) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// Sets when checkpoints are stored: every `events` handled events or
+    /// after `interval` with unsaved progress.
+    #[must_use]
+    pub fn checkpoint(mut self, events: u64, interval: Duration) -> Self {
+        self.checkpoint_every_events = events.max(1);
+        self.checkpoint_interval = interval;
+        self
+    }
+
+    /// Sets the polling fallback interval.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Sets how often a follower tries to take over.
+    #[must_use]
+    pub fn leadership_retry(mut self, interval: Duration) -> Self {
+        self.leadership_retry = interval;
+        self
+    }
+}
+
+/// What a running subscription reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionStatus {
+    /// Whether this instance is the active consumer.
+    pub leader: bool,
+    /// The position of the last event handled by this instance.
+    pub position: Option<Position>,
+    /// Events handled by this instance.
+    pub handled: u64,
+}
+
+/// A running subscription. Stop it with [`stop`](Self::stop) to store its
+/// final checkpoint; dropping the handle leaves it running.
+#[derive(Debug)]
+pub struct SubscriptionHandle {
+    stop: watch::Sender<bool>,
+    status: watch::Receiver<SubscriptionStatus>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl SubscriptionHandle {
+    /// The latest status.
+    #[must_use]
+    pub fn status(&self) -> SubscriptionStatus {
+        *self.status.borrow()
+    }
+
+    /// Waits until the status satisfies `f` or the subscription ends.
+    pub async fn wait_for(
+        &mut self,
+        f: impl Fn(&SubscriptionStatus) -> bool,
+    ) -> SubscriptionStatus {
+        if let Ok(s) = self.status.wait_for(|s| f(s)).await {
+            return *s;
+        }
+        *self.status.borrow()
+    }
+
+    /// Stops gracefully: finishes the event in hand, stores the checkpoint,
+    /// lets go of leadership. Returns the subscription's outcome.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Waits for the subscription to end by itself (a handler error).
+    pub async fn join(self) -> Result<()> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(EventStoreError::Corrupt(format!(
+                "subscription task failed: {e}"
+            ))),
+        }
+    }
+
+    /// Ends the subscription at once, like a crash: no final checkpoint.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts catch-up subscriptions.
+#[derive(Debug)]
+pub struct Subscription;
+
+impl Subscription {
+    /// Starts subscription `options.name` on a Tokio task.
+    ///
+    /// The task waits to lead the name (one active consumer per name across
+    /// processes), reads the global log from the stored checkpoint, hands
+    /// each event to `handler` in order, stores checkpoints as configured,
+    /// and once caught up waits for new events (notification or polling).
+    /// When leadership is lost it stops delivering and queues again.
+    pub fn spawn<S, H>(
+        store: Arc<S>,
+        options: SubscriptionOptions,
+        handler: H,
+    ) -> SubscriptionHandle
+    where
+        S: EventStore + SubscriptionSupport + ?Sized + 'static,
+        H: SubscriptionHandler + 'static,
+    {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (status_tx, status_rx) = watch::channel(SubscriptionStatus::default());
+        let task = tokio::spawn(run(store, options, handler, stop_rx, status_tx));
+        SubscriptionHandle {
+            stop: stop_tx,
+            status: status_rx,
+            task,
+        }
+    }
+}
+
+/// Resolves once a stop was requested; never when the handle was dropped
+/// (a dropped handle leaves the subscription running).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+enum Exit {
+    Stopped,
+    LostLeadership,
+}
+
+async fn run<S, H>(
+    store: Arc<S>,
+    options: SubscriptionOptions,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+    status: watch::Sender<SubscriptionStatus>,
+) -> Result<()>
+where
+    S: EventStore + SubscriptionSupport + ?Sized,
+    H: SubscriptionHandler,
+{
+    if options.name.is_empty() {
+        return Err(EventStoreError::invalid(
+            "subscription",
+            "the name must not be empty",
+        ));
+    }
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let acquired = tokio::select! {
+            r = store.acquire_leadership(&options.name, options.leadership_retry) => r,
+            () = stopped(&mut stop) => return Ok(()),
+        };
+        let leadership = match acquired {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(subscription = %options.name, error = %e, "cannot contend for leadership; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(options.leadership_retry) => continue,
+                    () = stopped(&mut stop) => return Ok(()),
+                }
+            }
+        };
+        status.send_modify(|s| s.leader = true);
+        tracing::info!(subscription = %options.name, "leading the subscription");
+        let outcome = lead(&*store, &options, &handler, &mut stop, &status, leadership).await;
+        status.send_modify(|s| s.leader = false);
+        match outcome {
+            Ok(Exit::Stopped) => return Ok(()),
+            Ok(Exit::LostLeadership) => {
+                tracing::warn!(subscription = %options.name, "lost leadership; queueing again");
+            }
+            Err(e @ EventStoreError::Handler { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(subscription = %options.name, error = %e, "store error; restarting from the checkpoint");
+                tokio::select! {
+                    () = tokio::time::sleep(options.leadership_retry) => {}
+                    () = stopped(&mut stop) => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+async fn lead<S, H>(
+    store: &S,
+    options: &SubscriptionOptions,
+    handler: &H,
+    stop: &mut watch::Receiver<bool>,
+    status: &watch::Sender<SubscriptionStatus>,
+    mut leadership: Box<dyn crate::store::Leadership>,
+) -> Result<Exit>
+where
+    S: EventStore + SubscriptionSupport + ?Sized,
+    H: SubscriptionHandler,
+{
+    let name = options.name.as_str();
+    let mut signal = store.event_signal().await?;
+    let mut position = store
+        .load_checkpoint(name)
+        .await?
+        .unwrap_or(Position::START);
+    let mut saved = position;
+    let mut since_save = 0u64;
+    let mut last_save = Instant::now();
+    loop {
+        if *stop.borrow() {
+            if position != saved {
+                store.save_checkpoint(name, position).await?;
+            }
+            return Ok(Exit::Stopped);
+        }
+        let filter = ReadAll {
+            after: position,
+            limit: Some(options.batch_size),
+            ..options.filter.clone()
+        };
+        let read = tokio::select! {
+            r = store.read_all(filter).try_collect::<Vec<_>>() => r?,
+            () = stopped(stop) => continue,
+        };
+        let full = read.len() as u64 >= options.batch_size;
+        for event in &read {
+            if let Err(source) = handler.handle(event).await {
+                if position != saved {
+                    store.save_checkpoint(name, position).await?;
+                }
+                return Err(EventStoreError::Handler {
+                    subscription: name.to_owned(),
+                    position: event.position,
+                    source,
+                });
+            }
+            position = event.position;
+            since_save += 1;
+            status.send_modify(|s| {
+                s.position = Some(position);
+                s.handled += 1;
+            });
+            if since_save >= options.checkpoint_every_events
+                || last_save.elapsed() >= options.checkpoint_interval
+            {
+                store.save_checkpoint(name, position).await?;
+                saved = position;
+                since_save = 0;
+                last_save = Instant::now();
+            }
+        }
+        if !full {
+            if position != saved && last_save.elapsed() >= options.checkpoint_interval {
+                store.save_checkpoint(name, position).await?;
+                saved = position;
+                since_save = 0;
+                last_save = Instant::now();
+            }
+            let wait = if position != saved {
+                options.poll_interval.min(options.checkpoint_interval)
+            } else {
+                options.poll_interval
+            };
+            tokio::select! {
+                () = signal.wait(wait) => {}
+                () = stopped(stop) => {}
+            }
+        }
+        if !leadership.is_held().await {
+            return Ok(Exit::LostLeadership);
+        }
+    }
+}
