@@ -104,6 +104,7 @@ pub use ports::entity::{
     Cursor, Direction, Entity, EntityRepository, Filter, FilterValue, ListQuery, Page, PageRequest,
     SortKey, Stored,
 };
+pub use ports::health::{HealthCheck, HealthReport, HealthStatus, Probe};
 pub use version::{ExpectedVersion, Position, Version};
 
 #[doc(hidden)]

@@ -8,3 +8,4 @@ pub mod bus;
 pub mod cache;
 pub mod clock;
 pub mod entity;
+pub mod health;

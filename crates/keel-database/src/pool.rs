@@ -1,0 +1,343 @@
+//! The database handle: pool, units of work, statistics.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+
+use crate::config::DatabaseConfig;
+use crate::error::{DatabaseError, Result};
+use crate::retry::TransactionError;
+use crate::uow::{TransactionOptions, UnitOfWork};
+
+/// A PostgreSQL connection pool with Keel's configuration, units of work and
+/// statistics. Cheap to clone: clones share the pool.
+///
+/// ```no_run
+/// use keel_database::{Database, DatabaseConfig, DatabaseError};
+///
+/// # async fn run() -> Result<(), DatabaseError> {
+/// let db = Database::connect(DatabaseConfig::from_env()?).await?;
+/// db.migrate().await?;
+/// let n: i64 = db
+///     .transaction(async |uow| {
+///         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keel.events")
+///             .fetch_one(uow.conn())
+///             .await
+///             .map_err(DatabaseError::from)
+///     })
+///     .await?;
+/// # let _ = n;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Database {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    config: DatabaseConfig,
+    acquires: AtomicU64,
+    acquire_timeouts: AtomicU64,
+    acquire_wait_nanos: AtomicU64,
+    acquire_wait_max_nanos: AtomicU64,
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A snapshot of the pool, for metrics and health checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Open connections, idle or in use.
+    pub size: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// Connections in use (`size - idle`).
+    pub in_use: u32,
+    /// The configured maximum.
+    pub max_connections: u32,
+    /// The configured minimum.
+    pub min_connections: u32,
+    /// Whether [`Database::close`] was called.
+    pub closed: bool,
+    /// Connections handed out through this handle ([`Database::acquire`],
+    /// [`Database::begin`], [`Database::transaction`], health checks).
+    /// Queries run directly on [`Database::pool`] are not counted.
+    pub acquires: u64,
+    /// Acquisitions that gave up after the acquire timeout.
+    pub acquire_timeouts: u64,
+    /// Total time spent waiting in those acquisitions (for units of work,
+    /// including the `BEGIN` round trip).
+    pub acquire_wait_total: Duration,
+    /// The longest single wait so far.
+    pub acquire_wait_max: Duration,
+}
+
+impl PoolStats {
+    /// The mean wait per acquisition, if there was any.
+    #[must_use]
+    pub fn acquire_wait_mean(&self) -> Option<Duration> {
+        let n = u32::try_from(self.acquires).ok().filter(|n| *n > 0)?;
+        Some(self.acquire_wait_total / n)
+    }
+}
+
+impl Database {
+    /// Opens a pool and checks, before returning, that the server can be
+    /// reached and accepts the credentials.
+    ///
+    /// One connection is opened within the connect timeout and closed again;
+    /// the pool then fills up to `min_connections` in the background. So a
+    /// wrong host, a wrong password or a missing database fails here, as
+    /// [`DatabaseError::Unreachable`], [`DatabaseError::ConnectTimeout`],
+    /// [`DatabaseError::AuthenticationFailed`] or
+    /// [`DatabaseError::DatabaseNotFound`], instead of at the first query.
+    /// Use [`connect_lazy`](Self::connect_lazy) to start while the database
+    /// may still be down.
+    pub async fn connect(config: DatabaseConfig) -> Result<Self> {
+        let options = config.connect_options();
+        let probe = tokio::time::timeout(
+            config.connect_timeout(),
+            PgConnection::connect_with(options),
+        )
+        .await
+        .map_err(|_| DatabaseError::ConnectTimeout {
+            host: config.host().into_owned(),
+            port: config.port(),
+            after: config.connect_timeout(),
+        })?
+        .map_err(|e| DatabaseError::from_connect(e, options))?;
+        // The probe is not handed to the pool (sqlx cannot adopt a
+        // connection); closing it politely is best effort.
+        let _ = probe.close().await;
+        Ok(Self::connect_lazy(config))
+    }
+
+    /// Builds the pool without touching the network: connections are opened
+    /// on first use (and, for `min_connections`, in the background).
+    /// Connection problems then surface from the first operation, as
+    /// retryable errors. Must be called inside a Tokio runtime.
+    #[must_use]
+    pub fn connect_lazy(config: DatabaseConfig) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections())
+            .min_connections(config.min_connections())
+            .acquire_timeout(config.acquire_timeout())
+            .idle_timeout(config.idle_timeout())
+            .max_lifetime(config.max_lifetime())
+            // Pings each connection before handing it out, so connections
+            // broken by a server restart are dropped and replaced instead of
+            // failing the caller's first statement.
+            .test_before_acquire(true)
+            .connect_lazy_with(config.connect_options().clone());
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                acquires: AtomicU64::new(0),
+                acquire_timeouts: AtomicU64::new(0),
+                acquire_wait_nanos: AtomicU64::new(0),
+                acquire_wait_max_nanos: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The underlying `sqlx` pool, for queries outside a unit of work.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The configuration this pool was built from.
+    #[must_use]
+    pub fn config(&self) -> &DatabaseConfig {
+        &self.inner.config
+    }
+
+    /// Closes the pool: waiting and future acquisitions fail with
+    /// [`DatabaseError::PoolClosed`]; returns once every connection is
+    /// closed.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.inner.pool.is_closed()
+    }
+
+    /// Pool size and acquisition statistics.
+    #[must_use]
+    pub fn stats(&self) -> PoolStats {
+        let size = self.inner.pool.size();
+        let idle = u32::try_from(self.inner.pool.num_idle())
+            .unwrap_or(u32::MAX)
+            .min(size);
+        PoolStats {
+            size,
+            idle,
+            in_use: size - idle,
+            max_connections: self.inner.config.max_connections(),
+            min_connections: self.inner.config.min_connections(),
+            closed: self.inner.pool.is_closed(),
+            acquires: self.inner.acquires.load(Ordering::Relaxed),
+            acquire_timeouts: self.inner.acquire_timeouts.load(Ordering::Relaxed),
+            acquire_wait_total: Duration::from_nanos(
+                self.inner.acquire_wait_nanos.load(Ordering::Relaxed),
+            ),
+            acquire_wait_max: Duration::from_nanos(
+                self.inner.acquire_wait_max_nanos.load(Ordering::Relaxed),
+            ),
+        }
+    }
+
+    /// Classifies a `sqlx` error from this pool, filling in the configured
+    /// acquire and statement timeouts.
+    #[must_use]
+    pub fn classify(&self, e: sqlx::Error) -> DatabaseError {
+        DatabaseError::from(e).with_timeouts(
+            Some(self.inner.config.acquire_timeout()),
+            self.inner.config.statement_timeout(),
+        )
+    }
+
+    /// Applies Keel's embedded migrations ([`MIGRATOR`](crate::MIGRATOR)).
+    pub async fn migrate(&self) -> Result<()> {
+        crate::MIGRATOR
+            .run(&self.inner.pool)
+            .await
+            .map_err(DatabaseError::from)
+    }
+
+    /// A pooled connection, outside any transaction.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>> {
+        let started = Instant::now();
+        let result = self.inner.pool.acquire().await;
+        self.record_acquire(started.elapsed(), &result);
+        result.map_err(|e| self.classify(e))
+    }
+
+    /// Starts a read-committed unit of work.
+    pub async fn begin(&self) -> Result<UnitOfWork<'static>> {
+        self.begin_attempt(&TransactionOptions::default(), 1).await
+    }
+
+    /// Starts a unit of work with the given isolation level and access mode
+    /// (the retry policy in `options` is not used here).
+    pub async fn begin_with(&self, options: &TransactionOptions) -> Result<UnitOfWork<'static>> {
+        self.begin_attempt(options, 1).await
+    }
+
+    async fn begin_attempt(
+        &self,
+        options: &TransactionOptions,
+        attempt: u32,
+    ) -> Result<UnitOfWork<'static>> {
+        let started = Instant::now();
+        let result = self.inner.pool.begin_with(options.begin_statement()).await;
+        self.record_acquire(started.elapsed(), &result);
+        let tx = result.map_err(|e| self.classify(e))?;
+        Ok(UnitOfWork::top_level(
+            tx,
+            options.isolation_level(),
+            attempt,
+            self.inner.config.statement_timeout(),
+        ))
+    }
+
+    fn record_acquire<T>(&self, waited: Duration, result: &std::result::Result<T, sqlx::Error>) {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.inner.acquires.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .acquire_wait_nanos
+            .fetch_add(nanos, Ordering::Relaxed);
+        self.inner
+            .acquire_wait_max_nanos
+            .fetch_max(nanos, Ordering::Relaxed);
+        if matches!(result, Err(sqlx::Error::PoolTimedOut)) {
+            self.inner.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `work` in a read-committed unit of work and commits it; see
+    /// [`transaction_with`](Self::transaction_with).
+    pub async fn transaction<T, E, F>(&self, work: F) -> std::result::Result<T, E>
+    where
+        F: AsyncFnMut(&mut UnitOfWork<'static>) -> std::result::Result<T, E>,
+        E: TransactionError,
+    {
+        self.transaction_with(&TransactionOptions::default(), work)
+            .await
+    }
+
+    /// Runs `work` in a unit of work started with `options` and commits it.
+    ///
+    /// * If `work` returns `Err`, the transaction is rolled back and the
+    ///   error returned.
+    /// * If `work` or the `COMMIT` fails with a serialization failure
+    ///   (`40001`) or a deadlock (`40P01`), the transaction is rolled back
+    ///   and `work` runs again in a fresh transaction, after an exponential
+    ///   backoff with jitter, up to the policy's attempts (the options'
+    ///   policy, else the configuration's). `work` must therefore be safe to
+    ///   run more than once: keep side effects outside the database in
+    ///   [`UnitOfWork::after_commit`] hooks, which run only after the
+    ///   successful commit.
+    /// * Other errors, including lost connections (whose commit outcome is
+    ///   unknown), are returned without retrying.
+    pub async fn transaction_with<T, E, F>(
+        &self,
+        options: &TransactionOptions,
+        mut work: F,
+    ) -> std::result::Result<T, E>
+    where
+        F: AsyncFnMut(&mut UnitOfWork<'static>) -> std::result::Result<T, E>,
+        E: TransactionError,
+    {
+        let policy = options
+            .retry_policy()
+            .unwrap_or(self.inner.config.retry_policy())
+            .clone();
+        let mut attempt = 1;
+        loop {
+            let mut uow = self.begin_attempt(options, attempt).await?;
+            let outcome = match work(&mut uow).await {
+                Ok(value) => match uow.commit().await {
+                    Ok(()) => return Ok(value),
+                    Err(e) => E::from(e),
+                },
+                Err(e) => {
+                    // A failed rollback means the connection is gone; sqlx
+                    // discards it, so the work is not committed either way.
+                    let _ = uow.rollback().await;
+                    e
+                }
+            };
+            if !outcome.is_transaction_conflict() || attempt >= policy.attempts() {
+                return Err(outcome);
+            }
+            let wait = policy.jittered_backoff(attempt);
+            tracing::debug!(
+                attempt,
+                max_attempts = policy.attempts(),
+                wait_ms = wait.as_millis() as u64,
+                "transaction aborted by a serialization failure or deadlock; retrying"
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+}
