@@ -68,6 +68,7 @@
 //!
 //! The in-memory store needs no feature and no server.
 
+mod aggregate;
 mod error;
 mod event;
 mod memory;
@@ -77,7 +78,9 @@ mod store;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod upcast;
 
+pub use aggregate::{EventSourcedRepository, SnapshotPolicy};
 pub use error::{EventStoreError, Result};
 pub use event::{
     AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, MAX_EVENT_TYPE_LEN, NewEvent, ReadAll, ReadDirection,
@@ -93,3 +96,4 @@ pub use store::{
 pub use subscription::{
     Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,
 };
+pub use upcast::Upcasters;

@@ -23,6 +23,7 @@ macro_rules! all_contract_tests {
                 subscription_catches_up_then_tails,
                 subscription_redelivers_after_failure_or_crash,
                 subscription_has_one_leader_and_fails_over,
+                aggregate_repository_round_trip,
             ],
         }
     };
@@ -44,6 +45,7 @@ const RUN: &str = stringify!(
     subscription_catches_up_then_tails,
     subscription_redelivers_after_failure_or_crash,
     subscription_has_one_leader_and_fails_over,
+    aggregate_repository_round_trip,
 );
 
 /// Fails when a rule was added to `testing::ALL` but is not run here.
