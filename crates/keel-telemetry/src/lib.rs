@@ -75,7 +75,7 @@
 
 mod config;
 mod error;
-// HEALTH pub mod health;
+pub mod health;
 mod init;
 pub mod metrics;
 pub mod propagation;
@@ -87,7 +87,7 @@ pub use config::{
     SDK_DISABLED_ENV, TelemetryConfig,
 };
 pub use error::{Result, TelemetryError};
-// HEALTH pub use health::{HealthRegistry, HealthReport};
+pub use health::{CheckOptions, CheckResult, HealthRegistry, ProbeReport};
 pub use init::{INSTRUMENTATION_SCOPE, Telemetry, TelemetryGuard, init};
 pub use metrics::KeelMetrics;
 pub use secret::{REDACTED, Secret};
