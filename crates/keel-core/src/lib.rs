@@ -101,8 +101,8 @@ pub use ports::bus::{Delivery, EventHandler, EventPublisher, HandlerError, Messa
 pub use ports::cache::{Cache, CacheExt};
 pub use ports::clock::{Clock, ManualClock, SystemClock};
 pub use ports::entity::{
-    Cursor, Direction, Entity, EntityRepository, Filter, FilterValue, ListQuery, Page, PageRequest,
-    SortKey, Stored,
+    Cursor, Deleted, Direction, Entity, EntityReader, EntityRepository, EntityWriter, Filter,
+    FilterValue, ListQuery, Page, PageRequest, SortKey, Stored,
 };
 pub use ports::health::{HealthCheck, HealthReport, HealthStatus, Probe};
 pub use version::{ExpectedVersion, Position, Version};

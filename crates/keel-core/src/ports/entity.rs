@@ -114,6 +114,19 @@ impl PageRequest {
         PageRequest::Keyset { after: None, size }
     }
 
+    /// The keyset page of `size` items after `cursor`.
+    pub fn after(cursor: Cursor, size: u32) -> Self {
+        PageRequest::Keyset {
+            after: Some(cursor),
+            size,
+        }
+    }
+
+    /// Offset page `page` (from 1) of `size` items.
+    pub fn offset(page: u64, size: u32) -> Self {
+        PageRequest::Offset { page, size }
+    }
+
     /// The requested page size.
     pub fn size(&self) -> u32 {
         match self {
@@ -171,6 +184,55 @@ pub enum FilterValue {
     Text(String),
 }
 
+impl From<bool> for FilterValue {
+    fn from(v: bool) -> Self {
+        FilterValue::Bool(v)
+    }
+}
+
+impl From<i64> for FilterValue {
+    fn from(v: i64) -> Self {
+        FilterValue::Int(v)
+    }
+}
+
+impl From<i32> for FilterValue {
+    fn from(v: i32) -> Self {
+        FilterValue::Int(i64::from(v))
+    }
+}
+
+impl From<f64> for FilterValue {
+    fn from(v: f64) -> Self {
+        FilterValue::Float(v)
+    }
+}
+
+impl From<&str> for FilterValue {
+    fn from(v: &str) -> Self {
+        FilterValue::Text(v.to_owned())
+    }
+}
+
+impl From<String> for FilterValue {
+    fn from(v: String) -> Self {
+        FilterValue::Text(v)
+    }
+}
+
+impl From<uuid::Uuid> for FilterValue {
+    fn from(v: uuid::Uuid) -> Self {
+        FilterValue::Text(v.to_string())
+    }
+}
+
+impl From<DateTime<Utc>> for FilterValue {
+    /// RFC 3339 with microseconds, the precision repositories store.
+    fn from(v: DateTime<Utc>) -> Self {
+        FilterValue::Text(v.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    }
+}
+
 /// A condition on one declared field.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
@@ -192,20 +254,91 @@ pub enum Filter {
         /// The inclusive upper bound.
         high: Option<FilterValue>,
     },
-    /// `field IN (values)`
+    /// `field IN (values)`; an empty list matches nothing.
     In {
         /// The field name.
         field: String,
         /// The accepted values.
         values: Vec<FilterValue>,
     },
-    /// `field` starts with `prefix` (text fields).
+    /// `field` starts with `prefix` (text fields), compared case-sensitively
+    /// and literally: `%`, `_` and `\` are ordinary characters.
     Prefix {
         /// The field name.
         field: String,
         /// The prefix, matched literally.
         prefix: String,
     },
+}
+
+impl Filter {
+    /// `field = value`.
+    pub fn eq(field: impl Into<String>, value: impl Into<FilterValue>) -> Self {
+        Filter::Eq {
+            field: field.into(),
+            value: value.into(),
+        }
+    }
+
+    /// `low <= field <= high`.
+    pub fn between(
+        field: impl Into<String>,
+        low: impl Into<FilterValue>,
+        high: impl Into<FilterValue>,
+    ) -> Self {
+        Filter::Range {
+            field: field.into(),
+            low: Some(low.into()),
+            high: Some(high.into()),
+        }
+    }
+
+    /// `field >= low`.
+    pub fn at_least(field: impl Into<String>, low: impl Into<FilterValue>) -> Self {
+        Filter::Range {
+            field: field.into(),
+            low: Some(low.into()),
+            high: None,
+        }
+    }
+
+    /// `field <= high`.
+    pub fn at_most(field: impl Into<String>, high: impl Into<FilterValue>) -> Self {
+        Filter::Range {
+            field: field.into(),
+            low: None,
+            high: Some(high.into()),
+        }
+    }
+
+    /// `field IN (values)`.
+    pub fn one_of<V: Into<FilterValue>>(
+        field: impl Into<String>,
+        values: impl IntoIterator<Item = V>,
+    ) -> Self {
+        Filter::In {
+            field: field.into(),
+            values: values.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// `field` starts with `prefix`, literally.
+    pub fn prefix(field: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Filter::Prefix {
+            field: field.into(),
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The field this condition is on.
+    pub fn field(&self) -> &str {
+        match self {
+            Filter::Eq { field, .. }
+            | Filter::Range { field, .. }
+            | Filter::In { field, .. }
+            | Filter::Prefix { field, .. } => field,
+        }
+    }
 }
 
 /// Sort direction.
@@ -228,8 +361,21 @@ pub struct SortKey {
     pub direction: Direction,
 }
 
-/// What to list: filters, sort order, page, and whether soft-deleted rows are
-/// included.
+/// Which rows a read sees with respect to soft deletion.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deleted {
+    /// Live rows only (the default everywhere).
+    #[default]
+    Exclude,
+    /// Live and soft-deleted rows.
+    Include,
+    /// Soft-deleted rows only (a "trash" view).
+    Only,
+}
+
+/// What to list: filters, sort order, page, and which rows with respect to
+/// soft deletion.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ListQuery {
@@ -239,18 +385,18 @@ pub struct ListQuery {
     pub sort: Vec<SortKey>,
     /// The page to return.
     pub page: PageRequest,
-    /// Include soft-deleted rows.
-    pub include_deleted: bool,
+    /// Live rows only (default), or soft-deleted ones too, or only those.
+    pub deleted: Deleted,
 }
 
 impl ListQuery {
-    /// Everything, first keyset page of `size`, sorted by id.
+    /// Every live entity, sorted by id, one page at a time.
     pub fn new(page: PageRequest) -> Self {
         Self {
             filters: Vec::new(),
             sort: Vec::new(),
             page,
-            include_deleted: false,
+            deleted: Deleted::Exclude,
         }
     }
 
@@ -274,35 +420,133 @@ impl ListQuery {
     /// Includes soft-deleted rows.
     #[must_use]
     pub fn with_deleted(mut self) -> Self {
-        self.include_deleted = true;
+        self.deleted = Deleted::Include;
+        self
+    }
+
+    /// Lists soft-deleted rows only.
+    #[must_use]
+    pub fn only_deleted(mut self) -> Self {
+        self.deleted = Deleted::Only;
+        self
+    }
+
+    /// The same query for another page (for example the next keyset page).
+    #[must_use]
+    pub fn with_page(mut self, page: PageRequest) -> Self {
+        self.page = page;
         self
     }
 }
 
-/// State-based persistence for one entity type.
+/// The read side of an entity repository.
 ///
-/// Every write but `insert` takes the version the caller read; a stale
-/// version is a [`crate::VersionConflict`] and nothing is written.
-/// Soft-deleted entities are invisible to `get`, `list`, `exists` and `count`
-/// unless asked for.
+/// Soft-deleted entities are invisible to every read unless the caller asks
+/// for them ([`get_including_deleted`](EntityReader::get_including_deleted),
+/// [`Deleted::Include`]).
 #[async_trait]
-pub trait EntityRepository<E: Entity>: Send + Sync {
-    /// Inserts a new entity at version 1; a taken id is
-    /// [`Error::AlreadyExists`].
-    async fn insert(&self, entity: E) -> Result<Stored<E>>;
-
+pub trait EntityReader<E: Entity>: Send + Sync {
     /// Loads a live (not soft-deleted) entity.
     async fn get(&self, id: &E::Id) -> Result<Option<Stored<E>>>;
 
-    /// Replaces an entity if it is still at `expected`.
+    /// Loads an entity whether or not it is soft-deleted.
+    async fn get_including_deleted(&self, id: &E::Id) -> Result<Option<Stored<E>>>;
+
+    /// Loads the live entities among `ids`, in the order of their first
+    /// mention; missing and soft-deleted ids are skipped.
+    async fn get_many(&self, ids: &[E::Id]) -> Result<Vec<Stored<E>>>;
+
+    /// Whether a live entity with this id exists.
+    async fn exists(&self, id: &E::Id) -> Result<bool>;
+
+    /// Counts the entities matching every filter.
+    async fn count(&self, filters: &[Filter], deleted: Deleted) -> Result<u64>;
+
+    /// Lists entities matching a query, one page at a time.
+    async fn list(&self, query: &ListQuery) -> Result<Page<Stored<E>>>;
+}
+
+/// The write side of an entity repository.
+///
+/// Writes that change an existing entity take the version the caller read; a
+/// stale version is a [`crate::VersionConflict`] and nothing is written.
+#[async_trait]
+pub trait EntityWriter<E: Entity>: Send + Sync {
+    /// Inserts a new entity at version 1; a taken id (live or soft-deleted)
+    /// is [`Error::AlreadyExists`].
+    async fn insert(&self, entity: E) -> Result<Stored<E>>;
+
+    /// Inserts entities at version 1, all or none: one taken id fails the
+    /// whole batch with [`Error::AlreadyExists`] and writes nothing.
+    async fn insert_many(&self, entities: Vec<E>) -> Result<Vec<Stored<E>>>;
+
+    /// Replaces a live entity if it is still at `expected`.
     async fn update(&self, entity: E, expected: Version) -> Result<Stored<E>>;
 
-    /// Marks an entity deleted if it is still at `expected`.
+    /// Writes an entity whatever its state: inserts it at version 1, or
+    /// replaces it (live or soft-deleted) and bumps its version; the result
+    /// is live. For "last writer wins" data such as projections.
+    async fn upsert(&self, entity: E) -> Result<Stored<E>>;
+
+    /// Marks a live entity deleted if it is still at `expected`.
     async fn soft_delete(&self, id: &E::Id, expected: Version) -> Result<Stored<E>>;
 
     /// Brings a soft-deleted entity back if it is still at `expected`.
     async fn restore(&self, id: &E::Id, expected: Version) -> Result<Stored<E>>;
 
-    /// Lists entities matching a query.
-    async fn list(&self, query: &ListQuery) -> Result<Page<Stored<E>>>;
+    /// Removes an entity (live or soft-deleted) for good if it is still at
+    /// `expected`. Separate from [`soft_delete`](EntityWriter::soft_delete)
+    /// on purpose: nothing can bring it back.
+    async fn hard_delete(&self, id: &E::Id, expected: Version) -> Result<()>;
+}
+
+/// State-based persistence for one entity type: [`EntityReader`] and
+/// [`EntityWriter`] together. Implemented for every type that implements both.
+pub trait EntityRepository<E: Entity>: EntityReader<E> + EntityWriter<E> {}
+
+impl<E: Entity, T: EntityReader<E> + EntityWriter<E> + ?Sized> EntityRepository<E> for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_requests_are_validated() {
+        assert!(PageRequest::first(10).validate(100).is_ok());
+        assert!(PageRequest::first(0).validate(100).is_err());
+        assert!(PageRequest::first(101).validate(100).is_err());
+        assert!(
+            PageRequest::Offset { page: 0, size: 5 }
+                .validate(100)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn filters_serialize_in_a_stable_shape() {
+        let f = Filter::between("price", 1, 2.5);
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(json, r#"{"op":"range","field":"price","low":1,"high":2.5}"#);
+        assert_eq!(serde_json::from_str::<Filter>(&json).unwrap(), f);
+        assert_eq!(f.field(), "price");
+        let t: DateTime<Utc> = "2026-01-02T03:04:05.123456789Z".parse().unwrap();
+        assert_eq!(
+            FilterValue::from(t),
+            FilterValue::Text("2026-01-02T03:04:05.123456Z".to_owned())
+        );
+    }
+
+    #[test]
+    fn list_query_builder() {
+        let q = ListQuery::new(PageRequest::offset(2, 10))
+            .filter(Filter::prefix("name", "a"))
+            .sort_by("name", Direction::Desc)
+            .only_deleted();
+        assert_eq!(q.deleted, Deleted::Only);
+        assert_eq!(q.sort[0].direction, Direction::Desc);
+        assert_eq!(q.page.size(), 10);
+    }
+
+    /// Compiles only while the ports stay object-safe.
+    fn _object_safe<E: Entity>(_: &dyn EntityRepository<E>) {}
 }
