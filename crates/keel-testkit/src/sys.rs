@@ -25,6 +25,14 @@ pub(crate) fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// A process's start time (field 22 of `/proc/<pid>/stat`, in clock ticks
+/// since boot): with the pid, it identifies the process.
+pub(crate) fn process_start_time(pid: u32) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split(' ').nth(19).map(str::to_owned)
+}
+
 /// Whether this process runs as root (PostgreSQL then needs another user).
 pub(crate) fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")

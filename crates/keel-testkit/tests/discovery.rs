@@ -173,6 +173,10 @@ async fn redis_is_started_on_a_free_port_reused_and_stopped_when_its_directory_g
         .unwrap();
     assert_eq!(via_default.source(), Source::DefaultLocal);
 
+    // This process holds a lease: the instance outlives the idle timeout.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(redis_ping(&address), "retired while its user was alive");
+
     // Removing the state directory retires the instance.
     drop(dir);
     wait_until("the Redis instance stops", Duration::from_secs(20), || {

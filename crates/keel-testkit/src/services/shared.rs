@@ -5,7 +5,8 @@
 //!
 //! * `lock`: taken (`flock`) by whoever inspects, starts or retires the
 //!   instance, so exactly one process starts it;
-//! * `leases/<pid>`: one empty file per test process that uses the instance;
+//! * `leases/<pid>`: one file per test process that uses the instance,
+//!   holding the process's start time (so a recycled pid is no lease);
 //! * `state`: `port=…`, `reaper=…`, `work=…` of the running instance;
 //! * `inst-<port>/`: the instance's files (data directory, logs).
 //!
@@ -49,6 +50,12 @@ echo $$ > "$work/reaper.pid"
 quit=0
 trap 'quit=1' TERM INT HUP
 alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+# A lease names a pid and holds that process's start time, so a recycled pid
+# does not keep the instance alive.
+holder_alive() {
+  alive "$1" || return 1
+  [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20)" = "$(cat "$2" 2>/dev/null)" ]
+}
 "$@" >>"$work/service.log" 2>&1 </dev/null &
 svc=$!
 idle_since=$(date +%s)
@@ -59,7 +66,7 @@ while [ "$quit" = 0 ]; do
   busy=0
   for f in "$dir"/leases/*; do
     [ -e "$f" ] || continue
-    if alive "${f##*/}"; then busy=1; else rm -f "$f"; fi
+    if holder_alive "${f##*/}" "$f"; then busy=1; else rm -f "$f"; fi
   done
   now=$(date +%s)
   if [ "$busy" = 1 ]; then idle_since=$now; continue; fi
@@ -69,7 +76,7 @@ while [ "$quit" = 0 ]; do
   exec 9>>"$dir/lock"
   flock 9
   for f in "$dir"/leases/*; do
-    [ -e "$f" ] && alive "${f##*/}" && busy=1
+    [ -e "$f" ] && holder_alive "${f##*/}" "$f" && busy=1
   done
   if [ "$busy" = 0 ]; then
     grep -qx "reaper=$$" "$dir/state" 2>/dev/null && rm -f "$dir/state"
@@ -110,7 +117,8 @@ pub(crate) fn ensure(
     // The lease comes first: from now on the reaper will not retire the
     // instance while this process lives.
     let lease = dir.join("leases").join(std::process::id().to_string());
-    fs::write(&lease, b"").map_err(|e| Error::io(format!("writing {}", lease.display()), e))?;
+    let started = sys::process_start_time(std::process::id()).unwrap_or_default();
+    fs::write(&lease, started).map_err(|e| Error::io(format!("writing {}", lease.display()), e))?;
 
     if let Some(state) = State::read(dir) {
         let address = format!("127.0.0.1:{}", state.port);
