@@ -40,17 +40,19 @@
 //! // Runs the closure in a serializable transaction, again if PostgreSQL
 //! // aborts it with a serialization failure, and commits.
 //! let total: i64 = db
-//!     .transaction_with(&TransactionOptions::serializable(), async |uow| {
-//!         sqlx::query("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
-//!             .execute(uow.conn())
-//!             .await?;
-//!         sqlx::query("UPDATE accounts SET balance = balance + 10 WHERE id = 2")
-//!             .execute(uow.conn())
-//!             .await?;
-//!         let total = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts")
-//!             .fetch_one(uow.conn())
-//!             .await?;
-//!         Ok::<_, DatabaseError>(total)
+//!     .transaction_with(&TransactionOptions::serializable(), |uow| {
+//!         Box::pin(async move {
+//!             sqlx::query("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+//!                 .execute(uow.conn())
+//!                 .await?;
+//!             sqlx::query("UPDATE accounts SET balance = balance + 10 WHERE id = 2")
+//!                 .execute(uow.conn())
+//!                 .await?;
+//!             let total = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts")
+//!                 .fetch_one(uow.conn())
+//!                 .await?;
+//!             Ok::<_, DatabaseError>(total)
+//!         })
 //!     })
 //!     .await?;
 //! # let _ = total;
@@ -82,7 +84,7 @@ pub use error::{
 pub use health::{
     DEFAULT_DEGRADED_AFTER, DEFAULT_HEALTH_TIMEOUT, DatabaseLiveness, DatabaseReadiness,
 };
-pub use pool::{Database, PoolStats};
+pub use pool::{Database, PoolStats, TransactionFuture};
 pub use retry::{RetryPolicy, TransactionError};
 pub use uow::{IsolationLevel, TransactionOptions, UnitOfWork};
 

@@ -14,6 +14,11 @@ use crate::error::{DatabaseError, Result};
 use crate::retry::TransactionError;
 use crate::uow::{TransactionOptions, UnitOfWork};
 
+/// The future a [`Database::transaction`] closure returns: boxed and `Send`,
+/// borrowing the unit of work for `'r`.
+pub type TransactionFuture<'r, T, E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<T, E>> + Send + 'r>>;
+
 /// A PostgreSQL connection pool with Keel's configuration, units of work and
 /// statistics. Cheap to clone: clones share the pool.
 ///
@@ -24,11 +29,13 @@ use crate::uow::{TransactionOptions, UnitOfWork};
 /// let db = Database::connect(DatabaseConfig::from_env()?).await?;
 /// db.migrate().await?;
 /// let n: i64 = db
-///     .transaction(async |uow| {
-///         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keel.events")
-///             .fetch_one(uow.conn())
-///             .await
-///             .map_err(DatabaseError::from)
+///     .transaction(|uow| {
+///         Box::pin(async move {
+///             let n = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keel.events")
+///                 .fetch_one(uow.conn())
+///                 .await?;
+///             Ok::<_, DatabaseError>(n)
+///         })
 ///     })
 ///     .await?;
 /// # let _ = n;
@@ -275,9 +282,9 @@ impl Database {
 
     /// Runs `work` in a read-committed unit of work and commits it; see
     /// [`transaction_with`](Self::transaction_with).
-    pub async fn transaction<T, E, F>(&self, work: F) -> std::result::Result<T, E>
+    pub async fn transaction<'env, T, E, F>(&self, work: F) -> std::result::Result<T, E>
     where
-        F: AsyncFnMut(&mut UnitOfWork<'static>) -> std::result::Result<T, E>,
+        F: for<'r> FnMut(&'r mut UnitOfWork<'env>) -> TransactionFuture<'r, T, E>,
         E: TransactionError,
     {
         self.transaction_with(&TransactionOptions::default(), work)
@@ -286,8 +293,15 @@ impl Database {
 
     /// Runs `work` in a unit of work started with `options` and commits it.
     ///
+    /// `work` is a closure returning a boxed future,
+    /// `|uow| Box::pin(async move { … })`: that shape keeps the returned
+    /// future `Send`, so transactions run inside `tokio::spawn`, and lets the
+    /// future borrow from the caller (bind references before the closure:
+    /// `let orders = &orders;`).
+    ///
     /// * If `work` returns `Err`, the transaction is rolled back and the
-    ///   error returned.
+    ///   error returned. If it panics, the transaction is rolled back as the
+    ///   unit of work is dropped.
     /// * If `work` or the `COMMIT` fails with a serialization failure
     ///   (`40001`) or a deadlock (`40P01`), the transaction is rolled back
     ///   and `work` runs again in a fresh transaction, after an exponential
@@ -295,16 +309,37 @@ impl Database {
     ///   policy, else the configuration's). `work` must therefore be safe to
     ///   run more than once: keep side effects outside the database in
     ///   [`UnitOfWork::after_commit`] hooks, which run only after the
-    ///   successful commit.
+    ///   successful commit. [`UnitOfWork::attempt`] says which attempt runs.
     /// * Other errors, including lost connections (whose commit outcome is
     ///   unknown), are returned without retrying.
-    pub async fn transaction_with<T, E, F>(
+    ///
+    /// ```no_run
+    /// use keel_database::{Database, DatabaseError, TransactionOptions};
+    ///
+    /// # async fn demo(db: Database, order_id: i64) -> Result<(), DatabaseError> {
+    /// let opts = TransactionOptions::serializable();
+    /// let shipped = db
+    ///     .transaction_with(&opts, |uow| {
+    ///         Box::pin(async move {
+    ///             let n = sqlx::query("UPDATE orders SET shipped = true WHERE id = $1")
+    ///                 .bind(order_id)
+    ///                 .execute(uow.conn())
+    ///                 .await?
+    ///                 .rows_affected();
+    ///             Ok::<_, DatabaseError>(n == 1)
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # let _ = shipped;
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction_with<'env, T, E, F>(
         &self,
         options: &TransactionOptions,
         mut work: F,
     ) -> std::result::Result<T, E>
     where
-        F: AsyncFnMut(&mut UnitOfWork<'static>) -> std::result::Result<T, E>,
+        F: for<'r> FnMut(&'r mut UnitOfWork<'env>) -> TransactionFuture<'r, T, E>,
         E: TransactionError,
     {
         let policy = options
@@ -313,7 +348,10 @@ impl Database {
             .clone();
         let mut attempt = 1;
         loop {
-            let mut uow = self.begin_attempt(options, attempt).await?;
+            // Shortened to 'env: `&'r mut UnitOfWork<'env>` in the closure's
+            // signature then implies 'env: 'r, which lets the future borrow
+            // what the caller borrowed.
+            let mut uow: UnitOfWork<'env> = self.begin_attempt(options, attempt).await?;
             let outcome = match work(&mut uow).await {
                 Ok(value) => match uow.commit().await {
                     Ok(()) => return Ok(value),
