@@ -25,3 +25,332 @@ keel_repository::contract_suite!(|| async {
         .with_clock(clock.clone());
     (Harness::new(repo, clock), db)
 });
+
+use std::sync::Arc;
+
+use keel_core::{
+    Clock, Deleted, EntityReader, EntityWriter, Error, Filter, ListQuery, PageRequest, Version,
+};
+use keel_database::{Database, DatabaseConfig};
+use keel_repository::testing::gadget;
+use keel_repository::{RepositoryError, Result};
+use sqlx::Row as _;
+
+async fn repo(db: &TestDatabase) -> PgRepository<Gadget> {
+    PgRepository::new(db.pool().clone()).expect("valid mapping")
+}
+
+async fn outbox(db: &TestDatabase) {
+    sqlx::query("CREATE TABLE outbox (id BIGSERIAL PRIMARY KEY, topic TEXT NOT NULL)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+}
+
+async fn outbox_rows(db: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn server_time_is_the_default() {
+    let db = database().await;
+    let repo = repo(&db).await;
+    let before: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    let created = repo.insert(gadget("a", "x", 1)).await.unwrap();
+    assert!(created.created_at >= before);
+    assert_eq!(created.created_at, created.updated_at);
+    let updated = repo
+        .update(created.entity.clone(), created.version)
+        .await
+        .unwrap();
+    assert!(
+        updated.updated_at > created.updated_at,
+        "a later transaction, a later now()"
+    );
+    assert_eq!(updated.created_at, created.created_at);
+    let deleted = repo
+        .soft_delete(&"a".to_owned(), updated.version)
+        .await
+        .unwrap();
+    assert!(deleted.deleted_at.unwrap() >= updated.updated_at);
+}
+
+#[tokio::test]
+async fn a_rolled_back_unit_of_work_leaves_nothing() {
+    let db = database().await;
+    outbox(&db).await;
+    let repo = repo(&db).await;
+    let database = Database::connect(
+        DatabaseConfig::builder()
+            .url(db.url())
+            .min_connections(0)
+            .max_connections(4)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let mut uow = database.begin().await.unwrap();
+    let saved = repo.on(&mut uow).insert(gadget("a", "x", 1)).await.unwrap();
+    repo.on(&mut uow)
+        .insert_many(
+            (0..1_200)
+                .map(|i| gadget(&format!("b{i}"), "y", i))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO outbox (topic) VALUES ('gadget.created')")
+        .execute(uow.conn())
+        .await
+        .unwrap();
+    // Inside the transaction the writes are visible, outside they are not.
+    assert!(repo.on(&mut uow).exists(&"a".to_owned()).await.unwrap());
+    assert!(!repo.exists(&"a".to_owned()).await.unwrap());
+    assert_eq!(saved.version, Version::new(1));
+    uow.rollback().await.unwrap();
+    assert_eq!(repo.count(&[], Deleted::Include).await.unwrap(), 0);
+    assert_eq!(outbox_rows(&db).await, 0);
+
+    let mut uow = database.begin().await.unwrap();
+    repo.on(&mut uow).insert(gadget("a", "x", 1)).await.unwrap();
+    sqlx::query("INSERT INTO outbox (topic) VALUES ('gadget.created')")
+        .execute(uow.conn())
+        .await
+        .unwrap();
+    uow.commit().await.unwrap();
+    assert!(repo.exists(&"a".to_owned()).await.unwrap());
+    assert_eq!(outbox_rows(&db).await, 1);
+}
+
+#[tokio::test]
+async fn a_conflict_does_not_poison_the_transaction() {
+    let db = database().await;
+    outbox(&db).await;
+    let repo = repo(&db).await;
+    let stored = repo.insert(gadget("a", "x", 1)).await.unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    let err = repo
+        .on(&mut tx)
+        .update(stored.entity.clone(), Version::new(9))
+        .await
+        .unwrap_err();
+    let conflict = err.as_conflict().expect("a version conflict");
+    assert_eq!(conflict.actual, Version::new(1));
+    let err = repo
+        .on(&mut tx)
+        .restore(&"zz".to_owned(), Version::new(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepositoryError::NotFound { .. }), "{err:?}");
+    // The transaction is still usable: a conflict is an answer, not an error.
+    repo.on(&mut tx)
+        .update(stored.entity.clone(), Version::new(1))
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO outbox (topic) VALUES ('gadget.updated')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        repo.get(&"a".to_owned()).await.unwrap().unwrap().version,
+        Version::new(2)
+    );
+    assert_eq!(outbox_rows(&db).await, 1);
+}
+
+#[tokio::test]
+async fn unique_constraints_and_checks_are_typed() {
+    let db = database().await;
+    sqlx::query("CREATE UNIQUE INDEX gadgets_name_key ON gadgets (name)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE gadgets ADD CONSTRAINT price_positive CHECK (price >= 0)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let repo = repo(&db).await;
+    repo.insert(gadget("a", "same", 1)).await.unwrap();
+
+    let mut conn = db.pool().acquire().await.unwrap();
+    let err = repo
+        .on(&mut conn)
+        .insert(gadget("b", "same", 1))
+        .await
+        .unwrap_err();
+    match &err {
+        RepositoryError::AlreadyExists { constraint, .. } => {
+            assert_eq!(constraint.as_deref(), Some("gadgets_name_key"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let err = repo
+        .on(&mut conn)
+        .insert(gadget("a", "other", 1))
+        .await
+        .unwrap_err();
+    match &err {
+        RepositoryError::AlreadyExists { constraint, .. } => {
+            assert_eq!(constraint.as_deref(), Some("gadgets_pkey"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let err = repo.insert(gadget("c", "neg", -5)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Invalid(i) if i.reason.contains("23514")),
+        "{err:?}"
+    );
+    let err = repo.upsert(gadget("a", "same", -1)).await.unwrap_err();
+    assert!(matches!(&err, Error::Invalid(_)), "{err:?}");
+    assert_eq!(repo.count(&[], Deleted::Include).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn injection_attempts_leave_the_schema_alone() {
+    let db = database().await;
+    let repo = repo(&db).await;
+    let evil = "'; DROP TABLE gadgets; --";
+    repo.insert(gadget(evil, evil, 1)).await.unwrap();
+    repo.list(
+        &ListQuery::new(PageRequest::first(10))
+            .filter(Filter::prefix("name", evil))
+            .filter(Filter::one_of("id", [evil, "x'); DELETE FROM gadgets; --"])),
+    )
+    .await
+    .unwrap();
+    let err = repo
+        .list(
+            &ListQuery::new(PageRequest::first(10))
+                .sort_by("name; DROP TABLE gadgets", keel_core::Direction::Asc),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)));
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE tablename = 'gadgets'")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(tables, ["gadgets"]);
+    let stored: String = sqlx::query("SELECT id FROM gadgets")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, evil);
+}
+
+#[tokio::test]
+async fn a_column_of_the_wrong_type_is_a_decode_error() {
+    let db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .unwrap();
+    let ddl = Gadget::mapping()
+        .create_table_sql()
+        .replace("\"stock\" INTEGER", "\"stock\" BIGINT");
+    sqlx::query(&ddl).execute(db.pool()).await.unwrap();
+    let repo = repo(&db).await;
+    let err: Result<_> = async {
+        let mut conn = db.pool().acquire().await.unwrap();
+        repo.on(&mut conn).insert(gadget("a", "x", 1)).await
+    }
+    .await;
+    // Either the insert refuses the parameter type or reading back fails;
+    // both say which column, and neither is a panic.
+    let message = err.unwrap_err().to_string();
+    assert!(
+        message.contains("stock") || message.contains("type"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn schema_qualified_tables_work() {
+    #[derive(Clone, Debug, PartialEq)]
+    struct Note {
+        id: i64,
+        body: String,
+    }
+    impl keel_core::Entity for Note {
+        type Id = i64;
+        const NAME: &'static str = "note";
+        fn id(&self) -> &i64 {
+            &self.id
+        }
+    }
+    impl Mapped for Note {
+        fn mapping() -> keel_repository::Mapping {
+            keel_repository::Mapping::new("app.notes")
+                .id("id", keel_repository::ColumnType::I64)
+                .column(
+                    keel_repository::Column::new("body", keel_repository::ColumnType::Text)
+                        .filterable()
+                        .sortable(),
+                )
+        }
+        fn id_value(id: &i64) -> keel_repository::Value {
+            (*id).into()
+        }
+        fn write(&self, row: &mut keel_repository::RowWriter<'_>) {
+            row.set("id", self.id).set("body", &self.body);
+        }
+        fn read(row: &mut keel_repository::Row<'_>) -> Result<Self> {
+            Ok(Note {
+                id: row.get("id")?,
+                body: row.get("body")?,
+            })
+        }
+    }
+    let db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .unwrap();
+    sqlx::query("CREATE SCHEMA app")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query(&Note::mapping().create_table_sql())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let repo = PgRepository::<Note>::new(db.pool().clone()).unwrap();
+    repo.insert_many(
+        (1..=5)
+            .map(|id| Note {
+                id,
+                body: format!("n{id}"),
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let page = repo
+        .list(&ListQuery::new(PageRequest::first(2)).sort_by("body", keel_core::Direction::Desc))
+        .await
+        .unwrap();
+    assert_eq!(
+        page.items.iter().map(|s| s.entity.id).collect::<Vec<_>>(),
+        [5, 4]
+    );
+    assert_eq!(repo.get_many(&[3, 1, 9]).await.unwrap().len(), 2);
+    let clock: Arc<dyn Clock> = Arc::new(keel_core::SystemClock);
+    let with_clock = PgRepository::<Note>::new(db.pool().clone())
+        .unwrap()
+        .with_clock(clock);
+    let s = with_clock
+        .upsert(Note {
+            id: 1,
+            body: "again".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.version, Version::new(2));
+}
