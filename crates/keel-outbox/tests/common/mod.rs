@@ -125,7 +125,8 @@ pub async fn subscribe(
     let config = SubscriptionConfig::new(consumer)
         .ordered(true)
         .backoff(Duration::from_millis(10), Duration::from_millis(50))
-        .max_concurrent_handlers(16);
+        .max_concurrent_handlers(16)
+        .max_delivery_attempts(100);
     bus.subscribe(topic, &config, handler).await.unwrap()
 }
 
