@@ -89,6 +89,12 @@ impl SubscriptionConfig {
 
     /// Deliver messages with the same ordering key one at a time, in publish
     /// order. Fixed when the subscription is created.
+    ///
+    /// A failing message holds back the later messages of its key until it
+    /// succeeds or is dead-lettered. On Pub/Sub it is retried by the
+    /// subscriber while it keeps the lease (after the same backoff), so the
+    /// messages behind it are neither redelivered nor charged attempts; if
+    /// the subscriber dies, Pub/Sub redelivers from the failed message on.
     #[must_use]
     pub fn ordered(mut self, ordered: bool) -> Self {
         self.ordered = ordered;

@@ -103,6 +103,8 @@ mod dispatch;
 mod error;
 mod memory;
 pub mod naming;
+#[cfg(feature = "pubsub")]
+mod pubsub;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -112,3 +114,5 @@ pub use config::{ACK_DEADLINE, DELIVERY_ATTEMPTS, MAX_BACKOFF, SubscriptionConfi
 pub use error::{EventBusError, Result};
 pub use memory::InMemoryBus;
 pub use naming::Naming;
+#[cfg(feature = "pubsub")]
+pub use pubsub::{EMULATOR_HOST_VAR, PubSubBus, PubSubConfig};

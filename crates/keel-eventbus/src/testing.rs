@@ -46,6 +46,13 @@ impl TestBus for InMemoryBus {
     }
 }
 
+#[cfg(feature = "pubsub")]
+impl TestBus for crate::PubSubBus {
+    fn without_auto_create(&self) -> Self {
+        self.with_auto_create(false)
+    }
+}
+
 /// A topic name no other test uses.
 #[must_use]
 pub fn unique(prefix: &str) -> String {

@@ -1,0 +1,581 @@
+//! The Google Cloud Pub/Sub backend.
+
+mod admin;
+mod dead_letters;
+mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_pubsub::client::{
+    BasePublisher, Publisher, Subscriber, SubscriptionAdmin, TopicAdmin,
+};
+use google_cloud_pubsub::error::PublishError;
+use google_cloud_pubsub::model::Message as PsMessage;
+use keel_core::{EventHandler, EventId, EventPublisher, Message};
+
+use crate::bus::{DeadLetter, EventBus, Subscription};
+use crate::codec::RawMessage;
+use crate::config::SubscriptionConfig;
+use crate::error::{EventBusError, Result};
+use crate::naming::Naming;
+
+/// The environment variable naming the emulator (`host:port`).
+pub const EMULATOR_HOST_VAR: &str = "PUBSUB_EMULATOR_HOST";
+
+/// How to reach Pub/Sub: project, endpoint, credentials, naming, and
+/// whether to create missing topics and subscriptions.
+///
+/// ```
+/// use keel_eventbus::{Naming, PubSubConfig};
+///
+/// let config = PubSubConfig::emulator("local-project", "127.0.0.1:8085")
+///     .unwrap()
+///     .with_naming(Naming::with_prefix("dev").unwrap())
+///     .with_auto_create(true);
+/// assert_eq!(config.endpoint(), Some("http://127.0.0.1:8085"));
+/// assert!(PubSubConfig::new("bad/project").is_err());
+/// ```
+#[derive(Clone, Debug)]
+pub struct PubSubConfig {
+    project: String,
+    endpoint: Option<String>,
+    anonymous: bool,
+    naming: Naming,
+    auto_create: bool,
+    listing_first_wait: Duration,
+    listing_idle_wait: Duration,
+}
+
+impl PubSubConfig {
+    /// Real Pub/Sub in `project`, with application default credentials
+    /// (`GOOGLE_APPLICATION_CREDENTIALS`, the gcloud user credentials, or the
+    /// metadata server on Google Cloud). Auto-creation is on.
+    pub fn new(project: impl Into<String>) -> Result<Self> {
+        let project = project.into();
+        validate_project(&project)?;
+        Ok(Self {
+            project,
+            endpoint: None,
+            anonymous: false,
+            naming: Naming::new(),
+            auto_create: true,
+            listing_first_wait: Duration::from_secs(3),
+            listing_idle_wait: Duration::from_millis(500),
+        })
+    }
+
+    /// The emulator at `host` (`host:port`), with anonymous credentials.
+    pub fn emulator(project: impl Into<String>, host: &str) -> Result<Self> {
+        if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+            return Err(EventBusError::invalid_config(
+                "emulator_host",
+                format!("{host:?} is not host:port"),
+            ));
+        }
+        let mut config = Self::new(project)?;
+        config.endpoint = Some(format!("http://{host}"));
+        config.anonymous = true;
+        Ok(config)
+    }
+
+    /// The emulator when `PUBSUB_EMULATOR_HOST` is set, else real Pub/Sub
+    /// with application default credentials.
+    pub fn from_env(project: impl Into<String>) -> Result<Self> {
+        match std::env::var(EMULATOR_HOST_VAR) {
+            Ok(host) if !host.trim().is_empty() => Self::emulator(project, host.trim()),
+            _ => Self::new(project),
+        }
+    }
+
+    /// Talks to another endpoint (a regional or private one), keeping the
+    /// credentials choice.
+    #[must_use]
+    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Sets the naming convention.
+    #[must_use]
+    pub fn with_naming(mut self, naming: Naming) -> Self {
+        self.naming = naming;
+        self
+    }
+
+    /// Turns topic and subscription auto-creation on or off. Off in
+    /// production: the service account then needs no admin rights, and a
+    /// missing topic or subscription is an error.
+    #[must_use]
+    pub fn with_auto_create(mut self, on: bool) -> Self {
+        self.auto_create = on;
+        self
+    }
+
+    /// How long the first [`EventBus::dead_letters`] call of a consumer
+    /// waits for dead letters to arrive, and how quiet the stream must then
+    /// be, before answering (defaults: 3 s and 500 ms). Pub/Sub has no
+    /// "peek": the bus holds the dead letters it has read (leases extended)
+    /// until they are replayed or the bus is dropped.
+    #[must_use]
+    pub fn with_dead_letter_listing_waits(mut self, first: Duration, idle: Duration) -> Self {
+        self.listing_first_wait = first;
+        self.listing_idle_wait = idle;
+        self
+    }
+
+    /// The project id.
+    #[must_use]
+    pub fn project(&self) -> &str {
+        &self.project
+    }
+
+    /// The endpoint, when not the default one.
+    #[must_use]
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref()
+    }
+}
+
+fn validate_project(project: &str) -> Result<()> {
+    let ok = !project.is_empty()
+        && project.len() <= 100
+        && project
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:_".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(EventBusError::InvalidName {
+            kind: "project",
+            name: project.to_owned(),
+            reason: "must be 1 to 100 ASCII letters, digits and -.:_".into(),
+        })
+    }
+}
+
+/// An [`EventBus`] on Google Cloud Pub/Sub (or its emulator), built on the
+/// official `google-cloud-pubsub` client.
+///
+/// * Publishing batches through one client publisher per topic; messages with
+///   an ordering key are published in order.
+/// * Each consumer gets the subscription `{topic}.{consumer}` with the
+///   configured retry policy and a dead-letter policy pointing at
+///   `{topic}.{consumer}.dlq`, which has a subscription of its own so dead
+///   letters are kept (see [`Naming`]).
+/// * Subscribing runs a streaming pull with flow control and automatic lease
+///   extension; the stream is rebuilt with backoff whenever it fails.
+/// * A failing message is nacked and redelivered by Pub/Sub after the retry
+///   policy's backoff. On its last attempt, and at once when rejected or
+///   malformed, Keel publishes it to the dead-letter topic itself, with the
+///   reason, and acks it; Pub/Sub's own dead-lettering remains the safety net
+///   for messages whose subscriber keeps crashing.
+///
+/// Clones share the connections.
+#[derive(Clone)]
+pub struct PubSubBus {
+    inner: Arc<Inner>,
+    naming: Naming,
+    auto_create: bool,
+}
+
+struct Inner {
+    config: PubSubConfig,
+    topics: TopicAdmin,
+    subscriptions: SubscriptionAdmin,
+    subscriber: Subscriber,
+    base_publisher: BasePublisher,
+    publishers: Mutex<HashMap<String, Publisher>>,
+    known_topics: Mutex<HashSet<String>>,
+    readers: Mutex<HashMap<String, Arc<dead_letters::Reader>>>,
+    /// Dropped with the bus, which stops the dead-letter readers.
+    stop_readers: tokio::sync::watch::Sender<()>,
+}
+
+impl fmt::Debug for PubSubBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PubSubBus")
+            .field("project", &self.inner.config.project)
+            .field("endpoint", &self.inner.config.endpoint)
+            .field("naming", &self.naming)
+            .field("auto_create", &self.auto_create)
+            .finish_non_exhaustive()
+    }
+}
+
+fn connect_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> EventBusError {
+    EventBusError::Connect {
+        message: format!("cannot build the {what} client: {e}"),
+        source: Some(Box::new(e)),
+    }
+}
+
+macro_rules! configure {
+    ($builder:expr, $config:expr) => {{
+        let mut b = $builder;
+        if let Some(endpoint) = &$config.endpoint {
+            b = b.with_endpoint(endpoint.clone());
+        }
+        if $config.anonymous {
+            b = b.with_credentials(
+                google_cloud_auth::credentials::anonymous::Builder::new().build(),
+            );
+        }
+        b
+    }};
+}
+
+impl PubSubBus {
+    /// Connects to Pub/Sub. Installs rustls' `ring` crypto provider as the
+    /// process default when no provider is installed yet.
+    pub async fn connect(config: PubSubConfig) -> Result<Self> {
+        // Ignored error: another provider is already the process default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let topics = configure!(TopicAdmin::builder(), config)
+            .build()
+            .await
+            .map_err(|e| connect_error("topic admin", e))?;
+        let subscriptions = configure!(SubscriptionAdmin::builder(), config)
+            .build()
+            .await
+            .map_err(|e| connect_error("subscription admin", e))?;
+        let subscriber = configure!(Subscriber::builder(), config)
+            .build()
+            .await
+            .map_err(|e| connect_error("subscriber", e))?;
+        let base_publisher = configure!(BasePublisher::builder(), config)
+            .build()
+            .await
+            .map_err(|e| connect_error("publisher", e))?;
+        Ok(Self {
+            naming: config.naming.clone(),
+            auto_create: config.auto_create,
+            inner: Arc::new(Inner {
+                config,
+                topics,
+                subscriptions,
+                subscriber,
+                base_publisher,
+                publishers: Mutex::default(),
+                known_topics: Mutex::default(),
+                readers: Mutex::default(),
+                stop_readers: tokio::sync::watch::channel(()).0,
+            }),
+        })
+    }
+
+    /// The same connections with auto-creation on or off.
+    #[must_use]
+    pub fn with_auto_create(&self, on: bool) -> Self {
+        Self {
+            auto_create: on,
+            ..self.clone()
+        }
+    }
+
+    /// The same connections with another naming convention.
+    #[must_use]
+    pub fn with_naming(&self, naming: Naming) -> Self {
+        Self {
+            naming,
+            ..self.clone()
+        }
+    }
+
+    /// The project this bus works in.
+    #[must_use]
+    pub fn project(&self) -> &str {
+        &self.inner.config.project
+    }
+
+    /// Flushes buffered publishes of every topic (for shutdown).
+    pub async fn flush(&self) {
+        let publishers: Vec<Publisher> = lock(&self.inner.publishers).values().cloned().collect();
+        for p in publishers {
+            p.flush().await;
+        }
+    }
+
+    /// The reader holding a dead-letter subscription's messages, started on
+    /// first use, once it has settled.
+    async fn dead_letter_reader(&self, path: &str) -> Result<Arc<dead_letters::Reader>> {
+        let existing = lock(&self.inner.readers).get(path).cloned();
+        let reader = match existing {
+            Some(r) => r,
+            None => {
+                if !admin::subscription_exists(&self.inner.subscriptions, path).await? {
+                    return Err(EventBusError::SubscriptionNotFound {
+                        subscription: path.to_owned(),
+                    });
+                }
+                lock(&self.inner.readers)
+                    .entry(path.to_owned())
+                    .or_insert_with(|| {
+                        dead_letters::Reader::start(
+                            self.inner.subscriber.clone(),
+                            path.to_owned(),
+                            self.inner.stop_readers.subscribe(),
+                        )
+                    })
+                    .clone()
+            }
+        };
+        reader
+            .settle(
+                self.inner.config.listing_first_wait,
+                self.inner.config.listing_idle_wait,
+            )
+            .await;
+        if let Some(e) = reader.last_error() {
+            tracing::warn!(
+                subscription = path,
+                error = e,
+                "dead-letter listing may be incomplete"
+            );
+        }
+        Ok(reader)
+    }
+
+    fn topic_path(&self, name: &str) -> String {
+        format!("projects/{}/topics/{name}", self.inner.config.project)
+    }
+
+    fn subscription_path(&self, name: &str) -> String {
+        format!(
+            "projects/{}/subscriptions/{name}",
+            self.inner.config.project
+        )
+    }
+
+    fn publisher(&self, topic_path: &str) -> Publisher {
+        let mut publishers = lock(&self.inner.publishers);
+        publishers
+            .entry(topic_path.to_owned())
+            .or_insert_with(|| self.inner.base_publisher.publisher(topic_path).build())
+            .clone()
+    }
+
+    async fn publish_owned(&self, topic: &str, messages: Vec<RawMessage>) -> Result<()> {
+        let name = self.naming.topic(topic)?;
+        let path = self.topic_path(&name);
+        if self.auto_create && !lock(&self.inner.known_topics).contains(&path) {
+            admin::create_topic(&self.inner.topics, &path).await?;
+            lock(&self.inner.known_topics).insert(path.clone());
+        }
+        publish_to(&self.publisher(&path), &path, messages).await
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn to_pubsub(raw: RawMessage) -> PsMessage {
+    let mut m = PsMessage::new()
+        .set_data(raw.data)
+        .set_attributes(raw.attributes);
+    if let Some(key) = raw.ordering_key {
+        m = m.set_ordering_key(key);
+    }
+    m
+}
+
+pub(crate) fn from_pubsub(m: &PsMessage) -> RawMessage {
+    let mut raw = RawMessage::new(
+        m.data.to_vec(),
+        m.attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    if !m.ordering_key.is_empty() {
+        raw = raw.with_ordering_key(m.ordering_key.clone());
+    }
+    raw
+}
+
+/// Publishes and waits for every message; maps a missing topic to
+/// [`EventBusError::TopicNotFound`] and resumes ordering keys paused by a
+/// failure so later publishes are not blocked forever.
+pub(crate) async fn publish_to(
+    publisher: &Publisher,
+    topic_path: &str,
+    messages: Vec<RawMessage>,
+) -> Result<()> {
+    let keys: Vec<Option<String>> = messages.iter().map(|m| m.ordering_key.clone()).collect();
+    let pending: Vec<_> = messages
+        .into_iter()
+        .map(|m| publisher.publish(to_pubsub(m)))
+        .collect();
+    let results = futures::future::join_all(pending).await;
+    let mut first_error = None;
+    for (result, key) in results.into_iter().zip(keys) {
+        let Err(e) = result else { continue };
+        if let Some(key) = key {
+            publisher.resume_publish(key);
+        }
+        if first_error.is_none() {
+            first_error = Some(e);
+        }
+    }
+    match first_error {
+        None => Ok(()),
+        Some(PublishError::Rpc(e)) if e.status().is_some_and(|s| s.code == Code::NotFound) => {
+            Err(EventBusError::TopicNotFound {
+                topic: topic_path.to_owned(),
+            })
+        }
+        Some(e) => Err(EventBusError::Publish {
+            topic: topic_path.to_owned(),
+            message: e.to_string(),
+            source: Some(Box::new(e)),
+        }),
+    }
+}
+
+#[async_trait]
+impl EventPublisher for PubSubBus {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> keel_core::Result<()> {
+        let raw = messages
+            .iter()
+            .map(RawMessage::encode)
+            .collect::<Result<Vec<_>>>()?;
+        self.publish_owned(topic, raw).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventBus for PubSubBus {
+    async fn publish_raw(&self, topic: &str, messages: &[RawMessage]) -> Result<()> {
+        self.publish_owned(topic, messages.to_vec()).await
+    }
+
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        let path = self.topic_path(&self.naming.topic(topic)?);
+        admin::create_topic(&self.inner.topics, &path).await?;
+        lock(&self.inner.known_topics).insert(path);
+        Ok(())
+    }
+
+    async fn ensure_subscription(&self, topic: &str, config: &SubscriptionConfig) -> Result<()> {
+        config.validate()?;
+        let consumer = config.consumer();
+        let topic_path = self.topic_path(&self.naming.topic(topic)?);
+        let dlq_topic = self.topic_path(&self.naming.dead_letter_topic(topic, consumer)?);
+        let sub = self.subscription_path(&self.naming.subscription(topic, consumer)?);
+        let dlq_sub =
+            self.subscription_path(&self.naming.dead_letter_subscription(topic, consumer)?);
+        let admin = &self.inner;
+        admin::create_topic(&admin.topics, &topic_path).await?;
+        admin::create_topic(&admin.topics, &dlq_topic).await?;
+        // The dead-letter subscription first: a dead letter forwarded before
+        // it exists would be lost.
+        admin::create_dead_letter_subscription(&admin.subscriptions, &dlq_sub, &dlq_topic).await?;
+        admin::create_subscription(&admin.subscriptions, &sub, &topic_path, &dlq_topic, config)
+            .await?;
+        let mut known = lock(&admin.known_topics);
+        known.insert(topic_path);
+        known.insert(dlq_topic);
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        config: &SubscriptionConfig,
+        handler: Arc<dyn EventHandler>,
+    ) -> Result<Subscription> {
+        config.validate()?;
+        let consumer = config.consumer();
+        let topic_path = self.topic_path(&self.naming.topic(topic)?);
+        let sub_name = self.naming.subscription(topic, consumer)?;
+        let sub_path = self.subscription_path(&sub_name);
+        let dlq_topic = self.topic_path(&self.naming.dead_letter_topic(topic, consumer)?);
+        if self.auto_create {
+            self.ensure_subscription(topic, config).await?;
+        } else if !admin::subscription_exists(&self.inner.subscriptions, &sub_path).await? {
+            if !admin::topic_exists(&self.inner.topics, &topic_path).await? {
+                return Err(EventBusError::TopicNotFound { topic: topic_path });
+            }
+            return Err(EventBusError::SubscriptionNotFound {
+                subscription: sub_path,
+            });
+        }
+        let ctx = worker::Context {
+            subscriber: self.inner.subscriber.clone(),
+            subscription_path: sub_path,
+            subscription_name: sub_name.clone(),
+            dead_letter_topic: dlq_topic.clone(),
+            dead_letter_publisher: self.publisher(&dlq_topic),
+            config: config.clone(),
+            handler,
+        };
+        Ok(Subscription::start(sub_name, move |stop| {
+            worker::run(Arc::new(ctx), stop)
+        }))
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let path = self.subscription_path(&self.naming.dead_letter_subscription(topic, consumer)?);
+        let reader = self.dead_letter_reader(&path).await?;
+        let mut letters: Vec<DeadLetter> = reader
+            .snapshot()
+            .iter()
+            .take(limit)
+            .map(|m| DeadLetter::from_dead_letter_copy(&from_pubsub(m)))
+            .collect();
+        letters.truncate(limit);
+        Ok(letters)
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        topic: &str,
+        consumer: &str,
+        event_ids: &[EventId],
+    ) -> Result<usize> {
+        let topic_path = self.topic_path(&self.naming.topic(topic)?);
+        let path = self.subscription_path(&self.naming.dead_letter_subscription(topic, consumer)?);
+        let reader = self.dead_letter_reader(&path).await?;
+        let wanted: HashSet<EventId> = event_ids.iter().copied().collect();
+        let chosen = reader.take(|m| {
+            from_pubsub(m)
+                .event_id()
+                .is_some_and(|id| wanted.contains(&id))
+        });
+        let publisher = self.publisher(&topic_path);
+        let mut replayed = HashSet::new();
+        let mut chosen = chosen.into_iter();
+        while let Some(held) = chosen.next() {
+            let raw = from_pubsub(&held.message);
+            let id = raw.event_id();
+            if !replayed.contains(&id) {
+                let result = publish_to(
+                    &publisher,
+                    &topic_path,
+                    vec![raw.without_dead_letter_attributes()],
+                )
+                .await;
+                if let Err(e) = result {
+                    reader.put_back(held);
+                    chosen.for_each(|h| reader.put_back(h));
+                    return Err(e);
+                }
+                replayed.insert(id);
+            }
+            // Published (or another copy of a replayed one): remove it.
+            held.handler.ack();
+        }
+        Ok(replayed.len())
+    }
+}

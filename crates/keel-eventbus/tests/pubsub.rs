@@ -1,0 +1,120 @@
+//! The contract suite and reliability tests against the Pub/Sub emulator.
+#![cfg(feature = "pubsub")]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::{Delivery, EventHandler, EventPublisher, HandlerError, Message};
+use keel_eventbus::testing::{Recorder, fast_config, unique, wait_until};
+use keel_eventbus::{EventBus, PubSubBus, PubSubConfig};
+use serde_json::json;
+
+/// A bus on the shared emulator, in a project of its own.
+async fn emulator_bus() -> PubSubBus {
+    let host = keel_testkit::services::pubsub_emulator_host()
+        .await
+        .expect("the Pub/Sub emulator is available");
+    let config = PubSubConfig::emulator(unique("keel"), &host)
+        .unwrap()
+        .with_dead_letter_listing_waits(Duration::from_secs(2), Duration::from_millis(300));
+    PubSubBus::connect(config).await.unwrap()
+}
+
+bus_contract_tests! {
+    factory: || async { (emulator_bus().await, ()) },
+    tests: [
+        round_trip_keeps_every_field,
+        failed_handler_is_retried_with_attempts,
+        poison_message_is_dead_lettered_after_max_attempts,
+        rejected_message_is_dead_lettered_at_once,
+        panicking_handler_is_retried,
+        malformed_messages_are_dead_lettered,
+        ordering_key_order_is_kept,
+        dead_letters_can_be_listed_and_replayed,
+        graceful_shutdown_finishes_in_flight,
+        killed_subscriber_message_is_redelivered,
+        competing_consumers_share_and_fan_out,
+        missing_resources_without_auto_create,
+        invalid_settings_are_refused,
+        many_messages_with_random_failures_are_accounted_for,
+    ],
+}
+
+/// A handler slower than the ack deadline keeps its lease: the message is
+/// not redelivered while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handler_keeps_its_lease() {
+    let bus = emulator_bus().await;
+    let topic = unique("lease");
+    let runs = Arc::new(AtomicUsize::new(0));
+    struct Slow(Arc<AtomicUsize>);
+    #[async_trait]
+    impl EventHandler for Slow {
+        async fn handle(&self, _: &Delivery) -> Result<(), HandlerError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(14)).await;
+            Ok(())
+        }
+    }
+    let config = fast_config("slow").ack_deadline(Duration::from_secs(10));
+    let sub = bus
+        .subscribe(&topic, &config, Arc::new(Slow(runs.clone())))
+        .await
+        .unwrap();
+    bus.publish(&topic, &[Message::new("t.slow", json!(1))])
+        .await
+        .unwrap();
+    wait_until("the handler started", || runs.load(Ordering::SeqCst) == 1).await;
+    // Past the 10 s deadline and the handler's 14 s: one run only.
+    tokio::time::sleep(Duration::from_secs(17)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the lease expired mid-handler"
+    );
+    sub.shutdown().await;
+}
+
+/// `ensure_subscription` updates retry and dead-letter settings of an
+/// existing subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_subscription_updates_settings() {
+    let bus = emulator_bus().await;
+    let topic = unique("update");
+    bus.ensure_subscription(&topic, &fast_config("c").max_delivery_attempts(5))
+        .await
+        .unwrap();
+    bus.ensure_subscription(&topic, &fast_config("c").max_delivery_attempts(7))
+        .await
+        .unwrap();
+    let rec = Recorder::new(|_| Err(HandlerError::retry("always")));
+    let sub = bus
+        .subscribe(
+            &topic,
+            &fast_config("c").max_delivery_attempts(7),
+            rec.clone(),
+        )
+        .await
+        .unwrap();
+    let m = Message::new("t.x", json!(1));
+    bus.publish(&topic, std::slice::from_ref(&m)).await.unwrap();
+    wait_until("seven attempts", || rec.attempts_of(m.event_id).len() == 7).await;
+    let dead = bus.dead_letters(&topic, "c", 5).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, Some(7));
+    sub.shutdown().await;
+}
+
+#[tokio::test]
+async fn config_from_env_and_validation() {
+    assert!(PubSubConfig::emulator("p", "").is_err());
+    assert!(PubSubConfig::emulator("p", "http://x:1").is_err());
+    assert!(PubSubConfig::new("").is_err());
+    let c = PubSubConfig::new("my-project").unwrap();
+    assert_eq!(c.endpoint(), None);
+    assert_eq!(c.project(), "my-project");
+}
