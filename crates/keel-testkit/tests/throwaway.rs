@@ -93,3 +93,66 @@ async fn clusters_are_independent() {
     assert_eq!(select_one(&b.url()).await.unwrap(), 1);
     assert!(select_one(&a.url()).await.is_err());
 }
+
+/// Run in a child process by `a_dead_test_process_leaves_nothing_behind`:
+/// creates a cluster, says where, and waits to be killed.
+#[tokio::test]
+#[ignore = "helper, run in a child process by another test"]
+#[allow(
+    clippy::print_stdout,
+    reason = "the parent process reads the answer from stdout"
+)]
+async fn child_creates_a_cluster_and_waits() {
+    let pg = ThrowawayPostgres::new().await.unwrap();
+    println!(
+        "READY {} {}",
+        pg.port(),
+        pg.log_file().parent().unwrap().display()
+    );
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+#[tokio::test]
+async fn a_dead_test_process_leaves_nothing_behind() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_creates_a_cluster_and_waits",
+            "--ignored",
+            "--nocapture",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("READY "))
+    })
+    .await
+    .unwrap()
+    .expect("the child never reported its cluster");
+    let mut parts = line.split_whitespace().skip(1);
+    let port: u16 = parts.next().unwrap().parse().unwrap();
+    let dir = std::path::PathBuf::from(parts.next().unwrap());
+    assert!(dir.exists());
+
+    // SIGKILL: no destructor runs; the watchdog must clean up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dir.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster of a killed test process is still there: {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
