@@ -77,6 +77,11 @@ pub enum TlsMode {
     /// Require TLS, without verifying the certificate.
     Require,
     /// Require TLS and a certificate signed by a trusted CA.
+    ///
+    /// Caveat: with sqlx 0.8.6 and rustls 0.23.24 or later, the host name is
+    /// checked too, as in [`VerifyFull`](TlsMode::VerifyFull) (sqlx issue
+    /// #3793, fixed upstream after 0.8.6). That is stricter, never weaker;
+    /// connect by a name the certificate lists.
     VerifyCa,
     /// Require TLS, a trusted certificate, and a host name that matches it.
     VerifyFull,

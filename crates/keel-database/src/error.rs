@@ -422,6 +422,7 @@ impl DatabaseError {
             _ => {}
         }
         match e {
+            sqlx::Error::Io(ref io) if is_tls_io_error(io) => DatabaseError::Tls { source: e },
             sqlx::Error::Io(_) => DatabaseError::Unreachable {
                 host: host(),
                 port: opts.get_port(),
@@ -454,6 +455,7 @@ impl DatabaseError {
 impl From<sqlx::Error> for DatabaseError {
     fn from(e: sqlx::Error) -> Self {
         match e {
+            sqlx::Error::Io(ref io) if is_tls_io_error(io) => DatabaseError::Tls { source: e },
             sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
                 DatabaseError::ConnectionLost { source: e }
             }
@@ -540,6 +542,13 @@ fn classify_database(e: sqlx::Error) -> DatabaseError {
         },
         _ => DatabaseError::Query(e),
     }
+}
+
+/// sqlx reports failures inside the TLS handshake (an untrusted or
+/// mismatched certificate) as I/O errors wrapping the rustls error.
+fn is_tls_io_error(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
 }
 
 fn is_connection_sqlstate(code: &str) -> bool {
@@ -729,6 +738,12 @@ pub fn chain_has_transaction_conflict(e: &(dyn StdError + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_cross_threads() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<DatabaseError>();
+    }
 
     #[test]
     fn io_errors_are_retryable_unavailable() {

@@ -364,7 +364,14 @@ impl Database {
                     e
                 }
             };
-            if !outcome.is_transaction_conflict() || attempt >= policy.attempts() {
+            if !outcome.is_transaction_conflict() {
+                return Err(outcome);
+            }
+            if attempt >= policy.attempts() {
+                tracing::warn!(
+                    attempts = attempt,
+                    "transaction still aborted by serialization failures or deadlocks after the last attempt"
+                );
                 return Err(outcome);
             }
             let wait = policy.jittered_backoff(attempt);

@@ -143,29 +143,138 @@ async fn wrong_password_is_an_authentication_error_without_the_password() {
     db.close().await;
 }
 
-#[tokio::test]
-async fn tls_required_against_a_server_without_tls_fails_typed() {
-    let e = Database::connect(
-        DatabaseConfig::builder()
-            .url("postgres://postgres@127.0.0.1:5432/postgres")
-            .tls_mode(keel_database::TlsMode::Require)
-            .min_connections(0)
-            .build()
-            .unwrap(),
-    )
-    .await;
-    // The local server may or may not offer TLS; when it does not, the
-    // failure is the typed TLS error, and when it does, the pool works.
-    match e {
-        Ok(db) => {
-            let ssl: bool =
-                sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-                    .fetch_one(db.pool())
-                    .await
-                    .unwrap();
-            assert!(ssl);
+/// A fake server that refuses TLS the way PostgreSQL does: it answers the
+/// client's SSLRequest with `N`.
+async fn server_without_tls() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0_u8; 8];
+                if socket.read_exact(&mut request).await.is_ok() {
+                    let _ = socket.write_all(b"N").await;
+                    // Then wait for the client to give up.
+                    let mut rest = [0_u8; 64];
+                    let _ = socket.read(&mut rest).await;
+                }
+            });
         }
-        Err(e) => assert!(matches!(e, DatabaseError::Tls { .. }), "{e:?}"),
+    });
+    port
+}
+
+fn tls_config(url: &str, mode: keel_database::TlsMode, ca: Option<&str>) -> DatabaseConfig {
+    let mut b = DatabaseConfig::builder()
+        .url(url)
+        .tls_mode(mode)
+        .min_connections(0)
+        .max_connections(1);
+    if let Some(ca) = ca {
+        b = b.tls_ca_file(ca);
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test]
+async fn tls_required_but_not_offered_is_a_tls_error() {
+    let port = server_without_tls().await;
+    let url = format!("postgres://app:Sup3rS3cret@127.0.0.1:{port}/app");
+    let e = Database::connect(tls_config(&url, keel_database::TlsMode::Require, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DatabaseError::Tls { .. }), "{e:?}");
+    assert_no_secret(&e, "Sup3rS3cret");
+}
+
+/// Against the local server's TLS set-up (Debian's self-signed "snakeoil"
+/// certificate for `localhost`): verification through rustls accepts it only
+/// with that certificate as CA and, for verify-full, the matching host name.
+#[tokio::test]
+async fn tls_verification_against_the_local_server() {
+    use keel_database::TlsMode;
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let probe = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&probe)
+        .await
+        .unwrap();
+    let cert: String = sqlx::query_scalar("SHOW ssl_cert_file")
+        .fetch_one(&probe)
+        .await
+        .unwrap();
+    probe.close().await;
+    if ssl != "on" || cert != SNAKEOIL {
+        eprintln!(
+            "local PostgreSQL has no snakeoil TLS set-up (ssl={ssl}, cert={cert}); only the negative cases run"
+        );
+    }
+    let tls_in_use = async |db: &Database| -> bool {
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+    };
+
+    // Without the CA, the self-signed certificate is refused.
+    let untrusted = Database::connect(tls_config(
+        "postgres://postgres@127.0.0.1:5432/postgres",
+        TlsMode::VerifyFull,
+        None,
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(untrusted, DatabaseError::Tls { .. }),
+        "{untrusted:?}"
+    );
+
+    if ssl == "on" && cert == SNAKEOIL {
+        let require = Database::connect(tls_config(
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            TlsMode::Require,
+            None,
+        ))
+        .await
+        .unwrap();
+        assert!(tls_in_use(&require).await);
+
+        let verified = Database::connect(tls_config(
+            "postgres://postgres@localhost:5432/postgres",
+            TlsMode::VerifyFull,
+            Some(SNAKEOIL),
+        ))
+        .await
+        .unwrap();
+        assert!(tls_in_use(&verified).await);
+
+        // Trusted CA, but the certificate does not name 127.0.0.1.
+        let wrong_name = Database::connect(tls_config(
+            "postgres://postgres@127.0.0.1:5432/postgres",
+            TlsMode::VerifyFull,
+            Some(SNAKEOIL),
+        ))
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(wrong_name, DatabaseError::Tls { .. }),
+            "{wrong_name:?}"
+        );
+
+        // verify-ca accepts a certificate signed by the given CA. (With
+        // sqlx 0.8.6 and current rustls it also checks the host name, see
+        // `TlsMode::VerifyCa`, so this connects by the certificate's name.)
+        let ca_only = Database::connect(tls_config(
+            "postgres://postgres@localhost:5432/postgres",
+            TlsMode::VerifyCa,
+            Some(SNAKEOIL),
+        ))
+        .await
+        .unwrap();
+        assert!(tls_in_use(&ca_only).await);
     }
 }
 
@@ -198,4 +307,69 @@ async fn lazy_pool_reports_failures_as_retryable_on_use() {
     db.close().await;
     let closed = db.begin().await.unwrap_err();
     assert!(matches!(closed, DatabaseError::PoolClosed), "{closed:?}");
+}
+
+/// A server that accepts TCP connections and then never answers (a hung
+/// process, a black-holing proxy) is caught by the connect timeout, and by
+/// the acquire timeout in a lazy pool: nothing waits forever.
+#[tokio::test]
+async fn silent_server_hits_the_connect_and_acquire_timeouts() {
+    // The kernel completes the handshake from the listen backlog; nobody
+    // ever reads or writes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("postgres://app:Sup3rS3cret@127.0.0.1:{port}/app");
+
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        Database::connect(
+            DatabaseConfig::builder()
+                .url(&url)
+                .min_connections(0)
+                .connect_timeout(Duration::from_millis(300))
+                .build()
+                .unwrap(),
+        ),
+    )
+    .await
+    .expect("connect must give up after its timeout")
+    .unwrap_err();
+    match &e {
+        DatabaseError::ConnectTimeout {
+            host,
+            port: p,
+            after,
+        } => {
+            assert_eq!(host, "127.0.0.1");
+            assert_eq!(*p, port);
+            assert_eq!(*after, Duration::from_millis(300));
+        }
+        other => panic!("expected ConnectTimeout, got {other:?}"),
+    }
+    assert!(e.is_retryable());
+    assert_no_secret(&e, "Sup3rS3cret");
+    assert_eq!(
+        keel_core::Error::from(e).kind(),
+        keel_core::ErrorKind::Timeout
+    );
+
+    let lazy = Database::connect_lazy(
+        DatabaseConfig::builder()
+            .url(&url)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    );
+    let e = tokio::time::timeout(Duration::from_secs(10), lazy.begin())
+        .await
+        .expect("begin must give up after the acquire timeout")
+        .unwrap_err();
+    match &e {
+        DatabaseError::AcquireTimeout { after } => {
+            assert_eq!(*after, Some(Duration::from_millis(300)));
+        }
+        other => panic!("expected AcquireTimeout, got {other:?}"),
+    }
+    drop(silent);
 }
