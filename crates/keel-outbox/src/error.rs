@@ -80,6 +80,11 @@ pub enum OutboxError {
         after: Duration,
     },
 
+    /// The event-store relay failed: an event could not be read or turned
+    /// into a message, or the store failed.
+    #[error("the event-store relay failed")]
+    EventStore(#[source] keel_core::Error),
+
     /// PostgreSQL failed or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -99,7 +104,9 @@ impl OutboxError {
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
-            OutboxError::Publish { source, .. } => source.is_retryable(),
+            OutboxError::Publish { source, .. } | OutboxError::EventStore(source) => {
+                source.is_retryable()
+            }
             OutboxError::PublishTimeout { .. } => true,
             OutboxError::Database(e) => {
                 matches!(classify(e), DbClass::Unavailable | DbClass::Timeout)
@@ -156,7 +163,7 @@ impl From<OutboxError> for keel_core::Error {
             OutboxError::DuplicateEvent { event_id } => keel_core::Error::AlreadyExists {
                 subject: format!("outbox event {event_id}"),
             },
-            OutboxError::Publish { source, .. } => source,
+            OutboxError::Publish { source, .. } | OutboxError::EventStore(source) => source,
             OutboxError::PublishTimeout { after, .. } => keel_core::Error::Timeout {
                 operation: "outbox publish".into(),
                 after,

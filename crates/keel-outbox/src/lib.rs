@@ -17,6 +17,9 @@
 //! * [`Inbox`] wraps a consumer's [`InboxHandler`] so that its database work
 //!   and the record "event X handled by consumer Y" commit together: a
 //!   redelivered message is acknowledged without running the work again.
+//! * `EventStoreRelay` (feature `eventstore`) makes an event store its own
+//!   outbox: it forwards the store's global log to the bus from a durable
+//!   checkpoint, so event-sourced services need no outbox table.
 //!
 //! Delivery is at-least-once: a relay that dies after publishing and before
 //! marking publishes again later. Consumers deduplicate by
@@ -91,15 +94,24 @@
 //!
 //! # Feature flags
 //!
-//! `keel-outbox` has no optional features: it always needs PostgreSQL (via
-//! sqlx) and works with any [`EventPublisher`](keel_core::EventPublisher).
+//! * `eventstore` (off by default): `EventStoreRelay`, which treats a
+//!   `keel-eventstore` store as its own outbox and forwards its global log to
+//!   the bus from a durable checkpoint. Adds the `keel-eventstore`
+//!   dependency.
+//!
+//! Everything else is always there: the outbox needs PostgreSQL (via sqlx)
+//! and works with any [`EventPublisher`](keel_core::EventPublisher).
 
 mod error;
 mod inbox;
 mod relay;
+#[cfg(feature = "eventstore")]
+mod store_relay;
 mod writer;
 
 pub use error::{OutboxError, Result};
 pub use inbox::{Inbox, InboxHandler, record};
 pub use relay::{Relay, RelayConfig, RelayHandle, RelayReport};
+#[cfg(feature = "eventstore")]
+pub use store_relay::{EventStoreRelay, EventStoreRelayHandle};
 pub use writer::{NOTIFY_CHANNEL, OutboxMessage, OutboxWriter};

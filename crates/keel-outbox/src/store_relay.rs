@@ -1,0 +1,232 @@
+//! The event store as its own outbox: forwarding the global log to the bus.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::{BoxError, EventPublisher, Message};
+use keel_eventstore::{
+    EventStore, RecordedEvent, Subscription, SubscriptionHandle, SubscriptionHandler,
+    SubscriptionOptions, SubscriptionStatus, SubscriptionSupport,
+};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::error::{OutboxError, Result};
+
+type Router = dyn Fn(&RecordedEvent) -> Option<String> + Send + Sync;
+
+/// Publishes the events of an event store's global log to the bus, in log
+/// order, from a durable checkpoint.
+///
+/// An event-sourced service needs no outbox table: its events are already
+/// committed atomically with the change, in the store. This relay follows
+/// the store's global log with a catch-up subscription (one active instance
+/// per subscription name across processes; the checkpoint lives in the
+/// store) and publishes each event it routes to a topic, with
+/// * the stored event id as the message's event id, so consumers
+///   deduplicate;
+/// * the stream id as the ordering key.
+///
+/// A failed publish is retried with backoff until it succeeds, holding the
+/// log (the checkpoint must not pass an unpublished event). After a crash,
+/// events after the last checkpoint are published again: at-least-once.
+pub struct EventStoreRelay {
+    publisher: Arc<dyn EventPublisher>,
+    router: Arc<Router>,
+    publish_timeout: Duration,
+    retry_min: Duration,
+    retry_max: Duration,
+}
+
+impl fmt::Debug for EventStoreRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventStoreRelay")
+            .field("publish_timeout", &self.publish_timeout)
+            .field("retry_min", &self.retry_min)
+            .field("retry_max", &self.retry_max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStoreRelay {
+    /// A relay publishing through `publisher`; `route` names the topic of
+    /// each event, or `None` to leave it unpublished (internal events).
+    pub fn new<F>(publisher: Arc<dyn EventPublisher>, route: F) -> Self
+    where
+        F: Fn(&RecordedEvent) -> Option<String> + Send + Sync + 'static,
+    {
+        Self {
+            publisher,
+            router: Arc::new(route),
+            publish_timeout: Duration::from_secs(30),
+            retry_min: Duration::from_millis(200),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+
+    /// How long one publish may take before it counts as failed (default
+    /// 30 s).
+    #[must_use]
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// The retry delays after a failed publish: from `min`, doubling, up to
+    /// `max` (default 200 ms to 60 s).
+    #[must_use]
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_min = min;
+        self.retry_max = max.max(min);
+        self
+    }
+
+    /// Starts forwarding `store`'s global log as subscription
+    /// `options.name` (its checkpoint key), on a Tokio task.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Invalid`] when the subscription name is empty or the
+    /// publish timeout or retry delay is zero.
+    pub fn spawn<S>(
+        self,
+        store: Arc<S>,
+        options: SubscriptionOptions,
+    ) -> Result<EventStoreRelayHandle>
+    where
+        S: EventStore + SubscriptionSupport + ?Sized + 'static,
+    {
+        if options.name.is_empty() {
+            return Err(OutboxError::invalid("name", "must not be empty"));
+        }
+        if self.publish_timeout.is_zero() || self.retry_min.is_zero() {
+            return Err(OutboxError::invalid(
+                "publish_timeout",
+                "publish timeout and retry delay must be positive",
+            ));
+        }
+        let (stop, stopping) = watch::channel(false);
+        let interrupted = Arc::new(AtomicBool::new(false));
+        let handler = Forward {
+            name: options.name.clone(),
+            relay: self,
+            stopping,
+            interrupted: interrupted.clone(),
+        };
+        let subscription = Subscription::spawn(store, options, handler);
+        Ok(EventStoreRelayHandle {
+            subscription,
+            stop,
+            interrupted,
+        })
+    }
+}
+
+/// A running [`EventStoreRelay`].
+#[derive(Debug)]
+pub struct EventStoreRelayHandle {
+    subscription: SubscriptionHandle,
+    stop: watch::Sender<bool>,
+    interrupted: Arc<AtomicBool>,
+}
+
+impl EventStoreRelayHandle {
+    /// The subscription's status: leadership, last position forwarded,
+    /// events handled.
+    #[must_use]
+    pub fn status(&self) -> SubscriptionStatus {
+        self.subscription.status()
+    }
+
+    /// Waits until the status satisfies `f` (or the relay ends).
+    pub async fn wait_for(
+        &mut self,
+        f: impl Fn(&SubscriptionStatus) -> bool,
+    ) -> SubscriptionStatus {
+        self.subscription.wait_for(f).await
+    }
+
+    /// Stops gracefully: a publish in flight finishes (one being retried is
+    /// abandoned and published again on restart), and the checkpoint is
+    /// stored.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::EventStore`] when the relay had already failed: an
+    /// event that cannot be turned into a message, or a store error.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        match self.subscription.stop().await {
+            Ok(()) => Ok(()),
+            Err(_) if self.interrupted.load(Ordering::SeqCst) => Ok(()),
+            Err(e) => Err(OutboxError::EventStore(e.into())),
+        }
+    }
+
+    /// Ends the relay at once, like a crash: no final checkpoint, so events
+    /// since the last one are published again by the next relay.
+    pub fn abort(self) {
+        self.subscription.abort();
+    }
+}
+
+struct Forward {
+    name: String,
+    relay: EventStoreRelay,
+    stopping: watch::Receiver<bool>,
+    interrupted: Arc<AtomicBool>,
+}
+
+/// Turns a stored event into the message published for it.
+fn to_message(event: &RecordedEvent) -> Result<Message, keel_eventstore::EventStoreError> {
+    let mut message = Message::new(event.event_type.clone(), event.payload_value()?)
+        .with_event_id(event.event_id)
+        .with_metadata(event.metadata.clone())
+        .with_ordering_key(event.stream_id.as_str());
+    message.schema_version = event.schema_version;
+    Ok(message)
+}
+
+#[async_trait]
+impl SubscriptionHandler for Forward {
+    async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
+        let Some(topic) = (self.relay.router)(event) else {
+            return Ok(());
+        };
+        let message = to_message(event)?;
+        let batch = std::slice::from_ref(&message);
+        let mut delay = self.relay.retry_min;
+        loop {
+            let error = match tokio::time::timeout(
+                self.relay.publish_timeout,
+                self.relay.publisher.publish(&topic, batch),
+            )
+            .await
+            {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(source)) => OutboxError::Publish {
+                    topic: topic.clone(),
+                    source,
+                },
+                Err(_) => OutboxError::PublishTimeout {
+                    topic: topic.clone(),
+                    after: self.relay.publish_timeout,
+                },
+            };
+            warn!(relay = %self.name, position = %event.position, event_id = %event.event_id,
+                  error = %error, ?delay, "publishing a stored event failed; will retry");
+            let mut stopping = self.stopping.clone();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stopping.wait_for(|s| *s) => {
+                    self.interrupted.store(true, Ordering::SeqCst);
+                    return Err(Box::new(error));
+                }
+            }
+            delay = (delay * 2).min(self.relay.retry_max);
+        }
+    }
+}
