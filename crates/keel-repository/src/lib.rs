@@ -2,7 +2,115 @@
 //! automatic timestamps, soft delete, filtering and two kinds of pagination,
 //! on PostgreSQL and in memory.
 //!
-//! (Docs in progress.)
+//! Services use it for state-based aggregates and read models instead of
+//! writing the same SQL in every service. Declare how an entity maps to a
+//! table once ([`Mapped`]); then [`PgRepository`] and [`InMemoryRepository`]
+//! both implement keel-core's
+//! [`EntityRepository`](keel_core::EntityRepository) port
+//! ([`EntityReader`](keel_core::EntityReader) +
+//! [`EntityWriter`](keel_core::EntityWriter)) with the same observable
+//! behaviour, proved by one contract suite (module `testing`, feature `testing`).
+//!
+//! * **Writes**: `insert`, `insert_many` (all or nothing), `update`,
+//!   `upsert`, `soft_delete`, `restore`, `hard_delete` (explicit and
+//!   separate).
+//! * **Reads**: `get`, `get_including_deleted`, `get_many`, `exists`,
+//!   `count`, `list`.
+//! * **Optimistic locking**: every row has a version (1 after insert, +1 per
+//!   write); `update`, `soft_delete`, `restore` and `hard_delete` take the
+//!   version the caller read, and a stale one is a
+//!   [`VersionConflict`](keel_core::VersionConflict) with `expected` and
+//!   `actual`, with nothing written.
+//! * **Timestamps**: `created_at` / `updated_at` / `deleted_at` kept by the
+//!   repository, from the database server's `now()` or from a
+//!   [`Clock`](keel_core::Clock) (`with_clock`), at microsecond precision.
+//! * **Soft delete**: soft-deleted rows are invisible to every read unless
+//!   the caller asks ([`Deleted`](keel_core::Deleted)).
+//! * **Listing**: equality, range, in-list and literal prefix filters, and
+//!   sorting, on declared fields only; offset pages with a total, or keyset
+//!   pages with an opaque, HMAC-signed cursor bound to the query.
+//! * **Units of work**: [`PgRepository::on`] runs every operation on a
+//!   connection you hold, so an entity and an outbox row commit together.
+//!
+//! Guide: `docs/repository.md`.
+//!
+//! # Example
+//!
+//! ```
+//! use keel_core::{
+//!     Direction, Entity, EntityReader, EntityWriter, Error, Filter, ListQuery, PageRequest,
+//!     Version,
+//! };
+//! use keel_repository::{
+//!     Column, ColumnType, InMemoryRepository, Mapped, Mapping, Result, Row, RowWriter, Value,
+//! };
+//!
+//! #[derive(Clone, Debug, PartialEq)]
+//! struct Customer { id: i64, email: String, tier: i32 }
+//!
+//! impl Entity for Customer {
+//!     type Id = i64;
+//!     const NAME: &'static str = "customer";
+//!     fn id(&self) -> &i64 { &self.id }
+//! }
+//!
+//! impl Mapped for Customer {
+//!     fn mapping() -> Mapping {
+//!         Mapping::new("customers")
+//!             .id("id", ColumnType::I64)
+//!             .column(Column::new("email", ColumnType::Text).filterable().sortable())
+//!             .column(Column::new("tier", ColumnType::I32).filterable().sortable())
+//!     }
+//!     fn id_value(id: &i64) -> Value { (*id).into() }
+//!     fn write(&self, row: &mut RowWriter<'_>) {
+//!         row.set("id", self.id).set("email", &self.email).set("tier", self.tier);
+//!     }
+//!     fn read(row: &mut Row<'_>) -> Result<Self> {
+//!         Ok(Customer { id: row.get("id")?, email: row.get("email")?, tier: row.get("tier")? })
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Error> {
+//! // `PgRepository::new(pool)?` is a drop-in replacement.
+//! let customers = InMemoryRepository::<Customer>::new()?;
+//!
+//! let ada = customers.insert(Customer { id: 1, email: "ada@example.com".into(), tier: 2 }).await?;
+//! assert_eq!(ada.version, Version::new(1));
+//!
+//! // Optimistic locking: the second writer with the same version loses.
+//! let mut gold = ada.entity.clone();
+//! gold.tier = 3;
+//! customers.update(gold.clone(), ada.version).await?;
+//! let stale = customers.update(gold, ada.version).await.unwrap_err();
+//! assert_eq!(stale.as_conflict().unwrap().actual, Version::new(2));
+//!
+//! // Filter, sort, and page with a cursor.
+//! let query = ListQuery::new(PageRequest::first(20))
+//!     .filter(Filter::at_least("tier", 2))
+//!     .sort_by("email", Direction::Asc);
+//! let page = customers.list(&query).await?;
+//! assert_eq!(page.items.len(), 1);
+//! assert!(page.next.is_none());
+//!
+//! // Soft-deleted entities disappear from reads until restored.
+//! let gone = customers.soft_delete(&1, Version::new(2)).await?;
+//! assert!(customers.get(&1).await?.is_none());
+//! customers.restore(&1, gone.version).await?;
+//! assert!(customers.exists(&1).await?);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `postgres` | yes | [`PgRepository`] and [`OnConnection`], on sqlx |
+//! | `testing` | no | the contract suite (module `testing`, macro `contract_suite!`) for implementations of the port |
+//!
+//! Without `postgres` the crate has no database dependency:
+//! [`InMemoryRepository`] needs neither a server nor sqlx.
 
 mod cursor;
 mod error;

@@ -173,7 +173,13 @@ impl Mapping {
             sql.push_str(&format!(
                 "    {} {}{}{},\n",
                 quote(&c.name),
-                c.ty.sql_type(),
+                // Byte-wise collation, so that indexes on text columns serve
+                // the repository's `COLLATE "C"` ordering.
+                if c.ty == ColumnType::Text {
+                    "TEXT COLLATE \"C\""
+                } else {
+                    c.ty.sql_type()
+                },
                 if c.nullable { "" } else { " NOT NULL" },
                 if i == 0 && self.id.is_some() {
                     " PRIMARY KEY"

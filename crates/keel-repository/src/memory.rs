@@ -22,15 +22,9 @@ use crate::value::{Key, truncate_micros};
 /// It follows the same mapping, validation, ordering (text byte-wise, as
 /// PostgreSQL's `"C"` collation), timestamp precision (microseconds), cursor
 /// format and error rules as [`PgRepository`](crate::PgRepository); the
-/// contract suite in [`testing`](crate::testing) checks both. Clones share the
-/// same data. It does not model unique constraints other than the id.
-///
-/// ```
-/// # use keel_repository::{InMemoryRepository, Mapped};
-/// # fn f<E: Mapped>() -> keel_repository::Result<()> {
-/// let repo = InMemoryRepository::<E>::new()?;
-/// # Ok(()) }
-/// ```
+/// contract suite in the `testing` module checks both. Clones share the
+/// same data. It does not model unique constraints other than the id, nor
+/// transactions.
 pub struct InMemoryRepository<E: Mapped> {
     schema: Arc<Schema>,
     rows: Arc<Mutex<BTreeMap<Key, Record>>>,

@@ -58,6 +58,9 @@ async fn outbox_rows(db: &TestDatabase) -> i64 {
 async fn server_time_is_the_default() {
     let db = database().await;
     let repo = repo(&db).await;
+    repo.verify_schema()
+        .await
+        .expect("create_table_sql matches the mapping");
     let before: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(db.pool())
         .await
@@ -259,6 +262,11 @@ async fn a_column_of_the_wrong_type_is_a_decode_error() {
         .replace("\"stock\" INTEGER", "\"stock\" BIGINT");
     sqlx::query(&ddl).execute(db.pool()).await.unwrap();
     let repo = repo(&db).await;
+    let report = repo.verify_schema().await.unwrap_err().to_string();
+    assert!(
+        report.contains("column `stock` is int8, the mapping needs INTEGER"),
+        "{report}"
+    );
     let err: Result<_> = async {
         let mut conn = db.pool().acquire().await.unwrap();
         repo.on(&mut conn).insert(gadget("a", "x", 1)).await
@@ -270,6 +278,20 @@ async fn a_column_of_the_wrong_type_is_a_decode_error() {
     assert!(
         message.contains("stock") || message.contains("type"),
         "{message}"
+    );
+    sqlx::query("ALTER TABLE gadgets DROP COLUMN deleted_at, DROP CONSTRAINT gadgets_pkey")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let report = repo.verify_schema().await.unwrap_err().to_string();
+    assert!(
+        report.contains("column `deleted_at` is missing"),
+        "{report}"
+    );
+    assert!(report.contains("no unique index on `id`"), "{report}");
+    assert!(
+        report.contains("`stock`"),
+        "every problem at once: {report}"
     );
 }
 
@@ -322,6 +344,16 @@ async fn schema_qualified_tables_work() {
         .await
         .unwrap();
     let repo = PgRepository::<Note>::new(db.pool().clone()).unwrap();
+    repo.verify_schema().await.unwrap();
+    let gadgets = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .unwrap();
+    let missing = PgRepository::<Note>::new(gadgets.pool().clone()).unwrap();
+    let report = missing.verify_schema().await.unwrap_err().to_string();
+    assert!(
+        report.contains("table `app.notes` does not exist"),
+        "{report}"
+    );
     repo.insert_many(
         (1..=5)
             .map(|id| Note {
