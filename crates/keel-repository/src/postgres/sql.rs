@@ -162,8 +162,11 @@ pub(crate) fn push_where<'a>(
     for cond in conds {
         qb.push(" AND ");
         match cond {
+            // Equality, in-lists and prefixes mean the same under any
+            // deterministic collation, so they keep the column's own, which
+            // lets its indexes serve them.
             Cond::Eq(f, v) => {
-                qb.push(field_sql(schema, *f)).push(" = ");
+                qb.push(quote(&schema.fields[*f].name)).push(" = ");
                 qb.push_bind(Param(v, schema.fields[*f].ty));
             }
             Cond::Range(f, low, high) => {
@@ -179,12 +182,12 @@ pub(crate) fn push_where<'a>(
                 qb.push(")");
             }
             Cond::In(f, values) => {
-                qb.push(field_sql(schema, *f)).push(" = ANY(");
+                qb.push(quote(&schema.fields[*f].name)).push(" = ANY(");
                 push_array(qb, schema.fields[*f].ty, values);
                 qb.push(")");
             }
             Cond::Prefix(f, prefix) => {
-                qb.push(field_sql(schema, *f)).push(" LIKE ");
+                qb.push(quote(&schema.fields[*f].name)).push(" LIKE ");
                 qb.push_bind(like_prefix(prefix));
                 qb.push(" ESCAPE '\\'");
             }
