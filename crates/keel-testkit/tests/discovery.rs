@@ -204,54 +204,101 @@ async fn postgres_is_started_as_a_fresh_cluster_when_told_to_ignore_the_default(
     conn.close().await.unwrap();
 }
 
-/// Run as a child process by
-/// `the_emulator_is_started_once_and_shared_by_processes`: finds the
-/// emulator as the environment says and prints what it found.
+/// Run as a child process by the tests below: finds the service named by
+/// `KEEL_TESTKIT_TEST_SERVICE` as the environment says and prints what it
+/// found.
 #[tokio::test]
-#[ignore = "helper, run in a child process by another test"]
+#[ignore = "helper, run in a child process by other tests"]
 #[allow(
     clippy::print_stdout,
     reason = "the parent process reads the answer from stdout"
 )]
-async fn child_finds_the_emulator() {
-    let found = Discovery::from_env()
-        .find(Service::PubSubEmulator)
+async fn child_finds_a_service() {
+    let service = match std::env::var("KEEL_TESTKIT_TEST_SERVICE").as_deref() {
+        Ok("redis") => Service::Redis,
+        _ => Service::PubSubEmulator,
+    };
+    let found = Discovery::from_env().find(service).await.unwrap();
+    println!("FOUND {} {:?}", found.connection_string(), found.source());
+}
+
+/// Runs `child_finds_a_service` in a new process with state in `state_dir`
+/// and returns what it printed after `FOUND `.
+fn run_child(service: &str, state_dir: &std::path::Path) -> String {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_finds_a_service",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("KEEL_TESTKIT_TEST_SERVICE", service)
+        .env("KEEL_TESTKIT_DIR", state_dir)
+        .env("KEEL_TESTKIT_IGNORE_DEFAULTS", "1")
+        .env("KEEL_TESTKIT_NO_CONTAINERS", "1")
+        .env("KEEL_TESTKIT_IDLE_SECS", "3")
+        .env_remove("PUBSUB_EMULATOR_HOST")
+        .env_remove("REDIS_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("FOUND "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("child printed nothing found:\n{stdout}"))
+}
+
+#[tokio::test]
+async fn a_stale_instance_whose_watchdog_died_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let found = isolated(dir.path()).find(Service::Redis).await.unwrap();
+    let old = strip_scheme(found.connection_string()).to_owned();
+    let state = std::fs::read_to_string(dir.path().join("redis/state")).unwrap();
+    let reaper: u32 = state
+        .lines()
+        .find_map(|l| l.strip_prefix("reaper="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Kill the watchdog the hard way; the Redis it started lives on.
+    let killed = Command::new("kill")
+        .args(["-KILL", &reaper.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(redis_ping(&old));
+
+    // Another process finds the stale state, stops the orphan and starts a
+    // fresh instance.
+    let state_dir = dir.path().to_path_buf();
+    let fresh = tokio::task::spawn_blocking(move || run_child("redis", &state_dir))
         .await
         .unwrap();
-    println!("FOUND {} {:?}", found.connection_string(), found.source());
+    assert!(fresh.ends_with("Started"), "{fresh}");
+    let fresh = strip_scheme(fresh.split_whitespace().next().unwrap()).to_owned();
+    assert_ne!(fresh, old);
+    wait_until("the orphaned Redis stops", Duration::from_secs(10), || {
+        !redis_ping(&old)
+    })
+    .await;
+    drop(dir);
+    wait_until("the fresh Redis stops", Duration::from_secs(20), || {
+        !redis_ping(&fresh)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_emulator_is_started_once_and_shared_by_processes() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().to_path_buf();
-    let run_child = move || {
-        let output = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_finds_the_emulator",
-                "--ignored",
-                "--nocapture",
-            ])
-            .env("KEEL_TESTKIT_DIR", &state_dir)
-            .env("KEEL_TESTKIT_IGNORE_DEFAULTS", "1")
-            .env("KEEL_TESTKIT_NO_CONTAINERS", "1")
-            .env("KEEL_TESTKIT_IDLE_SECS", "3")
-            .env_remove("PUBSUB_EMULATOR_HOST")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "child failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("FOUND "))
-            .map(str::to_owned)
-            .unwrap_or_else(|| panic!("child printed nothing found:\n{stdout}"))
-    };
+    let run_child = move || run_child("pubsub", &state_dir);
     let first = tokio::task::spawn_blocking(run_child.clone())
         .await
         .unwrap();

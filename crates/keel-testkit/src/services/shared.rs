@@ -58,6 +58,7 @@ holder_alive() {
 }
 "$@" >>"$work/service.log" 2>&1 </dev/null &
 svc=$!
+echo "$svc" > "$work/service.pid"
 idle_since=$(date +%s)
 while [ "$quit" = 0 ]; do
   sleep 1
@@ -132,6 +133,8 @@ pub(crate) fn ensure(
         if sys::process_alive(state.reaper) {
             let _ = sys::run(std::process::Command::new("kill").arg(state.reaper.to_string()));
         } else {
+            // The watchdog was killed; its service may have survived it.
+            stop_orphan(&state.work);
             let _ = sys::remove_dir(&state.work);
         }
         let _ = fs::remove_file(dir.join("state"));
@@ -214,6 +217,23 @@ fn start(
     }
     .write(dir)?;
     Ok(address)
+}
+
+/// Stops what an instance whose watchdog died may have left running: a
+/// PostgreSQL postmaster (by its pid file), or the service process.
+fn stop_orphan(work: &Path) {
+    let pid_in = |file: &str| {
+        fs::read_to_string(work.join(file))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok())
+            .filter(|pid| sys::process_alive(*pid))
+    };
+    if let Some(pid) = pid_in("data/postmaster.pid") {
+        let _ = sys::run(std::process::Command::new("kill").args(["-INT", &pid.to_string()]));
+    }
+    if let Some(pid) = pid_in("service.pid") {
+        let _ = sys::run(std::process::Command::new("kill").arg(pid.to_string()));
+    }
 }
 
 /// What `state` records about the running instance.
