@@ -470,7 +470,10 @@ impl ReadAll {
 pub struct StoreConfig {
     /// The largest payload accepted, in bytes (default 1 MiB).
     pub max_payload_bytes: usize,
-    /// Rows fetched per query when reading (default 1,000): bounds memory.
+    /// Rows per read query (default 5,000). The PostgreSQL store streams the
+    /// rows of each query as they are consumed, so this trades round trips
+    /// against how long one query holds a pooled connection; the in-memory
+    /// store copies this many events at a time.
     pub read_batch_size: u32,
     /// Whether appends send a `NOTIFY` so subscriptions wake at once
     /// (default on; without it they wake on their polling interval).
@@ -485,7 +488,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
-            read_batch_size: 1000,
+            read_batch_size: 5_000,
             notify_on_append: true,
             settle_timeout: std::time::Duration::from_secs(5),
         }

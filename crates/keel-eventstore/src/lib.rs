@@ -22,6 +22,18 @@
 //! * **immutability** enforced by the database, **bounded memory** on reads,
 //!   typed errors for bad input with nothing half-written.
 //!
+//! Around the store:
+//!
+//! * [`Subscription`]: catch-up subscriptions over the global log with
+//!   durable checkpoints, live tail (LISTEN/NOTIFY plus polling), at-least-once
+//!   delivery and one active consumer per name across processes;
+//! * [`EventSourcedRepository`]: keel-core's aggregate repository port, with
+//!   [`SnapshotPolicy`] snapshots and [`Upcasters`] for schema evolution;
+//! * [`InMemoryEventStore`]: the same behaviour without a server.
+//!
+//! The guide, including why the global order is safe and what it costs, is
+//! `docs/event-store.md` in the repository.
+//!
 //! # Example
 //!
 //! ```
@@ -63,7 +75,7 @@
 //!
 //! * `postgres` (default): [`PostgresEventStore`], built on sqlx. Its tables
 //!   come with `keel_database::MIGRATOR`.
-//! * `testing`: the [`testing`] module, the contract suite every store
+//! * `testing`: the `testing` module, the contract suite every store
 //!   implementation must pass.
 //!
 //! The in-memory store needs no feature and no server.

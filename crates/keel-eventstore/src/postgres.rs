@@ -1,8 +1,10 @@
 //! The PostgreSQL event store.
 
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use keel_core::{EventId, ExpectedVersion, Metadata, Position, StreamId, Version, VersionConflict};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
@@ -34,6 +36,40 @@ pub struct PostgresEventStore {
     pool: PgPool,
     config: StoreConfig,
     global_sql: String,
+    notifier: Arc<Notifier>,
+}
+
+/// Sends the wake-up `NOTIFY` for appends made by this store, outside the
+/// writers' transactions.
+///
+/// `NOTIFY` takes a cluster-wide lock at commit that is held through the
+/// commit's WAL flush, so notifying inside every append serialises all
+/// committers. Instead a background task notifies after the appends have
+/// committed, coalescing bursts into one notification.
+#[derive(Debug, Default)]
+struct Notifier {
+    wake: tokio::sync::Notify,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+async fn notify_loop(pool: PgPool, notifier: Weak<Notifier>) {
+    loop {
+        let Some(n) = notifier.upgrade() else { return };
+        // A bounded wait so the task ends soon after the store is dropped.
+        let woke = tokio::time::timeout(Duration::from_secs(2), n.wake.notified())
+            .await
+            .is_ok();
+        drop(n);
+        if woke
+            && let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(NOTIFY_CHANNEL)
+                .execute(&pool)
+                .await
+        {
+            // Subscriptions fall back to polling; nothing is lost.
+            tracing::debug!(%error, "could not send the append notification");
+        }
+    }
 }
 
 impl PostgresEventStore {
@@ -58,7 +94,32 @@ impl PostgresEventStore {
             pool,
             config,
             global_sql,
+            notifier: Arc::default(),
         }
+    }
+
+    /// Wakes subscriptions after appends committed by this store.
+    fn committed(&self) {
+        if !self.config.notify_on_append {
+            return;
+        }
+        {
+            let mut task = self
+                .notifier
+                .task
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if task
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+            {
+                *task = Some(tokio::spawn(notify_loop(
+                    self.pool.clone(),
+                    Arc::downgrade(&self.notifier),
+                )));
+            }
+        }
+        self.notifier.wake.notify_one();
     }
 
     /// The pool the store uses.
@@ -87,12 +148,15 @@ impl PostgresEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
         validate_batch(expected, &events, self.config.max_payload_bytes)?;
+        // The notification is sent in the caller's transaction, so it is
+        // delivered only if and when that transaction commits.
         append_once(
             conn,
             stream,
             expected,
             &events,
             self.config.notify_on_append,
+            false,
         )
         .await
     }
@@ -104,6 +168,16 @@ impl PostgresEventStore {
         conn: &mut PgConnection,
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<AppendResult>> {
+        self.append_multi_with(conn, appends, self.config.notify_on_append)
+            .await
+    }
+
+    async fn append_multi_with(
+        &self,
+        conn: &mut PgConnection,
+        appends: Vec<StreamAppend>,
+        notify_in_transaction: bool,
+    ) -> Result<Vec<AppendResult>> {
         check_multi(&appends, self.config.max_payload_bytes)?;
         let mut results = Vec::with_capacity(appends.len());
         for a in &appends {
@@ -113,7 +187,8 @@ impl PostgresEventStore {
                     &a.stream_id,
                     a.expected,
                     &a.events,
-                    self.config.notify_on_append,
+                    notify_in_transaction,
+                    false,
                 )
                 .await?,
             );
@@ -173,13 +248,73 @@ fn to_u64(v: i64, what: &str) -> Result<u64> {
     u64::try_from(v).map_err(|_| EventStoreError::Corrupt(format!("negative {what} {v}")))
 }
 
+/// Appends one batch. In autocommit mode (`autocommit`), an append that lost
+/// a race for an event id to a concurrent transaction is tried once more:
+/// now that the winner has committed, the second attempt tells an
+/// idempotent retry from a misuse. Inside a caller's transaction the failed
+/// statement has aborted the transaction, so the error is returned.
 async fn append_once(
     conn: &mut PgConnection,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[NewEvent],
     notify: bool,
+    autocommit: bool,
 ) -> Result<AppendResult> {
+    match append_call(conn, stream, expected, events, notify).await {
+        Err(Raced) if autocommit => match append_call(conn, stream, expected, events, notify).await
+        {
+            Err(Raced) => Err(raced(stream, events)),
+            Ok(r) => r,
+        },
+        Err(Raced) => Err(raced(stream, events)),
+        Ok(r) => r,
+    }
+}
+
+/// An append lost a race for an event id against a concurrent transaction.
+struct Raced;
+
+fn raced(stream: &StreamId, events: &[NewEvent]) -> EventStoreError {
+    EventStoreError::EventIdReused {
+        event_id: events[0].event_id(),
+        stream_id: stream.clone(),
+    }
+}
+
+async fn append_call(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    notify: bool,
+) -> std::result::Result<Result<AppendResult>, Raced> {
+    let row = match call_append_function(conn, stream, expected, events, notify).await {
+        Ok(row) => row,
+        Err(CallError::Raced) => return Err(Raced),
+        Err(CallError::Other(e)) => return Ok(Err(e)),
+    };
+    Ok(interpret(&row, stream, expected, events))
+}
+
+enum CallError {
+    Raced,
+    Other(EventStoreError),
+}
+
+impl From<EventStoreError> for CallError {
+    fn from(e: EventStoreError) -> Self {
+        Self::Other(e)
+    }
+}
+
+async fn call_append_function(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    notify: bool,
+) -> std::result::Result<PgRow, CallError> {
     let (mode, version) = expected_args(expected);
     let mut ids = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
@@ -198,7 +333,7 @@ async fn append_once(
             }
         })?);
     }
-    let row = sqlx::query(
+    sqlx::query(
         "SELECT outcome, actual_version, first_version, positions, commits, conflicting_event_id \
          FROM keel.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
@@ -216,14 +351,19 @@ async fn append_once(
     .map_err(|e| {
         if is_event_id_violation(&e) {
             // Another transaction stored one of these ids at the same moment.
-            EventStoreError::EventIdReused {
-                event_id: events[0].event_id(),
-                stream_id: stream.clone(),
-            }
+            CallError::Raced
         } else {
-            e.into()
+            CallError::Other(e.into())
         }
-    })?;
+    })
+}
+
+fn interpret(
+    row: &PgRow,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<AppendResult> {
     let outcome: i16 = row.try_get(0)?;
     let actual: i64 = row.try_get(1)?;
     match outcome {
@@ -303,36 +443,21 @@ impl Appender for PostgresEventStore {
     ) -> Result<AppendResult> {
         validate_batch(expected, &events, self.config.max_payload_bytes)?;
         let mut conn = self.pool.acquire().await?;
-        match append_once(
-            &mut conn,
-            stream,
-            expected,
-            &events,
-            self.config.notify_on_append,
-        )
-        .await
-        {
-            // A concurrent append stored one of the ids first; now that it has
-            // committed, a second attempt tells a retry from a misuse.
-            Err(EventStoreError::EventIdReused { .. }) => {
-                append_once(
-                    &mut conn,
-                    stream,
-                    expected,
-                    &events,
-                    self.config.notify_on_append,
-                )
-                .await
-            }
-            other => other,
+        let result = append_once(&mut conn, stream, expected, &events, false, true).await?;
+        if !result.was_retry {
+            self.committed();
         }
+        Ok(result)
     }
 
     async fn append_multi(&self, appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         check_multi(&appends, self.config.max_payload_bytes)?;
         let mut tx = self.pool.begin().await?;
-        let results = self.append_multi_in(&mut tx, appends).await?;
+        let results = self.append_multi_with(&mut tx, appends, false).await?;
         tx.commit().await?;
+        if results.iter().any(|r| !r.was_retry) {
+            self.committed();
+        }
         Ok(results)
     }
 }
@@ -355,15 +480,17 @@ impl StreamReader for PostgresEventStore {
             let (mut from, mut remaining) = options.bounds();
             while remaining > 0 {
                 let take = remaining.min(batch);
-                let rows = sqlx::query(&sql)
+                // Rows stream in as they are consumed: memory stays bounded
+                // by the socket buffer, not by the batch size.
+                let mut rows = sqlx::query(&sql)
                     .bind(stream.as_str())
                     .bind(from)
                     .bind(take)
-                    .fetch_all(&self.pool)
-                    .await?;
-                let n = rows.len() as i64;
-                for row in &rows {
-                    let e = decode_row(row, Some(stream))?;
+                    .fetch(&self.pool);
+                let mut n = 0i64;
+                while let Some(row) = rows.try_next().await? {
+                    n += 1;
+                    let e = decode_row(&row, Some(stream))?;
                     let v = e.version.get() as i64;
                     from = match options.direction() {
                         ReadDirection::Forward => v + 1,
@@ -400,18 +527,18 @@ impl GlobalLog for PostgresEventStore {
             let mut settled = false;
             while remaining > 0 {
                 let take = remaining.min(batch);
-                let rows = sqlx::query(&self.global_sql)
+                let mut rows = sqlx::query(&self.global_sql)
                     .bind(after.0)
                     .bind(after.1)
                     .bind(options.category.as_deref())
                     .bind(options.stream_prefix.as_deref())
                     .bind(options.event_types.as_deref())
                     .bind(take)
-                    .fetch_all(&self.pool)
-                    .await?;
-                let n = rows.len() as i64;
-                for row in &rows {
-                    let e = decode_row(row, None)?;
+                    .fetch(&self.pool);
+                let mut n = 0i64;
+                while let Some(row) = rows.try_next().await? {
+                    n += 1;
+                    let e = decode_row(&row, None)?;
                     after = (e.position.commit as i64, e.position.sequence as i64);
                     yield e;
                 }
@@ -425,7 +552,7 @@ impl GlobalLog for PostgresEventStore {
                     // is running. Wait (briefly) for the horizon to pass them
                     // so a reader sees its own writes; never chase later ones.
                     settled = true;
-                    if !self.settle().await? {
+                    if !self.settle(after.0).await? {
                         break;
                     }
                 }
@@ -436,18 +563,19 @@ impl GlobalLog for PostgresEventStore {
 
 impl PostgresEventStore {
     /// Waits until every event committed so far is below the read horizon,
-    /// so one more read returns them all. Returns `false` when the log is
-    /// empty or the wait timed out.
-    async fn settle(&self) -> Result<bool> {
+    /// so that one more read returns them all. `read_to` is the commit key
+    /// the reader has reached. Returns whether another read is needed.
+    async fn settle(&self, read_to: i64) -> Result<bool> {
         let (target, horizon): (Option<i64>, i64) =
             sqlx::query_as("SELECT max(commit), keel.commit_horizon() FROM keel.events")
                 .fetch_one(&self.pool)
                 .await?;
-        let Some(target) = target else {
+        // Nothing stored beyond what was read: the reader is complete (its
+        // last row's transaction was below its horizon, and so is all else).
+        let Some(target) = target.filter(|&t| t > read_to) else {
             return Ok(false);
         };
-        // The horizon may have passed the target since the last read; the
-        // caller reads once more either way.
+        // The horizon may have passed the target since the last read.
         if target < horizon {
             return Ok(true);
         }

@@ -490,3 +490,38 @@ async fn a_terminated_leader_session_hands_over() {
     assert_eq!(*first.0.lock().unwrap(), vec![1, 2, 3, 4, 5]);
     assert_eq!(*second.0.lock().unwrap(), vec![6, 7, 8]);
 }
+
+/// With a polling interval far beyond the test's patience, only the append
+/// notifications can wake the subscription: after autocommit appends (sent
+/// by the store's notifier) and after a unit of work commits (sent in its
+/// transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notifications_wake_a_caught_up_subscription() {
+    let (store, db) = store().await;
+    let store = Arc::new(store);
+    let seen = Numbers::default();
+    // Checkpoints after every event, so no pending checkpoint shortens the wait.
+    let options = SubscriptionOptions::new("woken")
+        .poll_interval(Duration::from_secs(3_600))
+        .checkpoint(1, Duration::from_secs(3_600));
+    let mut handle = Subscription::spawn(store.clone(), options, seen.clone());
+    until(&mut handle, "leading", |s| s.leader).await;
+    // Let it reach its (empty) end and start waiting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    store
+        .append(&sid("Wake-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    until(&mut handle, "woken by an append", |s| s.handled >= 1).await;
+
+    let mut tx = db.pool().begin().await.unwrap();
+    store
+        .append_in(&mut tx, &sid("Wake-2"), ExpectedVersion::Any, vec![ev(2)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    until(&mut handle, "woken by a unit of work", |s| s.handled >= 2).await;
+    handle.stop().await.unwrap();
+    assert_eq!(*seen.0.lock().unwrap(), vec![1, 2]);
+}

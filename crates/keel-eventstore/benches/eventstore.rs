@@ -1,0 +1,473 @@
+//! Event store benchmarks against a raw-SQL baseline, in the same run on the
+//! same database.
+//!
+//! Run with `cargo bench -p keel-eventstore --bench eventstore`. Set
+//! `KEEL_BENCH_SCALE` (default 1.0) to shrink or grow every workload.
+//! Results are printed as Markdown; docs/benchmarks-eventstore.md records
+//! them.
+
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+#![allow(missing_docs, reason = "a benchmark binary")]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use keel_core::{CorrelationId, ExpectedVersion, Metadata, StreamId, Version};
+use keel_eventstore::{
+    Appender, GlobalLog, NewEvent, PostgresEventStore, ReadAll, ReadStream, StoreConfig,
+    StreamReader,
+};
+use keel_testkit::TestDatabase;
+use serde_json::json;
+use sqlx::PgPool;
+
+fn scale() -> f64 {
+    std::env::var("KEEL_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn n(base: usize) -> usize {
+    ((base as f64) * scale()).max(1.0) as usize
+}
+
+fn payload(i: usize) -> serde_json::Value {
+    json!({
+        "order_id": format!("0190a6f2-7c1e-7d3a-9b1f-{i:012}"),
+        "sku": "SKU-12345",
+        "quantity": 3,
+        "price_cents": 1999,
+        "note": "leave at the door, ring twice",
+    })
+}
+
+fn metadata() -> Metadata {
+    Metadata::new()
+        .with_correlation_id(CorrelationId::new())
+        .with_actor("bench")
+}
+
+fn event(i: usize) -> NewEvent {
+    NewEvent::from_json("order.line_added", &payload(i)).with_metadata(metadata())
+}
+
+/// The raw row a baseline INSERT writes: same columns, same values.
+struct RawRow {
+    id: uuid::Uuid,
+    stream: String,
+    version: i64,
+    payload: String,
+    metadata: String,
+}
+
+fn raw_row(stream: &str, version: i64, i: usize) -> RawRow {
+    RawRow {
+        id: uuid::Uuid::now_v7(),
+        stream: stream.to_owned(),
+        version,
+        payload: payload(i).to_string(),
+        metadata: serde_json::to_string(&metadata()).unwrap(),
+    }
+}
+
+struct Stats {
+    events: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&mut self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        self.latencies.sort_unstable();
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i]
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+fn report(name: &str, mut keel: Stats, mut raw: Stats) {
+    let with_latency = !keel.latencies.is_empty();
+    if with_latency {
+        println!(
+            "| {name} | {:.0} | {} / {} | {:.0} | {} / {} | {:.2}x |",
+            keel.rate(),
+            ms(keel.pct(0.5)),
+            ms(keel.pct(0.99)),
+            raw.rate(),
+            ms(raw.pct(0.5)),
+            ms(raw.pct(0.99)),
+            keel.rate() / raw.rate()
+        );
+    } else {
+        println!(
+            "| {name} | {:.0} | – | {:.0} | – | {:.2}x |",
+            keel.rate(),
+            raw.rate(),
+            keel.rate() / raw.rate()
+        );
+    }
+}
+
+/// Runs `writers` tasks, each calling `op(writer, i)` `per_writer` times and
+/// timing each call.
+async fn run_writers<F, Fut>(
+    writers: usize,
+    per_writer: usize,
+    events_per_op: usize,
+    op: F,
+) -> Stats
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_writer);
+            for i in 0..per_writer {
+                let t = Instant::now();
+                op(w, i).await;
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    Stats {
+        events: writers * per_writer * events_per_op,
+        elapsed: start.elapsed(),
+        latencies,
+    }
+}
+
+async fn raw_insert(pool: &PgPool, rows: &[RawRow]) {
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
+    let streams: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
+    let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+    let metas: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
+    if rows.len() == 1 {
+        sqlx::query(
+            "INSERT INTO bench_events (event_id, stream_id, version, event_type, schema_version, payload, metadata) \
+             VALUES ($1, $2, $3, 'order.line_added', 1, $4::json, $5::json)",
+        )
+        .bind(ids[0])
+        .bind(streams[0])
+        .bind(versions[0])
+        .bind(payloads[0])
+        .bind(metas[0])
+        .execute(pool)
+        .await
+        .unwrap();
+    } else {
+        sqlx::query(
+            "INSERT INTO bench_events (event_id, stream_id, version, event_type, schema_version, payload, metadata) \
+             SELECT i, s, v, 'order.line_added', 1, p::json, m::json \
+             FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[]) AS t(i, s, v, p, m)",
+        )
+        .bind(&ids)
+        .bind(&streams)
+        .bind(&versions)
+        .bind(&payloads)
+        .bind(&metas)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+async fn append_bench(
+    name: &str,
+    store: &PostgresEventStore,
+    pool: &PgPool,
+    writers: usize,
+    per_writer: usize,
+    batch: usize,
+) {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let keel = {
+        let store = store.clone();
+        let tag = tag.clone();
+        run_writers(writers, per_writer, batch, move |w, i| {
+            let store = store.clone();
+            let stream = StreamId::new(format!("Bench{tag}-{w}")).unwrap();
+            async move {
+                let events = (0..batch).map(|k| event(i * batch + k)).collect();
+                let expected = ExpectedVersion::Exact(Version::new((i * batch) as u64));
+                store.append(&stream, expected, events).await.unwrap();
+            }
+        })
+        .await
+    };
+    let raw = {
+        let pool = pool.clone();
+        run_writers(writers, per_writer, batch, move |w, i| {
+            let pool = pool.clone();
+            let stream = format!("Raw{tag}-{w}");
+            async move {
+                let rows: Vec<RawRow> = (0..batch)
+                    .map(|k| raw_row(&stream, (i * batch + k + 1) as i64, i * batch + k))
+                    .collect();
+                raw_insert(&pool, &rows).await;
+            }
+        })
+        .await
+    };
+    report(name, keel, raw);
+}
+
+const RAW_COLUMNS: &str = "commit, position, event_id, stream_id, version, event_type, \
+                           schema_version, payload::text, metadata::text, recorded_at";
+
+type RawTuple = (
+    i64,
+    i64,
+    uuid::Uuid,
+    String,
+    i64,
+    String,
+    i32,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+);
+
+async fn fill(store: &PostgresEventStore, prefix: &str, streams: usize, per_stream: usize) {
+    let chunk = 1_000.min(per_stream);
+    for s in 0..streams {
+        let stream = StreamId::new(format!("{prefix}-{s}")).unwrap();
+        let mut v = 0;
+        while v < per_stream {
+            let k = chunk.min(per_stream - v);
+            let events = (v..v + k).map(event).collect();
+            store
+                .append(
+                    &stream,
+                    ExpectedVersion::Exact(Version::new(v as u64)),
+                    events,
+                )
+                .await
+                .unwrap();
+            v += k;
+        }
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    let db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(db.connect_options())
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TABLE bench_events (LIKE keel.events INCLUDING DEFAULTS INCLUDING IDENTITY \
+         INCLUDING CONSTRAINTS INCLUDING INDEXES)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let store = PostgresEventStore::new(pool.clone());
+    let quiet = PostgresEventStore::with_config(
+        pool.clone(),
+        StoreConfig::default().notify_on_append(false),
+    );
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    println!("PostgreSQL {version}, scale {}", scale());
+    println!();
+    println!(
+        "| workload | keel events/s | keel p50 / p99 ms | raw SQL events/s | raw p50 / p99 ms | ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
+
+    // Warm up connections and caches.
+    append_bench("warm-up (ignore)", &store, &pool, 4, n(100), 1).await;
+    append_bench("append 1 event/tx, 1 writer", &store, &pool, 1, n(3_000), 1).await;
+    append_bench(
+        "append 1 event/tx, 8 writers",
+        &store,
+        &pool,
+        8,
+        n(1_000),
+        1,
+    )
+    .await;
+    append_bench(
+        "append 1 event/tx, 8 writers, NOTIFY off",
+        &quiet,
+        &pool,
+        8,
+        n(1_000),
+        1,
+    )
+    .await;
+    append_bench(
+        "append 50 events/tx, 1 writer",
+        &store,
+        &pool,
+        1,
+        n(300),
+        50,
+    )
+    .await;
+    append_bench(
+        "append 50 events/tx, 8 writers",
+        &store,
+        &pool,
+        8,
+        n(60),
+        50,
+    )
+    .await;
+
+    // Read one 1,000-event stream, many times.
+    fill(&store, "ReadOne", 1, 1_000).await;
+    let stream = StreamId::new("ReadOne-0").unwrap();
+    let reps = n(60);
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let events: Vec<_> = store
+            .read_stream(&stream, ReadStream::forward())
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1_000);
+        lat.push(t.elapsed());
+    }
+    let keel = Stats {
+        events: reps * 1_000,
+        elapsed: start.elapsed(),
+        latencies: lat,
+    };
+    let sql =
+        format!("SELECT {RAW_COLUMNS} FROM keel.events WHERE stream_id = $1 ORDER BY version");
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let rows: Vec<RawTuple> = sqlx::query_as(&sql)
+            .bind("ReadOne-0")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1_000);
+        lat.push(t.elapsed());
+    }
+    let raw = Stats {
+        events: reps * 1_000,
+        elapsed: start.elapsed(),
+        latencies: lat,
+    };
+    report("read a 1,000-event stream", keel, raw);
+
+    // Read 100,000 events of the global log.
+    let global = n(100_000);
+    fill(&store, "Global", 100, global.div_ceil(100)).await;
+    for round in 0..2 {
+        let start = Instant::now();
+        let count = store
+            .read_all(ReadAll::from_start().limit(global as u64))
+            .try_fold(0usize, |c, _| async move { Ok(c + 1) })
+            .await
+            .unwrap();
+        let keel = Stats {
+            events: count,
+            elapsed: start.elapsed(),
+            latencies: Vec::new(),
+        };
+        let sql =
+            format!("SELECT {RAW_COLUMNS} FROM keel.events ORDER BY commit, position LIMIT $1");
+        let start = Instant::now();
+        let rows: Vec<RawTuple> = sqlx::query_as(&sql)
+            .bind(global as i64)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let raw = Stats {
+            events: rows.len(),
+            elapsed: start.elapsed(),
+            latencies: Vec::new(),
+        };
+        drop(rows);
+        if round == 1 {
+            report(&format!("read {global} global events"), keel, raw);
+        }
+    }
+
+    // Peak memory while reading 1,000,000 events of the global log.
+    let million = n(1_000_000);
+    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let missing = million.saturating_sub(have as usize);
+    if missing > 0 {
+        fill(
+            &store,
+            "Million",
+            missing.div_ceil(10_000),
+            10_000.min(missing),
+        )
+        .await;
+    }
+    let before = rss_kib();
+    let mut peak = before;
+    let start = Instant::now();
+    let mut stream = store.read_all(ReadAll::from_start().limit(million as u64));
+    let mut count = 0usize;
+    while let Some(e) = stream.next().await {
+        e.unwrap();
+        count += 1;
+        if count.is_multiple_of(10_000) {
+            peak = peak.max(rss_kib());
+        }
+    }
+    let elapsed = start.elapsed();
+    println!();
+    println!(
+        "Read {count} global events in {:.1} s ({:.0} events/s); RSS before {} MiB, peak during the read {} MiB (+{} MiB).",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64(),
+        before / 1024,
+        peak / 1024,
+        peak.saturating_sub(before) / 1024
+    );
+    pool.close().await;
+    drop(db);
+}
