@@ -177,8 +177,22 @@ fn cache_pool_and_outbox() {
 }
 
 #[test]
-fn duration_buckets_are_increasing_seconds() {
+fn durations_use_second_buckets_from_1ms_to_10s() {
     assert!(DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(DURATION_BUCKETS.first(), Some(&0.001));
-    assert_eq!(DURATION_BUCKETS.last(), Some(&10.0));
+    let probe = MetricsProbe::new();
+    let m = &probe.metrics;
+    m.record_append("Order", 1, Duration::from_millis(3), AppendOutcome::Ok);
+    m.record_publish("orders", 1, Duration::from_millis(3), true);
+    m.record_handled("billing", Duration::from_millis(3), HandleOutcome::Ack);
+    m.record_pool_wait("primary", Duration::from_millis(3));
+    for name in [
+        names::EVENTSTORE_APPEND_DURATION,
+        names::BUS_PUBLISH_DURATION,
+        names::BUS_HANDLER_DURATION,
+        names::POOL_WAIT_DURATION,
+    ] {
+        let point = probe.point(name, &[]);
+        assert_eq!(point.bounds, DURATION_BUCKETS, "{name}");
+        assert_eq!(point.unit, "s", "{name}");
+    }
 }

@@ -108,6 +108,8 @@ pub struct Point {
     pub value: f64,
     /// Histogram sum (0 otherwise).
     pub sum: f64,
+    /// Histogram bucket bounds (empty otherwise).
+    pub bounds: Vec<f64>,
 }
 
 /// KeelMetrics on a meter provider whose only reader exports to memory.
@@ -144,34 +146,41 @@ impl MetricsProbe {
                         .map(|kv| (kv.key.to_string(), kv.value.to_string()))
                         .collect::<BTreeMap<_, _>>()
                 };
-                let mut push = |attrs: BTreeMap<String, String>, value: f64, sum: f64| {
-                    out.push(Point {
-                        name: metric.name().to_owned(),
-                        unit: metric.unit().to_owned(),
-                        attrs,
-                        value,
-                        sum,
-                    });
-                };
+                let mut push =
+                    |attrs: BTreeMap<String, String>, value: f64, sum: f64, bounds: Vec<f64>| {
+                        out.push(Point {
+                            name: metric.name().to_owned(),
+                            unit: metric.unit().to_owned(),
+                            attrs,
+                            value,
+                            sum,
+                            bounds,
+                        });
+                    };
                 match metric.data() {
                     AggregatedMetrics::U64(MetricData::Sum(s)) => {
                         for p in s.data_points() {
-                            push(base(&mut p.attributes()), p.value() as f64, 0.0);
+                            push(base(&mut p.attributes()), p.value() as f64, 0.0, Vec::new());
                         }
                     }
                     AggregatedMetrics::U64(MetricData::Gauge(g)) => {
                         for p in g.data_points() {
-                            push(base(&mut p.attributes()), p.value() as f64, 0.0);
+                            push(base(&mut p.attributes()), p.value() as f64, 0.0, Vec::new());
                         }
                     }
                     AggregatedMetrics::F64(MetricData::Gauge(g)) => {
                         for p in g.data_points() {
-                            push(base(&mut p.attributes()), p.value(), 0.0);
+                            push(base(&mut p.attributes()), p.value(), 0.0, Vec::new());
                         }
                     }
                     AggregatedMetrics::F64(MetricData::Histogram(h)) => {
                         for p in h.data_points() {
-                            push(base(&mut p.attributes()), p.count() as f64, p.sum());
+                            push(
+                                base(&mut p.attributes()),
+                                p.count() as f64,
+                                p.sum(),
+                                p.bounds().collect(),
+                            );
                         }
                     }
                     other => panic!("unexpected data for {}: {other:?}", metric.name()),
