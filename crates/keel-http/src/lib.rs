@@ -6,7 +6,9 @@
 //! or [`CommandError`](keel_core::CommandError) into the right status code
 //! and a problem body that never leaks internal details; and they merge
 //! [`health_router`] to serve the [`HealthRegistry`](keel_telemetry::HealthRegistry)
-//! the adapters registered their checks in.
+//! the adapters registered their checks in. The [`trace_requests`]
+//! middleware starts a server span per request that continues the caller's
+//! W3C trace (`traceparent` header).
 //!
 //! # Example
 //!
@@ -39,8 +41,10 @@
 
 mod health;
 mod problem;
+mod trace;
 
 pub use health::{LIVENESS_PATH, READINESS_PATH, health_router};
 pub use problem::{
     ApiError, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, REJECTED_STATUS, status_for,
 };
+pub use trace::{trace_context_from_headers, trace_requests};
