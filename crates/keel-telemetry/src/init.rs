@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::io::IsTerminal;
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
@@ -10,6 +11,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Dispatch;
+use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -17,6 +19,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{LOG_FILTER_ENV, LogFormat, TelemetryConfig};
 use crate::error::{Result, TelemetryError};
+use crate::logfmt::WithTraceIds;
 use crate::metrics::KeelMetrics;
 
 /// The instrumentation scope under which Keel records spans and metrics.
@@ -160,12 +163,18 @@ impl Telemetry {
             Some(w) => (w, false),
             None => (BoxMakeWriter::new(std::io::stdout), true),
         };
+        let dispatch_slot = Arc::new(OnceLock::new());
         let fmt_layer = match format {
             LogFormat::Json => tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false)
+                .fmt_fields(JsonFields::new())
+                .event_format(WithTraceIds::new(
+                    tracing_subscriber::fmt::format()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(true)
+                        .with_span_list(false),
+                    Arc::clone(&dispatch_slot),
+                ))
                 .with_writer(writer)
                 .with_filter(log_filter)
                 .boxed(),
@@ -186,8 +195,10 @@ impl Telemetry {
             &meter_provider,
             INSTRUMENTATION_SCOPE,
         ));
+        let dispatch = Dispatch::new(subscriber);
+        let _ = dispatch_slot.set(dispatch.downgrade());
         Ok(Self {
-            dispatch: Dispatch::new(subscriber),
+            dispatch,
             guard: TelemetryGuard {
                 tracer_provider,
                 meter_provider,

@@ -7,9 +7,9 @@
 //! root wraps bus ports in [`TracedPublisher`] and [`TracedHandler`] and
 //! registers each adapter's health check in a [`HealthRegistry`].
 //!
-//! * **Logs**: JSON lines in production, readable text in development,
-//!   filtered by `RUST_LOG` (default `info`); `log` records are captured
-//!   too.
+//! * **Logs**: JSON lines in production (with the current `trace_id` and
+//!   `span_id`), readable text in development, filtered by `RUST_LOG`
+//!   (default `info`); `log` records are captured too.
 //! * **Traces**: `tracing` spans become OpenTelemetry spans, exported over
 //!   OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   [`TelemetryConfig::otlp_endpoint`]) is set. With no endpoint nothing
@@ -77,6 +77,7 @@ mod config;
 mod error;
 pub mod health;
 mod init;
+mod logfmt;
 pub mod metrics;
 pub mod propagation;
 mod secret;

@@ -311,3 +311,33 @@ async fn failures_are_recorded_on_spans_and_metrics() {
     assert!(logs.contains("the message will be redelivered"), "{logs}");
     assert!(logs.contains("dead-letter topic"), "{logs}");
 }
+
+#[tokio::test]
+async fn json_log_lines_carry_the_trace_and_span_ids() {
+    let t = traced(TelemetryConfig::new("orders").environment("prod"));
+    tracing::dispatcher::with_default(&t.dispatch, || {
+        tracing::info!("outside any span");
+        let span = tracing::info_span!("handle_request", order = 7);
+        span.in_scope(|| tracing::info!("inside"));
+    });
+    let request = t.span("handle_request");
+    let lines: Vec<serde_json::Value> = t
+        .logs
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["message"], "outside any span");
+    assert!(lines[0].get("trace_id").is_none());
+    assert_eq!(lines[1]["message"], "inside");
+    assert_eq!(
+        lines[1]["trace_id"],
+        request.span_context.trace_id().to_string().as_str()
+    );
+    assert_eq!(
+        lines[1]["span_id"],
+        request.span_context.span_id().to_string().as_str()
+    );
+    assert_eq!(lines[1]["span"]["order"], 7);
+}
