@@ -35,8 +35,10 @@
 //! named after its pid). The watchdog stops the service and deletes its
 //! files once no lease holder has been alive for the idle timeout
 //! (`KEEL_TESTKIT_IDLE_SECS`, default 30 s), so nothing outlives the test run
-//! for long. A state file whose watchdog died or whose service no longer
-//! answers is discarded and a fresh instance started.
+//! for long. A lease records its process's start time as well, so a recycled
+//! pid keeps nothing alive. A state file whose watchdog died (its orphaned
+//! service is stopped) or whose service no longer answers is discarded and a
+//! fresh instance started on a new port.
 //!
 //! The Pub/Sub emulator takes a few seconds to start, PostgreSQL about one
 //! (a fresh `initdb` with `fsync=off`), Redis a few milliseconds.
