@@ -62,6 +62,9 @@ pub mod sqlstate {
     /// `read_only_sql_transaction`: a write on a standby or in a read-only
     /// transaction.
     pub const READ_ONLY_TRANSACTION: &str = "25006";
+    /// `in_failed_sql_transaction`: a statement in a transaction that an
+    /// earlier error aborted.
+    pub const IN_FAILED_TRANSACTION: &str = "25P02";
 }
 
 /// The kind of a violated integrity constraint other than a unique key.
@@ -227,6 +230,17 @@ pub enum DatabaseError {
     /// transaction must be run again.
     #[error("transaction aborted to resolve a deadlock; run it again")]
     Deadlock {
+        /// The server's error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// The transaction was aborted by an earlier statement's error (which
+    /// the caller did not propagate) and can only be rolled back (`25P02`).
+    /// [`UnitOfWork::commit`](crate::UnitOfWork::commit) reports this instead
+    /// of letting PostgreSQL turn the `COMMIT` into a silent `ROLLBACK`.
+    #[error("the transaction was aborted by an earlier error; nothing was committed")]
+    TransactionAborted {
         /// The server's error.
         #[source]
         source: sqlx::Error,
@@ -443,6 +457,7 @@ impl DatabaseError {
             | DatabaseError::LockTimeout { source }
             | DatabaseError::SerializationFailure { source }
             | DatabaseError::Deadlock { source }
+            | DatabaseError::TransactionAborted { source }
             | DatabaseError::UniqueViolation { source, .. }
             | DatabaseError::ConstraintViolation { source, .. }
             | DatabaseError::InvalidData { source, .. }
@@ -527,6 +542,7 @@ fn classify_database(e: sqlx::Error) -> DatabaseError {
             source: e,
         },
         sqlstate::LOCK_NOT_AVAILABLE => DatabaseError::LockTimeout { source: e },
+        sqlstate::IN_FAILED_TRANSACTION => DatabaseError::TransactionAborted { source: e },
         sqlstate::INVALID_PASSWORD | sqlstate::INVALID_AUTHORIZATION => {
             DatabaseError::AuthenticationFailed {
                 user: None,

@@ -274,14 +274,29 @@ impl<'c> UnitOfWork<'c> {
     /// server has confirmed the commit. If the connection dies during
     /// `COMMIT` the outcome is unknown and the error is
     /// [`DatabaseError::ConnectionLost`].
+    ///
+    /// If a statement failed earlier and its error was not propagated, the
+    /// transaction is aborted: PostgreSQL would answer `COMMIT` with a
+    /// silent `ROLLBACK`. `commit` checks for that first (one extra round
+    /// trip for the outermost transaction) and fails with
+    /// [`DatabaseError::TransactionAborted`], rolling back; a savepoint's
+    /// release fails the same way by itself.
     pub async fn commit(self) -> Result<()> {
         let UnitOfWork {
-            tx,
+            mut tx,
             hooks,
             parent_hooks,
             statement_timeout,
             ..
         } = self;
+        if parent_hooks.is_none() {
+            // Fails with 25P02 in an aborted transaction; `tx` is dropped on
+            // the error path, which rolls it back.
+            sqlx::query("SELECT 1")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| classify(e, statement_timeout))?;
+        }
         tx.commit()
             .await
             .map_err(|e| classify(e, statement_timeout))?;
