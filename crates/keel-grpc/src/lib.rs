@@ -7,7 +7,9 @@
 //! caller-safe (internal and dependency failures never show their text) and
 //! the metadata carries `keel-error-code`, `keel-retryable`, conflict
 //! versions and the trace id. They add [`health_server`] next to their own
-//! services so load balancers and orchestrators can probe them.
+//! services so load balancers and orchestrators can probe them. Calls
+//! carry W3C trace context: [`propagate_trace`] on clients, [`TraceLayer`]
+//! on servers.
 //!
 //! # Example
 //!
@@ -46,6 +48,7 @@
 
 mod health;
 mod status;
+mod trace;
 
 pub use health::{
     DEFAULT_WATCH_INTERVAL, HealthService, LIVENESS_SERVICE, READINESS_SERVICE, WatchStream,
@@ -58,3 +61,4 @@ pub use status::{
 };
 /// The generated health protocol types, for clients and tests.
 pub use tonic_health::pb as health_proto;
+pub use trace::{TraceLayer, TraceService, propagate_trace};
