@@ -229,7 +229,7 @@ impl DatabaseConfig {
     }
 
     /// Reads the configuration from the process environment; see
-    /// [`env`](crate::config::env) for the variable names. Only
+    /// [`config::env`](crate::config::env) for the variable names. Only
     /// `DATABASE_URL` is required.
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(|name| std::env::var(name).ok())
