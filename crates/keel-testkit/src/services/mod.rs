@@ -69,7 +69,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
@@ -408,21 +408,30 @@ impl Discovery {
             tried.push(format!("  - {default}: nothing answers there"));
         }
 
-        // Started instances are shared by the whole process: the lock also
-        // keeps two threads from starting the same service.
-        static STARTED: Mutex<BTreeMap<(Service, PathBuf), Endpoint>> = Mutex::new(BTreeMap::new());
-        let mut started = STARTED.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (service, self.state_dir.clone());
-        if let Some(found) = started.get(&key) {
+        // Started instances are shared by the whole process. One slot per
+        // service and state directory: its lock keeps two threads from
+        // starting the same service, without making a test that needs Redis
+        // wait while another starts the emulator.
+        type Slot = Arc<Mutex<Option<Endpoint>>>;
+        static STARTED: Mutex<BTreeMap<(Service, PathBuf), Slot>> = Mutex::new(BTreeMap::new());
+        let slot = Arc::clone(
+            STARTED
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry((service, self.state_dir.clone()))
+                .or_default(),
+        );
+        let mut started = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = started.as_ref() {
             if found.source == Source::Container || service.ready(address_of(found)) {
                 return Ok(found.clone());
             }
-            started.remove(&key);
+            *started = None;
         }
 
         match self.try_container(service) {
             Ok(Some(found)) => {
-                started.insert(key, found.clone());
+                *started = Some(found.clone());
                 return Ok(found);
             }
             Ok(None) => {}
@@ -432,7 +441,7 @@ impl Discovery {
         if self.start_local {
             match self.start(service) {
                 Ok(found) => {
-                    started.insert(key, found.clone());
+                    *started = Some(found.clone());
                     return Ok(found);
                 }
                 Err(Error::ServiceUnavailable { tried: why, .. }) => tried.push(why),
