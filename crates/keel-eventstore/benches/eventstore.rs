@@ -314,46 +314,35 @@ async fn main() {
     );
     println!("|---|---|---|---|---|---|");
 
+    let only_reads = std::env::var("KEEL_BENCH_ONLY").is_ok_and(|v| v == "reads");
+    if !only_reads {
+        append_benches(&store, &quiet, &pool).await;
+    }
+    read_benches(&store, &pool).await;
+    pool.close().await;
+    drop(db);
+}
+
+async fn append_benches(store: &PostgresEventStore, quiet: &PostgresEventStore, pool: &PgPool) {
     // Warm up connections and caches.
-    append_bench("warm-up (ignore)", &store, &pool, 4, n(100), 1).await;
-    append_bench("append 1 event/tx, 1 writer", &store, &pool, 1, n(3_000), 1).await;
-    append_bench(
-        "append 1 event/tx, 8 writers",
-        &store,
-        &pool,
-        8,
-        n(1_000),
-        1,
-    )
-    .await;
+    append_bench("warm-up (ignore)", store, pool, 4, n(100), 1).await;
+    append_bench("append 1 event/tx, 1 writer", store, pool, 1, n(3_000), 1).await;
+    append_bench("append 1 event/tx, 8 writers", store, pool, 8, n(1_000), 1).await;
     append_bench(
         "append 1 event/tx, 8 writers, NOTIFY off",
-        &quiet,
-        &pool,
+        quiet,
+        pool,
         8,
         n(1_000),
         1,
     )
     .await;
-    append_bench(
-        "append 50 events/tx, 1 writer",
-        &store,
-        &pool,
-        1,
-        n(300),
-        50,
-    )
-    .await;
-    append_bench(
-        "append 50 events/tx, 8 writers",
-        &store,
-        &pool,
-        8,
-        n(60),
-        50,
-    )
-    .await;
+    append_bench("append 50 events/tx, 1 writer", store, pool, 1, n(300), 50).await;
+    append_bench("append 50 events/tx, 8 writers", store, pool, 8, n(60), 50).await;
+}
 
+async fn read_benches(store: &PostgresEventStore, pool: &PgPool) {
+    let (store, pool) = (store.clone(), pool.clone());
     // Read one 1,000-event stream, many times.
     fill(&store, "ReadOne", 1, 1_000).await;
     let stream = StreamId::new("ReadOne-0").unwrap();
@@ -399,7 +388,7 @@ async fn main() {
     // Read 100,000 events of the global log.
     let global = n(100_000);
     fill(&store, "Global", 100, global.div_ceil(100)).await;
-    for round in 0..2 {
+    for round in 0..3 {
         let start = Instant::now();
         let count = store
             .read_all(ReadAll::from_start().limit(global as u64))
@@ -425,8 +414,12 @@ async fn main() {
             latencies: Vec::new(),
         };
         drop(rows);
-        if round == 1 {
-            report(&format!("read {global} global events"), keel, raw);
+        if round > 0 {
+            report(
+                &format!("read {global} global events (round {round})"),
+                keel,
+                raw,
+            );
         }
     }
 
@@ -461,13 +454,11 @@ async fn main() {
     let elapsed = start.elapsed();
     println!();
     println!(
-        "Read {count} global events in {:.1} s ({:.0} events/s); RSS before {} MiB, peak during the read {} MiB (+{} MiB).",
+        "Read {count} global events in {:.1} s ({:.0} events/s); RSS before {} KiB, peak during the read {} KiB (+{} KiB).",
         elapsed.as_secs_f64(),
         count as f64 / elapsed.as_secs_f64(),
-        before / 1024,
-        peak / 1024,
-        peak.saturating_sub(before) / 1024
+        before,
+        peak,
+        peak.saturating_sub(before)
     );
-    pool.close().await;
-    drop(db);
 }
