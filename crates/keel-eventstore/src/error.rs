@@ -163,12 +163,20 @@ impl EventStoreError {
         Self::Invalid(InvalidInput::new(field, reason))
     }
 
-    /// Whether retrying the same operation unchanged may succeed.
+    /// Whether retrying the same operation unchanged may succeed: the
+    /// database was unreachable, or the transaction was chosen as a deadlock
+    /// victim or failed serialization.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         #[cfg(feature = "postgres")]
-        if matches!(self, Self::Unavailable(_)) {
-            return true;
+        match self {
+            Self::Unavailable(_) => return true,
+            // serialization failure, deadlock: the transaction may succeed
+            // when run again
+            Self::Database(sqlx::Error::Database(db)) => {
+                return db.code().is_some_and(|c| c.starts_with("40"));
+            }
+            _ => {}
         }
         false
     }

@@ -179,9 +179,14 @@ impl PostgresEventStore {
         notify_in_transaction: bool,
     ) -> Result<Vec<AppendResult>> {
         check_multi(&appends, self.config.max_payload_bytes)?;
-        let mut results = Vec::with_capacity(appends.len());
-        for a in &appends {
-            results.push(
+        // Lock streams in one global order (by id), so two multi-stream
+        // appends over the same streams queue instead of deadlocking.
+        let mut order: Vec<usize> = (0..appends.len()).collect();
+        order.sort_by(|&a, &b| appends[a].stream_id.cmp(&appends[b].stream_id));
+        let mut results: Vec<Option<AppendResult>> = vec![None; appends.len()];
+        for i in order {
+            let a = &appends[i];
+            results[i] = Some(
                 append_once(
                     conn,
                     &a.stream_id,
@@ -193,6 +198,7 @@ impl PostgresEventStore {
                 .await?,
             );
         }
+        let results: Vec<AppendResult> = results.into_iter().flatten().collect();
         Ok(results)
     }
 }

@@ -525,3 +525,49 @@ async fn notifications_wake_a_caught_up_subscription() {
     handle.stop().await.unwrap();
     assert_eq!(*seen.0.lock().unwrap(), vec![1, 2]);
 }
+
+/// Multi-stream appends naming the same streams in opposite orders neither
+/// deadlock nor fail: streams are locked in one global order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crossing_multi_stream_appends_do_not_deadlock() {
+    use keel_eventstore::StreamAppend;
+    let (store, _db) = store().await;
+    let (a, b) = (sid("Cross-a"), sid("Cross-b"));
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let store = store.clone();
+        let (first, second) = if t % 2 == 0 {
+            (a.clone(), b.clone())
+        } else {
+            (b.clone(), a.clone())
+        };
+        tasks.push(tokio::spawn(async move {
+            for i in 0..15u64 {
+                let results = store
+                    .append_multi(vec![
+                        StreamAppend::new(
+                            first.clone(),
+                            ExpectedVersion::Any,
+                            vec![ev(t * 100 + i)],
+                        ),
+                        StreamAppend::new(
+                            second.clone(),
+                            ExpectedVersion::Any,
+                            vec![ev(t * 100 + i)],
+                        ),
+                    ])
+                    .await
+                    .expect("no deadlock");
+                assert_eq!(
+                    results[0].stream_id, first,
+                    "results keep the request order"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.stream_version(&a).await.unwrap(), Version::new(120));
+    assert_eq!(store.stream_version(&b).await.unwrap(), Version::new(120));
+}
