@@ -107,6 +107,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `postgres` | yes | [`PgRepository`] and [`OnConnection`], on sqlx |
+//! | `derive` | yes | `#[derive(Mapped)]`, which writes the `Entity` and `Mapped` impls from attributes |
 //! | `testing` | no | the contract suite (module `testing`, macro `contract_suite!`) for implementations of the port |
 //!
 //! Without `postgres` the crate has no database dependency:
@@ -124,9 +125,46 @@ pub mod testing;
 mod value;
 
 pub use error::{RepositoryError, Result};
+/// Derives [`keel_core::Entity`] and [`Mapped`] from attributes (feature
+/// `derive`).
+///
+/// ```
+/// use keel_repository::Mapped;
+///
+/// #[derive(Clone, Debug, Mapped)]
+/// #[keel(table = "customers")]          // `name = "…"` defaults to `customer`
+/// struct Customer {
+///     #[keel(id)]
+///     id: uuid::Uuid,
+///     #[keel(filterable, sortable)]
+///     email: String,
+///     #[keel(column = "tier_level", filterable)]
+///     tier: i32,
+///     note: Option<String>,             // nullable
+///     profile: serde_json::Value,       // JSONB
+/// }
+///
+/// assert_eq!(<Customer as keel_core::Entity>::NAME, "customer");
+/// assert!(Customer::mapping().create_table_sql().contains(r#""tier_level" INTEGER NOT NULL"#));
+/// ```
+///
+/// Struct attributes: `table` (required), `name`. Field attributes: `id`
+/// (exactly one), `filterable`, `sortable`, `column = "…"`. Column types
+/// follow the field types: `bool`, `i32`, `i64`, `f64`, `String`, `Uuid`,
+/// `DateTime<Utc>`, `serde_json::Value`, and `Option` of those for nullable
+/// columns. The mapping is validated like a hand-written one when a
+/// repository is built.
+#[cfg(feature = "derive")]
+pub use keel_repository_macros::Mapped;
 pub use mapping::{Column, Mapped, Mapping, Row, RowWriter};
 pub use memory::InMemoryRepository;
 #[cfg(feature = "postgres")]
 pub use postgres::{OnConnection, PgRepository};
 pub use query::{DEFAULT_MAX_PAGE_SIZE, MAX_IN_LIST};
 pub use value::{ColumnType, FromValue, Value};
+
+#[doc(hidden)]
+pub mod __private {
+    //! Re-exports for `#[derive(Mapped)]`; not a public API.
+    pub use keel_core;
+}

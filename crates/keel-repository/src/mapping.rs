@@ -210,7 +210,7 @@ pub(crate) struct Field {
 }
 
 /// A validated mapping, shared by a repository and its statements.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Schema {
     pub(crate) entity: &'static str,
     pub(crate) table: String,

@@ -49,6 +49,19 @@ struct Inner<E> {
     _entity: EntityOf<E>,
 }
 
+impl<E> Clone for Inner<E> {
+    fn clone(&self) -> Self {
+        Self {
+            schema: self.schema.clone(),
+            sql: self.sql.clone(),
+            clock: self.clock.clone(),
+            codec: self.codec.clone(),
+            max_page_size: self.max_page_size,
+            _entity: std::marker::PhantomData,
+        }
+    }
+}
+
 impl<E: Mapped> Clone for PgRepository<E> {
     fn clone(&self) -> Self {
         Self {
@@ -87,10 +100,8 @@ impl<E: Mapped> PgRepository<E> {
     }
 
     fn configure(mut self, f: impl FnOnce(&mut Inner<E>)) -> Self {
-        let inner = Arc::get_mut(&mut self.inner).map(|i| {
-            f(i);
-        });
-        debug_assert!(inner.is_some(), "configure before cloning");
+        // Clones made before configuring keep their own settings.
+        f(Arc::make_mut(&mut self.inner));
         self
     }
 

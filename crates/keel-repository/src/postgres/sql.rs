@@ -12,7 +12,7 @@ use crate::query::{Cond, Plan};
 use crate::value::{ColumnType, Value};
 
 /// The fixed statements of one repository.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Statements {
     pub(crate) select: String,
     pub(crate) table: String,
