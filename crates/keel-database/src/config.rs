@@ -708,6 +708,28 @@ impl DatabaseConfigBuilder {
     }
 }
 
+/// The query parameters sqlx understands in a connection URL.
+const KNOWN_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
 /// Parses a connection URL, never echoing it (it may hold a password).
 fn parse_url(url: &str) -> Result<(PgConnectOptions, bool)> {
     let url = url.trim();
@@ -726,7 +748,30 @@ fn parse_url(url: &str) -> Result<(PgConnectOptions, bool)> {
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let userinfo = authority.rsplit_once('@').map(|(u, _)| u);
     let password = userinfo.and_then(|u| u.split_once(':')).map(|(_, p)| p);
-    let has_password = password.is_some_and(|p| !p.is_empty());
+    let query = rest
+        .split_once('?')
+        .map(|(_, q)| q.split('#').next().unwrap_or_default())
+        .unwrap_or_default();
+    let mut query_password = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        // sqlx ignores unknown parameters with a log line that includes the
+        // value; a misspelt `pasword=` would leak it and be ignored. Refuse
+        // them instead, naming only the key.
+        let known = KNOWN_URL_PARAMETERS.contains(&key)
+            || (key.starts_with("options[") && key.ends_with(']'));
+        if !known {
+            return Err(config_error(
+                "url",
+                format!(
+                    "unknown connection parameter {key:?}; expected one of {}",
+                    KNOWN_URL_PARAMETERS.join(", ")
+                ),
+            ));
+        }
+        query_password |= key == "password";
+    }
+    let has_password = password.is_some_and(|p| !p.is_empty()) || query_password;
 
     let options = PgConnectOptions::from_str(url).map_err(|e| {
         let mut reason = match &e {
@@ -964,6 +1009,7 @@ mod tests {
             "postgres://u:hunter2@host:99999/db",
             "postgres://u:hunter2@[::1/db",
             "postgres://u:hunter2@host/db?sslmode=bogus",
+            "postgres://u@host/db?pasword=hunter2",
         ] {
             let e = DatabaseConfig::builder().url(url).build().unwrap_err();
             assert_eq!(setting_of(&e), "url", "{url}");
@@ -987,6 +1033,16 @@ mod tests {
             .build()
             .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
+        let c = DatabaseConfig::builder()
+            .url("postgres://localhost/orders?user=app&password=hunter2&sslmode=disable&options[search_path]=app")
+            .build()
+            .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert_eq!(c.username(), "app");
     }
 
     #[test]

@@ -373,3 +373,29 @@ async fn silent_server_hits_the_connect_and_acquire_timeouts() {
     }
     drop(silent);
 }
+
+#[tokio::test]
+async fn unknown_host_names_the_host() {
+    let e = Database::connect(
+        DatabaseConfig::builder()
+            .url("postgres://app:Sup3rS3cret@no-such-host.invalid:5432/app")
+            .min_connections(0)
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap_err();
+    // Name resolution fails at once, or (with a resolver that does not
+    // answer) the connect timeout catches it; both name the host.
+    match &e {
+        DatabaseError::Unreachable { host, port, .. }
+        | DatabaseError::ConnectTimeout { host, port, .. } => {
+            assert_eq!(host, "no-such-host.invalid");
+            assert_eq!(*port, 5432);
+        }
+        other => panic!("expected Unreachable or ConnectTimeout, got {other:?}"),
+    }
+    assert!(e.to_string().contains("no-such-host.invalid:5432"), "{e}");
+    assert_no_secret(&e, "Sup3rS3cret");
+}
