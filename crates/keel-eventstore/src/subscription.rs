@@ -259,6 +259,12 @@ where
             Ok(Exit::Stopped) => return Ok(()),
             Ok(Exit::LostLeadership) => {
                 tracing::warn!(subscription = %options.name, "lost leadership; queueing again");
+                // Give the followers the first chance: a leader whose
+                // connection flaps should not snatch leadership straight back.
+                tokio::select! {
+                    () = tokio::time::sleep(options.leadership_retry) => {}
+                    () = stopped(&mut stop) => return Ok(()),
+                }
             }
             Err(e @ EventStoreError::Handler { .. }) => return Err(e),
             Err(e) => {

@@ -438,7 +438,13 @@ async fn a_terminated_leader_session_hands_over() {
         .poll_interval(Duration::from_millis(50))
         .leadership_retry(Duration::from_millis(50));
     let first = Numbers::default();
-    let mut a = Subscription::spawn(store.clone(), options.clone(), first.clone());
+    // A, once it lost leadership, waits 10 s before contending again: B, the
+    // follower retrying every 50 ms, takes over in the meantime.
+    let mut a = Subscription::spawn(
+        store.clone(),
+        options.clone().leadership_retry(Duration::from_secs(10)),
+        first.clone(),
+    );
     until(&mut a, "A leads and caught up", |s| {
         s.leader && s.handled >= 5
     })
