@@ -102,8 +102,8 @@ pub use memory::InMemoryEventStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{NOTIFY_CHANNEL, PostgresEventStore};
 pub use store::{
-    Appender, EventSignal, EventStore, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
-    StreamReader, SubscriptionSupport,
+    Appender, EventSignal, EventStore, EventStoreBackend, EventStream, GlobalLog, Leadership,
+    Snapshot, SnapshotStore, StreamReader, SubscriptionSupport,
 };
 pub use subscription::{
     Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,

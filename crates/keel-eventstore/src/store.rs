@@ -126,3 +126,67 @@ pub trait SubscriptionSupport: Send + Sync {
     /// A fresh wake-up signal.
     async fn event_signal(&self) -> Result<Box<dyn EventSignal>>;
 }
+
+/// Everything a complete backend offers: the store, snapshots and
+/// subscription support. Lets a composition root hold one
+/// `Arc<dyn EventStoreBackend>` and hand it to
+/// [`EventSourcedRepository`](crate::EventSourcedRepository) and
+/// [`Subscription`](crate::Subscription) alike.
+pub trait EventStoreBackend: EventStore + SnapshotStore + SubscriptionSupport {}
+
+impl<T: EventStore + SnapshotStore + SubscriptionSupport + ?Sized> EventStoreBackend for T {}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures::TryStreamExt;
+    use keel_core::{ExpectedVersion, StreamId};
+
+    use super::*;
+    use crate::{InMemoryEventStore, NewEvent, ReadAll};
+
+    #[tokio::test]
+    async fn the_ports_work_as_trait_objects() {
+        let backend: Arc<dyn EventStoreBackend> = Arc::new(InMemoryEventStore::new());
+        let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        for s in [&*store as &dyn EventStore, &*backend as &dyn EventStore] {
+            let id = StreamId::new("Dyn-1").unwrap();
+            s.append(
+                &id,
+                ExpectedVersion::NoStream,
+                vec![NewEvent::from_json("t", &serde_json::json!(1))],
+            )
+            .await
+            .unwrap();
+            let all: Vec<_> = s
+                .read_all(ReadAll::from_start())
+                .try_collect()
+                .await
+                .unwrap();
+            assert_eq!(all.len(), 1);
+        }
+        let handle = crate::Subscription::spawn(
+            backend.clone(),
+            crate::SubscriptionOptions::new("dyn"),
+            Counter,
+        );
+        handle.stop().await.unwrap();
+        assert!(
+            backend
+                .load_snapshot(&StreamId::new("Dyn-1").unwrap())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    struct Counter;
+
+    #[async_trait]
+    impl crate::SubscriptionHandler for Counter {
+        async fn handle(&self, _: &crate::RecordedEvent) -> Result<(), keel_core::BoxError> {
+            Ok(())
+        }
+    }
+}
