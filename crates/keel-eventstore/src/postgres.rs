@@ -520,6 +520,18 @@ impl StreamReader for PostgresEventStore {
     }
 }
 
+fn horizon_warning_due() -> bool {
+    static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+    if due {
+        *last = Some(std::time::Instant::now());
+    }
+    due
+}
+
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -596,11 +608,17 @@ impl PostgresEventStore {
                 return Ok(true);
             }
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    waited = ?self.config.settle_timeout,
-                    "a long-running transaction holds back the event log's read horizon; \
-                     events committed after it started stay unread until it ends"
-                );
+                // Every caught-up reader hits this while the transaction
+                // lasts: warn once a minute, not once per poll.
+                if horizon_warning_due() {
+                    tracing::warn!(
+                        waited = ?self.config.settle_timeout,
+                        "a long-running transaction holds back the event log's read horizon; \
+                         events committed after it started stay unread until it ends"
+                    );
+                } else {
+                    tracing::debug!("the read horizon is still held back");
+                }
                 return Ok(false);
             }
             pause = (pause * 2).min(Duration::from_millis(50));
