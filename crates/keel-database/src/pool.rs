@@ -181,6 +181,16 @@ impl Database {
         self.inner.pool.close().await;
     }
 
+    /// Switches to a rotated password: connections opened from now on use
+    /// it; open connections stay as they are until they are recycled (see
+    /// `max_lifetime`). Clones of this `Database` share the change.
+    pub fn set_password(&self, password: &str) {
+        let options = (*self.inner.pool.connect_options())
+            .clone()
+            .password(password);
+        self.inner.pool.set_connect_options(options);
+    }
+
     /// Whether [`close`](Self::close) was called.
     #[must_use]
     pub fn is_closed(&self) -> bool {

@@ -169,6 +169,67 @@ async fn pool_recovers_after_a_restart_and_a_crash() {
     db.close().await;
 
     crash(&pg).await;
+    password_rotation(&pg).await;
+}
+
+/// A rotated password reaches new connections without rebuilding the pool.
+async fn password_rotation(pg: &ThrowawayPostgres) {
+    let admin = sqlx::PgPool::connect_with(pg.connect_options())
+        .await
+        .unwrap();
+    admin
+        .execute("CREATE ROLE rotating LOGIN PASSWORD 'first-secret'")
+        .await
+        .unwrap();
+    let db = Database::connect(
+        DatabaseConfig::builder()
+            .connect_options(pg.connect_options().username("rotating"))
+            .password("first-secret")
+            .min_connections(0)
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    sqlx::query("SELECT 1").execute(db.pool()).await.unwrap();
+
+    admin
+        .execute("ALTER ROLE rotating PASSWORD 'second-secret'")
+        .await
+        .unwrap();
+    // Open connections keep working; force new ones.
+    db.pool()
+        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotating' AND pid <> pg_backend_pid()")
+        .await
+        .unwrap();
+    // The terminated connections are discarded on use (at most two); then a
+    // new connection, with the old password, is refused.
+    let mut stale = None;
+    for _ in 0..5 {
+        if let Err(e) = db.begin().await {
+            stale = Some(e);
+            break;
+        }
+    }
+    let stale = stale.expect("the old password was still accepted");
+    assert!(
+        matches!(stale, DatabaseError::AuthenticationFailed { .. }),
+        "{stale:?}"
+    );
+    assert!(!format!("{stale:?}").contains("first-secret"));
+
+    db.set_password("second-secret");
+    let mut uow = db.begin().await.unwrap();
+    let user: String = sqlx::query_scalar("SELECT current_user")
+        .fetch_one(uow.conn())
+        .await
+        .unwrap();
+    assert_eq!(user, "rotating");
+    uow.commit().await.unwrap();
+    db.close().await;
+    admin.close().await;
 }
 
 /// The server dies as in a crash while a transaction is open: the open
