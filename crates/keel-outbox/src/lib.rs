@@ -111,7 +111,7 @@ mod writer;
 
 pub use error::{OutboxError, Result};
 pub use inbox::{Inbox, InboxHandler, record};
-pub use relay::{Relay, RelayConfig, RelayHandle, RelayReport};
+pub use relay::{OutboxStats, Relay, RelayConfig, RelayHandle, RelayReport};
 #[cfg(feature = "eventstore")]
 pub use store_relay::{EventStoreRelay, EventStoreRelayHandle};
 pub use writer::{NOTIFY_CHANNEL, OutboxMessage, OutboxWriter};

@@ -166,6 +166,42 @@ pub struct RelayReport {
     pub failed: usize,
 }
 
+/// A snapshot of the outbox's backlog, for health checks and metrics.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct OutboxStats {
+    /// Rows committed and not yet published.
+    pub pending: u64,
+    /// Unpublished rows whose last publish failed: each holds back its
+    /// aggregate until a retry succeeds. Non-zero for long means a poison
+    /// row or a broken topic (see `last_error` in `keel.outbox`).
+    pub retrying: u64,
+    /// How long the oldest unpublished row has waited: the relay's lag.
+    pub oldest_pending_age: Option<Duration>,
+}
+
+impl OutboxStats {
+    /// Reads the current figures.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Database`] when PostgreSQL fails.
+    pub async fn load(pool: &PgPool) -> Result<Self> {
+        let (pending, retrying, age): (i64, i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE attempts > 0), \
+                    extract(epoch FROM now() - min(created_at))::float8 \
+             FROM keel.outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok(Self {
+            pending: u64::try_from(pending).unwrap_or(0),
+            retrying: u64::try_from(retrying).unwrap_or(0),
+            oldest_pending_age: age.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+        })
+    }
+}
+
 /// Publishes committed outbox rows to the bus, oldest first, one aggregate's
 /// rows in commit order.
 ///
@@ -256,6 +292,9 @@ WITH candidates AS (
             FROM candidates c
             ORDER BY c.aggregate_type, c.aggregate_id, c.id)
       AND o.published_at IS NULL
+      -- Re-checked on the row's latest version when it is locked: another
+      -- relay may just have recorded a failed attempt on it.
+      AND (o.retry_at IS NULL OR o.retry_at <= now())
       AND NOT EXISTS (
           SELECT 1 FROM keel.outbox p
           WHERE p.aggregate_type = o.aggregate_type

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use keel_core::{EventPublisher, Message};
 use keel_eventbus::InMemoryBus;
-use keel_outbox::{OutboxError, OutboxMessage, OutboxWriter, Relay, RelayConfig};
+use keel_outbox::{OutboxError, OutboxMessage, OutboxStats, OutboxWriter, Relay, RelayConfig};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -185,6 +185,9 @@ async fn a_failing_topic_backs_off_and_holds_its_aggregate_but_not_the_others() 
     assert!(retry_in_future);
     // a's second event waits behind its failed first one, though its topic works.
     assert_eq!(unpublished(db.pool()).await, 2);
+    let stats = OutboxStats::load(db.pool()).await.unwrap();
+    assert_eq!((stats.pending, stats.retrying), (2, 1));
+    assert!(stats.oldest_pending_age.is_some());
     assert_eq!(
         relay.relay_once().await.unwrap().claimed,
         0,
@@ -202,6 +205,11 @@ async fn a_failing_topic_backs_off_and_holds_its_aggregate_but_not_the_others() 
     })
     .await;
     eventually("all deliveries", WAIT, || async { recorder.len() >= 5 }).await;
+    let stats = OutboxStats::load(db.pool()).await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.retrying, stats.oldest_pending_age),
+        (0, 0, None)
+    );
     let seqs = recorder.sequences();
     assert_eq!(seqs["a"], vec![1, 2], "a's order kept across the failure");
     assert_eq!(seqs["b"], vec![1, 2]);
@@ -457,4 +465,49 @@ async fn relay_config_out_of_range_is_refused() {
         matches!(err, OutboxError::Invalid { ref field, .. } if field == "batch_size"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_composes_with_keel_database_units_of_work_and_savepoints() {
+    use keel_database::{Database, DatabaseConfig};
+    let db = database().await;
+    let config = DatabaseConfig::builder()
+        .connect_options(db.connect_options())
+        .max_connections(4)
+        .min_connections(0)
+        .build()
+        .unwrap();
+    let database = Database::connect(config).await.unwrap();
+    let writer = OutboxWriter::new();
+
+    let mut uow = database.begin().await.unwrap();
+    writer
+        .write(&mut uow, &event("orders", "a", 1))
+        .await
+        .unwrap();
+    {
+        // A savepoint rolled back takes its outbox rows with it.
+        let mut savepoint = uow.savepoint().await.unwrap();
+        writer
+            .write(&mut savepoint, &event("orders", "a", 2))
+            .await
+            .unwrap();
+        savepoint.rollback().await.unwrap();
+    }
+    uow.commit().await.unwrap();
+
+    let mut abandoned = database.begin().await.unwrap();
+    writer
+        .write(abandoned.conn(), &event("orders", "b", 1))
+        .await
+        .unwrap();
+    drop(abandoned); // dropped without commit: rolled back
+
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT payload->>'aggregate', (payload->>'seq')::int8 FROM keel.outbox ORDER BY id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows, vec![("a".to_owned(), 1)]);
 }
