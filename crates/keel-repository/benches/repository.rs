@@ -12,7 +12,7 @@
 )]
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -110,6 +110,59 @@ async fn sqlx_update(pool: &PgPool, g: &Gadget, expected: i64) -> Stored<Gadget>
     decode(&row)
 }
 
+/// Call-by-call paired timings of two implementations: every sample runs
+/// both, alternating which goes first, so load on a shared machine falls on
+/// both alike. Criterion reports one side per benchmark; the paired totals
+/// give the ratio printed at the end of each group.
+#[derive(Default)]
+struct Paired {
+    a: std::sync::Mutex<(Duration, Duration, u64)>,
+}
+
+impl Paired {
+    fn add(&self, a: Duration, b: Duration) {
+        let mut t = self.a.lock().unwrap();
+        t.0 += a;
+        t.1 += b;
+        t.2 += 1;
+    }
+
+    fn report(&self, group: &str, a: &str, b: &str) {
+        let t = self.a.lock().unwrap();
+        let n = t.2.max(1) as f64;
+        let (ma, mb) = (t.0.as_secs_f64() / n * 1e6, t.1.as_secs_f64() / n * 1e6);
+        eprintln!(
+            "PAIRED {group}: {a} {ma:.1} us, {b} {mb:.1} us over {} pairs; {a} speed relative to {b} = {:.2}x",
+            t.2,
+            mb / ma
+        );
+    }
+}
+
+/// Runs `a` and `b` once each, in an order that alternates with `i`, and
+/// returns their durations.
+async fn pair<A, B>(i: u64, a: A, b: B) -> (Duration, Duration)
+where
+    A: std::future::Future,
+    B: std::future::Future,
+{
+    if i.is_multiple_of(2) {
+        let t = Instant::now();
+        a.await;
+        let ta = t.elapsed();
+        let t = Instant::now();
+        b.await;
+        (ta, t.elapsed())
+    } else {
+        let t = Instant::now();
+        b.await;
+        let tb = t.elapsed();
+        let t = Instant::now();
+        a.await;
+        (t.elapsed(), tb)
+    }
+}
+
 struct Setup {
     _db: TestDatabase,
     pool: PgPool,
@@ -125,7 +178,16 @@ fn setup(rt: &Runtime) -> Setup {
             .execute(db.pool())
             .await
             .unwrap();
-        let pool = db.pool().clone();
+        // Commits without waiting for the WAL flush, on both sides: the
+        // figures then show library overhead rather than disk latency.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(
+                db.connect_options()
+                    .options([("synchronous_commit", "off")]),
+            )
+            .await
+            .unwrap();
         let repo = PgRepository::new(pool.clone()).unwrap();
         Setup {
             _db: db,
@@ -149,50 +211,95 @@ fn crud(c: &mut Criterion) {
     let next = || counter.fetch_add(1, Ordering::Relaxed);
 
     let mut group = c.benchmark_group("get");
-    group.bench_function("keel", |b| {
-        b.to_async(&rt)
-            .iter(|| async { s.repo.get(&"hot-repo".to_owned()).await.unwrap().unwrap() });
-    });
-    group.bench_function("sqlx", |b| {
-        b.to_async(&rt)
-            .iter(|| async { sqlx_get(&s.pool, "hot-sqlx").await.unwrap() });
-    });
+    let paired = Paired::default();
+    for keel_side in [true, false] {
+        let name = if keel_side { "keel" } else { "sqlx" };
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (s, paired) = (&s, &paired);
+                async move {
+                    let mut timed = Duration::ZERO;
+                    for i in 0..iters {
+                        let (k, q) = pair(
+                            i,
+                            async { s.repo.get(&"hot-repo".to_owned()).await.unwrap().unwrap() },
+                            async { sqlx_get(&s.pool, "hot-sqlx").await.unwrap() },
+                        )
+                        .await;
+                        paired.add(k, q);
+                        timed += if keel_side { k } else { q };
+                    }
+                    timed
+                }
+            });
+        });
+    }
     group.finish();
+    paired.report("get", "keel", "sqlx");
 
     let mut group = c.benchmark_group("insert");
-    group.bench_function("keel", |b| {
-        b.to_async(&rt).iter(|| async {
-            s.repo
-                .insert(gadget(&format!("i{}", next()), "new", 5))
-                .await
-                .unwrap()
+    let paired = Paired::default();
+    for keel_side in [true, false] {
+        let name = if keel_side { "keel" } else { "sqlx" };
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (s, next, paired) = (&s, &next, &paired);
+                async move {
+                    let mut timed = Duration::ZERO;
+                    for i in 0..iters {
+                        let (a, b) = (
+                            gadget(&format!("i{}", next()), "new", 5),
+                            gadget(&format!("i{}", next()), "new", 5),
+                        );
+                        let (k, q) = pair(
+                            i,
+                            async { s.repo.insert(a).await.unwrap() },
+                            sqlx_insert(&s.pool, &b),
+                        )
+                        .await;
+                        paired.add(k, q);
+                        timed += if keel_side { k } else { q };
+                    }
+                    timed
+                }
+            });
         });
-    });
-    group.bench_function("sqlx", |b| {
-        b.to_async(&rt).iter(|| async {
-            sqlx_insert(&s.pool, &gadget(&format!("i{}", next()), "new", 5)).await
-        });
-    });
+    }
     group.finish();
+    paired.report("insert", "keel", "sqlx");
 
     let mut group = c.benchmark_group("update");
+    let paired = Paired::default();
     let keel_version = AtomicU64::new(1);
     let sqlx_version = AtomicU64::new(1);
-    group.bench_function("keel", |b| {
-        b.to_async(&rt).iter(|| async {
-            let v = keel_version.fetch_add(1, Ordering::Relaxed);
-            let g = gadget("hot-repo", "updated", i64::try_from(v).unwrap());
-            s.repo.update(g, Version::new(v)).await.unwrap()
+    for keel_side in [true, false] {
+        let name = if keel_side { "keel" } else { "sqlx" };
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (s, kv, sv, paired) = (&s, &keel_version, &sqlx_version, &paired);
+                async move {
+                    let mut timed = Duration::ZERO;
+                    for i in 0..iters {
+                        let v = kv.fetch_add(1, Ordering::Relaxed);
+                        let g = gadget("hot-repo", "updated", i64::try_from(v).unwrap());
+                        let w = sv.fetch_add(1, Ordering::Relaxed);
+                        let h = gadget("hot-sqlx", "updated", i64::try_from(w).unwrap());
+                        let (k, q) = pair(
+                            i,
+                            async { s.repo.update(g, Version::new(v)).await.unwrap() },
+                            sqlx_update(&s.pool, &h, i64::try_from(w).unwrap()),
+                        )
+                        .await;
+                        paired.add(k, q);
+                        timed += if keel_side { k } else { q };
+                    }
+                    timed
+                }
+            });
         });
-    });
-    group.bench_function("sqlx", |b| {
-        b.to_async(&rt).iter(|| async {
-            let v = sqlx_version.fetch_add(1, Ordering::Relaxed);
-            let g = gadget("hot-sqlx", "updated", i64::try_from(v).unwrap());
-            sqlx_update(&s.pool, &g, i64::try_from(v).unwrap()).await
-        });
-    });
+    }
     group.finish();
+    paired.report("update", "keel", "sqlx");
 }
 
 const ROWS: i64 = 100_000;
@@ -239,6 +346,10 @@ fn pagination(c: &mut Criterion) {
     });
 
     let mut group = c.benchmark_group("pagination_100k");
+    let first = query.clone();
+    let deep_query = query
+        .clone()
+        .with_page(PageRequest::after(deep.clone(), PAGE));
     for (name, page) in [
         ("keyset", PageRequest::first(PAGE)),
         ("keyset", PageRequest::after(deep, PAGE)),
@@ -259,6 +370,21 @@ fn pagination(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // Page 1 and page 1,000 side by side, call by call.
+    let paired = Paired::default();
+    rt.block_on(async {
+        for i in 0..200 {
+            let (deep, shallow) = pair(
+                i,
+                async { s.repo.list(&deep_query).await.unwrap() },
+                async { s.repo.list(&first).await.unwrap() },
+            )
+            .await;
+            paired.add(deep, shallow);
+        }
+    });
+    paired.report("keyset", "page 1,000", "page 1");
 }
 
 criterion_group! {
