@@ -67,9 +67,10 @@
 //! * `redis` (default): [`RedisCache`], on the `redis` crate's
 //!   multiplexed, self-reconnecting `ConnectionManager`. Without it the
 //!   crate has no Redis dependency, and [`MemoryCache`] is the only backend.
-//! * `testing`: the [`contract`] module, the suite every backend passes.
-//!
-//! Redis over TLS (`rediss://`) is not offered yet.
+//! * `tls`: Redis over TLS (`rediss://` URLs) through rustls with the
+//!   `ring` provider, never OpenSSL; trusts the system's roots, or a private
+//!   CA given to `RedisConfig::root_certificate_pem`. Implies `redis`.
+//! * `testing`: the `contract` module, the suite every backend passes.
 
 mod aside;
 mod backend;
