@@ -344,6 +344,10 @@ pub async fn stale_writes_are_conflicts(h: Harness) {
     for err in [
         h.repo.update(g.clone(), Version::new(1)).await.unwrap_err(),
         h.repo.update(g.clone(), Version::new(7)).await.unwrap_err(),
+        h.repo
+            .update(g.clone(), Version::new(u64::MAX))
+            .await
+            .unwrap_err(),
         h.repo.soft_delete(&id, Version::new(1)).await.unwrap_err(),
         h.repo.hard_delete(&id, Version::new(1)).await.unwrap_err(),
     ] {

@@ -801,8 +801,11 @@ fn add_array(args: &mut PgArguments, ty: ColumnType, values: &[Value]) -> Result
     .map_err(|e| RepositoryError::Database(sqlx::Error::Encode(e)))
 }
 
+/// The expected version as a parameter. Stored versions fit in `BIGINT`; an
+/// expectation beyond it matches no row (`-1`), so the write reports the
+/// actual version as a conflict, as the in-memory repository does.
 fn version_param(v: Version) -> Result<i64> {
-    i64::try_from(v.get()).map_err(|_| RepositoryError::page("version out of range"))
+    Ok(i64::try_from(v.get()).unwrap_or(-1))
 }
 
 /// Maps a database failure onto the port's error: connection trouble,
