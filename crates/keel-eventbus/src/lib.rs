@@ -25,6 +25,9 @@
 //! * **Flow control and shutdown**: a bounded number of concurrent handlers,
 //!   lease extension for slow handlers, and a graceful
 //!   [`Subscription::shutdown`] that loses nothing.
+//! * **Typed handlers**: [`EventRouter`] decodes each message into the type
+//!   registered for its event type and schema version, and rejects unknown
+//!   ones (or skips them, if told to).
 //!
 //! Messages travel as JSON data with attributes for the event type, id,
 //! schema version, correlation and causation ids, trace context, actor and
@@ -105,6 +108,7 @@ mod memory;
 pub mod naming;
 #[cfg(feature = "pubsub")]
 mod pubsub;
+mod router;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -116,3 +120,4 @@ pub use memory::InMemoryBus;
 pub use naming::Naming;
 #[cfg(feature = "pubsub")]
 pub use pubsub::{EMULATOR_HOST_VAR, PubSubBus, PubSubConfig};
+pub use router::{EventRouter, TypedHandler};

@@ -272,8 +272,19 @@ pub async fn poison_message_is_dead_lettered_after_max_attempts<B: TestBus>(bus:
         healthy.iter().all(|m| rec.was_handled(m.event_id))
     })
     .await;
+    // List once the last attempt was made: the emulator can stall a publish
+    // to a dead-letter topic while a listing holds a stream on it.
+    wait_until("the last attempt", || {
+        rec.attempts_of(poison.event_id).len() == 5
+    })
+    .await;
     let dead = dead_letters_settled(&bus, &topic, "victim", 1).await;
-    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead.len(),
+        1,
+        "dead letters {dead:?}; poison attempts {:?}",
+        rec.attempts_of(poison.event_id)
+    );
     assert_eq!(dead[0].event_id(), Some(poison.event_id));
     assert_eq!(dead[0].message().unwrap(), poison);
     assert_eq!(dead[0].attempts, Some(5));

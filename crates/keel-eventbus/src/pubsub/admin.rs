@@ -66,7 +66,10 @@ pub(super) async fn topic_exists(admin: &TopicAdmin, path: &str) -> Result<bool>
     }
 }
 
-async fn get_subscription(admin: &SubscriptionAdmin, path: &str) -> Result<Option<Subscription>> {
+pub(super) async fn get_subscription(
+    admin: &SubscriptionAdmin,
+    path: &str,
+) -> Result<Option<Subscription>> {
     match admin.get_subscription().set_subscription(path).send().await {
         Ok(s) => Ok(Some(s)),
         Err(e) if code(&e) == Some(Code::NotFound) => Ok(None),

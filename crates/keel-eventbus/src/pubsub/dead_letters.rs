@@ -8,23 +8,31 @@
 //! once, and one that lands in a stream being closed stays leased to it.
 //!
 //! A reader starts on the first listing or replay of a subscription and
-//! lives as long as the bus; while it runs, no other subscriber of that
+//! releases everything it holds once unused for [`IDLE_RELEASE`] (or when
+//! the bus is closed or dropped); while it runs, no other subscriber of that
 //! dead-letter subscription receives its messages.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use google_cloud_pubsub::client::Subscriber;
 use google_cloud_pubsub::model::Message as PsMessage;
-use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use google_cloud_pubsub::subscriber::handler::Handler;
+use google_cloud_pubsub::subscriber::{MessageStream, ShutdownBehavior};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 /// The most dead letters one reader holds; more stay on the broker until
 /// some are replayed.
 pub(super) const MAX_HELD: i64 = 10_000;
+
+/// How often a reader with nothing to show reopens its stream.
+const REFRESH: Duration = Duration::from_secs(3);
+
+/// A reader unused for this long releases its dead letters and stops.
+pub(super) const IDLE_RELEASE: Duration = Duration::from_secs(120);
 
 pub(super) struct Held {
     pub(super) message: PsMessage,
@@ -38,12 +46,14 @@ struct State {
     held: HashMap<String, Held>,
     last_arrival: Option<Instant>,
     last_error: Option<String>,
+    last_used: Option<Instant>,
 }
 
 pub(super) struct Reader {
     state: Mutex<State>,
     arrived: Notify,
     started: Instant,
+    alive: AtomicBool,
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -61,56 +71,39 @@ impl Reader {
             state: Mutex::default(),
             arrived: Notify::new(),
             started: Instant::now(),
+            alive: AtomicBool::new(true),
         });
         let weak = Arc::downgrade(&reader);
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                let mut stream = subscriber
-                    .subscribe(path.clone())
-                    .set_max_outstanding_messages(MAX_HELD)
-                    .set_max_lease(Duration::from_secs(7 * 24 * 3600))
-                    .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
-                    .build();
-                loop {
-                    let item = tokio::select! {
-                        _ = stop.changed() => return,
-                        item = stream.next() => item,
-                    };
-                    let Some(reader) = weak.upgrade() else { return };
-                    match item {
-                        Some(Ok((message, handler))) => {
-                            delay = Duration::from_millis(100);
-                            let mut state = lock(&reader.state);
-                            state.last_arrival = Some(Instant::now());
-                            state
-                                .held
-                                .insert(message.message_id.clone(), Held { message, handler });
-                            drop(state);
-                            reader.arrived.notify_waiters();
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(subscription = %path, error = %e, "dead-letter stream failed; reconnecting");
-                            lock(&reader.state).last_error = Some(e.to_string());
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
+            read(&subscriber, &path, &mut stop, &weak).await;
+            if let Some(reader) = weak.upgrade() {
+                reader.alive.store(false, Ordering::SeqCst);
+                // Already released by the closed stream; dropping is a no-op.
+                lock(&reader.state).held.clear();
             }
         });
         reader
+    }
+
+    /// Whether the reader still holds and receives dead letters.
+    pub(super) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    fn holds_nothing(&self) -> bool {
+        lock(&self.state).held.is_empty()
+    }
+
+    fn idle_for(&self) -> Duration {
+        let used = lock(&self.state).last_used.unwrap_or(self.started);
+        used.elapsed()
     }
 
     /// Waits until the reader has been quiet long enough to have received
     /// what the broker had: `first` after it started, then `idle` after the
     /// last arrival.
     pub(super) async fn settle(&self, first: Duration, idle: Duration) {
+        lock(&self.state).last_used = Some(Instant::now());
         loop {
             let notified = self.arrived.notified();
             tokio::pin!(notified);
@@ -170,4 +163,78 @@ impl Reader {
             None
         }
     }
+}
+
+/// Reads until stopped, unused for [`IDLE_RELEASE`], or the reader is gone.
+async fn read(
+    subscriber: &Subscriber,
+    path: &str,
+    stop: &mut watch::Receiver<()>,
+    weak: &std::sync::Weak<Reader>,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut stream = subscriber
+            .subscribe(path.to_owned())
+            .set_max_outstanding_messages(MAX_HELD)
+            .set_max_lease(Duration::from_secs(7 * 24 * 3600))
+            // Short leases: whatever a broken stream strands comes back soon.
+            .set_max_lease_extension(Duration::from_secs(10))
+            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+            .build();
+        loop {
+            let item = tokio::select! {
+                _ = stop.changed() => return close(stream).await,
+                () = tokio::time::sleep(REFRESH) => {
+                    let Some(reader) = weak.upgrade() else { return close(stream).await };
+                    if reader.idle_for() > IDLE_RELEASE {
+                        return close(stream).await;
+                    }
+                    if reader.holds_nothing() {
+                        // Nothing is leased, so nothing can be stranded:
+                        // start a fresh stream. The emulator does not
+                        // always deliver to a stream that opened idle.
+                        close(stream).await;
+                        break;
+                    }
+                    continue;
+                }
+                item = stream.next() => item,
+            };
+            let Some(reader) = weak.upgrade() else { return };
+            match item {
+                Some(Ok((message, handler))) => {
+                    delay = Duration::from_millis(100);
+                    let mut state = lock(&reader.state);
+                    state.last_arrival = Some(Instant::now());
+                    state
+                        .held
+                        .insert(message.message_id.clone(), Held { message, handler });
+                    drop(state);
+                    reader.arrived.notify_waiters();
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(subscription = %path, error = %e, "dead-letter stream failed; reconnecting");
+                    lock(&reader.state).last_error = Some(e.to_string());
+                    break;
+                }
+                None => break,
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Closes the gRPC stream first, then shuts lease management down, which
+/// nacks everything held: released messages cannot land in the stream.
+async fn close(mut stream: MessageStream) {
+    let token = stream.shutdown_token();
+    let mut fut = Box::pin(async move { token.shutdown().await });
+    let _ = futures::poll!(fut.as_mut());
+    let _ = stream.next().await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), fut).await;
 }

@@ -187,7 +187,6 @@ struct Inner {
     config: PubSubConfig,
     topics: TopicAdmin,
     subscriptions: SubscriptionAdmin,
-    subscriber: Subscriber,
     base_publisher: BasePublisher,
     publishers: Mutex<HashMap<String, Publisher>>,
     known_topics: Mutex<HashSet<String>>,
@@ -243,10 +242,6 @@ impl PubSubBus {
             .build()
             .await
             .map_err(|e| connect_error("subscription admin", e))?;
-        let subscriber = configure!(Subscriber::builder(), config)
-            .build()
-            .await
-            .map_err(|e| connect_error("subscriber", e))?;
         let base_publisher = configure!(BasePublisher::builder(), config)
             .build()
             .await
@@ -258,7 +253,6 @@ impl PubSubBus {
                 config,
                 topics,
                 subscriptions,
-                subscriber,
                 base_publisher,
                 publishers: Mutex::default(),
                 known_topics: Mutex::default(),
@@ -292,7 +286,7 @@ impl PubSubBus {
         &self.inner.config.project
     }
 
-    /// Flushes buffered publishes of every topic (for shutdown).
+    /// Flushes buffered publishes of every topic.
     pub async fn flush(&self) {
         let publishers: Vec<Publisher> = lock(&self.inner.publishers).values().cloned().collect();
         for p in publishers {
@@ -300,10 +294,26 @@ impl PubSubBus {
         }
     }
 
+    /// For a clean exit: flushes publishes and releases the dead letters
+    /// held for listing. Subscriptions are stopped with their own
+    /// [`Subscription::shutdown`]. The bus stays usable.
+    pub async fn close(&self) {
+        self.flush().await;
+        self.inner.stop_readers.send_replace(());
+        let readers: Vec<_> = lock(&self.inner.readers).drain().map(|(_, r)| r).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while readers.iter().any(|r| r.is_alive()) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The reader holding a dead-letter subscription's messages, started on
     /// first use, once it has settled.
     async fn dead_letter_reader(&self, path: &str) -> Result<Arc<dead_letters::Reader>> {
-        let existing = lock(&self.inner.readers).get(path).cloned();
+        let existing = lock(&self.inner.readers)
+            .get(path)
+            .filter(|r| r.is_alive())
+            .cloned();
         let reader = match existing {
             Some(r) => r,
             None => {
@@ -312,16 +322,24 @@ impl PubSubBus {
                         subscription: path.to_owned(),
                     });
                 }
-                lock(&self.inner.readers)
-                    .entry(path.to_owned())
-                    .or_insert_with(|| {
-                        dead_letters::Reader::start(
-                            self.inner.subscriber.clone(),
+                // A client of its own, as for subscriptions.
+                let subscriber = configure!(Subscriber::builder(), self.inner.config)
+                    .build()
+                    .await
+                    .map_err(|e| connect_error("subscriber", e))?;
+                let mut readers = lock(&self.inner.readers);
+                match readers.get(path).filter(|r| r.is_alive()) {
+                    Some(r) => r.clone(),
+                    None => {
+                        let r = dead_letters::Reader::start(
+                            subscriber,
                             path.to_owned(),
                             self.inner.stop_readers.subscribe(),
-                        )
-                    })
-                    .clone()
+                        );
+                        readers.insert(path.to_owned(), r.clone());
+                        r
+                    }
+                }
             }
         };
         reader
@@ -498,16 +516,38 @@ impl EventBus for PubSubBus {
         let dlq_topic = self.topic_path(&self.naming.dead_letter_topic(topic, consumer)?);
         if self.auto_create {
             self.ensure_subscription(topic, config).await?;
-        } else if !admin::subscription_exists(&self.inner.subscriptions, &sub_path).await? {
-            if !admin::topic_exists(&self.inner.topics, &topic_path).await? {
-                return Err(EventBusError::TopicNotFound { topic: topic_path });
+        } else {
+            match admin::get_subscription(&self.inner.subscriptions, &sub_path).await? {
+                None if !admin::topic_exists(&self.inner.topics, &topic_path).await? => {
+                    return Err(EventBusError::TopicNotFound { topic: topic_path });
+                }
+                None => {
+                    return Err(EventBusError::SubscriptionNotFound {
+                        subscription: sub_path,
+                    });
+                }
+                Some(existing) if existing.dead_letter_policy.is_none() => {
+                    // Without a policy Pub/Sub reports no delivery attempts,
+                    // so a failing message would be retried forever.
+                    tracing::warn!(
+                        subscription = %sub_path,
+                        "the subscription has no dead-letter policy: failing messages are retried \
+                         without limit; provision it with ensure_subscription"
+                    );
+                }
+                Some(_) => {}
             }
-            return Err(EventBusError::SubscriptionNotFound {
-                subscription: sub_path,
-            });
         }
+        // Each subscription gets a client (connection and client id) of its
+        // own, so competing subscriptions in one process are distinct
+        // clients to Pub/Sub (the emulator, for one, does not reliably serve
+        // several streams of one client).
+        let subscriber = configure!(Subscriber::builder(), self.inner.config)
+            .build()
+            .await
+            .map_err(|e| connect_error("subscriber", e))?;
         let ctx = worker::Context {
-            subscriber: self.inner.subscriber.clone(),
+            subscriber,
             subscription_path: sub_path,
             subscription_name: sub_name.clone(),
             dead_letter_topic: dlq_topic.clone(),

@@ -19,6 +19,7 @@ use crate::dispatch::{Outcome, invoke};
 
 const MIN_RECONNECT: Duration = Duration::from_millis(100);
 const MAX_RECONNECT: Duration = Duration::from_secs(10);
+const DEAD_LETTER_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything a subscription's loop and its handler tasks share.
 pub(super) struct Context {
@@ -263,13 +264,22 @@ async fn process(ctx: Arc<Context>, m: PsMessage, h: Handler, key: Option<String
         }
         Outcome::DeadLetter(reason) => {
             let copy = raw.dead_letter_copy(&reason, attempt, &ctx.subscription_name);
-            match publish_to(
+            let publish = publish_to(
                 &ctx.dead_letter_publisher,
                 &ctx.dead_letter_topic,
                 vec![copy],
-            )
-            .await
-            {
+            );
+            // A publish that never completes must not hold the message (and
+            // its ordering key) forever: give up and let it be redelivered.
+            let result = match tokio::time::timeout(DEAD_LETTER_PUBLISH_TIMEOUT, publish).await {
+                Ok(r) => r,
+                Err(_) => Err(crate::error::EventBusError::Publish {
+                    topic: ctx.dead_letter_topic.clone(),
+                    message: format!("no answer within {DEAD_LETTER_PUBLISH_TIMEOUT:?}"),
+                    source: None,
+                }),
+            };
+            match result {
                 Ok(()) => {
                     h.ack();
                     true
