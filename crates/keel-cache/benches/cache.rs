@@ -8,7 +8,7 @@
 // `criterion_group!` generates an undocumented function.
 #![allow(missing_docs)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
@@ -63,6 +63,7 @@ fn redis_hits(c: &mut Criterion, rt: &Runtime) {
     });
     // The raw baseline runs on keel-cache's own ConnectionManager.
     let conn = redis.connection();
+    paired(rt, &conn, &raw_key, &cache);
 
     let mut group = c.benchmark_group("redis_hit");
     group.throughput(Throughput::Elements(1));
@@ -155,6 +156,71 @@ fn redis_hits(c: &mut Criterion, rt: &Runtime) {
         });
     });
     group.finish();
+}
+
+/// Raw GETs, raw GETs plus decoding, and keel-cache hits in rotating
+/// rounds, so that load from other processes (which drifts over seconds)
+/// hits every side alike; prints the median and quartiles of the per-round
+/// throughput ratios.
+fn paired(rt: &Runtime, conn: &redis::aio::ConnectionManager, raw_key: &str, cache: &CacheAside) {
+    const ROUNDS: usize = 60;
+    const SIDES: usize = 3;
+    // Side 0: raw GET; 1: raw GET and JSON decode; 2: keel-cache.
+    let run = |side: usize, concurrency: usize| {
+        let futures = (0..concurrency).map(move |_| {
+            let mut conn = conn.clone();
+            async move {
+                if side == 2 {
+                    let p: Product = cache.get_or_load("product-42", never_called).await.unwrap();
+                    assert_eq!(p.price_cents, 2490);
+                    return;
+                }
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg(raw_key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if side == 1 {
+                    let p: Product = serde_json::from_slice(&bytes[1..]).unwrap();
+                    assert_eq!(p.price_cents, 2490);
+                }
+            }
+        });
+        join_all(futures)
+    };
+    for (label, concurrency, batches) in [("sequential", 1, 100), ("concurrent (64)", 64, 10)] {
+        let mut vs_raw = Vec::with_capacity(ROUNDS);
+        let mut vs_decoded = Vec::with_capacity(ROUNDS);
+        rt.block_on(async {
+            for round in 0..ROUNDS {
+                let mut took = [Duration::ZERO; SIDES];
+                for k in 0..SIDES {
+                    // Rotate which side goes first.
+                    let side = (round + k) % SIDES;
+                    let started = Instant::now();
+                    for _ in 0..batches {
+                        run(side, concurrency).await;
+                    }
+                    took[side] = started.elapsed();
+                }
+                // keel-cache throughput ÷ the other side's throughput.
+                vs_raw.push(took[0].as_secs_f64() / took[2].as_secs_f64());
+                vs_decoded.push(took[1].as_secs_f64() / took[2].as_secs_f64());
+            }
+        });
+        for (baseline, ratios) in [
+            ("raw GET", &mut vs_raw),
+            ("raw GET + decode", &mut vs_decoded),
+        ] {
+            ratios.sort_by(f64::total_cmp);
+            eprintln!(
+                "paired {label}: keel-cache / {baseline} throughput, median {:.2}x (quartiles {:.2}x to {:.2}x) over {ROUNDS} rotating rounds",
+                ratios[ROUNDS / 2],
+                ratios[ROUNDS / 4],
+                ratios[3 * ROUNDS / 4],
+            );
+        }
+    }
 }
 
 fn memory_hits(c: &mut Criterion, rt: &Runtime) {

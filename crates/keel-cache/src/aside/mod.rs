@@ -457,7 +457,15 @@ impl Inner {
     }
 
     fn data_key(&self, token: &str, key: &str) -> String {
-        format!("{}:v{token}:{key}", self.namespace)
+        // On every hit: plain pushes are cheaper than `format!`.
+        let mut data_key =
+            String::with_capacity(self.namespace.len() + token.len() + key.len() + 3);
+        data_key.push_str(&self.namespace);
+        data_key.push_str(":v");
+        data_key.push_str(token);
+        data_key.push(':');
+        data_key.push_str(key);
+        data_key
     }
 
     fn lock_key(&self, data_key: &str) -> String {
