@@ -690,10 +690,19 @@ pub async fn load_errors_are_shared_and_not_cached(s: Subject) {
             let cache = cache.clone();
             let loads = loads.clone();
             tokio::spawn(async move {
+                let observer = cache.clone();
                 cache
                     .get_or_load::<u64, keel_core::Error, _, _>("k", || async move {
                         loads.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Fail only once every caller has missed (and so
+                        // joined this load): a caller arriving after the
+                        // failure would rightly load again.
+                        let all_joined = eventually(Duration::from_secs(10), || async {
+                            observer.stats().misses >= 20
+                        })
+                        .await;
+                        assert!(all_joined, "not every caller reached the cache");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         Err(keel_core::Error::unavailable(
                             "postgres",
                             "db down",
