@@ -13,7 +13,8 @@
 //!   in-memory bus), oldest first and in commit order per aggregate. Any
 //!   number of relays can run at once; they wake on `LISTEN/NOTIFY`, poll as
 //!   a fallback, retry failed publishes with backoff, and prune published
-//!   rows after a retention period.
+//!   rows after a retention period. [`OutboxStats`] reports the backlog, the
+//!   rows held by failing publishes and the relay's lag.
 //! * [`Inbox`] wraps a consumer's [`InboxHandler`] so that its database work
 //!   and the record "event X handled by consumer Y" commit together: a
 //!   redelivered message is acknowledged without running the work again.
