@@ -1,3 +1,120 @@
-//! Authentication, authorization, secrets and a tamper-evident audit log for Keel
+//! Authentication, authorization and secrets for Keel services (a
+//! tamper-evident audit log follows).
 //!
-//! (Work in progress.)
+//! Services use this crate at their edge (HTTP, gRPC, message consumers) to
+//! turn a bearer token into a [`Principal`]: who is calling, for which
+//! tenant, with which roles and scopes. Domain code never sees a token; it
+//! sees the principal in command metadata. Application services ask a
+//! [`Policy`] whether that principal may act on a resource, and the
+//! composition root reads credentials through a [`SecretProvider`].
+//!
+//! # Authentication
+//!
+//! A [`JwtVerifier`] checks a compact JWS against an explicit algorithm
+//! allow-list, keys bound to their algorithms (so an RSA public key can
+//! never be used as an HMAC secret), issuer, audience, expiry and
+//! not-before with a leeway, and a size limit. Keys come from a fixed list
+//! ([`KeySource::fixed`]) or from a JSON Web Key Set that is cached,
+//! refreshed, and refetched when a token names a new `kid`, at most once per
+//! interval ([`JwksKeySource`]). Every refusal is a typed [`SecurityError`]
+//! that converts into [`keel_core::Error::Unauthorized`].
+//!
+//! ```
+//! use keel_security::{Algorithm, JwtConfig, JwtVerifier, KeySource, Secret, VerificationKey};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+//! # runtime.block_on(async {
+//! let secret = Secret::new(b"an HMAC secret of at least 32 bytes!".to_vec());
+//! let verifier = JwtVerifier::new(
+//!     JwtConfig::new("https://idp.example", "orders-api", [Algorithm::HS256]),
+//!     KeySource::fixed([VerificationKey::hmac(None, &secret)?]),
+//! )?;
+//!
+//! // A token as an identity provider would issue it.
+//! let claims = serde_json::json!({
+//!     "iss": "https://idp.example", "aud": "orders-api", "sub": "user-42",
+//!     "exp": 4_102_444_800u64, "tenant": "acme", "roles": ["clerk"],
+//!     "scope": "orders:read orders:write",
+//! });
+//! let token = jsonwebtoken::encode(
+//!     &jsonwebtoken::Header::new(Algorithm::HS256),
+//!     &claims,
+//!     &jsonwebtoken::EncodingKey::from_secret(secret.expose_secret()),
+//! )?;
+//!
+//! let principal = verifier.verify_bearer(&format!("Bearer {token}")).await?;
+//! assert_eq!(principal.subject, "user-42");
+//! assert_eq!(principal.tenant.as_deref(), Some("acme"));
+//! assert!(principal.has_role("clerk") && principal.has_scope("orders:write"));
+//!
+//! // Anything else is refused with a reason, and maps onto Keel's taxonomy.
+//! let err = verifier.verify("not-a-token").await.unwrap_err();
+//! assert_eq!(keel_core::Error::from(err).kind(), keel_core::ErrorKind::Unauthorized);
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # })
+//! # }
+//! ```
+//!
+//! With a key set instead of a fixed key:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), keel_security::SecurityError> {
+//! use std::{sync::Arc, time::Duration};
+//! use keel_security::{Algorithm, JwksConfig, JwksKeySource, JwtConfig, JwtVerifier, KeySource};
+//!
+//! let jwks = Arc::new(JwksKeySource::new(
+//!     JwksConfig::new("https://idp.example/.well-known/jwks.json")
+//!         .min_refetch_interval(Duration::from_secs(30)),
+//! )?);
+//! jwks.refresh().await?; // fail fast at startup
+//! let verifier = JwtVerifier::new(
+//!     JwtConfig::new("https://idp.example", "orders-api", [Algorithm::RS256, Algorithm::ES256]),
+//!     KeySource::jwks(jwks),
+//! )?;
+//! # let _ = verifier; Ok(()) }
+//! ```
+//!
+//! # Authorization
+//!
+//! [`PolicyEngine`] is deny-by-default: an action is allowed only when one
+//! of the principal's roles grants it **and** every [`Condition`] attached
+//! to it holds (same tenant, ownership, custom predicates). Each
+//! [`Decision`] carries its reason; [`Decision::into_result`] turns a denial
+//! into [`SecurityError::Forbidden`] for a guard in an application service.
+//!
+//! # Secrets
+//!
+//! [`SecretProvider`] is the object-safe port; [`EnvSecrets`] and
+//! [`FileSecrets`] (a mounted directory, as Kubernetes and Cloud Run
+//! provide) implement it, and [`CachedSecrets`] wraps any of them with a
+//! time to live and keeps the last good value when a refresh fails. Values
+//! are [`Secret<String>`](Secret) (re-exported from keel-telemetry), which
+//! prints and serializes as `[REDACTED]`.
+//!
+//! More in the guide, `docs/security.md`.
+//!
+//! # Feature flags
+//!
+//! - `jwks` (default): [`JwksKeySource`], fetching key sets with reqwest
+//!   over rustls (ring provider, webpki roots; never OpenSSL). Without it,
+//!   verification uses fixed keys only and pulls in no HTTP client.
+//!
+//! Signature verification uses the pure-Rust RustCrypto backend of
+//! `jsonwebtoken`.
+
+mod authn;
+mod authz;
+mod error;
+mod principal;
+mod secrets;
+
+pub use authn::{ClaimMapping, JwtConfig, JwtVerifier, KeySource, VerificationKey};
+#[cfg(feature = "jwks")]
+pub use authn::{JwksConfig, JwksKeySource};
+pub use authz::{Condition, Decision, Policy, PolicyEngine, Resource};
+pub use error::{Result, SecurityError};
+pub use jsonwebtoken::Algorithm;
+pub use keel_telemetry::Secret;
+pub use principal::Principal;
+pub use secrets::{CachedSecrets, EnvSecrets, FileSecrets, SecretProvider};

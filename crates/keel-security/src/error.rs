@@ -1,0 +1,276 @@
+//! The one error type of keel-security.
+
+use keel_core::BoxError;
+
+/// A `Result` whose error defaults to [`SecurityError`].
+pub type Result<T, E = SecurityError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in keel-security: authenticating a caller,
+/// loading keys, authorizing an action, reading secrets.
+///
+/// Messages never contain the token or any key material: they are safe to
+/// log and, for the token variants, to show the caller. Token variants map
+/// to [`keel_core::Error::Unauthorized`]; a key endpoint that cannot be
+/// reached maps to [`keel_core::Error::Unavailable`] (retryable); bad
+/// a policy denial maps to [`keel_core::Error::Forbidden`]; bad
+/// configuration and missing or invalid secrets map to
+/// [`keel_core::Error::Internal`]; a failing secret backend maps to
+/// `Unavailable`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecurityError {
+    /// The request carried no bearer token, or not in the `Bearer` scheme.
+    #[error("no bearer token")]
+    MissingToken,
+
+    /// The token is longer than the configured limit; it was not parsed.
+    #[error("token of {size} bytes exceeds the limit of {limit} bytes")]
+    TokenTooLarge {
+        /// The token's length in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// The token is not a well-formed compact JWS (three base64url parts, a
+    /// JSON header and a JSON object as claims).
+    #[error("malformed token: {reason}")]
+    MalformedToken {
+        /// What was wrong with it.
+        reason: &'static str,
+    },
+
+    /// The token's `alg` is not on the allow-list (this includes `none`).
+    #[error("token algorithm {algorithm:?} is not allowed")]
+    AlgorithmNotAllowed {
+        /// The algorithm named in the token header, truncated to 16 characters.
+        algorithm: String,
+    },
+
+    /// The key selected for the token is bound to a different algorithm
+    /// than the token's `alg` (for example an RSA key and an HS256 token).
+    #[error("key {kid:?} cannot verify {algorithm} tokens")]
+    KeyAlgorithmMismatch {
+        /// The key id, if the key has one.
+        kid: Option<String>,
+        /// The algorithm named in the token header.
+        algorithm: String,
+    },
+
+    /// No key matches the token's `kid`, even after refreshing the key set
+    /// (when a refresh was allowed).
+    #[error("no key for kid {kid:?}")]
+    UnknownKey {
+        /// The key id from the token header, truncated to 64 characters.
+        kid: Option<String>,
+    },
+
+    /// The signature does not match the header and claims.
+    #[error("invalid token signature")]
+    InvalidSignature,
+
+    /// The token's `exp` has passed (beyond the leeway).
+    #[error("token expired")]
+    Expired,
+
+    /// The token's `nbf` is still in the future (beyond the leeway).
+    #[error("token not yet valid")]
+    NotYetValid,
+
+    /// The token's `iss` is not one of the accepted issuers.
+    #[error("token issuer not accepted")]
+    WrongIssuer,
+
+    /// None of the token's `aud` values is an accepted audience.
+    #[error("token audience not accepted")]
+    WrongAudience,
+
+    /// A claim the verifier requires is absent.
+    #[error("token lacks required claim {claim:?}")]
+    MissingClaim {
+        /// The claim's name.
+        claim: String,
+    },
+
+    /// A claim is present but has the wrong shape (e.g. `roles` not an
+    /// array of strings).
+    #[error("token claim {claim:?} is invalid: {reason}")]
+    InvalidClaim {
+        /// The claim's name.
+        claim: String,
+        /// What was wrong with it.
+        reason: &'static str,
+    },
+
+    /// Fetching or reading the JSON Web Key Set failed. Retryable.
+    #[error("could not load the key set from {url}: {message}")]
+    KeyFetch {
+        /// Where the key set was fetched from.
+        url: String,
+        /// What failed.
+        message: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// A key given to the verifier could not be used (bad PEM, unsupported
+    /// JWK). A configuration error.
+    #[error("invalid key {kid:?}: {reason}")]
+    InvalidKey {
+        /// The key id, if the key has one.
+        kid: Option<String>,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The verifier's configuration is unusable.
+    #[error("invalid security configuration: {0}")]
+    Config(String),
+
+    /// The policy refused the action; the reason comes from the
+    /// [`Decision`](crate::Decision).
+    #[error("forbidden: {reason}")]
+    Forbidden {
+        /// Why the action was refused.
+        reason: String,
+    },
+
+    /// The secret provider has no secret of this name.
+    #[error("secret {name:?} not found")]
+    SecretNotFound {
+        /// The secret's name (never its value).
+        name: String,
+    },
+
+    /// The secret's name or value cannot be used.
+    #[error("secret {name:?} is invalid: {reason}")]
+    SecretInvalid {
+        /// The secret's name, truncated to 64 characters.
+        name: String,
+        /// What is wrong (never the value).
+        reason: &'static str,
+    },
+
+    /// The secret backend failed (I/O error, secret manager down).
+    /// Retryable.
+    #[error("secret {name:?} could not be read")]
+    SecretUnavailable {
+        /// The secret's name.
+        name: String,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl SecurityError {
+    /// Whether this error says the caller failed to authenticate (as
+    /// opposed to being authenticated but refused, or a dependency or
+    /// configuration failure on our side).
+    #[must_use]
+    pub fn is_unauthorized(&self) -> bool {
+        !matches!(
+            self,
+            SecurityError::KeyFetch { .. }
+                | SecurityError::InvalidKey { .. }
+                | SecurityError::Config(_)
+                | SecurityError::Forbidden { .. }
+                | SecurityError::SecretNotFound { .. }
+                | SecurityError::SecretInvalid { .. }
+                | SecurityError::SecretUnavailable { .. }
+        )
+    }
+
+    #[cfg_attr(
+        not(any(feature = "jwks", test)),
+        expect(dead_code, reason = "only the JWKS source fetches keys")
+    )]
+    pub(crate) fn key_fetch(
+        url: &str,
+        message: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        SecurityError::KeyFetch {
+            url: url.to_owned(),
+            message: message.into(),
+            source,
+        }
+    }
+}
+
+impl From<SecurityError> for keel_core::Error {
+    fn from(err: SecurityError) -> Self {
+        if err.is_unauthorized() {
+            return keel_core::Error::Unauthorized {
+                reason: err.to_string(),
+            };
+        }
+        match err {
+            SecurityError::Forbidden { reason } => keel_core::Error::Forbidden { reason },
+            SecurityError::SecretUnavailable { .. } => keel_core::Error::Unavailable {
+                service: "secrets".into(),
+                message: err.to_string(),
+                source: Some(Box::new(err)),
+            },
+            SecurityError::KeyFetch { .. } => keel_core::Error::Unavailable {
+                service: "jwks".into(),
+                message: err.to_string(),
+                source: Some(Box::new(err)),
+            },
+            other => keel_core::Error::internal(other.to_string(), other),
+        }
+    }
+}
+
+/// Cuts an attacker-controlled string to a size fit for an error message.
+pub(crate) fn truncate(value: &str, max_chars: usize) -> String {
+    value.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_core::ErrorKind;
+
+    use super::*;
+
+    #[test]
+    fn token_failures_are_unauthorized_and_dependencies_are_not() {
+        let cases = [
+            (SecurityError::Expired, ErrorKind::Unauthorized),
+            (
+                SecurityError::AlgorithmNotAllowed {
+                    algorithm: "none".into(),
+                },
+                ErrorKind::Unauthorized,
+            ),
+            (
+                SecurityError::UnknownKey { kid: None },
+                ErrorKind::Unauthorized,
+            ),
+            (
+                SecurityError::key_fetch("https://idp.example/jwks", "HTTP status 503", None),
+                ErrorKind::Unavailable,
+            ),
+            (
+                SecurityError::Config("no accepted audience".into()),
+                ErrorKind::Internal,
+            ),
+        ];
+        for (err, kind) in cases {
+            let text = err.to_string();
+            let core = keel_core::Error::from(err);
+            assert_eq!(core.kind(), kind, "{text}");
+            assert!(
+                core.to_string().contains(&text),
+                "{core} should explain {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn attacker_strings_are_truncated_by_characters() {
+        assert_eq!(truncate("ééééé", 3), "ééé");
+        assert_eq!(truncate("ab", 16), "ab");
+    }
+}

@@ -1,0 +1,234 @@
+//! Secret providers, the cache, and the promise that values never leak into
+//! logs, errors or panic messages.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_security::{CachedSecrets, EnvSecrets, FileSecrets, SecretProvider, SecurityError};
+
+const VALUE: &str = "s3cr3t-Vq7xLr2pN";
+const ROTATED: &str = "r0tat3d-Kd93mZaT";
+
+fn write(dir: &tempfile::TempDir, name: &str, contents: &str) {
+    std::fs::write(dir.path().join(name), contents).unwrap();
+}
+
+#[tokio::test]
+async fn file_secrets_read_a_mounted_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "db-password", &format!("{VALUE}\n"));
+    write(&dir, "api-key", "  spaced  ");
+    write(&dir, "crlf", "line\r\n");
+    let provider = FileSecrets::new(dir.path());
+
+    assert_eq!(
+        provider.get("db-password").await.unwrap().expose_secret(),
+        VALUE
+    );
+    assert_eq!(
+        provider.get("api-key").await.unwrap().expose_secret(),
+        "  spaced  "
+    );
+    assert_eq!(provider.get("crlf").await.unwrap().expose_secret(), "line");
+
+    let err = provider.get("missing").await.unwrap_err();
+    assert!(
+        matches!(&err, SecurityError::SecretNotFound { name } if name == "missing"),
+        "{err:?}"
+    );
+    let err = provider.get("../db-password").await.unwrap_err();
+    assert!(
+        matches!(err, SecurityError::SecretInvalid { .. }),
+        "{err:?}"
+    );
+
+    std::fs::write(dir.path().join("binary"), [0xff, 0xfe, 0x00]).unwrap();
+    let err = provider.get("binary").await.unwrap_err();
+    assert!(
+        matches!(err, SecurityError::SecretInvalid { .. }),
+        "{err:?}"
+    );
+    write(&dir, "huge", &"x".repeat(64 * 1024 + 1));
+    let err = provider.get("huge").await.unwrap_err();
+    assert!(
+        matches!(err, SecurityError::SecretInvalid { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn file_secrets_see_a_rotated_mount_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "token", VALUE);
+    let provider = FileSecrets::new(dir.path());
+    assert_eq!(provider.get("token").await.unwrap().expose_secret(), VALUE);
+    write(&dir, "token", ROTATED);
+    assert_eq!(
+        provider.get("token").await.unwrap().expose_secret(),
+        ROTATED
+    );
+}
+
+#[tokio::test]
+async fn env_secrets_read_prefixed_variables() {
+    // Setting variables is unsafe in edition 2024 (and unsafe code is
+    // forbidden here), so read one cargo sets for every test run.
+    let provider = EnvSecrets::new();
+    let value = provider.get("CARGO_PKG_NAME").await.unwrap();
+    assert_eq!(value.expose_secret(), env!("CARGO_PKG_NAME"));
+    let prefixed = EnvSecrets::with_prefix("CARGO_PKG_");
+    assert_eq!(
+        prefixed.get("NAME").await.unwrap().expose_secret(),
+        env!("CARGO_PKG_NAME")
+    );
+
+    let err = provider
+        .get("KEEL_SECURITY_TEST_SURELY_UNSET_7f3a")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SecurityError::SecretNotFound { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_cache_serves_until_the_ttl_then_rereads() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "token", VALUE);
+    let cache = CachedSecrets::new(
+        Arc::new(FileSecrets::new(dir.path())),
+        Duration::from_millis(200),
+    );
+    assert_eq!(cache.get("token").await.unwrap().expose_secret(), VALUE);
+
+    write(&dir, "token", ROTATED);
+    assert_eq!(
+        cache.get("token").await.unwrap().expose_secret(),
+        VALUE,
+        "cached"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        cache.get("token").await.unwrap().expose_secret(),
+        ROTATED,
+        "reread after the TTL"
+    );
+}
+
+#[tokio::test]
+async fn the_cache_keeps_the_last_good_value_when_a_refresh_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "token", VALUE);
+    let cache = CachedSecrets::new(Arc::new(FileSecrets::new(dir.path())), Duration::ZERO);
+    cache.get("token").await.unwrap();
+
+    std::fs::remove_file(dir.path().join("token")).unwrap();
+    assert_eq!(cache.get("token").await.unwrap().expose_secret(), VALUE);
+    assert_eq!(cache.refresh_all().await, 0);
+
+    cache.invalidate("token").await;
+    let err = cache.get("token").await.unwrap_err();
+    assert!(
+        matches!(err, SecurityError::SecretNotFound { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn refresh_all_rereads_every_cached_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "a", VALUE);
+    write(&dir, "b", VALUE);
+    let cache = CachedSecrets::new(
+        Arc::new(FileSecrets::new(dir.path())),
+        Duration::from_secs(3600),
+    );
+    cache.get("a").await.unwrap();
+    cache.get("b").await.unwrap();
+    write(&dir, "a", ROTATED);
+    assert_eq!(cache.refresh_all().await, 2);
+    assert_eq!(cache.get("a").await.unwrap().expose_secret(), ROTATED);
+}
+
+/// A `MakeWriter` collecting everything logged into one string.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn secret_values_never_reach_logs_errors_or_panics() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "db-password", VALUE);
+    let provider: Arc<dyn SecretProvider> = Arc::new(FileSecrets::new(dir.path()));
+    let cache = CachedSecrets::new(provider, Duration::ZERO);
+    let secret = cache.get("db-password").await.unwrap();
+
+    // Rotate to a value that cannot be read, so the cache logs a failed
+    // refresh while still holding the secret.
+    std::fs::write(dir.path().join("db-password"), [0xff, 0xfe]).unwrap();
+    let served = cache.get("db-password").await.unwrap();
+    tracing::info!(?secret, %served, cache = ?cache, "logging the secret by accident");
+    let invalid = FileSecrets::new(dir.path())
+        .get("db-password")
+        .await
+        .unwrap_err();
+    let unavailable = FileSecrets::new(dir.path().join("db-password"))
+        .get("x")
+        .await
+        .unwrap_err();
+    let core: keel_core::Error = invalid.into();
+
+    // A panic formats its payload with Debug: make one that carries the
+    // secret (a successful read met by `expect_err`).
+    let read = cache.get("db-password").await;
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        read.expect_err("unexpected success")
+    }))
+    .unwrap_err();
+    let panic_message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+
+    let texts = [
+        String::from_utf8(logs.0.lock().unwrap().clone()).unwrap(),
+        format!("{core} {core:?}"),
+        format!("{unavailable} {unavailable:?}"),
+        format!("{secret} {secret:?} {served:#?}"),
+        serde_json::to_string(&secret).unwrap(),
+        panic_message.clone(),
+    ];
+    assert!(
+        texts[0].contains("secret refresh failed"),
+        "the failure was logged: {}",
+        texts[0]
+    );
+    assert!(texts[0].contains("db-password"), "by name: {}", texts[0]);
+    assert!(panic_message.contains("[REDACTED]"), "{panic_message}");
+    for text in &texts {
+        assert!(!text.contains(VALUE), "secret leaked: {text}");
+    }
+    assert_eq!(served.expose_secret(), VALUE, "the value itself is intact");
+}
