@@ -366,6 +366,56 @@ async fn errors_never_echo_the_token() {
     }
 }
 
+#[tokio::test]
+async fn a_token_without_kid_needs_exactly_one_fitting_key() {
+    let token = sign_rs256(KEY1_PRIVATE, None, &valid_claims());
+    let key1 = VerificationKey::rsa_pem(None, KEY1_PUBLIC).unwrap();
+    let single = JwtVerifier::new(config(), KeySource::fixed([key1.clone()])).unwrap();
+    assert_eq!(single.verify(&token).await.unwrap().subject, "user-42");
+
+    // With two candidate keys the verifier refuses to guess.
+    let key2 = VerificationKey::from_jwk(&serde_json::from_str(KEY2_JWK).unwrap()).unwrap();
+    let ambiguous = JwtVerifier::new(config(), KeySource::fixed([key1, key2])).unwrap();
+    let err = ambiguous.verify(&token).await.unwrap_err();
+    assert!(
+        matches!(err, SecurityError::UnknownKey { kid: None }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn weak_keys_and_open_configurations_are_refused_up_front() {
+    let short = keel_security::Secret::new(b"too short".to_vec());
+    let err = VerificationKey::hmac(None, &short).unwrap_err();
+    assert!(matches!(err, SecurityError::InvalidKey { .. }), "{err:?}");
+
+    let rsa = VerificationKey::rsa_pem(Some("key1"), KEY1_PUBLIC).unwrap();
+    let err = rsa.clone().pinned_to(Algorithm::HS256).unwrap_err();
+    assert!(matches!(err, SecurityError::InvalidKey { .. }), "{err:?}");
+    let pinned = rsa.pinned_to(Algorithm::PS256).unwrap();
+    assert!(pinned.can_verify(Algorithm::PS256) && !pinned.can_verify(Algorithm::RS256));
+
+    let err = VerificationKey::rsa_pem(None, b"-----BEGIN PUBLIC KEY-----\nnope\n").unwrap_err();
+    assert!(matches!(err, SecurityError::InvalidKey { .. }), "{err:?}");
+
+    let mut no_issuer = config();
+    no_issuer.issuers.clear();
+    let mut no_audience = config();
+    no_audience.audiences.clear();
+    let no_algorithm = JwtConfig::new(ISSUER, AUDIENCE, []);
+    for (config, missing) in [
+        (no_issuer, "issuer"),
+        (no_audience, "audience"),
+        (no_algorithm, "algorithm"),
+    ] {
+        let err = JwtVerifier::new(config, KeySource::fixed([])).unwrap_err();
+        assert!(
+            matches!(&err, SecurityError::Config(m) if m.contains(missing)),
+            "{err:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- JWKS ---
 
 /// A JWKS endpoint on 127.0.0.1 that counts its requests.
