@@ -495,6 +495,22 @@ async fn jwks_keys_are_fetched_once_and_cached() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_burst_shares_one_fetch() {
+    let server = JwksServer::start(&[KEY1_JWK]).await;
+    let verifier = server.verifier(server.jwks_config(Duration::from_secs(60)));
+    let token = key1_token(&valid_claims());
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (verifier, token) = (verifier.clone(), token.clone());
+        burst.spawn(async move { verifier.verify(&token).await });
+    }
+    for result in burst.join_all().await {
+        assert_eq!(result.unwrap().subject, "user-42");
+    }
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_kid_refetches_once_then_is_refused_without_hammering() {
     let interval = Duration::from_secs(1);
     let server = JwksServer::start(&[KEY1_JWK]).await;
