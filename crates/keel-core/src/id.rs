@@ -104,6 +104,18 @@ uuid_id! {
     pub struct CausationId;
 }
 
+uuid_id! {
+    /// Identifies one command as it passes through the command pipeline. The
+    /// events a command produces name it as their causation.
+    pub struct CommandId;
+}
+
+impl From<CommandId> for CausationId {
+    fn from(id: CommandId) -> Self {
+        Self(id.0)
+    }
+}
+
 impl From<EventId> for CausationId {
     fn from(id: EventId) -> Self {
         Self(id.0)

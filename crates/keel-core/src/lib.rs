@@ -12,7 +12,11 @@
 //! * the other ports: [`EntityRepository`](ports::entity::EntityRepository)
 //!   with pagination types, [`EventPublisher`](ports::bus::EventPublisher) and
 //!   [`EventHandler`](ports::bus::EventHandler), [`Cache`](ports::cache::Cache)
-//!   and [`Clock`];
+//!   and [`Clock`], and the [`AuditLog`] port;
+//! * the command pipeline's types: [`Command`], [`CommandEnvelope`] (with the
+//!   caller's [`Principal`]), [`CommandHandler`] and [`HandlerService`], the
+//!   innermost `tower::Service` that tracing, authentication, authorization,
+//!   audit and unit-of-work layers wrap;
 //! * the error taxonomy: infrastructure [`Error`] (kind, stable code,
 //!   retryable flag) apart from domain errors ([`DomainError`],
 //!   [`CommandError`]).
@@ -85,18 +89,29 @@
 //! `keel-core` has no optional features.
 
 pub mod aggregate;
+pub mod command;
 pub mod error;
 pub mod event;
 pub mod id;
 pub mod ports;
+pub mod principal;
 pub mod version;
 
 pub use aggregate::{Aggregate, AggregateRepository, AggregateRoot};
+pub use command::{
+    AggregateRef, BearerToken, Command, CommandEnvelope, CommandHandler, Handled, HandlerService,
+    PipelineError,
+};
 pub use error::{
     BoxError, CommandError, DomainError, Error, ErrorKind, InvalidInput, Result, VersionConflict,
 };
 pub use event::{DomainEvent, EventEnvelope, Metadata, TraceContext};
-pub use id::{CausationId, CorrelationId, EventId, MAX_STREAM_ID_LEN, StreamId, TenantId};
+pub use id::{
+    CausationId, CommandId, CorrelationId, EventId, MAX_STREAM_ID_LEN, StreamId, TenantId,
+};
+pub use ports::audit::{
+    AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery, AuditRecord, ChainVerification,
+};
 pub use ports::bus::{Delivery, EventHandler, EventPublisher, HandlerError, Message};
 pub use ports::cache::{Cache, CacheExt};
 pub use ports::clock::{Clock, ManualClock, SystemClock};
@@ -105,6 +120,7 @@ pub use ports::entity::{
     FilterValue, ListQuery, Page, PageRequest, SortKey, Stored,
 };
 pub use ports::health::{HealthCheck, HealthReport, HealthStatus, Probe};
+pub use principal::Principal;
 pub use version::{ExpectedVersion, Position, Version};
 
 #[doc(hidden)]

@@ -106,7 +106,6 @@
 mod authn;
 mod authz;
 mod error;
-mod principal;
 mod secrets;
 
 pub use authn::{ClaimMapping, JwtConfig, JwtVerifier, KeySource, VerificationKey};
@@ -115,6 +114,6 @@ pub use authn::{JwksConfig, JwksKeySource};
 pub use authz::{Condition, Decision, Policy, PolicyEngine, Resource};
 pub use error::{Result, SecurityError};
 pub use jsonwebtoken::Algorithm;
+pub use keel_core::Principal;
 pub use keel_telemetry::Secret;
-pub use principal::Principal;
 pub use secrets::{CachedSecrets, EnvSecrets, FileSecrets, SecretProvider};

@@ -4,6 +4,7 @@
 //! `Arc<dyn Port>` and swap the PostgreSQL, Redis or Pub/Sub adapter for the
 //! in-memory one in tests.
 
+pub mod audit;
 pub mod bus;
 pub mod cache;
 pub mod clock;

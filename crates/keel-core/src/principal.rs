@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 /// An authenticated caller: who they are, which tenant they act for and what
 /// they were granted.
 ///
-/// Built by [`JwtVerifier`](crate::JwtVerifier) from a verified token; it
-/// is plain data so it can travel in command metadata and audit records.
-/// `claims` holds only the claims the verifier was told to keep
-/// ([`ClaimMapping::keep`](crate::ClaimMapping::keep)), never the whole
-/// token.
+/// Built by `keel_security::JwtVerifier` from a verified token (or by hand
+/// for service accounts and tests); it is plain data so it can travel in a
+/// [`CommandEnvelope`](crate::command::CommandEnvelope) and audit records.
+/// `claims` holds only the claims the verifier was told to keep, never the
+/// whole token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Principal {
