@@ -151,6 +151,28 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
+impl AuditRecord {
+    /// A stored record: `entry` at `sequence`, written at `recorded_at`,
+    /// chained to `prev_hash`, with its own `hash`. Stores build these; the
+    /// hash is the store's to compute.
+    #[must_use]
+    pub fn new(
+        sequence: u64,
+        entry: AuditEntry,
+        recorded_at: DateTime<Utc>,
+        prev_hash: impl Into<String>,
+        hash: impl Into<String>,
+    ) -> Self {
+        Self {
+            sequence,
+            entry,
+            recorded_at,
+            prev_hash: prev_hash.into(),
+            hash: hash.into(),
+        }
+    }
+}
+
 /// Which records to return, oldest first.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
