@@ -17,6 +17,11 @@
 //! * [`UnitOfWork`]: a transaction with savepoints, rollback on drop and
 //!   after-commit hooks; [`Database::transaction`] runs a closure in one and
 //!   retries serialization failures and deadlocks with jittered backoff.
+//! * [`UnitOfWorkLayer`]: the command pipeline's innermost layer
+//!   (`docs/command-pipeline.md`): one unit of work per command, handed to
+//!   the handler as a [`CommandTransaction`] in the envelope's extensions,
+//!   committed when the handler accepts the command and rolled back when
+//!   it does not.
 //! * [`DatabaseError`] and the predicates [`is_unique_violation`],
 //!   [`is_serialization_failure`], [`is_connection_error`], … classify
 //!   failures by SQLSTATE and constraint name; [`to_keel`] maps them onto
@@ -67,6 +72,7 @@
 //! `keel-database` has no optional features: it always uses PostgreSQL
 //! through `sqlx` with rustls for TLS (never OpenSSL).
 
+mod command;
 pub mod config;
 mod error;
 mod health;
@@ -74,6 +80,7 @@ mod pool;
 mod retry;
 mod uow;
 
+pub use command::{CommandTransaction, TransactionGuard, UnitOfWorkLayer, UnitOfWorkService};
 pub use config::{DatabaseConfig, DatabaseConfigBuilder, TlsMode};
 pub use error::{
     ConstraintKind, DatabaseError, Result, SERVICE, chain_has_transaction_conflict, constraint_of,
