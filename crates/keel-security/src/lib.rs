@@ -103,11 +103,13 @@
 //! Signature verification uses the pure-Rust RustCrypto backend of
 //! `jsonwebtoken`.
 
+pub mod audit;
 mod authn;
 mod authz;
 mod error;
 mod secrets;
 
+pub use audit::{AuditHead, ChainHead, InMemoryAuditLog};
 pub use authn::{ClaimMapping, JwtConfig, JwtVerifier, KeySource, VerificationKey};
 #[cfg(feature = "jwks")]
 pub use authn::{JwksConfig, JwksKeySource};

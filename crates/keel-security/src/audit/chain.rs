@@ -1,0 +1,586 @@
+//! The hash chain: one canonical encoding of a record, the SHA-256 over it,
+//! and the walk that checks a chain record by record.
+//!
+//! Both stores call [`record_hash`] and [`ChainWalk`], so identical input
+//! gives identical chains whichever store wrote it.
+
+use chrono::{DateTime, Utc};
+use keel_core::{AuditEntry, AuditOutcome, AuditRecord, ChainVerification};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The `prev_hash` of the first record: 64 zeros.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Names the encoding, so a future change of layout can never produce the
+/// same bytes as this one.
+const DOMAIN: &[u8] = b"keel.audit.v1\0";
+
+/// The latest record of a chain: its sequence and hash. Operators copy it
+/// somewhere the database's writers cannot reach (a ticket, a signed log, a
+/// WORM bucket) and later check the chain still ends in, or passes through,
+/// the same record ([`AuditHead::verify_from`](crate::AuditHead::verify_from)).
+#[derive(Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ChainHead {
+    /// The latest record's sequence; 0 for an empty chain.
+    pub sequence: u64,
+    /// The latest record's hash; [`GENESIS_HASH`] for an empty chain.
+    pub hash: String,
+}
+
+impl ChainHead {
+    /// The head of an empty chain.
+    #[must_use]
+    pub fn genesis() -> Self {
+        Self {
+            sequence: 0,
+            hash: GENESIS_HASH.to_owned(),
+        }
+    }
+}
+
+/// Recomputes a record's hash from its sequence, entry, `recorded_at` and
+/// `prev_hash` (lower-case hex SHA-256).
+///
+/// A record is genuine when this equals its `hash`; a chain is intact when,
+/// in addition, every `prev_hash` equals the previous record's `hash`. The
+/// encoding is length-prefixed and tagged, so no two different records
+/// encode alike; timestamps count whole microseconds (what PostgreSQL
+/// keeps) and `details` is encoded from its JSON value with keys sorted and
+/// numbers in one canonical form, so a value that went through `jsonb` and
+/// back hashes as before.
+#[must_use]
+pub fn record_hash(record: &AuditRecord) -> String {
+    compute_hash(
+        record.sequence,
+        &record.entry,
+        record.recorded_at,
+        &record.prev_hash,
+    )
+}
+
+/// The hash of a record with these parts (see [`record_hash`]).
+pub(crate) fn compute_hash(
+    sequence: u64,
+    entry: &AuditEntry,
+    recorded_at: DateTime<Utc>,
+    prev_hash: &str,
+) -> String {
+    let mut enc = Encoder(Sha256::new());
+    enc.raw(DOMAIN);
+    enc.u64(sequence);
+    enc.time(entry.occurred_at);
+    enc.time(recorded_at);
+    enc.opt_str(entry.principal.as_deref());
+    enc.opt_str(entry.tenant.as_deref());
+    enc.opt_bytes(
+        entry
+            .command_id
+            .as_ref()
+            .map(|id| id.as_uuid().as_bytes().as_slice()),
+    );
+    enc.str(&entry.command_type);
+    enc.u64(entry.event_types.len() as u64);
+    for event_type in &entry.event_types {
+        enc.str(event_type);
+    }
+    match &entry.aggregate {
+        None => enc.raw(&[0]),
+        Some(aggregate) => {
+            enc.raw(&[1]);
+            enc.str(&aggregate.kind);
+            enc.str(&aggregate.id);
+        }
+    }
+    let (name, code, reason) = outcome_parts(&entry.outcome);
+    enc.str(name);
+    enc.opt_str(code);
+    enc.opt_str(reason);
+    enc.opt_bytes(
+        entry
+            .correlation_id
+            .as_ref()
+            .map(|id| id.as_uuid().as_bytes().as_slice()),
+    );
+    enc.json(&entry.details);
+    enc.str(prev_hash);
+    hex(&enc.0.finalize())
+}
+
+/// An outcome's stored parts: name, code, reason.
+pub(crate) fn outcome_parts(outcome: &AuditOutcome) -> (&'static str, Option<&str>, Option<&str>) {
+    match outcome {
+        AuditOutcome::Rejected { code, reason } => {
+            (outcome.as_str(), Some(code.as_str()), Some(reason.as_str()))
+        }
+        AuditOutcome::Failed { code } => (outcome.as_str(), Some(code.as_str()), None),
+        // Accepted, and any outcome added to the port later (validation
+        // refuses those before anything is hashed or stored).
+        _ => (outcome.as_str(), None, None),
+    }
+}
+
+/// Timestamps as PostgreSQL keeps them: whole microseconds (rounded down).
+pub(crate) fn truncate_micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    out
+}
+
+/// Feeds the canonical encoding straight into the hasher.
+struct Encoder(Sha256);
+
+impl Encoder {
+    fn raw(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn u64(&mut self, n: u64) {
+        self.raw(&n.to_be_bytes());
+    }
+
+    fn time(&mut self, at: DateTime<Utc>) {
+        self.raw(&at.timestamp_micros().to_be_bytes());
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.u64(bytes.len() as u64);
+        self.raw(bytes);
+    }
+
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    fn opt_bytes(&mut self, bytes: Option<&[u8]>) {
+        match bytes {
+            None => self.raw(&[0]),
+            Some(b) => {
+                self.raw(&[1]);
+                self.bytes(b);
+            }
+        }
+    }
+
+    fn opt_str(&mut self, s: Option<&str>) {
+        self.opt_bytes(s.map(str::as_bytes));
+    }
+
+    /// JSON, independent of serde_json's feature flags (`preserve_order`,
+    /// `arbitrary_precision`) and of `jsonb`'s normalisation: object keys in
+    /// byte order, numbers in [`canonical_number`] form.
+    fn json(&mut self, value: &Value) {
+        match value {
+            Value::Null => self.raw(b"n"),
+            Value::Bool(false) => self.raw(b"f"),
+            Value::Bool(true) => self.raw(b"t"),
+            Value::Number(n) => {
+                self.raw(b"d");
+                self.str(&canonical_number(n));
+            }
+            Value::String(s) => {
+                self.raw(b"s");
+                self.str(s);
+            }
+            Value::Array(items) => {
+                self.raw(b"a");
+                self.u64(items.len() as u64);
+                for item in items {
+                    self.json(item);
+                }
+            }
+            Value::Object(map) => {
+                self.raw(b"o");
+                self.u64(map.len() as u64);
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                for (key, item) in entries {
+                    self.str(key);
+                    self.json(item);
+                }
+            }
+        }
+    }
+}
+
+/// A number as decimal digits without exponent: integers as they are,
+/// other values through `f64` (shortest form that reads back the same),
+/// zero without sign. `jsonb` turns `1e2` into `100` and `-0.0` into `0.0`,
+/// and serde_json reads `5.0` back as a float; all of these encode alike.
+fn canonical_number(n: &serde_json::Number) -> String {
+    if let Some(i) = n.as_i64() {
+        return i.to_string();
+    }
+    if let Some(u) = n.as_u64() {
+        return u.to_string();
+    }
+    match n.as_f64() {
+        // A float pattern compares with `==`, so this catches -0.0 as well.
+        Some(0.0) => "0".to_owned(),
+        Some(f) => format!("{f}"),
+        // Only reachable with `arbitrary_precision` and a number outside
+        // f64's range: keep its text.
+        None => n.to_string(),
+    }
+}
+
+/// Checks a chain one record at a time, in sequence order, in constant
+/// memory, and remembers the first fault.
+#[derive(Debug)]
+pub(crate) struct ChainWalk {
+    expected: u64,
+    prev_hash: String,
+    anchor: Option<ChainHead>,
+}
+
+impl ChainWalk {
+    /// A walk from genesis; with an anchor, the chain must also reach the
+    /// anchor's sequence and have the anchor's hash there.
+    pub(crate) fn new(anchor: Option<ChainHead>) -> Self {
+        Self {
+            expected: 1,
+            prev_hash: GENESIS_HASH.to_owned(),
+            anchor,
+        }
+    }
+
+    /// How many records checked out so far.
+    pub(crate) fn checked(&self) -> u64 {
+        self.expected - 1
+    }
+
+    /// Checks the next record; `Err` names the first fault.
+    pub(crate) fn check(&mut self, record: &AuditRecord) -> Result<(), ChainVerification> {
+        if record.sequence != self.expected {
+            return Err(broken(
+                self.expected,
+                if record.sequence > self.expected {
+                    format!(
+                        "missing record: sequence {} is absent (the next stored record is {})",
+                        self.expected, record.sequence
+                    )
+                } else {
+                    format!(
+                        "sequence out of order: expected {}, found {}",
+                        self.expected, record.sequence
+                    )
+                },
+            ));
+        }
+        if record_hash(record) != record.hash {
+            return Err(broken(
+                record.sequence,
+                "content altered: the stored hash does not match the record's content",
+            ));
+        }
+        if record.prev_hash != self.prev_hash {
+            return Err(broken(
+                record.sequence,
+                format!(
+                    "link broken: prev_hash does not match the hash of record {}",
+                    record.sequence - 1
+                ),
+            ));
+        }
+        if let Some(anchor) = &self.anchor
+            && anchor.sequence == record.sequence
+            && anchor.hash != record.hash
+        {
+            return Err(broken(
+                record.sequence,
+                "anchor mismatch: the record's hash differs from the anchored head",
+            ));
+        }
+        self.prev_hash.clone_from(&record.hash);
+        self.expected += 1;
+        Ok(())
+    }
+
+    /// The verdict once every stored record was checked.
+    pub(crate) fn finish(self) -> ChainVerification {
+        let records = self.checked();
+        match &self.anchor {
+            Some(anchor) if anchor.sequence > records => broken(
+                records + 1,
+                format!(
+                    "missing record: the chain ends at {records} but the head names {}",
+                    anchor.sequence
+                ),
+            ),
+            Some(anchor) if anchor.sequence == 0 && anchor.hash != GENESIS_HASH => broken(
+                0,
+                "anchor mismatch: an empty chain's head must carry the genesis hash",
+            ),
+            _ => ChainVerification::Intact { records },
+        }
+    }
+}
+
+fn broken(sequence: u64, reason: impl Into<String>) -> ChainVerification {
+    ChainVerification::Broken {
+        sequence,
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_core::{AggregateRef, CommandId, CorrelationId};
+    use serde_json::json;
+
+    use super::*;
+
+    fn entry() -> AuditEntry {
+        let mut e = AuditEntry::new(
+            "order.place",
+            AuditOutcome::Rejected {
+                code: "keel.forbidden".into(),
+                reason: "no".into(),
+            },
+        )
+        .with_principal("alice")
+        .with_tenant("acme")
+        .with_aggregate(AggregateRef::new("Order", "o-1"))
+        .with_correlation_id(
+            "01900000-0000-7000-8000-000000000002"
+                .parse::<CorrelationId>()
+                .unwrap(),
+        )
+        .with_occurred_at("2026-01-02T03:04:05.123456Z".parse().unwrap());
+        e.command_id = Some(
+            "01900000-0000-7000-8000-000000000001"
+                .parse::<CommandId>()
+                .unwrap(),
+        );
+        e.details = json!({"b": [1, 2.5, null], "a": {"z": true, "y": "x"}});
+        e
+    }
+
+    fn at() -> DateTime<Utc> {
+        "2026-01-02T03:04:06.000001Z".parse().unwrap()
+    }
+
+    #[test]
+    fn every_field_changes_the_hash() {
+        let base = compute_hash(7, &entry(), at(), GENESIS_HASH);
+        assert_eq!(base.len(), 64);
+        let mut variants: Vec<AuditEntry> = Vec::new();
+        let mut e = entry();
+        e.principal = None;
+        variants.push(e);
+        let mut e = entry();
+        e.principal = Some(String::new());
+        variants.push(e);
+        let mut e = entry();
+        e.tenant = Some("acme2".into());
+        variants.push(e);
+        let mut e = entry();
+        e.command_id = None;
+        variants.push(e);
+        let mut e = entry();
+        e.command_type = "order.plac".into();
+        variants.push(e);
+        let mut e = entry();
+        e.event_types = vec!["x".into()];
+        variants.push(e);
+        let mut e = entry();
+        e.aggregate = Some(AggregateRef::new("Order", "o-2"));
+        variants.push(e);
+        let mut e = entry();
+        e.outcome = AuditOutcome::Failed {
+            code: "keel.forbidden".into(),
+        };
+        variants.push(e);
+        let mut e = entry();
+        e.correlation_id = None;
+        variants.push(e);
+        let mut e = entry();
+        e.details = json!({"b": [1, 2.5, null], "a": {"z": false, "y": "x"}});
+        variants.push(e);
+        let mut e = entry();
+        e.occurred_at += chrono::Duration::microseconds(1);
+        variants.push(e);
+        for v in &variants {
+            assert_ne!(compute_hash(7, v, at(), GENESIS_HASH), base, "{v:?}");
+        }
+        assert_ne!(compute_hash(8, &entry(), at(), GENESIS_HASH), base);
+        assert_ne!(
+            compute_hash(
+                7,
+                &entry(),
+                at() + chrono::Duration::microseconds(1),
+                GENESIS_HASH
+            ),
+            base
+        );
+        assert_ne!(compute_hash(7, &entry(), at(), &"1".repeat(64)), base);
+        assert_eq!(compute_hash(7, &entry(), at(), GENESIS_HASH), base);
+    }
+
+    #[test]
+    fn field_boundaries_are_unambiguous() {
+        let mut a = entry();
+        a.principal = Some("ab".into());
+        a.tenant = Some("c".into());
+        let mut b = entry();
+        b.principal = Some("a".into());
+        b.tenant = Some("bc".into());
+        assert_ne!(
+            compute_hash(1, &a, at(), GENESIS_HASH),
+            compute_hash(1, &b, at(), GENESIS_HASH)
+        );
+        let mut a = entry();
+        a.event_types = vec!["ab".into(), "c".into()];
+        let mut b = entry();
+        b.event_types = vec!["a".into(), "bc".into()];
+        assert_ne!(
+            compute_hash(1, &a, at(), GENESIS_HASH),
+            compute_hash(1, &b, at(), GENESIS_HASH)
+        );
+        let mut a = entry();
+        a.details = json!(["1"]);
+        let mut b = entry();
+        b.details = json!([1]);
+        assert_ne!(
+            compute_hash(1, &a, at(), GENESIS_HASH),
+            compute_hash(1, &b, at(), GENESIS_HASH)
+        );
+    }
+
+    #[test]
+    fn json_normalisations_of_jsonb_hash_alike() {
+        let pairs = [
+            (json!({"b": 1, "a": 2}), r#"{"a": 2, "b": 1}"#),
+            (json!(100.0), "1e2"),
+            (json!(-0.0), "0.0"),
+            (json!(5.0), "5"),
+            (json!(1.5e-7), "0.00000015"),
+            (json!(1e300), &format!("1{}", "0".repeat(300))),
+            (json!(18_446_744_073_709_551_615u64), "18446744073709551615"),
+        ];
+        for (value, stored) in pairs {
+            let mut a = entry();
+            a.details = value.clone();
+            let mut b = entry();
+            b.details = serde_json::from_str(stored).unwrap();
+            assert_eq!(
+                compute_hash(1, &a, at(), GENESIS_HASH),
+                compute_hash(1, &b, at(), GENESIS_HASH),
+                "{value} vs {stored}"
+            );
+        }
+        assert_eq!(canonical_number(&serde_json::Number::from(-3)), "-3");
+        assert_eq!(
+            canonical_number(&serde_json::Number::from_f64(0.1).unwrap()),
+            "0.1"
+        );
+    }
+
+    #[test]
+    fn a_known_vector_stays_fixed() {
+        // Guards the encoding: changing it silently would break every stored
+        // chain. Update only together with the DOMAIN tag.
+        let e = AuditEntry::new("t", AuditOutcome::Accepted)
+            .with_occurred_at("2026-01-01T00:00:00Z".parse().unwrap());
+        let h = compute_hash(1, &e, "2026-01-01T00:00:01Z".parse().unwrap(), GENESIS_HASH);
+        assert_eq!(h, KNOWN_VECTOR);
+    }
+
+    const KNOWN_VECTOR: &str = "154dd5d278293dc4312e41331883e8667b652b264a0c464501ad1d113407895b";
+
+    #[test]
+    fn truncation_rounds_down_to_micros() {
+        let t: DateTime<Utc> = "2026-01-01T00:00:00.123456789Z".parse().unwrap();
+        assert_eq!(
+            truncate_micros(t),
+            "2026-01-01T00:00:00.123456Z"
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+        );
+        let before: DateTime<Utc> = "1960-01-01T00:00:00.000000999Z".parse().unwrap();
+        assert_eq!(
+            truncate_micros(before),
+            "1960-01-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+    }
+
+    fn chain(n: u64) -> Vec<AuditRecord> {
+        let mut prev = GENESIS_HASH.to_owned();
+        (1..=n)
+            .map(|sequence| {
+                let e = entry();
+                let hash = compute_hash(sequence, &e, at(), &prev);
+                let r = AuditRecord::new(sequence, e, at(), prev.clone(), hash);
+                prev = r.hash.clone();
+                r
+            })
+            .collect()
+    }
+
+    fn walk(records: &[AuditRecord], anchor: Option<ChainHead>) -> ChainVerification {
+        let mut w = ChainWalk::new(anchor);
+        for r in records {
+            if let Err(v) = w.check(r) {
+                return v;
+            }
+        }
+        w.finish()
+    }
+
+    fn broken_at(v: &ChainVerification) -> (u64, &str) {
+        match v {
+            ChainVerification::Broken { sequence, reason } => (*sequence, reason.as_str()),
+            other => panic!("expected a broken chain, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_walk_names_the_first_fault() {
+        let records = chain(5);
+        assert_eq!(
+            walk(&records, None),
+            ChainVerification::Intact { records: 5 }
+        );
+        assert_eq!(walk(&[], None), ChainVerification::Intact { records: 0 });
+
+        let mut altered = records.clone();
+        altered[2].entry.tenant = Some("evil".into());
+        let v = walk(&altered, None);
+        assert_eq!(broken_at(&v).0, 3);
+        assert!(broken_at(&v).1.starts_with("content altered"));
+
+        let mut gap = records.clone();
+        gap.remove(1);
+        let v = walk(&gap, None);
+        assert_eq!(broken_at(&v).0, 2);
+        assert!(broken_at(&v).1.starts_with("missing record"));
+
+        let mut relinked = records.clone();
+        relinked[1].entry.tenant = Some("evil".into());
+        relinked[1].hash = record_hash(&relinked[1]);
+        let v = walk(&relinked, None);
+        assert_eq!(broken_at(&v).0, 3);
+        assert!(broken_at(&v).1.starts_with("link broken"));
+
+        let head = ChainHead {
+            sequence: 5,
+            hash: records[4].hash.clone(),
+        };
+        assert!(walk(&records, Some(head.clone())).is_intact());
+        let v = walk(&records[..4], Some(head));
+        assert_eq!(broken_at(&v).0, 5);
+        let wrong = ChainHead {
+            sequence: 2,
+            hash: records[3].hash.clone(),
+        };
+        assert_eq!(broken_at(&walk(&records, Some(wrong))).0, 2);
+    }
+}
