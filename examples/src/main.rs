@@ -1,70 +1,102 @@
-//! Runnable examples of Keel.
-//!
-//! `cargo run -p keel-examples` runs every example in turn;
-//! `KEEL_EXAMPLE=<name> cargo run -p keel-examples` runs one, and
-//! `KEEL_EXAMPLE=list` lists them. Examples use in-memory adapters unless
-//! configured otherwise through environment variables, so they need no
-//! running service.
-//!
-//! To add an example: write a module under `src/examples/` with an
-//! `async fn run() -> Result` and add it to [`EXAMPLES`].
+//! `cargo run -p keel-examples`: the tour of Keel, on in-memory adapters by
+//! default and on real services when configured. `--help` says how.
 
-// The examples exist to show what happens, on the terminal.
-#![allow(clippy::print_stdout, reason = "examples narrate on stdout")]
+// The binary prints its help, the example list and the section headers on
+// stdout; everything else goes through `tracing`.
+#![allow(clippy::print_stdout, reason = "help and headers are meant for stdout")]
 
-mod examples;
-
-use std::future::Future;
-use std::pin::Pin;
 use std::process::ExitCode;
+use std::time::Instant;
 
-/// What an example returns.
-type Result<T = (), E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
+use keel_examples::services::ENVIRONMENT;
+use keel_examples::{EXAMPLES, Example, Services};
+use keel_telemetry::TelemetryConfig;
 
-/// A registered example.
-struct Example {
-    name: &'static str,
-    about: &'static str,
-    run: fn() -> Pin<Box<dyn Future<Output = Result>>>,
-}
-
-/// Every example, in the order `cargo run -p keel-examples` runs them.
-const EXAMPLES: &[Example] = &[Example {
-    name: "aggregate",
-    about: "an event-sourced aggregate driven through AggregateRoot (keel-core only)",
-    run: || Box::pin(examples::aggregate::run()),
-}];
-
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> ExitCode {
-    let wanted = std::env::var("KEEL_EXAMPLE").unwrap_or_default();
+    // `KEEL_EXAMPLE=name` or a first argument selects; an argument wins.
+    let wanted = std::env::args()
+        .nth(1)
+        .or_else(|| std::env::var("KEEL_EXAMPLE").ok())
+        .unwrap_or_default();
     let selected: Vec<&Example> = match wanted.trim() {
         "" | "all" => EXAMPLES.iter().collect(),
-        "list" => {
-            for example in EXAMPLES {
-                println!("{:<12} {}", example.name, example.about);
-            }
+        "list" | "help" | "--help" | "-h" => {
+            print_help();
             return ExitCode::SUCCESS;
         }
-        name => match EXAMPLES.iter().find(|e| e.name == name) {
+        name => match keel_examples::find(name) {
             Some(example) => vec![example],
             None => {
                 let names: Vec<&str> = EXAMPLES.iter().map(|e| e.name).collect();
                 eprintln!(
-                    "no example named {name:?}; KEEL_EXAMPLE takes one of: {}, all, list",
+                    "no example named {name:?}; choose one of: {}, all, list",
                     names.join(", ")
                 );
                 return ExitCode::from(2);
             }
         },
     };
-    for example in selected {
-        println!("=== {}: {}", example.name, example.about);
-        if let Err(e) = (example.run)().await {
-            eprintln!("example {} failed: {e}", example.name);
+
+    // Readable text logs in development (KEEL_LOG_FORMAT=json for JSON); no OTLP
+    // export unless OTEL_EXPORTER_OTLP_ENDPOINT is set. Dropping the guard
+    // at the end of main flushes whatever was buffered.
+    let telemetry = match keel_telemetry::init(
+        TelemetryConfig::new("keel-examples")
+            .environment("development")
+            .version(env!("CARGO_PKG_VERSION"))
+            // The OpenTelemetry SDK announces itself at info; keep it quiet.
+            .default_log_filter("info,opentelemetry=warn,opentelemetry_sdk=warn"),
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("cannot start telemetry: {e}");
             return ExitCode::FAILURE;
         }
-        println!();
+    };
+
+    let services = match Services::from_env().await {
+        Ok(services) => services,
+        Err(e) => {
+            eprintln!("cannot reach the configured services: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("keel-examples, run {}", services.run());
+    for line in services.describe() {
+        println!("  {line}");
     }
-    ExitCode::SUCCESS
+
+    let mut failed = Vec::new();
+    for example in selected {
+        println!("\n=== {}: {}", example.name, example.about);
+        let started = Instant::now();
+        match (example.run)(&services).await {
+            Ok(()) => println!("--- {} ok in {:.2?}", example.name, started.elapsed()),
+            Err(e) => {
+                println!("--- {} FAILED: {e}", example.name);
+                failed.push(example.name);
+            }
+        }
+    }
+    drop(telemetry);
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("\nfailed: {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
+
+fn print_help() {
+    println!("A tour of Keel. Usage:");
+    println!("  cargo run -p keel-examples [-- <example>|all|list]");
+    println!("\nExamples (run in this order):");
+    for example in EXAMPLES {
+        println!("  {:<13} {}", example.name, example.about);
+    }
+    println!("\nEverything runs in memory unless these are set:");
+    for (var, effect) in ENVIRONMENT {
+        println!("  {var:<21} {effect}");
+    }
 }

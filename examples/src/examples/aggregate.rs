@@ -95,9 +95,14 @@ impl Aggregate for Loan {
     }
 }
 
-pub(crate) async fn run() -> Result {
+/// Runs the example.
+///
+/// # Errors
+///
+/// When replaying the events does not give the state the commands produced.
+pub async fn run() -> Result {
     let id = "loan-42".to_owned();
-    println!("stream: {}", Loan::stream_id(&id)?);
+    tracing::info!(stream = %Loan::stream_id(&id)?, "a new loan");
 
     let mut loan = AggregateRoot::<Loan>::new(id.clone());
     let commands = [
@@ -117,17 +122,18 @@ pub(crate) async fn run() -> Result {
             Ok(events) => {
                 for event in &events {
                     let payload = serde_json::to_string(event)?;
-                    println!("{shown:<60} -> {} {payload}", event.event_type());
+                    tracing::info!(command = %shown, event_type = event.event_type(), %payload, "accepted");
                 }
             }
-            Err(rejected) => println!(
-                "{shown:<60} -> rejected [{}] {}",
-                rejected.code(),
-                rejected.message()
+            Err(rejected) => tracing::info!(
+                command = %shown,
+                code = rejected.code(),
+                reason = rejected.message(),
+                "rejected"
             ),
         }
     }
-    println!("state after the commands: {:?}", loan.state());
+    tracing::info!(state = ?loan.state(), "after the commands");
 
     // A repository stores the pending events; loading replays them into a
     // fresh aggregate. Nothing but the events is needed to get the state back.
@@ -138,11 +144,11 @@ pub(crate) async fn run() -> Result {
         version = version.next();
         reloaded.replay(event, version);
     }
-    println!(
-        "rebuilt from {} events at version {}: {:?}",
-        history.len(),
-        reloaded.version(),
-        reloaded.state()
+    tracing::info!(
+        events = history.len(),
+        version = %reloaded.version(),
+        state = ?reloaded.state(),
+        "rebuilt from the events alone"
     );
     if reloaded.state().extensions != loan.state().extensions
         || reloaded.state().status != loan.state().status
