@@ -20,6 +20,10 @@
 //!   spans as children of the producer's span.
 //! * **Metrics**: [`KeelMetrics`] with stable names ([`metrics::names`]),
 //!   exported over the same OTLP endpoint.
+//! * **Commands**: [`CommandTracingLayer`] is the outermost layer of the
+//!   command pipeline (`docs/command-pipeline.md`): a span per command that
+//!   continues the envelope's trace, the command's own trace context written
+//!   back into its metadata, and `keel.command.duration` by outcome.
 //! * **Secrets**: [`Secret`] prints and serializes as `[REDACTED]`.
 //! * **Health**: [`HealthRegistry`] runs liveness and readiness checks with
 //!   timeouts and a short cache; `keel-http` and `keel-grpc` serve it.
@@ -73,6 +77,7 @@
 //!
 //! The guide with the metric table is in `docs/telemetry.md`.
 
+pub mod command;
 mod config;
 mod error;
 pub mod health;
@@ -83,6 +88,7 @@ pub mod propagation;
 mod secret;
 mod traced;
 
+pub use command::{CommandTracing, CommandTracingLayer};
 pub use config::{
     DEVELOPMENT_ENVIRONMENTS, LOG_FILTER_ENV, LOG_FORMAT_ENV, LogFormat, OTLP_ENDPOINT_ENV,
     SDK_DISABLED_ENV, TelemetryConfig,

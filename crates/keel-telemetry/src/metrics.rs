@@ -46,6 +46,12 @@ pub mod names {
     pub const OUTBOX_LAG: &str = "keel.outbox.lag";
     /// Gauge: outbox entries not yet published (`{message}`).
     pub const OUTBOX_PENDING: &str = "keel.outbox.pending";
+    /// Histogram: time a command took through the command pipeline, by
+    /// command type and outcome (`s`).
+    pub const COMMAND_DURATION: &str = "keel.command.duration";
+    /// Counter: audit records the command pipeline could not append
+    /// (`{record}`).
+    pub const AUDIT_APPEND_FAILURES: &str = "keel.audit.append.failures";
 
     /// Attribute: the stream category (the aggregate type, e.g. `Order`).
     pub const ATTR_STREAM_CATEGORY: &str = "keel.stream.category";
@@ -65,6 +71,8 @@ pub mod names {
     pub const ATTR_POOL: &str = "db.client.connection.pool.name";
     /// Attribute: the outbox relay's name.
     pub const ATTR_RELAY: &str = "keel.outbox.relay";
+    /// Attribute: a command's type name (e.g. `order.place`).
+    pub const ATTR_COMMAND_TYPE: &str = "keel.command.type";
 
     /// Outcome: the operation succeeded (the delivery was acked).
     pub const OUTCOME_OK: &str = "ok";
@@ -76,6 +84,14 @@ pub mod names {
     pub const OUTCOME_RETRY: &str = "retry";
     /// Outcome: the handler rejected the message as unprocessable.
     pub const OUTCOME_REJECT: &str = "reject";
+    /// Command outcome: handled and committed.
+    pub const OUTCOME_ACCEPTED: &str = "accepted";
+    /// Command outcome: refused by a business rule.
+    pub const OUTCOME_REJECTED: &str = "rejected";
+    /// Command outcome: the caller could not be authenticated.
+    pub const OUTCOME_UNAUTHORIZED: &str = "unauthorized";
+    /// Command outcome: the caller was not allowed to run it.
+    pub const OUTCOME_FORBIDDEN: &str = "forbidden";
     /// Dead-letter reason: the handler rejected the message.
     pub const REASON_REJECTED: &str = "rejected";
     /// Dead-letter reason: the subscription's delivery attempts ran out.
@@ -121,6 +137,52 @@ pub enum DeadLetterReason {
     Rejected,
     /// The subscription's delivery attempts ran out.
     AttemptsExhausted,
+}
+
+/// How a command ended in the command pipeline.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum CommandOutcome {
+    /// Handled and committed.
+    Accepted,
+    /// Refused by a business rule (a domain error).
+    Rejected,
+    /// The caller could not be authenticated.
+    Unauthorized,
+    /// The caller was authenticated but not allowed.
+    Forbidden,
+    /// Infrastructure failed.
+    Error,
+}
+
+impl CommandOutcome {
+    /// The outcome of a pipeline result.
+    #[must_use]
+    pub fn of<T>(result: &Result<T, keel_core::PipelineError>) -> Self {
+        use keel_core::{CommandError, ErrorKind};
+        match result {
+            Ok(_) => CommandOutcome::Accepted,
+            Err(CommandError::Rejected(_)) => CommandOutcome::Rejected,
+            Err(CommandError::Infrastructure(e)) => match e.kind() {
+                ErrorKind::Unauthorized => CommandOutcome::Unauthorized,
+                ErrorKind::Forbidden => CommandOutcome::Forbidden,
+                _ => CommandOutcome::Error,
+            },
+        }
+    }
+
+    /// The `keel.outcome` attribute value: `accepted`, `rejected`,
+    /// `unauthorized`, `forbidden` or `error`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CommandOutcome::Accepted => OUTCOME_ACCEPTED,
+            CommandOutcome::Rejected => OUTCOME_REJECTED,
+            CommandOutcome::Unauthorized => OUTCOME_UNAUTHORIZED,
+            CommandOutcome::Forbidden => OUTCOME_FORBIDDEN,
+            CommandOutcome::Error => OUTCOME_ERROR,
+        }
+    }
 }
 
 /// Which cache tier answered.
@@ -175,6 +237,8 @@ pub struct KeelMetrics {
     pool_wait: Histogram<f64>,
     outbox_lag: Gauge<f64>,
     outbox_pending: Gauge<u64>,
+    command_duration: Histogram<f64>,
+    audit_append_failures: Counter<u64>,
 }
 
 impl fmt::Debug for KeelMetrics {
@@ -256,6 +320,15 @@ impl KeelMetrics {
                 OUTBOX_PENDING,
                 "{message}",
                 "Outbox entries not yet published",
+            ),
+            command_duration: seconds(
+                COMMAND_DURATION,
+                "Duration of commands through the command pipeline",
+            ),
+            audit_append_failures: counter(
+                AUDIT_APPEND_FAILURES,
+                "{record}",
+                "Audit records that could not be appended",
             ),
         }
     }
@@ -382,5 +455,26 @@ impl KeelMetrics {
         let attrs = [KeyValue::new(ATTR_RELAY, relay.to_owned())];
         self.outbox_lag.record(lag.as_secs_f64(), &attrs);
         self.outbox_pending.record(pending, &attrs);
+    }
+
+    /// Records one command through the pipeline: its duration by command
+    /// type and outcome.
+    pub fn record_command(&self, command_type: &str, duration: Duration, outcome: CommandOutcome) {
+        self.command_duration.record(
+            duration.as_secs_f64(),
+            &[
+                KeyValue::new(ATTR_COMMAND_TYPE, command_type.to_owned()),
+                KeyValue::new(ATTR_OUTCOME, outcome.as_str()),
+            ],
+        );
+    }
+
+    /// Records an audit record for a command of `command_type` that could
+    /// not be appended.
+    pub fn record_audit_failure(&self, command_type: &str) {
+        self.audit_append_failures.add(
+            1,
+            &[KeyValue::new(ATTR_COMMAND_TYPE, command_type.to_owned())],
+        );
     }
 }
