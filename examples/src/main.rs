@@ -45,8 +45,11 @@ async fn main() -> ExitCode {
         TelemetryConfig::new("keel-examples")
             .environment("development")
             .version(env!("CARGO_PKG_VERSION"))
-            // The OpenTelemetry SDK announces itself at info; keep it quiet.
-            .default_log_filter("info,opentelemetry=warn,opentelemetry_sdk=warn"),
+            // The OpenTelemetry SDK announces itself at info, and PostgreSQL
+            // reports "already exists, skipping" as a notice: keep both quiet.
+            .default_log_filter(
+                "info,opentelemetry=warn,opentelemetry_sdk=warn,sqlx::postgres::notice=warn",
+            ),
     ) {
         Ok(guard) => guard,
         Err(e) => {

@@ -188,6 +188,14 @@ impl Services {
         &self.run
     }
 
+    /// `{run}.{example}`: a prefix for the ids one example creates, so that
+    /// examples sharing a database (and a global log) in one run do not see
+    /// each other's streams either.
+    #[must_use]
+    pub fn scope(&self, example: &str) -> String {
+        format!("{}.{example}", self.run)
+    }
+
     /// An event store: PostgreSQL when configured, else a fresh in-memory
     /// one (each example gets its own).
     pub(crate) fn event_store(&self) -> Arc<dyn EventStoreBackend> {

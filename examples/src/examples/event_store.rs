@@ -47,8 +47,9 @@ pub async fn run(services: &Services) -> Result {
     let accounts: Accounts = EventSourcedRepository::new(store.clone())
         .with_snapshots(SnapshotPolicy::every(SNAPSHOT_EVERY), SNAPSHOT_SCHEMA);
 
-    // Ids are scoped by the run, so runs sharing a database never meet.
-    let id = format!("{}-ada", services.run());
+    // Ids are scoped by run and example, so runs sharing a database never
+    // meet.
+    let id = format!("{}-ada", services.scope("es"));
     let stream = Account::stream_id(&id)?;
     let opening = Metadata::new()
         .with_correlation_id(CorrelationId::new())

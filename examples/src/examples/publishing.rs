@@ -145,7 +145,7 @@ impl EventHandler for StatementProjection {
 pub async fn run(services: &Services) -> Result {
     let store = services.event_store();
     let bus = services.event_bus().await?;
-    let run = services.run();
+    let run = services.scope("pub");
 
     // Consumers subscribe before producers publish: a subscription only
     // receives what is published after it exists. Short backoffs keep the

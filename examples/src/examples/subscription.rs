@@ -112,7 +112,7 @@ pub async fn run(services: &Services) -> Result {
     let store = services.event_store();
     let accounts =
         EventSourcedRepository::<crate::domain::Account, dyn EventStoreBackend>::new(store.clone());
-    let run = services.run();
+    let run = services.scope("sub");
     let metadata = Metadata::new().with_actor("clerk:subscription-example");
     // Only this run's accounts: on a shared database the log holds more.
     let filter = ReadAll::from_start().stream_prefix(format!("Account-{run}-"));
@@ -149,6 +149,10 @@ pub async fn run(services: &Services) -> Result {
     let mut subscription = Subscription::spawn(store.clone(), options.clone(), projector.clone());
     let status = within("catching up", subscription.wait_for(|s| s.handled >= 9)).await?;
     info!(handled = status.handled, position = ?status.position, leader = status.leader, "caught up");
+    ensure(
+        status.handled == 9,
+        "the catch-up delivers the 9 events of the history",
+    )?;
 
     // Live: appended while the subscription runs, delivered within a poll.
     let grace = format!("{run}-grace");
