@@ -20,10 +20,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 use crate::config::{LOG_FILTER_ENV, LogFormat, TelemetryConfig};
 use crate::error::{Result, TelemetryError};
 use crate::logfmt::WithTraceIds;
-use crate::metrics::KeelMetrics;
-
-/// The instrumentation scope under which Keel records spans and metrics.
-pub const INSTRUMENTATION_SCOPE: &str = "keel";
+use crate::metrics::{INSTRUMENTATION_SCOPE, KeelMetrics};
 
 /// Targets whose spans never become OpenTelemetry spans: the export
 /// machinery itself (tracing it would feed the exporter its own work).

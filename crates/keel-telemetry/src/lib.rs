@@ -71,31 +71,56 @@
 //!
 //! # Feature flags
 //!
-//! * `otlp` (default): OTLP/gRPC export through tonic, with TLS through
-//!   rustls and the webpki roots for `https://` endpoints. Without it, an
-//!   endpoint in the configuration is an error and everything else works.
+//! * `otlp` (default, implies `sdk`): OTLP/gRPC export through tonic, with
+//!   TLS through rustls and the webpki roots for `https://` endpoints.
+//!   Without it, an endpoint in the configuration is an error and
+//!   everything else works.
+//! * `sdk` (default): [`init`], the OpenTelemetry SDK providers, the
+//!   `tracing` subscriber, the consumer-side propagation helpers
+//!   ([`propagation::set_parent`], [`propagation::consumer_span`]) and the
+//!   decorators. Without any feature the crate is the light part Keel's
+//!   adapters depend on: [`KeelMetrics`] and [`metrics::names`],
+//!   trace-context injection ([`propagation::with_current_trace`]), the
+//!   [`HealthRegistry`] and [`Secret`], on the `opentelemetry` API crate
+//!   only. Its instruments record nothing until a service installs a meter
+//!   provider (which [`init`] does).
+//! * `testing`: `testing::MetricsProbe`, Keel's instruments on an in-memory
+//!   meter provider, to check in tests what an adapter records.
 //!
 //! The guide with the metric table is in `docs/telemetry.md`.
 
+#[cfg(feature = "sdk")]
 pub mod command;
+#[cfg(feature = "sdk")]
 mod config;
+#[cfg(feature = "sdk")]
 mod error;
 pub mod health;
+#[cfg(feature = "sdk")]
 mod init;
+#[cfg(feature = "sdk")]
 mod logfmt;
 pub mod metrics;
 pub mod propagation;
 mod secret;
+#[cfg(feature = "testing")]
+pub mod testing;
+#[cfg(feature = "sdk")]
 mod traced;
 
+#[cfg(feature = "sdk")]
 pub use command::{CommandTracing, CommandTracingLayer};
+#[cfg(feature = "sdk")]
 pub use config::{
     DEVELOPMENT_ENVIRONMENTS, LOG_FILTER_ENV, LOG_FORMAT_ENV, LogFormat, OTLP_ENDPOINT_ENV,
     SDK_DISABLED_ENV, TelemetryConfig,
 };
+#[cfg(feature = "sdk")]
 pub use error::{Result, TelemetryError};
 pub use health::{CheckOptions, CheckResult, HealthRegistry, ProbeReport};
-pub use init::{INSTRUMENTATION_SCOPE, Telemetry, TelemetryGuard, init};
-pub use metrics::KeelMetrics;
+#[cfg(feature = "sdk")]
+pub use init::{Telemetry, TelemetryGuard, init};
+pub use metrics::{INSTRUMENTATION_SCOPE, KeelMetrics};
 pub use secret::{REDACTED, Secret};
+#[cfg(feature = "sdk")]
 pub use traced::{TracedHandler, TracedPublisher};

@@ -7,10 +7,14 @@
 //! part of the public API: dashboards and alerts depend on them.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+
+/// The instrumentation scope under which Keel records spans and metrics.
+pub const INSTRUMENTATION_SCOPE: &str = "keel";
 
 /// Instrument names, attribute keys and values.
 pub mod names {
@@ -127,6 +131,11 @@ pub enum HandleOutcome {
     Retry,
     /// Rejected as unprocessable; bound for the dead-letter topic.
     Reject,
+    /// Failed on its last allowed attempt: neither acked nor nacked but
+    /// bound for the dead-letter topic (record the dead letter with
+    /// [`DeadLetterReason::AttemptsExhausted`]). The duration is recorded
+    /// with outcome `retry`.
+    RetriesExhausted,
 }
 
 /// Why a message went to the dead-letter topic.
@@ -337,7 +346,25 @@ impl KeelMetrics {
     /// [`init`](crate::init): instruments made earlier record nothing.
     #[must_use]
     pub fn global() -> Self {
-        Self::new(&opentelemetry::global::meter_provider().meter(crate::INSTRUMENTATION_SCOPE))
+        Self::new(&opentelemetry::global::meter_provider().meter(INSTRUMENTATION_SCOPE))
+    }
+
+    /// The cache instruments bound to the cache named `cache`, with their
+    /// attributes built once: recording through the handle allocates
+    /// nothing, which keeps a cache hit cheap.
+    #[must_use]
+    pub fn cache(&self, cache: &str) -> CacheMetrics {
+        let name = KeyValue::new(ATTR_CACHE, Arc::<str>::from(cache));
+        let tier = |tier: CacheTier| {
+            Arc::from([name.clone(), KeyValue::new(ATTR_CACHE_TIER, tier.as_str())])
+        };
+        CacheMetrics {
+            hits: self.cache_hits.clone(),
+            misses: self.cache_misses.clone(),
+            local_hit: tier(CacheTier::Local),
+            remote_hit: tier(CacheTier::Remote),
+            miss: Arc::from([name]),
+        }
     }
 
     /// Records one append call: `events` stored on success, a conflict, or
@@ -395,6 +422,7 @@ impl KeelMetrics {
                 OUTCOME_RETRY
             }
             HandleOutcome::Reject => OUTCOME_REJECT,
+            HandleOutcome::RetriesExhausted => OUTCOME_RETRY,
         };
         self.handler_duration.record(
             duration.as_secs_f64(),
@@ -476,5 +504,40 @@ impl KeelMetrics {
             1,
             &[KeyValue::new(ATTR_COMMAND_TYPE, command_type.to_owned())],
         );
+    }
+}
+
+/// The cache counters bound to one cache's attributes (from
+/// [`KeelMetrics::cache`]). Cheap to clone; recording allocates nothing.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    hits: Counter<u64>,
+    misses: Counter<u64>,
+    local_hit: Arc<[KeyValue]>,
+    remote_hit: Arc<[KeyValue]>,
+    miss: Arc<[KeyValue]>,
+}
+
+impl fmt::Debug for CacheMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheMetrics")
+            .field("attributes", &self.miss)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheMetrics {
+    /// Records a hit in `tier` (`keel.cache.hits`).
+    pub fn hit(&self, tier: CacheTier) {
+        let attrs = match tier {
+            CacheTier::Local => &self.local_hit,
+            CacheTier::Remote => &self.remote_hit,
+        };
+        self.hits.add(1, attrs);
+    }
+
+    /// Records a miss (`keel.cache.misses`).
+    pub fn miss(&self) {
+        self.misses.add(1, &self.miss);
     }
 }

@@ -7,43 +7,90 @@
 //! `traceparent`/`tracestate`, whatever propagator the process installs
 //! globally, because that is what [`TraceContext`] stores.
 //!
-//! These functions work with the subscriber set up by
-//! [`init`](crate::init) (any subscriber with a
-//! `tracing_opentelemetry` layer); without one, spans have no context and
-//! nothing is injected.
+//! The producer side ([`current_trace_context`], [`inject`],
+//! [`with_current_trace`]) needs only the `opentelemetry` API and is always
+//! built: Keel's adapters call it on every append, outbox write and
+//! publish. It reads the *active* OpenTelemetry context, which the
+//! `tracing_opentelemetry` layer set up by [`init`](crate::init) activates
+//! whenever a span is entered; with no subscriber, or outside any span, it
+//! finds nothing and costs a thread-local read. The consumer side and
+//! [`trace_context_of`] need the `sdk` feature.
 
+#[cfg(feature = "sdk")]
 use std::collections::HashMap;
 
-use keel_core::{Delivery, Metadata, TraceContext};
+#[cfg(feature = "sdk")]
+use keel_core::Delivery;
+use keel_core::{Metadata, TraceContext};
 use opentelemetry::Context;
+#[cfg(feature = "sdk")]
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceFlags};
+#[cfg(feature = "sdk")]
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+#[cfg(feature = "sdk")]
 use tracing::Span;
+#[cfg(feature = "sdk")]
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+#[cfg(feature = "sdk")]
 const TRACEPARENT: &str = "traceparent";
+#[cfg(feature = "sdk")]
 const TRACESTATE: &str = "tracestate";
 
-/// The W3C trace context of `span`, or `None` when it has no valid
-/// OpenTelemetry context (disabled, or no OpenTelemetry layer).
-#[must_use]
-pub fn trace_context_of(span: &Span) -> Option<TraceContext> {
-    let cx = span.context();
-    if !cx.span().span_context().is_valid() {
+/// The W3C form of a valid span context: `traceparent` version `00` with
+/// only the sampled flag kept, and the `tracestate` header when not empty.
+fn encode(sc: &SpanContext) -> Option<TraceContext> {
+    if !sc.is_valid() {
         return None;
     }
-    let mut carrier = HashMap::new();
-    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
-    let traceparent = carrier.remove(TRACEPARENT)?;
-    let tracestate = carrier.remove(TRACESTATE).filter(|s| !s.is_empty());
+    let traceparent = format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags() & TraceFlags::SAMPLED
+    );
+    let tracestate = sc.trace_state().header();
+    let tracestate = (!tracestate.is_empty()).then_some(tracestate);
     TraceContext::new(traceparent, tracestate).ok()
 }
 
-/// The W3C trace context of the current span.
+/// The W3C trace context of the active OpenTelemetry context (the entered
+/// span's, under [`init`](crate::init)), or `None` when there is none.
+fn active_trace_context() -> Option<TraceContext> {
+    Context::map_current(|cx| {
+        // Checked before encoding so the common "no span" case allocates
+        // nothing.
+        let span = cx.span();
+        let sc = span.span_context();
+        if sc.is_valid() { encode(sc) } else { None }
+    })
+}
+
+/// The W3C trace context of `span`, or `None` when it has no valid
+/// OpenTelemetry context (disabled, or no OpenTelemetry layer).
+#[cfg(feature = "sdk")]
+#[must_use]
+pub fn trace_context_of(span: &Span) -> Option<TraceContext> {
+    encode(span.context().span().span_context())
+}
+
+/// The W3C trace context of the current span: the active OpenTelemetry
+/// context, else (with the `sdk` feature) the current `tracing` span's,
+/// which covers subscribers whose OpenTelemetry layer does not activate
+/// contexts on entry.
 #[must_use]
 pub fn current_trace_context() -> Option<TraceContext> {
-    trace_context_of(&Span::current())
+    let active = active_trace_context();
+    #[cfg(feature = "sdk")]
+    if active.is_none() {
+        let span = Span::current();
+        if span.is_none() {
+            return None;
+        }
+        return trace_context_of(&span);
+    }
+    active
 }
 
 /// Writes the current span's trace context into `metadata`, replacing any
@@ -69,6 +116,7 @@ pub fn with_current_trace(mut metadata: Metadata) -> Metadata {
     metadata
 }
 
+#[cfg(feature = "sdk")]
 /// The OpenTelemetry context carried by `metadata`: a remote parent for a
 /// consumer span, or an empty context when there is none.
 #[must_use]
@@ -79,6 +127,7 @@ pub fn extract(metadata: &Metadata) -> Context {
     }
 }
 
+#[cfg(feature = "sdk")]
 /// The OpenTelemetry context of a W3C trace context.
 #[must_use]
 pub fn context_from(trace_context: &TraceContext) -> Context {
@@ -93,6 +142,7 @@ pub fn context_from(trace_context: &TraceContext) -> Context {
     TraceContextPropagator::new().extract(&carrier)
 }
 
+#[cfg(feature = "sdk")]
 /// Makes `span` a child of the trace carried by `metadata`. Call it before
 /// the span is first entered. Returns whether a parent was set (`false`
 /// when `metadata` carries no context, the span is disabled, or it has
@@ -108,6 +158,7 @@ pub fn set_parent(span: &Span, metadata: &Metadata) -> bool {
     span.set_parent(cx).is_ok()
 }
 
+#[cfg(feature = "sdk")]
 /// A consumer span for `delivery`, child of the producer's span when the
 /// message carries a trace context, following the OpenTelemetry messaging
 /// conventions (`process <subscription>`, kind consumer).
@@ -142,7 +193,7 @@ pub fn consumer_span(delivery: &Delivery) -> Span {
     span
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sdk"))]
 mod tests {
     use super::*;
 

@@ -1,5 +1,10 @@
 //! Decorators that add spans, trace propagation and metrics around the bus
-//! ports, leaving the adapters themselves free of telemetry.
+//! ports.
+//!
+//! Keel's own buses (`keel-eventbus`) record the bus metrics themselves and
+//! write the trace context on publish; wrap them with `without_metrics` to
+//! add the producer and consumer spans without counting twice. `new` (with
+//! metrics) is for buses that record nothing of their own.
 
 use std::time::Instant;
 
@@ -29,13 +34,25 @@ use crate::propagation;
 #[derive(Debug, Clone)]
 pub struct TracedPublisher<P> {
     inner: P,
-    metrics: KeelMetrics,
+    metrics: Option<KeelMetrics>,
 }
 
 impl<P> TracedPublisher<P> {
     /// Wraps `inner`, recording through `metrics`.
     pub fn new(inner: P, metrics: KeelMetrics) -> Self {
-        Self { inner, metrics }
+        Self {
+            inner,
+            metrics: Some(metrics),
+        }
+    }
+
+    /// Wraps `inner` for spans and propagation only, for a publisher that
+    /// records `keel.bus.publish.*` itself (Keel's buses do).
+    pub fn without_metrics(inner: P) -> Self {
+        Self {
+            inner,
+            metrics: None,
+        }
     }
 
     /// The wrapped publisher.
@@ -74,12 +91,14 @@ impl<P: EventPublisher> EventPublisher for TracedPublisher<P> {
             .publish(topic, &traced)
             .instrument(span.clone())
             .await;
-        self.metrics.record_publish(
-            topic,
-            messages.len() as u64,
-            started.elapsed(),
-            result.is_ok(),
-        );
+        if let Some(metrics) = &self.metrics {
+            metrics.record_publish(
+                topic,
+                messages.len() as u64,
+                started.elapsed(),
+                result.is_ok(),
+            );
+        }
         if let Err(e) = &result {
             span.record("otel.status_code", "error");
             span.record("error.type", e.code());
@@ -112,13 +131,26 @@ impl<P: EventPublisher> EventPublisher for TracedPublisher<P> {
 #[derive(Debug, Clone)]
 pub struct TracedHandler<H> {
     inner: H,
-    metrics: KeelMetrics,
+    metrics: Option<KeelMetrics>,
 }
 
 impl<H> TracedHandler<H> {
     /// Wraps `inner`, recording through `metrics`.
     pub fn new(inner: H, metrics: KeelMetrics) -> Self {
-        Self { inner, metrics }
+        Self {
+            inner,
+            metrics: Some(metrics),
+        }
+    }
+
+    /// Wraps `inner` for the consumer span only, for a handler run by a bus
+    /// that records acks, nacks, dead letters and handler duration itself
+    /// (Keel's buses do).
+    pub fn without_metrics(inner: H) -> Self {
+        Self {
+            inner,
+            metrics: None,
+        }
     }
 
     /// The wrapped handler.
@@ -135,15 +167,18 @@ impl<H: EventHandler> EventHandler for TracedHandler<H> {
         let result = self.inner.handle(delivery).instrument(span.clone()).await;
         let elapsed = started.elapsed();
         let subscription = delivery.subscription.as_str();
+        let metrics = self.metrics.as_ref();
         match &result {
-            Ok(()) => self
-                .metrics
-                .record_handled(subscription, elapsed, HandleOutcome::Ack),
+            Ok(()) => {
+                if let Some(m) = metrics {
+                    m.record_handled(subscription, elapsed, HandleOutcome::Ack);
+                }
+            }
             Err(HandlerError::Reject(e)) => {
-                self.metrics
-                    .record_handled(subscription, elapsed, HandleOutcome::Reject);
-                self.metrics
-                    .record_dead_letter(subscription, DeadLetterReason::Rejected);
+                if let Some(m) = metrics {
+                    m.record_handled(subscription, elapsed, HandleOutcome::Reject);
+                    m.record_dead_letter(subscription, DeadLetterReason::Rejected);
+                }
                 span.record("otel.status_code", "error");
                 span.record("error.type", "reject");
                 tracing::error!(
@@ -154,8 +189,9 @@ impl<H: EventHandler> EventHandler for TracedHandler<H> {
             }
             // Retry, and any kind added later: the bus redelivers.
             Err(e) => {
-                self.metrics
-                    .record_handled(subscription, elapsed, HandleOutcome::Retry);
+                if let Some(m) = metrics {
+                    m.record_handled(subscription, elapsed, HandleOutcome::Retry);
+                }
                 span.record("otel.status_code", "error");
                 span.record("error.type", "retry");
                 tracing::warn!(

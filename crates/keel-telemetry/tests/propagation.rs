@@ -341,3 +341,46 @@ async fn json_log_lines_carry_the_trace_and_span_ids() {
     );
     assert_eq!(lines[1]["span"]["order"], 7);
 }
+
+#[tokio::test]
+async fn the_active_context_is_what_adapters_inject() {
+    // Set by other OpenTelemetry instrumentation, with no tracing span at
+    // all: still written, tracestate included.
+    let remote = propagation::context_from(
+        &TraceContext::new(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=abc".to_owned()),
+        )
+        .unwrap(),
+    );
+    {
+        let _attached = remote.attach();
+        let tc = propagation::current_trace_context().unwrap();
+        assert_eq!(
+            tc.traceparent(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(tc.tracestate(), Some("vendor=abc"));
+    }
+    assert_eq!(propagation::current_trace_context(), None);
+
+    // Under the subscriber from `init`: the instrumented future's span,
+    // after an await point too, and the same as the span-based helper.
+    let t = traced(TelemetryConfig::new("orders"));
+    let span =
+        tracing::dispatcher::with_default(&t.dispatch, || tracing::info_span!("place_order"));
+    let expected = {
+        let span = span.clone();
+        async move { propagation::trace_context_of(&span).unwrap() }
+            .with_subscriber(t.dispatch.clone())
+            .await
+    };
+    let seen = async {
+        tokio::task::yield_now().await;
+        propagation::with_current_trace(Metadata::new()).trace_context
+    }
+    .instrument(span)
+    .with_subscriber(t.dispatch.clone())
+    .await;
+    assert_eq!(seen, Some(expected));
+}
