@@ -84,6 +84,7 @@ async fn main() -> ExitCode {
     }
     drop(telemetry);
     if failed.is_empty() {
+        println!("\nall examples passed their checks");
         ExitCode::SUCCESS
     } else {
         eprintln!("\nfailed: {}", failed.join(", "));
@@ -100,6 +101,6 @@ fn print_help() {
     }
     println!("\nEverything runs in memory unless these are set:");
     for (var, effect) in ENVIRONMENT {
-        println!("  {var:<21} {effect}");
+        println!("  {var:<28} {effect}");
     }
 }

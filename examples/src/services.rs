@@ -50,6 +50,10 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
         "run one example by name, `all` (default) or `list`",
     ),
     (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "export the run's traces and metrics over OTLP/gRPC (keel-telemetry)",
+    ),
+    (
         "RUST_LOG",
         "log filter (default info); KEEL_LOG_FORMAT=json for JSON lines",
     ),
