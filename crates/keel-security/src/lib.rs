@@ -110,6 +110,8 @@ mod error;
 mod secrets;
 
 pub use audit::{AuditHead, ChainHead, InMemoryAuditLog};
+#[cfg(feature = "postgres")]
+pub use audit::PgAuditLog;
 pub use authn::{ClaimMapping, JwtConfig, JwtVerifier, KeySource, VerificationKey};
 #[cfg(feature = "jwks")]
 pub use authn::{JwksConfig, JwksKeySource};

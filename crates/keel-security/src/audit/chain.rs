@@ -238,17 +238,17 @@ fn canonical_number(n: &serde_json::Number) -> String {
 pub(crate) struct ChainWalk {
     expected: u64,
     prev_hash: String,
-    anchor: Option<ChainHead>,
+    anchors: Vec<ChainHead>,
 }
 
 impl ChainWalk {
-    /// A walk from genesis; with an anchor, the chain must also reach the
-    /// anchor's sequence and have the anchor's hash there.
-    pub(crate) fn new(anchor: Option<ChainHead>) -> Self {
+    /// A walk from genesis; the chain must also reach each anchor's
+    /// sequence and have the anchor's hash there.
+    pub(crate) fn new(anchors: impl IntoIterator<Item = ChainHead>) -> Self {
         Self {
             expected: 1,
             prev_hash: GENESIS_HASH.to_owned(),
-            anchor,
+            anchors: anchors.into_iter().collect(),
         }
     }
 
@@ -290,9 +290,10 @@ impl ChainWalk {
                 ),
             ));
         }
-        if let Some(anchor) = &self.anchor
-            && anchor.sequence == record.sequence
-            && anchor.hash != record.hash
+        if self
+            .anchors
+            .iter()
+            .any(|a| a.sequence == record.sequence && a.hash != record.hash)
         {
             return Err(broken(
                 record.sequence,
@@ -307,20 +308,25 @@ impl ChainWalk {
     /// The verdict once every stored record was checked.
     pub(crate) fn finish(self) -> ChainVerification {
         let records = self.checked();
-        match &self.anchor {
-            Some(anchor) if anchor.sequence > records => broken(
+        if let Some(far) = self.anchors.iter().map(|a| a.sequence).max()
+            && far > records
+        {
+            return broken(
                 records + 1,
-                format!(
-                    "missing record: the chain ends at {records} but the head names {}",
-                    anchor.sequence
-                ),
-            ),
-            Some(anchor) if anchor.sequence == 0 && anchor.hash != GENESIS_HASH => broken(
-                0,
-                "anchor mismatch: an empty chain's head must carry the genesis hash",
-            ),
-            _ => ChainVerification::Intact { records },
+                format!("missing record: the chain ends at {records} but the head names {far}"),
+            );
         }
+        if self
+            .anchors
+            .iter()
+            .any(|a| a.sequence == 0 && a.hash != GENESIS_HASH)
+        {
+            return broken(
+                0,
+                "anchor mismatch: a head at sequence 0 must carry the genesis hash",
+            );
+        }
+        ChainVerification::Intact { records }
     }
 }
 

@@ -6,7 +6,7 @@
 //! removing or reordering a stored record breaks the chain at that record,
 //! and [`AuditLog::verify`] names the first one that does not check out.
 //!
-//! * [`PgAuditLog`] (feature `postgres`) keeps the chain in
+//! * `PgAuditLog` (feature `postgres`) keeps the chain in
 //!   `keel.audit_log`, a table the database itself keeps append-only, with
 //!   the chain's head in `keel.audit_head`, locked while a record is added
 //!   so concurrent writers never fork the chain.
@@ -14,7 +14,7 @@
 //!   single-process tools.
 //!
 //! Both produce identical chains for identical input and pass one contract
-//! suite ([`testing`], feature `testing`). The [`AuditHead`] extension lets
+//! suite (`testing`, feature `testing`). The [`AuditHead`] extension lets
 //! an operator read the chain's head and later prove, against a copy kept
 //! outside the database, that nothing was cut from its end.
 //!
@@ -50,10 +50,16 @@ use serde_json::Value;
 
 mod chain;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use chain::{ChainHead, GENESIS_HASH, record_hash};
 pub use keel_core::AuditRecord;
 pub use memory::InMemoryAuditLog;
+#[cfg(feature = "postgres")]
+pub use postgres::PgAuditLog;
 
 /// The largest `details` document accepted, in bytes of compact JSON.
 pub const MAX_DETAILS_BYTES: usize = 64 * 1024;

@@ -1,0 +1,276 @@
+//! The PostgreSQL audit log (`keel.audit_log`, `keel.audit_head`).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keel_core::{
+    AggregateRef, AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery, AuditRecord,
+    ChainVerification, CommandId, CorrelationId, Error, Result,
+};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::types::Uuid;
+use sqlx::{PgPool, QueryBuilder, Row};
+
+use super::chain::{self, ChainHead, ChainWalk};
+use super::{AuditHead, Filters};
+
+const COLUMNS: &str = "sequence, occurred_at, recorded_at, principal, tenant, command_id, \
+     command_type, event_types, aggregate_kind, aggregate_id, outcome, outcome_code, \
+     outcome_reason, correlation_id, details, prev_hash, hash";
+
+/// How many records [`AuditLog::verify`] reads per round trip; with the
+/// 64 KiB limit on details, at most a few tens of MiB in memory at once.
+const VERIFY_PAGE: i64 = 500;
+
+/// An [`AuditLog`] in PostgreSQL.
+///
+/// Appends lock the one row of `keel.audit_head`, read the previous hash
+/// and the server's clock, compute the new record's hash in Rust and write
+/// the record and the new head in the same transaction, so sequences are
+/// gapless and the chain never forks, however many writers append at once.
+/// `recorded_at` is the server's `clock_timestamp()` taken under the lock
+/// (never earlier than the previous record's), so it is monotonic along
+/// the chain. The tables come from Keel's migrations
+/// (`keel_database::MIGRATOR`); the database refuses `UPDATE`, `DELETE` and
+/// `TRUNCATE` on them (SQLSTATE `KL003`).
+///
+/// Failures map onto [`keel_core::Error`] through keel-database's
+/// classification: a lost connection is `Unavailable` (retryable), a pool
+/// timeout is `Timeout`; messages carry no SQL and no parameter values.
+#[derive(Clone, Debug)]
+pub struct PgAuditLog {
+    pool: PgPool,
+}
+
+impl PgAuditLog {
+    /// An audit log on `pool` (migrated with `keel_database::MIGRATOR`).
+    #[must_use]
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool this log writes through.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn stored_head(&self) -> Result<Option<ChainHead>> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT sequence, hash FROM keel.audit_head WHERE singleton")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(keel_database::to_keel)?;
+        row.map(|(sequence, hash)| {
+            Ok(ChainHead {
+                sequence: to_u64(sequence)?,
+                hash,
+            })
+        })
+        .transpose()
+    }
+
+    async fn walk(&self, anchors: Vec<ChainHead>) -> Result<ChainVerification> {
+        let mut walk = ChainWalk::new(anchors);
+        let mut after = 0_i64;
+        loop {
+            let rows = sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM keel.audit_log WHERE sequence > $1 ORDER BY sequence LIMIT $2"
+            ))
+            .bind(after)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(keel_database::to_keel)?;
+            let Some(last) = rows.last() else {
+                return Ok(walk.finish());
+            };
+            after = last.try_get("sequence").map_err(decode)?;
+            for row in &rows {
+                let record = record_from_row(row)?;
+                if let Err(broken) = walk.check(&record) {
+                    return Ok(broken);
+                }
+            }
+            if (rows.len() as i64) < VERIFY_PAGE {
+                return Ok(walk.finish());
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AuditLog for PgAuditLog {
+    async fn append(&self, entry: AuditEntry) -> Result<AuditRecord> {
+        let entry = super::validate(entry)?;
+        let mut tx = self.pool.begin().await.map_err(keel_database::to_keel)?;
+        let head: Option<(i64, String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT sequence, hash, recorded_at, clock_timestamp() \
+             FROM keel.audit_head WHERE singleton FOR UPDATE",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(keel_database::to_keel)?;
+        let Some((last_sequence, prev_hash, last_recorded_at, now)) = head else {
+            return Err(Error::internal_msg(
+                "the audit head row is missing; were Keel's migrations applied?",
+            ));
+        };
+        let sequence = to_u64(last_sequence)? + 1;
+        let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
+        let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
+
+        let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
+        sqlx::query(
+            "SELECT keel.append_audit_record(\
+             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        )
+        .bind(to_i64(sequence)?)
+        .bind(entry.occurred_at)
+        .bind(recorded_at)
+        .bind(entry.principal.as_deref())
+        .bind(entry.tenant.as_deref())
+        .bind(entry.command_id.map(Uuid::from))
+        .bind(&entry.command_type)
+        .bind(&entry.event_types)
+        .bind(entry.aggregate.as_ref().map(|a| a.kind.as_str()))
+        .bind(entry.aggregate.as_ref().map(|a| a.id.as_str()))
+        .bind(outcome)
+        .bind(code)
+        .bind(reason)
+        .bind(entry.correlation_id.map(Uuid::from))
+        .bind(Json(&entry.details))
+        .bind(&prev_hash)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(keel_database::to_keel)?;
+        tx.commit().await.map_err(keel_database::to_keel)?;
+        Ok(AuditRecord::new(
+            sequence,
+            entry,
+            recorded_at,
+            prev_hash,
+            hash,
+        ))
+    }
+
+    async fn query(&self, query: &AuditQuery) -> Result<AuditPage> {
+        let Filters {
+            principal,
+            aggregate,
+            from,
+            to,
+            after,
+            limit,
+        } = super::filters(query)?;
+        let mut sql = QueryBuilder::new(format!(
+            "SELECT {COLUMNS} FROM keel.audit_log WHERE sequence > "
+        ));
+        sql.push_bind(i64::try_from(after).unwrap_or(i64::MAX));
+        if let Some(principal) = principal {
+            sql.push(" AND principal = ").push_bind(principal);
+        }
+        if let Some((kind, id)) = aggregate {
+            sql.push(" AND aggregate_kind = ").push_bind(kind);
+            sql.push(" AND aggregate_id = ").push_bind(id);
+        }
+        if let Some(from) = from {
+            sql.push(" AND occurred_at >= ").push_bind(from);
+        }
+        if let Some(to) = to {
+            sql.push(" AND occurred_at < ").push_bind(to);
+        }
+        // One row more than the page tells whether another page follows.
+        sql.push(" ORDER BY sequence LIMIT ")
+            .push_bind(i64::from(limit) + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(keel_database::to_keel)?;
+        let mut records = rows
+            .iter()
+            .map(record_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let next_after = if records.len() > limit as usize {
+            records.truncate(limit as usize);
+            records.last().map(|r| r.sequence)
+        } else {
+            None
+        };
+        Ok(AuditPage::new(records, next_after))
+    }
+
+    async fn verify(&self) -> Result<ChainVerification> {
+        // The head is read first: every record up to it was committed
+        // before, so a shorter chain lost records from its end.
+        let head = self.stored_head().await?;
+        self.walk(head.into_iter().collect()).await
+    }
+}
+
+#[async_trait]
+impl AuditHead for PgAuditLog {
+    async fn head(&self) -> Result<ChainHead> {
+        Ok(self.stored_head().await?.unwrap_or_else(ChainHead::genesis))
+    }
+
+    async fn verify_from(&self, anchor: &ChainHead) -> Result<ChainVerification> {
+        let mut anchors = vec![anchor.clone()];
+        anchors.extend(self.stored_head().await?);
+        self.walk(anchors).await
+    }
+}
+
+fn record_from_row(row: &PgRow) -> Result<AuditRecord> {
+    let outcome: String = row.try_get("outcome").map_err(decode)?;
+    let code: Option<String> = row.try_get("outcome_code").map_err(decode)?;
+    let reason: Option<String> = row.try_get("outcome_reason").map_err(decode)?;
+    let outcome = match (outcome.as_str(), code, reason) {
+        ("accepted", None, None) => AuditOutcome::Accepted,
+        ("rejected", Some(code), Some(reason)) => AuditOutcome::Rejected { code, reason },
+        ("failed", Some(code), None) => AuditOutcome::Failed { code },
+        _ => return Err(Error::internal_msg("stored audit outcome is not readable")),
+    };
+    let command_type: String = row.try_get("command_type").map_err(decode)?;
+    let mut entry = AuditEntry::new(command_type, outcome);
+    entry.occurred_at = row.try_get("occurred_at").map_err(decode)?;
+    entry.principal = row.try_get("principal").map_err(decode)?;
+    entry.tenant = row.try_get("tenant").map_err(decode)?;
+    entry.command_id = row
+        .try_get::<Option<Uuid>, _>("command_id")
+        .map_err(decode)?
+        .map(CommandId::from_uuid);
+    entry.event_types = row.try_get("event_types").map_err(decode)?;
+    let kind: Option<String> = row.try_get("aggregate_kind").map_err(decode)?;
+    let id: Option<String> = row.try_get("aggregate_id").map_err(decode)?;
+    entry.aggregate = kind.zip(id).map(|(kind, id)| AggregateRef::new(kind, id));
+    entry.correlation_id = row
+        .try_get::<Option<Uuid>, _>("correlation_id")
+        .map_err(decode)?
+        .map(CorrelationId::from_uuid);
+    entry.details = row
+        .try_get::<Json<serde_json::Value>, _>("details")
+        .map_err(decode)?
+        .0;
+    Ok(AuditRecord::new(
+        to_u64(row.try_get("sequence").map_err(decode)?)?,
+        entry,
+        row.try_get("recorded_at").map_err(decode)?,
+        row.try_get::<String, _>("prev_hash").map_err(decode)?,
+        row.try_get::<String, _>("hash").map_err(decode)?,
+    ))
+}
+
+fn decode(e: sqlx::Error) -> Error {
+    Error::internal("a stored audit record could not be read", e)
+}
+
+fn to_u64(n: i64) -> Result<u64> {
+    u64::try_from(n).map_err(|_| Error::internal_msg("negative audit sequence in storage"))
+}
+
+fn to_i64(n: u64) -> Result<i64> {
+    i64::try_from(n).map_err(|_| Error::internal_msg("audit sequence exhausted"))
+}

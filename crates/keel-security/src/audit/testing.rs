@@ -1,0 +1,652 @@
+//! The contract suite every implementation of [`keel_core::AuditLog`] (with
+//! [`AuditHead`]) must pass (feature `testing`).
+//!
+//! Each function takes a fresh, empty log and panics when the
+//! implementation breaks the rule it is named after. Run the whole suite
+//! with [`audit_contract_suite!`](crate::audit_contract_suite) and a
+//! factory returning `(Arc<dyn AuditHead>, guard)`:
+//!
+//! ```ignore
+//! keel_security::audit_contract_suite!(|| async {
+//!     let log: Arc<dyn AuditHead> = Arc::new(InMemoryAuditLog::new());
+//!     (log, ())
+//! });
+//! ```
+//!
+//! Tampering is not part of the suite: how to alter a stored record
+//! behind the store's back depends on the store (see the crate's
+//! `tests/audit_postgres.rs` and the in-memory store's unit tests).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use keel_core::{
+    AggregateRef, AuditEntry, AuditLog, AuditOutcome, AuditQuery, AuditRecord, ChainVerification,
+    CommandId, CorrelationId, Error, ErrorKind,
+};
+use serde_json::{Value, json};
+
+use super::{AuditHead, ChainHead, GENESIS_HASH, MAX_DETAILS_BYTES, MAX_TEXT_BYTES, record_hash};
+
+/// The log under test.
+pub type Subject = Arc<dyn AuditHead>;
+
+/// When the suite's commands occurred; nanoseconds on purpose, to show
+/// they are truncated to microseconds.
+pub const EPOCH: &str = "2026-03-01T12:00:00.123456789Z";
+
+fn epoch() -> DateTime<Utc> {
+    EPOCH.parse().expect("EPOCH parses")
+}
+
+/// An accepted entry by `principal`, `minutes` after [`EPOCH`].
+#[must_use]
+pub fn entry(principal: &str, minutes: i64) -> AuditEntry {
+    AuditEntry::new("order.place", AuditOutcome::Accepted)
+        .with_principal(principal)
+        .with_occurred_at(epoch() + Duration::minutes(minutes))
+}
+
+async fn all(log: &dyn AuditLog) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    let mut query = AuditQuery::new().limit(AuditQuery::MAX_LIMIT);
+    loop {
+        let page = log.query(&query).await.expect("query");
+        out.extend(page.records);
+        match page.next_after {
+            Some(after) => query = query.after(after),
+            None => return out,
+        }
+    }
+}
+
+fn invalid_field(result: Result<AuditRecord, Error>) -> String {
+    match result {
+        Err(Error::Invalid(invalid)) => invalid.field.into_owned(),
+        other => panic!("expected invalid input, got {other:?}"),
+    }
+}
+
+fn sequences(records: &[AuditRecord]) -> Vec<u64> {
+    records.iter().map(|r| r.sequence).collect()
+}
+
+/// The first record links to the genesis hash, each next one to its
+/// predecessor; sequences count from 1; every stored hash is the
+/// recomputed one; `recorded_at` never goes back.
+pub async fn appends_chain_from_genesis(log: Subject) {
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut last_at = None;
+    for i in 1..=5 {
+        let record = log.append(entry("alice", i)).await.expect("append");
+        assert_eq!(record.sequence, i as u64);
+        assert_eq!(record.prev_hash, prev);
+        assert_eq!(record.hash, record_hash(&record));
+        assert_eq!(record.hash.len(), 64);
+        assert_eq!(record.recorded_at.timestamp_subsec_nanos() % 1_000, 0);
+        if let Some(last) = last_at {
+            assert!(record.recorded_at >= last, "recorded_at went back");
+        }
+        last_at = Some(record.recorded_at);
+        prev.clone_from(&record.hash);
+    }
+    let stored = all(log.as_ref()).await;
+    assert_eq!(sequences(&stored), vec![1, 2, 3, 4, 5]);
+    assert_eq!(stored.last().map(|r| r.hash.clone()), Some(prev));
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 5 }
+    );
+}
+
+/// What `append` returns is exactly what `query` reads back, for every
+/// field and every outcome; `occurred_at` is cut to microseconds.
+pub async fn every_field_round_trips(log: Subject) {
+    let full = |outcome| {
+        let mut e = AuditEntry::new("order.ship", outcome)
+            .with_principal("user-42")
+            .with_tenant("acme")
+            .with_aggregate(AggregateRef::new("Order", "0190-ab"))
+            .with_correlation_id(CorrelationId::new())
+            .with_occurred_at(epoch());
+        e.command_id = Some(CommandId::new());
+        e.event_types = vec!["order.shipped".into(), "stock.reserved".into()];
+        e.details = json!({"carrier": "dhl", "parcels": 2, "weights": [1.5, 0.25]});
+        e
+    };
+    let entries = [
+        full(AuditOutcome::Accepted),
+        full(AuditOutcome::Rejected {
+            code: "order.already_shipped".into(),
+            reason: "the order has already shipped".into(),
+        }),
+        full(AuditOutcome::Failed {
+            code: "keel.unavailable".into(),
+        }),
+        AuditEntry::new("anonymous.ping", AuditOutcome::Accepted).with_occurred_at(epoch()),
+    ];
+    let mut appended = Vec::new();
+    for e in entries.clone() {
+        appended.push(log.append(e).await.expect("append"));
+    }
+    for (record, original) in appended.iter().zip(&entries) {
+        let mut expected = original.clone();
+        expected.occurred_at = "2026-03-01T12:00:00.123456Z".parse().expect("time");
+        assert_eq!(record.entry, expected);
+    }
+    assert_eq!(all(log.as_ref()).await, appended);
+    assert!(log.verify().await.expect("verify").is_intact());
+}
+
+/// Details documents come back equal and still re-hash to the stored
+/// hash, whatever their key order and number forms.
+pub async fn details_survive_storage_and_rehash(log: Subject) {
+    let documents = [
+        json!({"z": 1, "a": {"y": [true, false, null], "b": "x"}, "m": {}}),
+        json!([1.0, 100.0, -0.0, 1.5e-7, 1e300, -2.5, 0.1]),
+        json!({"u64": u64::MAX, "i64": i64::MIN, "zero": 0, "neg": -1}),
+        json!("just a string with unicode: ünïcödé ✓ and \"quotes\" \\ and \n newline"),
+        json!(null),
+        json!({"nested": {"deeper": {"deepest": [[[]]]}}}),
+    ];
+    for details in &documents {
+        let mut e = entry("alice", 0);
+        e.details = details.clone();
+        log.append(e).await.expect("append");
+    }
+    let stored = all(log.as_ref()).await;
+    for (record, details) in stored.iter().zip(&documents) {
+        assert_eq!(&record.entry.details, details);
+        assert_eq!(record.hash, record_hash(record), "{details}");
+    }
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 6 }
+    );
+}
+
+/// An empty log verifies, has the genesis head, and has no records.
+pub async fn empty_log_verifies(log: Subject) {
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 0 }
+    );
+    assert_eq!(log.head().await.expect("head"), ChainHead::genesis());
+    let page = log.query(&AuditQuery::new()).await.expect("query");
+    assert!(page.records.is_empty());
+    assert_eq!(page.next_after, None);
+}
+
+/// A principal filter returns that principal's records only, oldest
+/// first, and nothing for a principal that never acted.
+pub async fn queries_filter_by_principal(log: Subject) {
+    for i in 0..12 {
+        let who = ["alice", "bob", "carol"][i % 3];
+        log.append(entry(who, i as i64)).await.expect("append");
+    }
+    log.append(AuditEntry::new("anonymous.ping", AuditOutcome::Accepted))
+        .await
+        .expect("append");
+    let bob = log
+        .query(&AuditQuery::new().principal("bob"))
+        .await
+        .expect("query");
+    assert_eq!(sequences(&bob.records), vec![2, 5, 8, 11]);
+    assert!(
+        bob.records
+            .iter()
+            .all(|r| r.entry.principal.as_deref() == Some("bob"))
+    );
+    assert_eq!(bob.next_after, None);
+    let nobody = log
+        .query(&AuditQuery::new().principal("Bob"))
+        .await
+        .expect("query");
+    assert!(nobody.records.is_empty(), "matching is exact");
+}
+
+/// An aggregate filter matches kind and id exactly; combined filters all
+/// apply.
+pub async fn queries_filter_by_aggregate(log: Subject) {
+    let targets = [
+        AggregateRef::new("Order", "1"),
+        AggregateRef::new("Order", "2"),
+        AggregateRef::new("Invoice", "1"),
+    ];
+    for i in 0..9 {
+        let who = if i < 5 { "alice" } else { "bob" };
+        log.append(entry(who, i as i64).with_aggregate(targets[i % 3].clone()))
+            .await
+            .expect("append");
+    }
+    log.append(entry("alice", 20)).await.expect("append");
+    let order1 = log
+        .query(&AuditQuery::new().aggregate(AggregateRef::new("Order", "1")))
+        .await
+        .expect("query");
+    assert_eq!(sequences(&order1.records), vec![1, 4, 7]);
+    let invoice1 = log
+        .query(&AuditQuery::new().aggregate(AggregateRef::new("Invoice", "1")))
+        .await
+        .expect("query");
+    assert_eq!(sequences(&invoice1.records), vec![3, 6, 9]);
+    let both = log
+        .query(
+            &AuditQuery::new()
+                .aggregate(AggregateRef::new("Order", "1"))
+                .principal("bob"),
+        )
+        .await
+        .expect("query");
+    assert_eq!(sequences(&both.records), vec![7]);
+}
+
+/// `from` is inclusive and `to` exclusive, compared at microsecond
+/// precision; either may be left open.
+pub async fn queries_filter_by_time_range(log: Subject) {
+    for minutes in 0..10 {
+        log.append(entry("alice", minutes)).await.expect("append");
+    }
+    let at = |minutes: i64| epoch() + Duration::minutes(minutes);
+    let q = |from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>| {
+        let log = log.clone();
+        async move {
+            let page = log
+                .query(&AuditQuery::new().between(from, to))
+                .await
+                .expect("query");
+            sequences(&page.records)
+        }
+    };
+    // Stored instants are EPOCH cut to microseconds, plus whole minutes.
+    let stored = |minutes: i64| {
+        "2026-03-01T12:00:00.123456Z"
+            .parse::<DateTime<Utc>>()
+            .expect("time")
+            + Duration::minutes(minutes)
+    };
+    assert_eq!(q(Some(stored(2)), Some(stored(5))).await, vec![3, 4, 5]);
+    assert_eq!(q(Some(stored(8)), None).await, vec![9, 10]);
+    assert_eq!(q(None, Some(stored(1))).await, vec![1]);
+    // A bound a few nanoseconds past a stored instant excludes it as `from`
+    // and includes it as `to`.
+    let past = |m| stored(m) + Duration::nanoseconds(1);
+    assert_eq!(q(Some(past(2)), Some(past(5))).await, vec![4, 5, 6]);
+    assert_eq!(q(Some(at(3)), Some(at(3))).await, Vec::<u64>::new());
+    assert_eq!(q(Some(at(100)), None).await, Vec::<u64>::new());
+}
+
+/// Keyset pages walk every matching record once, in order; `next_after`
+/// is `None` on the last page, also when it is exactly full.
+pub async fn pagination_walks_every_record(log: Subject) {
+    for i in 0..30 {
+        let who = if i % 3 == 0 { "bob" } else { "alice" };
+        log.append(entry(who, i)).await.expect("append");
+    }
+    let mut seen = Vec::new();
+    let mut query = AuditQuery::new().principal("alice").limit(7);
+    let mut pages = 0;
+    loop {
+        let page = log.query(&query).await.expect("query");
+        pages += 1;
+        assert!(page.records.len() <= 7);
+        seen.extend(sequences(&page.records));
+        match page.next_after {
+            Some(after) => {
+                assert_eq!(Some(after), seen.last().copied());
+                query = query.after(after);
+            }
+            None => break,
+        }
+    }
+    let expected: Vec<u64> = (1..=30).filter(|s| (s - 1) % 3 != 0).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 3, "20 records in pages of 7");
+
+    // Exactly full last page: no empty page after it.
+    let first = log
+        .query(&AuditQuery::new().limit(15))
+        .await
+        .expect("query");
+    assert_eq!(first.next_after, Some(15));
+    let second = log
+        .query(&AuditQuery::new().limit(15).after(15))
+        .await
+        .expect("query");
+    assert_eq!(sequences(&second.records), (16..=30).collect::<Vec<_>>());
+    assert_eq!(second.next_after, None);
+    let beyond = log
+        .query(&AuditQuery::new().after(u64::MAX))
+        .await
+        .expect("query");
+    assert!(beyond.records.is_empty());
+    assert_eq!(beyond.next_after, None);
+}
+
+/// A limit of 0 means the default page; a limit above the maximum is cut
+/// to it.
+pub async fn page_size_is_clamped(log: Subject) {
+    let total = AuditQuery::MAX_LIMIT as usize + 5;
+    let writers: Vec<_> = (0..5)
+        .map(|w| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..total / 5 {
+                    log.append(entry(&format!("writer-{w}"), i as i64))
+                        .await
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer task");
+    }
+    let default = log.query(&AuditQuery::new()).await.expect("query");
+    assert_eq!(default.records.len(), AuditQuery::DEFAULT_LIMIT as usize);
+    assert_eq!(
+        default.next_after,
+        Some(u64::from(AuditQuery::DEFAULT_LIMIT))
+    );
+    let huge = log
+        .query(&AuditQuery::new().limit(u32::MAX))
+        .await
+        .expect("query");
+    assert_eq!(huge.records.len(), AuditQuery::MAX_LIMIT as usize);
+    assert_eq!(huge.next_after, Some(u64::from(AuditQuery::MAX_LIMIT)));
+    let rest = log
+        .query(&AuditQuery::new().limit(u32::MAX).after(1_000))
+        .await
+        .expect("query");
+    assert_eq!(
+        sequences(&rest.records),
+        (1_001..=1_005).collect::<Vec<_>>()
+    );
+    assert_eq!(rest.next_after, None);
+}
+
+/// Sixteen writers appending 25 records each at once leave sequences
+/// 1..=400 without gap or duplicate, and an intact chain.
+pub async fn concurrent_appends_never_fork(log: Subject) {
+    const TASKS: usize = 16;
+    const EACH: usize = 25;
+    let writers: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::with_capacity(EACH);
+                for i in 0..EACH {
+                    let record = log
+                        .append(entry(&format!("task-{t}"), i as i64))
+                        .await
+                        .expect("append");
+                    got.push(record.sequence);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut returned = BTreeSet::new();
+    for w in writers {
+        for sequence in w.await.expect("writer task") {
+            assert!(
+                returned.insert(sequence),
+                "sequence {sequence} returned twice"
+            );
+        }
+    }
+    let total = (TASKS * EACH) as u64;
+    assert_eq!(returned, (1..=total).collect::<BTreeSet<_>>());
+    let stored = all(log.as_ref()).await;
+    assert_eq!(sequences(&stored), (1..=total).collect::<Vec<_>>());
+    for pair in stored.windows(2) {
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+    }
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: total }
+    );
+    assert_eq!(log.head().await.expect("head").sequence, total);
+}
+
+/// Details above [`MAX_DETAILS_BYTES`] are refused with a typed error and
+/// nothing is written; details at the limit are stored.
+pub async fn oversized_details_are_refused(log: Subject) {
+    // `"` + n bytes + `"` is the document's compact size.
+    let sized = |n: usize| Value::String("x".repeat(n - 2));
+    let mut too_big = entry("alice", 0);
+    too_big.details = sized(MAX_DETAILS_BYTES + 1);
+    let err = log.append(too_big).await.expect_err("oversized details");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert_eq!(err.code(), "keel.invalid_input");
+    assert!(matches!(&err, Error::Invalid(i) if i.field == "details"));
+    assert!(all(log.as_ref()).await.is_empty(), "nothing was written");
+    assert_eq!(log.head().await.expect("head"), ChainHead::genesis());
+
+    let mut at_limit = entry("alice", 0);
+    at_limit.details = sized(MAX_DETAILS_BYTES);
+    let record = log.append(at_limit).await.expect("details at the limit");
+    assert_eq!(record.sequence, 1, "a refused append takes no sequence");
+    assert!(log.verify().await.expect("verify").is_intact());
+}
+
+/// Entries no store can keep are refused before anything is written,
+/// naming the field; the chain goes on afterwards without a gap.
+pub async fn bad_entries_are_refused(log: Subject) {
+    let long = "x".repeat(MAX_TEXT_BYTES + 1);
+    let cases: Vec<(AuditEntry, &str)> = vec![
+        (AuditEntry::new("", AuditOutcome::Accepted), "command_type"),
+        (
+            AuditEntry::new(long.clone(), AuditOutcome::Accepted),
+            "command_type",
+        ),
+        (entry("", 0), "principal"),
+        (entry("nul\0byte", 0), "principal"),
+        (entry("alice", 0).with_tenant(long.clone()), "tenant"),
+        (
+            entry("alice", 0).with_aggregate(AggregateRef::new("Order", "")),
+            "aggregate.id",
+        ),
+        (
+            AuditEntry::new(
+                "order.place",
+                AuditOutcome::Rejected {
+                    code: String::new(),
+                    reason: "no".into(),
+                },
+            ),
+            "outcome.code",
+        ),
+        (
+            AuditEntry::new(
+                "order.place",
+                AuditOutcome::Failed {
+                    code: "keel.\0".into(),
+                },
+            ),
+            "outcome.code",
+        ),
+        (
+            {
+                let mut e = entry("alice", 0);
+                e.event_types = vec!["ok".into(), String::new()];
+                e
+            },
+            "event_types",
+        ),
+        (
+            {
+                let mut e = entry("alice", 0);
+                e.details = json!({"key\u{0}": 1});
+                e
+            },
+            "details",
+        ),
+        (
+            entry("alice", 0).with_occurred_at(DateTime::<Utc>::MIN_UTC),
+            "occurred_at",
+        ),
+        (
+            entry("alice", 0).with_occurred_at(DateTime::<Utc>::MAX_UTC),
+            "occurred_at",
+        ),
+    ];
+    for (bad, field) in cases {
+        let shown = format!("{bad:?}");
+        assert_eq!(invalid_field(log.append(bad).await), field, "{shown}");
+    }
+    assert!(all(log.as_ref()).await.is_empty(), "nothing was written");
+    let record = log.append(entry("alice", 0)).await.expect("append");
+    assert_eq!(record.sequence, 1);
+    assert!(log.verify().await.expect("verify").is_intact());
+}
+
+fn keyed(s: &str) -> Value {
+    let mut map = serde_json::Map::new();
+    map.insert(s.to_owned(), Value::String(s.to_owned()));
+    Value::Object(map)
+}
+
+/// Strings that look like SQL, LIKE patterns or JSON paths are stored and
+/// matched as plain data.
+pub async fn injection_strings_are_stored_verbatim(log: Subject) {
+    let evil = [
+        "'; DROP TABLE keel.audit_log; --",
+        "%",
+        "_",
+        "alice' OR '1'='1",
+        "$1",
+        "\\x00",
+        "{\"$ne\": null}",
+    ];
+    for (i, s) in evil.iter().enumerate() {
+        let mut e = entry(s, i as i64)
+            .with_tenant(*s)
+            .with_aggregate(AggregateRef::new(*s, *s));
+        e.command_type = (*s).to_owned();
+        e.event_types = vec![(*s).to_owned()];
+        e.details = keyed(s);
+        e.outcome = AuditOutcome::Rejected {
+            code: (*s).to_owned(),
+            reason: (*s).to_owned(),
+        };
+        log.append(e).await.expect("append");
+    }
+    log.append(entry("alice", 99)).await.expect("append");
+    for (i, s) in evil.iter().enumerate() {
+        let by_principal = log
+            .query(&AuditQuery::new().principal(*s))
+            .await
+            .expect("query");
+        assert_eq!(sequences(&by_principal.records), vec![i as u64 + 1], "{s}");
+        let record = &by_principal.records[0];
+        assert_eq!(record.entry.command_type, *s);
+        assert_eq!(record.entry.details, keyed(s));
+        let by_aggregate = log
+            .query(&AuditQuery::new().aggregate(AggregateRef::new(*s, *s)))
+            .await
+            .expect("query");
+        assert_eq!(sequences(&by_aggregate.records), vec![i as u64 + 1], "{s}");
+    }
+    assert_eq!(all(log.as_ref()).await.len(), evil.len() + 1);
+    assert!(log.verify().await.expect("verify").is_intact());
+}
+
+/// Queries that cannot mean anything are refused with a typed error.
+pub async fn bad_queries_are_refused(log: Subject) {
+    log.append(entry("alice", 0)).await.expect("append");
+    let backwards = AuditQuery::new().between(Some(epoch()), Some(epoch() - Duration::seconds(1)));
+    let err = log.query(&backwards).await.expect_err("from after to");
+    assert!(
+        matches!(&err, Error::Invalid(i) if i.field == "to"),
+        "{err:?}"
+    );
+    let err = log
+        .query(&AuditQuery::new().principal("a\0b"))
+        .await
+        .expect_err("NUL in filter");
+    assert!(
+        matches!(&err, Error::Invalid(i) if i.field == "principal"),
+        "{err:?}"
+    );
+    // Extreme but meaningful bounds are fine.
+    let wide = AuditQuery::new().between(
+        Some(DateTime::<Utc>::MIN_UTC),
+        Some(DateTime::<Utc>::MAX_UTC),
+    );
+    assert_eq!(log.query(&wide).await.expect("query").records.len(), 1);
+}
+
+/// The head names the latest record; a copy of it verifies later, while a
+/// forged or too-far head does not.
+pub async fn head_anchors_the_chain(log: Subject) {
+    for i in 0..4 {
+        log.append(entry("alice", i)).await.expect("append");
+    }
+    let head = log.head().await.expect("head");
+    let stored = all(log.as_ref()).await;
+    assert_eq!(head.sequence, 4);
+    assert_eq!(head.hash, stored[3].hash);
+    log.append(entry("alice", 9)).await.expect("append");
+    assert!(log.verify_from(&head).await.expect("verify").is_intact());
+    assert!(
+        log.verify_from(&ChainHead::genesis())
+            .await
+            .expect("verify")
+            .is_intact()
+    );
+
+    let forged = ChainHead {
+        sequence: 2,
+        hash: stored[3].hash.clone(),
+    };
+    match log.verify_from(&forged).await.expect("verify") {
+        ChainVerification::Broken { sequence, reason } => {
+            assert_eq!(sequence, 2);
+            assert!(reason.starts_with("anchor mismatch"), "{reason}");
+        }
+        other => panic!("a forged anchor verified: {other:?}"),
+    }
+    let ahead = ChainHead {
+        sequence: 9,
+        hash: stored[3].hash.clone(),
+    };
+    match log.verify_from(&ahead).await.expect("verify") {
+        ChainVerification::Broken { sequence, reason } => {
+            assert_eq!(sequence, 6);
+            assert!(reason.starts_with("missing record"), "{reason}");
+        }
+        other => panic!("an anchor past the end verified: {other:?}"),
+    }
+}
+
+/// Runs every rule of the audit-log contract suite against the logs built
+/// by `factory` (a closure returning a future of
+/// `(Arc<dyn AuditHead>, guard)`), one `#[tokio::test]` per rule.
+#[macro_export]
+macro_rules! audit_contract_suite {
+    ($factory:expr) => {
+        ::keel_testkit::contract_tests! {
+            factory: $factory,
+            suite: keel_security::audit::testing,
+            tests: [
+                appends_chain_from_genesis,
+                every_field_round_trips,
+                details_survive_storage_and_rehash,
+                empty_log_verifies,
+                queries_filter_by_principal,
+                queries_filter_by_aggregate,
+                queries_filter_by_time_range,
+                pagination_walks_every_record,
+                page_size_is_clamped,
+                concurrent_appends_never_fork,
+                oversized_details_are_refused,
+                bad_entries_are_refused,
+                injection_strings_are_stored_verbatim,
+                bad_queries_are_refused,
+                head_anchors_the_chain,
+            ],
+        }
+    };
+}

@@ -1,0 +1,322 @@
+//! What only the PostgreSQL audit log can show: the database refusing to
+//! change or remove records, tampering done behind the store's back (as a
+//! superuser who switches the triggers off) and found by `verify`, server
+//! time, identical chains in both stores, and failures mapped onto Keel's
+//! error taxonomy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use keel_core::{
+    AggregateRef, AuditEntry, AuditLog, AuditOutcome, AuditQuery, AuditRecord, ChainVerification,
+    ManualClock,
+};
+use keel_security::audit::{AuditHead, InMemoryAuditLog, PgAuditLog, record_hash};
+use keel_testkit::TestDatabase;
+use serde_json::json;
+use sqlx::PgConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgPoolOptions, Postgres};
+
+async fn database() -> TestDatabase {
+    TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .expect("test database")
+}
+
+fn entry(i: u32) -> AuditEntry {
+    let mut e = AuditEntry::new("order.place", AuditOutcome::Accepted)
+        .with_principal(format!("user-{i}"))
+        .with_tenant("acme")
+        .with_aggregate(AggregateRef::new("Order", format!("o-{i}")));
+    e.details = json!({"n": i, "lines": [{"sku": "A", "qty": 2}]});
+    e
+}
+
+/// A log with five records.
+async fn five(db: &TestDatabase) -> (PgAuditLog, Vec<AuditRecord>) {
+    let log = PgAuditLog::new(db.pool().clone());
+    let mut records = Vec::new();
+    for i in 1..=5 {
+        records.push(log.append(entry(i)).await.unwrap());
+    }
+    (log, records)
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .map(|c| c.into_owned())
+}
+
+fn broken(v: ChainVerification) -> (u64, String) {
+    match v {
+        ChainVerification::Broken { sequence, reason } => (sequence, reason),
+        other => panic!("expected a broken chain, got {other:?}"),
+    }
+}
+
+/// A connection on which triggers do not fire, as a superuser (or anyone
+/// with the table's ownership) could arrange.
+async fn tamperer(db: &TestDatabase) -> PoolConnection<Postgres> {
+    let mut conn = db.pool().acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    conn
+}
+
+async fn run(conn: &mut PgConnection, sql: &str) -> u64 {
+    sqlx::query(sql)
+        .execute(conn)
+        .await
+        .unwrap()
+        .rows_affected()
+}
+
+#[tokio::test]
+async fn the_database_refuses_update_delete_and_truncate() {
+    let db = database().await;
+    let (log, before) = five(&db).await;
+    for sql in [
+        "UPDATE keel.audit_log SET principal = 'mallory' WHERE sequence = 3",
+        "UPDATE keel.audit_log SET details = '{}'",
+        "DELETE FROM keel.audit_log WHERE sequence = 5",
+        "DELETE FROM keel.audit_log",
+        "TRUNCATE keel.audit_log",
+        "TRUNCATE keel.audit_log CASCADE",
+        // The head cannot be rewound, removed, duplicated or moved to a
+        // record that does not follow it.
+        "UPDATE keel.audit_head SET sequence = 3",
+        "UPDATE keel.audit_head SET sequence = 6, hash = repeat('a', 64)",
+        "DELETE FROM keel.audit_head",
+        "INSERT INTO keel.audit_head (singleton, sequence, hash) VALUES (false, 0, repeat('0', 64))",
+        "TRUNCATE keel.audit_head",
+    ] {
+        let err = sqlx::query(sql).execute(db.pool()).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("KL003"), "{sql}: {err}");
+        // Through keel-database's classification it stays a typed error
+        // that names the SQLSTATE, not the statement.
+        let typed = keel_database::DatabaseError::from(err);
+        assert_eq!(typed.sqlstate(), Some("KL003"));
+        let core = keel_core::Error::from(typed);
+        assert!(!core.is_retryable());
+        let text = core.to_string();
+        assert!(text.contains("KL003") && !text.contains(sql), "{text}");
+    }
+    let after = log.query(&AuditQuery::new()).await.unwrap().records;
+    assert_eq!(after, before);
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 5 }
+    );
+}
+
+#[tokio::test]
+async fn a_changed_field_is_named_by_its_sequence() {
+    // Every column counts: an identity, the details document, the time.
+    let cases = [
+        (
+            "UPDATE keel.audit_log SET principal = 'mallory' WHERE sequence = 3",
+            3,
+        ),
+        (
+            r#"UPDATE keel.audit_log SET details = '{"n": 2, "lines": [{"sku": "A", "qty": 20}]}' WHERE sequence = 2"#,
+            2,
+        ),
+        (
+            "UPDATE keel.audit_log SET recorded_at = recorded_at + interval '1 microsecond' WHERE sequence = 4",
+            4,
+        ),
+        (
+            "UPDATE keel.audit_log SET outcome = 'failed', outcome_code = 'keel.internal' WHERE sequence = 1",
+            1,
+        ),
+    ];
+    for (sql, expected) in cases {
+        let db = database().await;
+        let (log, _) = five(&db).await;
+        let mut conn = tamperer(&db).await;
+        assert_eq!(
+            run(&mut conn, sql).await,
+            1,
+            "the trigger is off for the tamperer"
+        );
+        let (sequence, reason) = broken(log.verify().await.unwrap());
+        assert_eq!(sequence, expected, "{sql}");
+        assert!(reason.starts_with("content altered"), "{reason}");
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_record_is_named_as_the_gap() {
+    let db = database().await;
+    let (log, _) = five(&db).await;
+    let mut conn = tamperer(&db).await;
+    assert_eq!(
+        run(&mut conn, "DELETE FROM keel.audit_log WHERE sequence = 3").await,
+        1
+    );
+    let (sequence, reason) = broken(log.verify().await.unwrap());
+    assert_eq!(sequence, 3);
+    assert!(reason.starts_with("missing record"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_rehashed_record_breaks_the_next_link() {
+    let db = database().await;
+    let (log, records) = five(&db).await;
+    // The forger changes record 3 and gives it a correct hash of its own,
+    // but cannot rewrite what record 4 says about its predecessor without
+    // rewriting every record after it.
+    let mut forged = records[2].clone();
+    forged.entry.principal = Some("mallory".into());
+    let new_hash = record_hash(&forged);
+    let mut conn = tamperer(&db).await;
+    sqlx::query("UPDATE keel.audit_log SET principal = 'mallory', hash = $1 WHERE sequence = 3")
+        .bind(&new_hash)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (sequence, reason) = broken(log.verify().await.unwrap());
+    assert_eq!(sequence, 4);
+    assert!(reason.starts_with("link broken"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_cut_tail_is_found_through_the_head() {
+    let db = database().await;
+    let (log, _) = five(&db).await;
+    let anchored = log.head().await.unwrap();
+    assert_eq!(anchored.sequence, 5);
+
+    let mut conn = tamperer(&db).await;
+    run(&mut conn, "DELETE FROM keel.audit_log WHERE sequence = 5").await;
+    let (sequence, reason) = broken(log.verify().await.unwrap());
+    assert_eq!(sequence, 5);
+    assert!(reason.starts_with("missing record"), "{reason}");
+
+    // Rewinding the head as well hides the cut from the database alone...
+    let four = log
+        .query(&AuditQuery::new().after(3))
+        .await
+        .unwrap()
+        .records;
+    sqlx::query("UPDATE keel.audit_head SET sequence = 4, hash = $1")
+        .bind(&four[0].hash)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 4 }
+    );
+    // ...but not from a head kept outside it.
+    let (sequence, reason) = broken(log.verify_from(&anchored).await.unwrap());
+    assert_eq!(sequence, 5);
+    assert!(reason.starts_with("missing record"), "{reason}");
+}
+
+#[tokio::test]
+async fn recorded_at_is_server_time_and_never_goes_back() {
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    let now = || async {
+        sqlx::query_scalar::<_, DateTime<Utc>>("SELECT clock_timestamp()")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+    };
+    let before = now().await;
+    let record = log.append(entry(1)).await.unwrap();
+    let after = now().await;
+    assert!(before <= record.recorded_at && record.recorded_at <= after);
+
+    // Even if the server clock jumped back, the chain's times do not.
+    let mut conn = tamperer(&db).await;
+    run(
+        &mut conn,
+        "UPDATE keel.audit_head SET recorded_at = now() + interval '1 hour'",
+    )
+    .await;
+    let later = log.append(entry(2)).await.unwrap();
+    assert!(later.recorded_at > after + chrono::Duration::minutes(59));
+    // (the head's time is not part of any hash; the chain stays intact)
+    assert!(log.verify().await.unwrap().is_intact());
+}
+
+#[tokio::test]
+async fn both_stores_build_the_same_chain() {
+    let db = database().await;
+    let (pg, records) = five(&db).await;
+    let clock = Arc::new(ManualClock::at(records[0].recorded_at));
+    let memory = InMemoryAuditLog::new().with_clock(clock.clone());
+    for record in &records {
+        clock.set(record.recorded_at);
+        let twin = memory.append(record.entry.clone()).await.unwrap();
+        assert_eq!(&twin, record);
+    }
+    assert_eq!(pg.head().await.unwrap(), memory.head().await.unwrap());
+}
+
+#[tokio::test]
+async fn verify_reads_the_chain_in_pages() {
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    // More than one verification page (500 records), written concurrently.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..160 {
+                    log.append(entry(w * 1_000 + i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 640 }
+    );
+    let mut conn = tamperer(&db).await;
+    run(
+        &mut conn,
+        "UPDATE keel.audit_log SET tenant = 'other' WHERE sequence = 601",
+    )
+    .await;
+    assert_eq!(broken(log.verify().await.unwrap()).0, 601);
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_retryable_error() {
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://keel:secret-password@127.0.0.1:1/keel")
+        .unwrap();
+    let log = PgAuditLog::new(pool);
+    let err = log.append(entry(1)).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    let text = err.to_string();
+    assert!(!text.contains("secret-password"), "{text}");
+    assert!(!text.contains("SELECT"), "{text}");
+    let err = log.verify().await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_database_without_the_migration_is_an_internal_error() {
+    let db = database().await;
+    sqlx::query("DROP SCHEMA keel CASCADE")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let log = PgAuditLog::new(db.pool().clone());
+    let err = log.append(entry(1)).await.unwrap_err();
+    assert_eq!(err.kind(), keel_core::ErrorKind::Internal, "{err:?}");
+    assert!(!err.to_string().contains("SELECT"), "{err}");
+}
