@@ -141,7 +141,8 @@ impl EventHandler for StatementProjection {
 ///
 /// A failing store or bus, a message that does not arrive in time, or a
 /// broken invariant: an event applied twice or never, no retry or no dead
-/// letter where one was provoked, published ≠ handled + dead-lettered.
+/// letter where one was provoked, an event id neither handled nor
+/// dead-lettered.
 pub async fn run(services: &Services) -> Result {
     let store = services.event_store();
     let bus = services.event_bus().await?;
@@ -238,7 +239,7 @@ pub async fn run(services: &Services) -> Result {
     bus.port.publish(TOPIC, &[poison]).await?;
 
     wait_until("the duplicate and the poison message", || {
-        projection.tally(|t| t.duplicates == 1 && t.rejected == 1)
+        projection.tally(|t| t.duplicates >= 1 && t.rejected >= 1)
     })
     .await?;
     // Pub/Sub needs a moment to route a dead letter; poll the listing.
@@ -266,19 +267,32 @@ pub async fn run(services: &Services) -> Result {
     relay.stop().await?;
     bus.close().await;
 
-    // The checks: exactly once in effect, and nothing unaccounted for.
-    let published = stored_count + 2; // the relay's, the duplicate, the poison
+    // The checks: exactly once in effect, and nothing unaccounted for. The
+    // bus may deliver any message more than once, so the accounting is by
+    // event id, the identity consumers deduplicate on: every id published
+    // was either handled or dead-lettered, never both.
+    let mut published: HashSet<EventId> = stored.iter().map(|e| e.event_id).collect();
+    published.insert(poison_id);
+    let dead_ids: HashSet<EventId> = dead.iter().filter_map(|d| d.event_id()).collect();
     projection.tally(|t| {
         for (stream, balance) in &t.balances {
             info!(%stream, balance, "statement balance");
         }
+        info!(
+            published = published.len(),
+            handled = t.applied.len(),
+            dead_lettered = dead_ids.len(),
+            deliveries_acked = t.acked,
+            duplicates_skipped = t.duplicates,
+            "accounting"
+        );
         ensure(
             t.applied.len() as u64 == stored_count
                 && stored.iter().all(|e| t.applied.contains(&e.event_id)),
             "every stored event applied, each once",
         )?;
         ensure(
-            t.duplicates == 1,
+            t.duplicates >= 1,
             "the duplicate was recognised by its event id",
         )?;
         ensure(t.retries == 1, "the simulated outage asked for one retry")?;
@@ -288,15 +302,17 @@ pub async fn run(services: &Services) -> Result {
             "balances 700 and 1250",
         )?;
         ensure(
-            dead.len() == 1 && dead[0].event_id() == Some(poison_id),
+            dead.len() == 1 && dead_ids.contains(&poison_id),
             "the poison message, and only it, was dead-lettered",
         )?;
         ensure(
-            t.acked + dead.len() as u64 == published,
+            t.applied.is_disjoint(&dead_ids)
+                && t.applied.union(&dead_ids).copied().collect::<HashSet<_>>() == published,
             format!(
-                "published ({published}) = handled ({}) + dead-lettered ({})",
-                t.acked,
-                dead.len()
+                "published ({}) = handled ({}) + dead-lettered ({})",
+                published.len(),
+                t.applied.len(),
+                dead_ids.len()
             ),
         )
     })
