@@ -11,6 +11,7 @@ use std::time::Instant;
 use keel_examples::services::ENVIRONMENT;
 use keel_examples::{EXAMPLES, Example, Services};
 use keel_telemetry::TelemetryConfig;
+use tracing::Instrument as _;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -74,7 +75,9 @@ async fn main() -> ExitCode {
     for example in selected {
         println!("\n=== {}: {}", example.name, example.about);
         let started = Instant::now();
-        match (example.run)(&services).await {
+        // Every log line of the example carries its name.
+        let span = tracing::info_span!("example", name = example.name);
+        match (example.run)(&services).instrument(span).await {
             Ok(()) => println!("--- {} ok in {:.2?}", example.name, started.elapsed()),
             Err(e) => {
                 println!("--- {} FAILED: {e}", example.name);
