@@ -92,6 +92,20 @@
 //! are [`Secret<String>`](Secret) (re-exported from keel-telemetry), which
 //! prints and serializes as `[REDACTED]`.
 //!
+//! # Command pipeline
+//!
+//! [`pipeline`] holds the security layers of the command pipeline (see
+//! `keel_core::command` and the guide `docs/command-pipeline.md`):
+//! [`AuditLayer`](pipeline::AuditLayer) appends an audit record for every
+//! command, accepted or refused; [`AuthenticationLayer`](pipeline::AuthenticationLayer)
+//! turns the envelope's bearer token into its principal;
+//! [`AuthorizationLayer`](pipeline::AuthorizationLayer) asks the policy
+//! before the handler runs. [`CommandPipeline`](pipeline::CommandPipeline)
+//! stacks them once in a composition root; [`Guard`](pipeline::Guard)
+//! makes the same check inside an application service; with the `http`
+//! feature, `pipeline::BearerAuthLayer` authenticates HTTP and gRPC
+//! requests at the edge.
+//!
 //! More in the guide, `docs/security.md`.
 //!
 //! # Feature flags
@@ -99,6 +113,8 @@
 //! - `jwks` (default): [`JwksKeySource`], fetching key sets with reqwest
 //!   over rustls (ring provider, webpki roots; never OpenSSL). Without it,
 //!   verification uses fixed keys only and pulls in no HTTP client.
+//! - `http`: `pipeline::BearerAuthLayer`, a tower layer over
+//!   `http::Request` for axum and tonic servers (adds the `http` crate).
 //!
 //! Signature verification uses the pure-Rust RustCrypto backend of
 //! `jsonwebtoken`.
@@ -107,11 +123,12 @@ pub mod audit;
 mod authn;
 mod authz;
 mod error;
+pub mod pipeline;
 mod secrets;
 
-pub use audit::{AuditHead, ChainHead, InMemoryAuditLog};
 #[cfg(feature = "postgres")]
 pub use audit::PgAuditLog;
+pub use audit::{AuditHead, ChainHead, InMemoryAuditLog};
 pub use authn::{ClaimMapping, JwtConfig, JwtVerifier, KeySource, VerificationKey};
 #[cfg(feature = "jwks")]
 pub use authn::{JwksConfig, JwksKeySource};
