@@ -75,6 +75,8 @@
 mod aside;
 mod backend;
 mod error;
+#[cfg(feature = "redis")]
+mod health;
 mod invalidation;
 mod memory;
 #[cfg(feature = "redis")]
@@ -89,6 +91,8 @@ pub use aside::{
 };
 pub use backend::{Backend, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, Notice, Subscription};
 pub use error::{CacheError, Result};
+#[cfg(feature = "redis")]
+pub use health::{DEFAULT_REDIS_DEGRADED_AFTER, DEFAULT_REDIS_HEALTH_TIMEOUT, RedisReadiness};
 pub use invalidation::InvalidationHandler;
 pub use memory::{DEFAULT_MEMORY_CAPACITY_BYTES, MemoryCache};
 #[cfg(feature = "redis")]

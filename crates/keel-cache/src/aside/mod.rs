@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use keel_telemetry::KeelMetrics;
+use keel_telemetry::metrics::{CacheMetrics, CacheTier};
 use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -134,9 +136,19 @@ pub struct CacheAsideBuilder {
     backend: Arc<dyn Backend>,
     namespace: String,
     policy: Policy,
+    metrics: Option<KeelMetrics>,
 }
 
 impl CacheAsideBuilder {
+    /// Records hits and misses (`keel.cache.hits`, `keel.cache.misses`,
+    /// named after the namespace) through `metrics` instead of the
+    /// instruments of the global meter provider at
+    /// [`build`](Self::build) time.
+    pub fn metrics(mut self, metrics: KeelMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// How long values live (default 5 minutes).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.policy.ttl = Some(ttl);
@@ -277,6 +289,10 @@ impl CacheAsideBuilder {
     /// Must run within a Tokio runtime (it starts a listener task).
     pub async fn build(self) -> Result<CacheAside> {
         self.validate()?;
+        let metrics = self
+            .metrics
+            .unwrap_or_else(KeelMetrics::global)
+            .cache(&self.namespace);
         let local = self.policy.local.as_ref().map(|l| {
             moka::sync::Cache::builder()
                 .max_capacity(l.max_entries)
@@ -298,6 +314,7 @@ impl CacheAsideBuilder {
             local,
             flights: Flights::default(),
             counters: Counters::default(),
+            metrics,
             failing: AtomicBool::new(false),
             listener: OnceLock::new(),
         });
@@ -343,6 +360,8 @@ struct Inner {
     local: Option<moka::sync::Cache<String, Arc<[u8]>>>,
     flights: Flights,
     counters: Counters,
+    /// `keel.cache.hits` / `keel.cache.misses`, bound to the namespace.
+    metrics: CacheMetrics,
     /// Whether the last backend operation failed; logs only transitions at
     /// warn level so an outage does not flood the logs.
     failing: AtomicBool,
@@ -475,6 +494,23 @@ impl Inner {
             self.namespace,
             &data_key[self.namespace.len()..]
         )
+    }
+
+    /// Counts a hit, in the stats and in `keel.cache.hits`.
+    fn hit(&self, local: bool) {
+        bump(&self.counters.hits);
+        if local {
+            bump(&self.counters.local_hits);
+            self.metrics.hit(CacheTier::Local);
+        } else {
+            self.metrics.hit(CacheTier::Remote);
+        }
+    }
+
+    /// Counts a miss, in the stats and in `keel.cache.misses`.
+    fn missed(&self) {
+        bump(&self.counters.misses);
+        self.metrics.miss();
     }
 
     fn backend_ok(&self) {
@@ -735,6 +771,7 @@ impl CacheAside {
             backend,
             namespace: namespace.into(),
             policy: Policy::default(),
+            metrics: None,
         }
     }
 
@@ -768,21 +805,18 @@ impl CacheAside {
         let (envelope, local) = match inner.lookup(data_key).await {
             Lookup::Hit { envelope, local } => (envelope, local),
             Lookup::Missing | Lookup::Failed => {
-                bump(&inner.counters.misses);
+                inner.missed();
                 return None;
             }
         };
         match decode::<T>(&envelope) {
             Decoded::Invalid => {
-                bump(&inner.counters.misses);
+                inner.missed();
                 inner.discard(data_key).await;
                 None
             }
             decoded => {
-                bump(&inner.counters.hits);
-                if local {
-                    bump(&inner.counters.local_hits);
-                }
+                inner.hit(local);
                 Some(decoded)
             }
         }
@@ -862,10 +896,7 @@ impl CacheAside {
                 }
                 Decoded::NotFound if !accept_not_found => true,
                 decoded => {
-                    bump(&inner.counters.hits);
-                    if local {
-                        bump(&inner.counters.local_hits);
-                    }
+                    inner.hit(local);
                     return Ok(match decoded {
                         Decoded::Value(v) => Some(v),
                         _ => None,
@@ -875,7 +906,7 @@ impl CacheAside {
             Lookup::Missing => true,
             Lookup::Failed => false,
         };
-        bump(&inner.counters.misses);
+        inner.missed();
 
         let mut load = Some(load);
         loop {
