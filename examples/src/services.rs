@@ -214,6 +214,21 @@ impl Services {
     pub(crate) async fn event_bus(&self) -> Result<Bus> {
         match &self.pubsub_emulator {
             Some(host) => {
+                // The Pub/Sub client retries a refused connection for about
+                // half a minute before it gives up; a composition root that
+                // wants to fail fast on a wrong address checks it first.
+                let reachable = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(host.as_str()),
+                )
+                .await;
+                if !matches!(reachable, Ok(Ok(_))) {
+                    return Err(format!(
+                        "the Pub/Sub emulator at {host} ({}) does not answer",
+                        keel_eventbus::EMULATOR_HOST_VAR
+                    )
+                    .into());
+                }
                 let config = PubSubConfig::emulator(PUBSUB_PROJECT, host)?
                     .with_naming(Naming::with_prefix(format!("keel-examples-{}", self.run))?)
                     // Answer dead-letter listings quickly: the examples list
@@ -240,11 +255,13 @@ impl Services {
     pub(crate) async fn cache_backend(&self) -> Result<Arc<dyn Backend>> {
         match &self.redis_url {
             Some(url) => {
+                // The URL may hold a password: name the variable, not the URL.
                 let redis = RedisCache::connect(
                     RedisConfig::new(url.clone())
                         .key_prefix(format!("keel-examples:{}:", self.run)),
                 )
-                .await?;
+                .await
+                .map_err(|e| format!("Redis ({REDIS_URL_VAR}) does not answer: {e}"))?;
                 Ok(Arc::new(redis))
             }
             None => Ok(Arc::new(MemoryCache::new())),

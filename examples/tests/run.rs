@@ -190,3 +190,40 @@ mod real_services {
         real.database.close().await;
     }
 }
+
+/// A service that is configured but unreachable fails the example with an
+/// error naming it; the run never falls back to memory or hangs.
+mod misconfigured {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    async fn fails_quickly(name: &str, services: Services, mentions: &str) {
+        let example = keel_examples::find(name).expect("registered");
+        let started = Instant::now();
+        let outcome = (example.run)(&services).await;
+        let error = outcome.expect_err("an unreachable service must fail the example");
+        assert!(
+            error.to_string().contains(mentions),
+            "the error should mention {mentions:?}: {error}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "failing took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_redis_fails_the_cache_example() {
+        // Port 1 on loopback: nothing listens there.
+        let services = Services::in_memory().with_redis("redis://127.0.0.1:1");
+        fails_quickly("cache", services, "REDIS_URL").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_emulator_fails_the_publishing_example() {
+        let services = Services::in_memory().with_pubsub_emulator("127.0.0.1:1");
+        fails_quickly("publishing", services, "PUBSUB_EMULATOR_HOST").await;
+    }
+}
