@@ -76,7 +76,7 @@ async fn main() -> ExitCode {
         println!("\n=== {}: {}", example.name, example.about);
         let started = Instant::now();
         // Every log line of the example carries its name.
-        let span = tracing::info_span!("example", name = example.name);
+        let span = tracing::info_span!("example", example = example.name);
         match (example.run)(&services).instrument(span).await {
             Ok(()) => println!("--- {} ok in {:.2?}", example.name, started.elapsed()),
             Err(e) => {
