@@ -1,5 +1,5 @@
-//! Authentication, authorization and secrets for Keel services (a
-//! tamper-evident audit log follows).
+//! Authentication, authorization, secrets and a tamper-evident audit log
+//! for Keel services.
 //!
 //! Services use this crate at their edge (HTTP, gRPC, message consumers) to
 //! turn a bearer token into a [`Principal`]: who is calling, for which
@@ -106,6 +106,16 @@
 //! feature, `pipeline::BearerAuthLayer` authenticates HTTP and gRPC
 //! requests at the edge.
 //!
+//! # Audit log
+//!
+//! [`audit`] implements `keel_core::AuditLog`: an append-only log whose
+//! records are chained by SHA-256, so `verify` names the first record
+//! that was changed or removed. `audit::PgAuditLog` (feature `postgres`)
+//! keeps it in `keel.audit_log`, which the database refuses to update,
+//! delete or truncate; [`InMemoryAuditLog`] behaves the same in memory.
+//! [`AuditHead`] reads the chain's head so an operator can keep a copy
+//! outside the database and later prove nothing was cut from the end.
+//!
 //! More in the guide, `docs/security.md`.
 //!
 //! # Feature flags
@@ -113,6 +123,11 @@
 //! - `jwks` (default): [`JwksKeySource`], fetching key sets with reqwest
 //!   over rustls (ring provider, webpki roots; never OpenSSL). Without it,
 //!   verification uses fixed keys only and pulls in no HTTP client.
+//! - `postgres` (default): `audit::PgAuditLog`, the audit log on
+//!   PostgreSQL (sqlx and keel-database). Without it, only the in-memory
+//!   audit log is built and no database driver is pulled in.
+//! - `testing`: `audit::testing`, the contract suite for implementations
+//!   of `keel_core::AuditLog`, and the `audit_contract_suite!` macro.
 //! - `http`: `pipeline::BearerAuthLayer`, a tower layer over
 //!   `http::Request` for axum and tonic servers (adds the `http` crate).
 //!
