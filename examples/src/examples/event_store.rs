@@ -117,10 +117,9 @@ pub async fn run(services: &Services) -> Result {
     let teller_a_metadata = opening.clone().with_actor("teller:a");
     let teller_b_metadata = opening.clone().with_actor("teller:b");
     accounts.save(&mut teller_a, &teller_a_metadata).await?;
-    let lost = accounts
-        .save(&mut teller_b, &teller_b_metadata)
-        .await
-        .expect_err("the second save from version 7 must conflict");
+    let Err(lost) = accounts.save(&mut teller_b, &teller_b_metadata).await else {
+        return Err("the second save from version 7 was accepted: a lost update".into());
+    };
     let conflict = lost
         .as_conflict()
         .ok_or_else(|| format!("expected a version conflict, got {lost}"))?;

@@ -302,7 +302,7 @@ pub async fn run(services: &Services) -> Result {
             "balances 700 and 1250",
         )?;
         ensure(
-            dead.len() == 1 && dead_ids.contains(&poison_id),
+            dead_ids == HashSet::from([poison_id]),
             "the poison message, and only it, was dead-lettered",
         )?;
         ensure(

@@ -124,10 +124,9 @@ pub async fn run(services: &Services) -> Result {
     let mut rename = ada.entity.clone();
     rename.name = "Ada L.".into();
     customers.update(upgrade, ada.version).await?;
-    let lost = customers
-        .update(rename.clone(), ada.version)
-        .await
-        .expect_err("a write from a stale version must conflict");
+    let Err(lost) = customers.update(rename, ada.version).await else {
+        return Err("a write from a stale version was accepted: a lost update".into());
+    };
     let conflict = lost
         .as_conflict()
         .ok_or_else(|| format!("expected a conflict, got {lost}"))?;

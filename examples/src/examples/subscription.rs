@@ -166,8 +166,13 @@ pub async fn run(services: &Services) -> Result {
     subscription.stop().await?;
     let checkpoint = store.load_checkpoint(&name).await?;
     info!(checkpoint = ?checkpoint, "stopped");
+    let last_applied = projector
+        .model
+        .lock()
+        .map_err(|_| "read model lock poisoned")?
+        .last_applied;
     ensure(
-        checkpoint.is_some() && checkpoint == projector.model.lock().unwrap().last_applied,
+        checkpoint.is_some() && checkpoint == last_applied,
         "the checkpoint is the last applied position",
     )?;
 
