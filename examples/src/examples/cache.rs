@@ -7,21 +7,23 @@
 //! repository), whose answer is cached, including "not found" for a short
 //! while. Writers invalidate what they made stale, directly or through an
 //! [`InvalidationHandler`] subscribed to their events. A burst of misses for
-//! one key runs the loader once. And a cache never takes the service down:
-//! if Redis fails, reads fall back to the loader.
+//! one key runs the loader once. An optional in-process tier saves the round
+//! trip for hot keys and is kept coherent across replicas. And a cache never
+//! takes the service down: if Redis fails, reads fall back to the loader.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::join_all;
-use keel_cache::{CacheAside, InvalidationHandler};
+use keel_cache::{Backend, CacheAside, InvalidationHandler};
 use keel_core::{Delivery, EntityRepository, EventHandler, Message};
 use serde_json::json;
 use tracing::info;
 use uuid::Uuid;
 
 use crate::examples::repository::{Customer, customers};
+use crate::examples::within;
 use crate::{Result, Services, ensure};
 
 /// The read the cache sits in front of, counting how often it really runs.
@@ -68,7 +70,10 @@ pub async fn run(services: &Services) -> Result {
         repository: repository.clone(),
         loads: Arc::default(),
     };
-    let cache = CacheAside::builder_shared(services.cache_backend().await?, "customers")
+    // One backend (one Redis connection) per service; one CacheAside per
+    // kind of data, each with its own policy.
+    let backend = services.cache_backend().await?;
+    let cache = CacheAside::builder_shared(backend.clone(), "customers")
         .ttl(Duration::from_secs(300))
         .negative_ttl(Duration::from_secs(30))
         .build()
@@ -115,7 +120,7 @@ pub async fn run(services: &Services) -> Result {
         .await?;
     let fresh = customer(&cache, &reads, id).await?;
     ensure(
-        fresh.is_some_and(|c| c.tier == 3) && reads.loads() == 3,
+        fresh.as_ref().is_some_and(|c| c.tier == 3) && reads.loads() == 3,
         "after invalidation the next read loads the new tier",
     )?;
 
@@ -139,6 +144,8 @@ pub async fn run(services: &Services) -> Result {
         format!("50 concurrent misses load once, not {stampede_loads} times"),
     )?;
 
+    two_tier_replicas(backend, &fresh.ok_or("the customer vanished")?).await?;
+
     let stats = cache.stats();
     info!(
         hits = stats.hits,
@@ -152,5 +159,47 @@ pub async fn run(services: &Services) -> Result {
         stats.loads == reads.loads() && stats.errors == 0,
         "the cache's counters agree with the loader's, and the backend never failed",
     )?;
+    Ok(())
+}
+
+/// Two replicas of a service, each with a small in-process tier in front of
+/// the shared backend. A hit in the local tier costs no round trip; a write
+/// by one replica is broadcast over the backend's channel and evicts the
+/// other's local copy, so local copies stay coherent (within their short
+/// TTL if a broadcast is ever lost).
+async fn two_tier_replicas(backend: Arc<dyn Backend>, customer: &Customer) -> Result {
+    let replica = || {
+        CacheAside::builder_shared(backend.clone(), "profiles")
+            .ttl(Duration::from_secs(300))
+            .local_tier(Duration::from_secs(5), 1_000)
+            .build()
+    };
+    let (a, b) = (replica().await?, replica().await?);
+    let key = customer.id.to_string();
+
+    a.set(&key, customer).await?;
+    let seen: Option<Customer> = b.get(&key).await?; // from the backend, kept locally
+    let again: Option<Customer> = b.get(&key).await?; // from b's local tier
+    ensure(
+        seen.as_ref() == Some(customer) && again == seen && b.stats().local_hits >= 1,
+        "replica b serves the second read from its local tier",
+    )?;
+
+    let mut renamed = customer.clone();
+    renamed.name = "Renamed by replica a".into();
+    a.set(&key, &renamed).await?;
+    within("replica b to see replica a's write", async {
+        loop {
+            if b.get::<Customer>(&key).await?.as_ref() == Some(&renamed) {
+                return Ok::<_, keel_cache::CacheError>(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await??;
+    info!(
+        local_hits = b.stats().local_hits,
+        "replica b's local copy was evicted by a's write"
+    );
     Ok(())
 }
