@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use crate::error::{CommandError, Result};
 use crate::event::{DomainEvent, Metadata};
-use crate::id::StreamId;
+use crate::id::{EventId, StreamId};
 use crate::version::Version;
 
 /// A consistency boundary: state rebuilt from its events, and a decision
@@ -87,6 +87,7 @@ pub struct AggregateRoot<A: Aggregate> {
     version: Version,
     state: A,
     pending: Vec<A::Event>,
+    pending_ids: Vec<EventId>,
 }
 
 impl<A: Aggregate> AggregateRoot<A> {
@@ -97,6 +98,7 @@ impl<A: Aggregate> AggregateRoot<A> {
             version: Version::INITIAL,
             state: A::default(),
             pending: Vec::new(),
+            pending_ids: Vec::new(),
         }
     }
 
@@ -107,6 +109,7 @@ impl<A: Aggregate> AggregateRoot<A> {
             version,
             state,
             pending: Vec::new(),
+            pending_ids: Vec::new(),
         }
     }
 
@@ -130,14 +133,25 @@ impl<A: Aggregate> AggregateRoot<A> {
         &self.pending
     }
 
+    /// The ids the pending events will be stored under, one per pending
+    /// event. They are fixed when the event is recorded, so saving the same
+    /// root again after an unclear failure (a timeout, a dropped connection)
+    /// is an idempotent retry rather than a second copy or a conflict.
+    pub fn pending_event_ids(&self) -> &[EventId] {
+        &self.pending_ids
+    }
+
     /// Handles a command: on success the new events are applied to the state
-    /// and queued for saving, and a copy of them is returned.
+    /// and queued for saving (each with a new [`EventId`]), and a copy of
+    /// them is returned.
     pub fn execute(&mut self, command: A::Command) -> std::result::Result<Vec<A::Event>, A::Error> {
         let events = self.state.handle(command)?;
         for e in &events {
             self.state.apply(e);
         }
         self.pending.extend(events.iter().cloned());
+        self.pending_ids
+            .extend(events.iter().map(|_| EventId::new()));
         Ok(events)
     }
 
@@ -149,12 +163,14 @@ impl<A: Aggregate> AggregateRoot<A> {
 
     /// Takes the pending events out, leaving none; used by repositories.
     pub fn take_pending(&mut self) -> Vec<A::Event> {
+        self.pending_ids.clear();
         std::mem::take(&mut self.pending)
     }
 
     /// Records that the pending events were stored at `version`.
     pub fn mark_saved(&mut self, version: Version) {
         self.pending.clear();
+        self.pending_ids.clear();
         self.version = version;
     }
 }

@@ -226,10 +226,15 @@ where
             return Ok(root.version());
         }
         let stream = A::stream_id(root.id())?;
+        // The ids were fixed when the events were recorded: saving this root
+        // again after an unclear failure is an idempotent retry.
         let events = root
             .pending()
             .iter()
-            .map(|e| NewEvent::from_domain(e).map(|n| n.with_metadata(metadata.clone())))
+            .zip(root.pending_event_ids())
+            .map(|(e, id)| {
+                NewEvent::from_domain(e).map(|n| n.with_id(*id).with_metadata(metadata.clone()))
+            })
             .collect::<crate::Result<Vec<_>>>()?;
         let before = root.version();
         let written = self

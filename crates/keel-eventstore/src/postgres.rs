@@ -24,6 +24,10 @@ pub const NOTIFY_CHANNEL: &str = "keel_events";
 
 const EVENT_ID_CONSTRAINT: &str = "events_event_id_key";
 
+/// Opens the transaction a global-log batch is read in (see `read_all`).
+const ORDERED_READ: &str =
+    "BEGIN READ ONLY; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off";
+
 const COLUMNS: &str = "commit, position, event_id, stream_id, version, event_type, \
                        schema_version, payload::text, metadata::text, recorded_at";
 
@@ -322,23 +326,13 @@ async fn call_append_function(
     notify: bool,
 ) -> std::result::Result<PgRow, CallError> {
     let (mode, version) = expected_args(expected);
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut schemas = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    let mut metadata = Vec::with_capacity(events.len());
-    for e in events {
-        ids.push(*e.event_id().as_uuid());
-        types.push(e.event_type());
-        schemas.push(i32::try_from(e.schema_version()).unwrap_or(i32::MAX));
-        payloads.push(e.payload_json());
-        metadata.push(serde_json::to_string(e.metadata()).map_err(|source| {
-            EventStoreError::Serialize {
-                event_type: e.event_type().to_owned(),
-                source,
-            }
-        })?);
-    }
+    let EventColumns {
+        ids,
+        types,
+        schemas,
+        payloads,
+        metadata,
+    } = EventColumns::new(events)?;
     sqlx::query(
         "SELECT outcome, actual_version, first_version, positions, commits, conflicting_event_id \
          FROM keel.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -362,6 +356,146 @@ async fn call_append_function(
             CallError::Other(e.into())
         }
     })
+}
+
+/// The common path of an autocommit append, in one statement: move the
+/// stream's head (only if the expectation holds) and insert the events, both
+/// or neither.
+///
+/// Returns `None` when the statement wrote nothing because the expectation
+/// did not hold or an event id is stored already. Those are the rare paths
+/// (a conflict, an idempotent retry, a reused id) and `keel.append_events`
+/// sorts them out. Because the statement is its own transaction, a unique
+/// violation on an event id leaves nothing behind.
+async fn fast_append(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<Option<AppendResult>> {
+    // $1 stream, $2..$6 the event columns, $7 the batch size, $8 the
+    // expected version (exact mode only).
+    const INSERT_EVENTS: &str = "
+        ins AS (
+            INSERT INTO keel.events
+                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+            SELECT n.event_id, $1, s.prev + n.ord, n.event_type, n.schema_version,
+                   n.payload::json, n.metadata::json
+            FROM s, unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                    WITH ORDINALITY AS n(event_id, event_type, schema_version, payload, metadata, ord)
+            RETURNING position, commit, version
+        )
+        SELECT (SELECT prev FROM s),
+               array_agg(position ORDER BY version),
+               array_agg(commit ORDER BY version)
+        FROM ins";
+    static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        [
+            // any: create the stream or move its head, whatever it is
+            format!(
+                "WITH s AS (INSERT INTO keel.streams AS t (stream_id, version) VALUES ($1, $7) \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = t.version + EXCLUDED.version \
+                 RETURNING t.version - $7 AS prev), {INSERT_EVENTS}"
+            ),
+            // no stream: create it, or write nothing if it exists
+            format!(
+                "WITH s AS (INSERT INTO keel.streams (stream_id, version) VALUES ($1, $7) \
+                 ON CONFLICT (stream_id) DO NOTHING RETURNING 0::int8 AS prev), {INSERT_EVENTS}"
+            ),
+            // stream exists: move its head, or write nothing if it is absent
+            format!(
+                "WITH s AS (UPDATE keel.streams SET version = version + $7 WHERE stream_id = $1 \
+                 RETURNING version - $7 AS prev), {INSERT_EVENTS}"
+            ),
+            // exact: move the head only from the expected version
+            format!(
+                "WITH s AS (UPDATE keel.streams SET version = version + $7 \
+                 WHERE stream_id = $1 AND version = $8 RETURNING version - $7 AS prev), \
+                 {INSERT_EVENTS}"
+            ),
+        ]
+    });
+    let (mode, expected_at) = expected_args(expected);
+    let variant = match (mode, expected_at) {
+        (0, _) => 0,
+        (1, _) | (3, 0) => 1,
+        (2, _) => 2,
+        _ => 3,
+    };
+    let columns = EventColumns::new(events)?;
+    let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
+    let mut query = sqlx::query(&sql[variant])
+        .bind(stream.as_str())
+        .bind(&columns.ids)
+        .bind(&columns.types)
+        .bind(&columns.schemas)
+        .bind(&columns.payloads)
+        .bind(&columns.metadata)
+        .bind(count);
+    if variant == 3 {
+        query = query.bind(expected_at);
+    }
+    let row = match query.fetch_one(&mut *conn).await {
+        Ok(row) => row,
+        Err(e) if is_event_id_violation(&e) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(prev) = row.try_get::<Option<i64>, _>(0)? else {
+        return Ok(None);
+    };
+    let positions: Vec<i64> = row.try_get(1)?;
+    let commits: Vec<i64> = row.try_get(2)?;
+    let positions = commits
+        .iter()
+        .zip(&positions)
+        .map(|(&c, &p)| Ok(Position::new(to_u64(c, "commit")?, to_u64(p, "position")?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(AppendResult {
+        stream_id: stream.clone(),
+        first_version: Version::new(to_u64(prev + 1, "version")?),
+        next_expected_version: Version::new(to_u64(prev + count, "version")?),
+        positions,
+        was_retry: false,
+    }))
+}
+
+/// A batch of events as the column arrays the append statements take.
+struct EventColumns<'a> {
+    ids: Vec<uuid::Uuid>,
+    types: Vec<&'a str>,
+    schemas: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<String>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn new(events: &'a [NewEvent]) -> Result<Self> {
+        let mut columns = Self {
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            schemas: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            metadata: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            columns.ids.push(*e.event_id().as_uuid());
+            columns.types.push(e.event_type());
+            columns
+                .schemas
+                .push(i32::try_from(e.schema_version()).unwrap_or(i32::MAX));
+            columns.payloads.push(e.payload_json());
+            columns
+                .metadata
+                .push(serde_json::to_string(e.metadata()).map_err(|source| {
+                    EventStoreError::Serialize {
+                        event_type: e.event_type().to_owned(),
+                        source,
+                    }
+                })?);
+        }
+        Ok(columns)
+    }
 }
 
 fn interpret(
@@ -449,7 +583,12 @@ impl Appender for PostgresEventStore {
     ) -> Result<AppendResult> {
         validate_batch(expected, &events, self.config.max_payload_bytes)?;
         let mut conn = self.pool.acquire().await?;
-        let result = append_once(&mut conn, stream, expected, &events, false, true).await?;
+        let result = match fast_append(&mut conn, stream, expected, &events).await? {
+            Some(result) => result,
+            // A conflict, a retry or a reused id: let the full procedure
+            // tell which (it is slower, and only runs on these paths).
+            None => append_once(&mut conn, stream, expected, &events, false, true).await?,
+        };
         if !result.was_retry {
             self.committed();
         }
@@ -545,14 +684,24 @@ impl GlobalLog for PostgresEventStore {
             let mut settled = false;
             while remaining > 0 {
                 let take = remaining.min(batch);
+                // Each batch must be an ordered index scan that stops at the
+                // limit. Left to itself the planner has been seen choosing a
+                // bitmap scan of the whole rest of the log plus a sort (on
+                // disk) for every batch, whenever its row estimate was off: a
+                // cached generic plan cannot see which filters are unused, and
+                // a freshly filled table has no statistics. So each batch runs
+                // in a short read-only transaction that rules sorts and bitmap
+                // scans out, with a plan made for the actual values.
+                let mut tx = self.pool.begin_with(ORDERED_READ).await?;
                 let mut rows = sqlx::query(&self.global_sql)
+                    .persistent(false)
                     .bind(after.0)
                     .bind(after.1)
                     .bind(options.category.as_deref())
                     .bind(options.stream_prefix.as_deref())
                     .bind(options.event_types.as_deref())
                     .bind(take)
-                    .fetch(&self.pool);
+                    .fetch(&mut *tx);
                 let mut n = 0i64;
                 while let Some(row) = rows.try_next().await? {
                     n += 1;
@@ -560,6 +709,8 @@ impl GlobalLog for PostgresEventStore {
                     after = (e.position.commit as i64, e.position.sequence as i64);
                     yield e;
                 }
+                drop(rows);
+                tx.commit().await?;
                 remaining -= n;
                 if n < take {
                     if settled {

@@ -1358,4 +1358,33 @@ pub async fn aggregate_repository_round_trip<S: Subject>(store: S) {
             .contains(r#"no upcaster for event type "tally.added" from schema version 2 to 3"#),
         "{err}"
     );
+    // A save whose first attempt committed but whose answer was lost (a
+    // timeout, a dropped connection) is retried: the pending events keep
+    // their ids, so the retry returns the stored result instead of a conflict
+    // or a second copy.
+    let mut retried = repo.load(&1).await.unwrap().unwrap();
+    retried.execute(2).unwrap();
+    let ids = retried.pending_event_ids().to_vec();
+    assert_eq!(ids.len(), 1);
+    store
+        .append(
+            &sid("Tally-1"),
+            ExpectedVersion::Exact(Version::new(5)),
+            vec![
+                NewEvent::from_domain(&retried.pending()[0])
+                    .unwrap()
+                    .with_id(ids[0])
+                    .with_metadata(meta.clone()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        repo.save(&mut retried, &meta).await.unwrap(),
+        Version::new(6)
+    );
+    assert!(retried.pending().is_empty() && retried.pending_event_ids().is_empty());
+    let stored = stream_of(&*store, &sid("Tally-1"), ReadStream::forward()).await;
+    assert_eq!(stored.len(), 6, "the retry stored nothing twice");
+    assert_eq!(stored[5].event_id, ids[0]);
 }
