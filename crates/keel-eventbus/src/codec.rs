@@ -115,6 +115,16 @@ impl RawMessage {
         self
     }
 
+    /// Sets the trace-context attributes.
+    fn set_trace_context(&mut self, tc: &TraceContext) {
+        self.attributes
+            .insert(TRACEPARENT.to_owned(), tc.traceparent().to_owned());
+        if let Some(state) = tc.tracestate() {
+            self.attributes
+                .insert(TRACESTATE.to_owned(), state.to_owned());
+        }
+    }
+
     /// Encodes a Keel message.
     pub fn encode(message: &Message) -> Result<Self> {
         let bad = |reason: String| EventBusError::Encode {
@@ -300,6 +310,27 @@ impl RawMessage {
             .insert(DEAD_LETTER_SUBSCRIPTION.to_owned(), subscription.to_owned());
         copy
     }
+}
+
+/// Encodes a batch for publishing. A message without a trace context gets
+/// the current span's (looked up once per batch, and only when needed), so
+/// the consumer's span continues the producer's trace without the caller
+/// writing it. Messages that carry one (relayed from an outbox) keep it.
+pub(crate) fn encode_batch(messages: &[Message]) -> Result<Vec<RawMessage>> {
+    let mut current: Option<Option<TraceContext>> = None;
+    messages
+        .iter()
+        .map(|m| {
+            let mut raw = RawMessage::encode(m)?;
+            if m.metadata.trace_context.is_none()
+                && let Some(tc) =
+                    current.get_or_insert_with(keel_telemetry::propagation::current_trace_context)
+            {
+                raw.set_trace_context(tc);
+            }
+            Ok(raw)
+        })
+        .collect()
 }
 
 #[cfg(test)]

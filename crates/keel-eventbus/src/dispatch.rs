@@ -1,10 +1,12 @@
 //! Running a handler on one delivery, the same way on every backend.
 
 use std::panic::AssertUnwindSafe;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use keel_core::{Delivery, EventHandler, HandlerError};
+use keel_telemetry::KeelMetrics;
+use keel_telemetry::metrics::{DeadLetterReason, HandleOutcome};
 
 use crate::codec::RawMessage;
 
@@ -32,24 +34,69 @@ impl Outcome {
     }
 }
 
-/// Decodes `raw`, runs the handler (catching panics, enforcing the timeout)
-/// and says what to do next.
+/// Where a handler's outcome is recorded, and after how many attempts a
+/// failure counts as a dead letter rather than a nack.
+pub(crate) struct Recorder<'a> {
+    pub(crate) metrics: &'a KeelMetrics,
+    pub(crate) max_attempts: u32,
+}
+
+impl Recorder<'_> {
+    /// Records the standard bus metrics for one delivery: ack, nack (a
+    /// retry before the last attempt), or dead letter (rejected, malformed,
+    /// or failed on the last attempt), and the handler's duration when it
+    /// ran.
+    fn record(&self, subscription: &str, attempt: u32, ran: Option<Duration>, outcome: &Outcome) {
+        let m = self.metrics;
+        match outcome {
+            Outcome::Ack => {
+                if let Some(d) = ran {
+                    m.record_handled(subscription, d, HandleOutcome::Ack);
+                }
+            }
+            Outcome::Retry(_) if attempt >= self.max_attempts => {
+                if let Some(d) = ran {
+                    m.record_handled(subscription, d, HandleOutcome::RetriesExhausted);
+                }
+                m.record_dead_letter(subscription, DeadLetterReason::AttemptsExhausted);
+            }
+            Outcome::Retry(_) => {
+                if let Some(d) = ran {
+                    m.record_handled(subscription, d, HandleOutcome::Retry);
+                }
+            }
+            Outcome::DeadLetter(_) => {
+                if let Some(d) = ran {
+                    m.record_handled(subscription, d, HandleOutcome::Reject);
+                }
+                m.record_dead_letter(subscription, DeadLetterReason::Rejected);
+            }
+        }
+    }
+}
+
+/// Decodes `raw`, runs the handler (catching panics, enforcing the timeout),
+/// records the outcome through `recorder` and says what to do next.
 pub(crate) async fn invoke(
     handler: &dyn EventHandler,
     raw: &RawMessage,
     attempt: u32,
     subscription: &str,
     timeout: Option<Duration>,
+    recorder: &Recorder<'_>,
 ) -> Outcome {
     let message = match raw.decode() {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(subscription, error = %e, "dead-lettering a malformed message");
-            return Outcome::DeadLetter(e.to_string());
+            let outcome = Outcome::DeadLetter(e.to_string());
+            recorder.record(subscription, attempt, None, &outcome);
+            return outcome;
         }
     };
     let event_id = message.event_id;
     let delivery = Delivery::new(message, attempt, subscription);
+    let started = Instant::now();
     let run = AssertUnwindSafe(handler.handle(&delivery)).catch_unwind();
     let result = match timeout {
         Some(limit) => match tokio::time::timeout(limit, run).await {
@@ -73,6 +120,7 @@ pub(crate) async fn invoke(
             Outcome::Retry(format!("handler panicked: {what}"))
         }
     };
+    recorder.record(subscription, attempt, Some(started.elapsed()), &outcome);
     match &outcome {
         Outcome::Ack => {}
         Outcome::Retry(reason) => {

@@ -119,5 +119,8 @@ pub use error::{EventBusError, Result};
 pub use memory::InMemoryBus;
 pub use naming::Naming;
 #[cfg(feature = "pubsub")]
-pub use pubsub::{EMULATOR_HOST_VAR, PubSubBus, PubSubConfig};
+pub use pubsub::{
+    DEFAULT_PUBSUB_DEGRADED_AFTER, DEFAULT_PUBSUB_HEALTH_TIMEOUT, EMULATOR_HOST_VAR, PubSubBus,
+    PubSubConfig, PubSubReadiness,
+};
 pub use router::{EventRouter, TypedHandler};

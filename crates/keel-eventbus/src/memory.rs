@@ -6,14 +6,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use keel_core::{EventHandler, EventId, EventPublisher, Message};
+use keel_telemetry::KeelMetrics;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::bus::{DeadLetter, EventBus, StopSignal, Subscription};
-use crate::codec::RawMessage;
+use crate::codec::{RawMessage, encode_batch};
 use crate::config::SubscriptionConfig;
-use crate::dispatch::{Outcome, invoke};
+use crate::dispatch::{Outcome, Recorder, invoke};
 use crate::error::{EventBusError, Result};
 use crate::naming::Naming;
 
@@ -45,6 +46,7 @@ pub struct InMemoryBus {
     broker: Arc<Broker>,
     naming: Naming,
     auto_create: bool,
+    metrics: KeelMetrics,
 }
 
 impl Default for InMemoryBus {
@@ -249,13 +251,28 @@ fn lock(broker: &Broker) -> MutexGuard<'_, State> {
 }
 
 impl InMemoryBus {
-    /// An empty bus that creates topics and subscriptions on first use.
+    /// An empty bus that creates topics and subscriptions on first use. It
+    /// records the standard bus metrics through the global meter provider's
+    /// instruments as they are now (build it after `keel_telemetry::init`),
+    /// or through those given to [`with_metrics`](Self::with_metrics).
     #[must_use]
     pub fn new() -> Self {
         Self {
             broker: Arc::new(Broker::default()),
             naming: Naming::new(),
             auto_create: true,
+            metrics: KeelMetrics::global(),
+        }
+    }
+
+    /// The same broker, recording publishes, acks, nacks, dead letters and
+    /// handler durations through `metrics` (for publishes from this handle
+    /// and subscriptions started from it).
+    #[must_use]
+    pub fn with_metrics(&self, metrics: KeelMetrics) -> Self {
+        Self {
+            metrics,
+            ..self.clone()
         }
     }
 
@@ -304,12 +321,20 @@ impl InMemoryBus {
     }
 
     fn publish_encoded(&self, topic: &str, messages: &[RawMessage]) -> Result<()> {
-        let name = self.topic_name(topic)?;
-        let mut state = lock(&self.broker);
-        for m in messages {
-            state.publish(&name, m);
-        }
-        Ok(())
+        let started = Instant::now();
+        let result = self.topic_name(topic).map(|name| {
+            let mut state = lock(&self.broker);
+            for m in messages {
+                state.publish(&name, m);
+            }
+        });
+        self.metrics.record_publish(
+            topic,
+            messages.len() as u64,
+            started.elapsed(),
+            result.is_ok(),
+        );
+        result
     }
 }
 
@@ -318,10 +343,7 @@ impl EventPublisher for InMemoryBus {
     async fn publish(&self, topic: &str, messages: &[Message]) -> keel_core::Result<()> {
         // Encode everything first: a batch with one bad message publishes
         // nothing.
-        let raw = messages
-            .iter()
-            .map(RawMessage::encode)
-            .collect::<Result<Vec<_>>>()?;
+        let raw = encode_batch(messages)?;
         self.publish_encoded(topic, &raw)?;
         Ok(())
     }
@@ -418,8 +440,9 @@ impl EventBus for InMemoryBus {
         };
         let broker = self.broker.clone();
         let config = config.clone();
+        let metrics = self.metrics.clone();
         Ok(Subscription::start(name.clone(), move |stop| {
-            run(broker, name, config, handler, notify, stop)
+            run(broker, name, config, handler, notify, metrics, stop)
         }))
     }
 
@@ -485,6 +508,7 @@ async fn run(
     config: SubscriptionConfig,
     handler: Arc<dyn EventHandler>,
     notify: Arc<Notify>,
+    metrics: KeelMetrics,
     mut stop: StopSignal,
 ) {
     let mut running = JoinSet::new();
@@ -515,8 +539,14 @@ async fn run(
                 let handler = handler.clone();
                 let name = name.clone();
                 let timeout = config.handler_timeout_duration();
+                let metrics = metrics.clone();
+                let max_attempts = config.delivery_attempts();
                 running.spawn(async move {
-                    let outcome = invoke(&*handler, &raw, attempt, &name, timeout).await;
+                    let recorder = Recorder {
+                        metrics: &metrics,
+                        max_attempts,
+                    };
+                    let outcome = invoke(&*handler, &raw, attempt, &name, timeout, &recorder).await;
                     guard.complete(outcome);
                 });
             }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod dead_letters;
+mod health;
 mod worker;
 
 use std::collections::{HashMap, HashSet};
@@ -17,7 +18,11 @@ use google_cloud_pubsub::client::{
 use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message as PsMessage;
 use keel_core::{EventHandler, EventId, EventPublisher, Message};
+use keel_telemetry::KeelMetrics;
 
+pub use self::health::{
+    DEFAULT_PUBSUB_DEGRADED_AFTER, DEFAULT_PUBSUB_HEALTH_TIMEOUT, PubSubReadiness,
+};
 use crate::bus::{DeadLetter, EventBus, Subscription};
 use crate::codec::RawMessage;
 use crate::config::SubscriptionConfig;
@@ -181,6 +186,7 @@ pub struct PubSubBus {
     inner: Arc<Inner>,
     naming: Naming,
     auto_create: bool,
+    metrics: KeelMetrics,
 }
 
 struct Inner {
@@ -249,6 +255,7 @@ impl PubSubBus {
         Ok(Self {
             naming: config.naming.clone(),
             auto_create: config.auto_create,
+            metrics: KeelMetrics::global(),
             inner: Arc::new(Inner {
                 config,
                 topics,
@@ -267,6 +274,17 @@ impl PubSubBus {
     pub fn with_auto_create(&self, on: bool) -> Self {
         Self {
             auto_create: on,
+            ..self.clone()
+        }
+    }
+
+    /// The same connections, recording publishes, acks, nacks, dead letters
+    /// and handler durations through `metrics` instead of the global meter
+    /// provider's instruments taken at [`connect`](Self::connect).
+    #[must_use]
+    pub fn with_metrics(&self, metrics: KeelMetrics) -> Self {
+        Self {
+            metrics,
             ..self.clone()
         }
     }
@@ -378,6 +396,15 @@ impl PubSubBus {
     }
 
     async fn publish_owned(&self, topic: &str, messages: Vec<RawMessage>) -> Result<()> {
+        let count = messages.len() as u64;
+        let started = std::time::Instant::now();
+        let result = self.publish_unrecorded(topic, messages).await;
+        self.metrics
+            .record_publish(topic, count, started.elapsed(), result.is_ok());
+        result
+    }
+
+    async fn publish_unrecorded(&self, topic: &str, messages: Vec<RawMessage>) -> Result<()> {
         let name = self.naming.topic(topic)?;
         let path = self.topic_path(&name);
         if self.auto_create && !lock(&self.inner.known_topics).contains(&path) {
@@ -458,10 +485,7 @@ pub(crate) async fn publish_to(
 #[async_trait]
 impl EventPublisher for PubSubBus {
     async fn publish(&self, topic: &str, messages: &[Message]) -> keel_core::Result<()> {
-        let raw = messages
-            .iter()
-            .map(RawMessage::encode)
-            .collect::<Result<Vec<_>>>()?;
+        let raw = crate::codec::encode_batch(messages)?;
         self.publish_owned(topic, raw).await?;
         Ok(())
     }
@@ -554,6 +578,7 @@ impl EventBus for PubSubBus {
             dead_letter_publisher: self.publisher(&dlq_topic),
             config: config.clone(),
             handler,
+            metrics: self.metrics.clone(),
         };
         Ok(Subscription::start(sub_name, move |stop| {
             worker::run(Arc::new(ctx), stop)

@@ -9,13 +9,14 @@ use google_cloud_pubsub::model::Message as PsMessage;
 use google_cloud_pubsub::subscriber::handler::Handler;
 use google_cloud_pubsub::subscriber::{MessageStream, ShutdownBehavior};
 use keel_core::EventHandler;
+use keel_telemetry::KeelMetrics;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{from_pubsub, publish_to};
 use crate::bus::StopSignal;
 use crate::config::SubscriptionConfig;
-use crate::dispatch::{Outcome, invoke};
+use crate::dispatch::{Outcome, Recorder, invoke};
 
 const MIN_RECONNECT: Duration = Duration::from_millis(100);
 const MAX_RECONNECT: Duration = Duration::from_secs(10);
@@ -30,6 +31,7 @@ pub(super) struct Context {
     pub(super) dead_letter_publisher: Publisher,
     pub(super) config: SubscriptionConfig,
     pub(super) handler: Arc<dyn EventHandler>,
+    pub(super) metrics: KeelMetrics,
 }
 
 impl Context {
@@ -231,6 +233,10 @@ async fn process(ctx: Arc<Context>, m: PsMessage, h: Handler, key: Option<String
         .and_then(|a| u32::try_from(a).ok())
         .filter(|a| *a > 0)
         .unwrap_or(1);
+    let recorder = Recorder {
+        metrics: &ctx.metrics,
+        max_attempts: ctx.config.delivery_attempts(),
+    };
     let outcome = loop {
         let outcome = invoke(
             &*ctx.handler,
@@ -238,6 +244,7 @@ async fn process(ctx: Arc<Context>, m: PsMessage, h: Handler, key: Option<String
             attempt,
             &ctx.subscription_name,
             ctx.config.handler_timeout_duration(),
+            &recorder,
         )
         .await
         .with_limit(attempt, ctx.config.delivery_attempts());
