@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_core::{EventId, EventPublisher, Message, Metadata};
+use keel_telemetry::KeelMetrics;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Notify, watch};
@@ -50,6 +51,10 @@ pub struct RelayConfig {
     pub retention: Duration,
     /// How often a running relay prunes. Default 1 min.
     pub prune_interval: Duration,
+    /// How often a running relay samples the backlog into
+    /// `keel.outbox.lag` and `keel.outbox.pending` (one aggregate query
+    /// over the unpublished rows). Default 15 s.
+    pub metrics_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -64,6 +69,7 @@ impl Default for RelayConfig {
             retry_max: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
+            metrics_interval: Duration::from_secs(15),
         }
     }
 }
@@ -126,6 +132,13 @@ impl RelayConfig {
         self
     }
 
+    /// Sets [`metrics_interval`](Self::metrics_interval).
+    #[must_use]
+    pub fn with_metrics_interval(mut self, d: Duration) -> Self {
+        self.metrics_interval = d;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, reason: &str| Err(OutboxError::invalid(field, reason));
         if !(1..=10_000).contains(&self.batch_size) {
@@ -145,6 +158,9 @@ impl RelayConfig {
         }
         if self.prune_interval.is_zero() {
             return bad("prune_interval", "must be positive");
+        }
+        if self.metrics_interval.is_zero() {
+            return bad("metrics_interval", "must be positive");
         }
         if i64::try_from(self.retention.as_micros()).is_err() {
             return bad("retention", "is too long");
@@ -213,6 +229,7 @@ pub struct Relay {
     pool: PgPool,
     publisher: Arc<dyn EventPublisher>,
     config: RelayConfig,
+    metrics: KeelMetrics,
 }
 
 impl fmt::Debug for Relay {
@@ -341,7 +358,37 @@ impl Relay {
             pool,
             publisher,
             config,
+            metrics: KeelMetrics::global(),
         })
+    }
+
+    /// Records `keel.outbox.lag` and `keel.outbox.pending` through
+    /// `metrics` instead of the global meter provider's instruments taken
+    /// in [`new`](Self::new).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: KeelMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Reads the backlog ([`OutboxStats::load`]) and records it as
+    /// `keel.outbox.lag` (age of the oldest unpublished row, zero when there
+    /// is none) and `keel.outbox.pending`, under this relay's name. A
+    /// running relay does this every
+    /// [`metrics_interval`](RelayConfig::metrics_interval); relays sharing
+    /// an outbox all report the same backlog.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Database`] when PostgreSQL fails.
+    pub async fn record_metrics(&self) -> Result<OutboxStats> {
+        let stats = OutboxStats::load(&self.pool).await?;
+        self.metrics.record_outbox(
+            &self.config.name,
+            stats.oldest_pending_age.unwrap_or_default(),
+            stats.pending,
+        );
+        Ok(stats)
     }
 
     /// The relay's configuration.
@@ -575,6 +622,7 @@ impl Relay {
         ));
         let mut shutdown = std::pin::pin!(shutdown);
         let mut next_prune = Instant::now();
+        let mut next_sample = Instant::now();
         let mut errors: u32 = 0;
         info!(relay = %self.config.name, "outbox relay started");
 
@@ -591,6 +639,12 @@ impl Relay {
                     }
                 }
                 next_prune = Instant::now() + self.config.prune_interval;
+            }
+            if Instant::now() >= next_sample {
+                if let Err(e) = self.record_metrics().await {
+                    debug!(relay = %self.config.name, error = %e, "sampling the outbox backlog failed");
+                }
+                next_sample = Instant::now() + self.config.metrics_interval;
             }
 
             let pause = match self.relay_once().await {

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use keel_core::{Aggregate, Message};
+use keel_core::{Aggregate, Message, TraceContext};
 use sqlx::PgConnection;
 
 use crate::error::{OutboxError, Result};
@@ -247,6 +247,10 @@ impl OutboxWriter {
     fn prepare(&self, messages: &[OutboxMessage]) -> Result<Rows> {
         let mut rows = Rows::with_capacity(messages.len());
         let mut seen = HashSet::with_capacity(messages.len());
+        // The current span's trace context, looked up once and only if a
+        // message lacks one: the relay publishes it with the message, so the
+        // consumer continues the trace of the request that wrote it.
+        let mut current: Option<Option<TraceContext>> = None;
         for m in messages {
             check_name("topic", &m.topic)?;
             check_name("aggregate_type", &m.aggregate_type)?;
@@ -275,7 +279,14 @@ impl OutboxWriter {
                     "contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store",
                 ));
             }
-            let metadata = serde_json::to_string(&m.message.metadata)
+            let traced = match &m.message.metadata.trace_context {
+                Some(_) => None,
+                None => current
+                    .get_or_insert_with(keel_telemetry::propagation::current_trace_context)
+                    .clone()
+                    .map(|tc| m.message.metadata.clone().with_trace_context(tc)),
+            };
+            let metadata = serde_json::to_string(traced.as_ref().unwrap_or(&m.message.metadata))
                 .map_err(|e| OutboxError::invalid("metadata", e.to_string()))?;
             if metadata.contains("\\u0000") {
                 return Err(OutboxError::invalid(
