@@ -49,7 +49,8 @@ pub struct PostgresEventStore {
 /// `NOTIFY` takes a cluster-wide lock at commit that is held through the
 /// commit's WAL flush, so notifying inside every append serialises all
 /// committers. Instead a background task notifies after the appends have
-/// committed, coalescing bursts into one notification.
+/// committed, coalescing bursts into one notification (at most one per
+/// [`NOTIFY_SPACING`]).
 #[derive(Debug, Default)]
 struct Notifier {
     wake: tokio::sync::Notify,
@@ -65,7 +66,13 @@ async fn notify_loop(pool: PgPool, notifier: Weak<Notifier>) {
             .is_ok();
         drop(n);
         if woke
-            && let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+            // The notification needs no durability of its own (a lost one
+            // costs a subscription one polling interval), so its transaction
+            // commits asynchronously: it never waits for a WAL flush and
+            // never queues behind the writers' commits.
+            && let Err(error) = sqlx::query(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
+            )
                 .bind(NOTIFY_CHANNEL)
                 .execute(&pool)
                 .await
@@ -73,8 +80,19 @@ async fn notify_loop(pool: PgPool, notifier: Weak<Notifier>) {
             // Subscriptions fall back to polling; nothing is lost.
             tracing::debug!(%error, "could not send the append notification");
         }
+        if woke {
+            // Appends committed meanwhile leave one pending wake-up, answered
+            // by one notification after the pause: under a steady stream of
+            // appends the store sends at most one per pause, not one each.
+            tokio::time::sleep(NOTIFY_SPACING).await;
+        }
     }
 }
+
+/// The shortest time between two append notifications from one store. It
+/// bounds the extra delay a subscription sees and the server work
+/// notifications cost under heavy writing.
+const NOTIFY_SPACING: Duration = Duration::from_millis(5);
 
 impl PostgresEventStore {
     /// A store on `pool` with default settings.
@@ -375,7 +393,10 @@ async fn fast_append(
 ) -> Result<Option<AppendResult>> {
     // $1 stream, $2..$6 the event columns, $7 the batch size, $8 the
     // expected version (exact mode only).
-    const INSERT_EVENTS: &str = "
+    // A batch arrives as column arrays and is inserted with UNNEST; a single
+    // event (the most common append) as plain values, which spares the
+    // server the array decoding and the set-returning function.
+    const INSERT_BATCH: &str = "
         ins AS (
             INSERT INTO keel.events
                 (event_id, stream_id, version, event_type, schema_version, payload, metadata)
@@ -389,32 +410,43 @@ async fn fast_append(
                array_agg(position ORDER BY version),
                array_agg(commit ORDER BY version)
         FROM ins";
-    static SQL: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
+    const INSERT_ONE: &str = "
+        ins AS (
+            INSERT INTO keel.events
+                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+            SELECT $2::uuid, $1, s.prev + 1, $3::text, $4::int4, $5::text::json, $6::text::json
+            FROM s
+            RETURNING position, commit, version
+        )
+        SELECT (SELECT prev FROM s), array_agg(position), array_agg(commit) FROM ins";
+    static SQL: std::sync::OnceLock<[[String; 4]; 2]> = std::sync::OnceLock::new();
     let sql = SQL.get_or_init(|| {
-        [
-            // any: create the stream or move its head, whatever it is
-            format!(
-                "WITH s AS (INSERT INTO keel.streams AS t (stream_id, version) VALUES ($1, $7) \
-                 ON CONFLICT (stream_id) DO UPDATE SET version = t.version + EXCLUDED.version \
-                 RETURNING t.version - $7 AS prev), {INSERT_EVENTS}"
-            ),
-            // no stream: create it, or write nothing if it exists
-            format!(
-                "WITH s AS (INSERT INTO keel.streams (stream_id, version) VALUES ($1, $7) \
-                 ON CONFLICT (stream_id) DO NOTHING RETURNING 0::int8 AS prev), {INSERT_EVENTS}"
-            ),
-            // stream exists: move its head, or write nothing if it is absent
-            format!(
-                "WITH s AS (UPDATE keel.streams SET version = version + $7 WHERE stream_id = $1 \
-                 RETURNING version - $7 AS prev), {INSERT_EVENTS}"
-            ),
-            // exact: move the head only from the expected version
-            format!(
-                "WITH s AS (UPDATE keel.streams SET version = version + $7 \
-                 WHERE stream_id = $1 AND version = $8 RETURNING version - $7 AS prev), \
-                 {INSERT_EVENTS}"
-            ),
-        ]
+        [INSERT_BATCH, INSERT_ONE].map(|insert| {
+            [
+                // any: create the stream or move its head, whatever it is
+                format!(
+                    "WITH s AS (INSERT INTO keel.streams AS t (stream_id, version) VALUES ($1, $7) \
+                     ON CONFLICT (stream_id) DO UPDATE SET version = t.version + EXCLUDED.version \
+                     RETURNING t.version - $7 AS prev), {insert}"
+                ),
+                // no stream: create it, or write nothing if it exists
+                format!(
+                    "WITH s AS (INSERT INTO keel.streams (stream_id, version) VALUES ($1, $7) \
+                     ON CONFLICT (stream_id) DO NOTHING RETURNING 0::int8 AS prev), {insert}"
+                ),
+                // stream exists: move its head, or write nothing if it is absent
+                format!(
+                    "WITH s AS (UPDATE keel.streams SET version = version + $7 \
+                     WHERE stream_id = $1 RETURNING version - $7 AS prev), {insert}"
+                ),
+                // exact: move the head only from the expected version
+                format!(
+                    "WITH s AS (UPDATE keel.streams SET version = version + $7 \
+                     WHERE stream_id = $1 AND version = $8 RETURNING version - $7 AS prev), \
+                     {insert}"
+                ),
+            ]
+        })
     });
     let (mode, expected_at) = expected_args(expected);
     let variant = match (mode, expected_at) {
@@ -423,16 +455,35 @@ async fn fast_append(
         (2, _) => 2,
         _ => 3,
     };
-    let columns = EventColumns::new(events)?;
     let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
-    let mut query = sqlx::query(&sql[variant])
-        .bind(stream.as_str())
-        .bind(&columns.ids)
-        .bind(&columns.types)
-        .bind(&columns.schemas)
-        .bind(&columns.payloads)
-        .bind(&columns.metadata)
-        .bind(count);
+    let one_metadata;
+    let columns;
+    let mut query = if let [event] = events {
+        one_metadata = serde_json::to_string(event.metadata()).map_err(|source| {
+            EventStoreError::Serialize {
+                event_type: event.event_type().to_owned(),
+                source,
+            }
+        })?;
+        sqlx::query(&sql[1][variant])
+            .bind(stream.as_str())
+            .bind(*event.event_id().as_uuid())
+            .bind(event.event_type())
+            .bind(i32::try_from(event.schema_version()).unwrap_or(i32::MAX))
+            .bind(event.payload_json())
+            .bind(one_metadata.as_str())
+            .bind(count)
+    } else {
+        columns = EventColumns::new(events)?;
+        sqlx::query(&sql[0][variant])
+            .bind(stream.as_str())
+            .bind(&columns.ids)
+            .bind(&columns.types)
+            .bind(&columns.schemas)
+            .bind(&columns.payloads)
+            .bind(&columns.metadata)
+            .bind(count)
+    };
     if variant == 3 {
         query = query.bind(expected_at);
     }

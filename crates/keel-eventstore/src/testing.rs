@@ -252,6 +252,47 @@ pub async fn expected_version_modes<S: Subject>(store: S) {
     assert_eq!(all.len(), 5, "refused appends wrote nothing");
     let converted: keel_core::Error = e.into();
     assert_eq!(converted.code(), "keel.conflict.version");
+
+    // The same rules hold for batches, which stores may write differently.
+    let b = sid("Modes-3");
+    let batch = |from: u64| (from..from + 3).map(ev).collect::<Vec<_>>();
+    let refused = store
+        .append(&b, ExpectedVersion::StreamExists, batch(0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflict(&refused),
+        (ExpectedVersion::StreamExists, Version::INITIAL)
+    );
+    let mut version = 0;
+    for (expected, from) in [
+        (ExpectedVersion::NoStream, 1),
+        (ExpectedVersion::Exact(Version::new(3)), 4),
+        (ExpectedVersion::StreamExists, 7),
+        (ExpectedVersion::Any, 10),
+    ] {
+        let r = store.append(&b, expected, batch(from)).await.unwrap();
+        assert_eq!(r.first_version, Version::new(version + 1), "{expected:?}");
+        version += 3;
+        assert_eq!(
+            r.next_expected_version,
+            Version::new(version),
+            "{expected:?}"
+        );
+        assert_eq!(r.positions.len(), 3);
+        assert!(r.positions.windows(2).all(|w| w[0] < w[1]));
+    }
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exact(Version::new(9)),
+    ] {
+        let e = store.append(&b, expected, batch(0)).await.unwrap_err();
+        assert_eq!(conflict(&e), (expected, Version::new(12)));
+    }
+    assert_eq!(
+        numbers(&stream_of(&store, &b, ReadStream::forward()).await),
+        (1..=12).collect::<Vec<_>>()
+    );
 }
 
 /// Many tasks append with the same expectation at once: exactly one wins
