@@ -105,6 +105,8 @@ impl HealthCheck for DatabaseReadiness {
             }
             Ok(Err(e)) => HealthReport::unhealthy(latency, e.to_string()),
             Ok(Ok(1)) => {
+                // A probe is a natural moment to refresh the pool gauges.
+                self.db.record_pool_metrics();
                 let stats = self.db.stats();
                 if latency > self.degraded_after {
                     HealthReport::degraded(latency, format!("slow: answered in {latency:?}"))

@@ -91,7 +91,7 @@ pub use error::{
 pub use health::{
     DEFAULT_DEGRADED_AFTER, DEFAULT_HEALTH_TIMEOUT, DatabaseLiveness, DatabaseReadiness,
 };
-pub use pool::{Database, PoolStats, TransactionFuture};
+pub use pool::{DEFAULT_POOL_METRICS_INTERVAL, Database, PoolStats, TransactionFuture};
 pub use retry::{RetryPolicy, TransactionError};
 pub use uow::{IsolationLevel, TransactionOptions, UnitOfWork};
 

@@ -1,9 +1,11 @@
 //! The database handle: pool, units of work, statistics.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
+
+use keel_telemetry::KeelMetrics;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
@@ -53,6 +55,39 @@ struct Inner {
     acquire_timeouts: AtomicU64,
     acquire_wait_nanos: AtomicU64,
     acquire_wait_max_nanos: AtomicU64,
+    metrics: RwLock<KeelMetrics>,
+    pool_name: String,
+    metrics_interval_ms: AtomicU64,
+}
+
+/// The pool name in metrics when the configuration sets no
+/// `application_name`.
+const DEFAULT_POOL_NAME: &str = "keel";
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How often a pool records `keel.db.pool.size` and `keel.db.pool.idle`,
+/// unless changed with [`Database::set_pool_metrics_interval`].
+pub const DEFAULT_POOL_METRICS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Samples the pool's size and idle count until the pool is dropped or
+/// closed.
+async fn sample_pool(inner: Weak<Inner>) {
+    loop {
+        let interval = match inner.upgrade() {
+            Some(inner) if !inner.pool.is_closed() => {
+                Database {
+                    inner: inner.clone(),
+                }
+                .record_pool_metrics();
+                Duration::from_millis(inner.metrics_interval_ms.load(Ordering::Relaxed))
+            }
+            _ => return,
+        };
+        tokio::time::sleep(interval).await;
+    }
 }
 
 impl fmt::Debug for Database {
@@ -150,16 +185,69 @@ impl Database {
             // failing the caller's first statement.
             .test_before_acquire(true)
             .connect_lazy_with(config.connect_options().clone());
-        Self {
-            inner: Arc::new(Inner {
-                pool,
-                config,
-                acquires: AtomicU64::new(0),
-                acquire_timeouts: AtomicU64::new(0),
-                acquire_wait_nanos: AtomicU64::new(0),
-                acquire_wait_max_nanos: AtomicU64::new(0),
-            }),
-        }
+        let pool_name = config
+            .application_name()
+            .unwrap_or(DEFAULT_POOL_NAME)
+            .to_owned();
+        let inner = Arc::new(Inner {
+            pool,
+            config,
+            acquires: AtomicU64::new(0),
+            acquire_timeouts: AtomicU64::new(0),
+            acquire_wait_nanos: AtomicU64::new(0),
+            acquire_wait_max_nanos: AtomicU64::new(0),
+            metrics: RwLock::new(KeelMetrics::global()),
+            pool_name,
+            metrics_interval_ms: AtomicU64::new(millis(DEFAULT_POOL_METRICS_INTERVAL)),
+        });
+        tokio::spawn(sample_pool(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// Records the pool metrics through `metrics` from now on, instead of
+    /// the global meter provider's instruments taken when the pool was
+    /// built. Affects every clone of this `Database`.
+    ///
+    /// The pool records `keel.db.pool.size` and `keel.db.pool.idle` every
+    /// [`DEFAULT_POOL_METRICS_INTERVAL`] (from a background task that ends
+    /// with the pool), and `keel.db.pool.wait.duration` on every
+    /// acquisition through this handle; all under
+    /// `db.client.connection.pool.name` = the configured
+    /// `application_name`, else `keel`.
+    pub fn set_metrics(&self, metrics: KeelMetrics) {
+        *self
+            .inner
+            .metrics
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = metrics;
+        self.record_pool_metrics();
+    }
+
+    /// How often the background task samples the pool's size (at least
+    /// 10 ms). The sleep in progress finishes first.
+    pub fn set_pool_metrics_interval(&self, interval: Duration) {
+        self.inner
+            .metrics_interval_ms
+            .store(millis(interval).max(10), Ordering::Relaxed);
+    }
+
+    /// Records the pool's size and idle connections now
+    /// (`keel.db.pool.size`, `keel.db.pool.idle`).
+    pub fn record_pool_metrics(&self) {
+        let stats = self.stats();
+        self.metrics().record_pool(
+            &self.inner.pool_name,
+            u64::from(stats.size),
+            u64::from(stats.idle),
+        );
+    }
+
+    fn metrics(&self) -> KeelMetrics {
+        self.inner
+            .metrics
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The underlying `sqlx` pool, for queries outside a unit of work.
@@ -288,6 +376,11 @@ impl Database {
         if matches!(result, Err(sqlx::Error::PoolTimedOut)) {
             self.inner.acquire_timeouts.fetch_add(1, Ordering::Relaxed);
         }
+        self.inner
+            .metrics
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record_pool_wait(&self.inner.pool_name, waited);
     }
 
     /// Runs `work` in a read-committed unit of work and commits it; see
