@@ -320,3 +320,79 @@ async fn a_database_without_the_migration_is_an_internal_error() {
     assert_eq!(err.kind(), keel_core::ErrorKind::Internal, "{err:?}");
     assert!(!err.to_string().contains("SELECT"), "{err}");
 }
+
+/// Holds the head row's lock from another transaction until released.
+async fn hold_head(db: &TestDatabase) -> sqlx::Transaction<'static, Postgres> {
+    let mut tx = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM keel.audit_head FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+#[tokio::test]
+async fn appends_queued_behind_a_transaction_share_the_next_one() {
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    let blocker = hold_head(&db).await;
+    let writers: Vec<_> = (0..20)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(entry(i)).await.unwrap() })
+        })
+        .collect();
+    // The first writer's transaction waits for the lock; the others queue.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    blocker.rollback().await.unwrap();
+    let mut records = Vec::new();
+    for w in writers {
+        records.push(w.await.unwrap());
+    }
+    let mut sequences: Vec<u64> = records.iter().map(|r| r.sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=20).collect::<Vec<_>>());
+    // One transaction for the first entry, one for the nineteen behind it
+    // (each transaction stamps its records with one server time).
+    let transactions: std::collections::BTreeSet<_> =
+        records.iter().map(|r| r.recorded_at).collect();
+    assert!(
+        transactions.len() <= 3,
+        "{} transactions",
+        transactions.len()
+    );
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 20 }
+    );
+}
+
+#[tokio::test]
+async fn an_abandoned_append_is_still_written() {
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    let blocker = hold_head(&db).await;
+    let caller = {
+        let log = log.clone();
+        tokio::spawn(async move { log.append(entry(1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    blocker.rollback().await.unwrap();
+    // The transaction runs on its own task and commits without the caller.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = log.query(&AuditQuery::new()).await.unwrap();
+        if page.records.len() == 1 {
+            assert_eq!(page.records[0].entry.principal.as_deref(), Some("user-1"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(log.verify().await.unwrap().is_intact());
+}

@@ -1,5 +1,7 @@
 //! The PostgreSQL audit log (`keel.audit_log`, `keel.audit_head`).
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_core::{
@@ -10,6 +12,8 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use sqlx::types::Uuid;
 use sqlx::{PgPool, QueryBuilder, Row};
+use tokio::sync::oneshot;
+use tokio::sync::oneshot::error::TryRecvError;
 
 use super::chain::{self, ChainHead, ChainWalk};
 use super::{AuditHead, Filters};
@@ -22,12 +26,27 @@ const COLUMNS: &str = "sequence, occurred_at, recorded_at, principal, tenant, co
 /// 64 KiB limit on details, at most a few tens of MiB in memory at once.
 const VERIFY_PAGE: i64 = 500;
 
+/// The locked head: sequence, hash, its `recorded_at`, and the server's
+/// clock.
+type HeadRow = (i64, String, Option<DateTime<Utc>>, DateTime<Utc>);
+
+/// The most records one append transaction writes.
+const MAX_BATCH: usize = 100;
+
 /// An [`AuditLog`] in PostgreSQL.
 ///
 /// Appends lock the one row of `keel.audit_head`, read the previous hash
 /// and the server's clock, compute the new record's hash in Rust and write
 /// the record and the new head in the same transaction, so sequences are
 /// gapless and the chain never forks, however many writers append at once.
+///
+/// Because that lock is held until the commit, appends through one
+/// `PgAuditLog` (and its clones) are grouped: while one transaction is
+/// being written, further entries queue up, and the next transaction
+/// writes all of them (up to 100) under one lock and one commit. Each
+/// caller still gets its own record back once its transaction committed.
+/// The write runs on its own task, so a caller that gives up waiting does
+/// not abort a transaction that holds other callers' entries.
 /// `recorded_at` is the server's `clock_timestamp()` taken under the lock
 /// (never earlier than the previous record's), so it is monotonic along
 /// the chain. The tables come from Keel's migrations
@@ -40,13 +59,30 @@ const VERIFY_PAGE: i64 = 500;
 #[derive(Clone, Debug)]
 pub struct PgAuditLog {
     pool: PgPool,
+    queue: Arc<Queue>,
+}
+
+/// Entries waiting for a transaction, and the right to write one.
+#[derive(Debug, Default)]
+struct Queue {
+    pending: Mutex<Vec<Pending>>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    entry: AuditEntry,
+    reply: oneshot::Sender<Result<AuditRecord>>,
 }
 
 impl PgAuditLog {
     /// An audit log on `pool` (migrated with `keel_database::MIGRATOR`).
     #[must_use]
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            queue: Arc::default(),
+        }
     }
 
     /// The pool this log writes through.
@@ -103,56 +139,28 @@ impl PgAuditLog {
 impl AuditLog for PgAuditLog {
     async fn append(&self, entry: AuditEntry) -> Result<AuditRecord> {
         let entry = super::validate(entry)?;
-        let mut tx = self.pool.begin().await.map_err(keel_database::to_keel)?;
-        let head: Option<(i64, String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT sequence, hash, recorded_at, clock_timestamp() \
-             FROM keel.audit_head WHERE singleton FOR UPDATE",
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(keel_database::to_keel)?;
-        let Some((last_sequence, prev_hash, last_recorded_at, now)) = head else {
-            return Err(Error::internal_msg(
-                "the audit head row is missing; were Keel's migrations applied?",
-            ));
-        };
-        let sequence = to_u64(last_sequence)? + 1;
-        let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
-        let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
-
-        let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
-        sqlx::query(
-            "SELECT keel.append_audit_record(\
-             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        )
-        .bind(to_i64(sequence)?)
-        .bind(entry.occurred_at)
-        .bind(recorded_at)
-        .bind(entry.principal.as_deref())
-        .bind(entry.tenant.as_deref())
-        .bind(entry.command_id.map(Uuid::from))
-        .bind(&entry.command_type)
-        .bind(&entry.event_types)
-        .bind(entry.aggregate.as_ref().map(|a| a.kind.as_str()))
-        .bind(entry.aggregate.as_ref().map(|a| a.id.as_str()))
-        .bind(outcome)
-        .bind(code)
-        .bind(reason)
-        .bind(entry.correlation_id.map(Uuid::from))
-        .bind(Json(&entry.details))
-        .bind(&prev_hash)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await
-        .map_err(keel_database::to_keel)?;
-        tx.commit().await.map_err(keel_database::to_keel)?;
-        Ok(AuditRecord::new(
-            sequence,
-            entry,
-            recorded_at,
-            prev_hash,
-            hash,
-        ))
+        let (reply, mut answer) = oneshot::channel();
+        lock(&self.queue.pending).push(Pending { entry, reply });
+        loop {
+            let _writer = self.queue.writer.lock().await;
+            // Whoever held the writer before may have written our entry.
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(TryRecvError::Closed) => return Err(interrupted()),
+                Err(TryRecvError::Empty) => {}
+            }
+            let batch: Vec<Pending> = {
+                let mut pending = lock(&self.queue.pending);
+                let n = pending.len().min(MAX_BATCH);
+                pending.drain(..n).collect()
+            };
+            // Our entry is in this batch unless more than MAX_BATCH queued
+            // before it; then the loop writes the next batch.
+            let task = tokio::spawn(write_batch(self.pool.clone(), batch));
+            if task.await.is_err() {
+                return Err(interrupted());
+            }
+        }
     }
 
     async fn query(&self, query: &AuditQuery) -> Result<AuditPage> {
@@ -220,6 +228,116 @@ impl AuditHead for PgAuditLog {
         let mut anchors = vec![anchor.clone()];
         anchors.extend(self.stored_head().await?);
         self.walk(anchors).await
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The queue is a plain vector changed in single calls: a panic
+    // elsewhere cannot leave it half-changed.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn interrupted() -> Error {
+    Error::internal_msg("the audit append was interrupted before its outcome was known")
+}
+
+/// Writes `batch` in one transaction and answers every entry.
+async fn write_batch(pool: PgPool, batch: Vec<Pending>) {
+    let (entries, replies): (Vec<_>, Vec<_>) =
+        batch.into_iter().map(|p| (p.entry, p.reply)).unzip();
+    match write(&pool, entries).await {
+        Ok(records) => {
+            for (reply, record) in replies.into_iter().zip(records) {
+                // A caller that stopped waiting no longer needs its record.
+                let _ = reply.send(Ok(record));
+            }
+        }
+        Err(err) => {
+            let mut replies = replies.into_iter().peekable();
+            while let Some(reply) = replies.next() {
+                let err = if replies.peek().is_some() {
+                    copy_error(&err)
+                } else {
+                    // The last one gets the original, with its source.
+                    let _ = reply.send(Err(err));
+                    break;
+                };
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+async fn write(pool: &PgPool, entries: Vec<AuditEntry>) -> Result<Vec<AuditRecord>> {
+    let mut tx = pool.begin().await.map_err(keel_database::to_keel)?;
+    let head: Option<HeadRow> = sqlx::query_as(
+        "SELECT sequence, hash, recorded_at, clock_timestamp() \
+         FROM keel.audit_head WHERE singleton FOR UPDATE",
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(keel_database::to_keel)?;
+    let Some((last_sequence, mut prev_hash, last_recorded_at, now)) = head else {
+        return Err(Error::internal_msg(
+            "the audit head row is missing; were Keel's migrations applied?",
+        ));
+    };
+    let mut sequence = to_u64(last_sequence)?;
+    let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
+    let mut records = Vec::with_capacity(entries.len());
+    for entry in entries {
+        sequence += 1;
+        let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
+        let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
+        sqlx::query(
+            "SELECT keel.append_audit_record(\
+             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        )
+        .bind(to_i64(sequence)?)
+        .bind(entry.occurred_at)
+        .bind(recorded_at)
+        .bind(entry.principal.as_deref())
+        .bind(entry.tenant.as_deref())
+        .bind(entry.command_id.map(Uuid::from))
+        .bind(&entry.command_type)
+        .bind(&entry.event_types)
+        .bind(entry.aggregate.as_ref().map(|a| a.kind.as_str()))
+        .bind(entry.aggregate.as_ref().map(|a| a.id.as_str()))
+        .bind(outcome)
+        .bind(code)
+        .bind(reason)
+        .bind(entry.correlation_id.map(Uuid::from))
+        .bind(Json(&entry.details))
+        .bind(&prev_hash)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(keel_database::to_keel)?;
+        let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash.clone());
+        prev_hash = hash;
+        records.push(record);
+    }
+    tx.commit().await.map_err(keel_database::to_keel)?;
+    Ok(records)
+}
+
+/// The same failure for another caller of the same transaction (errors
+/// are not `Clone`; the source stays with one of them).
+fn copy_error(err: &Error) -> Error {
+    match err {
+        Error::Unavailable {
+            service, message, ..
+        } => Error::Unavailable {
+            service: service.clone(),
+            message: message.clone(),
+            source: None,
+        },
+        Error::Timeout { operation, after } => Error::Timeout {
+            operation: operation.clone(),
+            after: *after,
+        },
+        Error::Invalid(invalid) => Error::Invalid(invalid.clone()),
+        other => Error::internal_msg(other.to_string()),
     }
 }
 
