@@ -17,6 +17,27 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// The longest event type name accepted, in bytes.
 pub const MAX_EVENT_TYPE_LEN: usize = 200;
 
+/// The most metadata one event may carry, in bytes of text (actor, tenant,
+/// trace context and the free pairs, keys included). Metadata describes an
+/// event; anything larger belongs in the payload.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+
+/// The text an event's metadata holds, in bytes: what
+/// [`MAX_METADATA_BYTES`] limits. Ids count at their fixed text length.
+fn metadata_size(m: &keel_core::Metadata) -> usize {
+    const ID: usize = 36;
+    let ids =
+        ID * (usize::from(m.correlation_id.is_some()) + usize::from(m.causation_id.is_some()));
+    let trace = m.trace_context.as_ref().map_or(0, |t| {
+        t.traceparent().len() + t.tracestate().map_or(0, str::len)
+    });
+    let extra: usize = m.extra.iter().map(|(k, v)| k.len() + v.len()).sum();
+    ids + trace
+        + m.actor.as_ref().map_or(0, String::len)
+        + m.tenant.as_ref().map_or(0, |t| t.as_str().len())
+        + extra
+}
+
 /// An event to append: id, type, schema version, JSON payload and metadata.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewEvent {
@@ -176,6 +197,16 @@ pub(crate) fn validate_batch(
                 size: e.payload.len(),
                 limit: max_payload_bytes,
             });
+        }
+        let metadata = metadata_size(&e.metadata);
+        if metadata > MAX_METADATA_BYTES {
+            return Err(EventStoreError::invalid(
+                "metadata",
+                format!(
+                    "holds {metadata} bytes for event type {:?}; at most {MAX_METADATA_BYTES} are allowed",
+                    e.event_type
+                ),
+            ));
         }
         if !seen.insert(e.event_id) {
             return Err(EventStoreError::invalid(

@@ -488,6 +488,28 @@ pub async fn bad_input_writes_nothing<S: Subject>(store: S) {
         .unwrap_err();
     assert_eq!(invalid_field(&e), "events");
 
+    // Metadata has a limit of its own: a batch whose last event carries too
+    // much is refused whole.
+    let mut heavy = Metadata::new().with_actor("a".repeat(1_000));
+    heavy
+        .extra
+        .insert("blob".into(), "m".repeat(crate::MAX_METADATA_BYTES));
+    let e = store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![ev(1), ev(2).with_metadata(heavy)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(invalid_field(&e), "metadata");
+    assert!(e.to_string().contains("test.happened"), "{e}");
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::INITIAL);
+    let mut meta_at_limit = Metadata::new();
+    meta_at_limit
+        .extra
+        .insert("blob".into(), "m".repeat(crate::MAX_METADATA_BYTES - 4));
+
     let big = "x".repeat(crate::DEFAULT_MAX_PAYLOAD_BYTES);
     let e = store
         .append(
@@ -572,6 +594,15 @@ pub async fn bad_input_writes_nothing<S: Subject>(store: S) {
         .await
         .unwrap();
     assert_eq!(store.stream_version(&s).await.unwrap(), Version::new(1));
+    // So is metadata at its limit.
+    store
+        .append(
+            &sid("Bad-Meta"),
+            ExpectedVersion::NoStream,
+            vec![ev(1).with_metadata(meta_at_limit)],
+        )
+        .await
+        .expect("metadata at the limit is accepted");
 }
 
 /// A multi-stream append is all or nothing, and its events share one commit.
