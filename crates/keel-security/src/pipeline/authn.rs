@@ -54,7 +54,7 @@ impl AuthenticationLayer {
     /// refuses unless a token was verified; turn it on for pipelines that
     /// also serve trusted in-process callers (a scheduler, a message
     /// consumer acting as a service account) or that sit behind
-    /// [`BearerAuthLayer`](crate::pipeline::BearerAuthLayer), which verified
+    /// `BearerAuthLayer` (feature `http`), which verified
     /// the token at the transport edge already.
     #[must_use]
     pub fn trust_preset_principal(mut self, yes: bool) -> Self {

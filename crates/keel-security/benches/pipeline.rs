@@ -1,0 +1,340 @@
+//! What the command pipeline costs per command, measured in one run against
+//! its own baselines:
+//!
+//! * on PostgreSQL: a handler inserting one row in its unit of work, called
+//!   directly (unit-of-work layer only), through the pipeline without the
+//!   audit layer (tracing, authentication, authorization), and through the
+//!   full pipeline with the PostgreSQL audit log;
+//! * in memory: a handler doing nothing, called directly, through the
+//!   pipeline without audit, and with the in-memory audit log: the layers'
+//!   own overhead, free of database noise.
+//!
+//! The variants run in rotating rounds (each round runs every variant once,
+//! in a shifted order) so that load from other processes on the machine
+//! falls on all of them alike; the report gives the median over rounds of
+//! each variant's mean latency, and ratios against the baselines.
+//!
+//! Run: `cargo bench -p keel-security --bench pipeline` (needs PostgreSQL,
+//! found by keel-testkit). `PIPELINE_BENCH_ROUNDS` and
+//! `PIPELINE_BENCH_COMMANDS` override the defaults (15 rounds; 200 commands
+//! per variant and round on PostgreSQL, 20 times as many in memory).
+
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+#![allow(missing_docs, reason = "a benchmark binary")]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use jsonwebtoken::{EncodingKey, Header};
+use keel_core::command::{Command, CommandEnvelope, CommandHandler, Handled, HandlerService};
+use keel_core::{AggregateRef, AuditLog, BearerToken, PipelineError};
+use keel_database::{CommandTransaction, Database, DatabaseConfig, MIGRATOR, UnitOfWorkLayer};
+use keel_security::pipeline::{
+    AuditLayer, AuthenticationLayer, AuthorizationLayer, CommandPipeline, CommandService,
+};
+use keel_security::{
+    Algorithm, Condition, InMemoryAuditLog, JwtConfig, JwtVerifier, KeySource, PgAuditLog,
+    PolicyEngine, Secret, VerificationKey,
+};
+use keel_telemetry::{CommandTracingLayer, KeelMetrics};
+use keel_testkit::TestDatabase;
+use sqlx::Executor;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+
+const SECRET: &[u8] = b"a benchmark-only HMAC secret of 32+ bytes";
+
+struct AddItem {
+    id: String,
+}
+
+impl Command for AddItem {
+    fn command_type(&self) -> &'static str {
+        "item.add"
+    }
+    fn target(&self) -> Option<AggregateRef> {
+        Some(AggregateRef::new("Item", &self.id))
+    }
+}
+
+/// Inserts one row through the command's transaction.
+struct Insert;
+
+#[async_trait]
+impl CommandHandler<AddItem> for Insert {
+    type Output = ();
+    async fn handle(
+        &self,
+        envelope: CommandEnvelope<AddItem>,
+    ) -> Result<Handled<()>, PipelineError> {
+        let tx = CommandTransaction::of(&envelope)?;
+        let mut uow = tx.lock().await?;
+        sqlx::query("INSERT INTO items (id, actor) VALUES ($1, $2)")
+            .bind(&envelope.command.id)
+            .bind(envelope.metadata.actor.as_deref())
+            .execute(uow.conn())
+            .await
+            .map_err(keel_database::to_keel)?;
+        Ok(Handled::new(()).with_events(["item.added"]))
+    }
+}
+
+/// Does nothing: the layers' own cost.
+struct Noop;
+
+#[async_trait]
+impl CommandHandler<AddItem> for Noop {
+    type Output = ();
+    async fn handle(&self, _: CommandEnvelope<AddItem>) -> Result<Handled<()>, PipelineError> {
+        Ok(Handled::new(()).with_events(["item.added"]))
+    }
+}
+
+fn verifier() -> JwtVerifier {
+    JwtVerifier::new(
+        JwtConfig::new("https://idp.bench", "items", [Algorithm::HS256]),
+        KeySource::fixed([VerificationKey::hmac(None, &Secret::new(SECRET.to_vec())).unwrap()]),
+    )
+    .unwrap()
+}
+
+fn token() -> BearerToken {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({
+        "iss": "https://idp.bench", "aud": "items", "sub": "bench-user",
+        "tenant": "acme", "roles": ["clerk"], "exp": exp,
+    });
+    BearerToken::new(
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap(),
+    )
+}
+
+fn authn() -> AuthenticationLayer {
+    AuthenticationLayer::new(verifier())
+}
+
+fn authz() -> AuthorizationLayer {
+    AuthorizationLayer::new(Arc::new(
+        PolicyEngine::new()
+            .grant("clerk", ["item.*"])
+            .require("item.*", Condition::SameTenant),
+    ))
+}
+
+/// Security layers without audit, in the pipeline's order.
+fn without_audit<S>(inner: S) -> CommandService<AddItem, ()>
+where
+    S: tower::Service<CommandEnvelope<AddItem>, Response = Handled<()>, Error = PipelineError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(
+        CommandTracingLayer::new(KeelMetrics::global()).layer(authn().layer(authz().layer(inner))),
+    )
+}
+
+fn with_audit<S>(log: Arc<dyn AuditLog>, inner: S) -> CommandService<AddItem, ()>
+where
+    S: tower::Service<CommandEnvelope<AddItem>, Response = Handled<()>, Error = PipelineError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    CommandPipeline::new(AuditLayer::new(log), authn(), authz())
+        .outer(CommandTracingLayer::new(KeelMetrics::global()))
+        .service(inner)
+}
+
+struct Variant {
+    name: &'static str,
+    service: CommandService<AddItem, ()>,
+    commands: usize,
+    /// Mean latency per command, one sample per round.
+    samples: Vec<Duration>,
+}
+
+impl Variant {
+    fn new(name: &'static str, service: CommandService<AddItem, ()>, commands: usize) -> Self {
+        Self {
+            name,
+            service,
+            commands,
+            samples: Vec::new(),
+        }
+    }
+
+    async fn round(&mut self, token: &BearerToken, next_id: &mut u64) {
+        let started = Instant::now();
+        for _ in 0..self.commands {
+            *next_id += 1;
+            let envelope = CommandEnvelope::new(AddItem {
+                id: format!("i-{next_id}"),
+            })
+            .with_bearer_token(token.clone());
+            self.service.clone().oneshot(envelope).await.unwrap();
+        }
+        self.samples
+            .push(started.elapsed() / u32::try_from(self.commands).unwrap());
+    }
+
+    fn median(&self) -> Duration {
+        let mut sorted = self.samples.clone();
+        sorted.sort();
+        sorted[sorted.len() / 2]
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn run(rounds: usize, variants: &mut [Variant]) {
+    let token = token();
+    let mut next_id = 0;
+    // One warm-up round, not recorded.
+    for v in variants.iter_mut() {
+        v.round(&token, &mut next_id).await;
+        v.samples.clear();
+    }
+    for round in 0..rounds {
+        let n = variants.len();
+        for k in 0..n {
+            variants[(round + k) % n].round(&token, &mut next_id).await;
+        }
+    }
+}
+
+fn report(title: &str, variants: &[Variant], pairs: &[(usize, usize, &str)]) {
+    println!("\n{title}");
+    println!("| variant | commands/round | median µs/command | min µs | max µs |");
+    println!("|---|---|---|---|---|");
+    for v in variants {
+        let min = v.samples.iter().min().unwrap();
+        let max = v.samples.iter().max().unwrap();
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} |",
+            v.name,
+            v.commands,
+            v.median().as_secs_f64() * 1e6,
+            min.as_secs_f64() * 1e6,
+            max.as_secs_f64() * 1e6,
+        );
+    }
+    for (a, b, label) in pairs {
+        let (a, b) = (&variants[*a], &variants[*b]);
+        println!(
+            "{label}: {} / {} = {:.2}x (+{:.1} µs/command)",
+            a.name,
+            b.name,
+            a.median().as_secs_f64() / b.median().as_secs_f64(),
+            (a.median().as_secs_f64() - b.median().as_secs_f64()) * 1e6,
+        );
+    }
+}
+
+fn main() {
+    let rounds = env_usize("PIPELINE_BENCH_ROUNDS", 15);
+    let commands = env_usize("PIPELINE_BENCH_COMMANDS", 200);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let test_db = TestDatabase::create(&MIGRATOR).await.unwrap();
+        let db = Database::connect(
+            DatabaseConfig::builder()
+                .connect_options(test_db.connect_options())
+                .min_connections(2)
+                .max_connections(4)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        db.pool()
+            .execute("CREATE TABLE items (id text PRIMARY KEY, actor text)")
+            .await
+            .unwrap();
+        let pg_audit: Arc<dyn AuditLog> = Arc::new(PgAuditLog::new(db.pool().clone()));
+        let handler = || UnitOfWorkLayer::new(db.clone()).layer(HandlerService::new(Insert));
+
+        // The direct call still needs a principal's actor for its insert to
+        // match the others; it gets none, which costs nothing.
+        let mut pg = [
+            Variant::new(
+                "direct (unit of work + handler)",
+                BoxCloneSyncService::new(handler()),
+                commands,
+            ),
+            Variant::new("pipeline without audit", without_audit(handler()), commands),
+            Variant::new(
+                "pipeline with PostgreSQL audit",
+                with_audit(pg_audit.clone(), handler()),
+                commands,
+            ),
+        ];
+        run(rounds, &mut pg).await;
+        report(
+            "PostgreSQL: one INSERT per command in its own transaction",
+            &pg,
+            &[
+                (1, 0, "tracing + authn + authz"),
+                (2, 1, "audit layer (PostgreSQL)"),
+                (2, 0, "whole pipeline"),
+            ],
+        );
+        let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.audit_log")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        let intact = pg_audit.verify().await.unwrap().is_intact();
+        println!("audit records written: {audited}, chain intact: {intact}");
+
+        let memory_commands = commands * 20;
+        let mut mem = [
+            Variant::new(
+                "direct (handler only)",
+                BoxCloneSyncService::new(HandlerService::new(Noop)),
+                memory_commands,
+            ),
+            Variant::new(
+                "pipeline without audit",
+                without_audit(HandlerService::new(Noop)),
+                memory_commands,
+            ),
+            Variant::new(
+                "pipeline with in-memory audit",
+                with_audit(Arc::new(InMemoryAuditLog::new()), HandlerService::new(Noop)),
+                memory_commands,
+            ),
+        ];
+        run(rounds, &mut mem).await;
+        report(
+            "In memory: a handler that does nothing",
+            &mem,
+            &[
+                (1, 0, "tracing + authn + authz"),
+                (2, 1, "audit layer (in memory)"),
+            ],
+        );
+    });
+}
