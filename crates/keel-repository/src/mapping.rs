@@ -166,9 +166,43 @@ impl Mapping {
     /// A `CREATE TABLE` statement matching this mapping, for tests and as a
     /// starting point for a migration. Identifiers are not validated here;
     /// building a repository does that.
+    ///
+    /// It fails if the table exists; see
+    /// [`create_table_if_not_exists_sql`](Self::create_table_if_not_exists_sql)
+    /// for a statement that may run again.
     #[must_use]
     pub fn create_table_sql(&self) -> String {
-        let mut sql = format!("CREATE TABLE {} (\n", quote_path(&self.table));
+        self.create_table(false)
+    }
+
+    /// The same statement as [`create_table_sql`](Self::create_table_sql)
+    /// as `CREATE TABLE IF NOT EXISTS`, so that running it again (a
+    /// restarted demo, a second test in the same database) does nothing.
+    ///
+    /// PostgreSQL only looks at the table's name: a table of that name with
+    /// other columns is left as it is, without a word. Follow the statement
+    /// with [`PgRepository::verify_schema`](crate::PgRepository::verify_schema)
+    /// to catch such a table before the first write. The schema of a
+    /// `schema.name` table must already exist. The statement creates no
+    /// index besides the primary key's.
+    ///
+    /// ```
+    /// # use keel_repository::{ColumnType, Mapping};
+    /// let mapping = Mapping::new("customers").id("id", ColumnType::Uuid);
+    /// let sql = mapping.create_table_if_not_exists_sql();
+    /// assert!(sql.starts_with(r#"CREATE TABLE IF NOT EXISTS "customers" ("#));
+    /// ```
+    #[must_use]
+    pub fn create_table_if_not_exists_sql(&self) -> String {
+        self.create_table(true)
+    }
+
+    fn create_table(&self, if_not_exists: bool) -> String {
+        let mut sql = format!(
+            "CREATE TABLE {}{} (\n",
+            if if_not_exists { "IF NOT EXISTS " } else { "" },
+            quote_path(&self.table)
+        );
         for (i, c) in self.id.iter().chain(&self.columns).enumerate() {
             sql.push_str(&format!(
                 "    {} {}{}{},\n",

@@ -386,3 +386,54 @@ async fn schema_qualified_tables_work() {
         .unwrap();
     assert_eq!(s.version, Version::new(2));
 }
+
+#[tokio::test]
+async fn the_if_not_exists_statement_runs_again_and_keeps_the_rows() {
+    let db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .unwrap();
+    let create = Gadget::mapping().create_table_if_not_exists_sql();
+    sqlx::query(&create).execute(db.pool()).await.unwrap();
+    let repo = repo(&db).await;
+    repo.verify_schema()
+        .await
+        .expect("the if-not-exists statement creates the mapped table");
+    repo.insert(gadget("a", "x", 1)).await.unwrap();
+
+    // Again, as a restarted service or a second test would: nothing happens.
+    sqlx::query(&create).execute(db.pool()).await.unwrap();
+    repo.verify_schema().await.unwrap();
+    assert_eq!(
+        repo.get(&"a".to_owned()).await.unwrap().unwrap().version,
+        Version::new(1)
+    );
+
+    // The plain statement is the one that refuses an existing table.
+    let err = sqlx::query(&Gadget::mapping().create_table_sql())
+        .execute(db.pool())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("42P07"),
+        "{err:?}"
+    );
+
+    // A table of that name with other columns is left alone; verify_schema
+    // is what reports it.
+    let other = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE gadgets (id TEXT PRIMARY KEY)")
+        .execute(other.pool())
+        .await
+        .unwrap();
+    sqlx::query(&create).execute(other.pool()).await.unwrap();
+    let report = PgRepository::<Gadget>::new(other.pool().clone())
+        .unwrap()
+        .verify_schema()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(report.contains("column `name` is missing"), "{report}");
+}
