@@ -97,40 +97,33 @@ CREATE TRIGGER audit_head_no_truncate
     BEFORE TRUNCATE ON keel.audit_head
     FOR EACH STATEMENT EXECUTE FUNCTION keel.refuse_audit_mutation();
 
--- Writes one record and moves the head to it, in one round trip. The caller
--- holds the head's row lock (taken with SELECT … FOR UPDATE in the same
--- transaction) and computed p_hash from the head it read.
-CREATE FUNCTION keel.append_audit_record(
-    p_sequence       bigint,
-    p_occurred_at    timestamptz,
-    p_recorded_at    timestamptz,
-    p_principal      text,
-    p_tenant         text,
-    p_command_id     uuid,
-    p_command_type   text,
-    p_event_types    text[],
-    p_aggregate_kind text,
-    p_aggregate_id   text,
-    p_outcome        text,
-    p_outcome_code   text,
-    p_outcome_reason text,
-    p_correlation_id uuid,
-    p_details        jsonb,
-    p_prev_hash      text,
-    p_hash           text
-) RETURNS void
+-- Writes a group of records in order, moving the head onto each in turn, in
+-- one round trip. The caller holds the head's row lock (taken with
+-- SELECT … FOR UPDATE in the same transaction) and computed every hash from
+-- the head it read. p_records is a JSON array of objects with the columns
+-- of keel.audit_log as keys (timestamps as ISO 8601 text with microseconds).
+CREATE FUNCTION keel.append_audit_records(p_records jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    r jsonb;
 BEGIN
-    INSERT INTO keel.audit_log
-        (sequence, occurred_at, recorded_at, principal, tenant, command_id, command_type,
-         event_types, aggregate_kind, aggregate_id, outcome, outcome_code, outcome_reason,
-         correlation_id, details, prev_hash, hash)
-    VALUES
-        (p_sequence, p_occurred_at, p_recorded_at, p_principal, p_tenant, p_command_id,
-         p_command_type, p_event_types, p_aggregate_kind, p_aggregate_id, p_outcome,
-         p_outcome_code, p_outcome_reason, p_correlation_id, p_details, p_prev_hash, p_hash);
-    UPDATE keel.audit_head
-        SET sequence = p_sequence, hash = p_hash, recorded_at = p_recorded_at
-        WHERE singleton;
+    FOR r IN SELECT value FROM jsonb_array_elements(p_records) LOOP
+        INSERT INTO keel.audit_log
+            (sequence, occurred_at, recorded_at, principal, tenant, command_id, command_type,
+             event_types, aggregate_kind, aggregate_id, outcome, outcome_code, outcome_reason,
+             correlation_id, details, prev_hash, hash)
+        VALUES
+            ((r->>'sequence')::bigint, (r->>'occurred_at')::timestamptz,
+             (r->>'recorded_at')::timestamptz, r->>'principal', r->>'tenant',
+             (r->>'command_id')::uuid, r->>'command_type',
+             ARRAY(SELECT jsonb_array_elements_text(r->'event_types')),
+             r->>'aggregate_kind', r->>'aggregate_id', r->>'outcome', r->>'outcome_code',
+             r->>'outcome_reason', (r->>'correlation_id')::uuid, r->'details',
+             r->>'prev_hash', r->>'hash');
+        UPDATE keel.audit_head
+            SET sequence = (r->>'sequence')::bigint, hash = r->>'hash',
+                recorded_at = (r->>'recorded_at')::timestamptz
+            WHERE singleton;
+    END LOOP;
 END
 $$;

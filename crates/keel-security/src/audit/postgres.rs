@@ -285,40 +285,54 @@ async fn write(pool: &PgPool, entries: Vec<AuditEntry>) -> Result<Vec<AuditRecor
     let mut sequence = to_u64(last_sequence)?;
     let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
     let mut records = Vec::with_capacity(entries.len());
+    let mut rows = Vec::with_capacity(entries.len());
     for entry in entries {
         sequence += 1;
         let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
-        let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
-        sqlx::query(
-            "SELECT keel.append_audit_record(\
-             $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        )
-        .bind(to_i64(sequence)?)
-        .bind(entry.occurred_at)
-        .bind(recorded_at)
-        .bind(entry.principal.as_deref())
-        .bind(entry.tenant.as_deref())
-        .bind(entry.command_id.map(Uuid::from))
-        .bind(&entry.command_type)
-        .bind(&entry.event_types)
-        .bind(entry.aggregate.as_ref().map(|a| a.kind.as_str()))
-        .bind(entry.aggregate.as_ref().map(|a| a.id.as_str()))
-        .bind(outcome)
-        .bind(code)
-        .bind(reason)
-        .bind(entry.correlation_id.map(Uuid::from))
-        .bind(Json(&entry.details))
-        .bind(&prev_hash)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await
-        .map_err(keel_database::to_keel)?;
+        rows.push(row_json(sequence, &entry, recorded_at, &prev_hash, &hash));
         let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash.clone());
         prev_hash = hash;
         records.push(record);
     }
+    sqlx::query("SELECT keel.append_audit_records($1)")
+        .bind(Json(&rows))
+        .execute(&mut *tx)
+        .await
+        .map_err(keel_database::to_keel)?;
     tx.commit().await.map_err(keel_database::to_keel)?;
     Ok(records)
+}
+
+/// One record as `keel.append_audit_records` reads it. Timestamps travel as
+/// text with all six fractional digits, which PostgreSQL reads back exactly.
+fn row_json(
+    sequence: u64,
+    entry: &AuditEntry,
+    recorded_at: DateTime<Utc>,
+    prev_hash: &str,
+    hash: &str,
+) -> serde_json::Value {
+    let time = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
+    serde_json::json!({
+        "sequence": sequence,
+        "occurred_at": time(entry.occurred_at),
+        "recorded_at": time(recorded_at),
+        "principal": entry.principal,
+        "tenant": entry.tenant,
+        "command_id": entry.command_id,
+        "command_type": entry.command_type,
+        "event_types": entry.event_types,
+        "aggregate_kind": entry.aggregate.as_ref().map(|a| &a.kind),
+        "aggregate_id": entry.aggregate.as_ref().map(|a| &a.id),
+        "outcome": outcome,
+        "outcome_code": code,
+        "outcome_reason": reason,
+        "correlation_id": entry.correlation_id,
+        "details": entry.details,
+        "prev_hash": prev_hash,
+        "hash": hash,
+    })
 }
 
 /// The same failure for another caller of the same transaction (errors
@@ -387,8 +401,4 @@ fn decode(e: sqlx::Error) -> Error {
 
 fn to_u64(n: i64) -> Result<u64> {
     u64::try_from(n).map_err(|_| Error::internal_msg("negative audit sequence in storage"))
-}
-
-fn to_i64(n: u64) -> Result<i64> {
-    i64::try_from(n).map_err(|_| Error::internal_msg("audit sequence exhausted"))
 }
