@@ -66,16 +66,27 @@ impl InMemoryAuditLog {
     }
 
     fn walk(&self, anchor: Option<ChainHead>) -> ChainVerification {
-        // A clone keeps the lock short; the in-memory store is for tests and
-        // small tools, where the whole log fits in memory anyway.
-        let records = self.lock().clone();
+        // Copies a slice at a time: appends are not held up for the whole
+        // walk, and the extra memory stays bounded.
+        const CHUNK: usize = 1_000;
         let mut walk = ChainWalk::new(anchor);
-        for record in &records {
-            if let Err(broken) = walk.check(record) {
-                return broken;
+        let mut start = 0;
+        loop {
+            let chunk: Vec<AuditRecord> = {
+                let records = self.lock();
+                let end = records.len().min(start + CHUNK);
+                records[start.min(end)..end].to_vec()
+            };
+            if chunk.is_empty() {
+                return walk.finish();
+            }
+            start += chunk.len();
+            for record in &chunk {
+                if let Err(broken) = walk.check(record) {
+                    return broken;
+                }
             }
         }
-        walk.finish()
     }
 
     /// Gives tests in this crate a way to tamper with stored records.

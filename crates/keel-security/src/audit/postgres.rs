@@ -56,6 +56,22 @@ const MAX_BATCH: usize = 100;
 /// Failures map onto [`keel_core::Error`] through keel-database's
 /// classification: a lost connection is `Unavailable` (retryable), a pool
 /// timeout is `Timeout`; messages carry no SQL and no parameter values.
+///
+/// ```no_run
+/// # async fn run(pool: sqlx::PgPool) -> keel_core::Result<()> {
+/// use keel_core::{AuditEntry, AuditLog, AuditOutcome, ChainVerification};
+/// use keel_security::audit::{AuditHead, PgAuditLog};
+///
+/// keel_database::MIGRATOR.run(&pool).await.expect("migrations");
+/// let log = PgAuditLog::new(pool);
+/// log.append(AuditEntry::new("order.place", AuditOutcome::Accepted).with_principal("user-42"))
+///     .await?;
+/// if let ChainVerification::Broken { sequence, reason } = log.verify().await? {
+///     eprintln!("audit record {sequence}: {reason}");
+/// }
+/// let anchor = log.head().await?; // keep a copy outside the database
+/// # let _ = anchor; Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct PgAuditLog {
     pool: PgPool,
