@@ -138,6 +138,62 @@ impl ErrorKind {
     }
 }
 
+impl ErrorKind {
+    /// Whether errors of this kind mean the service failed rather than the
+    /// request: a dependency that is down or slow, or a bug. Transports
+    /// answer them with a server-error status, log the whole error, and
+    /// show the caller a fixed sentence instead of the error's text, which
+    /// can name hosts, statements or credentials (see
+    /// [`Error::describe`]).
+    #[must_use]
+    pub const fn is_server_fault(self) -> bool {
+        match self {
+            ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::Internal => true,
+            ErrorKind::Conflict
+            | ErrorKind::NotFound
+            | ErrorKind::InvalidInput
+            | ErrorKind::Unauthorized
+            | ErrorKind::Forbidden => false,
+        }
+    }
+}
+
+/// What a caller may be told about an [`Error`], whatever the transport.
+///
+/// `keel-http` turns it into problem details and `keel-grpc` into a status,
+/// so both show the same code, title and text; each maps the
+/// [`kind`](Self::kind) to its own status code. Built by
+/// [`Error::describe`].
+///
+/// ```
+/// use keel_core::Error;
+///
+/// let down = Error::unavailable("postgres", "db.internal:5432 refused", std::io::Error::other("refused"));
+/// let shown = down.describe();
+/// assert_eq!(shown.code, "keel.unavailable");
+/// assert_eq!(shown.title, "Service unavailable");
+/// assert!(!shown.detail.contains("db.internal"));
+/// assert!(shown.retryable);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ErrorDescription {
+    /// The broad class, which each transport maps to its status code.
+    pub kind: ErrorKind,
+    /// The stable code, as [`Error::code`].
+    pub code: &'static str,
+    /// A short summary, the same for every error with this code, e.g.
+    /// `Version conflict`.
+    pub title: &'static str,
+    /// An explanation of this occurrence that is safe to show the caller:
+    /// the error's own text for errors the caller caused (their messages
+    /// are documented as free of secrets), a fixed sentence for
+    /// [server faults](ErrorKind::is_server_fault).
+    pub detail: Cow<'static, str>,
+    /// As [`Error::is_retryable`].
+    pub retryable: bool,
+}
+
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -183,6 +239,60 @@ impl Error {
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
+    }
+
+    /// What a caller may be told about this error; see
+    /// [`ErrorDescription`].
+    #[must_use]
+    pub fn describe(&self) -> ErrorDescription {
+        let (title, detail): (&'static str, Cow<'static, str>) = match self {
+            Error::Conflict(c) => (
+                "Version conflict",
+                format!(
+                    "{} was changed by someone else: expected {}, found version {}",
+                    c.subject, c.expected, c.actual
+                )
+                .into(),
+            ),
+            Error::AlreadyExists { .. } => ("Already exists", self.to_string().into()),
+            Error::NotFound { .. } => ("Not found", self.to_string().into()),
+            Error::Invalid(_) => ("Invalid input", self.to_string().into()),
+            Error::Unauthorized { reason } => ("Unauthorized", reason.clone().into()),
+            Error::Forbidden { reason } => ("Forbidden", reason.clone().into()),
+            // Server faults: the text names hosts, statements or
+            // credentials, so the caller gets a fixed sentence.
+            Error::Unavailable { .. } => (
+                "Service unavailable",
+                "A service this request depends on is unavailable. Try again later.".into(),
+            ),
+            Error::Timeout { .. } => (
+                "Timed out",
+                "The request did not complete in time. Try again later.".into(),
+            ),
+            Error::Internal { .. } => ("Internal error", "An unexpected error occurred.".into()),
+        };
+        ErrorDescription {
+            kind: self.kind(),
+            code: self.code(),
+            title,
+            detail,
+            retryable: self.is_retryable(),
+        }
+    }
+
+    /// The error's text followed by the text of each of its sources,
+    /// joined by `: `. For logs only: the sources can name hosts,
+    /// statements or credentials.
+    #[must_use]
+    pub fn full_message(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
     }
 
     /// The structured conflict, when this is a version conflict.
@@ -378,6 +488,98 @@ mod tests {
             "invalid page_size: must be between 1 and 1000"
         );
         assert!(!bad.is_retryable());
+    }
+
+    #[test]
+    fn descriptions_show_caller_errors_and_hide_server_faults() {
+        let secret = "postgres://app:hunter2@db.internal:5432 SELECT * FROM orders";
+        let faults = [
+            Error::unavailable("postgres", secret, std::io::Error::other(secret)),
+            Error::Timeout {
+                operation: secret.to_owned().into(),
+                after: Duration::from_secs(1),
+            },
+            Error::internal(secret, std::io::Error::other(secret)),
+        ];
+        for e in &faults {
+            assert!(e.kind().is_server_fault(), "{e:?}");
+            let d = e.describe();
+            assert!(!d.detail.contains("hunter2"), "{d:?}");
+            assert!(!d.detail.contains("db.internal"), "{d:?}");
+            assert_eq!(d.code, e.code());
+            assert_eq!(d.kind, e.kind());
+            assert_eq!(d.retryable, e.is_retryable());
+            // The log line keeps everything.
+            assert!(e.full_message().contains("hunter2"));
+        }
+        assert_eq!(faults[0].describe().title, "Service unavailable");
+        assert_eq!(faults[1].describe().title, "Timed out");
+        assert_eq!(faults[2].describe().title, "Internal error");
+
+        let conflict = Error::from(VersionConflict {
+            subject: "Order-42".into(),
+            expected: ExpectedVersion::Exact(Version::new(3)),
+            actual: Version::new(4),
+        })
+        .describe();
+        assert_eq!(conflict.title, "Version conflict");
+        assert_eq!(
+            conflict.detail,
+            "Order-42 was changed by someone else: expected version 3, found version 4"
+        );
+        let caller_errors = [
+            (
+                Error::AlreadyExists {
+                    subject: "order 7".into(),
+                },
+                "Already exists",
+                "order 7 already exists",
+            ),
+            (
+                Error::not_found("order 7"),
+                "Not found",
+                "order 7 was not found",
+            ),
+            (
+                Error::invalid_input("qty", "must be positive"),
+                "Invalid input",
+                "invalid qty: must be positive",
+            ),
+            (
+                Error::Unauthorized {
+                    reason: "token expired".into(),
+                },
+                "Unauthorized",
+                "token expired",
+            ),
+            (
+                Error::Forbidden {
+                    reason: "not the owner".into(),
+                },
+                "Forbidden",
+                "not the owner",
+            ),
+        ];
+        for (e, title, detail) in caller_errors {
+            assert!(!e.kind().is_server_fault(), "{e:?}");
+            let d = e.describe();
+            assert_eq!((d.title, d.detail.as_ref()), (title, detail));
+            assert!(!d.retryable);
+        }
+    }
+
+    #[test]
+    fn full_message_follows_the_sources() {
+        let e = Error::unavailable(
+            "postgres",
+            "connect failed",
+            Error::internal("inner", std::io::Error::other("refused")),
+        );
+        assert_eq!(
+            e.full_message(),
+            "postgres is unavailable: connect failed: internal error: inner: refused"
+        );
+        assert_eq!(Error::not_found("x").full_message(), "x was not found");
     }
 
     #[test]

@@ -9,10 +9,9 @@
 //!   causation, W3C trace context, actor, tenant);
 //! * typed ids ([`EventId`] is a UUID v7, [`StreamId`] is validated),
 //!   [`Version`], [`ExpectedVersion`] and [`Position`];
-//! * the other ports: [`EntityRepository`](ports::entity::EntityRepository)
-//!   with pagination types, [`EventPublisher`](ports::bus::EventPublisher) and
-//!   [`EventHandler`](ports::bus::EventHandler), [`Cache`](ports::cache::Cache)
-//!   and [`Clock`], and the [`AuditLog`] port;
+//! * the other ports: [`EntityRepository`] with pagination types,
+//!   [`EventPublisher`] and [`EventHandler`], [`Cache`] and [`Clock`], and
+//!   the [`AuditLog`] port;
 //! * the command pipeline's types: [`Command`], [`CommandEnvelope`] (with the
 //!   caller's [`Principal`]), [`CommandHandler`] and [`HandlerService`], the
 //!   innermost `tower::Service` that tracing, authentication, authorization,
@@ -103,7 +102,8 @@ pub use command::{
     PipelineError,
 };
 pub use error::{
-    BoxError, CommandError, DomainError, Error, ErrorKind, InvalidInput, Result, VersionConflict,
+    BoxError, CommandError, DomainError, Error, ErrorDescription, ErrorKind, InvalidInput, Result,
+    VersionConflict,
 };
 pub use event::{DomainEvent, EventEnvelope, Metadata, TraceContext};
 pub use id::{

@@ -100,17 +100,6 @@ fn status_from_problem(code: Code, problem: &Problem) -> Status {
     Status::with_metadata(code, message, metadata)
 }
 
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// The caller-safe status for an infrastructure error: the message is the
 /// same safe detail as the HTTP problem (internal and dependency failures
 /// get a fixed sentence), the stable code and conflict details travel in
@@ -127,14 +116,11 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[must_use]
 pub fn status_from_error(error: &Error) -> Status {
     let code = code_for_error(error);
-    if matches!(
-        code,
-        Code::Internal | Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
-    ) {
+    if error.kind().is_server_fault() {
         tracing::error!(
             grpc.code = ?code,
             code = error.code(),
-            error = %chain(error),
+            error = %error.full_message(),
             "call failed"
         );
     }

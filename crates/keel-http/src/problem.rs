@@ -142,44 +142,24 @@ impl Problem {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
-    /// The caller-safe problem for an infrastructure error.
+    /// The caller-safe problem for an infrastructure error: the code,
+    /// title, detail and retryability of
+    /// [`Error::describe`](keel_core::Error::describe) (so server faults
+    /// carry a fixed sentence), the status of [`status_for`], and the
+    /// `expected`/`actual` or `field` members.
     #[must_use]
     pub fn from_error(error: &Error) -> Self {
-        let status = status_for(error.kind());
-        let retryable = error.is_retryable();
-        let problem = match error {
-            Error::Conflict(c) => Problem::new(status, error.code(), "Version conflict")
-                .with_detail(format!(
-                    "{} was changed by someone else: expected {}, found version {}",
-                    c.subject, c.expected, c.actual
-                ))
+        let shown = error.describe();
+        let problem = Problem::new(status_for(shown.kind), shown.code, shown.title)
+            .with_detail(shown.detail)
+            .with_retryable(shown.retryable);
+        match error {
+            Error::Conflict(c) => problem
                 .with_extension("expected", c.expected.to_string())
                 .with_extension("actual", c.actual.get()),
-            Error::AlreadyExists { .. } => {
-                Problem::new(status, error.code(), "Already exists").with_detail(error.to_string())
-            }
-            Error::NotFound { .. } => {
-                Problem::new(status, error.code(), "Not found").with_detail(error.to_string())
-            }
-            Error::Invalid(invalid) => Problem::new(status, error.code(), "Invalid input")
-                .with_detail(error.to_string())
-                .with_extension("field", invalid.field.to_string()),
-            Error::Unauthorized { reason } => {
-                Problem::new(status, error.code(), "Unauthorized").with_detail(reason.clone())
-            }
-            Error::Forbidden { reason } => {
-                Problem::new(status, error.code(), "Forbidden").with_detail(reason.clone())
-            }
-            // Dependency and internal failures: the text names hosts,
-            // statements or credentials; the caller gets a fixed sentence.
-            Error::Unavailable { .. } => Problem::new(status, error.code(), "Service unavailable")
-                .with_detail("A service this request depends on is unavailable. Try again later."),
-            Error::Timeout { .. } => Problem::new(status, error.code(), "Timed out")
-                .with_detail("The request did not complete in time. Try again later."),
-            _ => Problem::new(status, error.code(), "Internal error")
-                .with_detail("An unexpected error occurred."),
-        };
-        problem.with_retryable(retryable)
+            Error::Invalid(invalid) => problem.with_extension("field", invalid.field.to_string()),
+            _ => problem,
+        }
     }
 
     /// The problem for a rejected command: 422 with the domain error's code
@@ -268,24 +248,10 @@ impl ApiError {
     }
 }
 
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
         let problem = Problem::from_error(&error);
-        let internal = problem
-            .status_code()
-            .is_server_error()
-            .then(|| chain(&error));
+        let internal = error.kind().is_server_fault().then(|| error.full_message());
         Self { problem, internal }
     }
 }
