@@ -396,3 +396,38 @@ async fn an_abandoned_append_is_still_written() {
     }
     assert!(log.verify().await.unwrap().is_intact());
 }
+
+#[tokio::test]
+async fn separate_stores_on_one_database_never_fork_the_chain() {
+    // Sixteen PgAuditLog values, as sixteen processes would have: no shared
+    // queue, so only the head row's lock in the database orders them.
+    let db = database().await;
+    let writers: Vec<_> = (0..16)
+        .map(|t| {
+            let log = PgAuditLog::new(db.pool().clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..25 {
+                    got.push(log.append(entry(t * 100 + i)).await.unwrap().sequence);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(w.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=400).collect::<Vec<u64>>());
+    let log = PgAuditLog::new(db.pool().clone());
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 400 }
+    );
+    let stored: Vec<i64> = sqlx::query_scalar("SELECT sequence FROM keel.audit_log ORDER BY 1")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, (1..=400).collect::<Vec<i64>>());
+}
