@@ -331,6 +331,25 @@ async fn hold_head(db: &TestDatabase) -> sqlx::Transaction<'static, Postgres> {
     tx
 }
 
+/// Waits until some session of this test's database waits for a lock.
+async fn wait_for_lock_waiter(db: &TestDatabase) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no append waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn appends_queued_behind_a_transaction_share_the_next_one() {
     let db = database().await;
@@ -343,6 +362,7 @@ async fn appends_queued_behind_a_transaction_share_the_next_one() {
         })
         .collect();
     // The first writer's transaction waits for the lock; the others queue.
+    wait_for_lock_waiter(&db).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     blocker.rollback().await.unwrap();
     let mut records = Vec::new();
@@ -376,7 +396,7 @@ async fn an_abandoned_append_is_still_written() {
         let log = log.clone();
         tokio::spawn(async move { log.append(entry(1)).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_lock_waiter(&db).await;
     caller.abort();
     assert!(caller.await.unwrap_err().is_cancelled());
     blocker.rollback().await.unwrap();
@@ -386,6 +406,43 @@ async fn an_abandoned_append_is_still_written() {
         let page = log.query(&AuditQuery::new()).await.unwrap();
         if page.records.len() == 1 {
             assert_eq!(page.records[0].entry.principal.as_deref(), Some("user-1"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(log.verify().await.unwrap().is_intact());
+}
+
+#[tokio::test]
+async fn an_append_dropped_while_queued_is_still_written() {
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    let blocker = hold_head(&db).await;
+    // The first append becomes the writer and waits for the lock...
+    let first = {
+        let log = log.clone();
+        tokio::spawn(async move { log.append(entry(1)).await })
+    };
+    wait_for_lock_waiter(&db).await;
+    // ...the second queues behind it and is given up before its turn.
+    let second = {
+        let log = log.clone();
+        tokio::spawn(async move { log.append(entry(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    second.abort();
+    assert!(second.await.unwrap_err().is_cancelled());
+    blocker.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().sequence, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = log.query(&AuditQuery::new()).await.unwrap();
+        if page.records.len() == 2 {
+            assert_eq!(page.records[1].entry.principal.as_deref(), Some("user-2"));
             break;
         }
         assert!(

@@ -46,7 +46,8 @@ const MAX_BATCH: usize = 100;
 /// writes all of them (up to 100) under one lock and one commit. Each
 /// caller still gets its own record back once its transaction committed.
 /// The write runs on its own task, so a caller that gives up waiting does
-/// not abort a transaction that holds other callers' entries.
+/// not abort a transaction that holds other callers' entries, and an entry
+/// whose caller gave up is still written.
 /// `recorded_at` is the server's `clock_timestamp()` taken under the lock
 /// (never earlier than the previous record's), so it is monotonic along
 /// the chain. The tables come from Keel's migrations
@@ -157,26 +158,30 @@ impl AuditLog for PgAuditLog {
         let entry = super::validate(entry)?;
         let (reply, mut answer) = oneshot::channel();
         lock(&self.queue.pending).push(Pending { entry, reply });
-        loop {
+        // Should this future be dropped before its entry was taken, the
+        // guard has the queue written anyway.
+        let guard = FlushOnDrop {
+            pool: self.pool.clone(),
+            queue: Some(self.queue.clone()),
+        };
+        let result = loop {
             let _writer = self.queue.writer.lock().await;
             // Whoever held the writer before may have written our entry.
             match answer.try_recv() {
-                Ok(result) => return result,
-                Err(TryRecvError::Closed) => return Err(interrupted()),
+                Ok(result) => break result,
+                Err(TryRecvError::Closed) => break Err(interrupted()),
                 Err(TryRecvError::Empty) => {}
             }
-            let batch: Vec<Pending> = {
-                let mut pending = lock(&self.queue.pending);
-                let n = pending.len().min(MAX_BATCH);
-                pending.drain(..n).collect()
-            };
+            let batch = take_batch(&self.queue);
             // Our entry is in this batch unless more than MAX_BATCH queued
             // before it; then the loop writes the next batch.
             let task = tokio::spawn(write_batch(self.pool.clone(), batch));
             if task.await.is_err() {
-                return Err(interrupted());
+                break Err(interrupted());
             }
-        }
+        };
+        guard.disarm();
+        result
     }
 
     async fn query(&self, query: &AuditQuery) -> Result<AuditPage> {
@@ -251,6 +256,48 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The queue is a plain vector changed in single calls: a panic
     // elsewhere cannot leave it half-changed.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn take_batch(queue: &Queue) -> Vec<Pending> {
+    let mut pending = lock(&queue.pending);
+    let n = pending.len().min(MAX_BATCH);
+    pending.drain(..n).collect()
+}
+
+/// Writes whatever is queued when an `append` is dropped while its entry
+/// may still wait in the queue: an audit record for a command that was
+/// received must not depend on the caller's patience.
+struct FlushOnDrop {
+    pool: PgPool,
+    queue: Option<Arc<Queue>>,
+}
+
+impl FlushOnDrop {
+    fn disarm(mut self) {
+        self.queue = None;
+    }
+}
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        let Some(queue) = self.queue.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = self.pool.clone();
+        runtime.spawn(async move {
+            let _writer = queue.writer.lock().await;
+            loop {
+                let batch = take_batch(&queue);
+                if batch.is_empty() {
+                    break;
+                }
+                write_batch(pool.clone(), batch).await;
+            }
+        });
+    }
 }
 
 fn interrupted() -> Error {
