@@ -148,6 +148,11 @@ impl NewEvent {
     pub fn metadata(&self) -> &Metadata {
         &self.metadata
     }
+
+    /// The metadata, to fill in what the store adds (the trace context).
+    pub(crate) fn metadata_mut(&mut self) -> &mut Metadata {
+        &mut self.metadata
+    }
 }
 
 /// Checks a batch before anything is written. Shared by every store so they

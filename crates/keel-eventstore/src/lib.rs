@@ -88,6 +88,7 @@ mod memory;
 mod postgres;
 mod store;
 mod subscription;
+mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod upcast;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::Utc;
 use keel_core::{ExpectedVersion, Position, StreamId, Version, VersionConflict};
+use keel_telemetry::KeelMetrics;
 use tokio::sync::watch;
 
 use crate::error::{EventStoreError, Result};
@@ -19,6 +20,7 @@ use crate::store::{
     Appender, EventSignal, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
     StreamReader, SubscriptionSupport,
 };
+use crate::telemetry::{Appending, StoreMetrics};
 
 /// An event store held in memory. Cloning shares the same store.
 ///
@@ -27,6 +29,7 @@ use crate::store::{
 #[derive(Clone, Debug, Default)]
 pub struct InMemoryEventStore {
     inner: Arc<Shared>,
+    metrics: StoreMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +68,7 @@ impl InMemoryEventStore {
                 appended: Some(tx),
                 leaders: Mutex::default(),
             }),
+            metrics: StoreMetrics::default(),
         }
     }
 
@@ -229,7 +233,27 @@ impl Appender for InMemoryEventStore {
             .map(|mut r| r.remove(0))
     }
 
-    async fn append_multi(&self, appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+    async fn append_multi(&self, mut appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        let appending = Appending::start(appends.iter_mut().map(|a| (&a.stream_id, &mut a.events)));
+        let result = self.append_multi_unrecorded(appends).await;
+        appending.finish(&self.metrics.0, result)
+    }
+}
+
+impl InMemoryEventStore {
+    /// Records `keel.eventstore.append.*` through `metrics` instead of the
+    /// global meter provider's instruments taken when the store was built.
+    /// Clones made afterwards share the choice.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: KeelMetrics) -> Self {
+        self.metrics = StoreMetrics(metrics);
+        self
+    }
+
+    async fn append_multi_unrecorded(
+        &self,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<AppendResult>> {
         if appends.is_empty() {
             return Err(EventStoreError::invalid(
                 "appends",

@@ -18,6 +18,7 @@ use crate::store::{
     Appender, EventSignal, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
     StreamReader, SubscriptionSupport,
 };
+use crate::telemetry::{Appending, StoreMetrics};
 
 /// The channel appends notify on (when [`StoreConfig::notify_on_append`]).
 pub const NOTIFY_CHANNEL: &str = "keel_events";
@@ -41,6 +42,7 @@ pub struct PostgresEventStore {
     config: StoreConfig,
     global_sql: String,
     notifier: Arc<Notifier>,
+    pub(crate) metrics: StoreMetrics,
 }
 
 /// Sends the wake-up `NOTIFY` for appends made by this store, outside the
@@ -117,6 +119,7 @@ impl PostgresEventStore {
             config,
             global_sql,
             notifier: Arc::default(),
+            metrics: StoreMetrics::default(),
         }
     }
 
@@ -167,20 +170,26 @@ impl PostgresEventStore {
         conn: &mut PgConnection,
         stream: &StreamId,
         expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        mut events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        validate_batch(expected, &events, self.config.max_payload_bytes)?;
-        // The notification is sent in the caller's transaction, so it is
-        // delivered only if and when that transaction commits.
-        append_once(
-            conn,
-            stream,
-            expected,
-            &events,
-            self.config.notify_on_append,
-            false,
-        )
-        .await
+        let appending = Appending::start([(stream, &mut events)]);
+        let result = match validate_batch(expected, &events, self.config.max_payload_bytes) {
+            // The notification is sent in the caller's transaction, so it is
+            // delivered only if and when that transaction commits.
+            Ok(()) => {
+                append_once(
+                    conn,
+                    stream,
+                    expected,
+                    &events,
+                    self.config.notify_on_append,
+                    false,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        appending.finish(&self.metrics.0, result)
     }
 
     /// Appends to several streams within the caller's transaction; see
@@ -188,10 +197,13 @@ impl PostgresEventStore {
     pub async fn append_multi_in(
         &self,
         conn: &mut PgConnection,
-        appends: Vec<StreamAppend>,
+        mut appends: Vec<StreamAppend>,
     ) -> Result<Vec<AppendResult>> {
-        self.append_multi_with(conn, appends, self.config.notify_on_append)
-            .await
+        let appending = Appending::start(appends.iter_mut().map(|a| (&a.stream_id, &mut a.events)));
+        let result = self
+            .append_multi_with(conn, appends, self.config.notify_on_append)
+            .await;
+        appending.finish(&self.metrics.0, result)
     }
 
     async fn append_multi_with(
@@ -630,31 +642,41 @@ impl Appender for PostgresEventStore {
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        mut events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        validate_batch(expected, &events, self.config.max_payload_bytes)?;
-        let mut conn = self.pool.acquire().await?;
-        let result = match fast_append(&mut conn, stream, expected, &events).await? {
-            Some(result) => result,
-            // A conflict, a retry or a reused id: let the full procedure
-            // tell which (it is slower, and only runs on these paths).
-            None => append_once(&mut conn, stream, expected, &events, false, true).await?,
-        };
-        if !result.was_retry {
-            self.committed();
+        let appending = Appending::start([(stream, &mut events)]);
+        let result = async {
+            validate_batch(expected, &events, self.config.max_payload_bytes)?;
+            let mut conn = self.pool.acquire().await?;
+            let result = match fast_append(&mut conn, stream, expected, &events).await? {
+                Some(result) => result,
+                // A conflict, a retry or a reused id: let the full procedure
+                // tell which (it is slower, and only runs on these paths).
+                None => append_once(&mut conn, stream, expected, &events, false, true).await?,
+            };
+            if !result.was_retry {
+                self.committed();
+            }
+            Ok(result)
         }
-        Ok(result)
+        .await;
+        appending.finish(&self.metrics.0, result)
     }
 
-    async fn append_multi(&self, appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
-        check_multi(&appends, self.config.max_payload_bytes)?;
-        let mut tx = self.pool.begin().await?;
-        let results = self.append_multi_with(&mut tx, appends, false).await?;
-        tx.commit().await?;
-        if results.iter().any(|r| !r.was_retry) {
-            self.committed();
+    async fn append_multi(&self, mut appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        let appending = Appending::start(appends.iter_mut().map(|a| (&a.stream_id, &mut a.events)));
+        let result = async {
+            check_multi(&appends, self.config.max_payload_bytes)?;
+            let mut tx = self.pool.begin().await?;
+            let results = self.append_multi_with(&mut tx, appends, false).await?;
+            tx.commit().await?;
+            if results.iter().any(|r| !r.was_retry) {
+                self.committed();
+            }
+            Ok(results)
         }
-        Ok(results)
+        .await;
+        appending.finish(&self.metrics.0, result)
     }
 }
 

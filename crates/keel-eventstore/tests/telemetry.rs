@@ -1,0 +1,214 @@
+//! What the stores record and write on append without any decorator:
+//! `keel.eventstore.append.*` (read back through the OpenTelemetry SDK's
+//! in-memory exporter) and the current trace context in each event's
+//! metadata. Against PostgreSQL and the in-memory store.
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use keel_core::{ExpectedVersion, Metadata, StreamId, TraceContext, Version};
+use keel_eventstore::{
+    Appender, InMemoryEventStore, NewEvent, PostgresEventStore, ReadStream, StoreConfig,
+    StreamAppend, StreamReader,
+};
+use keel_telemetry::metrics::names::{
+    ATTR_OUTCOME, ATTR_STREAM_CATEGORY, EVENTSTORE_APPEND_CONFLICTS, EVENTSTORE_APPEND_DURATION,
+    EVENTSTORE_APPENDED_EVENTS,
+};
+use keel_telemetry::testing::MetricsProbe;
+use keel_testkit::TestDatabase;
+use opentelemetry::Context;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId};
+use serde_json::json;
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).unwrap()
+}
+
+fn ev(n: u64) -> NewEvent {
+    NewEvent::from_json("order.changed", &json!({ "n": n }))
+}
+
+/// Two appends to `Order-1` (3 events, then 2), one conflicting append, one
+/// append to `Cart-9`, and a multi-stream append over both categories.
+async fn appends_conflicts_and_latency<S: Appender>(store: S, probe: &MetricsProbe) {
+    let order = sid("Order-1");
+    store
+        .append(&order, ExpectedVersion::NoStream, vec![ev(1), ev(2), ev(3)])
+        .await
+        .unwrap();
+    store
+        .append(
+            &order,
+            ExpectedVersion::Exact(Version::new(3)),
+            vec![ev(4), ev(5)],
+        )
+        .await
+        .unwrap();
+    let conflict = store
+        .append(&order, ExpectedVersion::Exact(Version::new(1)), vec![ev(6)])
+        .await;
+    assert!(conflict.is_err(), "{conflict:?}");
+    store
+        .append(&sid("Cart-9"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    store
+        .append_multi(vec![
+            StreamAppend::new(sid("Order-2"), ExpectedVersion::NoStream, vec![ev(1)]),
+            StreamAppend::new(sid("Cart-9"), ExpectedVersion::Any, vec![ev(2), ev(3)]),
+        ])
+        .await
+        .unwrap();
+
+    let category = |c| (ATTR_STREAM_CATEGORY, c);
+    assert_eq!(
+        probe.value(EVENTSTORE_APPENDED_EVENTS, &[category("Order")]),
+        6.0
+    );
+    assert_eq!(
+        probe.value(EVENTSTORE_APPENDED_EVENTS, &[category("Cart")]),
+        3.0
+    );
+    assert_eq!(
+        probe.value(EVENTSTORE_APPEND_CONFLICTS, &[category("Order")]),
+        1.0
+    );
+    assert_eq!(
+        probe.value(EVENTSTORE_APPEND_CONFLICTS, &[category("Cart")]),
+        0.0
+    );
+    let calls = |c, outcome| {
+        probe.value(
+            EVENTSTORE_APPEND_DURATION,
+            &[category(c), (ATTR_OUTCOME, outcome)],
+        )
+    };
+    assert_eq!(calls("Order", "ok"), 3.0);
+    assert_eq!(calls("Order", "conflict"), 1.0);
+    assert_eq!(calls("Cart", "ok"), 2.0);
+    let latency = probe.matching(
+        EVENTSTORE_APPEND_DURATION,
+        &[category("Order"), (ATTR_OUTCOME, "ok")],
+    );
+    assert!(latency[0].sum > 0.0 && latency[0].sum < 60.0, "{latency:?}");
+}
+
+async fn postgres_store(probe: &MetricsProbe) -> (PostgresEventStore, TestDatabase) {
+    let db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .expect("test database");
+    let store = PostgresEventStore::with_config(
+        db.pool().clone(),
+        StoreConfig::default().settle_timeout(Duration::from_secs(30)),
+    )
+    .with_metrics(probe.metrics());
+    (store, db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_appends_and_conflicts_are_counted() {
+    let probe = MetricsProbe::new();
+    let (store, _db) = postgres_store(&probe).await;
+    appends_conflicts_and_latency(store, &probe).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_appends_in_a_callers_transaction_are_counted() {
+    let probe = MetricsProbe::new();
+    let (store, db) = postgres_store(&probe).await;
+    let mut tx = db.pool().begin().await.unwrap();
+    store
+        .append_in(
+            &mut tx,
+            &sid("Order-7"),
+            ExpectedVersion::NoStream,
+            vec![ev(1), ev(2)],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        probe.value(
+            EVENTSTORE_APPENDED_EVENTS,
+            &[(ATTR_STREAM_CATEGORY, "Order")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn in_memory_appends_and_conflicts_are_counted() {
+    let probe = MetricsProbe::new();
+    let store = InMemoryEventStore::new().with_metrics(probe.metrics());
+    appends_conflicts_and_latency(store, &probe).await;
+}
+
+/// Events appended inside an active trace carry it; events with their own
+/// keep it; outside any trace nothing is written.
+async fn appends_write_the_current_trace<S: Appender + StreamReader>(store: S) {
+    let cx = Context::new().with_remote_span_context(SpanContext::new(
+        TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+        SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+        TraceFlags::SAMPLED,
+        true,
+        Default::default(),
+    ));
+    let own = TraceContext::new(
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        None,
+    )
+    .unwrap();
+    let stream = sid("Order-42");
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![
+                ev(1),
+                ev(2).with_metadata(Metadata::new().with_trace_context(own.clone())),
+            ],
+        )
+        .with_context(cx)
+        .await
+        .unwrap();
+    store
+        .append(&stream, ExpectedVersion::Any, vec![ev(3)])
+        .await
+        .unwrap();
+    let events: Vec<_> = store
+        .read_stream(&stream, ReadStream::forward())
+        .try_collect()
+        .await
+        .unwrap();
+    let traces: Vec<_> = events
+        .iter()
+        .map(|e| {
+            e.metadata
+                .trace_context
+                .as_ref()
+                .map(|tc| tc.traceparent().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        traces,
+        [
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned()),
+            Some(own.traceparent().to_owned()),
+            None,
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_appends_write_the_current_trace() {
+    let probe = MetricsProbe::new();
+    let (store, _db) = postgres_store(&probe).await;
+    appends_write_the_current_trace(store).await;
+}
+
+#[tokio::test]
+async fn in_memory_appends_write_the_current_trace() {
+    appends_write_the_current_trace(InMemoryEventStore::new()).await;
+}
