@@ -72,11 +72,7 @@ impl Customer {
 ///
 /// The table cannot be created, or it differs from the mapping.
 pub async fn pg_customers(database: &Database) -> Result<PgRepository<Customer>> {
-    let create = Customer::mapping().create_table_sql().replacen(
-        "CREATE TABLE",
-        "CREATE TABLE IF NOT EXISTS",
-        1,
-    );
+    let create = Customer::mapping().create_table_if_not_exists_sql();
     sqlx::query(&create).execute(database.pool()).await?;
     let repository = PgRepository::new(database.pool().clone())?;
     // Catch a table that drifted from the mapping at start-up, not on the
