@@ -598,6 +598,35 @@ pub async fn filters_select_exactly(h: Harness) {
     })
     .await;
     check(vec![Filter::one_of("price", Vec::<i64>::new())], &|_| false).await;
+    // An in-list on every other filterable type (one typed array parameter
+    // each on PostgreSQL).
+    let (a, b) = (&all[3], &all[11]);
+    check(vec![Filter::one_of("price", [a.price, b.price])], &|g| {
+        g.price == a.price || g.price == b.price
+    })
+    .await;
+    check(vec![Filter::one_of("stock", [a.stock, b.stock])], &|g| {
+        g.stock == a.stock || g.stock == b.stock
+    })
+    .await;
+    check(vec![Filter::one_of("rating", [a.rating, b.rating])], &|g| {
+        g.rating == a.rating || g.rating == b.rating
+    })
+    .await;
+    check(vec![Filter::one_of("active", [false])], &|g| !g.active).await;
+    check(vec![Filter::one_of("sku", [a.sku, b.sku])], &|g| {
+        g.sku == a.sku || g.sku == b.sku
+    })
+    .await;
+    check(
+        vec![Filter::one_of("released", [a.released, b.released])],
+        &|g| g.released == a.released || g.released == b.released,
+    )
+    .await;
+    check(vec![Filter::one_of("category", ["tools"])], &|g| {
+        g.category.as_deref() == Some("tools")
+    })
+    .await;
     check(vec![Filter::prefix("id", "g01")], &|g| {
         g.id.starts_with("g01")
     })

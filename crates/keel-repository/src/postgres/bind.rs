@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgArgumentBuffer, PgRow, PgTypeInfo};
-use sqlx::{Encode, Postgres, QueryBuilder, Row as _, Type};
+use sqlx::postgres::{PgArgumentBuffer, PgHasArrayType, PgRow, PgTypeInfo};
+use sqlx::{Encode, Postgres, Row as _, Type};
 use uuid::Uuid;
 
 use crate::error::{RepositoryError, Result};
@@ -55,30 +55,57 @@ impl Encode<'_, Postgres> for Param<'_> {
     }
 }
 
-/// Binds a list of same-typed values as one typed array parameter (for
-/// `= ANY($n)`), so the statement text is the same whatever the length.
-pub(crate) fn push_array(qb: &mut QueryBuilder<'_, Postgres>, ty: ColumnType, values: &[Value]) {
-    macro_rules! array {
-        ($variant:ident, $t:ty) => {{
-            let items: Vec<$t> = values
-                .iter()
-                .filter_map(|v| match v {
-                    Value::$variant(x) => Some(x.clone()),
-                    _ => None,
-                })
-                .collect();
-            qb.push_bind(items);
-        }};
+/// Same-typed values bound as one typed array parameter (for `= ANY($n)`),
+/// so that the statement text is the same whatever the number of values.
+/// Values of another type are left out: callers pass values already
+/// checked against the column.
+#[derive(Debug)]
+pub(crate) struct ArrayParam<'a>(pub(crate) &'a [Value], pub(crate) ColumnType);
+
+impl Type<Postgres> for ArrayParam<'_> {
+    fn type_info() -> PgTypeInfo {
+        // Every `ArrayParam` reports its real type through `produces`.
+        <Vec<String> as Type<Postgres>>::type_info()
     }
-    match ty {
-        ColumnType::Bool => array!(Bool, bool),
-        ColumnType::I32 => array!(I32, i32),
-        ColumnType::I64 => array!(I64, i64),
-        ColumnType::F64 => array!(F64, f64),
-        ColumnType::Text => array!(Text, String),
-        ColumnType::Uuid => array!(Uuid, Uuid),
-        ColumnType::Timestamp => array!(Timestamp, DateTime<Utc>),
-        ColumnType::Json => array!(Json, serde_json::Value),
+}
+
+impl Encode<'_, Postgres> for ArrayParam<'_> {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        macro_rules! array {
+            ($variant:ident) => {
+                self.0
+                    .iter()
+                    .filter_map(|v| match v {
+                        Value::$variant(x) => Some(x),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .encode_by_ref(buf)
+            };
+        }
+        match self.1 {
+            ColumnType::Bool => array!(Bool),
+            ColumnType::I32 => array!(I32),
+            ColumnType::I64 => array!(I64),
+            ColumnType::F64 => array!(F64),
+            ColumnType::Text => array!(Text),
+            ColumnType::Uuid => array!(Uuid),
+            ColumnType::Timestamp => array!(Timestamp),
+            ColumnType::Json => array!(Json),
+        }
+    }
+
+    fn produces(&self) -> Option<PgTypeInfo> {
+        Some(match self.1 {
+            ColumnType::Bool => <bool as PgHasArrayType>::array_type_info(),
+            ColumnType::I32 => <i32 as PgHasArrayType>::array_type_info(),
+            ColumnType::I64 => <i64 as PgHasArrayType>::array_type_info(),
+            ColumnType::F64 => <f64 as PgHasArrayType>::array_type_info(),
+            ColumnType::Text => <String as PgHasArrayType>::array_type_info(),
+            ColumnType::Uuid => <Uuid as PgHasArrayType>::array_type_info(),
+            ColumnType::Timestamp => <DateTime<Utc> as PgHasArrayType>::array_type_info(),
+            ColumnType::Json => <serde_json::Value as PgHasArrayType>::array_type_info(),
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use keel_core::{
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Arguments, Connection, PgConnection, PgPool, Postgres, QueryBuilder};
 
-use self::bind::{Param, decode};
+use self::bind::{ArrayParam, Param, decode};
 use self::sql::{Statements, push_after, push_order, push_where};
 use crate::cursor::CursorCodec;
 use crate::error::{RepositoryError, Result};
@@ -404,10 +404,21 @@ impl<E: Mapped> Inner<E> {
     }
 
     async fn insert(&self, conn: &mut PgConnection, entity: &E) -> Result<Stored<E>> {
+        self.write_row(conn, &self.sql.insert, entity).await
+    }
+
+    /// Runs `statement` (the insert or the upsert) with the entity's row
+    /// and the clock's time, and returns the stored row.
+    async fn write_row(
+        &self,
+        conn: &mut PgConnection,
+        statement: &str,
+        entity: &E,
+    ) -> Result<Stored<E>> {
         let values = self.schema.row_of(entity)?;
         let mut args = self.row_args(&values)?;
         self.add_now(&mut args)?;
-        let row = sqlx::query_with(&self.sql.insert, args)
+        let row = sqlx::query_with(statement, args)
             .fetch_one(conn)
             .await
             .map_err(|e| self.write_error(e, || self.schema.subject(entity.id())))?;
@@ -539,14 +550,7 @@ impl<E: Mapped> Inner<E> {
     }
 
     async fn upsert(&self, conn: &mut PgConnection, entity: &E) -> Result<Stored<E>> {
-        let values = self.schema.row_of(entity)?;
-        let mut args = self.row_args(&values)?;
-        self.add_now(&mut args)?;
-        let row = sqlx::query_with(&self.sql.upsert, args)
-            .fetch_one(conn)
-            .await
-            .map_err(|e| self.write_error(e, || self.schema.subject(entity.id())))?;
-        self.stored(&row)
+        self.write_row(conn, &self.sql.upsert, entity).await
     }
 
     async fn transition(
@@ -678,7 +682,8 @@ impl<E: Mapped> Inner<E> {
         // One typed array parameter: the statement text is the same for
         // any number of ids.
         let mut args = PgArguments::default();
-        add_array(&mut args, self.schema.id_type(), &keys)?;
+        args.add(ArrayParam(&keys, self.schema.id_type()))
+            .map_err(|e| RepositoryError::Database(sqlx::Error::Encode(e)))?;
         let rows = sqlx::query_with(&self.sql.get_many, args)
             .fetch_all(conn)
             .await?;
@@ -771,34 +776,6 @@ impl<E: Mapped> Inner<E> {
             }
         }
     }
-}
-
-fn add_array(args: &mut PgArguments, ty: ColumnType, values: &[Value]) -> Result<()> {
-    macro_rules! array {
-        ($variant:ident, $t:ty) => {{
-            let items: Vec<$t> = values
-                .iter()
-                .filter_map(|v| match v {
-                    Value::$variant(x) => Some(x.clone()),
-                    _ => None,
-                })
-                .collect();
-            args.add(items)
-        }};
-    }
-    match ty {
-        ColumnType::Text => array!(Text, String),
-        ColumnType::I32 => array!(I32, i32),
-        ColumnType::I64 => array!(I64, i64),
-        ColumnType::Uuid => array!(Uuid, uuid::Uuid),
-        other => {
-            return Err(RepositoryError::mapping(
-                "id",
-                format!("{other:?} ids are not supported"),
-            ));
-        }
-    }
-    .map_err(|e| RepositoryError::Database(sqlx::Error::Encode(e)))
 }
 
 /// The expected version as a parameter. Stored versions fit in `BIGINT`; an

@@ -6,7 +6,7 @@
 use keel_core::{Deleted, Direction};
 use sqlx::{Postgres, QueryBuilder};
 
-use super::bind::{Param, push_array};
+use super::bind::{ArrayParam, Param};
 use crate::mapping::{Schema, quote, quote_path};
 use crate::query::{Cond, Plan};
 use crate::value::{ColumnType, Value};
@@ -183,7 +183,7 @@ pub(crate) fn push_where<'a>(
             }
             Cond::In(f, values) => {
                 qb.push(quote(&schema.fields[*f].name)).push(" = ANY(");
-                push_array(qb, schema.fields[*f].ty, values);
+                qb.push_bind(ArrayParam(values, schema.fields[*f].ty));
                 qb.push(")");
             }
             Cond::Prefix(f, prefix) => {
