@@ -152,24 +152,21 @@ impl Plan {
 
     /// Orders two records by the sort keys.
     pub(crate) fn order(&self, a: &Record, b: &Record) -> Ordering {
-        for (f, dir) in &self.sort {
-            let o = compare(&a.field(*f), &b.field(*f));
-            let o = if *dir == Direction::Desc {
-                o.reverse()
-            } else {
-                o
-            };
-            if o != Ordering::Equal {
-                return o;
-            }
-        }
-        Ordering::Equal
+        self.order_with(|_, f| Some(compare(&a.field(f), &b.field(f))))
     }
 
-    /// Orders a record against a cursor's key values.
+    /// Orders a record against a cursor's key values (as many as there
+    /// are).
     pub(crate) fn order_against(&self, r: &Record, key: &[Value]) -> Ordering {
-        for ((f, dir), k) in self.sort.iter().zip(key) {
-            let o = compare(&r.field(*f), k);
+        self.order_with(|i, f| key.get(i).map(|k| compare(&r.field(f), k)))
+    }
+
+    /// The first unequal comparison along the sort keys, reversed for
+    /// descending keys; `cmp` gets the key's position and field and answers
+    /// `None` when there is nothing left to compare.
+    fn order_with(&self, cmp: impl Fn(usize, usize) -> Option<Ordering>) -> Ordering {
+        for (i, (f, dir)) in self.sort.iter().enumerate() {
+            let Some(o) = cmp(i, *f) else { break };
             let o = if *dir == Direction::Desc {
                 o.reverse()
             } else {
