@@ -522,11 +522,7 @@ impl<E: Mapped> Inner<E> {
     ) -> Result<Stored<E>> {
         let values = self.schema.row_of(entity)?;
         let mut args = self.row_args(&values)?;
-        add(
-            &mut args,
-            &Value::I64(version_param(expected)?),
-            ColumnType::I64,
-        )?;
+        add_expected(&mut args, expected)?;
         self.add_now(&mut args)?;
         let row = sqlx::query_with(&self.sql.update, args)
             .fetch_optional(&mut *conn)
@@ -563,11 +559,7 @@ impl<E: Mapped> Inner<E> {
         let id_value = self.id_value(id)?;
         let mut args = PgArguments::default();
         add(&mut args, &id_value, self.schema.id_type())?;
-        add(
-            &mut args,
-            &Value::I64(version_param(expected)?),
-            ColumnType::I64,
-        )?;
+        add_expected(&mut args, expected)?;
         self.add_now(&mut args)?;
         let sql = match t {
             Transition::SoftDelete => &self.sql.soft_delete,
@@ -594,11 +586,7 @@ impl<E: Mapped> Inner<E> {
         let id_value = self.id_value(id)?;
         let mut args = PgArguments::default();
         add(&mut args, &id_value, self.schema.id_type())?;
-        add(
-            &mut args,
-            &Value::I64(version_param(expected)?),
-            ColumnType::I64,
-        )?;
+        add_expected(&mut args, expected)?;
         let done = sqlx::query_with(&self.sql.hard_delete, args)
             .execute(&mut *conn)
             .await
@@ -778,11 +766,13 @@ impl<E: Mapped> Inner<E> {
     }
 }
 
-/// The expected version as a parameter. Stored versions fit in `BIGINT`; an
-/// expectation beyond it matches no row (`-1`), so the write reports the
-/// actual version as a conflict, as the in-memory repository does.
-fn version_param(v: Version) -> Result<i64> {
-    Ok(i64::try_from(v.get()).unwrap_or(-1))
+/// Adds the expected version as a parameter. Stored versions fit in
+/// `BIGINT`; an expectation beyond it matches no row (`-1`), so the write
+/// reports the actual version as a conflict, as the in-memory repository
+/// does.
+fn add_expected(args: &mut PgArguments, expected: Version) -> Result<()> {
+    let v = i64::try_from(expected.get()).unwrap_or(-1);
+    add(args, &Value::I64(v), ColumnType::I64)
 }
 
 /// Maps a database failure onto the port's error: connection trouble,
