@@ -26,6 +26,11 @@
 //!   longer deserialize are removed and reloaded.
 //! * **Bad input is refused** with a typed [`CacheError`] (empty or long
 //!   keys, large values), which converts into [`keel_core::Error`].
+//! * **Observable**: hits (by tier) and misses are recorded as
+//!   `keel.cache.hits` / `keel.cache.misses` through the global meter
+//!   provider or [`CacheAsideBuilder::metrics`]; with Redis,
+//!   `RedisCache::readiness_check` is the health check (`PING` within a
+//!   time limit).
 //!
 //! The guide is `docs/cache.md` in the repository.
 //!

@@ -28,6 +28,12 @@
 //! * **Typed handlers**: [`EventRouter`] decodes each message into the type
 //!   registered for its event type and schema version, and rejects unknown
 //!   ones (or skips them, if told to).
+//! * **Telemetry without decorators**: both buses record Keel's standard
+//!   bus metrics (`keel.bus.publish.*`, acks, nacks, dead letters by reason,
+//!   handler duration; see `docs/telemetry.md`) through the global meter
+//!   provider or [`InMemoryBus::with_metrics`], and write the current span's
+//!   trace context into every published message that carries none. With
+//!   Pub/Sub, `PubSubBus::readiness_check` is the health check.
 //!
 //! Messages travel as JSON data with attributes for the event type, id,
 //! schema version, correlation and causation ids, trace context, actor and
