@@ -73,6 +73,12 @@ pub trait EventBus: EventPublisher + fmt::Debug {
         consumer: &str,
         event_ids: &[EventId],
     ) -> Result<usize>;
+
+    /// For a clean exit: waits for buffered publishes to go out and releases
+    /// what the bus holds open besides subscriptions (which stop with their
+    /// own [`Subscription::shutdown`]). The bus stays usable afterwards. The
+    /// default does nothing, for buses that buffer nothing.
+    async fn close(&self) {}
 }
 
 /// A message that was dead-lettered, with why.

@@ -497,6 +497,10 @@ impl EventBus for PubSubBus {
         self.publish_owned(topic, messages.to_vec()).await
     }
 
+    async fn close(&self) {
+        PubSubBus::close(self).await;
+    }
+
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
         let path = self.topic_path(&self.naming.topic(topic)?);
         admin::create_topic(&self.inner.topics, &path).await?;
