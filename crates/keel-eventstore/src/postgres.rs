@@ -471,12 +471,7 @@ async fn fast_append(
     let one_metadata;
     let columns;
     let mut query = if let [event] = events {
-        one_metadata = serde_json::to_string(event.metadata()).map_err(|source| {
-            EventStoreError::Serialize {
-                event_type: event.event_type().to_owned(),
-                source,
-            }
-        })?;
+        one_metadata = metadata_json(event)?;
         sqlx::query(&sql[1][variant])
             .bind(stream.as_str())
             .bind(*event.event_id().as_uuid())
@@ -523,6 +518,14 @@ async fn fast_append(
     }))
 }
 
+/// An event's metadata as the JSON text the `metadata` column stores.
+fn metadata_json(event: &NewEvent) -> Result<String> {
+    serde_json::to_string(event.metadata()).map_err(|source| EventStoreError::Serialize {
+        event_type: event.event_type().to_owned(),
+        source,
+    })
+}
+
 /// A batch of events as the column arrays the append statements take.
 struct EventColumns<'a> {
     ids: Vec<uuid::Uuid>,
@@ -548,14 +551,7 @@ impl<'a> EventColumns<'a> {
                 .schemas
                 .push(i32::try_from(e.schema_version()).unwrap_or(i32::MAX));
             columns.payloads.push(e.payload_json());
-            columns
-                .metadata
-                .push(serde_json::to_string(e.metadata()).map_err(|source| {
-                    EventStoreError::Serialize {
-                        event_type: e.event_type().to_owned(),
-                        source,
-                    }
-                })?);
+            columns.metadata.push(metadata_json(e)?);
         }
         Ok(columns)
     }
