@@ -380,6 +380,18 @@ pub trait CommandHandler<C: Command>: Send + Sync + 'static {
 /// A boxed, sendable future, as returned by the pipeline's services.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// Takes the service a layer polled ready out of `slot`, leaving a fresh
+/// clone behind for the next request.
+///
+/// A layer's `call` must use the very service whose `poll_ready` answered
+/// ready; every pipeline layer that moves its inner service into a boxed
+/// future calls this instead of cloning, which would hand the request to a
+/// service that was never polled.
+pub fn take_ready<S: Clone>(slot: &mut S) -> S {
+    let fresh = slot.clone();
+    std::mem::replace(slot, fresh)
+}
+
 /// Turns a [`CommandHandler`] into the innermost [`tower::Service`] of a
 /// command pipeline. Cheap to clone (the handler is shared).
 pub struct HandlerService<H> {

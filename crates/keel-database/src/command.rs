@@ -226,8 +226,7 @@ where
     }
 
     fn call(&mut self, mut envelope: CommandEnvelope<C>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = keel_core::command::take_ready(&mut self.inner);
         let layer = self.layer.clone();
         Box::pin(async move {
             let uow = layer

@@ -129,10 +129,7 @@ where
     }
 
     fn call(&mut self, mut envelope: CommandEnvelope<C>) -> Self::Future {
-        // The service polled ready is the one that must be called; keep it
-        // and leave a fresh clone behind for the next request.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = keel_core::command::take_ready(&mut self.inner);
         let layer = self.layer.clone();
         Box::pin(async move {
             let principal = layer.authenticate(&mut envelope).await?;

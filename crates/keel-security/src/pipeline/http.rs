@@ -221,8 +221,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqB>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = keel_core::command::take_ready(&mut self.inner);
         let verifier = self.verifier.clone();
         let rejection = self.rejection.clone();
         Box::pin(async move {
