@@ -177,6 +177,9 @@ pub struct RedisCache {
 struct Shared {
     client: redis::Client,
     config: RedisConfig,
+    /// `host:port` (or the socket path) of the server, for error messages;
+    /// never the credentials.
+    address: String,
     listeners: Mutex<HashMap<String, Listener>>,
 }
 
@@ -207,10 +210,40 @@ impl fmt::Debug for RedisCache {
 impl RedisCache {
     /// Connects, failing if Redis does not answer a `PING` within the
     /// connect and response timeouts.
+    ///
+    /// A server that cannot be reached (refused, unreachable, too slow) is
+    /// a [`CacheError::Backend`] whose message names its address
+    /// (`host:port`, never the credentials from the URL).
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         let cache = Self::connect_lazy(config)?;
-        cache.ping().await?;
+        cache.ping().await.map_err(|e| cache.connect_failed(e))?;
         Ok(cache)
+    }
+
+    /// Rewords a failed first `PING` as a connection failure naming the
+    /// server (a [`CacheError::Timeout`] has no room for the address).
+    fn connect_failed(&self, e: CacheError) -> CacheError {
+        let address = &self.shared.address;
+        match e {
+            CacheError::Timeout { after, .. } => CacheError::Backend {
+                backend: "redis",
+                message: format!(
+                    "cannot connect to Redis at {address}: no answer within {after:?}"
+                ),
+                source: None,
+            },
+            CacheError::Backend { source, .. } => {
+                let cause = source
+                    .as_ref()
+                    .map_or_else(|| "unknown error".to_owned(), ToString::to_string);
+                CacheError::Backend {
+                    backend: "redis",
+                    message: format!("cannot connect to Redis at {address}: {cause}"),
+                    source,
+                }
+            }
+            other => other,
+        }
     }
 
     /// Prepares a connection without opening it: the first command connects.
@@ -230,14 +263,16 @@ impl RedisCache {
             .set_response_timeout(Some(config.response_timeout))
             .set_number_of_retries(config.reconnect_attempts)
             .set_max_delay(Duration::from_secs(1));
+        let address = client.get_connection_info().addr().to_string();
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| redis_error("connect", e, config.connect_timeout))?;
+            .map_err(|e| redis_error("connect", &address, e, config.connect_timeout))?;
         let prefix = Arc::from(config.key_prefix.as_str());
         Ok(Self {
             conn,
             shared: Arc::new(Shared {
                 client,
                 config,
+                address,
                 listeners: Mutex::new(HashMap::new()),
             }),
             prefix,
@@ -293,7 +328,12 @@ impl RedisCache {
     }
 
     fn error(&self, operation: &'static str, e: redis::RedisError) -> CacheError {
-        redis_error(operation, e, self.shared.config.response_timeout)
+        redis_error(
+            operation,
+            &self.shared.address,
+            e,
+            self.shared.config.response_timeout,
+        )
     }
 }
 
@@ -311,13 +351,18 @@ fn open_client(config: &RedisConfig) -> redis::RedisResult<redis::Client> {
     redis::Client::open(config.url.as_str())
 }
 
-fn redis_error(operation: &'static str, e: redis::RedisError, after: Duration) -> CacheError {
+fn redis_error(
+    operation: &'static str,
+    address: &str,
+    e: redis::RedisError,
+    after: Duration,
+) -> CacheError {
     if e.is_timeout() {
         return CacheError::Timeout { operation, after };
     }
     CacheError::Backend {
         backend: "redis",
-        message: format!("{operation} failed: {e}"),
+        message: format!("{operation} on {address} failed: {e}"),
         source: Some(Box::new(e)),
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{OwnRedis, closed_port};
+use common::{OwnRedis, SilentServer, closed_port};
 use keel_cache::{CacheAside, CacheError, InvalidationHandler, RedisCache, RedisConfig};
 use keel_core::{Delivery, EventHandler, HandlerError, Message};
 
@@ -242,4 +242,77 @@ async fn concurrent_reads_during_an_outage_all_succeed() {
     // load per key at a time; never more loads than calls.
     let loads = loads.load(Ordering::SeqCst);
     assert!((5..=50).contains(&loads), "{loads}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_name_the_server_but_not_the_password() {
+    let port = closed_port();
+    let address = format!("127.0.0.1:{port}");
+    let url = format!("redis://app:s3cret-pw@{address}/0");
+    let e = bounded(RedisCache::connect(config(url))).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CacheError::Backend {
+                backend: "redis",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let shown = e.to_string();
+    assert!(shown.contains(&address), "{shown}");
+    assert!(!format!("{e:?}").contains("s3cret-pw"), "{e:?}");
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+    // Still there once converted for the service's own error type.
+    let core: keel_core::Error = e.into();
+    assert!(core.is_retryable());
+    let shown = core.to_string();
+    assert!(shown.contains(&address), "{shown}");
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_is_named_when_connecting() {
+    let server = SilentServer::start().await;
+    let e = bounded(RedisCache::connect(
+        config(server.url()).response_timeout(Duration::from_millis(200)),
+    ))
+    .await
+    .unwrap_err();
+    assert!(e.is_backend_failure(), "{e}");
+    let shown = e.to_string();
+    assert!(
+        shown.contains(&format!("127.0.0.1:{}", server.port)),
+        "{shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_from_a_server_that_stalls_fall_back_to_the_loader() {
+    let server = SilentServer::start().await;
+    // Redis's own limits are far longer than the cache's: the cache's
+    // timeout must be the one that ends each read.
+    let redis = RedisCache::connect_lazy(
+        config(server.url())
+            .connect_timeout(Duration::from_secs(30))
+            .response_timeout(Duration::from_secs(30)),
+    )
+    .unwrap();
+    let cache = bounded(
+        CacheAside::builder(redis, "stalled")
+            .timeout(Duration::from_millis(100))
+            .build(),
+    )
+    .await
+    .unwrap();
+    let loads = AtomicUsize::new(0);
+    for i in 0..3 {
+        let v = bounded(cache.get_or_load("k", || load(&loads, i)))
+            .await
+            .unwrap();
+        assert_eq!(v, i, "the loader answered");
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
+    assert!(cache.stats().errors >= 3, "{:?}", cache.stats());
 }
