@@ -421,6 +421,57 @@ pub async fn single_flight_loads_once(s: Subject) {
     assert_eq!(cache.stats().loads, 1);
 }
 
+/// Callers that wait for another caller's load are counted as `joined`,
+/// not as misses: one miss (the leader) and one `joined` per follower.
+pub async fn joined_callers_are_counted_apart(s: Subject) {
+    const CALLERS: u64 = 10;
+    let cache = s.aside("joined").build().await.unwrap();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let cache = cache.clone();
+            let observer = cache.clone();
+            let loads = loads.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_load::<u64, keel_core::Error, _, _>("k", || async move {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        // Answer only once every other caller has joined.
+                        let all_joined = eventually(Duration::from_secs(10), || async {
+                            observer.stats().joined >= CALLERS - 1
+                        })
+                        .await;
+                        assert!(all_joined, "not every caller joined the load");
+                        Ok(7)
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), 7);
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.joined, stats.loads),
+        (0, 1, CALLERS - 1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.hit_ratio(), Some(0.0));
+    // A later call is a hit; the counts of the flight stay as they were.
+    let v: u64 = cache
+        .get_or_load("k", counting_loader(&loads, 8, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(v, 7);
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.joined),
+        (1, 1, CALLERS - 1)
+    );
+}
+
 /// Concurrent misses in two processes run the loader once in all.
 pub async fn cross_process_stampede_loads_once(s: Subject) {
     let one = s
@@ -698,7 +749,8 @@ pub async fn load_errors_are_shared_and_not_cached(s: Subject) {
                         // joined this load): a caller arriving after the
                         // failure would rightly load again.
                         let all_joined = eventually(Duration::from_secs(10), || async {
-                            observer.stats().misses >= 20
+                            let stats = observer.stats();
+                            stats.misses + stats.joined >= 20
                         })
                         .await;
                         assert!(all_joined, "not every caller reached the cache");

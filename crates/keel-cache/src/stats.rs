@@ -4,6 +4,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a [`CacheAside`](crate::CacheAside)'s counters, from
 /// [`CacheAside::stats`](crate::CacheAside::stats). Counters only grow.
+///
+/// Every lookup is counted once, as exactly one of [`hits`](Self::hits),
+/// [`misses`](Self::misses) or [`joined`](Self::joined): a caller that
+/// waited for another caller's load of the same key (single flight) is
+/// `joined`, not a miss, so `misses` counts the lookups that went on to a
+/// load of their own (or found the value on a second look) and `joined`
+/// how many loads single flight saved. The `keel.cache.misses` metric
+/// counts `misses` and `joined` together (neither was answered by the
+/// cache).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -13,8 +22,16 @@ pub struct CacheStats {
     /// Of [`hits`](Self::hits), those answered by the in-process tier.
     pub local_hits: u64,
     /// Lookups that found nothing usable (absent, undecodable, or the
-    /// backend failed).
+    /// backend failed) and did not join another caller's load.
     pub misses: u64,
+    /// Lookups through [`get_or_load`](crate::CacheAside::get_or_load) (or
+    /// `get_or_load_optional`) that found nothing usable and waited for a
+    /// load of the same key that another caller in this process had already
+    /// started, instead of loading themselves. Counted when the caller
+    /// joins; a caller whose flight ends without a value it can use (the
+    /// loader was cancelled, or returned another type) then loads on its
+    /// own, and stays counted here.
+    pub joined: u64,
     /// Loader runs.
     pub loads: u64,
     /// Loader runs that returned an error.
@@ -28,10 +45,11 @@ pub struct CacheStats {
 }
 
 impl CacheStats {
-    /// `hits / (hits + misses)`, or `None` before the first lookup.
+    /// `hits / (hits + misses + joined)`: the share of lookups the cache
+    /// answered, or `None` before the first lookup.
     #[must_use]
     pub fn hit_ratio(&self) -> Option<f64> {
-        let lookups = self.hits + self.misses;
+        let lookups = self.hits + self.misses + self.joined;
         #[allow(clippy::cast_precision_loss)] // a ratio does not need 53 bits
         (lookups > 0).then(|| self.hits as f64 / lookups as f64)
     }
@@ -42,6 +60,7 @@ pub(crate) struct Counters {
     pub(crate) hits: AtomicU64,
     pub(crate) local_hits: AtomicU64,
     pub(crate) misses: AtomicU64,
+    pub(crate) joined: AtomicU64,
     pub(crate) loads: AtomicU64,
     pub(crate) load_errors: AtomicU64,
     pub(crate) errors: AtomicU64,
@@ -59,6 +78,7 @@ impl Counters {
             hits: get(&self.hits),
             local_hits: get(&self.local_hits),
             misses: get(&self.misses),
+            joined: get(&self.joined),
             loads: get(&self.loads),
             load_errors: get(&self.load_errors),
             errors: get(&self.errors),
@@ -80,5 +100,12 @@ mod tests {
             ..CacheStats::default()
         };
         assert_eq!(stats.hit_ratio(), Some(0.75));
+        let stats = CacheStats {
+            hits: 2,
+            misses: 1,
+            joined: 1,
+            ..CacheStats::default()
+        };
+        assert_eq!(stats.hit_ratio(), Some(0.5), "joined lookups are not hits");
     }
 }

@@ -43,6 +43,7 @@ macro_rules! suite {
                 publish_reaches_other_processes,
                 get_or_load_caches,
                 single_flight_loads_once,
+                joined_callers_are_counted_apart,
                 cross_process_stampede_loads_once,
                 negative_caching,
                 namespaces_are_isolated,

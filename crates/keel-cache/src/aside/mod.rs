@@ -310,6 +310,8 @@ impl CacheAsideBuilder {
                 checked_at: None,
                 generation: 0,
             }),
+            version_fresh: AtomicBool::new(false),
+            ticking: AtomicBool::new(true),
             refreshing: AtomicBool::new(false),
             local,
             flights: Flights::default(),
@@ -317,7 +319,10 @@ impl CacheAsideBuilder {
             metrics,
             failing: AtomicBool::new(false),
             listener: OnceLock::new(),
+            ticker: OnceLock::new(),
         });
+        let ticker = tokio::spawn(tick(Arc::downgrade(&inner), inner.policy.version_refresh));
+        let _ = inner.ticker.set(ticker.abort_handle());
         // Subscribe before reading the version, so no bump falls between.
         match inner.backend.subscribe() {
             Ok(mut subscription) => {
@@ -356,6 +361,14 @@ struct Inner {
     origin: String,
     policy: Policy,
     version: RwLock<NamespaceVersion>,
+    /// Whether the version may be used without looking at the clock: set
+    /// by every read of the version, cleared every `version_refresh` by the
+    /// ticker task (and when pub/sub messages may have been lost). Saves a
+    /// clock read per lookup.
+    version_fresh: AtomicBool,
+    /// Whether the ticker task runs; once it stops (its runtime shut down)
+    /// lookups go back to comparing `checked_at` with the clock.
+    ticking: AtomicBool,
     refreshing: AtomicBool,
     local: Option<moka::sync::Cache<String, Arc<[u8]>>>,
     flights: Flights,
@@ -366,12 +379,16 @@ struct Inner {
     /// warn level so an outage does not flood the logs.
     failing: AtomicBool,
     listener: OnceLock<AbortHandle>,
+    ticker: OnceLock<AbortHandle>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(listener) = self.listener.get() {
-            listener.abort();
+        for task in [self.listener.get(), self.ticker.get()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
     }
 }
@@ -513,6 +530,13 @@ impl Inner {
         self.metrics.miss();
     }
 
+    /// Counts a lookup that joined another caller's load: `joined` in the
+    /// stats, a miss in `keel.cache.misses` (the cache did not answer it).
+    fn joined(&self) {
+        bump(&self.counters.joined);
+        self.metrics.miss();
+    }
+
     fn backend_ok(&self) {
         if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
             tracing::info!(namespace = %self.namespace, backend = self.backend.name(), "cache backend recovered");
@@ -558,9 +582,10 @@ impl Inner {
     async fn current_token(&self) -> Arc<str> {
         {
             let version = self.version.read().unwrap_or_else(|p| p.into_inner());
-            if version
-                .checked_at
-                .is_some_and(|at| at.elapsed() < self.policy.version_refresh)
+            if self.version_fresh.load(Ordering::Acquire)
+                || version
+                    .checked_at
+                    .is_some_and(|at| at.elapsed() < self.policy.version_refresh)
             {
                 return version.token.clone();
             }
@@ -571,6 +596,15 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .token
             .clone()
+    }
+
+    /// Records that the version was just read (or set): it may be used
+    /// without a clock read until the next tick.
+    fn mark_checked(&self, version: &mut NamespaceVersion) {
+        version.checked_at = Some(Instant::now());
+        if self.ticking.load(Ordering::Acquire) {
+            self.version_fresh.store(true, Ordering::Release);
+        }
     }
 
     /// Reads the namespace version from the backend; one caller at a time,
@@ -589,11 +623,13 @@ impl Inner {
             .call("get version", self.backend.read(&self.version_key))
             .await;
         let mut version = self.version.write().unwrap_or_else(|p| p.into_inner());
-        // Retry a failed read only after the refresh interval, not per call.
-        version.checked_at = Some(Instant::now());
         if version.generation != generation {
+            // Pub/sub changed the version meanwhile: a newer token is set
+            // (and marked checked), or a re-read was asked for (resync).
             return;
         }
+        // Retry a failed read only after the refresh interval, not per call.
+        self.mark_checked(&mut version);
         let token: Arc<str> = match read {
             Ok(Some(bytes)) => Arc::from(String::from_utf8_lossy(&bytes).as_ref()),
             Ok(None) => Arc::from("0"),
@@ -610,7 +646,7 @@ impl Inner {
     fn set_token(&self, token: &str) {
         let mut version = self.version.write().unwrap_or_else(|p| p.into_inner());
         version.generation += 1;
-        version.checked_at = Some(Instant::now());
+        self.mark_checked(&mut version);
         if *version.token != *token {
             version.token = Arc::from(token);
         }
@@ -627,6 +663,7 @@ impl Inner {
         let mut version = self.version.write().unwrap_or_else(|p| p.into_inner());
         version.generation += 1;
         version.checked_at = None;
+        self.version_fresh.store(false, Ordering::Release);
     }
 
     fn apply(&self, message: &[u8]) {
@@ -731,6 +768,35 @@ impl Inner {
         {
             local.insert(data_key.to_owned(), Arc::from(envelope));
         }
+    }
+}
+
+/// Ends the clock-free version checks when the ticker stops: aborted with
+/// its cache (then there is nothing left to do) or dropped with its
+/// runtime (then lookups must look at the clock again).
+struct TickerGuard(Weak<Inner>);
+
+impl Drop for TickerGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.ticking.store(false, Ordering::Release);
+            inner.version_fresh.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Marks the namespace version stale every `every`, so the next lookup
+/// reads it again, until the cache is dropped.
+async fn tick(inner: Weak<Inner>, every: Duration) {
+    let _guard = TickerGuard(inner.clone());
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.version_fresh.store(false, Ordering::Release);
     }
 }
 
@@ -906,36 +972,66 @@ impl CacheAside {
             Lookup::Missing => true,
             Lookup::Failed => false,
         };
-        inner.missed();
+        // Boxed: the miss path (single flight, lock, loader, fill) is most
+        // of this future's size, and every hit would otherwise carry it.
+        Box::pin(self.miss(key, &data_key, backend_up, accept_not_found, load)).await
+    }
 
+    /// A lookup found nothing usable: join or lead the key's flight.
+    async fn miss<T, E, F, Fut>(
+        &self,
+        key: &str,
+        data_key: &str,
+        backend_up: bool,
+        accept_not_found: bool,
+        load: F,
+    ) -> Result<Option<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<CacheError> + fmt::Display,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<T>, E>>,
+    {
+        let inner = &self.inner;
         let mut load = Some(load);
+        // Each lookup is counted once, by the role it first takes.
+        let mut counted = false;
         loop {
-            match inner.flights.join(&data_key) {
+            match inner.flights.join(data_key) {
                 Role::Leader(lead) => {
+                    if !counted {
+                        inner.missed();
+                    }
                     let Some(load) = load.take() else {
                         unreachable!("a caller leads at most once: leading ends the loop");
                     };
                     return self
-                        .lead(key, &data_key, backend_up, accept_not_found, lead, load)
+                        .lead(key, data_key, backend_up, accept_not_found, lead, load)
                         .await;
                 }
-                Role::Follower(slot) => match flight::wait(slot).await {
-                    Some(Ok(envelope)) => match decode::<T>(&envelope) {
-                        Decoded::Value(v) => return Ok(Some(v)),
-                        Decoded::NotFound if accept_not_found => return Ok(None),
-                        // A different type, or a "not found" this caller
-                        // cannot use: go round and lead a load of our own.
-                        Decoded::NotFound | Decoded::Invalid => {}
-                    },
-                    Some(Err(reason)) => {
-                        return Err(E::from(CacheError::LoadFailed {
-                            key: key.to_owned(),
-                            reason: reason.to_string(),
-                        }));
+                Role::Follower(slot) => {
+                    if !counted {
+                        inner.joined();
+                        counted = true;
                     }
-                    // The leader was cancelled: go round, one of us leads.
-                    None => {}
-                },
+                    match flight::wait(slot).await {
+                        Some(Ok(envelope)) => match decode::<T>(&envelope) {
+                            Decoded::Value(v) => return Ok(Some(v)),
+                            Decoded::NotFound if accept_not_found => return Ok(None),
+                            // A different type, or a "not found" this caller
+                            // cannot use: go round and lead a load of our own.
+                            Decoded::NotFound | Decoded::Invalid => {}
+                        },
+                        Some(Err(reason)) => {
+                            return Err(E::from(CacheError::LoadFailed {
+                                key: key.to_owned(),
+                                reason: reason.to_string(),
+                            }));
+                        }
+                        // The leader was cancelled: go round, one of us leads.
+                        None => {}
+                    }
+                }
             }
         }
     }
