@@ -24,6 +24,8 @@ use crate::telemetry::{Appending, StoreMetrics};
 pub const NOTIFY_CHANNEL: &str = "keel_events";
 
 const EVENT_ID_CONSTRAINT: &str = "events_event_id_key";
+/// The unique index that lets one writer, and only one, store a version.
+const STREAM_VERSION_CONSTRAINT: &str = "events_stream_version_key";
 
 /// Opens the transaction a global-log batch is read in (see `read_all`).
 const ORDERED_READ: &str =
@@ -163,8 +165,9 @@ impl PostgresEventStore {
     /// writes an outbox row or a read model, say). Nothing is visible until
     /// the caller commits; on an error the caller must roll back.
     ///
-    /// The stream's row stays locked until the caller's transaction ends, so
-    /// keep such transactions short.
+    /// The versions this append stores stay claimed until the caller's
+    /// transaction ends: another writer of the same stream waits for it
+    /// (and then conflicts or moves on), so keep such transactions short.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -213,8 +216,9 @@ impl PostgresEventStore {
         notify_in_transaction: bool,
     ) -> Result<Vec<AppendResult>> {
         check_multi(&appends, self.config.max_payload_bytes)?;
-        // Lock streams in one global order (by id), so two multi-stream
-        // appends over the same streams queue instead of deadlocking.
+        // Claim streams in one global order (by id), so two multi-stream
+        // appends over the same streams queue on each other's versions
+        // instead of deadlocking.
         let mut order: Vec<usize> = (0..appends.len()).collect();
         order.sort_by(|&a, &b| appends[a].stream_id.cmp(&appends[b].stream_id));
         let mut results: Vec<Option<AppendResult>> = vec![None; appends.len()];
@@ -279,9 +283,10 @@ fn expected_args(expected: ExpectedVersion) -> (i16, i64) {
     }
 }
 
-fn is_event_id_violation(e: &sqlx::Error) -> bool {
+/// Whether `e` is a unique violation of the named constraint.
+fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
     matches!(e, sqlx::Error::Database(db)
-        if db.code().as_deref() == Some("23505") && db.constraint() == Some(EVENT_ID_CONSTRAINT))
+        if db.code().as_deref() == Some("23505") && db.constraint() == Some(constraint))
 }
 
 fn to_u64(v: i64, what: &str) -> Result<u64> {
@@ -379,7 +384,7 @@ async fn call_append_function(
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| {
-        if is_event_id_violation(&e) {
+        if is_unique_violation(&e, EVENT_ID_CONSTRAINT) {
             // Another transaction stored one of these ids at the same moment.
             CallError::Raced
         } else {
@@ -388,23 +393,29 @@ async fn call_append_function(
     })
 }
 
-/// The common path of an autocommit append, in one statement: move the
-/// stream's head (only if the expectation holds) and insert the events, both
-/// or neither.
+/// The common path of an autocommit append, in one statement: check the
+/// expectation against the stream's newest stored version and insert the
+/// events after it.
 ///
-/// Returns `None` when the statement wrote nothing because the expectation
-/// did not hold or an event id is stored already. Those are the rare paths
-/// (a conflict, an idempotent retry, a reused id) and `keel.append_events`
-/// sorts them out. Because the statement is its own transaction, a unique
-/// violation on an event id leaves nothing behind.
+/// There is no head row to move: the unique index on `(stream_id, version)`
+/// refuses a second writer of the same version, so of two writers with the
+/// same expectation exactly one inserts and the other's statement fails.
+/// An exact expectation costs one index probe (is version `expected`
+/// stored?); a version above it is then caught by the index on insert.
+///
+/// Returns `None` when the statement wrote nothing: the expectation did not
+/// hold, a concurrent writer took the versions, or an event id is stored
+/// already. Those are the rare paths (a conflict, an idempotent retry, a
+/// reused id) and `keel.append_events` sorts them out. Because the statement
+/// is its own transaction, a failed insert leaves nothing behind.
 async fn fast_append(
     conn: &mut PgConnection,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[NewEvent],
 ) -> Result<Option<AppendResult>> {
-    // $1 stream, $2..$6 the event columns, $7 the batch size, $8 the
-    // expected version (exact mode only).
+    // $1 stream, $2..$6 the event columns, $7 the expected version (exact
+    // mode only).
     // A batch arrives as column arrays and is inserted with UNNEST; a single
     // event (the most common append) as plain values, which spares the
     // server the array decoding and the set-returning function.
@@ -431,34 +442,24 @@ async fn fast_append(
             RETURNING position, commit, version
         )
         SELECT (SELECT prev FROM s), array_agg(position), array_agg(commit) FROM ins";
+    // The version the batch follows, or no row when the expectation fails.
+    const HEADS: [&str; 4] = [
+        // any: after whatever is stored
+        "WITH s AS (SELECT coalesce(max(version), 0) AS prev \
+         FROM keel.events WHERE stream_id = $1),",
+        // no stream: from the start (the index refuses version 1 if stored)
+        "WITH s AS (SELECT 0::int8 AS prev),",
+        // stream exists: after the newest stored version, if there is one
+        "WITH s AS (SELECT max(version) AS prev FROM keel.events WHERE stream_id = $1 \
+         HAVING max(version) IS NOT NULL),",
+        // exact: after the expected version, if it is stored (the index
+        // refuses the insert if a later one is)
+        "WITH s AS (SELECT $7::int8 AS prev WHERE EXISTS \
+         (SELECT 1 FROM keel.events WHERE stream_id = $1 AND version = $7)),",
+    ];
     static SQL: std::sync::OnceLock<[[String; 4]; 2]> = std::sync::OnceLock::new();
     let sql = SQL.get_or_init(|| {
-        [INSERT_BATCH, INSERT_ONE].map(|insert| {
-            [
-                // any: create the stream or move its head, whatever it is
-                format!(
-                    "WITH s AS (INSERT INTO keel.streams AS t (stream_id, version) VALUES ($1, $7) \
-                     ON CONFLICT (stream_id) DO UPDATE SET version = t.version + EXCLUDED.version \
-                     RETURNING t.version - $7 AS prev), {insert}"
-                ),
-                // no stream: create it, or write nothing if it exists
-                format!(
-                    "WITH s AS (INSERT INTO keel.streams (stream_id, version) VALUES ($1, $7) \
-                     ON CONFLICT (stream_id) DO NOTHING RETURNING 0::int8 AS prev), {insert}"
-                ),
-                // stream exists: move its head, or write nothing if it is absent
-                format!(
-                    "WITH s AS (UPDATE keel.streams SET version = version + $7 \
-                     WHERE stream_id = $1 RETURNING version - $7 AS prev), {insert}"
-                ),
-                // exact: move the head only from the expected version
-                format!(
-                    "WITH s AS (UPDATE keel.streams SET version = version + $7 \
-                     WHERE stream_id = $1 AND version = $8 RETURNING version - $7 AS prev), \
-                     {insert}"
-                ),
-            ]
-        })
+        [INSERT_BATCH, INSERT_ONE].map(|insert| HEADS.map(|head| format!("{head} {insert}")))
     });
     let (mode, expected_at) = expected_args(expected);
     let variant = match (mode, expected_at) {
@@ -479,7 +480,6 @@ async fn fast_append(
             .bind(i32::try_from(event.schema_version()).unwrap_or(i32::MAX))
             .bind(event.payload_json())
             .bind(one_metadata.as_str())
-            .bind(count)
     } else {
         columns = EventColumns::new(events)?;
         sqlx::query(&sql[0][variant])
@@ -489,14 +489,14 @@ async fn fast_append(
             .bind(&columns.schemas)
             .bind(&columns.payloads)
             .bind(&columns.metadata)
-            .bind(count)
     };
     if variant == 3 {
         query = query.bind(expected_at);
     }
     let row = match query.fetch_one(&mut *conn).await {
         Ok(row) => row,
-        Err(e) if is_event_id_violation(&e) => return Ok(None),
+        Err(e) if is_unique_violation(&e, EVENT_ID_CONSTRAINT) => return Ok(None),
+        Err(e) if is_unique_violation(&e, STREAM_VERSION_CONSTRAINT) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let Some(prev) = row.try_get::<Option<i64>, _>(0)? else {
@@ -720,9 +720,9 @@ impl StreamReader for PostgresEventStore {
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Version> {
         let v: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM keel.streams WHERE stream_id = $1")
+            sqlx::query_scalar("SELECT max(version) FROM keel.events WHERE stream_id = $1")
                 .bind(stream.as_str())
-                .fetch_optional(&self.pool)
+                .fetch_one(&self.pool)
                 .await?;
         Ok(Version::new(to_u64(v.unwrap_or(0), "version")?))
     }

@@ -47,6 +47,7 @@ pub const ALL: &[&str] = &[
     "append_and_read_back",
     "expected_version_modes",
     "racing_writers_exactly_one_wins",
+    "open_appends_race_without_loss",
     "idempotent_retries",
     "reused_event_ids_are_refused",
     "bad_input_writes_nothing",
@@ -336,6 +337,100 @@ pub async fn racing_writers_exactly_one_wins<S: Subject>(store: S) {
     assert_eq!(
         log_of(&store, ReadAll::from_start()).await.len() as u64,
         ROUNDS
+    );
+}
+
+/// Many tasks append to one stream at once without a version expectation
+/// (`Any`, or `StreamExists` once it exists), one event or a batch at a
+/// time. Every append succeeds, the stream stays dense, every event is
+/// stored exactly once, each writer's events keep its order, and each
+/// result names the versions its events landed at.
+pub async fn open_appends_race_without_loss<S: Subject>(store: S) {
+    const WRITERS: u64 = 8;
+    const APPENDS: u64 = 15;
+    let s = sid("OpenRace-1");
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![ev(0)])
+        .await
+        .expect("create the stream");
+    let mut tasks = Vec::new();
+    for w in 1..=WRITERS {
+        let store = store.clone();
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut landed = Vec::new();
+            for a in 0..APPENDS {
+                let expected = if a % 2 == 0 {
+                    ExpectedVersion::Any
+                } else {
+                    ExpectedVersion::StreamExists
+                };
+                // odd writers append batches of three, even ones single events
+                let size = if w % 2 == 1 { 3 } else { 1 };
+                let events: Vec<NewEvent> =
+                    (0..size).map(|i| ev(w * 10_000 + a * 10 + i)).collect();
+                let r = store
+                    .append(&s, expected, events)
+                    .await
+                    .expect("open append");
+                assert_eq!(
+                    r.next_expected_version.get() - r.first_version.get() + 1,
+                    size,
+                    "the result spans the batch"
+                );
+                for i in 0..size {
+                    landed.push((r.first_version.get() + i, w * 10_000 + a * 10 + i));
+                }
+            }
+            landed
+        }));
+    }
+    let mut landed = vec![(1, 0)];
+    for t in tasks {
+        landed.extend(t.await.expect("task"));
+    }
+    landed.sort_unstable();
+    let events = stream_of(&store, &s, ReadStream::forward()).await;
+    let stored: Vec<(u64, u64)> = events
+        .iter()
+        .map(|e| e.version.get())
+        .zip(numbers(&events))
+        .collect();
+    assert_eq!(
+        stored, landed,
+        "every event is where its append said it went"
+    );
+    let versions: Vec<u64> = stored.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        versions,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "dense"
+    );
+    let mut seen = HashSet::new();
+    assert!(
+        stored.iter().all(|(_, n)| seen.insert(*n)),
+        "no event twice"
+    );
+    for w in 1..=WRITERS {
+        let own: Vec<u64> = stored
+            .iter()
+            .map(|(_, n)| *n)
+            .filter(|n| n / 10_000 == w)
+            .collect();
+        let size = if w % 2 == 1 { 3 } else { 1 };
+        assert_eq!(own.len() as u64, APPENDS * size, "writer {w} lost nothing");
+        assert!(
+            own.windows(2).all(|p| p[0] < p[1]),
+            "writer {w} kept its order"
+        );
+    }
+    assert_eq!(
+        store.stream_version(&s).await.expect("version").get(),
+        stored.len() as u64
+    );
+    assert_eq!(
+        log_of(&store, ReadAll::from_start()).await.len(),
+        stored.len()
     );
 }
 

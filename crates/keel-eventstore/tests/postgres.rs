@@ -150,11 +150,24 @@ async fn one_event_id_raced_into_two_streams_is_stored_once() {
         .await
         .unwrap();
     assert_eq!(log.len(), 20);
-    let streams: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.streams")
+    let streams: i64 = sqlx::query_scalar("SELECT count(DISTINCT stream_id) FROM keel.events")
         .fetch_one(store.pool())
         .await
         .unwrap();
-    assert_eq!(streams, 20, "losing writers leave no stream row behind");
+    assert_eq!(streams, 20, "losing writers leave no event behind");
+    for round in 0..20 {
+        let mut versions = Vec::new();
+        for w in 0..4 {
+            let s = sid(&format!("IdRace-{round}-{w}"));
+            versions.push(store.stream_version(&s).await.unwrap().get());
+        }
+        versions.sort_unstable();
+        assert_eq!(
+            versions,
+            [0, 0, 0, 1],
+            "round {round}: one stream holds the event"
+        );
+    }
 }
 
 /// Many writers commit out of sequence order (random pauses inside their
@@ -369,10 +382,6 @@ async fn rebasing_commit_order_moves_new_commits_above_stored_ones() {
     .execute(db.pool())
     .await
     .unwrap();
-    sqlx::query("INSERT INTO keel.streams VALUES ('Restored-1', 1)")
-        .execute(db.pool())
-        .await
-        .unwrap();
     let offset: i64 = sqlx::query_scalar("SELECT keel.rebase_commit_order()")
         .fetch_one(db.pool())
         .await
@@ -576,4 +585,160 @@ async fn crossing_multi_stream_appends_do_not_deadlock() {
     }
     assert_eq!(store.stream_version(&a).await.unwrap(), Version::new(120));
     assert_eq!(store.stream_version(&b).await.unwrap(), Version::new(120));
+}
+
+/// Autocommit appends (the one-statement path) and appends inside callers'
+/// transactions (the procedure, held open for a random while) race on one
+/// stream, open and exact expectations mixed; exact writers re-read the
+/// version and try again on a conflict. Afterwards the stream is dense and
+/// holds every committed event exactly once, and no rolled-back one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_statement_and_transactional_appends_interleave_safely() {
+    let (store, db) = store().await;
+    let s = sid("Mixed-1");
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let (store, pool, s) = (store.clone(), db.pool().clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for a in 0..12u64 {
+                let n = w * 1_000 + a;
+                let (pause, roll_back) = {
+                    let mut rng = rand::rng();
+                    (rng.random_range(0..6u64), rng.random_range(0..10u32) == 0)
+                };
+                match w % 4 {
+                    // open appends, one statement each
+                    0 => {
+                        store
+                            .append(&s, ExpectedVersion::Any, vec![ev(n)])
+                            .await
+                            .unwrap();
+                        committed.push(n);
+                    }
+                    // exact appends, retried on conflict
+                    1 => loop {
+                        let at = store.stream_version(&s).await.unwrap();
+                        match store
+                            .append(&s, ExpectedVersion::Exact(at), vec![ev(n)])
+                            .await
+                        {
+                            Ok(_) => break committed.push(n),
+                            Err(e) if e.as_conflict().is_some() => continue,
+                            Err(e) => panic!("unexpected {e:?}"),
+                        }
+                    },
+                    // open appends in a unit of work that stays open a while
+                    2 => {
+                        let mut tx = pool.begin().await.unwrap();
+                        store
+                            .append_in(&mut tx, &s, ExpectedVersion::Any, vec![ev(n)])
+                            .await
+                            .unwrap();
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        if roll_back {
+                            tx.rollback().await.unwrap();
+                        } else {
+                            tx.commit().await.unwrap();
+                            committed.push(n);
+                        }
+                    }
+                    // exact appends in a unit of work, retried on conflict
+                    _ => loop {
+                        let at = store.stream_version(&s).await.unwrap();
+                        let mut tx = pool.begin().await.unwrap();
+                        match store
+                            .append_in(&mut tx, &s, ExpectedVersion::Exact(at), vec![ev(n)])
+                            .await
+                        {
+                            Ok(_) => {
+                                tokio::time::sleep(Duration::from_millis(pause)).await;
+                                tx.commit().await.unwrap();
+                                break committed.push(n);
+                            }
+                            Err(e) if e.as_conflict().is_some() => {
+                                tx.rollback().await.unwrap();
+                            }
+                            Err(e) => panic!("unexpected {e:?}"),
+                        }
+                    },
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = Vec::new();
+    for t in tasks {
+        committed.extend(t.await.unwrap());
+    }
+    let events: Vec<RecordedEvent> = store
+        .read_stream(&s, keel_eventstore::ReadStream::forward())
+        .try_collect()
+        .await
+        .unwrap();
+    let versions: Vec<u64> = events.iter().map(|e| e.version.get()).collect();
+    assert_eq!(
+        versions,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "dense"
+    );
+    let mut stored: Vec<u64> = events
+        .iter()
+        .map(|e| e.payload_value().unwrap()["n"].as_u64().unwrap())
+        .collect();
+    stored.sort_unstable();
+    committed.sort_unstable();
+    assert_eq!(
+        stored, committed,
+        "every committed event once, no rolled-back one"
+    );
+    assert_eq!(
+        store.stream_version(&s).await.unwrap().get(),
+        committed.len() as u64
+    );
+}
+
+/// A caller's REPEATABLE READ transaction cannot see a version committed
+/// after its snapshot, so it cannot place an open append after it: the
+/// append fails with a retryable error and leaves the stream as it was; a
+/// fresh transaction then succeeds.
+#[tokio::test]
+async fn a_snapshot_that_missed_an_append_gets_a_retryable_error() {
+    let (store, db) = store().await;
+    let s = sid("Snapshot-1");
+    store
+        .append(&s, ExpectedVersion::NoStream, vec![ev(1)])
+        .await
+        .unwrap();
+
+    let mut tx = db.pool().begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.events")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(seen, 1, "the snapshot is taken");
+    store
+        .append(&s, ExpectedVersion::Any, vec![ev(2)])
+        .await
+        .unwrap();
+
+    let err = store
+        .append_in(&mut tx, &s, ExpectedVersion::Any, vec![ev(3)])
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    tx.rollback().await.unwrap();
+    assert_eq!(store.stream_version(&s).await.unwrap(), Version::new(2));
+
+    let mut tx = db.pool().begin().await.unwrap();
+    let r = store
+        .append_in(&mut tx, &s, ExpectedVersion::Any, vec![ev(3)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(r.first_version, Version::new(3));
 }
