@@ -12,7 +12,11 @@ use keel_core::{
     AggregateRef, AuditEntry, AuditLog, AuditOutcome, AuditQuery, AuditRecord, ChainVerification,
     ManualClock,
 };
-use keel_security::audit::{AuditHead, InMemoryAuditLog, PgAuditLog, record_hash};
+use keel_security::Secret;
+use keel_security::audit::testing::command_entry;
+use keel_security::audit::{
+    AuditHead, AuditKey, AuditKeys, InMemoryAuditLog, PgAuditLog, record_hash,
+};
 use keel_testkit::TestDatabase;
 use serde_json::json;
 use sqlx::PgConnection;
@@ -487,4 +491,161 @@ async fn separate_stores_on_one_database_never_fork_the_chain() {
         .await
         .unwrap();
     assert_eq!(stored, (1..=400).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn separate_stores_retrying_the_same_commands_store_each_once() {
+    // Twelve stores (as twelve processes, no shared queue) all append the
+    // same 30 commands, each starting at another one: only the head's lock
+    // orders them, and each command must still be stored once.
+    let db = database().await;
+    let writers: Vec<_> = (0..12u32)
+        .map(|t| {
+            let log = PgAuditLog::new(db.pool().clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..30 {
+                    let n = (i + t * 5) % 30;
+                    got.push((n, log.append(command_entry(n)).await.unwrap()));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut first: std::collections::HashMap<u32, AuditRecord> = Default::default();
+    for w in writers {
+        for (n, record) in w.await.unwrap() {
+            assert_eq!(*first.entry(n).or_insert_with(|| record.clone()), record);
+        }
+    }
+    let counts: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT count(*), count(DISTINCT command_id) FROM keel.audit_log")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(counts, vec![(30, 30)]);
+    let log = PgAuditLog::new(db.pool().clone());
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 30 }
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_a_lost_commit_answer_returns_the_stored_record() {
+    // The first attempt committed but its caller never heard (here: the
+    // append future was dropped after its transaction began); the retry
+    // must find the record instead of adding a second one.
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    let head = hold_head(&db).await;
+    let abandoned = tokio::spawn({
+        let log = log.clone();
+        async move { log.append(command_entry(1)).await }
+    });
+    wait_for_lock_waiter(&db).await;
+    abandoned.abort();
+    head.commit().await.unwrap();
+    let retried = log.append(command_entry(1)).await.unwrap();
+    assert_eq!(retried.sequence, 1);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.audit_log")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+fn keys(id: &str, byte: u8) -> AuditKeys {
+    AuditKeys::single(AuditKey::new(id, Secret::new(vec![byte; 32])).unwrap())
+}
+
+#[tokio::test]
+async fn keyed_mode_finds_a_superuser_who_recomputes_the_chain() {
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone()).with_keys(keys("k1", 3));
+    let mut records = Vec::new();
+    for i in 1..=5 {
+        records.push(log.append(entry(i)).await.unwrap());
+    }
+    let stored: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT mac_key_id, mac FROM keel.audit_log WHERE sequence = 1")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored.0.as_deref(), Some("k1"));
+    let mac = log.mac(1).await.unwrap().unwrap();
+    assert_eq!(Some(mac.mac), stored.1);
+    assert_eq!(log.mac(6).await.unwrap(), None);
+    assert!(log.verify().await.unwrap().is_intact());
+
+    // A superuser changes record 3 and recomputes the plain SHA-256 chain
+    // from there on, head included.
+    let mut conn = tamperer(&db).await;
+    let mut prev = records[1].hash.clone();
+    for record in &mut records[2..] {
+        if record.sequence == 3 {
+            record.entry.principal = Some("mallory".into());
+        }
+        record.prev_hash = prev;
+        record.hash = record_hash(record);
+        prev = record.hash.clone();
+        sqlx::query(
+            "UPDATE keel.audit_log SET principal = $1, prev_hash = $2, hash = $3 \
+             WHERE sequence = $4",
+        )
+        .bind(&record.entry.principal)
+        .bind(&record.prev_hash)
+        .bind(&record.hash)
+        .bind(record.sequence as i64)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    sqlx::query("UPDATE keel.audit_head SET hash = $1")
+        .bind(&prev)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+
+    // Whoever checks without the key is fooled...
+    let unkeyed = PgAuditLog::new(db.pool().clone());
+    assert_eq!(
+        unkeyed.verify().await.unwrap(),
+        ChainVerification::Intact { records: 5 }
+    );
+    // ...the keyed log is not.
+    let (sequence, reason) = broken(log.verify().await.unwrap());
+    assert_eq!(sequence, 3);
+    assert!(reason.starts_with("MAC mismatch"), "{reason}");
+    let check = log
+        .verify_after(&keel_security::audit::ChainHead::genesis())
+        .await
+        .unwrap();
+    assert_eq!(check.head.sequence, 2);
+
+    // Removing the MACs altogether does not help.
+    run(
+        &mut conn,
+        "UPDATE keel.audit_log SET mac = NULL, mac_key_id = NULL",
+    )
+    .await;
+    let (sequence, reason) = broken(log.verify().await.unwrap());
+    assert_eq!(sequence, 1);
+    assert!(reason.starts_with("MAC missing"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_database_checks_the_mac_columns() {
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    log.append(entry(1)).await.unwrap();
+    let mut conn = tamperer(&db).await;
+    for sql in [
+        "UPDATE keel.audit_log SET mac = 'nothex'",
+        "UPDATE keel.audit_log SET mac_key_id = 'k1'",
+        "UPDATE keel.audit_log SET mac_key_id = '', mac = repeat('0', 64)",
+    ] {
+        let err = sqlx::query(sql).execute(&mut *conn).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("23514"), "{sql}");
+    }
 }

@@ -5,9 +5,13 @@
 //! gives identical chains whichever store wrote it.
 
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
+
 use keel_core::{AuditEntry, AuditOutcome, AuditRecord, ChainVerification};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use super::keys::{AuditKeys, RecordMac};
 
 /// The `prev_hash` of the first record: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -107,6 +111,14 @@ pub(crate) fn compute_hash(
     hex(&enc.0.finalize())
 }
 
+/// Whether two entries record the same thing: equal under the canonical
+/// encoding, so an entry that went through storage (`jsonb` numbers and key
+/// order, microsecond timestamps) matches the entry it was made from.
+pub(crate) fn same_content(a: &AuditEntry, b: &AuditEntry) -> bool {
+    let at = DateTime::<Utc>::UNIX_EPOCH;
+    compute_hash(0, a, at, GENESIS_HASH) == compute_hash(0, b, at, GENESIS_HASH)
+}
+
 /// An outcome's stored parts: name, code, reason.
 pub(crate) fn outcome_parts(outcome: &AuditOutcome) -> (&'static str, Option<&str>, Option<&str>) {
     match outcome {
@@ -125,7 +137,7 @@ pub(crate) fn truncate_micros(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -239,6 +251,15 @@ pub(crate) struct ChainWalk {
     expected: u64,
     prev_hash: String,
     anchors: Vec<ChainHead>,
+    /// Set for an incremental walk: the record the walk starts at, which
+    /// must still be there with this hash.
+    start: Option<ChainHead>,
+    /// The sequence the walk resumed from (0 from genesis): records up to
+    /// it are not counted as checked.
+    base: u64,
+    keys: Option<Arc<AuditKeys>>,
+    /// The last record that checked out.
+    last: ChainHead,
 }
 
 impl ChainWalk {
@@ -249,16 +270,55 @@ impl ChainWalk {
             expected: 1,
             prev_hash: GENESIS_HASH.to_owned(),
             anchors: anchors.into_iter().collect(),
+            start: None,
+            base: 0,
+            keys: None,
+            last: ChainHead::genesis(),
         }
+    }
+
+    /// A walk that starts at `from`, a record checked by an earlier walk:
+    /// the first record it is given must be `from.sequence` with `from.hash`
+    /// (nothing when `from` is the genesis head), then the records after it.
+    pub(crate) fn resume(from: &ChainHead, anchors: impl IntoIterator<Item = ChainHead>) -> Self {
+        let mut walk = Self::new(anchors);
+        if from.sequence > 0 {
+            walk.expected = from.sequence;
+            walk.start = Some(from.clone());
+            walk.base = from.sequence;
+            walk.last = from.clone();
+        }
+        walk
+    }
+
+    /// Also checks every record's MAC against `keys` (keyed mode).
+    pub(crate) fn keyed(mut self, keys: Option<Arc<AuditKeys>>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The sequence the walk needs next: the first to read from storage.
+    pub(crate) fn first_needed(&self) -> u64 {
+        self.expected
     }
 
     /// How many records checked out so far.
     pub(crate) fn checked(&self) -> u64 {
-        self.expected - 1
+        self.expected.saturating_sub(self.base + 1)
     }
 
-    /// Checks the next record; `Err` names the first fault.
-    pub(crate) fn check(&mut self, record: &AuditRecord) -> Result<(), ChainVerification> {
+    /// The last record that checked out (the resumed-from one, or genesis,
+    /// when none did).
+    pub(crate) fn last(&self) -> &ChainHead {
+        &self.last
+    }
+
+    /// Checks the next record and its MAC; `Err` names the first fault.
+    pub(crate) fn check(
+        &mut self,
+        record: &AuditRecord,
+        mac: Option<&RecordMac>,
+    ) -> Result<(), ChainVerification> {
         if record.sequence != self.expected {
             return Err(broken(
                 self.expected,
@@ -281,14 +341,33 @@ impl ChainWalk {
                 "content altered: the stored hash does not match the record's content",
             ));
         }
-        if record.prev_hash != self.prev_hash {
-            return Err(broken(
-                record.sequence,
-                format!(
-                    "link broken: prev_hash does not match the hash of record {}",
-                    record.sequence - 1
-                ),
-            ));
+        match self.start.take() {
+            // The start record was checked when it was new; its link to
+            // its predecessor is outside this walk.
+            Some(start) => {
+                if start.hash != record.hash {
+                    return Err(broken(
+                        record.sequence,
+                        "anchor mismatch: the record's hash differs from the last verified one",
+                    ));
+                }
+            }
+            None => {
+                if record.prev_hash != self.prev_hash {
+                    return Err(broken(
+                        record.sequence,
+                        format!(
+                            "link broken: prev_hash does not match the hash of record {}",
+                            record.sequence - 1
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(keys) = &self.keys
+            && let Err(reason) = keys.check(record.sequence, &record.hash, mac)
+        {
+            return Err(broken(record.sequence, reason));
         }
         if self
             .anchors
@@ -301,19 +380,32 @@ impl ChainWalk {
             ));
         }
         self.prev_hash.clone_from(&record.hash);
+        self.last = ChainHead {
+            sequence: record.sequence,
+            hash: record.hash.clone(),
+        };
         self.expected += 1;
         Ok(())
     }
 
     /// The verdict once every stored record was checked.
-    pub(crate) fn finish(self) -> ChainVerification {
-        let records = self.checked();
+    pub(crate) fn finish(&self) -> ChainVerification {
+        if let Some(start) = &self.start {
+            return broken(
+                start.sequence,
+                format!(
+                    "missing record: the chain no longer reaches the last verified record {}",
+                    start.sequence
+                ),
+            );
+        }
+        let end = self.expected - 1;
         if let Some(far) = self.anchors.iter().map(|a| a.sequence).max()
-            && far > records
+            && far > end
         {
             return broken(
-                records + 1,
-                format!("missing record: the chain ends at {records} but the head names {far}"),
+                end + 1,
+                format!("missing record: the chain ends at {end} but the head names {far}"),
             );
         }
         if self
@@ -326,7 +418,9 @@ impl ChainWalk {
                 "anchor mismatch: a head at sequence 0 must carry the genesis hash",
             );
         }
-        ChainVerification::Intact { records }
+        ChainVerification::Intact {
+            records: self.checked(),
+        }
     }
 }
 
@@ -534,7 +628,7 @@ mod tests {
     fn walk(records: &[AuditRecord], anchor: Option<ChainHead>) -> ChainVerification {
         let mut w = ChainWalk::new(anchor);
         for r in records {
-            if let Err(v) = w.check(r) {
+            if let Err(v) = w.check(r, None) {
                 return v;
             }
         }

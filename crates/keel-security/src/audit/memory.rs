@@ -1,27 +1,40 @@
 //! The in-memory audit log.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use keel_core::{
-    AuditEntry, AuditLog, AuditPage, AuditQuery, AuditRecord, ChainVerification, Clock, Result,
-    SystemClock,
+    AuditEntry, AuditLog, AuditPage, AuditQuery, AuditRecord, ChainVerification, Clock, CommandId,
+    Result, SystemClock,
 };
 
 use super::chain::{self, ChainHead, ChainWalk, GENESIS_HASH};
-use super::{AuditHead, Filters};
+use super::keys::{AuditKeys, KeySlot, RecordMac};
+use super::{AuditHead, ChainCheck, Filters};
 
 /// An [`AuditLog`] kept in memory, with the same observable behaviour as the
 /// PostgreSQL store: same validation, same chain (byte for byte, given the
-/// same entries and times), same queries and pages.
+/// same entries and times), same idempotency, same queries and pages, same
+/// keyed mode.
 ///
 /// `recorded_at` comes from the [`Clock`] (the system clock unless
 /// [`with_clock`](Self::with_clock) says otherwise), truncated to
 /// microseconds and never earlier than the previous record's.
 #[derive(Debug)]
 pub struct InMemoryAuditLog {
-    records: Mutex<Vec<AuditRecord>>,
+    state: Mutex<State>,
     clock: Arc<dyn Clock>,
+    keys: KeySlot,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: Vec<AuditRecord>,
+    /// Parallel to `records`: each record's MAC, when it was sealed.
+    macs: Vec<Option<RecordMac>>,
+    /// Each command id's first record, as an index into `records`.
+    by_command: HashMap<CommandId, usize>,
 }
 
 impl Default for InMemoryAuditLog {
@@ -31,12 +44,13 @@ impl Default for InMemoryAuditLog {
 }
 
 impl InMemoryAuditLog {
-    /// An empty log on the system clock.
+    /// An empty, unkeyed log on the system clock.
     #[must_use]
     pub fn new() -> Self {
         Self {
-            records: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
             clock: Arc::new(SystemClock),
+            keys: KeySlot::default(),
         }
     }
 
@@ -47,43 +61,70 @@ impl InMemoryAuditLog {
         self
     }
 
+    /// Keyed mode: seals new records with `keys`' current key and checks
+    /// MACs when verifying (see [`AuditKeys`]).
+    #[must_use]
+    pub fn with_keys(self, keys: AuditKeys) -> Self {
+        self.keys.set(Some(keys));
+        self
+    }
+
+    /// Replaces the keys while the log is in use (to rotate: the new
+    /// current key, with the old one among the previous keys); `None`
+    /// returns to unkeyed mode.
+    pub fn set_keys(&self, keys: Option<AuditKeys>) {
+        self.keys.set(keys);
+    }
+
+    /// The MAC stored with the record at `sequence`, if it has one.
+    #[must_use]
+    pub fn mac(&self, sequence: u64) -> Option<RecordMac> {
+        let index = usize::try_from(sequence.checked_sub(1)?).ok()?;
+        self.lock().macs.get(index).cloned().flatten()
+    }
+
     /// How many records the log holds.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().records.len()
     }
 
     /// Whether the log holds no record.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().records.is_empty()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<AuditRecord>> {
-        // Nothing panics while the lock is held with the vector half
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while the lock is held with the vectors half
         // changed, so a poisoned lock still guards a consistent log.
-        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn walk(&self, anchor: Option<ChainHead>) -> ChainVerification {
+    /// Walks from `start` (a 0-based index) to the end.
+    fn walk(&self, mut walk: ChainWalk, mut start: usize) -> (ChainVerification, ChainWalk) {
         // Copies a slice at a time: appends are not held up for the whole
         // walk, and the extra memory stays bounded.
         const CHUNK: usize = 1_000;
-        let mut walk = ChainWalk::new(anchor);
-        let mut start = 0;
         loop {
-            let chunk: Vec<AuditRecord> = {
-                let records = self.lock();
-                let end = records.len().min(start + CHUNK);
-                records[start.min(end)..end].to_vec()
+            let chunk: Vec<(AuditRecord, Option<RecordMac>)> = {
+                let state = self.lock();
+                let end = state.records.len().min(start + CHUNK);
+                let from = start.min(end);
+                state.records[from..end]
+                    .iter()
+                    .cloned()
+                    .zip(state.macs[from..end].iter().cloned())
+                    .collect()
             };
             if chunk.is_empty() {
-                return walk.finish();
+                let verdict = walk.finish();
+                return (verdict, walk);
             }
             start += chunk.len();
-            for record in &chunk {
-                if let Err(broken) = walk.check(record) {
-                    return broken;
+            for (record, mac) in &chunk {
+                if let Err(broken) = walk.check(record, mac.as_ref()) {
+                    return (broken, walk);
                 }
             }
         }
@@ -92,7 +133,13 @@ impl InMemoryAuditLog {
     /// Gives tests in this crate a way to tamper with stored records.
     #[cfg(test)]
     pub(crate) fn tamper(&self, f: impl FnOnce(&mut Vec<AuditRecord>)) {
-        f(&mut self.lock());
+        f(&mut self.lock().records);
+    }
+
+    /// Gives tests in this crate a way to tamper with stored MACs.
+    #[cfg(test)]
+    pub(crate) fn tamper_macs(&self, f: impl FnOnce(&mut Vec<Option<RecordMac>>)) {
+        f(&mut self.lock().macs);
     }
 }
 
@@ -114,9 +161,15 @@ fn matches(record: &AuditRecord, f: &Filters<'_>) -> bool {
 impl AuditLog for InMemoryAuditLog {
     async fn append(&self, entry: AuditEntry) -> Result<AuditRecord> {
         let entry = super::validate(entry)?;
-        let mut records = self.lock();
+        let keys = self.keys.get();
+        let mut state = self.lock();
+        if let Some(id) = entry.command_id
+            && let Some(&index) = state.by_command.get(&id)
+        {
+            return super::replay(&state.records[index], &entry);
+        }
         let now = chain::truncate_micros(self.clock.now());
-        let (sequence, prev_hash, recorded_at) = match records.last() {
+        let (sequence, prev_hash, recorded_at) = match state.records.last() {
             Some(last) => (
                 last.sequence + 1,
                 last.hash.clone(),
@@ -125,15 +178,22 @@ impl AuditLog for InMemoryAuditLog {
             None => (1, GENESIS_HASH.to_owned(), now),
         };
         let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
+        let mac = keys.map(|k| k.current().seal(sequence, &hash));
+        if let Some(id) = entry.command_id {
+            let index = state.records.len();
+            state.by_command.insert(id, index);
+        }
         let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash);
-        records.push(record.clone());
+        state.records.push(record.clone());
+        state.macs.push(mac);
         Ok(record)
     }
 
     async fn query(&self, query: &AuditQuery) -> Result<AuditPage> {
         let filters = super::filters(query)?;
         let limit = filters.limit as usize;
-        let records = self.lock();
+        let state = self.lock();
+        let records = &state.records;
         // Sequences are 1, 2, 3, … so the record after `after` sits at
         // index `after`.
         let start = usize::try_from(filters.after)
@@ -145,7 +205,7 @@ impl AuditLog for InMemoryAuditLog {
             .take(limit + 1)
             .cloned()
             .collect();
-        drop(records);
+        drop(state);
         let next_after = if page.len() > limit {
             page.truncate(limit);
             page.last().map(|r| r.sequence)
@@ -156,7 +216,8 @@ impl AuditLog for InMemoryAuditLog {
     }
 
     async fn verify(&self) -> Result<ChainVerification> {
-        Ok(self.walk(None))
+        let walk = ChainWalk::new(None).keyed(self.keys.get());
+        Ok(self.walk(walk, 0).0)
     }
 }
 
@@ -165,6 +226,7 @@ impl AuditHead for InMemoryAuditLog {
     async fn head(&self) -> Result<ChainHead> {
         Ok(self
             .lock()
+            .records
             .last()
             .map_or_else(ChainHead::genesis, |r| ChainHead {
                 sequence: r.sequence,
@@ -173,7 +235,15 @@ impl AuditHead for InMemoryAuditLog {
     }
 
     async fn verify_from(&self, anchor: &ChainHead) -> Result<ChainVerification> {
-        Ok(self.walk(Some(anchor.clone())))
+        let walk = ChainWalk::new(Some(anchor.clone())).keyed(self.keys.get());
+        Ok(self.walk(walk, 0).0)
+    }
+
+    async fn verify_after(&self, from: &ChainHead) -> Result<ChainCheck> {
+        let walk = ChainWalk::resume(from, None).keyed(self.keys.get());
+        let start = usize::try_from(walk.first_needed() - 1).unwrap_or(usize::MAX);
+        let (verdict, walk) = self.walk(walk, start);
+        Ok(ChainCheck::of(&walk, verdict))
     }
 }
 
@@ -237,6 +307,76 @@ mod tests {
         assert!(log.verify().await.unwrap().is_intact());
         let (seq, reason) = broken(log.verify_from(&head).await.unwrap());
         assert_eq!(seq, 4);
+        assert!(reason.starts_with("missing record"), "{reason}");
+    }
+
+    fn keyed_log() -> InMemoryAuditLog {
+        InMemoryAuditLog::new().with_keys(AuditKeys::single(
+            super::super::AuditKey::new("k1", keel_telemetry::Secret::new(vec![5; 32])).unwrap(),
+        ))
+    }
+
+    /// Rewrites record `at` and every hash after it, as someone who can
+    /// write the store but does not hold the key would.
+    fn forge_and_rechain(records: &mut [AuditRecord], at: usize) {
+        records[at].entry.principal = Some("mallory".into());
+        for i in at..records.len() {
+            if i > 0 {
+                records[i].prev_hash = records[i - 1].hash.clone();
+            }
+            records[i].hash = record_hash(&records[i]);
+        }
+    }
+
+    #[tokio::test]
+    async fn keyed_mode_finds_a_recomputed_chain() {
+        // Unkeyed, a rewritten and rehashed chain verifies: the weakness
+        // keyed mode closes.
+        let plain = log_of(5).await;
+        plain.tamper(|r| forge_and_rechain(r, 2));
+        assert!(plain.verify().await.unwrap().is_intact());
+
+        let log = keyed_log();
+        for i in 1..=5 {
+            log.append(entry(i)).await.unwrap();
+        }
+        assert_eq!(log.mac(1).unwrap().key_id, "k1");
+        assert_eq!(log.mac(6), None);
+        assert!(log.verify().await.unwrap().is_intact());
+        log.tamper(|r| forge_and_rechain(r, 2));
+        let (seq, reason) = broken(log.verify().await.unwrap());
+        assert_eq!(seq, 3);
+        assert!(reason.starts_with("MAC mismatch"), "{reason}");
+
+        // Stripping the MACs does not help either.
+        let log = keyed_log();
+        for i in 1..=5 {
+            log.append(entry(i)).await.unwrap();
+        }
+        log.tamper(|r| forge_and_rechain(r, 0));
+        log.tamper_macs(|m| m.iter_mut().for_each(|mac| *mac = None));
+        let (seq, reason) = broken(log.verify().await.unwrap());
+        assert_eq!(seq, 1);
+        assert!(reason.starts_with("MAC missing"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn incremental_checks_see_changes_at_their_anchor_only() {
+        let log = log_of(5).await;
+        let first = log.verify_after(&ChainHead::genesis()).await.unwrap();
+        assert_eq!(first.head.sequence, 5);
+        // A change before the anchor is outside an incremental check...
+        log.tamper(|r| r[1].entry.principal = Some("mallory".into()));
+        let again = log.verify_after(&first.head).await.unwrap();
+        assert!(again.verification.is_intact());
+        // ...a change at the anchor is not, nor a cut that removed it.
+        log.tamper(|r| r[4].entry.principal = Some("mallory".into()));
+        let (seq, reason) = broken(log.verify_after(&first.head).await.unwrap().verification);
+        assert_eq!(seq, 5);
+        assert!(reason.starts_with("content altered"), "{reason}");
+        log.tamper(|r| r.truncate(4));
+        let (seq, reason) = broken(log.verify_after(&first.head).await.unwrap().verification);
+        assert_eq!(seq, 5);
         assert!(reason.starts_with("missing record"), "{reason}");
     }
 

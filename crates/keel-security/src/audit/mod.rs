@@ -49,17 +49,24 @@ use keel_core::{AuditEntry, AuditLog, AuditOutcome, AuditQuery, ChainVerificatio
 use serde_json::Value;
 
 mod chain;
+mod keys;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod verifier;
 
 pub use chain::{ChainHead, GENESIS_HASH, record_hash};
 pub use keel_core::AuditRecord;
+pub use keys::{AuditKey, AuditKeys, MAX_KEY_ID_BYTES, MIN_KEY_BYTES, RecordMac};
 pub use memory::InMemoryAuditLog;
 #[cfg(feature = "postgres")]
 pub use postgres::PgAuditLog;
+pub use verifier::{
+    AuditVerifier, AuditVerifierHandle, VERIFIED_SEQUENCE, VERIFY_FAILURES, VerifierOutcome,
+    VerifierStatus,
+};
 
 /// The largest `details` document accepted, in bytes of compact JSON.
 pub const MAX_DETAILS_BYTES: usize = 64 * 1024;
@@ -89,6 +96,39 @@ pub trait AuditHead: AuditLog {
     /// checks that the chain reaches `anchor.sequence` and that the record
     /// there has `anchor.hash`.
     async fn verify_from(&self, anchor: &ChainHead) -> Result<ChainVerification>;
+
+    /// Checks only what was appended since `from`, a head that an earlier
+    /// check found intact: the record at `from.sequence` must still be
+    /// there with `from.hash` (content and MAC rechecked), and every later
+    /// record must link to it, carry a valid MAC in keyed mode, and reach
+    /// the store's own head. Records before `from` are not read.
+    ///
+    /// [`ChainCheck::head`] is where the next incremental check starts; a
+    /// chain that lost records since `from` (a cut tail, even with the head
+    /// rewound) is reported broken, because `from` is a copy of the head
+    /// kept outside the store.
+    async fn verify_after(&self, from: &ChainHead) -> Result<ChainCheck>;
+}
+
+/// The result of an incremental check ([`AuditHead::verify_after`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct ChainCheck {
+    /// The verdict; `Intact { records }` counts the records checked after
+    /// the starting head.
+    pub verification: ChainVerification,
+    /// The last record that checked out: the starting head when nothing
+    /// new was found or the first new record is broken.
+    pub head: ChainHead,
+}
+
+impl ChainCheck {
+    pub(crate) fn of(walk: &chain::ChainWalk, verification: ChainVerification) -> Self {
+        Self {
+            verification,
+            head: walk.last().clone(),
+        }
+    }
 }
 
 /// Refuses what no store may keep, and brings timestamps to microseconds.
@@ -154,6 +194,25 @@ pub(crate) fn validate(mut entry: AuditEntry) -> Result<AuditEntry> {
     }
     entry.occurred_at = chain::truncate_micros(entry.occurred_at);
     Ok(entry)
+}
+
+/// The answer to an append whose command id is already in the log: the
+/// stored record when the entry is the same (a retry), else
+/// [`Error::AlreadyExists`] (the command id was reused for something else).
+pub(crate) fn replay(stored: &AuditRecord, entry: &AuditEntry) -> Result<AuditRecord> {
+    if chain::same_content(&stored.entry, entry) {
+        return Ok(stored.clone());
+    }
+    let command = entry
+        .command_id
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    Err(Error::AlreadyExists {
+        subject: format!(
+            "audit record {} of command {command}, with different content,",
+            stored.sequence
+        ),
+    })
 }
 
 /// A query's filters, checked and brought to what the stores compare.

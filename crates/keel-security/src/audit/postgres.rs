@@ -1,5 +1,6 @@
 //! The PostgreSQL audit log (`keel.audit_log`, `keel.audit_head`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -16,11 +17,17 @@ use tokio::sync::oneshot;
 use tokio::sync::oneshot::error::TryRecvError;
 
 use super::chain::{self, ChainHead, ChainWalk};
-use super::{AuditHead, Filters};
+use super::keys::{AuditKeys, KeySlot, RecordMac};
+use super::{AuditHead, ChainCheck, Filters};
 
 const COLUMNS: &str = "sequence, occurred_at, recorded_at, principal, tenant, command_id, \
      command_type, event_types, aggregate_kind, aggregate_id, outcome, outcome_code, \
      outcome_reason, correlation_id, details, prev_hash, hash";
+
+/// What a verifying walk reads: the record and its seal.
+const WALK_COLUMNS: &str = "sequence, occurred_at, recorded_at, principal, tenant, command_id, \
+     command_type, event_types, aggregate_kind, aggregate_id, outcome, outcome_code, \
+     outcome_reason, correlation_id, details, prev_hash, hash, mac_key_id, mac";
 
 /// How many records [`AuditLog::verify`] reads per round trip; with the
 /// 64 KiB limit on details, at most a few tens of MiB in memory at once.
@@ -48,6 +55,17 @@ const MAX_BATCH: usize = 100;
 /// The write runs on its own task, so a caller that gives up waiting does
 /// not abort a transaction that holds other callers' entries, and an entry
 /// whose caller gave up is still written.
+///
+/// Appends are idempotent on the entry's command id: under the head's lock
+/// the writer looks the batch's command ids up, and an entry whose command
+/// id is already stored gets the stored record back (same sequence, same
+/// hash) instead of a second record, or [`Error::AlreadyExists`] when the
+/// stored entry differs. A retry after a commit whose outcome was lost is
+/// therefore safe, from any number of tasks or processes at once.
+///
+/// With [`with_keys`](Self::with_keys) the log is keyed: each record also
+/// stores the current key's id and an HMAC-SHA256 (`mac_key_id`, `mac`),
+/// and verification checks them ([`AuditKeys`]).
 /// `recorded_at` is the server's `clock_timestamp()` taken under the lock
 /// (never earlier than the previous record's), so it is monotonic along
 /// the chain. The tables come from Keel's migrations
@@ -77,6 +95,7 @@ const MAX_BATCH: usize = 100;
 pub struct PgAuditLog {
     pool: PgPool,
     queue: Arc<Queue>,
+    keys: Arc<KeySlot>,
 }
 
 /// Entries waiting for a transaction, and the right to write one.
@@ -99,7 +118,44 @@ impl PgAuditLog {
         Self {
             pool,
             queue: Arc::default(),
+            keys: Arc::default(),
         }
+    }
+
+    /// Keyed mode: seals new records with `keys`' current key and checks
+    /// MACs when verifying (see [`AuditKeys`]). Clones share the keys.
+    #[must_use]
+    pub fn with_keys(self, keys: AuditKeys) -> Self {
+        self.keys.set(Some(keys));
+        self
+    }
+
+    /// Replaces the keys of this log and its clones while in use (to
+    /// rotate: the new current key, with the old one among the previous
+    /// keys); `None` returns to unkeyed mode.
+    pub fn set_keys(&self, keys: Option<AuditKeys>) {
+        self.keys.set(keys);
+    }
+
+    /// The MAC stored with the record at `sequence`, if there is such a
+    /// record and it was sealed.
+    ///
+    /// # Errors
+    ///
+    /// As for queries: `Unavailable` or `Timeout` when the database fails.
+    pub async fn mac(&self, sequence: u64) -> Result<Option<RecordMac>> {
+        let row: Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT mac_key_id, mac FROM keel.audit_log WHERE sequence = $1")
+                .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(keel_database::to_keel)?;
+        Ok(row.and_then(|(key_id, mac)| {
+            Some(RecordMac {
+                key_id: key_id?,
+                mac: mac?,
+            })
+        }))
     }
 
     /// The pool this log writes through.
@@ -123,12 +179,11 @@ impl PgAuditLog {
         .transpose()
     }
 
-    async fn walk(&self, anchors: Vec<ChainHead>) -> Result<ChainVerification> {
-        let mut walk = ChainWalk::new(anchors);
-        let mut after = 0_i64;
+    async fn walk(&self, walk: &mut ChainWalk) -> Result<ChainVerification> {
+        let mut after = i64::try_from(walk.first_needed() - 1).unwrap_or(i64::MAX);
         loop {
             let rows = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM keel.audit_log WHERE sequence > $1 ORDER BY sequence LIMIT $2"
+                "SELECT {WALK_COLUMNS} FROM keel.audit_log WHERE sequence > $1 ORDER BY sequence LIMIT $2"
             ))
             .bind(after)
             .bind(VERIFY_PAGE)
@@ -141,7 +196,8 @@ impl PgAuditLog {
             after = last.try_get("sequence").map_err(decode)?;
             for row in &rows {
                 let record = record_from_row(row)?;
-                if let Err(broken) = walk.check(&record) {
+                let mac = mac_from_row(row)?;
+                if let Err(broken) = walk.check(&record, mac.as_ref()) {
                     return Ok(broken);
                 }
             }
@@ -162,6 +218,7 @@ impl AuditLog for PgAuditLog {
         // guard has the queue written anyway.
         let guard = FlushOnDrop {
             pool: self.pool.clone(),
+            keys: self.keys.clone(),
             queue: Some(self.queue.clone()),
         };
         let result = loop {
@@ -175,7 +232,7 @@ impl AuditLog for PgAuditLog {
             let batch = take_batch(&self.queue);
             // Our entry is in this batch unless more than MAX_BATCH queued
             // before it; then the loop writes the next batch.
-            let task = tokio::spawn(write_batch(self.pool.clone(), batch));
+            let task = tokio::spawn(write_batch(self.pool.clone(), self.keys.clone(), batch));
             if task.await.is_err() {
                 break Err(interrupted());
             }
@@ -235,7 +292,8 @@ impl AuditLog for PgAuditLog {
         // The head is read first: every record up to it was committed
         // before, so a shorter chain lost records from its end.
         let head = self.stored_head().await?;
-        self.walk(head.into_iter().collect()).await
+        let mut walk = ChainWalk::new(head).keyed(self.keys.get());
+        self.walk(&mut walk).await
     }
 }
 
@@ -248,7 +306,15 @@ impl AuditHead for PgAuditLog {
     async fn verify_from(&self, anchor: &ChainHead) -> Result<ChainVerification> {
         let mut anchors = vec![anchor.clone()];
         anchors.extend(self.stored_head().await?);
-        self.walk(anchors).await
+        let mut walk = ChainWalk::new(anchors).keyed(self.keys.get());
+        self.walk(&mut walk).await
+    }
+
+    async fn verify_after(&self, from: &ChainHead) -> Result<ChainCheck> {
+        let head = self.stored_head().await?;
+        let mut walk = ChainWalk::resume(from, head).keyed(self.keys.get());
+        let verification = self.walk(&mut walk).await?;
+        Ok(ChainCheck::of(&walk, verification))
     }
 }
 
@@ -269,6 +335,7 @@ fn take_batch(queue: &Queue) -> Vec<Pending> {
 /// received must not depend on the caller's patience.
 struct FlushOnDrop {
     pool: PgPool,
+    keys: Arc<KeySlot>,
     queue: Option<Arc<Queue>>,
 }
 
@@ -287,6 +354,7 @@ impl Drop for FlushOnDrop {
             return;
         };
         let pool = self.pool.clone();
+        let keys = self.keys.clone();
         runtime.spawn(async move {
             let _writer = queue.writer.lock().await;
             loop {
@@ -294,7 +362,7 @@ impl Drop for FlushOnDrop {
                 if batch.is_empty() {
                     break;
                 }
-                write_batch(pool.clone(), batch).await;
+                write_batch(pool.clone(), keys.clone(), batch).await;
             }
         });
     }
@@ -305,14 +373,14 @@ fn interrupted() -> Error {
 }
 
 /// Writes `batch` in one transaction and answers every entry.
-async fn write_batch(pool: PgPool, batch: Vec<Pending>) {
+async fn write_batch(pool: PgPool, keys: Arc<KeySlot>, batch: Vec<Pending>) {
     let (entries, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| (p.entry, p.reply)).unzip();
-    match write(&pool, entries).await {
-        Ok(records) => {
-            for (reply, record) in replies.into_iter().zip(records) {
+    match write(&pool, keys.get(), entries).await {
+        Ok(results) => {
+            for (reply, result) in replies.into_iter().zip(results) {
                 // A caller that stopped waiting no longer needs its record.
-                let _ = reply.send(Ok(record));
+                let _ = reply.send(result);
             }
         }
         Err(err) => {
@@ -331,7 +399,14 @@ async fn write_batch(pool: PgPool, batch: Vec<Pending>) {
     }
 }
 
-async fn write(pool: &PgPool, entries: Vec<AuditEntry>) -> Result<Vec<AuditRecord>> {
+/// Writes the new entries of a batch in one transaction. The outer `Err` is
+/// a failure of the whole transaction; an inner one refuses one entry (a
+/// command id stored with other content) and writes nothing for it.
+async fn write(
+    pool: &PgPool,
+    keys: Option<Arc<AuditKeys>>,
+    entries: Vec<AuditEntry>,
+) -> Result<Vec<Result<AuditRecord>>> {
     let mut tx = pool.begin().await.map_err(keel_database::to_keel)?;
     let head: Option<HeadRow> = sqlx::query_as(
         "SELECT sequence, hash, recorded_at, clock_timestamp() \
@@ -347,15 +422,39 @@ async fn write(pool: &PgPool, entries: Vec<AuditEntry>) -> Result<Vec<AuditRecor
     };
     let mut sequence = to_u64(last_sequence)?;
     let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
-    let mut records = Vec::with_capacity(entries.len());
+    // Under the head's lock no other writer can add these command ids
+    // before this transaction ends, so the look-up cannot race.
+    let mut known = stored_commands(&mut tx, &entries).await?;
+    let mut results = Vec::with_capacity(entries.len());
     let mut rows = Vec::with_capacity(entries.len());
     for entry in entries {
+        if let Some(stored) = entry.command_id.and_then(|id| known.get(&id)) {
+            results.push(super::replay(stored, &entry));
+            continue;
+        }
         sequence += 1;
         let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
-        rows.push(row_json(sequence, &entry, recorded_at, &prev_hash, &hash));
+        let mac = keys.as_ref().map(|k| k.current().seal(sequence, &hash));
+        rows.push(row_json(
+            sequence,
+            &entry,
+            recorded_at,
+            &prev_hash,
+            &hash,
+            mac.as_ref(),
+        ));
+        let command_id = entry.command_id;
         let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash.clone());
+        if let Some(id) = command_id {
+            known.insert(id, record.clone());
+        }
         prev_hash = hash;
-        records.push(record);
+        results.push(Ok(record));
+    }
+    if rows.is_empty() {
+        // Only retries: nothing to write, and the lock goes with the
+        // rollback.
+        return Ok(results);
     }
     sqlx::query("SELECT keel.append_audit_records($1)")
         .bind(Json(&rows))
@@ -363,7 +462,37 @@ async fn write(pool: &PgPool, entries: Vec<AuditEntry>) -> Result<Vec<AuditRecor
         .await
         .map_err(keel_database::to_keel)?;
     tx.commit().await.map_err(keel_database::to_keel)?;
-    Ok(records)
+    Ok(results)
+}
+
+/// The first stored record of each command id in `entries`.
+async fn stored_commands(
+    tx: &mut sqlx::PgConnection,
+    entries: &[AuditEntry],
+) -> Result<HashMap<CommandId, AuditRecord>> {
+    let ids: Vec<Uuid> = entries
+        .iter()
+        .filter_map(|e| e.command_id.map(|id| *id.as_uuid()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(&format!(
+        "SELECT DISTINCT ON (command_id) {COLUMNS} FROM keel.audit_log \
+         WHERE command_id = ANY($1) ORDER BY command_id, sequence"
+    ))
+    .bind(&ids)
+    .fetch_all(tx)
+    .await
+    .map_err(keel_database::to_keel)?;
+    let mut known = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let record = record_from_row(row)?;
+        if let Some(id) = record.entry.command_id {
+            known.insert(id, record);
+        }
+    }
+    Ok(known)
 }
 
 /// One record as `keel.append_audit_records` reads it. Timestamps travel as
@@ -374,6 +503,7 @@ fn row_json(
     recorded_at: DateTime<Utc>,
     prev_hash: &str,
     hash: &str,
+    mac: Option<&RecordMac>,
 ) -> serde_json::Value {
     let time = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
@@ -395,6 +525,8 @@ fn row_json(
         "details": entry.details,
         "prev_hash": prev_hash,
         "hash": hash,
+        "mac_key_id": mac.map(|m| &m.key_id),
+        "mac": mac.map(|m| &m.mac),
     })
 }
 
@@ -456,6 +588,14 @@ fn record_from_row(row: &PgRow) -> Result<AuditRecord> {
         row.try_get::<String, _>("prev_hash").map_err(decode)?,
         row.try_get::<String, _>("hash").map_err(decode)?,
     ))
+}
+
+fn mac_from_row(row: &PgRow) -> Result<Option<RecordMac>> {
+    let key_id: Option<String> = row.try_get("mac_key_id").map_err(decode)?;
+    let mac: Option<String> = row.try_get("mac").map_err(decode)?;
+    Ok(key_id
+        .zip(mac)
+        .map(|(key_id, mac)| RecordMac { key_id, mac }))
 }
 
 fn decode(e: sqlx::Error) -> Error {

@@ -27,7 +27,10 @@ use keel_core::{
 };
 use serde_json::{Value, json};
 
-use super::{AuditHead, ChainHead, GENESIS_HASH, MAX_DETAILS_BYTES, MAX_TEXT_BYTES, record_hash};
+use super::{
+    AuditHead, AuditKey, AuditKeys, ChainHead, GENESIS_HASH, MAX_DETAILS_BYTES, MAX_TEXT_BYTES,
+    record_hash,
+};
 
 /// The log under test.
 pub type Subject = Arc<dyn AuditHead>;
@@ -621,6 +624,256 @@ pub async fn head_anchors_the_chain(log: Subject) {
     }
 }
 
+/// An entry carrying command id `n` (a fixed UUID per `n`).
+#[must_use]
+pub fn command_entry(n: u32) -> AuditEntry {
+    let mut e = entry(&format!("user-{}", n % 7), i64::from(n));
+    e.command_id = Some(
+        format!("01900000-0000-7000-8000-{n:012}")
+            .parse::<CommandId>()
+            .expect("a UUID"),
+    );
+    e.aggregate = Some(AggregateRef::new("Order", format!("o-{n}")));
+    e.details = json!({"n": n, "total": 12.5, "lines": [{"sku": "A", "qty": 2}]});
+    e
+}
+
+/// Appending an entry whose command id is already in the log returns the
+/// stored record (same sequence, hash and time) and writes nothing; the
+/// same command id with other content is [`Error::AlreadyExists`] and
+/// writes nothing; entries without a command id are never merged.
+pub async fn retried_appends_return_the_original(log: Subject) {
+    let first = log.append(command_entry(1)).await.expect("append");
+    let second = log.append(command_entry(2)).await.expect("append");
+    let again = log.append(command_entry(1)).await.expect("retry");
+    assert_eq!(again, first, "a retry returns the original record");
+    // A retry whose details went through storage's normalisation (jsonb
+    // number forms, key order) is still the same entry.
+    let mut renormalised = command_entry(2);
+    renormalised.details =
+        serde_json::from_str(r#"{"total": 1.25e1, "n": 2.0, "lines": [{"qty": 2, "sku": "A"}]}"#)
+            .expect("json");
+    assert_eq!(log.append(renormalised).await.expect("retry"), second);
+
+    let mut changed = command_entry(1);
+    changed.outcome = AuditOutcome::Failed {
+        code: "keel.unavailable".into(),
+    };
+    let err = log.append(changed).await.expect_err("conflicting content");
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    let mut later = command_entry(2);
+    later.occurred_at += Duration::seconds(1);
+    assert!(matches!(
+        log.append(later).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+
+    let plain_a = log.append(entry("alice", 0)).await.expect("append");
+    let plain_b = log.append(entry("alice", 0)).await.expect("append");
+    assert_eq!(
+        (plain_a.sequence, plain_b.sequence),
+        (3, 4),
+        "entries without a command id are not deduplicated"
+    );
+    let stored = all(log.as_ref()).await;
+    assert_eq!(sequences(&stored), vec![1, 2, 3, 4]);
+    assert_eq!(stored[0], first);
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 4 }
+    );
+    let third = log.append(command_entry(3)).await.expect("append");
+    assert_eq!(third.prev_hash, plain_b.hash, "retries leave no gap");
+}
+
+/// Sixteen tasks each append the same 40 commands, in different orders and
+/// all at once (retries racing each other and the first attempt): each
+/// command is stored exactly once, every task gets the same record for it,
+/// sequences are gapless and the chain verifies.
+pub async fn concurrent_retries_store_each_command_once(log: Subject) {
+    const TASKS: u32 = 16;
+    const COMMANDS: u32 = 40;
+    let writers: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::with_capacity(COMMANDS as usize);
+                for i in 0..COMMANDS {
+                    // Every task starts at another command.
+                    let n = (i + t * 7) % COMMANDS;
+                    let record = log.append(command_entry(n)).await.expect("append");
+                    got.push((n, record));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut by_command: std::collections::BTreeMap<u32, AuditRecord> =
+        std::collections::BTreeMap::new();
+    for w in writers {
+        for (n, record) in w.await.expect("writer task") {
+            let first = by_command.entry(n).or_insert_with(|| record.clone());
+            assert_eq!(*first, record, "command {n} answered with two records");
+        }
+    }
+    assert_eq!(by_command.len(), COMMANDS as usize);
+    let stored = all(log.as_ref()).await;
+    assert_eq!(
+        sequences(&stored),
+        (1..=u64::from(COMMANDS)).collect::<Vec<_>>()
+    );
+    let ids: BTreeSet<_> = stored.iter().map(|r| r.entry.command_id).collect();
+    assert_eq!(ids.len(), COMMANDS as usize, "a command was stored twice");
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact {
+            records: u64::from(COMMANDS)
+        }
+    );
+}
+
+/// [`AuditHead::verify_after`] checks only what came after a verified head
+/// and hands back the head to resume from; a head that no longer matches
+/// the stored record, or lies past the end, is reported.
+pub async fn incremental_verification_resumes(log: Subject) {
+    let genesis = ChainHead::genesis();
+    let empty = log.verify_after(&genesis).await.expect("verify");
+    assert_eq!(empty.verification, ChainVerification::Intact { records: 0 });
+    assert_eq!(empty.head, genesis);
+
+    for i in 0..3 {
+        log.append(entry("alice", i)).await.expect("append");
+    }
+    let first = log.verify_after(&genesis).await.expect("verify");
+    assert_eq!(first.verification, ChainVerification::Intact { records: 3 });
+    assert_eq!(first.head, log.head().await.expect("head"));
+
+    let idle = log.verify_after(&first.head).await.expect("verify");
+    assert_eq!(idle.verification, ChainVerification::Intact { records: 0 });
+    assert_eq!(idle.head, first.head);
+
+    for i in 3..5 {
+        log.append(entry("bob", i)).await.expect("append");
+    }
+    let second = log.verify_after(&first.head).await.expect("verify");
+    assert_eq!(
+        second.verification,
+        ChainVerification::Intact { records: 2 }
+    );
+    assert_eq!(second.head.sequence, 5);
+    assert_eq!(second.head, log.head().await.expect("head"));
+
+    let forged = ChainHead {
+        sequence: 3,
+        hash: second.head.hash.clone(),
+    };
+    let check = log.verify_after(&forged).await.expect("verify");
+    match check.verification {
+        ChainVerification::Broken { sequence, reason } => {
+            assert_eq!(sequence, 3);
+            assert!(reason.starts_with("anchor mismatch"), "{reason}");
+        }
+        other => panic!("a forged head verified: {other:?}"),
+    }
+    assert_eq!(check.head, forged, "a failed check does not move the head");
+
+    let ahead = ChainHead {
+        sequence: 9,
+        hash: second.head.hash.clone(),
+    };
+    match log.verify_after(&ahead).await.expect("verify").verification {
+        ChainVerification::Broken { sequence, reason } => {
+            assert_eq!(sequence, 9);
+            assert!(reason.starts_with("missing record"), "{reason}");
+        }
+        other => panic!("a head past the end verified: {other:?}"),
+    }
+}
+
+/// Test keys: 32 bytes of `byte`.
+#[must_use]
+pub fn test_key(id: &str, byte: u8) -> AuditKey {
+    AuditKey::new(id, keel_telemetry::Secret::new(vec![byte; 32])).expect("a valid key")
+}
+
+/// Keyed mode across a key rotation, for a store whose keys `set_keys`
+/// replaces (not part of the suite macro: the keys are the store's
+/// configuration). Records sealed by an old key verify while it stays in
+/// the keyring as a previous key; dropping it reports the first record it
+/// sealed; leaving keyed mode verifies the plain chain as before.
+pub async fn keyed_logs_rotate(log: Subject, set_keys: impl Fn(Option<AuditKeys>)) {
+    let k1 = test_key("k1", 1);
+    let k2 = test_key("k2", 2);
+    set_keys(Some(AuditKeys::single(k1.clone())));
+    for i in 0..3 {
+        log.append(entry("alice", i)).await.expect("append");
+    }
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 3 }
+    );
+    set_keys(Some(
+        AuditKeys::new(k2.clone(), [k1.clone()]).expect("keyring"),
+    ));
+    for i in 3..5 {
+        log.append(entry("bob", i)).await.expect("append");
+    }
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 5 }
+    );
+    let check = log
+        .verify_after(&ChainHead::genesis())
+        .await
+        .expect("verify");
+    assert_eq!(check.verification, ChainVerification::Intact { records: 5 });
+
+    // Without the old key, its records cannot be trusted.
+    set_keys(Some(AuditKeys::single(k2.clone())));
+    match log.verify().await.expect("verify") {
+        ChainVerification::Broken { sequence, reason } => {
+            assert_eq!(sequence, 1);
+            assert!(reason.starts_with("unknown key"), "{reason}");
+        }
+        other => panic!("records of a dropped key verified: {other:?}"),
+    }
+    // A key under a known id but with other material fails every MAC.
+    let impostor = test_key("k1", 9);
+    set_keys(Some(AuditKeys::new(k2, [impostor]).expect("keyring")));
+    match log.verify().await.expect("verify") {
+        ChainVerification::Broken { sequence, reason } => {
+            assert_eq!(sequence, 1);
+            assert!(reason.starts_with("MAC mismatch"), "{reason}");
+        }
+        other => panic!("a wrong key verified: {other:?}"),
+    }
+    // Unkeyed, the MACs are ignored and the plain chain still holds.
+    set_keys(None);
+    log.append(entry("carol", 5)).await.expect("append");
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 6 }
+    );
+    // Back in keyed mode, the unsealed record is refused unless the
+    // keyring says sealing starts after it.
+    let ring = AuditKeys::new(test_key("k2", 2), [k1]).expect("keyring");
+    set_keys(Some(ring.clone()));
+    match log.verify().await.expect("verify") {
+        ChainVerification::Broken { sequence, reason } => {
+            assert_eq!(sequence, 6);
+            assert!(reason.starts_with("MAC missing"), "{reason}");
+        }
+        other => panic!("an unsealed record verified: {other:?}"),
+    }
+    set_keys(Some(ring.required_from(7)));
+    log.append(entry("dave", 6)).await.expect("append");
+    assert_eq!(
+        log.verify().await.expect("verify"),
+        ChainVerification::Intact { records: 7 }
+    );
+}
+
 /// Runs every rule of the audit-log contract suite against the logs built
 /// by `factory` (a closure returning a future of
 /// `(Arc<dyn AuditHead>, guard)`), one `#[tokio::test]` per rule.
@@ -646,6 +899,9 @@ macro_rules! audit_contract_suite {
                 injection_strings_are_stored_verbatim,
                 bad_queries_are_refused,
                 head_anchors_the_chain,
+                retried_appends_return_the_original,
+                concurrent_retries_store_each_command_once,
+                incremental_verification_resumes,
             ],
         }
     };
