@@ -123,6 +123,13 @@ pub struct ChainCheck {
 }
 
 impl ChainCheck {
+    /// A result with this verdict, resuming from `head` (for
+    /// implementations of [`AuditHead`] outside this crate).
+    #[must_use]
+    pub fn new(verification: ChainVerification, head: ChainHead) -> Self {
+        Self { verification, head }
+    }
+
     pub(crate) fn of(walk: &chain::ChainWalk, verification: ChainVerification) -> Self {
         Self {
             verification,

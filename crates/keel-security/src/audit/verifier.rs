@@ -153,7 +153,11 @@ impl AuditVerifier {
         let interval = self.interval;
         let state = shared.clone();
         let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
+            // The pass at start-up runs before any on-demand one.
+            let first = pass.run().await;
+            *lock(&state.status) = Some(first);
+            let mut ticker =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let reply = tokio::select! {
@@ -328,8 +332,9 @@ impl AuditVerifierHandle {
         lock(&self.shared.status).clone()
     }
 
-    /// Runs a pass now (after any pass under way) and returns its result;
-    /// `None` when the verifier was stopped.
+    /// Runs a pass now (after any pass under way, and always after the
+    /// pass at start-up) and returns its result; `None` when the verifier
+    /// was stopped.
     pub async fn verify_now(&self) -> Option<VerifierStatus> {
         let (reply, answer) = oneshot::channel();
         self.requests.send(reply).await.ok()?;
