@@ -9,7 +9,10 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::time::Duration;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -180,6 +183,102 @@ pub trait HealthCheck: Send + Sync {
     async fn check(&self) -> HealthReport;
 }
 
+/// The two limits of a check that probes a dependency over the network, and
+/// the rule that turns a probe's outcome into a [`HealthReport`].
+///
+/// [`run`](Self::run) times the probe, bounds it with `timeout`, and reports:
+///
+/// * `Unhealthy`, "no answer within {timeout}", when the probe does not
+///   finish in time;
+/// * `Unhealthy`, with the error's text, when the probe fails;
+/// * `Degraded`, "slow: answered in {latency}", when it succeeds but took
+///   longer than `degraded_after`;
+/// * `Healthy` otherwise.
+///
+/// `keel-core` has no runtime, so the caller passes its timer (for tokio,
+/// `tokio::time::sleep`).
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_core::HealthStatus;
+/// use keel_core::ports::health::ProbeLimits;
+///
+/// # block_on(async {
+/// let limits = ProbeLimits::new(Duration::from_secs(1), Duration::from_millis(250));
+/// let ping = async { Ok::<(), std::io::Error>(()) };
+/// let report = limits.run(ping, tokio::time::sleep).await;
+/// assert_eq!(report.status, HealthStatus::Healthy);
+/// # });
+/// # fn block_on(f: impl std::future::Future<Output = ()>) {
+/// #     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+/// #     rt.block_on(f)
+/// # }
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct ProbeLimits {
+    /// How long the probe may run before it counts as failed.
+    pub timeout: Duration,
+    /// The latency above which a successful probe reports `Degraded`.
+    pub degraded_after: Duration,
+}
+
+impl ProbeLimits {
+    /// Limits with this time limit and this "slow" threshold.
+    #[must_use]
+    pub const fn new(timeout: Duration, degraded_after: Duration) -> Self {
+        Self {
+            timeout,
+            degraded_after,
+        }
+    }
+
+    /// Runs `probe` under [`timeout`](Self::timeout), timed from this call,
+    /// and maps the outcome to a report (see the type's docs).
+    ///
+    /// `sleep` makes the timer: it is called once with the time limit, and
+    /// the probe loses once the future it returns completes. The probe is
+    /// polled first, so an answer that is ready at the deadline still counts.
+    pub async fn run<P, E, S>(&self, probe: P, sleep: impl FnOnce(Duration) -> S) -> HealthReport
+    where
+        P: Future<Output = Result<(), E>>,
+        E: fmt::Display,
+        S: Future<Output = ()>,
+    {
+        let started = Instant::now();
+        let mut probe = pin!(probe);
+        let mut timer = pin!(sleep(self.timeout));
+        let outcome = poll_fn(|cx| {
+            if let Poll::Ready(answer) = probe.as_mut().poll(cx) {
+                return Poll::Ready(Some(answer));
+            }
+            timer.as_mut().poll(cx).map(|()| None)
+        })
+        .await;
+        self.report(outcome, started.elapsed())
+    }
+
+    /// Maps a probe's outcome (`None` when it did not answer in time) and
+    /// its latency to a report; [`run`](Self::run) without the timing, for
+    /// checks that bound their probe some other way.
+    #[must_use]
+    pub fn report<E: fmt::Display>(
+        &self,
+        outcome: Option<Result<(), E>>,
+        latency: Duration,
+    ) -> HealthReport {
+        match outcome {
+            None => {
+                HealthReport::unhealthy(latency, format!("no answer within {:?}", self.timeout))
+            }
+            Some(Err(e)) => HealthReport::unhealthy(latency, e.to_string()),
+            Some(Ok(())) if latency > self.degraded_after => {
+                HealthReport::degraded(latency, format!("slow: answered in {latency:?}"))
+            }
+            Some(Ok(())) => HealthReport::healthy(latency),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +298,85 @@ mod tests {
         assert_eq!(r.status, HealthStatus::Degraded);
         assert_eq!(r.detail, "slow");
         assert_eq!(HealthReport::healthy(Duration::ZERO).detail, "");
+    }
+
+    const LIMITS: ProbeLimits =
+        ProbeLimits::new(Duration::from_secs(3600), Duration::from_secs(3600));
+
+    /// A timer that never fires: the probe always wins.
+    fn never(_: Duration) -> std::future::Pending<()> {
+        std::future::pending()
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_answers_in_time_is_healthy() {
+        let report = LIMITS.run(async { Ok::<(), String>(()) }, never).await;
+        assert_eq!(report.status, HealthStatus::Healthy, "{report:?}");
+        assert_eq!(report.detail, "");
+    }
+
+    #[tokio::test]
+    async fn a_probe_slower_than_the_threshold_is_degraded() {
+        let limits = ProbeLimits::new(Duration::from_secs(3600), Duration::from_millis(1));
+        let slow = async {
+            // Blocking on purpose: the probe cannot finish in under 2 ms.
+            std::thread::sleep(Duration::from_millis(2));
+            Ok::<(), String>(())
+        };
+        let report = limits.run(slow, never).await;
+        assert_eq!(report.status, HealthStatus::Degraded, "{report:?}");
+        assert!(report.latency >= Duration::from_millis(2));
+        assert_eq!(
+            report.detail,
+            format!("slow: answered in {:?}", report.latency)
+        );
+    }
+
+    #[test]
+    fn the_threshold_itself_is_not_slow() {
+        let limits = ProbeLimits::new(Duration::from_secs(1), Duration::from_millis(250));
+        let at = limits.report(Some(Ok::<(), String>(())), Duration::from_millis(250));
+        assert_eq!(at.status, HealthStatus::Healthy);
+        let above = limits.report(Some(Ok::<(), String>(())), Duration::from_millis(251));
+        assert_eq!(above.status, HealthStatus::Degraded);
+        assert_eq!(above.latency, Duration::from_millis(251));
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_never_answers_times_out() {
+        let limits = ProbeLimits::new(Duration::from_millis(20), Duration::ZERO);
+        let mut asked = None;
+        let timer = |limit| {
+            asked = Some(limit);
+            std::future::ready(())
+        };
+        let report = limits
+            .run(std::future::pending::<Result<(), String>>(), timer)
+            .await;
+        assert_eq!(asked, Some(Duration::from_millis(20)));
+        assert_eq!(report.status, HealthStatus::Unhealthy, "{report:?}");
+        assert_eq!(report.detail, "no answer within 20ms");
+    }
+
+    #[tokio::test]
+    async fn an_answer_ready_at_the_deadline_still_counts() {
+        let ready_timer = |_| std::future::ready(());
+        let report = LIMITS
+            .run(async { Ok::<(), String>(()) }, ready_timer)
+            .await;
+        assert_eq!(report.status, HealthStatus::Healthy, "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_probe_is_unhealthy_with_its_error() {
+        let refused = async {
+            Err::<(), _>(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "connection refused",
+            ))
+        };
+        let report = LIMITS.run(refused, never).await;
+        assert_eq!(report.status, HealthStatus::Unhealthy, "{report:?}");
+        assert_eq!(report.detail, "connection refused");
     }
 }
