@@ -1,8 +1,11 @@
 //! Audit-log append throughput on PostgreSQL against a raw single-row
 //! `INSERT` into a table of the same shape (same columns and indexes, no
 //! chain, no head lock), in the same run on the same database; rounds
-//! alternate between the two so load changes hit both alike. Also: the
-//! chain walk (`verify`) and the in-memory store.
+//! alternate between the two so load changes hit both alike. A third
+//! contender appends entries that carry command ids (so every group looks
+//! its command ids up: the idempotency check) to a keyed log (an HMAC per
+//! record). Also: the chain walk (`verify`, plain and keyed) and the
+//! in-memory store.
 //!
 //! Needs PostgreSQL (`DATABASE_URL`, or 127.0.0.1:5432). Run with
 //! `cargo bench -p keel-security --bench audit`; `KEEL_BENCH_SCALE`
@@ -15,8 +18,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_core::{AggregateRef, AuditEntry, AuditLog, AuditOutcome, CorrelationId};
-use keel_security::audit::{InMemoryAuditLog, PgAuditLog};
+use keel_core::{AggregateRef, AuditEntry, AuditLog, AuditOutcome, CommandId, CorrelationId};
+use keel_security::Secret;
+use keel_security::audit::{AuditKey, AuditKeys, InMemoryAuditLog, PgAuditLog};
 use keel_testkit::TestDatabase;
 use serde_json::json;
 use sqlx::PgPool;
@@ -83,12 +87,20 @@ async fn raw_insert(pool: &PgPool, e: &AuditEntry) {
 enum Contender {
     Raw,
     Audit,
+    /// Entries with command ids, on the keyed log.
+    Keyed,
+}
+
+/// The two logs under test: plain entries, and command ids on a keyed log.
+struct Logs {
+    plain: Arc<PgAuditLog>,
+    keyed: Arc<PgAuditLog>,
 }
 
 /// `writers` tasks append `per_writer` rows each; returns the elapsed time.
 async fn round(
     pool: &PgPool,
-    log: &Arc<PgAuditLog>,
+    logs: &Logs,
     who: Contender,
     writers: usize,
     per_writer: usize,
@@ -97,14 +109,20 @@ async fn round(
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
             let pool = pool.clone();
-            let log = log.clone();
+            let plain = logs.plain.clone();
+            let keyed = logs.keyed.clone();
             tokio::spawn(async move {
                 for i in 0..per_writer {
                     let e = entry(w * 1_000_000 + i);
                     match who {
                         Contender::Raw => raw_insert(&pool, &e).await,
                         Contender::Audit => {
-                            log.append(e).await.expect("append");
+                            plain.append(e).await.expect("append");
+                        }
+                        Contender::Keyed => {
+                            let mut e = e;
+                            e.command_id = Some(CommandId::new());
+                            keyed.append(e).await.expect("append");
                         }
                     }
                 }
@@ -117,38 +135,40 @@ async fn round(
     start.elapsed()
 }
 
-async fn compare(pool: &PgPool, log: &Arc<PgAuditLog>, writers: usize, total: usize) {
+async fn compare(pool: &PgPool, logs: &Logs, writers: usize, total: usize) {
     const ROUNDS: usize = 6;
     let per_writer = (total / ROUNDS / writers).max(1);
     let rows = per_writer * writers;
-    // Warm both paths (connections, plans) before timing.
-    round(pool, log, Contender::Raw, writers, 5).await;
-    round(pool, log, Contender::Audit, writers, 5).await;
-    let (mut raw, mut audit) = (Duration::ZERO, Duration::ZERO);
+    // Warm every path (connections, plans) before timing.
+    for who in [Contender::Raw, Contender::Audit, Contender::Keyed] {
+        round(pool, logs, who, writers, 5).await;
+    }
+    let (mut raw, mut audit, mut keyed) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for r in 0..ROUNDS {
-        // Alternate which goes first, so neither always meets a fresher
-        // buffer cache or a quieter neighbour.
-        let order = if r % 2 == 0 {
-            [Contender::Raw, Contender::Audit]
-        } else {
-            [Contender::Audit, Contender::Raw]
-        };
+        // Rotate which goes first, so none always meets a fresher buffer
+        // cache or a quieter neighbour.
+        let mut order = [Contender::Raw, Contender::Audit, Contender::Keyed];
+        order.rotate_left(r % 3);
         for who in order {
-            let t = round(pool, log, who, writers, per_writer).await;
+            let t = round(pool, logs, who, writers, per_writer).await;
             match who {
                 Contender::Raw => raw += t,
                 Contender::Audit => audit += t,
+                Contender::Keyed => keyed += t,
             }
         }
     }
     let n = (rows * ROUNDS) as f64;
     let raw_rate = n / raw.as_secs_f64();
     let audit_rate = n / audit.as_secs_f64();
+    let keyed_rate = n / keyed.as_secs_f64();
     println!(
-        "| append, {writers} writer(s) | {:.0} rows/s | {:.0} rows/s | {:.2}x | {} rows each |",
+        "| append, {writers} writer(s) | {:.0} rows/s | {:.0} rows/s | {:.0} rows/s | {:.2}x | {:.2}x | {} rows each |",
         audit_rate,
+        keyed_rate,
         raw_rate,
         audit_rate / raw_rate,
+        keyed_rate / audit_rate,
         rows * ROUNDS
     );
 }
@@ -164,11 +184,38 @@ async fn main() {
         .expect("raw table");
     let pool = db.pool().clone();
     let log = Arc::new(PgAuditLog::new(pool.clone()));
+    // The keyed log writes to a database of its own, so each chain is
+    // verified with the right keys.
+    let keyed_db = TestDatabase::create(&keel_database::MIGRATOR)
+        .await
+        .expect("test database");
+    let key = AuditKey::new("bench", Secret::new(vec![7; 32])).expect("key");
+    let keyed =
+        Arc::new(PgAuditLog::new(keyed_db.pool().clone()).with_keys(AuditKeys::single(key)));
+    let logs = Logs {
+        plain: log.clone(),
+        keyed: keyed.clone(),
+    };
 
-    println!("| workload | audit log | raw INSERT | audit ÷ raw | rows |");
-    println!("|---|---|---|---|---|");
-    compare(&pool, &log, 1, n(3_000)).await;
-    compare(&pool, &log, 8, n(6_000)).await;
+    println!(
+        "| workload | audit log | command ids + keyed | raw INSERT | audit ÷ raw | keyed ÷ audit | rows |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    compare(&pool, &logs, 1, n(3_000)).await;
+    compare(&pool, &logs, 8, n(6_000)).await;
+
+    let start = Instant::now();
+    let verdict = keyed.verify().await.expect("verify");
+    let elapsed = start.elapsed();
+    let keyed_records = match verdict {
+        keel_core::ChainVerification::Intact { records } => records,
+        other => panic!("{other:?}"),
+    };
+    println!(
+        "\nkeyed verify: {keyed_records} records in {:.2} s = {:.0} records/s",
+        elapsed.as_secs_f64(),
+        keyed_records as f64 / elapsed.as_secs_f64()
+    );
 
     let records = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM keel.audit_log")
         .fetch_one(&pool)
@@ -193,6 +240,21 @@ async fn main() {
     let elapsed = start.elapsed();
     println!(
         "in-memory append: {count} records in {:.2} s = {:.0} records/s",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64()
+    );
+
+    let key = AuditKey::new("bench", Secret::new(vec![7; 32])).expect("key");
+    let memory = InMemoryAuditLog::new().with_keys(AuditKeys::single(key));
+    let start = Instant::now();
+    for i in 0..count {
+        let mut e = entry(i);
+        e.command_id = Some(CommandId::new());
+        memory.append(e).await.expect("append");
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "in-memory append, command ids + keyed: {count} records in {:.2} s = {:.0} records/s",
         elapsed.as_secs_f64(),
         count as f64 / elapsed.as_secs_f64()
     );

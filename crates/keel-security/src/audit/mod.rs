@@ -16,7 +16,19 @@
 //! Both produce identical chains for identical input and pass one contract
 //! suite (`testing`, feature `testing`). The [`AuditHead`] extension lets
 //! an operator read the chain's head and later prove, against a copy kept
-//! outside the database, that nothing was cut from its end.
+//! outside the database, that nothing was cut from its end, and check
+//! incrementally what was appended since a verified head
+//! ([`AuditHead::verify_after`]).
+//!
+//! * **Idempotent appends.** An entry whose command id is already in the
+//!   log returns the stored record instead of a second one; the same
+//!   command id with other content is [`Error::AlreadyExists`].
+//! * **Keyed mode.** With [`AuditKeys`], every record also carries an
+//!   HMAC-SHA256 and its key's id, so whoever can write the store but does
+//!   not hold the key cannot forge a chain that verifies; keys rotate.
+//! * **Periodic verification.** [`AuditVerifier`] checks the log in the
+//!   background, counts and logs faults, and is a
+//!   [`HealthCheck`](keel_core::HealthCheck).
 //!
 //! ```
 //! use keel_core::{AggregateRef, AuditEntry, AuditLog, AuditOutcome, AuditQuery};
