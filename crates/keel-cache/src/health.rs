@@ -1,9 +1,10 @@
 //! The Redis health check, on `keel_core`'s [`HealthCheck`] port.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_core::{HealthCheck, HealthReport, Probe};
+use keel_core::ports::health::ProbeLimits;
+use keel_core::{HealthCheck, HealthReport};
 
 use crate::redis::RedisCache;
 
@@ -33,8 +34,7 @@ pub const DEFAULT_REDIS_DEGRADED_AFTER: Duration = Duration::from_millis(250);
 pub struct RedisReadiness {
     redis: RedisCache,
     name: String,
-    timeout: Duration,
-    degraded_after: Duration,
+    limits: ProbeLimits,
 }
 
 impl RedisReadiness {
@@ -45,8 +45,7 @@ impl RedisReadiness {
         Self {
             redis,
             name: "redis".to_owned(),
-            timeout: DEFAULT_REDIS_HEALTH_TIMEOUT,
-            degraded_after: DEFAULT_REDIS_DEGRADED_AFTER,
+            limits: ProbeLimits::new(DEFAULT_REDIS_HEALTH_TIMEOUT, DEFAULT_REDIS_DEGRADED_AFTER),
         }
     }
 
@@ -60,14 +59,14 @@ impl RedisReadiness {
     /// The time limit for the `PING`, reconnecting included.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.limits.timeout = timeout;
         self
     }
 
     /// The latency above which the check reports `Degraded`.
     #[must_use]
     pub fn degraded_after(mut self, threshold: Duration) -> Self {
-        self.degraded_after = threshold;
+        self.limits.degraded_after = threshold;
         self
     }
 }
@@ -78,26 +77,10 @@ impl HealthCheck for RedisReadiness {
         &self.name
     }
 
-    fn probes(&self) -> &[Probe] {
-        &[Probe::Readiness]
-    }
-
     async fn check(&self) -> HealthReport {
-        let started = Instant::now();
         // The connection manager retries a dropped connection several times
         // with backoff; the limit here bounds all of it.
-        let outcome = tokio::time::timeout(self.timeout, self.redis.ping()).await;
-        let latency = started.elapsed();
-        match outcome {
-            Err(_) => {
-                HealthReport::unhealthy(latency, format!("no answer within {:?}", self.timeout))
-            }
-            Ok(Err(e)) => HealthReport::unhealthy(latency, e.to_string()),
-            Ok(Ok(())) if latency > self.degraded_after => {
-                HealthReport::degraded(latency, format!("slow: answered in {latency:?}"))
-            }
-            Ok(Ok(())) => HealthReport::healthy(latency),
-        }
+        self.limits.run(self.redis.ping(), tokio::time::sleep).await
     }
 }
 

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keel_core::{HealthCheck, HealthReport, Probe};
+use keel_core::ports::health::ProbeLimits;
+use keel_core::{HealthCheck, HealthReport, HealthStatus, Probe};
 
 use crate::pool::Database;
 
@@ -35,8 +36,7 @@ pub const DEFAULT_DEGRADED_AFTER: Duration = Duration::from_millis(500);
 pub struct DatabaseReadiness {
     db: Database,
     name: String,
-    timeout: Duration,
-    degraded_after: Duration,
+    limits: ProbeLimits,
 }
 
 impl DatabaseReadiness {
@@ -47,8 +47,7 @@ impl DatabaseReadiness {
         Self {
             db,
             name: "postgres".to_owned(),
-            timeout: DEFAULT_HEALTH_TIMEOUT,
-            degraded_after: DEFAULT_DEGRADED_AFTER,
+            limits: ProbeLimits::new(DEFAULT_HEALTH_TIMEOUT, DEFAULT_DEGRADED_AFTER),
         }
     }
 
@@ -62,14 +61,14 @@ impl DatabaseReadiness {
     /// The time limit for acquiring a connection and running the query.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.limits.timeout = timeout;
         self
     }
 
     /// The latency above which the check reports `Degraded`.
     #[must_use]
     pub fn degraded_after(mut self, threshold: Duration) -> Self {
-        self.degraded_after = threshold;
+        self.limits.degraded_after = threshold;
         self
     }
 }
@@ -80,47 +79,41 @@ impl HealthCheck for DatabaseReadiness {
         &self.name
     }
 
-    fn probes(&self) -> &[Probe] {
-        &[Probe::Readiness]
-    }
-
     async fn check(&self) -> HealthReport {
         let started = Instant::now();
         if self.db.is_closed() {
             return HealthReport::unhealthy(started.elapsed(), "the pool is closed");
         }
         let ping = async {
-            let mut conn = self.db.acquire().await?;
+            let mut conn = self.db.acquire().await.map_err(|e| e.to_string())?;
             let one: i32 = sqlx::query_scalar("SELECT 1")
                 .fetch_one(&mut *conn)
                 .await
-                .map_err(|e| self.db.classify(e))?;
-            Ok::<_, crate::DatabaseError>(one)
+                .map_err(|e| self.db.classify(e).to_string())?;
+            if one == 1 {
+                Ok(())
+            } else {
+                Err(format!("SELECT 1 returned {one}"))
+            }
         };
-        let outcome = tokio::time::timeout(self.timeout, ping).await;
-        let latency = started.elapsed();
-        match outcome {
-            Err(_) => {
-                HealthReport::unhealthy(latency, format!("no answer within {:?}", self.timeout))
-            }
-            Ok(Err(e)) => HealthReport::unhealthy(latency, e.to_string()),
-            Ok(Ok(1)) => {
-                // A probe is a natural moment to refresh the pool gauges.
-                self.db.record_pool_metrics();
-                let stats = self.db.stats();
-                if latency > self.degraded_after {
-                    HealthReport::degraded(latency, format!("slow: answered in {latency:?}"))
-                } else if stats.size >= stats.max_connections && stats.idle == 0 {
-                    HealthReport::degraded(
-                        latency,
-                        format!("pool saturated: all {} connections in use", stats.size),
-                    )
-                } else {
-                    HealthReport::healthy(latency)
-                }
-            }
-            Ok(Ok(other)) => HealthReport::unhealthy(latency, format!("SELECT 1 returned {other}")),
+        let report = self.limits.run(ping, tokio::time::sleep).await;
+        if report.status == HealthStatus::Unhealthy {
+            return report;
         }
+        // A probe is a natural moment to refresh the pool gauges.
+        self.db.record_pool_metrics();
+        let stats = self.db.stats();
+        // Slowness is the better explanation when both apply.
+        if report.status == HealthStatus::Healthy
+            && stats.size >= stats.max_connections
+            && stats.idle == 0
+        {
+            return HealthReport::degraded(
+                report.latency,
+                format!("pool saturated: all {} connections in use", stats.size),
+            );
+        }
+        report
     }
 }
 

@@ -1,10 +1,11 @@
 //! The Pub/Sub health check, on `keel_core`'s [`HealthCheck`] port.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use google_cloud_gax::error::rpc::Code;
-use keel_core::{HealthCheck, HealthReport, Probe};
+use keel_core::ports::health::ProbeLimits;
+use keel_core::{HealthCheck, HealthReport};
 
 use super::PubSubBus;
 
@@ -36,8 +37,7 @@ pub struct PubSubReadiness {
     bus: PubSubBus,
     name: String,
     topic: Option<String>,
-    timeout: Duration,
-    degraded_after: Duration,
+    limits: ProbeLimits,
 }
 
 impl PubSubReadiness {
@@ -49,8 +49,7 @@ impl PubSubReadiness {
             bus,
             name: "pubsub".to_owned(),
             topic: None,
-            timeout: DEFAULT_PUBSUB_HEALTH_TIMEOUT,
-            degraded_after: DEFAULT_PUBSUB_DEGRADED_AFTER,
+            limits: ProbeLimits::new(DEFAULT_PUBSUB_HEALTH_TIMEOUT, DEFAULT_PUBSUB_DEGRADED_AFTER),
         }
     }
 
@@ -72,14 +71,14 @@ impl PubSubReadiness {
     /// The time limit for the call, the client's own retries included.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.limits.timeout = timeout;
         self
     }
 
     /// The latency above which the check reports `Degraded`.
     #[must_use]
     pub fn degraded_after(mut self, threshold: Duration) -> Self {
-        self.degraded_after = threshold;
+        self.limits.degraded_after = threshold;
         self
     }
 
@@ -120,24 +119,8 @@ impl HealthCheck for PubSubReadiness {
         &self.name
     }
 
-    fn probes(&self) -> &[Probe] {
-        &[Probe::Readiness]
-    }
-
     async fn check(&self) -> HealthReport {
-        let started = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, self.call()).await;
-        let latency = started.elapsed();
-        match outcome {
-            Err(_) => {
-                HealthReport::unhealthy(latency, format!("no answer within {:?}", self.timeout))
-            }
-            Ok(Err(detail)) => HealthReport::unhealthy(latency, detail),
-            Ok(Ok(())) if latency > self.degraded_after => {
-                HealthReport::degraded(latency, format!("slow: answered in {latency:?}"))
-            }
-            Ok(Ok(())) => HealthReport::healthy(latency),
-        }
+        self.limits.run(self.call(), tokio::time::sleep).await
     }
 }
 
