@@ -19,7 +19,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{LOG_FILTER_ENV, LogFormat, TelemetryConfig};
 use crate::error::{Result, TelemetryError};
-use crate::logfmt::WithTraceIds;
+use crate::logfmt::JsonLines;
 use crate::metrics::{INSTRUMENTATION_SCOPE, KeelMetrics};
 
 /// Targets whose spans never become OpenTelemetry spans: the export
@@ -164,14 +164,7 @@ impl Telemetry {
         let fmt_layer = match format {
             LogFormat::Json => tracing_subscriber::fmt::layer()
                 .fmt_fields(JsonFields::new())
-                .event_format(WithTraceIds::new(
-                    tracing_subscriber::fmt::format()
-                        .json()
-                        .flatten_event(true)
-                        .with_current_span(true)
-                        .with_span_list(false),
-                    Arc::clone(&dispatch_slot),
-                ))
+                .event_format(JsonLines::new(Arc::clone(&dispatch_slot)))
                 .with_writer(writer)
                 .with_filter(log_filter)
                 .boxed(),
