@@ -16,12 +16,42 @@ pub const LOG_FORMAT_ENV: &str = "KEEL_LOG_FORMAT";
 pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 /// The standard OpenTelemetry variable that turns the SDK off (`true`).
 pub const SDK_DISABLED_ENV: &str = "OTEL_SDK_DISABLED";
+/// The standard OpenTelemetry variable choosing the trace sampler
+/// (`parentbased_traceidratio`, `always_off`, …); see
+/// [`TelemetryConfig::resolved_sampling`].
+pub const TRACES_SAMPLER_ENV: &str = "OTEL_TRACES_SAMPLER";
+/// The standard OpenTelemetry variable carrying the sampler's argument: the
+/// ratio, from 0 to 1, for the two ratio samplers.
+pub const TRACES_SAMPLER_ARG_ENV: &str = "OTEL_TRACES_SAMPLER_ARG";
 /// The log filter variable read by [`EnvFilter`](tracing_subscriber::EnvFilter).
 pub const LOG_FILTER_ENV: &str = "RUST_LOG";
 
 /// Environment names treated as development: logs are human-readable text.
 /// Every other name (`prod`, `staging`, …) gets JSON lines.
 pub const DEVELOPMENT_ENVIRONMENTS: &[&str] = &["dev", "development", "local", "test"];
+
+/// How new traces are sampled, as resolved by
+/// [`TelemetryConfig::resolved_sampling`].
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Sampling {
+    /// The share of traces recorded, from 0.0 (none) to 1.0 (all); decided
+    /// by trace id, so every service keeps or drops the same traces.
+    pub ratio: f64,
+    /// Whether a trace continued from an upstream service follows the
+    /// upstream's decision (the ratio then applies to new traces only).
+    pub parent_based: bool,
+}
+
+impl Default for Sampling {
+    /// Every trace, and the upstream's decision for continued ones (the
+    /// OpenTelemetry default, `parentbased_always_on`).
+    fn default() -> Self {
+        Self {
+            ratio: 1.0,
+            parent_based: true,
+        }
+    }
+}
 
 /// How log lines are written.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -71,7 +101,8 @@ pub struct TelemetryConfig {
     pub(crate) otlp_disabled: bool,
     pub(crate) otlp_timeout: Duration,
     pub(crate) metrics_interval: Duration,
-    pub(crate) sample_ratio: f64,
+    /// `None` until set, so the environment may choose.
+    pub(crate) sample_ratio: Option<f64>,
     pub(crate) writer: Option<BoxMakeWriter>,
     pub(crate) tracer_hook: Option<TracerHook>,
     pub(crate) meter_hook: Option<MeterHook>,
@@ -112,7 +143,7 @@ impl TelemetryConfig {
             otlp_disabled: false,
             otlp_timeout: Duration::from_secs(10),
             metrics_interval: Duration::from_secs(60),
-            sample_ratio: 1.0,
+            sample_ratio: None,
             writer: None,
             tracer_hook: None,
             meter_hook: None,
@@ -191,16 +222,17 @@ impl TelemetryConfig {
         self
     }
 
-    /// The share of new traces to sample, from 0.0 to 1.0 (default 1.0).
+    /// The share of new traces to sample, from 0.0 to 1.0 (default 1.0,
+    /// or what `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` say).
     /// Traces continued from an upstream service follow the upstream's
-    /// sampling decision.
+    /// sampling decision. Setting it here overrides those variables.
     #[must_use]
     pub fn sample_ratio(mut self, ratio: f64) -> Self {
-        self.sample_ratio = if ratio.is_nan() {
+        self.sample_ratio = Some(if ratio.is_nan() {
             1.0
         } else {
             ratio.clamp(0.0, 1.0)
-        };
+        });
         self
     }
 
@@ -268,6 +300,93 @@ impl TelemetryConfig {
             },
             explicit => explicit,
         }
+    }
+
+    /// The sampling that will be used, given a way to read environment
+    /// variables.
+    ///
+    /// [`sample_ratio`](Self::sample_ratio), when set, wins: that ratio,
+    /// parent-based. Otherwise the standard variables decide, as the
+    /// OpenTelemetry specification defines them: `OTEL_TRACES_SAMPLER` is
+    /// one of `always_on`, `always_off`, `traceidratio`,
+    /// `parentbased_always_on` (the default), `parentbased_always_off` or
+    /// `parentbased_traceidratio`, and `OTEL_TRACES_SAMPLER_ARG` is the ratio
+    /// of the two ratio samplers (1.0 when unset; the other samplers ignore
+    /// it).
+    ///
+    /// ```
+    /// use keel_telemetry::{Sampling, TelemetryConfig};
+    ///
+    /// let env = |k: &str| match k {
+    ///     "OTEL_TRACES_SAMPLER" => Some("parentbased_traceidratio".to_owned()),
+    ///     "OTEL_TRACES_SAMPLER_ARG" => Some("0.25".to_owned()),
+    ///     _ => None,
+    /// };
+    /// let sampling = TelemetryConfig::new("orders").resolved_sampling(env).unwrap();
+    /// assert_eq!(sampling, Sampling { ratio: 0.25, parent_based: true });
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`TelemetryError::InvalidSampler`](crate::TelemetryError::InvalidSampler)
+    /// for a sampler name Keel does not know (the remote samplers,
+    /// `jaeger_remote` and `xray`, are not built in) or a ratio that is not
+    /// a number from 0 to 1.
+    pub fn resolved_sampling(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Sampling, crate::TelemetryError> {
+        if let Some(ratio) = self.sample_ratio {
+            return Ok(Sampling {
+                ratio,
+                parent_based: true,
+            });
+        }
+        let invalid = |variable: &'static str, value: &str, reason: &'static str| {
+            crate::TelemetryError::InvalidSampler {
+                variable,
+                value: value.to_owned(),
+                reason,
+            }
+        };
+        let Some(sampler) = env(TRACES_SAMPLER_ENV)
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty())
+        else {
+            return Ok(Sampling::default());
+        };
+        let ratio = || match env(TRACES_SAMPLER_ARG_ENV) {
+            None => Ok(1.0),
+            Some(arg) if arg.trim().is_empty() => Ok(1.0),
+            Some(arg) => match arg.trim().parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+                _ => Err(invalid(
+                    TRACES_SAMPLER_ARG_ENV,
+                    &arg,
+                    "expected a ratio from 0 to 1",
+                )),
+            },
+        };
+        let (ratio, parent_based) = match sampler.as_str() {
+            "always_on" => (1.0, false),
+            "always_off" => (0.0, false),
+            "traceidratio" => (ratio()?, false),
+            "parentbased_always_on" => (1.0, true),
+            "parentbased_always_off" => (0.0, true),
+            "parentbased_traceidratio" => (ratio()?, true),
+            _ => {
+                return Err(invalid(
+                    TRACES_SAMPLER_ENV,
+                    &sampler,
+                    "expected always_on, always_off, traceidratio, parentbased_always_on, \
+                     parentbased_always_off or parentbased_traceidratio",
+                ));
+            }
+        };
+        Ok(Sampling {
+            ratio,
+            parent_based,
+        })
     }
 
     /// The OTLP endpoint that will be used, if any, given a way to read
@@ -353,19 +472,95 @@ mod tests {
 
     #[test]
     fn sample_ratio_is_clamped() {
+        let ratio = |r: f64| TelemetryConfig::new("s").sample_ratio(r).sample_ratio;
+        assert_eq!(ratio(3.0), Some(1.0));
+        assert_eq!(ratio(-1.0), Some(0.0));
+        assert_eq!(ratio(f64::NAN), Some(1.0));
+    }
+
+    fn sampling(pairs: &[(&str, &str)]) -> Result<Sampling, crate::TelemetryError> {
+        TelemetryConfig::new("s").resolved_sampling(env(pairs))
+    }
+
+    fn of(ratio: f64, parent_based: bool) -> Sampling {
+        Sampling {
+            ratio,
+            parent_based,
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_standard_variables() {
+        assert_eq!(sampling(&[]).unwrap(), Sampling::default());
+        assert_eq!(sampling(&[]).unwrap(), of(1.0, true));
         assert_eq!(
-            TelemetryConfig::new("s").sample_ratio(3.0).sample_ratio,
-            1.0
+            sampling(&[(TRACES_SAMPLER_ENV, " ")]).unwrap(),
+            of(1.0, true)
+        );
+        let cases = [
+            ("always_on", of(1.0, false)),
+            ("ALWAYS_OFF", of(0.0, false)),
+            ("parentbased_always_on", of(1.0, true)),
+            ("parentbased_always_off", of(0.0, true)),
+            ("traceidratio", of(0.1, false)),
+            (" parentbased_traceidratio ", of(0.1, true)),
+        ];
+        for (sampler, expected) in cases {
+            let vars = [
+                (TRACES_SAMPLER_ENV, sampler),
+                (TRACES_SAMPLER_ARG_ENV, "0.1"),
+            ];
+            assert_eq!(sampling(&vars).unwrap(), expected, "{sampler}");
+        }
+        // The ratio samplers default to 1; the argument alone changes nothing.
+        assert_eq!(
+            sampling(&[(TRACES_SAMPLER_ENV, "traceidratio")]).unwrap(),
+            of(1.0, false)
         );
         assert_eq!(
-            TelemetryConfig::new("s").sample_ratio(-1.0).sample_ratio,
-            0.0
+            sampling(&[(TRACES_SAMPLER_ARG_ENV, "0.5")]).unwrap(),
+            of(1.0, true)
         );
-        assert_eq!(
-            TelemetryConfig::new("s")
-                .sample_ratio(f64::NAN)
-                .sample_ratio,
-            1.0
-        );
+    }
+
+    #[test]
+    fn an_explicit_ratio_wins_over_the_variables() {
+        let config = TelemetryConfig::new("s").sample_ratio(0.2);
+        let vars = [
+            (TRACES_SAMPLER_ENV, "always_off"),
+            (TRACES_SAMPLER_ARG_ENV, "0.9"),
+        ];
+        assert_eq!(config.resolved_sampling(env(&vars)).unwrap(), of(0.2, true));
+    }
+
+    #[test]
+    fn unknown_samplers_and_bad_ratios_are_errors() {
+        for (vars, variable) in [
+            (
+                vec![(TRACES_SAMPLER_ENV, "jaeger_remote")],
+                TRACES_SAMPLER_ENV,
+            ),
+            (
+                vec![
+                    (TRACES_SAMPLER_ENV, "traceidratio"),
+                    (TRACES_SAMPLER_ARG_ENV, "1.5"),
+                ],
+                TRACES_SAMPLER_ARG_ENV,
+            ),
+            (
+                vec![
+                    (TRACES_SAMPLER_ENV, "parentbased_traceidratio"),
+                    (TRACES_SAMPLER_ARG_ENV, "ten percent"),
+                ],
+                TRACES_SAMPLER_ARG_ENV,
+            ),
+        ] {
+            match sampling(&vars) {
+                Err(crate::TelemetryError::InvalidSampler { variable: v, .. }) => {
+                    assert_eq!(v, variable, "{vars:?}");
+                }
+                other => panic!("{vars:?}: {other:?}"),
+            }
+        }
     }
 }

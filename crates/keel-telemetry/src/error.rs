@@ -26,6 +26,18 @@ pub enum TelemetryError {
         source: tracing_subscriber::filter::ParseError,
     },
 
+    /// `OTEL_TRACES_SAMPLER` names a sampler Keel does not build, or
+    /// `OTEL_TRACES_SAMPLER_ARG` is not a ratio from 0 to 1.
+    #[error("invalid {variable} {value:?}: {reason}")]
+    InvalidSampler {
+        /// The variable that was refused.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+        /// What was expected instead.
+        reason: &'static str,
+    },
+
     /// The OTLP exporter could not be built (for example, the endpoint is not
     /// a valid URI).
     #[error("cannot build the OTLP {signal} exporter for {endpoint}")]

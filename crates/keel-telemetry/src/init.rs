@@ -17,7 +17,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::config::{LOG_FILTER_ENV, LogFormat, TelemetryConfig};
+use crate::config::{LOG_FILTER_ENV, LogFormat, Sampling, TelemetryConfig};
 use crate::error::{Result, TelemetryError};
 use crate::logfmt::JsonLines;
 use crate::metrics::{INSTRUMENTATION_SCOPE, KeelMetrics};
@@ -87,12 +87,14 @@ impl fmt::Debug for Telemetry {
 impl Telemetry {
     /// Builds the subscriber and the providers, reading the standard
     /// environment variables (`RUST_LOG`, `KEEL_LOG_FORMAT`,
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SDK_DISABLED`).
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SDK_DISABLED`,
+    /// `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
     ///
     /// # Errors
     ///
     /// [`TelemetryError::InvalidFilter`] when `RUST_LOG` or a configured
-    /// filter does not parse, [`TelemetryError::Exporter`] when the OTLP
+    /// filter does not parse, [`TelemetryError::InvalidSampler`] when the
+    /// sampler variables do not, [`TelemetryError::Exporter`] when the OTLP
     /// exporter refuses its endpoint, [`TelemetryError::Runtime`] when the
     /// export runtime cannot start.
     pub fn build(config: TelemetryConfig) -> Result<Self> {
@@ -128,11 +130,7 @@ impl Telemetry {
             .with_attributes(attributes)
             .build();
 
-        let sampler = if config.sample_ratio >= 1.0 {
-            Sampler::ParentBased(Box::new(Sampler::AlwaysOn))
-        } else {
-            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio)))
-        };
+        let sampler = sampler(config.resolved_sampling(env)?);
         let mut tracer_builder = SdkTracerProvider::builder()
             .with_sampler(sampler)
             .with_resource(resource.clone());
@@ -234,6 +232,21 @@ impl Telemetry {
         opentelemetry::global::set_tracer_provider(self.guard.tracer_provider.clone());
         opentelemetry::global::set_meter_provider(self.guard.meter_provider.clone());
         Ok(self.guard)
+    }
+}
+
+fn sampler(sampling: Sampling) -> Sampler {
+    let root = if sampling.ratio >= 1.0 {
+        Sampler::AlwaysOn
+    } else if sampling.ratio <= 0.0 {
+        Sampler::AlwaysOff
+    } else {
+        Sampler::TraceIdRatioBased(sampling.ratio)
+    };
+    if sampling.parent_based {
+        Sampler::ParentBased(Box::new(root))
+    } else {
+        root
     }
 }
 
@@ -505,5 +518,78 @@ mod otlp {
         pub(super) fn stop(self) {
             match self {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
+
+    use super::*;
+    use crate::config::{TRACES_SAMPLER_ARG_ENV, TRACES_SAMPLER_ENV};
+
+    /// How many of two root spans reach the exporter, with these variables.
+    fn spans_recorded(vars: &[(&str, &str)], config: TelemetryConfig) -> usize {
+        let exporter = InMemorySpanExporter::default();
+        let sink = exporter.clone();
+        let env = |k: &str| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        let telemetry = Telemetry::build_with_env(
+            config
+                .without_otlp()
+                .log_writer(std::io::sink)
+                .configure_tracer_provider(move |b| b.with_simple_exporter(sink)),
+            &env,
+        )
+        .expect("telemetry builds");
+        tracing::dispatcher::with_default(telemetry.dispatch(), || {
+            tracing::info_span!("first").in_scope(|| {});
+            tracing::info_span!("second").in_scope(|| {});
+        });
+        telemetry.guard().flush().unwrap();
+        exporter.get_finished_spans().unwrap().len()
+    }
+
+    #[test]
+    fn the_sampler_variables_reach_the_tracer_provider() {
+        let config = || TelemetryConfig::new("orders");
+        assert_eq!(spans_recorded(&[], config()), 2);
+        assert_eq!(
+            spans_recorded(&[(TRACES_SAMPLER_ENV, "always_off")], config()),
+            0
+        );
+        let none = [
+            (TRACES_SAMPLER_ENV, "parentbased_traceidratio"),
+            (TRACES_SAMPLER_ARG_ENV, "0"),
+        ];
+        assert_eq!(spans_recorded(&none, config()), 0);
+        let all = [
+            (TRACES_SAMPLER_ENV, "traceidratio"),
+            (TRACES_SAMPLER_ARG_ENV, "1"),
+        ];
+        assert_eq!(spans_recorded(&all, config()), 2);
+        // A ratio set in code wins over the variables.
+        assert_eq!(
+            spans_recorded(
+                &[(TRACES_SAMPLER_ENV, "always_off")],
+                config().sample_ratio(1.0)
+            ),
+            2
+        );
+    }
+
+    #[test]
+    fn a_bad_sampler_variable_is_an_error_from_build() {
+        let env = |k: &str| (k == TRACES_SAMPLER_ENV).then(|| "xray".to_owned());
+        let err = Telemetry::build_with_env(TelemetryConfig::new("orders").without_otlp(), &env)
+            .unwrap_err();
+        assert!(
+            matches!(err, TelemetryError::InvalidSampler { variable, .. } if variable == TRACES_SAMPLER_ENV),
+            "{err}"
+        );
+        assert!(err.to_string().contains("xray"), "{err}");
     }
 }

@@ -113,7 +113,7 @@ pub use command::{CommandTracing, CommandTracingLayer};
 #[cfg(feature = "sdk")]
 pub use config::{
     DEVELOPMENT_ENVIRONMENTS, LOG_FILTER_ENV, LOG_FORMAT_ENV, LogFormat, OTLP_ENDPOINT_ENV,
-    SDK_DISABLED_ENV, TelemetryConfig,
+    SDK_DISABLED_ENV, Sampling, TRACES_SAMPLER_ARG_ENV, TRACES_SAMPLER_ENV, TelemetryConfig,
 };
 #[cfg(feature = "sdk")]
 pub use error::{Result, TelemetryError};
