@@ -17,8 +17,9 @@ pub(crate) enum Outcome {
     Ack,
     /// Failed: redeliver, or dead-letter if this was the last attempt.
     Retry(String),
-    /// Never deliverable: dead-letter now.
-    DeadLetter(String),
+    /// Never deliverable: dead-letter now, for this reason (the metric's
+    /// label) and with this explanation.
+    DeadLetter(DeadLetterReason, String),
 }
 
 impl Outcome {
@@ -26,9 +27,10 @@ impl Outcome {
     /// letter.
     pub(crate) fn with_limit(self, attempt: u32, max_attempts: u32) -> Self {
         match self {
-            Outcome::Retry(reason) if attempt >= max_attempts => Outcome::DeadLetter(format!(
-                "gave up after {attempt} attempts; last error: {reason}"
-            )),
+            Outcome::Retry(reason) if attempt >= max_attempts => Outcome::DeadLetter(
+                DeadLetterReason::AttemptsExhausted,
+                format!("gave up after {attempt} attempts; last error: {reason}"),
+            ),
             other => other,
         }
     }
@@ -43,9 +45,11 @@ pub(crate) struct Recorder<'a> {
 
 impl Recorder<'_> {
     /// Records the standard bus metrics for one delivery: ack, nack (a
-    /// retry before the last attempt), or dead letter (rejected, malformed,
-    /// or failed on the last attempt), and the handler's duration when it
-    /// ran.
+    /// retry before the last attempt), and the handler's duration when it
+    /// ran. A dead letter is not counted here but by
+    /// [`dead_lettered`](Self::dead_lettered), once it is on the dead-letter
+    /// topic: a failed publish there sends the message round again, and it
+    /// would otherwise be counted once per round.
     fn record(&self, subscription: &str, attempt: u32, ran: Option<Duration>, outcome: &Outcome) {
         let m = self.metrics;
         match outcome {
@@ -58,20 +62,23 @@ impl Recorder<'_> {
                 if let Some(d) = ran {
                     m.record_handled(subscription, d, HandleOutcome::RetriesExhausted);
                 }
-                m.record_dead_letter(subscription, DeadLetterReason::AttemptsExhausted);
             }
             Outcome::Retry(_) => {
                 if let Some(d) = ran {
                     m.record_handled(subscription, d, HandleOutcome::Retry);
                 }
             }
-            Outcome::DeadLetter(_) => {
+            Outcome::DeadLetter(..) => {
                 if let Some(d) = ran {
                     m.record_handled(subscription, d, HandleOutcome::Reject);
                 }
-                m.record_dead_letter(subscription, DeadLetterReason::Rejected);
             }
         }
+    }
+
+    /// Counts a message that is now on the dead-letter topic.
+    pub(crate) fn dead_lettered(&self, subscription: &str, reason: DeadLetterReason) {
+        self.metrics.record_dead_letter(subscription, reason);
     }
 }
 
@@ -89,7 +96,7 @@ pub(crate) async fn invoke(
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(subscription, error = %e, "dead-lettering a malformed message");
-            let outcome = Outcome::DeadLetter(e.to_string());
+            let outcome = Outcome::DeadLetter(DeadLetterReason::Rejected, e.to_string());
             recorder.record(subscription, attempt, None, &outcome);
             return outcome;
         }
@@ -109,7 +116,9 @@ pub(crate) async fn invoke(
     };
     let outcome = match result {
         Ok(Ok(())) => Outcome::Ack,
-        Ok(Err(HandlerError::Reject(e))) => Outcome::DeadLetter(format!("rejected: {e}")),
+        Ok(Err(HandlerError::Reject(e))) => {
+            Outcome::DeadLetter(DeadLetterReason::Rejected, format!("rejected: {e}"))
+        }
         Ok(Err(e)) => Outcome::Retry(e.to_string()),
         Err(panic) => {
             let what = panic
@@ -126,7 +135,7 @@ pub(crate) async fn invoke(
         Outcome::Retry(reason) => {
             tracing::warn!(subscription, %event_id, attempt, reason, "handler failed");
         }
-        Outcome::DeadLetter(reason) => {
+        Outcome::DeadLetter(_, reason) => {
             tracing::warn!(subscription, %event_id, attempt, reason, "handler rejected the message");
         }
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use keel_core::{EventHandler, EventId, EventPublisher, Message};
 use keel_telemetry::KeelMetrics;
+use keel_telemetry::metrics::DeadLetterReason;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -180,13 +181,10 @@ impl State {
         picked
     }
 
-    fn complete(&mut self, name: &str, seq: u64, outcome: Outcome) {
-        let Some(sub) = self.subscriptions.get_mut(name) else {
-            return;
-        };
-        let Some(mut entry) = sub.in_flight.remove(&seq) else {
-            return;
-        };
+    /// Settles an in-flight delivery; says why when it was dead-lettered.
+    fn complete(&mut self, name: &str, seq: u64, outcome: Outcome) -> Option<DeadLetterReason> {
+        let sub = self.subscriptions.get_mut(name)?;
+        let mut entry = sub.in_flight.remove(&seq)?;
         if let Some(k) = &entry.raw.ordering_key {
             sub.busy_keys.remove(k);
         }
@@ -196,18 +194,20 @@ impl State {
             if outcome != Outcome::Ack {
                 sub.pending.insert(seq, entry);
             }
-            return;
+            return None;
         };
         match outcome.with_limit(entry.attempts, policy.config.delivery_attempts()) {
-            Outcome::Ack => {}
+            Outcome::Ack => None,
             Outcome::Retry(_) => {
                 entry.not_before = Instant::now() + policy.config.backoff_after(entry.attempts);
                 sub.pending.insert(seq, entry);
+                None
             }
-            Outcome::DeadLetter(reason) => {
+            Outcome::DeadLetter(why, reason) => {
                 let copy = entry.raw.dead_letter_copy(&reason, entry.attempts, name);
                 let dlq = policy.dead_letter_topic.clone();
                 self.publish(&dlq, &copy);
+                Some(why)
             }
         }
     }
@@ -223,16 +223,17 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn complete(mut self, outcome: Outcome) {
+    fn complete(mut self, outcome: Outcome) -> Option<DeadLetterReason> {
         self.done = true;
-        lock(&self.broker).complete(&self.subscription, self.seq, outcome);
+        lock(&self.broker).complete(&self.subscription, self.seq, outcome)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.done {
-            lock(&self.broker).complete(
+            // A retry: never a dead letter, nothing to count.
+            let _ = lock(&self.broker).complete(
                 &self.subscription,
                 self.seq,
                 Outcome::Retry("the subscriber stopped before the handler finished".into()),
@@ -547,7 +548,9 @@ async fn run(
                         max_attempts,
                     };
                     let outcome = invoke(&*handler, &raw, attempt, &name, timeout, &recorder).await;
-                    guard.complete(outcome);
+                    if let Some(why) = guard.complete(outcome) {
+                        recorder.dead_lettered(&name, why);
+                    }
                 });
             }
             Pick::Wait(until) => {

@@ -203,4 +203,83 @@ mod pubsub {
     async fn pubsub_bus_writes_the_current_trace() {
         publish_writes_the_current_trace(emulator_bus().await).await;
     }
+
+    /// A topic admin client of the test's own on the emulator, to break the
+    /// bus's dead-letter topic behind its back.
+    async fn topic_admin() -> google_cloud_pubsub::client::TopicAdmin {
+        let host = keel_testkit::services::pubsub_emulator_host()
+            .await
+            .expect("the Pub/Sub emulator is available");
+        google_cloud_pubsub::client::TopicAdmin::builder()
+            .with_endpoint(format!("http://{host}"))
+            .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+            .build()
+            .await
+            .unwrap()
+    }
+
+    /// A dead letter whose publish to the dead-letter topic fails goes round
+    /// again (nacked, redelivered, rejected anew) and is counted once, when
+    /// it finally reaches the dead-letter topic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_dead_letter_publish_is_not_counted() {
+        let probe = MetricsProbe::new();
+        let bus = emulator_bus().await.with_metrics(probe.metrics());
+        let topic = unique("dlq-down");
+        let config = fast_config("c").max_delivery_attempts(50);
+        bus.ensure_subscription(&topic, &config).await.unwrap();
+        // The dead-letter topic goes away; without auto-creation nothing
+        // brings it back until the test does.
+        let admin = topic_admin().await;
+        let dlq_topic = format!(
+            "projects/{}/topics/{}",
+            bus.project(),
+            keel_eventbus::Naming::new()
+                .dead_letter_topic(&topic, "c")
+                .unwrap()
+        );
+        admin
+            .delete_topic()
+            .set_topic(&dlq_topic)
+            .send()
+            .await
+            .unwrap();
+        let rec = Recorder::new(|_| Err(HandlerError::reject("unprocessable")));
+        let sub = bus
+            .with_auto_create(false)
+            .subscribe(&topic, &config, rec.clone())
+            .await
+            .unwrap();
+        let m = Message::new("test.rejected", json!({}));
+        bus.publish(&topic, std::slice::from_ref(&m)).await.unwrap();
+
+        let subscription = format!("{topic}.c");
+        let dead = || {
+            probe.value(
+                BUS_DEAD_LETTERS,
+                &[
+                    (ATTR_SUBSCRIPTION, subscription.as_str()),
+                    (ATTR_REASON, "rejected"),
+                ],
+            )
+        };
+        // A second delivery means the first dead-letter publish failed.
+        wait_until("a redelivery after the failed dead-letter publish", || {
+            rec.attempts_of(m.event_id).len() >= 2
+        })
+        .await;
+        assert_eq!(dead(), 0.0, "nothing reached the dead-letter topic yet");
+
+        admin
+            .create_topic()
+            .set_name(&dlq_topic)
+            .send()
+            .await
+            .unwrap();
+        wait_until("the dead letter published", || dead() >= 1.0).await;
+        sub.shutdown().await;
+        let rounds = rec.attempts_of(m.event_id).len();
+        assert!(rounds >= 2, "{rounds}");
+        assert_eq!(dead(), 1.0, "one dead letter after {rounds} rounds");
+    }
 }

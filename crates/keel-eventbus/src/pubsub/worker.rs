@@ -269,7 +269,7 @@ async fn process(ctx: Arc<Context>, m: PsMessage, h: Handler, key: Option<String
             h.nack();
             false
         }
-        Outcome::DeadLetter(reason) => {
+        Outcome::DeadLetter(why, reason) => {
             let copy = raw.dead_letter_copy(&reason, attempt, &ctx.subscription_name);
             let publish = publish_to(
                 &ctx.dead_letter_publisher,
@@ -289,6 +289,9 @@ async fn process(ctx: Arc<Context>, m: PsMessage, h: Handler, key: Option<String
             match result {
                 Ok(()) => {
                     h.ack();
+                    // Counted once it is there: a failed publish above sends
+                    // the message round again, to be dead-lettered anew.
+                    recorder.dead_lettered(&ctx.subscription_name, why);
                     true
                 }
                 Err(e) => {
