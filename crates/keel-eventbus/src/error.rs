@@ -1,5 +1,7 @@
 //! The crate's error type.
 
+use std::time::Duration;
+
 use keel_core::{BoxError, EventId};
 
 use crate::codec::MalformedMessage;
@@ -90,6 +92,19 @@ pub enum EventBusError {
         source: Option<BoxError>,
     },
 
+    /// The broker did not answer within the connect timeout (nothing
+    /// listening at the endpoint, a wrong host, a firewall): the bus gives up
+    /// at startup instead of retrying in the background.
+    #[error("no answer from the broker at {endpoint} within {waited:?}")]
+    Unreachable {
+        /// The endpoint tried, e.g. `http://127.0.0.1:8085`.
+        endpoint: String,
+        /// How long the bus waited.
+        waited: Duration,
+        /// The last error seen, when the client reported one in time.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The bus could not be set up (credentials, endpoint, TLS).
     #[error("cannot connect to the broker: {message}")]
     Connect {
@@ -113,7 +128,9 @@ impl EventBusError {
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
-            EventBusError::Publish { .. } | EventBusError::Connect { .. } => true,
+            EventBusError::Publish { .. }
+            | EventBusError::Connect { .. }
+            | EventBusError::Unreachable { .. } => true,
             EventBusError::Broker { retryable, .. } => *retryable,
             _ => false,
         }
@@ -139,9 +156,9 @@ impl From<EventBusError> for keel_core::Error {
             EventBusError::SubscriptionNotFound { subscription } => {
                 Error::not_found(format!("subscription {subscription}"))
             }
-            e @ (EventBusError::Publish { .. } | EventBusError::Connect { .. }) => {
-                Error::unavailable("pubsub", e.to_string(), e)
-            }
+            e @ (EventBusError::Publish { .. }
+            | EventBusError::Connect { .. }
+            | EventBusError::Unreachable { .. }) => Error::unavailable("pubsub", e.to_string(), e),
             EventBusError::Broker {
                 operation,
                 message,
@@ -201,6 +218,14 @@ mod tests {
             (
                 MalformedMessage::new("data is not JSON").into(),
                 ErrorKind::InvalidInput,
+            ),
+            (
+                EventBusError::Unreachable {
+                    endpoint: "http://127.0.0.1:1".into(),
+                    waited: Duration::from_secs(5),
+                    source: None,
+                },
+                ErrorKind::Unavailable,
             ),
         ];
         for (e, kind) in cases {

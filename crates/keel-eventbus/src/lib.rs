@@ -126,7 +126,7 @@ pub use memory::InMemoryBus;
 pub use naming::Naming;
 #[cfg(feature = "pubsub")]
 pub use pubsub::{
-    DEFAULT_PUBSUB_DEGRADED_AFTER, DEFAULT_PUBSUB_HEALTH_TIMEOUT, EMULATOR_HOST_VAR, PubSubBus,
-    PubSubConfig, PubSubReadiness,
+    DEFAULT_PUBSUB_CONNECT_TIMEOUT, DEFAULT_PUBSUB_DEGRADED_AFTER, DEFAULT_PUBSUB_HEALTH_TIMEOUT,
+    EMULATOR_HOST_VAR, PubSubBus, PubSubConfig, PubSubReadiness,
 };
 pub use router::{EventRouter, TypedHandler};

@@ -78,7 +78,7 @@ impl Reader {
             read(&subscriber, &path, &mut stop, &weak).await;
             if let Some(reader) = weak.upgrade() {
                 reader.alive.store(false, Ordering::SeqCst);
-                // Already released by the closed stream; dropping is a no-op.
+                // Whatever a broken stream left held is released too.
                 lock(&reader.state).held.clear();
             }
         });
@@ -180,21 +180,23 @@ async fn read(
             .set_max_lease(Duration::from_secs(7 * 24 * 3600))
             // Short leases: whatever a broken stream strands comes back soon.
             .set_max_lease_extension(Duration::from_secs(10))
-            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+            // Held dead letters stay leased (and their handlers usable)
+            // until `close` releases them once the stream is gone.
+            .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
             .build();
         loop {
             let item = tokio::select! {
-                _ = stop.changed() => return close(stream).await,
+                _ = stop.changed() => return close(stream, weak.upgrade().as_deref()).await,
                 () = tokio::time::sleep(REFRESH) => {
-                    let Some(reader) = weak.upgrade() else { return close(stream).await };
+                    let Some(reader) = weak.upgrade() else { return close(stream, None).await };
                     if reader.idle_for() > IDLE_RELEASE {
-                        return close(stream).await;
+                        return close(stream, Some(&reader)).await;
                     }
                     if reader.holds_nothing() {
                         // Nothing is leased, so nothing can be stranded:
                         // start a fresh stream. The emulator does not
                         // always deliver to a stream that opened idle.
-                        close(stream).await;
+                        close(stream, None).await;
                         break;
                     }
                     continue;
@@ -229,12 +231,32 @@ async fn read(
     }
 }
 
-/// Closes the gRPC stream first, then shuts lease management down, which
-/// nacks everything held: released messages cannot land in the stream.
-async fn close(mut stream: MessageStream) {
+/// Closes the gRPC stream, then releases (nacks) every dead letter `reader`
+/// holds and waits until lease management has sent the nacks, so a bus
+/// closing returns with its dead letters back on the broker.
+///
+/// The order matters: released while the stream is still open, a message
+/// is redelivered at once into that same stream, where nobody takes it any
+/// more, and stays leased to it.
+async fn close(mut stream: MessageStream, reader: Option<&Reader>) {
     let token = stream.shutdown_token();
-    let mut fut = Box::pin(async move { token.shutdown().await });
-    let _ = futures::poll!(fut.as_mut());
+    let mut shutdown = Box::pin(async move { token.shutdown().await });
+    // The first poll signals the shutdown; `next` then sees it and drops
+    // the gRPC stream.
+    let _ = futures::poll!(shutdown.as_mut());
     let _ = stream.next().await;
-    let _ = tokio::time::timeout(Duration::from_secs(30), fut).await;
+    drop(stream);
+    if let Some(reader) = reader {
+        // Dropping a handler nacks its message. Lease management ends once
+        // every handler of the stream is gone, after sending the nacks.
+        drop(std::mem::take(&mut lock(&reader.state).held));
+    }
+    if tokio::time::timeout(Duration::from_secs(30), shutdown)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "dead-letter stream shutdown timed out; its messages come back when their leases run out"
+        );
+    }
 }

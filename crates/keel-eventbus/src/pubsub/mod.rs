@@ -17,7 +17,7 @@ use google_cloud_pubsub::client::{
 };
 use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message as PsMessage;
-use keel_core::{EventHandler, EventId, EventPublisher, Message};
+use keel_core::{BoxError, EventHandler, EventId, EventPublisher, Message};
 use keel_telemetry::KeelMetrics;
 
 pub use self::health::{
@@ -54,7 +54,15 @@ pub struct PubSubConfig {
     auto_create: bool,
     listing_first_wait: Duration,
     listing_idle_wait: Duration,
+    connect_timeout: Duration,
 }
+
+/// How long [`PubSubBus::connect`] waits for Pub/Sub's first answer by
+/// default.
+pub const DEFAULT_PUBSUB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pub/Sub's global endpoint, used when none is configured.
+const DEFAULT_ENDPOINT: &str = "https://pubsub.googleapis.com";
 
 impl PubSubConfig {
     /// Real Pub/Sub in `project`, with application default credentials
@@ -71,6 +79,7 @@ impl PubSubConfig {
             auto_create: true,
             listing_first_wait: Duration::from_secs(3),
             listing_idle_wait: Duration::from_millis(500),
+            connect_timeout: DEFAULT_PUBSUB_CONNECT_TIMEOUT,
         })
     }
 
@@ -130,6 +139,18 @@ impl PubSubConfig {
     pub fn with_dead_letter_listing_waits(mut self, first: Duration, idle: Duration) -> Self {
         self.listing_first_wait = first;
         self.listing_idle_wait = idle;
+        self
+    }
+
+    /// How long [`PubSubBus::connect`] waits for Pub/Sub to answer its first
+    /// call (default [`DEFAULT_PUBSUB_CONNECT_TIMEOUT`]). Without an answer
+    /// in that time, connecting fails with [`EventBusError::Unreachable`]
+    /// instead of the client retrying a refused connection for half a
+    /// minute. Any answer counts, a refusal of rights included: rights are
+    /// checked by the calls that need them.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -235,9 +256,61 @@ macro_rules! configure {
 }
 
 impl PubSubBus {
-    /// Connects to Pub/Sub. Installs rustls' `ring` crypto provider as the
-    /// process default when no provider is installed yet.
+    /// Connects to Pub/Sub and makes one cheap call (listing at most one
+    /// topic) to see that it answers. Installs rustls' `ring` crypto provider
+    /// as the process default when no provider is installed yet.
+    ///
+    /// # Errors
+    ///
+    /// [`EventBusError::Unreachable`], naming the endpoint, when Pub/Sub
+    /// does not answer within the [connect
+    /// timeout](PubSubConfig::with_connect_timeout);
+    /// [`EventBusError::Connect`] when a client cannot be built (credentials,
+    /// TLS); [`EventBusError::InvalidConfig`] for a zero timeout.
     pub async fn connect(config: PubSubConfig) -> Result<Self> {
+        if config.connect_timeout.is_zero() {
+            return Err(EventBusError::invalid_config(
+                "connect_timeout",
+                "must be positive",
+            ));
+        }
+        let endpoint = config
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
+        let waited = config.connect_timeout;
+        let unreachable = |source: Option<BoxError>| EventBusError::Unreachable {
+            endpoint,
+            waited,
+            source,
+        };
+        let deadline = tokio::time::Instant::now() + waited;
+        let Ok(bus) = tokio::time::timeout_at(deadline, Self::build(config)).await else {
+            return Err(unreachable(None));
+        };
+        let bus = bus?;
+        let first_call = bus
+            .inner
+            .topics
+            .list_topics()
+            .set_project(format!("projects/{}", bus.project()))
+            .set_page_size(1)
+            .send();
+        match tokio::time::timeout_at(deadline, first_call).await {
+            Err(_) => Err(unreachable(None)),
+            // Pub/Sub answered, if only to refuse: it is there.
+            Ok(Ok(_)) => Ok(bus),
+            Ok(Err(e)) if e.status().is_some() => Ok(bus),
+            Ok(Err(e)) if e.is_authentication() => Err(EventBusError::Connect {
+                message: format!("cannot get credentials: {e}"),
+                source: Some(Box::new(e)),
+            }),
+            Ok(Err(e)) => Err(unreachable(Some(Box::new(e)))),
+        }
+    }
+
+    /// Builds the clients; nothing is called yet.
+    async fn build(config: PubSubConfig) -> Result<Self> {
         // Ignored error: another provider is already the process default.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let topics = configure!(TopicAdmin::builder(), config)
