@@ -614,8 +614,9 @@ fn decode_row(row: &PgRow, stream: Option<&StreamId>) -> Result<RecordedEvent> {
     let event_type: String = row.try_get(5)?;
     let schema_version: i32 = row.try_get(6)?;
     let payload: String = row.try_get(7)?;
-    let metadata: String = row.try_get(8)?;
-    let metadata: Metadata = serde_json::from_str(&metadata).map_err(|e| {
+    // Parsed straight from the row's buffer: the text itself is not kept.
+    let metadata: &str = row.try_get(8)?;
+    let metadata: Metadata = serde_json::from_str(metadata).map_err(|e| {
         EventStoreError::Corrupt(format!("unreadable metadata of event {event_id}: {e}"))
     })?;
     Ok(RecordedEvent {
