@@ -119,7 +119,7 @@ pub use ports::entity::{
     Cursor, Deleted, Direction, Entity, EntityReader, EntityRepository, EntityWriter, Filter,
     FilterValue, ListQuery, Page, PageRequest, SortKey, Stored,
 };
-pub use ports::health::{HealthCheck, HealthReport, HealthStatus, Probe};
+pub use ports::health::{HealthCheck, HealthReport, HealthStatus, Probe, ProbeLimits};
 pub use principal::Principal;
 pub use version::{ExpectedVersion, Position, Version};
 
