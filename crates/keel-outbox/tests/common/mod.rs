@@ -105,13 +105,7 @@ impl Recorder {
 
     /// The `seq` values received per aggregate, in handling order.
     pub fn sequences(&self) -> HashMap<String, Vec<u64>> {
-        let mut by_aggregate: HashMap<String, Vec<u64>> = HashMap::new();
-        for d in self.seen.lock().unwrap().iter() {
-            let aggregate = d.message.payload["aggregate"].as_str().unwrap().to_owned();
-            let seq = d.message.payload["seq"].as_u64().unwrap();
-            by_aggregate.entry(aggregate).or_default().push(seq);
-        }
-        by_aggregate
+        sequences(self.seen.lock().unwrap().iter().map(|d| &d.message))
     }
 }
 
@@ -170,4 +164,45 @@ impl EventPublisher for Switchboard {
         }
         self.inner.publish(topic, messages).await
     }
+}
+
+/// Passes publishes on to `inner` and keeps every published message, in
+/// the order the publish calls were made.
+pub struct Tape {
+    pub inner: Arc<dyn EventPublisher>,
+    pub published: Mutex<Vec<Message>>,
+}
+
+impl Tape {
+    pub fn new(inner: Arc<dyn EventPublisher>) -> Self {
+        Self {
+            inner,
+            published: Mutex::default(),
+        }
+    }
+
+    /// The `seq` values published per aggregate, in publish order.
+    pub fn sequences(&self) -> HashMap<String, Vec<u64>> {
+        sequences(self.published.lock().unwrap().iter())
+    }
+}
+
+#[async_trait]
+impl EventPublisher for Tape {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> keel_core::Result<()> {
+        self.inner.publish(topic, messages).await?;
+        self.published.lock().unwrap().extend_from_slice(messages);
+        Ok(())
+    }
+}
+
+/// The `seq` values of [`event`]s per aggregate, in the given order.
+fn sequences<'a>(messages: impl Iterator<Item = &'a Message>) -> HashMap<String, Vec<u64>> {
+    let mut by_aggregate: HashMap<String, Vec<u64>> = HashMap::new();
+    for m in messages {
+        let aggregate = m.payload["aggregate"].as_str().unwrap().to_owned();
+        let seq = m.payload["seq"].as_u64().unwrap();
+        by_aggregate.entry(aggregate).or_default().push(seq);
+    }
+    by_aggregate
 }
