@@ -38,6 +38,17 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// after `ttl`, or never when `None`.
     async fn write(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<()>;
 
+    /// An upper bound on how long one [`read`](Self::read) takes to finish
+    /// (with a value or an error), whatever the server does; `None` (the
+    /// default) when there is none.
+    ///
+    /// [`CacheAside`](crate::CacheAside) sets no timer of its own on reads
+    /// when this is at most its timeout. Return `Some` only when the bound
+    /// really holds (connecting and reconnecting included).
+    fn read_time_limit(&self) -> Option<Duration> {
+        None
+    }
+
     /// Removes the keys; returns how many were present.
     async fn remove(&self, keys: &[&str]) -> Result<u64>;
 

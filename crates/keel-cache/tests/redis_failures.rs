@@ -316,3 +316,69 @@ async fn reads_from_a_server_that_stalls_fall_back_to_the_loader() {
     assert_eq!(loads.load(Ordering::SeqCst), 3);
     assert!(cache.stats().errors >= 3, "{:?}", cache.stats());
 }
+
+/// Redis set up to bound every read by itself (no reconnect retries, a
+/// connect plus response timeout within the cache's): the cache sets no
+/// timer of its own on reads, and a stalled server must still be given up.
+fn self_bounded(url: String) -> RedisConfig {
+    RedisConfig::new(url)
+        .key_prefix("failures:")
+        .connect_timeout(Duration::from_millis(100))
+        .response_timeout(Duration::from_millis(100))
+        .reconnect_attempts(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_bounded_redis_that_never_answers_falls_back_to_the_loader() {
+    let server = SilentServer::start().await;
+    let redis = RedisCache::connect_lazy(self_bounded(server.url())).unwrap();
+    let cache = bounded(
+        CacheAside::builder(redis, "stalled-bounded")
+            .timeout(Duration::from_millis(300))
+            .build(),
+    )
+    .await
+    .unwrap();
+    let loads = AtomicUsize::new(0);
+    for i in 0..3 {
+        let v = bounded(cache.get_or_load("k", || load(&loads, i)))
+            .await
+            .unwrap();
+        assert_eq!(v, i, "the loader answered");
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
+    assert!(cache.stats().errors >= 3, "{:?}", cache.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_bounded_redis_that_pauses_falls_back_to_the_loader() {
+    let server = OwnRedis::start().await;
+    let redis = RedisCache::connect(self_bounded(server.url()))
+        .await
+        .unwrap();
+    let cache = CacheAside::builder(redis, "paused-bounded")
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let loads = AtomicUsize::new(0);
+    cache.set("k", &1u64).await.unwrap();
+    assert_eq!(cache.get_or_load("k", || load(&loads, 2)).await.unwrap(), 1);
+
+    // Redis stops answering anyone for 5 s: the connection stays up, the
+    // answer never comes in time.
+    server.command(&["CLIENT", "PAUSE", "5000", "ALL"]).await;
+    let started = Instant::now();
+    let v = bounded(cache.get_or_load("k", || load(&loads, 3)))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(v, 3, "the loader answered");
+    // Functional check of the bound (not a performance figure): the call
+    // did not wait for the pause to end.
+    assert!(
+        took < Duration::from_secs(4),
+        "waited {took:?} for a paused Redis"
+    );
+    assert!(cache.stats().errors >= 1);
+}

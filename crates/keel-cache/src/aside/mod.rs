@@ -178,6 +178,11 @@ impl CacheAsideBuilder {
 
     /// How long one backend operation may take before the cache gives up on
     /// it and, for reads, asks the loader (default 100 ms).
+    ///
+    /// Reads are bounded by a timer per call, unless the backend guarantees
+    /// a shorter bound by itself ([`Backend::read_time_limit`]; for Redis,
+    /// `RedisConfig::reconnect_attempts(0)` with a connect plus response
+    /// timeout within this one), which saves that timer on every hit.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.policy.timeout = timeout;
         self
@@ -299,11 +304,16 @@ impl CacheAsideBuilder {
                 .time_to_live(l.ttl)
                 .build()
         });
+        let read_bounded = self
+            .backend
+            .read_time_limit()
+            .is_some_and(|limit| limit <= self.policy.timeout);
         let inner = Arc::new(Inner {
             version_key: format!("{}:_version", self.namespace),
             backend: self.backend,
             namespace: self.namespace,
             origin: uuid::Uuid::new_v4().simple().to_string(),
+            read_bounded,
             policy: self.policy,
             version: RwLock::new(NamespaceVersion {
                 token: Arc::from("0"),
@@ -360,6 +370,9 @@ struct Inner {
     /// Tells this instance's own broadcasts apart.
     origin: String,
     policy: Policy,
+    /// Whether the backend ends every read within `policy.timeout` by
+    /// itself, so reads need no timer of ours.
+    read_bounded: bool,
     version: RwLock<NamespaceVersion>,
     /// Whether the version may be used without looking at the clock: set
     /// by every read of the version, cleared every `version_refresh` by the
@@ -571,12 +584,29 @@ impl Inner {
                 after: self.policy.timeout,
             }),
         };
-        match &result {
+        self.record(operation, &result);
+        result
+    }
+
+    /// Runs a backend read within the timeout, recording the outcome. When
+    /// the backend bounds its reads by itself, within the timeout
+    /// ([`Backend::read_time_limit`]), no timer of our own is set: one
+    /// fewer timer per hit.
+    async fn call_read(&self, operation: &'static str, key: &str) -> Result<Option<Vec<u8>>> {
+        if !self.read_bounded {
+            return self.call(operation, self.backend.read(key)).await;
+        }
+        let result = self.backend.read(key).await;
+        self.record(operation, &result);
+        result
+    }
+
+    fn record<T>(&self, operation: &'static str, result: &Result<T>) {
+        match result {
             Ok(_) => self.backend_ok(),
             Err(e) if e.is_backend_failure() => self.backend_failed(operation, e),
             Err(_) => {}
         }
-        result
     }
 
     async fn current_token(&self) -> Arc<str> {
@@ -619,9 +649,7 @@ impl Inner {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .generation;
-        let read = self
-            .call("get version", self.backend.read(&self.version_key))
-            .await;
+        let read = self.call_read("get version", &self.version_key).await;
         let mut version = self.version.write().unwrap_or_else(|p| p.into_inner());
         if version.generation != generation {
             // Pub/sub changed the version meanwhile: a newer token is set
@@ -716,7 +744,7 @@ impl Inner {
                 local: true,
             };
         }
-        match self.call("get", self.backend.read(data_key)).await {
+        match self.call_read("get", data_key).await {
             Ok(Some(bytes)) => {
                 let envelope = match &self.local {
                     Some(local) => {
@@ -1157,7 +1185,7 @@ impl CacheAside {
                 return Ok((found, None));
             }
             let holder = inner
-                .call("get lock", inner.backend.read(&lock_key))
+                .call_read("get lock", &lock_key)
                 .await
                 .map_err(|_| ())?;
             if holder.is_none() {
