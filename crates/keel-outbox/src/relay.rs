@@ -55,6 +55,12 @@ pub struct RelayConfig {
     /// `keel.outbox.lag` and `keel.outbox.pending` (one aggregate query
     /// over the unpublished rows). Default 15 s.
     pub metrics_interval: Duration,
+    /// Only rows of these aggregate types are claimed; `None` (the default)
+    /// claims every row. Relays given disjoint sets split the outbox
+    /// between them, say one per busy aggregate type; every type needs a
+    /// relay. An aggregate's rows all share its type, so its order is kept
+    /// whichever relay has it.
+    pub aggregate_types: Option<Vec<String>>,
 }
 
 impl Default for RelayConfig {
@@ -70,6 +76,7 @@ impl Default for RelayConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             metrics_interval: Duration::from_secs(15),
+            aggregate_types: None,
         }
     }
 }
@@ -139,6 +146,18 @@ impl RelayConfig {
         self
     }
 
+    /// Sets [`aggregate_types`](Self::aggregate_types): this relay claims
+    /// only rows of these aggregate types.
+    #[must_use]
+    pub fn with_aggregate_types<I, T>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.aggregate_types = Some(types.into_iter().map(Into::into).collect());
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, reason: &str| Err(OutboxError::invalid(field, reason));
         if !(1..=10_000).contains(&self.batch_size) {
@@ -164,6 +183,12 @@ impl RelayConfig {
         }
         if i64::try_from(self.retention.as_micros()).is_err() {
             return bad("retention", "is too long");
+        }
+        if self.aggregate_types.as_ref().is_some_and(Vec::is_empty) {
+            return bad(
+                "aggregate_types",
+                "must name at least one type (leave it unset to relay every row)",
+            );
         }
         Ok(())
     }
@@ -283,7 +308,8 @@ impl Row {
 // row; a relay works on an aggregate only while it holds the head's row lock
 // (`FOR UPDATE SKIP LOCKED`), and a row is only a head if no older row of its
 // aggregate is unpublished, so two relays never work on one aggregate at the
-// same time. Aggregates waiting to retry a failed publish are left out.
+// same time. Aggregates waiting to retry a failed publish are left out, and
+// so are aggregate types the relay is not configured for ($3, NULL for all).
 // The claimed aggregates' following rows ride along in id order, sharing the
 // batch; they need no lock of their own: every other relay sees the held
 // head as unpublished, so none of them can treat a later row as a head.
@@ -292,6 +318,7 @@ WITH candidates AS (
     SELECT o.id, o.aggregate_type, o.aggregate_id
     FROM keel.outbox o
     WHERE o.published_at IS NULL
+      AND ($3::text[] IS NULL OR o.aggregate_type = ANY($3::text[]))
       AND NOT EXISTS (
           SELECT 1 FROM keel.outbox b
           WHERE b.aggregate_type = o.aggregate_type
@@ -416,6 +443,7 @@ impl Relay {
         let rows: Vec<Row> = sqlx::query_as(CLAIM)
             .bind(as_i64(self.config.batch_size))
             .bind(as_i64(self.config.scan_window))
+            .bind(&self.config.aggregate_types)
             .fetch_all(&mut *tx)
             .await?;
         if rows.is_empty() {
@@ -805,6 +833,10 @@ mod tests {
                 RelayConfig::default()
                     .with_retry_backoff(Duration::from_secs(2), Duration::from_secs(1)),
                 "retry_min",
+            ),
+            (
+                RelayConfig::default().with_aggregate_types(Vec::<String>::new()),
+                "aggregate_types",
             ),
         ];
         for (config, field) in cases {

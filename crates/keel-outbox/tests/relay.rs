@@ -535,3 +535,69 @@ async fn the_writer_composes_with_keel_database_units_of_work_and_savepoints() {
     .unwrap();
     assert_eq!(rows, vec![("a".to_owned(), 1)]);
 }
+
+/// Relays given disjoint aggregate types split the outbox: each publishes
+/// its own types' rows, in order, and leaves the others' alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_split_the_outbox_by_aggregate_type() {
+    let db = database().await;
+    let bus = InMemoryBus::new();
+    let tape = Arc::new(Tape::new(Arc::new(bus.clone())));
+    let invoice = |id: &str, seq: u64| {
+        OutboxMessage::new(
+            "invoices",
+            "Invoice",
+            id,
+            Message::new("invoice.changed", json!({ "aggregate": id, "seq": seq })),
+        )
+    };
+    commit(
+        db.pool(),
+        &[
+            event("orders", "a", 1),
+            invoice("i", 1),
+            event("orders", "a", 2),
+            invoice("i", 2),
+            invoice("j", 1),
+        ],
+    )
+    .await;
+
+    let orders = Relay::new(
+        db.pool().clone(),
+        tape.clone(),
+        quick().with_aggregate_types(["Order"]),
+    )
+    .unwrap();
+    let report = orders.relay_once().await.unwrap();
+    assert_eq!((report.claimed, report.published), (2, 2));
+    assert_eq!(
+        orders.relay_once().await.unwrap().claimed,
+        0,
+        "no Invoice rows"
+    );
+    assert_eq!(unpublished(db.pool()).await, 3);
+
+    let invoices = Relay::new(
+        db.pool().clone(),
+        tape.clone(),
+        quick().with_aggregate_types(["Invoice", "Customer"]),
+    )
+    .unwrap();
+    assert_eq!(invoices.relay_once().await.unwrap().published, 3);
+    assert_eq!(unpublished(db.pool()).await, 0);
+
+    let seqs = tape.sequences();
+    assert_eq!(seqs["a"], vec![1, 2]);
+    assert_eq!(seqs["i"], vec![1, 2]);
+    assert_eq!(seqs["j"], vec![1]);
+
+    match Relay::new(
+        db.pool().clone(),
+        tape,
+        quick().with_aggregate_types(Vec::<String>::new()),
+    ) {
+        Err(OutboxError::Invalid { field, .. }) => assert_eq!(field, "aggregate_types"),
+        other => panic!("expected an invalid aggregate_types, got {other:?}"),
+    }
+}
