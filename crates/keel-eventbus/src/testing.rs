@@ -161,7 +161,10 @@ fn msg(n: u64) -> Message {
     Message::new("test.happened", json!({ "n": n }))
 }
 
-async fn dead_letters_settled<B: TestBus>(
+/// Lists `consumer`'s dead letters on `topic` until at least `expected` are
+/// there (a dead letter reaches its subscription some time after the
+/// handler gave up) or [`PATIENCE`] runs out; returns the last listing.
+pub async fn dead_letters_settled<B: EventBus + ?Sized>(
     bus: &B,
     topic: &str,
     consumer: &str,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_core::{Delivery, EventHandler, EventPublisher, HandlerError, Message};
-use keel_eventbus::testing::{Recorder, fast_config, unique, wait_until};
+use keel_eventbus::testing::{Recorder, dead_letters_settled, fast_config, unique, wait_until};
 use keel_eventbus::{EventBus, PubSubBus, PubSubConfig};
 use serde_json::json;
 
@@ -154,8 +154,12 @@ async fn dead_letters_listed_before_close_are_listed_again_by_the_next_bus() {
     })
     .await;
     sub.shutdown().await;
-    let mut listed = Vec::new();
-    list_until(&bus, &topic, &mut listed, messages.len()).await;
+    let listed = dead_letters_settled(&bus, &topic, "c", messages.len()).await;
+    let mut listed: Vec<_> = listed
+        .iter()
+        .filter_map(keel_eventbus::DeadLetter::event_id)
+        .collect();
+    listed.sort();
     let mut want: Vec<_> = messages.iter().map(|m| m.event_id).collect();
     want.sort();
     assert_eq!(listed, want);
@@ -173,32 +177,6 @@ async fn dead_letters_listed_before_close_are_listed_again_by_the_next_bus() {
     again.sort();
     assert_eq!(again, want, "the closed bus still holds dead letters");
     next.close().await;
-}
-
-/// Lists `topic`'s dead letters for consumer `c` until `expected` are
-/// there (they reach the dead-letter subscription after the handler ran);
-/// leaves their sorted event ids in `ids`.
-async fn list_until(
-    bus: &PubSubBus,
-    topic: &str,
-    ids: &mut Vec<keel_core::EventId>,
-    expected: usize,
-) {
-    let deadline = tokio::time::Instant::now() + keel_eventbus::testing::PATIENCE;
-    loop {
-        *ids = bus
-            .dead_letters(topic, "c", 10)
-            .await
-            .unwrap()
-            .iter()
-            .filter_map(keel_eventbus::DeadLetter::event_id)
-            .collect();
-        ids.sort();
-        if ids.len() >= expected || tokio::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Nothing listening at the endpoint: connecting fails within its timeout

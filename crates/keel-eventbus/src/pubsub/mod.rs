@@ -289,17 +289,10 @@ impl PubSubBus {
             return Err(unreachable(None));
         };
         let bus = bus?;
-        let first_call = bus
-            .inner
-            .topics
-            .list_topics()
-            .set_project(format!("projects/{}", bus.project()))
-            .set_page_size(1)
-            .send();
-        match tokio::time::timeout_at(deadline, first_call).await {
+        match tokio::time::timeout_at(deadline, bus.list_one_topic()).await {
             Err(_) => Err(unreachable(None)),
             // Pub/Sub answered, if only to refuse: it is there.
-            Ok(Ok(_)) => Ok(bus),
+            Ok(Ok(())) => Ok(bus),
             Ok(Err(e)) if e.status().is_some() => Ok(bus),
             Ok(Err(e)) if e.is_authentication() => Err(EventBusError::Connect {
                 message: format!("cannot get credentials: {e}"),
@@ -307,6 +300,32 @@ impl PubSubBus {
             }),
             Ok(Err(e)) => Err(unreachable(Some(Box::new(e)))),
         }
+    }
+
+    /// Builds the clients without calling Pub/Sub, for a service that
+    /// should start, and report itself unready through
+    /// [`readiness_check`](Self::readiness_check), while Pub/Sub is out of
+    /// reach; its first calls then wait for Pub/Sub with the client's own
+    /// retries. [`connect`](Self::connect) is the fail-fast choice.
+    ///
+    /// # Errors
+    ///
+    /// [`EventBusError::Connect`] when a client cannot be built.
+    pub async fn connect_lazy(config: PubSubConfig) -> Result<Self> {
+        Self::build(config).await
+    }
+
+    /// The cheapest call that proves Pub/Sub answers: lists at most one
+    /// topic of the project (needs only `pubsub.topics.list`).
+    pub(crate) async fn list_one_topic(&self) -> google_cloud_pubsub::Result<()> {
+        self.inner
+            .topics
+            .list_topics()
+            .set_project(format!("projects/{}", self.project()))
+            .set_page_size(1)
+            .send()
+            .await
+            .map(|_| ())
     }
 
     /// Builds the clients; nothing is called yet.
