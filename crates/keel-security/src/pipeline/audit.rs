@@ -54,6 +54,12 @@ pub enum AuditFailurePolicy {
 /// The record is appended after the unit of work below has committed or
 /// rolled back, so it is not part of the command's transaction; see
 /// [`AuditFailurePolicy`] for what happens when the append fails.
+///
+/// Keel's audit logs are idempotent on the entry's command id: the same
+/// entry appended twice is stored once. An envelope that reuses a command
+/// id for a new attempt of a command (a new receipt time, perhaps another
+/// outcome) is therefore refused by the log (`AlreadyExists`) and handled
+/// as a failed append; give every attempt its own id.
 #[derive(Clone)]
 pub struct AuditLayer {
     log: Arc<dyn AuditLog>,
