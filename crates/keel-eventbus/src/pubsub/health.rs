@@ -85,14 +85,7 @@ impl PubSubReadiness {
     async fn call(&self) -> Result<(), String> {
         let topics = &self.bus.inner.topics;
         let Some(topic) = &self.topic else {
-            return topics
-                .list_topics()
-                .set_project(format!("projects/{}", self.bus.project()))
-                .set_page_size(1)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| describe(&e));
+            return self.bus.list_one_topic().await.map_err(|e| describe(&e));
         };
         let name = self.bus.naming.topic(topic).map_err(|e| e.to_string())?;
         let path = self.bus.topic_path(&name);
