@@ -115,7 +115,9 @@
 //! delete or truncate; [`InMemoryAuditLog`] behaves the same in memory.
 //! [`AuditHead`] reads the chain's head so an operator can keep a copy
 //! outside the database and later prove nothing was cut from the end.
-//! Appends are idempotent on the entry's command id; with
+//! Appends are idempotent on the entry's command id (an identical entry
+//! returns the stored record; a different one under the same id is
+//! recorded as another attempt); with
 //! `audit::AuditKeys` every record also carries an HMAC-SHA256 under a
 //! rotatable key; `audit::AuditVerifier` checks the log incrementally in
 //! the background and serves the result as a health check.

@@ -13,7 +13,7 @@ use keel_core::{
     ManualClock,
 };
 use keel_security::Secret;
-use keel_security::audit::testing::command_entry;
+use keel_security::audit::testing::{command_attempt, command_entry};
 use keel_security::audit::{
     AuditHead, AuditKey, AuditKeys, InMemoryAuditLog, PgAuditLog, record_hash,
 };
@@ -528,6 +528,76 @@ async fn separate_stores_retrying_the_same_commands_store_each_once() {
     assert_eq!(
         log.verify().await.unwrap(),
         ChainVerification::Intact { records: 30 }
+    );
+}
+
+#[tokio::test]
+async fn separate_stores_sending_other_attempts_store_each_attempt_once() {
+    // Twelve stores (no shared queue) append attempts of the same 30
+    // commands: store t sends attempt t % 3 (the original, a failure at the
+    // same instant, a later receipt), so each attempt races three retries
+    // of itself and the other attempts of its command.
+    let db = database().await;
+    let writers: Vec<_> = (0..12u32)
+        .map(|t| {
+            let log = PgAuditLog::new(db.pool().clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..30 {
+                    let n = (i + t * 5) % 30;
+                    let record = log.append(command_attempt(n, t % 3)).await.unwrap();
+                    got.push(((n, t % 3), record));
+                }
+                got
+            })
+        })
+        .collect();
+    let mut first: std::collections::HashMap<(u32, u32), AuditRecord> = Default::default();
+    for w in writers {
+        for (attempt, record) in w.await.unwrap() {
+            assert_eq!(
+                *first.entry(attempt).or_insert_with(|| record.clone()),
+                record
+            );
+        }
+    }
+    let sequences: std::collections::BTreeSet<u64> = first.values().map(|r| r.sequence).collect();
+    assert_eq!(sequences, (1..=90).collect());
+    let counts: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT count(*), count(DISTINCT command_id) FROM keel.audit_log")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(counts, vec![(90, 30)]);
+    let log = PgAuditLog::new(db.pool().clone());
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 90 }
+    );
+}
+
+#[tokio::test]
+async fn a_retry_finds_its_attempt_among_many_of_one_command() {
+    // A command id with many stored attempts (a client that resent it
+    // again and again): a retry of any of them still finds its own record,
+    // and a new attempt is still added.
+    let db = database().await;
+    let log = PgAuditLog::new(db.pool().clone());
+    let mut attempts = Vec::new();
+    for i in 0..40u32 {
+        let mut e = command_attempt(7, i % 4);
+        e.occurred_at += chrono::Duration::minutes(i64::from(i / 4));
+        attempts.push((e.clone(), log.append(e).await.unwrap()));
+    }
+    for (e, record) in attempts.iter().rev() {
+        assert_eq!(log.append(e.clone()).await.unwrap(), *record);
+    }
+    let mut newest = command_attempt(7, 0);
+    newest.occurred_at += chrono::Duration::hours(1);
+    assert_eq!(log.append(newest).await.unwrap().sequence, 41);
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 41 }
     );
 }
 

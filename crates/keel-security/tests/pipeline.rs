@@ -473,6 +473,34 @@ async fn a_failed_audit_append_is_counted_and_follows_the_policy() {
 }
 
 #[tokio::test]
+async fn a_command_resent_under_its_id_is_audited_as_another_attempt() {
+    // A client resends a command under the id it chose (here: the answer
+    // never reached it). The handler runs again, and the audit log keeps
+    // both executions instead of refusing the second record.
+    let f = fixture().await;
+    let first = rename("groceries").with_bearer_token(token("alice", &["cart-editor"]));
+    let command_id = first.command_id;
+    let received_at = first.received_at;
+    f.send(first).await.unwrap();
+    let mut again = rename("groceries").with_bearer_token(token("alice", &["cart-editor"]));
+    again.command_id = command_id;
+    again.received_at = received_at + chrono::Duration::seconds(1);
+    f.send(again).await.unwrap();
+    assert_eq!(f.runs(), 2);
+    assert_eq!(f.rows().await.len(), 2);
+
+    let entries = f.audit_entries().await;
+    assert_eq!(entries.len(), 2, "one record per execution");
+    assert!(entries.iter().all(|e| e.command_id == Some(command_id)));
+    assert!(entries[1].occurred_at > entries[0].occurred_at);
+    assert_eq!(f.pipeline.audit_layer().append_failures(), 0);
+    assert_eq!(
+        f.audit.verify().await.unwrap(),
+        ChainVerification::Intact { records: 2 }
+    );
+}
+
+#[tokio::test]
 async fn a_trusting_pipeline_accepts_a_preset_principal_and_still_checks_it() {
     let f = fixture_with(
         AuthenticationLayer::new(verifier()).trust_preset_principal(true),

@@ -33,8 +33,9 @@ struct State {
     records: Vec<AuditRecord>,
     /// Parallel to `records`: each record's MAC, when it was sealed.
     macs: Vec<Option<RecordMac>>,
-    /// Each command id's first record, as an index into `records`.
-    by_command: HashMap<CommandId, usize>,
+    /// Every record of each command id (one per attempt), oldest first, as
+    /// indexes into `records`.
+    by_command: HashMap<CommandId, Vec<usize>>,
 }
 
 impl Default for InMemoryAuditLog {
@@ -164,9 +165,11 @@ impl AuditLog for InMemoryAuditLog {
         let keys = self.keys.get();
         let mut state = self.lock();
         if let Some(id) = entry.command_id
-            && let Some(&index) = state.by_command.get(&id)
+            && let Some(attempts) = state.by_command.get(&id)
+            && let Some(stored) =
+                super::same_attempt(attempts.iter().map(|&i| &state.records[i]), &entry)
         {
-            return super::replay(&state.records[index], &entry);
+            return Ok(stored.clone());
         }
         let now = chain::truncate_micros(self.clock.now());
         let (sequence, prev_hash, recorded_at) = match state.records.last() {
@@ -181,7 +184,7 @@ impl AuditLog for InMemoryAuditLog {
         let mac = keys.map(|k| k.current().seal(sequence, &hash));
         if let Some(id) = entry.command_id {
             let index = state.records.len();
-            state.by_command.insert(id, index);
+            state.by_command.entry(id).or_default().push(index);
         }
         let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash);
         state.records.push(record.clone());

@@ -20,9 +20,10 @@
 //! incrementally what was appended since a verified head
 //! ([`AuditHead::verify_after`]).
 //!
-//! * **Idempotent appends.** An entry whose command id is already in the
-//!   log returns the stored record instead of a second one; the same
-//!   command id with other content is [`Error::AlreadyExists`].
+//! * **Idempotent appends.** An entry identical to a stored record with
+//!   the same command id returns that record instead of a second one; an
+//!   entry with a stored command id but other content (a command run
+//!   again) is recorded as another attempt, so nothing is lost.
 //! * **Keyed mode.** With [`AuditKeys`], every record also carries an
 //!   HMAC-SHA256 and its key's id, so whoever can write the store but does
 //!   not hold the key cannot forge a chain that verifies; keys rotate.
@@ -215,23 +216,20 @@ pub(crate) fn validate(mut entry: AuditEntry) -> Result<AuditEntry> {
     Ok(entry)
 }
 
-/// The answer to an append whose command id is already in the log: the
-/// stored record when the entry is the same (a retry), else
-/// [`Error::AlreadyExists`] (the command id was reused for something else).
-pub(crate) fn replay(stored: &AuditRecord, entry: &AuditEntry) -> Result<AuditRecord> {
-    if chain::same_content(&stored.entry, entry) {
-        return Ok(stored.clone());
-    }
-    let command = entry
-        .command_id
-        .map(|id| id.to_string())
-        .unwrap_or_default();
-    Err(Error::AlreadyExists {
-        subject: format!(
-            "audit record {} of command {command}, with different content,",
-            stored.sequence
-        ),
-    })
+/// The earlier attempt an entry repeats: the first of `stored` (records
+/// with the entry's command id, oldest first) with the same content. An
+/// entry that matches none of them is a new attempt and gets a record of
+/// its own.
+pub(crate) fn same_attempt<'r>(
+    stored: impl IntoIterator<Item = &'r AuditRecord>,
+    entry: &AuditEntry,
+) -> Option<&'r AuditRecord> {
+    stored
+        .into_iter()
+        // Cheap necessary condition first: identical content has the same
+        // (already truncated) `occurred_at`.
+        .filter(|r| r.entry.occurred_at == entry.occurred_at)
+        .find(|r| chain::same_content(&r.entry, entry))
 }
 
 /// A query's filters, checked and brought to what the stores compare.

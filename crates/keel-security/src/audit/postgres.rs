@@ -57,11 +57,14 @@ const MAX_BATCH: usize = 100;
 /// whose caller gave up is still written.
 ///
 /// Appends are idempotent on the entry's command id: under the head's lock
-/// the writer looks the batch's command ids up, and an entry whose command
-/// id is already stored gets the stored record back (same sequence, same
-/// hash) instead of a second record, or [`Error::AlreadyExists`] when the
-/// stored entry differs. A retry after a commit whose outcome was lost is
-/// therefore safe, from any number of tasks or processes at once.
+/// the writer looks up the records already stored under the batch's
+/// command ids, and an entry identical to one of them gets that record
+/// back (same sequence, same hash) instead of a second record. A retry
+/// after a commit whose outcome was lost is therefore safe, from any number
+/// of tasks or processes at once. An entry whose command id is stored only
+/// with other content (the command was run again: another receipt time,
+/// perhaps another outcome) is a new attempt and gets a record of its own,
+/// so several records may share a command id.
 ///
 /// With [`with_keys`](Self::with_keys) the log is keyed: each record also
 /// stores the current key's id and an HMAC-SHA256 (`mac_key_id`, `mac`),
@@ -377,10 +380,10 @@ async fn write_batch(pool: PgPool, keys: Arc<KeySlot>, batch: Vec<Pending>) {
     let (entries, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| (p.entry, p.reply)).unzip();
     match write(&pool, keys.get(), entries).await {
-        Ok(results) => {
-            for (reply, result) in replies.into_iter().zip(results) {
+        Ok(records) => {
+            for (reply, record) in replies.into_iter().zip(records) {
                 // A caller that stopped waiting no longer needs its record.
-                let _ = reply.send(result);
+                let _ = reply.send(Ok(record));
             }
         }
         Err(err) => {
@@ -399,14 +402,14 @@ async fn write_batch(pool: PgPool, keys: Arc<KeySlot>, batch: Vec<Pending>) {
     }
 }
 
-/// Writes the new entries of a batch in one transaction. The outer `Err` is
-/// a failure of the whole transaction; an inner one refuses one entry (a
-/// command id stored with other content) and writes nothing for it.
+/// Writes the new entries of a batch in one transaction and returns one
+/// record per entry, in order: the stored one for a repeated entry, else
+/// the new one. An error is a failure of the whole transaction.
 async fn write(
     pool: &PgPool,
     keys: Option<Arc<AuditKeys>>,
     entries: Vec<AuditEntry>,
-) -> Result<Vec<Result<AuditRecord>>> {
+) -> Result<Vec<AuditRecord>> {
     let mut tx = pool.begin().await.map_err(keel_database::to_keel)?;
     let head: Option<HeadRow> = sqlx::query_as(
         "SELECT sequence, hash, recorded_at, clock_timestamp() \
@@ -422,14 +425,20 @@ async fn write(
     };
     let mut sequence = to_u64(last_sequence)?;
     let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
-    // Under the head's lock no other writer can add these command ids
-    // before this transaction ends, so the look-up cannot race.
-    let mut known = stored_commands(&mut tx, &entries).await?;
+    // Under the head's lock no other writer can add records with these
+    // command ids before this transaction ends, so the look-up cannot race.
+    let mut known = stored_attempts(&mut tx, &entries).await?;
     let mut results = Vec::with_capacity(entries.len());
     let mut rows = Vec::with_capacity(entries.len());
     for entry in entries {
-        if let Some(stored) = entry.command_id.and_then(|id| known.get(&id)) {
-            results.push(super::replay(stored, &entry));
+        // Earlier entries of this batch are in `known` too: two identical
+        // entries in one batch make one record, two different ones two.
+        if let Some(stored) = entry
+            .command_id
+            .and_then(|id| known.get(&id))
+            .and_then(|attempts| super::same_attempt(attempts, &entry))
+        {
+            results.push(stored.clone());
             continue;
         }
         sequence += 1;
@@ -446,10 +455,10 @@ async fn write(
         let command_id = entry.command_id;
         let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash.clone());
         if let Some(id) = command_id {
-            known.insert(id, record.clone());
+            known.entry(id).or_default().push(record.clone());
         }
         prev_hash = hash;
-        results.push(Ok(record));
+        results.push(record);
     }
     if rows.is_empty() {
         // Only retries: nothing to write, and the lock goes with the
@@ -465,31 +474,40 @@ async fn write(
     Ok(results)
 }
 
-/// The first stored record of each command id in `entries`.
-async fn stored_commands(
+/// The stored records that entries of the batch might repeat, by command
+/// id, oldest first.
+///
+/// Only records with one of the batch's command ids *and* one of its
+/// `occurred_at` values can have the same content as one of its entries,
+/// so only those are read: a command run many times under one id (each
+/// attempt with its own receipt time) does not make every later append
+/// read all of its attempts. Which of them is really the same is decided
+/// in Rust, on the canonical encoding ([`super::same_attempt`]).
+async fn stored_attempts(
     tx: &mut sqlx::PgConnection,
     entries: &[AuditEntry],
-) -> Result<HashMap<CommandId, AuditRecord>> {
-    let ids: Vec<Uuid> = entries
+) -> Result<HashMap<CommandId, Vec<AuditRecord>>> {
+    let (ids, times): (Vec<Uuid>, Vec<DateTime<Utc>>) = entries
         .iter()
-        .filter_map(|e| e.command_id.map(|id| *id.as_uuid()))
-        .collect();
+        .filter_map(|e| e.command_id.map(|id| (*id.as_uuid(), e.occurred_at)))
+        .unzip();
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
     let rows = sqlx::query(&format!(
-        "SELECT DISTINCT ON (command_id) {COLUMNS} FROM keel.audit_log \
-         WHERE command_id = ANY($1) ORDER BY command_id, sequence"
+        "SELECT {COLUMNS} FROM keel.audit_log \
+         WHERE command_id = ANY($1) AND occurred_at = ANY($2) ORDER BY sequence"
     ))
     .bind(&ids)
+    .bind(&times)
     .fetch_all(tx)
     .await
     .map_err(keel_database::to_keel)?;
-    let mut known = HashMap::with_capacity(rows.len());
+    let mut known: HashMap<CommandId, Vec<AuditRecord>> = HashMap::with_capacity(rows.len());
     for row in &rows {
         let record = record_from_row(row)?;
         if let Some(id) = record.entry.command_id {
-            known.insert(id, record);
+            known.entry(id).or_default().push(record);
         }
     }
     Ok(known)
@@ -604,4 +622,87 @@ fn decode(e: sqlx::Error) -> Error {
 
 fn to_u64(n: i64) -> Result<u64> {
     u64::try_from(n).map_err(|_| Error::internal_msg("negative audit sequence in storage"))
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_core::AuditOutcome;
+    use keel_testkit::TestDatabase;
+
+    use super::*;
+
+    fn attempt(id: CommandId, outcome: AuditOutcome, seconds: i64) -> AuditEntry {
+        let at: DateTime<Utc> = "2026-03-01T12:00:00.123456Z".parse().expect("time");
+        let mut e = AuditEntry::new("order.place", outcome)
+            .with_principal("alice")
+            .with_occurred_at(at + chrono::Duration::seconds(seconds));
+        e.command_id = Some(id);
+        super::super::validate(e).expect("a valid entry")
+    }
+
+    fn sequences(records: &[AuditRecord]) -> Vec<u64> {
+        records.iter().map(|r| r.sequence).collect()
+    }
+
+    // One transaction's batch, written directly: which entries share a
+    // batch is otherwise up to timing.
+    #[tokio::test]
+    async fn a_batch_stores_each_attempt_once() {
+        let db = TestDatabase::create(&keel_database::MIGRATOR)
+            .await
+            .expect("test database");
+        let pool = db.pool().clone();
+        let id = CommandId::new();
+        let accepted = attempt(id, AuditOutcome::Accepted, 0);
+        let failed = attempt(
+            id,
+            AuditOutcome::Failed {
+                code: "keel.unavailable".into(),
+            },
+            0,
+        );
+        let later = attempt(id, AuditOutcome::Accepted, 1);
+
+        let first = write(
+            &pool,
+            None,
+            vec![
+                accepted.clone(),
+                accepted.clone(),
+                failed.clone(),
+                later.clone(),
+                failed.clone(),
+            ],
+        )
+        .await
+        .expect("write");
+        assert_eq!(sequences(&first), [1, 1, 2, 3, 2]);
+        assert_eq!(first[2].entry, failed);
+        assert_eq!(first[3].entry, later);
+
+        // Retries in a later batch find every stored attempt, next to a
+        // new attempt and an entry of another command.
+        let other = attempt(CommandId::new(), AuditOutcome::Accepted, 0);
+        let newest = attempt(id, AuditOutcome::Accepted, 2);
+        let second = write(
+            &pool,
+            None,
+            vec![later, other, newest.clone(), accepted, failed, newest],
+        )
+        .await
+        .expect("write");
+        assert_eq!(sequences(&second), [3, 4, 5, 1, 2, 5]);
+        assert_eq!(second[3], first[0]);
+
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.audit_log")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert_eq!(stored, 5);
+        let log = PgAuditLog::new(pool);
+        assert_eq!(
+            log.verify().await.expect("verify"),
+            ChainVerification::Intact { records: 5 }
+        );
+    }
 }

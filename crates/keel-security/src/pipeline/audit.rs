@@ -56,10 +56,11 @@ pub enum AuditFailurePolicy {
 /// [`AuditFailurePolicy`] for what happens when the append fails.
 ///
 /// Keel's audit logs are idempotent on the entry's command id: the same
-/// entry appended twice is stored once. An envelope that reuses a command
-/// id for a new attempt of a command (a new receipt time, perhaps another
-/// outcome) is therefore refused by the log (`AlreadyExists`) and handled
-/// as a failed append; give every attempt its own id.
+/// entry appended twice (a retried append) is stored once. An envelope
+/// that reuses a command id for a new attempt of a command (a client
+/// resending it: a new receipt time, perhaps another outcome) makes a
+/// different entry, which the log records as another attempt under the
+/// same command id; every execution leaves its record.
 #[derive(Clone)]
 pub struct AuditLayer {
     log: Arc<dyn AuditLog>,
