@@ -303,6 +303,18 @@ impl ChainVerification {
 pub trait AuditLog: Send + Sync {
     /// Appends an entry at the end of the chain and returns the stored
     /// record. Concurrent appends are serialised: the chain never forks.
+    ///
+    /// Appends are idempotent on the entry's
+    /// [`command_id`](AuditEntry::command_id) for identical content: when a
+    /// stored record has the same command id and the same content, that
+    /// record is returned and nothing is written, so retrying an append
+    /// whose outcome was lost (a timeout, a dropped connection) never
+    /// duplicates it, even when retries race. An entry with a stored
+    /// command id but different content (the command ran again: another
+    /// receipt time, another outcome) is recorded as another attempt, with
+    /// a record of its own; several records may share a command id, and no
+    /// attempt is refused for its id. Entries without a command id are
+    /// never merged.
     async fn append(&self, entry: AuditEntry) -> Result<AuditRecord>;
 
     /// Records matching `query`, oldest first, one page at a time.
