@@ -63,7 +63,9 @@ pub struct AuditEntry {
     pub principal: Option<String>,
     /// The tenant the caller acted for.
     pub tenant: Option<String>,
-    /// The command's id.
+    /// The command's id. Several records may carry the same id: each
+    /// attempt of a resent command is recorded (an identical retry of one
+    /// entry is not; see [`AuditLog::append`]).
     pub command_id: Option<CommandId>,
     /// The command's type name.
     pub command_type: String,
