@@ -79,6 +79,21 @@ struct Stats {
 }
 
 impl Stats {
+    fn empty() -> Self {
+        Self {
+            events: 0,
+            elapsed: Duration::ZERO,
+            latencies: Vec::new(),
+        }
+    }
+
+    /// Adds another round's figures: events and time add up.
+    fn merge(&mut self, other: Self) {
+        self.events += other.events;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+    }
+
     fn rate(&self) -> f64 {
         self.events as f64 / self.elapsed.as_secs_f64()
     }
@@ -118,6 +133,29 @@ fn report(name: &str, mut keel: Stats, mut raw: Stats) {
             keel.rate() / raw.rate()
         );
     }
+}
+
+/// One row for repeated rounds of `(keel, raw)` rates: the median rates and
+/// the median of the per-round ratios, with their range.
+fn report_median(name: &str, rates: &[(f64, f64)]) {
+    if rates.is_empty() {
+        return;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratios: Vec<f64> = rates.iter().map(|(k, r)| k / r).collect();
+    let (low, high) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+    println!(
+        "| {name} (median of {} rounds) | {:.0} | – | {:.0} | – | {:.2}x ({low:.2}x–{high:.2}x) |",
+        rates.len(),
+        median(rates.iter().map(|(k, _)| *k).collect()),
+        median(rates.iter().map(|(_, r)| *r).collect()),
+        median(ratios),
+    );
 }
 
 /// Runs `writers` tasks, each calling `op(writer, i)` `per_writer` times and
@@ -194,6 +232,12 @@ async fn raw_insert(pool: &PgPool, rows: &[RawRow]) {
     }
 }
 
+/// How many alternating rounds each append workload is cut into.
+const APPEND_ROUNDS: usize = 6;
+
+/// Appends `per_writer` batches of `batch` events per writer, Keel and the
+/// raw INSERT taking turns in [`APPEND_ROUNDS`] rounds (the side that goes
+/// first alternating), so load that drifts during the run reaches both.
 async fn append_bench(
     name: &str,
     store: &PostgresEventStore,
@@ -203,34 +247,55 @@ async fn append_bench(
     batch: usize,
 ) {
     let tag = uuid::Uuid::now_v7().simple().to_string();
-    let keel = {
-        let store = store.clone();
-        let tag = tag.clone();
-        run_writers(writers, per_writer, batch, move |w, i| {
-            let store = store.clone();
-            let stream = StreamId::new(format!("Bench{tag}-{w}")).unwrap();
-            async move {
-                let events = (0..batch).map(|k| event(i * batch + k)).collect();
-                let expected = ExpectedVersion::Exact(Version::new((i * batch) as u64));
-                store.append(&stream, expected, events).await.unwrap();
+    let per_round = per_writer.div_ceil(APPEND_ROUNDS);
+    let mut keel = Stats::empty();
+    let mut raw = Stats::empty();
+    for round in 0..APPEND_ROUNDS {
+        // Appends made so far by each writer, in batches.
+        let base = round * per_round;
+        let count = per_round.min(per_writer.saturating_sub(base));
+        if count == 0 {
+            break;
+        }
+        for keel_side in [round % 2 == 0, round % 2 == 1] {
+            if keel_side {
+                let store = store.clone();
+                let tag = tag.clone();
+                keel.merge(
+                    run_writers(writers, count, batch, move |w, i| {
+                        let store = store.clone();
+                        let stream = StreamId::new(format!("Bench{tag}-{w}")).unwrap();
+                        let i = base + i;
+                        async move {
+                            let events = (0..batch).map(|k| event(i * batch + k)).collect();
+                            let expected = ExpectedVersion::Exact(Version::new((i * batch) as u64));
+                            store.append(&stream, expected, events).await.unwrap();
+                        }
+                    })
+                    .await,
+                );
+            } else {
+                let pool = pool.clone();
+                let tag = tag.clone();
+                raw.merge(
+                    run_writers(writers, count, batch, move |w, i| {
+                        let pool = pool.clone();
+                        let stream = format!("Raw{tag}-{w}");
+                        let i = base + i;
+                        async move {
+                            let rows: Vec<RawRow> = (0..batch)
+                                .map(|k| {
+                                    raw_row(&stream, (i * batch + k + 1) as i64, i * batch + k)
+                                })
+                                .collect();
+                            raw_insert(&pool, &rows).await;
+                        }
+                    })
+                    .await,
+                );
             }
-        })
-        .await
-    };
-    let raw = {
-        let pool = pool.clone();
-        run_writers(writers, per_writer, batch, move |w, i| {
-            let pool = pool.clone();
-            let stream = format!("Raw{tag}-{w}");
-            async move {
-                let rows: Vec<RawRow> = (0..batch)
-                    .map(|k| raw_row(&stream, (i * batch + k + 1) as i64, i * batch + k))
-                    .collect();
-                raw_insert(&pool, &rows).await;
-            }
-        })
-        .await
-    };
+        }
+    }
     report(name, keel, raw);
 }
 
@@ -388,7 +453,16 @@ async fn read_benches(store: &PostgresEventStore, pool: &PgPool) {
     // Read 100,000 events of the global log.
     let global = n(100_000);
     fill(&store, "Global", 100, global.div_ceil(100)).await;
-    for round in 0..3 {
+    // One warm-up round, then KEEL_BENCH_READ_ROUNDS (default 9) measured
+    // ones. A single 100,000-event read takes a fraction of a second, and
+    // on two cores shared by client and server one round's ratio swings by
+    // ±0.15: the median of several is the figure to quote.
+    let rounds: usize = std::env::var("KEEL_BENCH_READ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(9);
+    let mut rates: Vec<(f64, f64)> = Vec::with_capacity(rounds);
+    for round in 0..=rounds {
         let start = Instant::now();
         let count = store
             .read_all(ReadAll::from_start().limit(global as u64))
@@ -408,20 +482,20 @@ async fn read_benches(store: &PostgresEventStore, pool: &PgPool) {
             .fetch_all(&pool)
             .await
             .unwrap();
+        let events = rows.len();
+        // Freeing the rows is part of reading them, as it is on Keel's side
+        // (each event is dropped as the count moves on).
+        drop(rows);
         let raw = Stats {
-            events: rows.len(),
+            events,
             elapsed: start.elapsed(),
             latencies: Vec::new(),
         };
-        drop(rows);
         if round > 0 {
-            report(
-                &format!("read {global} global events (round {round})"),
-                keel,
-                raw,
-            );
+            rates.push((keel.rate(), raw.rate()));
         }
     }
+    report_median(&format!("read {global} global events"), &rates);
 
     // Peak memory while reading 1,000,000 events of the global log.
     let million = n(1_000_000);
