@@ -97,7 +97,7 @@ pub use aggregate::{EventSourcedRepository, SnapshotPolicy};
 pub use error::{EventStoreError, Result};
 pub use event::{
     AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, MAX_EVENT_TYPE_LEN, MAX_METADATA_BYTES, NewEvent,
-    ReadAll, ReadDirection, ReadStream, RecordedEvent, StoreConfig, StreamAppend,
+    ReadAll, ReadDirection, ReadStream, RecordedEvent, StoreConfig, StoredMetadata, StreamAppend,
 };
 pub use memory::InMemoryEventStore;
 #[cfg(feature = "postgres")]

@@ -206,7 +206,7 @@ fn apply(
             event_type: e.event_type().to_owned(),
             schema_version: e.schema_version(),
             recorded_at: now,
-            metadata: e.metadata().clone(),
+            metadata: e.metadata().clone().into(),
             payload: e.payload_json().to_owned(),
         });
     }

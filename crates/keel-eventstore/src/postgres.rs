@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use keel_core::{EventId, ExpectedVersion, Metadata, Position, StreamId, Version, VersionConflict};
+use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version, VersionConflict};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use crate::error::{EventStoreError, Result};
 use crate::event::{
     AppendResult, NewEvent, ReadAll, ReadDirection, ReadStream, RecordedEvent, StoreConfig,
-    StreamAppend, validate_batch,
+    StoredMetadata, StreamAppend, validate_batch,
 };
 use crate::store::{
     Appender, EventSignal, EventStream, GlobalLog, Leadership, Snapshot, SnapshotStore,
@@ -614,11 +614,8 @@ fn decode_row(row: &PgRow, stream: Option<&StreamId>) -> Result<RecordedEvent> {
     let event_type: String = row.try_get(5)?;
     let schema_version: i32 = row.try_get(6)?;
     let payload: String = row.try_get(7)?;
-    // Parsed straight from the row's buffer: the text itself is not kept.
-    let metadata: &str = row.try_get(8)?;
-    let metadata: Metadata = serde_json::from_str(metadata).map_err(|e| {
-        EventStoreError::Corrupt(format!("unreadable metadata of event {event_id}: {e}"))
-    })?;
+    // Kept as text: parsed only if someone reads it (see StoredMetadata).
+    let metadata = StoredMetadata::from_json(row.try_get::<&str, _>(8)?);
     Ok(RecordedEvent {
         event_id: EventId::from_uuid(event_id),
         stream_id,

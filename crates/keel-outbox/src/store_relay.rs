@@ -184,7 +184,7 @@ struct Forward {
 fn to_message(event: &RecordedEvent) -> Result<Message, keel_eventstore::EventStoreError> {
     let mut message = Message::new(event.event_type.clone(), event.payload_value()?)
         .with_event_id(event.event_id)
-        .with_metadata(event.metadata.clone())
+        .with_metadata(event.metadata.get().clone())
         .with_ordering_key(event.stream_id.as_str());
     message.schema_version = event.schema_version;
     Ok(message)
