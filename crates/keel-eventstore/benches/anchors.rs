@@ -25,47 +25,17 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
 use cqrs_es::{Aggregate, DomainEvent};
 use futures::TryStreamExt;
-use keel_core::{CorrelationId, ExpectedVersion, Metadata, StreamId, Version};
-use keel_eventstore::{Appender, NewEvent, PostgresEventStore, ReadStream, StreamReader};
+use keel_core::{ExpectedVersion, StreamId, Version};
+use keel_eventstore::{Appender, PostgresEventStore, ReadStream, StreamReader};
 use keel_testkit::TestDatabase;
 use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+
+mod common;
+use common::{event, metadata, n, payload, scale};
 
 /// Rounds each workload is cut into; the two sides alternate between them.
 const ROUNDS: usize = 6;
-
-fn scale() -> f64 {
-    std::env::var("KEEL_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
-fn n(base: usize) -> usize {
-    ((base as f64) * scale()).max(1.0) as usize
-}
-
-// The same payload and metadata as benches/eventstore.rs.
-fn payload(i: usize) -> serde_json::Value {
-    json!({
-        "order_id": format!("0190a6f2-7c1e-7d3a-9b1f-{i:012}"),
-        "sku": "SKU-12345",
-        "quantity": 3,
-        "price_cents": 1999,
-        "note": "leave at the door, ring twice",
-    })
-}
-
-fn metadata() -> Metadata {
-    Metadata::new()
-        .with_correlation_id(CorrelationId::new())
-        .with_actor("bench")
-}
-
-fn keel_event(i: usize) -> NewEvent {
-    NewEvent::from_json("order.line_added", &payload(i)).with_metadata(metadata())
-}
 
 /// The aggregate postgres-es is typed over. Its repository only reads
 /// `TYPE`; nothing here is ever handled or applied.
@@ -223,7 +193,7 @@ async fn append_bench(
             let store = store.clone();
             let stream = StreamId::new(format!("Bench{tag}-{w}")).unwrap();
             async move {
-                let events = (0..batch).map(|k| keel_event(i * batch + k)).collect();
+                let events = (0..batch).map(|k| event(i * batch + k)).collect();
                 let expected = ExpectedVersion::Exact(Version::new((i * batch) as u64));
                 store.append(&stream, expected, events).await.unwrap();
             }
@@ -261,7 +231,7 @@ async fn append_bench(
 async fn read_bench(store: &PostgresEventStore, repo: &PostgresEventRepository, reps: usize) {
     const LEN: usize = 1_000;
     let stream = StreamId::new("ReadOne-0").unwrap();
-    let events = (0..LEN).map(keel_event).collect();
+    let events = (0..LEN).map(event).collect();
     store
         .append(&stream, ExpectedVersion::Exact(Version::new(0)), events)
         .await

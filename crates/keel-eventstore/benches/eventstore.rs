@@ -13,45 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use keel_core::{CorrelationId, ExpectedVersion, Metadata, StreamId, Version};
+use keel_core::{ExpectedVersion, StreamId, Version};
 use keel_eventstore::{
-    Appender, GlobalLog, NewEvent, PostgresEventStore, ReadAll, ReadStream, StoreConfig,
-    StreamReader,
+    Appender, GlobalLog, PostgresEventStore, ReadAll, ReadStream, StoreConfig, StreamReader,
 };
 use keel_testkit::TestDatabase;
-use serde_json::json;
 use sqlx::PgPool;
 
-fn scale() -> f64 {
-    std::env::var("KEEL_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
-fn n(base: usize) -> usize {
-    ((base as f64) * scale()).max(1.0) as usize
-}
-
-fn payload(i: usize) -> serde_json::Value {
-    json!({
-        "order_id": format!("0190a6f2-7c1e-7d3a-9b1f-{i:012}"),
-        "sku": "SKU-12345",
-        "quantity": 3,
-        "price_cents": 1999,
-        "note": "leave at the door, ring twice",
-    })
-}
-
-fn metadata() -> Metadata {
-    Metadata::new()
-        .with_correlation_id(CorrelationId::new())
-        .with_actor("bench")
-}
-
-fn event(i: usize) -> NewEvent {
-    NewEvent::from_json("order.line_added", &payload(i)).with_metadata(metadata())
-}
+mod common;
+use common::{event, metadata, n, payload, scale};
 
 /// The raw row a baseline INSERT writes: same columns, same values.
 struct RawRow {
