@@ -688,7 +688,11 @@ mod tests {
 
     #[test]
     fn metadata_text_that_does_not_fit_reads_as_empty() {
-        for text in [r#"{"actor": 42}"#, r#"{"correlation_id": "not a uuid"}"#, "[]"] {
+        for text in [
+            r#"{"actor": 42}"#,
+            r#"{"correlation_id": "not a uuid"}"#,
+            "[]",
+        ] {
             let stored = StoredMetadata::from_json(text);
             assert_eq!(*stored, Metadata::default(), "{text}");
             assert_eq!(stored.json(), Some(text), "the text is kept");
