@@ -1189,6 +1189,11 @@ impl CacheAside {
                 .await
                 .map_err(|_| ())?;
             if holder.is_none() {
+                // The holder fills the cache before it unlocks, so it may
+                // have done both since the look above: look once more.
+                if let Some(found) = self.recheck::<T>(data_key, accept_not_found).await? {
+                    return Ok((found, None));
+                }
                 break;
             }
         }
