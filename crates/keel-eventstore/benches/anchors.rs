@@ -19,7 +19,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{PersistedEventRepository, SerializedEvent};
@@ -32,7 +32,7 @@ use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
 
 mod common;
-use common::{event, metadata, n, payload, scale};
+use common::{Stats, event, metadata, n, payload, report, run_writers, scale};
 
 /// Rounds each workload is cut into; the two sides alternate between them.
 const ROUNDS: usize = 6;
@@ -90,90 +90,6 @@ fn pges_event(id: &str, i: usize) -> SerializedEvent {
     )
 }
 
-/// Throughput and per-operation latencies of one side over all its rounds.
-#[derive(Default)]
-struct Stats {
-    events: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Stats {
-    fn add(&mut self, other: Self) {
-        self.events += other.events;
-        self.elapsed += other.elapsed;
-        self.latencies.extend(other.latencies);
-    }
-
-    fn rate(&self) -> f64 {
-        self.events as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn pct(&mut self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        self.latencies.sort_unstable();
-        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies[i]
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
-fn report(name: &str, mut keel: Stats, mut pges: Stats) {
-    println!(
-        "| {name} | {:.0} | {} / {} | {:.0} | {} / {} | {:.2}x |",
-        keel.rate(),
-        ms(keel.pct(0.5)),
-        ms(keel.pct(0.99)),
-        pges.rate(),
-        ms(pges.pct(0.5)),
-        ms(pges.pct(0.99)),
-        keel.rate() / pges.rate()
-    );
-}
-
-/// Runs `writers` tasks, each calling `op(writer, i)` for every `i` in
-/// `ops` and timing each call.
-async fn run_writers<F, Fut>(
-    writers: usize,
-    ops: std::ops::Range<usize>,
-    events_per_op: usize,
-    op: Arc<F>,
-) -> Stats
-where
-    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let op = op.clone();
-        let ops = ops.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(ops.len());
-            for i in ops {
-                let t = Instant::now();
-                op(w, i).await;
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await.unwrap());
-    }
-    Stats {
-        events: writers * ops.len() * events_per_op,
-        elapsed: start.elapsed(),
-        latencies,
-    }
-}
-
 /// One append workload: `writers` writers, each appending `per_writer`
 /// transactions of `batch` events to its own stream (Keel) or aggregate
 /// (postgres-es).
@@ -216,11 +132,11 @@ async fn append_bench(
     for round in 0..rounds {
         let ops = per_writer * round / rounds..per_writer * (round + 1) / rounds;
         if round % 2 == 0 {
-            keel.add(run_writers(writers, ops.clone(), batch, keel_op.clone()).await);
-            pges.add(run_writers(writers, ops, batch, pges_op.clone()).await);
+            keel.merge(run_writers(writers, ops.clone(), batch, keel_op.clone()).await);
+            pges.merge(run_writers(writers, ops, batch, pges_op.clone()).await);
         } else {
-            pges.add(run_writers(writers, ops.clone(), batch, pges_op.clone()).await);
-            keel.add(run_writers(writers, ops, batch, keel_op.clone()).await);
+            pges.merge(run_writers(writers, ops.clone(), batch, pges_op.clone()).await);
+            keel.merge(run_writers(writers, ops, batch, keel_op.clone()).await);
         }
     }
     report(name, keel, pges);
@@ -252,7 +168,7 @@ async fn read_bench(store: &PostgresEventStore, repo: &PostgresEventRepository, 
                     .unwrap();
                 let elapsed = t.elapsed();
                 assert_eq!(events.len(), LEN);
-                keel.add(Stats {
+                keel.merge(Stats {
                     events: LEN,
                     elapsed,
                     latencies: vec![elapsed],
@@ -261,7 +177,7 @@ async fn read_bench(store: &PostgresEventStore, repo: &PostgresEventRepository, 
                 let events = repo.get_events::<BenchOrder>(id).await.unwrap();
                 let elapsed = t.elapsed();
                 assert_eq!(events.len(), LEN);
-                pges.add(Stats {
+                pges.merge(Stats {
                     events: LEN,
                     elapsed,
                     latencies: vec![elapsed],

@@ -10,7 +10,7 @@
 #![allow(missing_docs, reason = "a benchmark binary")]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
 use keel_core::{ExpectedVersion, StreamId, Version};
@@ -21,7 +21,7 @@ use keel_testkit::TestDatabase;
 use sqlx::PgPool;
 
 mod common;
-use common::{event, metadata, n, payload, scale};
+use common::{Stats, event, metadata, n, payload, report, run_writers, scale};
 
 /// The raw row a baseline INSERT writes: same columns, same values.
 struct RawRow {
@@ -39,69 +39,6 @@ fn raw_row(stream: &str, version: i64, i: usize) -> RawRow {
         version,
         payload: payload(i).to_string(),
         metadata: serde_json::to_string(&metadata()).unwrap(),
-    }
-}
-
-struct Stats {
-    events: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Stats {
-    fn empty() -> Self {
-        Self {
-            events: 0,
-            elapsed: Duration::ZERO,
-            latencies: Vec::new(),
-        }
-    }
-
-    /// Adds another round's figures: events and time add up.
-    fn merge(&mut self, other: Self) {
-        self.events += other.events;
-        self.elapsed += other.elapsed;
-        self.latencies.extend(other.latencies);
-    }
-
-    fn rate(&self) -> f64 {
-        self.events as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn pct(&mut self, p: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        self.latencies.sort_unstable();
-        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies[i]
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
-fn report(name: &str, mut keel: Stats, mut raw: Stats) {
-    let with_latency = !keel.latencies.is_empty();
-    if with_latency {
-        println!(
-            "| {name} | {:.0} | {} / {} | {:.0} | {} / {} | {:.2}x |",
-            keel.rate(),
-            ms(keel.pct(0.5)),
-            ms(keel.pct(0.99)),
-            raw.rate(),
-            ms(raw.pct(0.5)),
-            ms(raw.pct(0.99)),
-            keel.rate() / raw.rate()
-        );
-    } else {
-        println!(
-            "| {name} | {:.0} | – | {:.0} | – | {:.2}x |",
-            keel.rate(),
-            raw.rate(),
-            keel.rate() / raw.rate()
-        );
     }
 }
 
@@ -126,44 +63,6 @@ fn report_median(name: &str, rates: &[(f64, f64)]) {
         median(rates.iter().map(|(_, r)| *r).collect()),
         median(ratios),
     );
-}
-
-/// Runs `writers` tasks, each calling `op(writer, i)` `per_writer` times and
-/// timing each call.
-async fn run_writers<F, Fut>(
-    writers: usize,
-    per_writer: usize,
-    events_per_op: usize,
-    op: F,
-) -> Stats
-where
-    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(per_writer);
-            for i in 0..per_writer {
-                let t = Instant::now();
-                op(w, i).await;
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await.unwrap());
-    }
-    Stats {
-        events: writers * per_writer * events_per_op,
-        elapsed: start.elapsed(),
-        latencies,
-    }
 }
 
 async fn raw_insert(pool: &PgPool, rows: &[RawRow]) {
@@ -217,52 +116,45 @@ async fn append_bench(
     batch: usize,
 ) {
     let tag = uuid::Uuid::now_v7().simple().to_string();
+    // Writer `w`'s `i`th batch: the same events and versions on both sides.
+    let keel_op = Arc::new({
+        let (store, tag) = (store.clone(), tag.clone());
+        move |w: usize, i: usize| {
+            let store = store.clone();
+            let stream = StreamId::new(format!("Bench{tag}-{w}")).unwrap();
+            async move {
+                let events = (0..batch).map(|k| event(i * batch + k)).collect();
+                let expected = ExpectedVersion::Exact(Version::new((i * batch) as u64));
+                store.append(&stream, expected, events).await.unwrap();
+            }
+        }
+    });
+    let raw_op = Arc::new({
+        let pool = pool.clone();
+        move |w: usize, i: usize| {
+            let pool = pool.clone();
+            let stream = format!("Raw{tag}-{w}");
+            async move {
+                let rows: Vec<RawRow> = (0..batch)
+                    .map(|k| raw_row(&stream, (i * batch + k + 1) as i64, i * batch + k))
+                    .collect();
+                raw_insert(&pool, &rows).await;
+            }
+        }
+    });
     let per_round = per_writer.div_ceil(APPEND_ROUNDS);
-    let mut keel = Stats::empty();
-    let mut raw = Stats::empty();
+    let mut keel = Stats::default();
+    let mut raw = Stats::default();
     for round in 0..APPEND_ROUNDS {
-        // Appends made so far by each writer, in batches.
-        let base = round * per_round;
-        let count = per_round.min(per_writer.saturating_sub(base));
-        if count == 0 {
+        let ops = (round * per_round).min(per_writer)..((round + 1) * per_round).min(per_writer);
+        if ops.is_empty() {
             break;
         }
         for keel_side in [round % 2 == 0, round % 2 == 1] {
             if keel_side {
-                let store = store.clone();
-                let tag = tag.clone();
-                keel.merge(
-                    run_writers(writers, count, batch, move |w, i| {
-                        let store = store.clone();
-                        let stream = StreamId::new(format!("Bench{tag}-{w}")).unwrap();
-                        let i = base + i;
-                        async move {
-                            let events = (0..batch).map(|k| event(i * batch + k)).collect();
-                            let expected = ExpectedVersion::Exact(Version::new((i * batch) as u64));
-                            store.append(&stream, expected, events).await.unwrap();
-                        }
-                    })
-                    .await,
-                );
+                keel.merge(run_writers(writers, ops.clone(), batch, keel_op.clone()).await);
             } else {
-                let pool = pool.clone();
-                let tag = tag.clone();
-                raw.merge(
-                    run_writers(writers, count, batch, move |w, i| {
-                        let pool = pool.clone();
-                        let stream = format!("Raw{tag}-{w}");
-                        let i = base + i;
-                        async move {
-                            let rows: Vec<RawRow> = (0..batch)
-                                .map(|k| {
-                                    raw_row(&stream, (i * batch + k + 1) as i64, i * batch + k)
-                                })
-                                .collect();
-                            raw_insert(&pool, &rows).await;
-                        }
-                    })
-                    .await,
-                );
+                raw.merge(run_writers(writers, ops.clone(), batch, raw_op.clone()).await);
             }
         }
     }
