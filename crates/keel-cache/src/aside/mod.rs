@@ -1181,19 +1181,17 @@ impl CacheAside {
         let deadline = Instant::now() + lock.ttl;
         while Instant::now() < deadline {
             tokio::time::sleep(lock.poll).await;
-            if let Some(found) = self.recheck::<T>(data_key, accept_not_found).await? {
-                return Ok((found, None));
-            }
+            // The lock first, then the value: the holder fills the cache
+            // before it unlocks, so a lock seen gone means the value (if
+            // any) is there to be found by the look that follows.
             let holder = inner
                 .call_read("get lock", &lock_key)
                 .await
                 .map_err(|_| ())?;
+            if let Some(found) = self.recheck::<T>(data_key, accept_not_found).await? {
+                return Ok((found, None));
+            }
             if holder.is_none() {
-                // The holder fills the cache before it unlocks, so it may
-                // have done both since the look above: look once more.
-                if let Some(found) = self.recheck::<T>(data_key, accept_not_found).await? {
-                    return Ok((found, None));
-                }
                 break;
             }
         }
