@@ -301,16 +301,8 @@ impl StoredMetadata {
     /// The parsed metadata, owned.
     #[must_use]
     pub fn into_metadata(self) -> Metadata {
-        let Self { text, parsed } = self;
-        match parsed.into_inner() {
-            Some(metadata) => metadata,
-            None => Self {
-                text,
-                parsed: std::sync::OnceLock::new(),
-            }
-            .get()
-            .clone(),
-        }
+        let _parsed = self.get();
+        self.parsed.into_inner().unwrap_or_default()
     }
 }
 
