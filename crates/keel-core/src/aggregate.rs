@@ -188,6 +188,24 @@ pub trait AggregateRepository<A: Aggregate>: Send + Sync {
     /// lost update. Returns the new version.
     async fn save(&self, root: &mut AggregateRoot<A>, metadata: &Metadata) -> Result<Version>;
 
+    /// This repository bound to `tx`: [`save`](Self::save) appends in the
+    /// transaction (so the events commit or roll back with everything else
+    /// written through it), and [`load`](Self::load) sees events saved
+    /// earlier in it.
+    ///
+    /// A PostgreSQL repository joins a `keel_database::UnitOfWork`, an
+    /// in-memory one a [`MemoryTransaction`](crate::uow::MemoryTransaction);
+    /// given the other kind, every call fails with
+    /// [`Error::Internal`](crate::Error::Internal) and writes nothing.
+    ///
+    /// ```text
+    /// orders.within(tx).save(&mut order, &metadata).await?;
+    /// ```
+    fn within<'t>(
+        &'t self,
+        tx: &'t mut dyn crate::uow::Transaction,
+    ) -> Box<dyn AggregateRepository<A> + 't>;
+
     /// Loads (or starts) the aggregate, handles one command, and saves the
     /// result. Returns the new events.
     async fn execute(

@@ -64,6 +64,10 @@ use crate::event::Metadata;
 use crate::id::{CommandId, CorrelationId};
 use crate::principal::Principal;
 
+mod transactional;
+
+pub use transactional::{DEFAULT_MAX_ATTEMPTS, TransactionalHandler, TransactionalService};
+
 /// Names the aggregate (or other resource) a command acts on: its type and
 /// its id, both as text so audit records and policies can hold any id type.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]

@@ -63,6 +63,20 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// The database aborted the transaction because a concurrent one
+    /// touched the same data (a serialization failure or a deadlock).
+    /// Nothing of it was stored; running the whole unit of work again may
+    /// succeed, which
+    /// [`TransactionalService`](crate::command::TransactionalService) does.
+    #[error("transaction conflict: {message}")]
+    TransactionConflict {
+        /// What happened, free of secrets.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// An operation did not finish in time. Retrying later may succeed.
     #[error("{operation} timed out after {after:?}")]
     Timeout {
@@ -205,7 +219,9 @@ impl Error {
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Conflict(_) | Error::AlreadyExists { .. } => ErrorKind::Conflict,
+            Error::Conflict(_) | Error::AlreadyExists { .. } | Error::TransactionConflict { .. } => {
+                ErrorKind::Conflict
+            }
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Invalid(_) => ErrorKind::InvalidInput,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
@@ -223,6 +239,7 @@ impl Error {
         match self {
             Error::Conflict(_) => "keel.conflict.version",
             Error::AlreadyExists { .. } => "keel.conflict.already_exists",
+            Error::TransactionConflict { .. } => "keel.conflict.transaction",
             Error::NotFound { .. } => "keel.not_found",
             Error::Invalid(_) => "keel.invalid_input",
             Error::Unavailable { .. } => "keel.unavailable",
@@ -238,7 +255,10 @@ impl Error {
     /// such: the caller must reload and decide again.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::Timeout { .. } | Error::TransactionConflict { .. }
+        )
     }
 
     /// What a caller may be told about this error; see
@@ -255,6 +275,11 @@ impl Error {
                 .into(),
             ),
             Error::AlreadyExists { .. } => ("Already exists", self.to_string().into()),
+            Error::TransactionConflict { .. } => (
+                "Transaction conflict",
+                "The request collided with a concurrent one and was not applied. Try again."
+                    .into(),
+            ),
             Error::NotFound { .. } => ("Not found", self.to_string().into()),
             Error::Invalid(_) => ("Invalid input", self.to_string().into()),
             Error::Unauthorized { reason } => ("Unauthorized", reason.clone().into()),
@@ -343,6 +368,21 @@ impl Error {
             message: message.into(),
             source: None,
         }
+    }
+
+    /// A [`Error::TransactionConflict`] with its cause.
+    pub fn transaction_conflict(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::TransactionConflict {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Whether this is a [`Error::TransactionConflict`]: the whole unit of
+    /// work may be run again.
+    #[must_use]
+    pub fn is_transaction_conflict(&self) -> bool {
+        matches!(self, Error::TransactionConflict { .. })
     }
 }
 

@@ -94,12 +94,13 @@ pub mod event;
 pub mod id;
 pub mod ports;
 pub mod principal;
+pub mod uow;
 pub mod version;
 
 pub use aggregate::{Aggregate, AggregateRepository, AggregateRoot};
 pub use command::{
     AggregateRef, BearerToken, Command, CommandEnvelope, CommandHandler, Handled, HandlerService,
-    PipelineError,
+    PipelineError, TransactionalHandler, TransactionalService,
 };
 pub use error::{
     BoxError, CommandError, DomainError, Error, ErrorDescription, ErrorKind, InvalidInput, Result,
@@ -121,6 +122,7 @@ pub use ports::entity::{
 };
 pub use ports::health::{HealthCheck, HealthReport, HealthStatus, Probe, ProbeLimits};
 pub use principal::Principal;
+pub use uow::{Transaction, TransactionSource};
 pub use version::{ExpectedVersion, Position, Version};
 
 #[doc(hidden)]

@@ -621,7 +621,11 @@ impl From<DatabaseError> for keel_core::Error {
                 Error::Invalid(InvalidInput::new("value", message.clone()))
             }
             DatabaseError::RowNotFound => Error::not_found("row"),
-            ref err if err.is_connection_error() || err.is_transaction_conflict() => {
+            ref err if err.is_transaction_conflict() => {
+                let message = err.to_string();
+                Error::transaction_conflict(message, e)
+            }
+            ref err if err.is_connection_error() => {
                 let message = err.to_string();
                 Error::unavailable(SERVICE, message, e)
             }
@@ -635,8 +639,10 @@ impl From<DatabaseError> for keel_core::Error {
 
 /// Classifies a `sqlx` error and converts it into Keel's shared error.
 ///
-/// Connection failures, pool closure, serialization failures and deadlocks
-/// become [`keel_core::Error::Unavailable`] (retryable); acquire and
+/// Connection failures and pool closure become
+/// [`keel_core::Error::Unavailable`] (retryable); serialization failures and
+/// deadlocks become [`keel_core::Error::TransactionConflict`] (retryable as
+/// a whole unit of work); acquire and
 /// statement timeouts become [`keel_core::Error::Timeout`] (retryable); a
 /// unique violation becomes [`keel_core::Error::AlreadyExists`]; other
 /// constraint violations and refused values become

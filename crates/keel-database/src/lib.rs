@@ -17,11 +17,13 @@
 //! * [`UnitOfWork`]: a transaction with savepoints, rollback on drop and
 //!   after-commit hooks; [`Database::transaction`] runs a closure in one and
 //!   retries serialization failures and deadlocks with jittered backoff.
-//! * [`UnitOfWorkLayer`]: the command pipeline's innermost layer
-//!   (`docs/command-pipeline.md`): one unit of work per command, handed to
-//!   the handler as a [`CommandTransaction`] in the envelope's extensions,
-//!   committed when the handler accepts the command and rolled back when
-//!   it does not.
+//! * [`UnitOfWork`] is also Keel's [`Transaction`](keel_core::Transaction)
+//!   port and [`Database`] its [`TransactionSource`](keel_core::TransactionSource):
+//!   every PostgreSQL adapter (event store, aggregate repository, entity
+//!   repository, outbox, inbox, audit log) joins one with `within(tx)`, and
+//!   the command pipeline's
+//!   [`TransactionalService`](keel_core::command::TransactionalService)
+//!   runs each command in one (`docs/command-pipeline.md`).
 //! * [`DatabaseError`] and the predicates [`is_unique_violation`],
 //!   [`is_serialization_failure`], [`is_connection_error`], … classify
 //!   failures by SQLSTATE and constraint name; [`to_keel`] maps them onto
@@ -80,7 +82,6 @@ mod pool;
 mod retry;
 mod uow;
 
-pub use command::{CommandTransaction, TransactionGuard, UnitOfWorkLayer, UnitOfWorkService};
 pub use config::{DatabaseConfig, DatabaseConfigBuilder, TlsMode};
 pub use error::{
     ConstraintKind, DatabaseError, Result, SERVICE, chain_has_transaction_conflict, constraint_of,

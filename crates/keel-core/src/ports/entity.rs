@@ -501,10 +501,23 @@ pub trait EntityWriter<E: Entity>: Send + Sync {
 }
 
 /// State-based persistence for one entity type: [`EntityReader`] and
-/// [`EntityWriter`] together. Implemented for every type that implements both.
-pub trait EntityRepository<E: Entity>: EntityReader<E> + EntityWriter<E> {}
-
-impl<E: Entity, T: EntityReader<E> + EntityWriter<E> + ?Sized> EntityRepository<E> for T {}
+/// [`EntityWriter`] together, and the way to use both inside a unit of
+/// work.
+pub trait EntityRepository<E: Entity>: EntityReader<E> + EntityWriter<E> {
+    /// This repository bound to `tx`: its writes commit or roll back with
+    /// the transaction, and its reads see the transaction's own writes.
+    ///
+    /// A PostgreSQL repository joins a `keel_database::UnitOfWork`, an
+    /// in-memory one a [`MemoryTransaction`](crate::uow::MemoryTransaction);
+    /// given the other kind, every call fails with
+    /// [`Error::Internal`](crate::Error::Internal) and writes nothing.
+    ///
+    /// ```text
+    /// products.within(tx).update(product, version).await?;
+    /// ```
+    fn within<'t>(&'t self, tx: &'t mut dyn crate::uow::Transaction)
+    -> Box<dyn EntityRepository<E> + 't>;
+}
 
 #[cfg(test)]
 mod tests {
