@@ -86,14 +86,14 @@ impl HealthCheck for DatabaseReadiness {
         }
         let ping = async {
             let mut conn = self.db.acquire().await.map_err(|e| e.to_string())?;
-            let one: i32 = sqlx::query_scalar("SELECT 1")
+            let one: Option<i32> = sqlx::query_scalar!("SELECT 1")
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(|e| self.db.classify(e).to_string())?;
-            if one == 1 {
+            if one == Some(1) {
                 Ok(())
             } else {
-                Err(format!("SELECT 1 returned {one}"))
+                Err(format!("SELECT 1 returned {one:?}"))
             }
         };
         let report = self.limits.run(ping, tokio::time::sleep).await;

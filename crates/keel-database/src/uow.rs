@@ -292,8 +292,8 @@ impl<'c> UnitOfWork<'c> {
         if parent_hooks.is_none() {
             // Fails with 25P02 in an aborted transaction; `tx` is dropped on
             // the error path, which rolls it back.
-            sqlx::query("SELECT 1")
-                .execute(&mut *tx)
+            sqlx::query!("SELECT 1 AS probe")
+                .fetch_one(&mut *tx)
                 .await
                 .map_err(|e| classify(e, statement_timeout))?;
         }
