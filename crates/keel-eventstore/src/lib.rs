@@ -104,7 +104,8 @@ pub use memory::InMemoryEventStore;
 pub use postgres::{NOTIFY_CHANNEL, PostgresEventStore};
 pub use store::{
     Appender, EventSignal, EventStore, EventStoreBackend, EventStream, GlobalLog, Leadership,
-    Snapshot, SnapshotStore, StreamReader, SubscriptionSupport,
+    Snapshot, SnapshotStore, StoreInTransaction, StreamReader, SubscriptionSupport,
+    TransactionalStore,
 };
 pub use subscription::{
     Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,

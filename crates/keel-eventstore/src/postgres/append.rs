@@ -3,6 +3,7 @@
 
 use async_trait::async_trait;
 use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version, VersionConflict};
+use keel_database::is_unique_violation;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
@@ -17,55 +18,15 @@ const EVENT_ID_CONSTRAINT: &str = "events_event_id_key";
 const STREAM_VERSION_CONSTRAINT: &str = "events_stream_version_key";
 
 impl PostgresEventStore {
-    /// Appends within the caller's transaction (a unit of work that also
-    /// writes an outbox row or a read model, say). Nothing is visible until
-    /// the caller commits; on an error the caller must roll back.
+    /// Appends to several streams on `conn`, inside a transaction open on
+    /// it (the caller's unit of work, or one begun for the call).
     ///
-    /// The versions this append stores stay claimed until the caller's
-    /// transaction ends: another writer of the same stream waits for it
-    /// (and then conflicts or moves on), so keep such transactions short.
-    pub async fn append_in(
-        &self,
-        conn: &mut PgConnection,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        mut events: Vec<NewEvent>,
-    ) -> Result<AppendResult> {
-        let appending = Appending::start([(stream, &mut events)]);
-        let result = match validate_batch(expected, &events, self.config.max_payload_bytes) {
-            // The notification is sent in the caller's transaction, so it is
-            // delivered only if and when that transaction commits.
-            Ok(()) => {
-                append_once(
-                    conn,
-                    stream,
-                    expected,
-                    &events,
-                    self.config.notify_on_append,
-                    false,
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        appending.finish(&self.metrics.0, result)
-    }
-
-    /// Appends to several streams within the caller's transaction; see
-    /// [`append_in`](Self::append_in).
-    pub async fn append_multi_in(
-        &self,
-        conn: &mut PgConnection,
-        mut appends: Vec<StreamAppend>,
-    ) -> Result<Vec<AppendResult>> {
-        let appending = Appending::start(appends.iter_mut().map(|a| (&a.stream_id, &mut a.events)));
-        let result = self
-            .append_multi_with(conn, appends, self.config.notify_on_append)
-            .await;
-        appending.finish(&self.metrics.0, result)
-    }
-
-    async fn append_multi_with(
+    /// With `notify_in_transaction` the wake-up notification is sent in
+    /// that transaction, so it is delivered only if and when it commits.
+    /// The versions stored stay claimed until the transaction ends: another
+    /// writer of the same stream waits for it (and then conflicts or moves
+    /// on).
+    pub(super) async fn append_multi_with(
         &self,
         conn: &mut PgConnection,
         appends: Vec<StreamAppend>,
@@ -137,12 +98,6 @@ fn expected_args(expected: ExpectedVersion) -> (i16, i64) {
         // validate_batch has refused versions beyond i64 already
         ExpectedVersion::Exact(v) => (3, i64::try_from(v.get()).unwrap_or(i64::MAX)),
     }
-}
-
-/// Whether `e` is a unique violation of the named constraint.
-fn is_unique_violation(e: &sqlx::Error, constraint: &str) -> bool {
-    matches!(e, sqlx::Error::Database(db)
-        if db.code().as_deref() == Some("23505") && db.constraint() == Some(constraint))
 }
 
 /// Appends one batch. In autocommit mode (`autocommit`), an append that lost
@@ -236,7 +191,7 @@ async fn call_append_function(
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| {
-        if is_unique_violation(&e, EVENT_ID_CONSTRAINT) {
+        if is_unique_violation(&e, Some(EVENT_ID_CONSTRAINT)) {
             // Another transaction stored one of these ids at the same moment.
             CallError::Raced
         } else {
@@ -347,8 +302,8 @@ async fn fast_append(
     }
     let row = match query.fetch_one(&mut *conn).await {
         Ok(row) => row,
-        Err(e) if is_unique_violation(&e, EVENT_ID_CONSTRAINT) => return Ok(None),
-        Err(e) if is_unique_violation(&e, STREAM_VERSION_CONSTRAINT) => return Ok(None),
+        Err(e) if is_unique_violation(&e, Some(EVENT_ID_CONSTRAINT)) => return Ok(None),
+        Err(e) if is_unique_violation(&e, Some(STREAM_VERSION_CONSTRAINT)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let Some(prev) = row.try_get::<Option<i64>, _>(0)? else {

@@ -20,6 +20,7 @@ mod global;
 mod read;
 mod snapshots;
 mod subscriptions;
+mod transaction;
 
 use subscriptions::Notifier;
 

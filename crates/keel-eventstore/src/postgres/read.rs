@@ -9,20 +9,29 @@ use crate::error::Result;
 use crate::event::{ReadDirection, ReadStream};
 use crate::store::{EventStream, StreamReader};
 
+/// The statement that reads one batch of a stream in `direction`: $1 the
+/// stream, $2 the version to start at, $3 the batch size.
+pub(super) fn stream_sql(direction: ReadDirection) -> String {
+    match direction {
+        ReadDirection::Forward => format!(
+            "SELECT {COLUMNS} FROM keel.events WHERE stream_id = $1 AND version >= $2 \
+             ORDER BY version LIMIT $3"
+        ),
+        ReadDirection::Backward => format!(
+            "SELECT {COLUMNS} FROM keel.events WHERE stream_id = $1 AND version <= $2 \
+             ORDER BY version DESC LIMIT $3"
+        ),
+    }
+}
+
+/// The statement that reads a stream's version ($1 the stream).
+pub(super) const STREAM_VERSION: &str = "SELECT max(version) FROM keel.events WHERE stream_id = $1";
+
 #[async_trait]
 impl StreamReader for PostgresEventStore {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
         let batch = i64::from(self.config.read_batch_size);
-        let sql = match options.direction() {
-            ReadDirection::Forward => format!(
-                "SELECT {COLUMNS} FROM keel.events WHERE stream_id = $1 AND version >= $2 \
-                 ORDER BY version LIMIT $3"
-            ),
-            ReadDirection::Backward => format!(
-                "SELECT {COLUMNS} FROM keel.events WHERE stream_id = $1 AND version <= $2 \
-                 ORDER BY version DESC LIMIT $3"
-            ),
-        };
+        let sql = stream_sql(options.direction());
         Box::pin(async_stream::try_stream! {
             let (mut from, mut remaining) = options.bounds();
             while remaining > 0 {
@@ -52,11 +61,10 @@ impl StreamReader for PostgresEventStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Version> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM keel.events WHERE stream_id = $1")
-                .bind(stream.as_str())
-                .fetch_one(&self.pool)
-                .await?;
+        let v: Option<i64> = sqlx::query_scalar(STREAM_VERSION)
+            .bind(stream.as_str())
+            .fetch_one(&self.pool)
+            .await?;
         Ok(Version::new(to_u64(v.unwrap_or(0), "version")?))
     }
 }

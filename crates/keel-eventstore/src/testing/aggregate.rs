@@ -43,13 +43,13 @@ pub async fn snapshots_keep_the_latest<S: Subject>(store: S) {
 }
 
 #[derive(Default, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
-struct Tally {
-    total: i64,
-    adds: u32,
+pub(super) struct Tally {
+    pub(super) total: i64,
+    pub(super) adds: u32,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-enum TallyEvent {
+pub(super) enum TallyEvent {
     Added { n: i64 },
 }
 

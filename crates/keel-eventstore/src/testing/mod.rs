@@ -36,6 +36,7 @@ mod append;
 mod input;
 mod read;
 mod subscriptions;
+mod transactions;
 
 pub use aggregate::{aggregate_repository_round_trip, snapshots_keep_the_latest};
 pub use append::{
@@ -48,17 +49,87 @@ pub use subscriptions::{
     checkpoints_never_move_backwards, subscription_catches_up_then_tails,
     subscription_has_one_leader_and_fails_over, subscription_redelivers_after_failure_or_crash,
 };
-
-use crate::{
-    EventSourcedRepository, EventStore, EventStoreError, NewEvent, ReadAll, ReadStream,
-    RecordedEvent, Snapshot, SnapshotPolicy, SnapshotStore, StreamAppend, Subscription,
-    SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,
-    SubscriptionSupport, Upcasters,
+pub use transactions::{
+    aggregate_repository_within_transaction, concurrent_transactions_keep_the_log_exact,
+    racing_transactions_exactly_one_commits, transaction_appends_are_invisible_until_commit,
+    transaction_rollback_leaves_nothing,
 };
 
-/// What the suite needs from a store under test.
-pub trait Subject: EventStore + SnapshotStore + SubscriptionSupport + Clone + 'static {}
-impl<T: EventStore + SnapshotStore + SubscriptionSupport + Clone + 'static> Subject for T {}
+use keel_core::uow::Transaction;
+
+use crate::{
+    EventSourcedRepository, EventStoreBackend, EventStoreError, NewEvent, ReadAll, ReadStream,
+    RecordedEvent, Snapshot, SnapshotPolicy, StreamAppend, Subscription, SubscriptionHandle,
+    SubscriptionHandler, SubscriptionOptions, SubscriptionStatus, Upcasters,
+};
+
+/// What the suite needs from a store under test: the whole backend, and a
+/// way to begin the kind of transaction it joins.
+#[async_trait::async_trait]
+pub trait Subject: EventStoreBackend + Clone + 'static {
+    /// Begins a transaction this store can join with `within`.
+    async fn begin(&self) -> Box<dyn Transaction>;
+
+    /// Begins a transaction of another backend, which this store must refuse.
+    fn foreign_transaction(&self) -> Box<dyn Transaction>;
+}
+
+#[async_trait::async_trait]
+impl Subject for crate::InMemoryEventStore {
+    async fn begin(&self) -> Box<dyn Transaction> {
+        Box::new(keel_core::uow::MemoryTransaction::new())
+    }
+
+    fn foreign_transaction(&self) -> Box<dyn Transaction> {
+        Box::new(Foreign)
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[async_trait::async_trait]
+impl Subject for crate::PostgresEventStore {
+    async fn begin(&self) -> Box<dyn Transaction> {
+        // A unit of work as a service's composition root begins it, on the
+        // store's database.
+        let config = keel_database::DatabaseConfig::builder()
+            .connect_options((*self.pool().connect_options()).clone())
+            .min_connections(0)
+            .max_connections(1)
+            .build()
+            .expect("database config");
+        let db = keel_database::Database::connect_lazy(config);
+        Box::new(db.begin().await.expect("begin a unit of work"))
+    }
+
+    fn foreign_transaction(&self) -> Box<dyn Transaction> {
+        Box::new(keel_core::uow::MemoryTransaction::new())
+    }
+}
+
+/// A transaction of a backend no store joins.
+#[derive(Debug)]
+struct Foreign;
+
+#[async_trait::async_trait]
+impl Transaction for Foreign {
+    fn backend(&self) -> &'static str {
+        "foreign"
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
+    fn after_commit(&mut self, _hook: Box<dyn FnOnce() + Send>) {}
+
+    async fn commit(self: Box<Self>) -> keel_core::Result<()> {
+        Ok(())
+    }
+
+    async fn rollback(self: Box<Self>) -> keel_core::Result<()> {
+        Ok(())
+    }
+}
 
 /// The name of every contract test in this module.
 pub const ALL: &[&str] = &[
@@ -79,6 +150,11 @@ pub const ALL: &[&str] = &[
     "subscription_redelivers_after_failure_or_crash",
     "subscription_has_one_leader_and_fails_over",
     "aggregate_repository_round_trip",
+    "transaction_appends_are_invisible_until_commit",
+    "transaction_rollback_leaves_nothing",
+    "racing_transactions_exactly_one_commits",
+    "aggregate_repository_within_transaction",
+    "concurrent_transactions_keep_the_log_exact",
 ];
 
 fn sid(s: &str) -> StreamId {
