@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
+use keel_core::uow::Transaction;
 use keel_core::{
     Aggregate, AggregateRepository, AggregateRoot, ExpectedVersion, Metadata, Version,
 };
@@ -14,7 +15,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::event::{NewEvent, ReadStream};
-use crate::store::{EventStore, Snapshot, SnapshotStore};
+use crate::store::{
+    Appender, EventStore, Snapshot, SnapshotStore, StoreInTransaction, StreamReader,
+    TransactionalStore,
+};
 use crate::upcast::Upcasters;
 
 /// When to store a snapshot.
@@ -160,14 +164,16 @@ where
         self
     }
 
-    async fn snapshot_start(
+    /// The state to replay from: the latest usable snapshot, or the start.
+    async fn snapshot_start<T: SnapshotStore + ?Sized>(
         &self,
+        target: &T,
         stream: &keel_core::StreamId,
     ) -> keel_core::Result<(A, Version)> {
         let Some(cfg) = &self.snapshots else {
             return Ok((A::default(), Version::INITIAL));
         };
-        let Some(snapshot) = self.store.load_snapshot(stream).await? else {
+        let Some(snapshot) = target.load_snapshot(stream).await? else {
             return Ok((A::default(), Version::INITIAL));
         };
         if snapshot.schema_version != cfg.schema_version {
@@ -191,20 +197,17 @@ where
             }
         }
     }
-}
 
-#[async_trait]
-impl<A, S> AggregateRepository<A> for EventSourcedRepository<A, S>
-where
-    A: Aggregate,
-    S: EventStore + SnapshotStore + ?Sized + 'static,
-{
-    async fn load(&self, id: &A::Id) -> keel_core::Result<Option<AggregateRoot<A>>> {
+    /// Loads through `target`: the store itself, or the store bound to a
+    /// transaction.
+    async fn load_from<T: StreamReader + SnapshotStore + ?Sized>(
+        &self,
+        target: &T,
+        id: &A::Id,
+    ) -> keel_core::Result<Option<AggregateRoot<A>>> {
         let stream = A::stream_id(id)?;
-        let (mut state, mut version) = self.snapshot_start(&stream).await?;
-        let mut events = self
-            .store
-            .read_stream(&stream, ReadStream::forward().from(version.next()));
+        let (mut state, mut version) = self.snapshot_start(target, &stream).await?;
+        let mut events = target.read_stream(&stream, ReadStream::forward().from(version.next()));
         while let Some(recorded) = events.try_next().await? {
             let at = recorded.version;
             let envelope = self.upcasters.decode::<A::Event>(recorded)?;
@@ -217,8 +220,11 @@ where
         Ok(Some(AggregateRoot::from_parts(id.clone(), version, state)))
     }
 
-    async fn save(
+    /// Saves through `target`; a snapshot due is written through it too, so
+    /// inside a transaction it commits or rolls back with the events.
+    async fn save_to<T: Appender + SnapshotStore + ?Sized>(
         &self,
+        target: &T,
         root: &mut AggregateRoot<A>,
         metadata: &Metadata,
     ) -> keel_core::Result<Version> {
@@ -237,8 +243,7 @@ where
             })
             .collect::<crate::Result<Vec<_>>>()?;
         let before = root.version();
-        let written = self
-            .store
+        let written = target
             .append(&stream, ExpectedVersion::Exact(before), events)
             .await?;
         root.mark_saved(written.next_expected_version);
@@ -254,8 +259,10 @@ where
                         state,
                     );
                     // The events are stored; a failed snapshot only costs a
-                    // longer replay next time.
-                    if let Err(error) = self.store.save_snapshot(snapshot).await {
+                    // longer replay next time (inside a transaction it is
+                    // written in a savepoint, so its failure leaves the
+                    // transaction usable).
+                    if let Err(error) = target.save_snapshot(snapshot).await {
                         tracing::warn!(stream = %stream, %error, "could not store a snapshot");
                     }
                 }
@@ -265,5 +272,66 @@ where
             }
         }
         Ok(written.next_expected_version)
+    }
+}
+
+#[async_trait]
+impl<A, S> AggregateRepository<A> for EventSourcedRepository<A, S>
+where
+    A: Aggregate,
+    S: EventStore + SnapshotStore + TransactionalStore + ?Sized + 'static,
+{
+    async fn load(&self, id: &A::Id) -> keel_core::Result<Option<AggregateRoot<A>>> {
+        self.load_from(&*self.store, id).await
+    }
+
+    async fn save(
+        &self,
+        root: &mut AggregateRoot<A>,
+        metadata: &Metadata,
+    ) -> keel_core::Result<Version> {
+        self.save_to(&*self.store, root, metadata).await
+    }
+
+    /// This repository bound to `tx`: `load` reads the stream (and the
+    /// snapshot) as the transaction sees it, `save` appends in it with the
+    /// loaded version as the expected version.
+    ///
+    /// Snapshots due on a save are written inside the transaction too, so a
+    /// snapshot of events that roll back never survives them.
+    fn within<'t>(&'t self, tx: &'t mut dyn Transaction) -> Box<dyn AggregateRepository<A> + 't> {
+        Box::new(InTransaction {
+            repo: self,
+            store: self.store.within(tx),
+        })
+    }
+}
+
+/// An [`EventSourcedRepository`] bound to one transaction.
+struct InTransaction<'t, A: Aggregate, S: ?Sized> {
+    repo: &'t EventSourcedRepository<A, S>,
+    store: Box<dyn StoreInTransaction + 't>,
+}
+
+#[async_trait]
+impl<A, S> AggregateRepository<A> for InTransaction<'_, A, S>
+where
+    A: Aggregate,
+    S: EventStore + SnapshotStore + TransactionalStore + ?Sized + 'static,
+{
+    async fn load(&self, id: &A::Id) -> keel_core::Result<Option<AggregateRoot<A>>> {
+        self.repo.load_from(&*self.store, id).await
+    }
+
+    async fn save(
+        &self,
+        root: &mut AggregateRoot<A>,
+        metadata: &Metadata,
+    ) -> keel_core::Result<Version> {
+        self.repo.save_to(&*self.store, root, metadata).await
+    }
+
+    fn within<'u>(&'u self, tx: &'u mut dyn Transaction) -> Box<dyn AggregateRepository<A> + 'u> {
+        self.repo.within(tx)
     }
 }

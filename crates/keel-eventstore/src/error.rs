@@ -152,6 +152,12 @@ pub enum EventStoreError {
     #[error("event store database error")]
     Database(#[source] sqlx::Error),
 
+    /// A failure reported by keel-core: a unit of work that could not be
+    /// joined (a transaction of another backend) or that a failed statement
+    /// aborted. Converts back into the same [`keel_core::Error`].
+    #[error(transparent)]
+    Core(keel_core::Error),
+
     /// Stored data breaks an invariant of the store (a bug or tampering).
     #[error("corrupt event store data: {0}")]
     Corrupt(String),
@@ -168,17 +174,16 @@ impl EventStoreError {
     /// victim or failed serialization.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        #[cfg(feature = "postgres")]
         match self {
-            Self::Unavailable(_) => return true,
+            #[cfg(feature = "postgres")]
+            Self::Unavailable(_) => true,
             // serialization failure, deadlock: the transaction may succeed
             // when run again
-            Self::Database(sqlx::Error::Database(db)) => {
-                return db.code().is_some_and(|c| c.starts_with("40"));
-            }
-            _ => {}
+            #[cfg(feature = "postgres")]
+            Self::Database(e) => keel_database::is_transaction_conflict(e),
+            Self::Core(e) => e.is_retryable(),
+            _ => false,
         }
-        false
     }
 
     /// The structured conflict, when this is a version conflict.
@@ -196,7 +201,7 @@ impl From<keel_core::Error> for EventStoreError {
         match e {
             keel_core::Error::Invalid(inv) => Self::Invalid(inv),
             keel_core::Error::Conflict(c) => Self::Conflict(c),
-            other => Self::Corrupt(other.to_string()),
+            other => Self::Core(other),
         }
     }
 }
@@ -204,18 +209,11 @@ impl From<keel_core::Error> for EventStoreError {
 #[cfg(feature = "postgres")]
 impl From<sqlx::Error> for EventStoreError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(e),
-            sqlx::Error::Database(db) => match db.code().as_deref() {
-                // connection exceptions, admin shutdown / crash, cannot connect now
-                Some(c) if c.starts_with("08") || c.starts_with("57P") => Self::Unavailable(e),
-                _ => Self::Database(e),
-            },
-            _ => Self::Database(e),
+        // keel-database is the one place that reads SQLSTATE codes.
+        if keel_database::is_connection_error(&e) || keel_database::is_pool_timeout(&e) {
+            Self::Unavailable(e)
+        } else {
+            Self::Database(e)
         }
     }
 }
@@ -236,6 +234,11 @@ impl From<EventStoreError> for keel_core::Error {
             EventStoreError::Unavailable(_) => {
                 keel_core::Error::unavailable("postgres", "event store database unavailable", e)
             }
+            // Classified by keel-database: a serialization failure or
+            // deadlock becomes a retryable TransactionConflict, and so on.
+            #[cfg(feature = "postgres")]
+            EventStoreError::Database(e) => keel_database::to_keel(e),
+            EventStoreError::Core(e) => e,
             other => keel_core::Error::internal(other.to_string(), other),
         }
     }

@@ -29,7 +29,11 @@
 //!   delivery and one active consumer per name across processes;
 //! * [`EventSourcedRepository`]: keel-core's aggregate repository port, with
 //!   [`SnapshotPolicy`] snapshots and [`Upcasters`] for schema evolution;
-//! * [`InMemoryEventStore`]: the same behaviour without a server.
+//! * [`InMemoryEventStore`]: the same behaviour without a server;
+//! * units of work: `store.within(tx)` ([`TransactionalStore`]) and
+//!   `repository.within(tx)` bind the store and the aggregate repository to
+//!   a [`keel_core::uow::Transaction`], so a command's events commit (or roll
+//!   back) together with its outbox row, read model and inbox mark.
 //!
 //! The guide, including why the global order is safe and what it costs, is
 //! `docs/event-store.md` in the repository.
@@ -71,10 +75,39 @@
 //! # }
 //! ```
 //!
+//! # Units of work
+//!
+//! ```
+//! use keel_core::uow::{MemoryTransactions, TransactionSource};
+//! use keel_core::{ExpectedVersion, StreamId};
+//! use keel_eventstore::{Appender, InMemoryEventStore, NewEvent, StreamReader};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = InMemoryEventStore::new();
+//! let cart = StreamId::new("Cart-2")?;
+//! let mut tx = MemoryTransactions::new().begin().await?;
+//! let view = store.within(&mut *tx);
+//! view.append(&cart, ExpectedVersion::NoStream, vec![NewEvent::from_json("cart.opened", &serde_json::json!({}))])
+//!     .await?;
+//! assert_eq!(view.stream_version(&cart).await?.get(), 1); // seen inside
+//! drop(view);
+//! assert_eq!(store.stream_version(&cart).await?.get(), 0); // nobody else sees it
+//! tx.rollback().await?;
+//! assert_eq!(store.stream_version(&cart).await?.get(), 0); // and it is gone
+//! # Ok(()) }
+//! ```
+//!
+//! On PostgreSQL the transaction comes from `keel_database::Database` (or the
+//! command pipeline's `TransactionalService`) and `PostgresEventStore::within`
+//! joins it through `keel_database::UnitOfWork::join`. See "Units of work" in
+//! `docs/event-store.md` for conflicts, snapshots and wake-ups.
+//!
 //! # Feature flags
 //!
-//! * `postgres` (default): [`PostgresEventStore`], built on sqlx. Its tables
-//!   come with `keel_database::MIGRATOR`.
+//! * `postgres` (default): [`PostgresEventStore`], built on sqlx and
+//!   keel-database (units of work, error classification). Its tables come
+//!   with `keel_database::MIGRATOR`.
 //! * `testing`: the `testing` module, the contract suite every store
 //!   implementation must pass.
 //!
@@ -104,7 +137,8 @@ pub use memory::InMemoryEventStore;
 pub use postgres::{NOTIFY_CHANNEL, PostgresEventStore};
 pub use store::{
     Appender, EventSignal, EventStore, EventStoreBackend, EventStream, GlobalLog, Leadership,
-    Snapshot, SnapshotStore, StreamReader, SubscriptionSupport,
+    Snapshot, SnapshotStore, StoreInTransaction, StreamReader, SubscriptionSupport,
+    TransactionalStore,
 };
 pub use subscription::{
     Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use keel_core::uow::Transaction;
 use keel_core::{ExpectedVersion, Position, StreamId, Version};
 
 use crate::error::Result;
@@ -127,14 +128,47 @@ pub trait SubscriptionSupport: Send + Sync {
     async fn event_signal(&self) -> Result<Box<dyn EventSignal>>;
 }
 
-/// Everything a complete backend offers: the store, snapshots and
-/// subscription support. Lets a composition root hold one
+/// The store bound to one unit of work, as
+/// [`TransactionalStore::within`] returns it: appends (single and
+/// multi-stream, every expected-version mode, idempotent by event id) and
+/// snapshots written through it commit or roll back with the transaction;
+/// stream reads and snapshot loads see the transaction's own writes.
+///
+/// Nothing appended through it is visible to other readers, the global log
+/// or subscriptions before the transaction commits, and nothing is left
+/// after a rollback.
+pub trait StoreInTransaction: Appender + StreamReader + SnapshotStore {}
+
+impl<T: Appender + StreamReader + SnapshotStore + ?Sized> StoreInTransaction for T {}
+
+/// A store that joins units of work: `store.within(tx)`.
+///
+/// [`PostgresEventStore`](crate::PostgresEventStore) joins the unit of work
+/// a `keel_database::Database` began; [`InMemoryEventStore`](crate::InMemoryEventStore)
+/// joins a [`MemoryTransaction`](keel_core::uow::MemoryTransaction). Handed
+/// the other kind, every operation of the view fails with
+/// [`keel_core::Error::Internal`] naming both backends (as
+/// [`EventStoreError::Core`](crate::EventStoreError::Core)) and writes
+/// nothing.
+pub trait TransactionalStore: Send + Sync {
+    /// This store bound to `tx`.
+    fn within<'t>(&'t self, tx: &'t mut dyn Transaction) -> Box<dyn StoreInTransaction + 't>;
+}
+
+/// Everything a complete backend offers: the store, snapshots, units of
+/// work and subscription support. Lets a composition root hold one
 /// `Arc<dyn EventStoreBackend>` and hand it to
 /// [`EventSourcedRepository`](crate::EventSourcedRepository) and
 /// [`Subscription`](crate::Subscription) alike.
-pub trait EventStoreBackend: EventStore + SnapshotStore + SubscriptionSupport {}
+pub trait EventStoreBackend:
+    EventStore + SnapshotStore + SubscriptionSupport + TransactionalStore
+{
+}
 
-impl<T: EventStore + SnapshotStore + SubscriptionSupport + ?Sized> EventStoreBackend for T {}
+impl<T: EventStore + SnapshotStore + SubscriptionSupport + TransactionalStore + ?Sized>
+    EventStoreBackend for T
+{
+}
 
 #[cfg(test)]
 mod tests {

@@ -25,6 +25,11 @@ macro_rules! all_contract_tests {
                 subscription_redelivers_after_failure_or_crash,
                 subscription_has_one_leader_and_fails_over,
                 aggregate_repository_round_trip,
+                transaction_appends_are_invisible_until_commit,
+                transaction_rollback_leaves_nothing,
+                racing_transactions_exactly_one_commits,
+                aggregate_repository_within_transaction,
+                concurrent_transactions_keep_the_log_exact,
             ],
         }
     };
@@ -48,6 +53,11 @@ const RUN: &str = stringify!(
     subscription_redelivers_after_failure_or_crash,
     subscription_has_one_leader_and_fails_over,
     aggregate_repository_round_trip,
+    transaction_appends_are_invisible_until_commit,
+    transaction_rollback_leaves_nothing,
+    racing_transactions_exactly_one_commits,
+    aggregate_repository_within_transaction,
+    concurrent_transactions_keep_the_log_exact,
 );
 
 /// Fails when a rule was added to `testing::ALL` but is not run here.

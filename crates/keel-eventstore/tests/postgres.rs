@@ -33,6 +33,18 @@ async fn store() -> (PostgresEventStore, TestDatabase) {
     )
 }
 
+/// Units of work on the test database, as a service's composition root
+/// would make them (`keel_database::Database`).
+fn units(db: &TestDatabase) -> keel_database::Database {
+    let config = keel_database::DatabaseConfig::builder()
+        .connect_options(db.connect_options())
+        .min_connections(0)
+        .max_connections(20)
+        .build()
+        .expect("database config");
+    keel_database::Database::connect_lazy(config)
+}
+
 fn sid(s: &str) -> StreamId {
     StreamId::new(s).unwrap()
 }
@@ -86,9 +98,10 @@ async fn appends_join_the_callers_transaction() {
     let (store, db) = store().await;
     let s = sid("Uow-1");
 
-    let mut tx = db.pool().begin().await.unwrap();
+    let mut tx = units(&db).begin().await.unwrap();
     let r = store
-        .append_in(&mut tx, &s, ExpectedVersion::NoStream, vec![ev(1)])
+        .within(&mut tx)
+        .append(&s, ExpectedVersion::NoStream, vec![ev(1)])
         .await
         .unwrap();
     assert_eq!(r.next_expected_version, Version::new(1));
@@ -101,9 +114,10 @@ async fn appends_join_the_callers_transaction() {
         .unwrap();
     assert!(log.is_empty(), "a rolled-back unit of work leaves no event");
 
-    let mut tx = db.pool().begin().await.unwrap();
+    let mut tx = units(&db).begin().await.unwrap();
     store
-        .append_in(&mut tx, &s, ExpectedVersion::NoStream, vec![ev(1)])
+        .within(&mut tx)
+        .append(&s, ExpectedVersion::NoStream, vec![ev(1)])
         .await
         .unwrap();
     sqlx::query("CREATE TEMP TABLE side_effect (x int)")
@@ -111,7 +125,8 @@ async fn appends_join_the_callers_transaction() {
         .await
         .unwrap();
     let conflict = store
-        .append_in(&mut tx, &s, ExpectedVersion::NoStream, vec![ev(2)])
+        .within(&mut tx)
+        .append(&s, ExpectedVersion::NoStream, vec![ev(2)])
         .await
         .unwrap_err();
     assert_eq!(conflict.as_conflict().unwrap().actual, Version::new(1));
@@ -222,7 +237,7 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let store = store.clone();
-        let pool = db.pool().clone();
+        let pool = units(&db);
         let committed = committed.clone();
         let rolled_back = rolled_back.clone();
         let running = running.clone();
@@ -245,8 +260,8 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
                 let mut tx = pool.begin().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(pause_before)).await;
                 store
-                    .append_in(
-                        &mut tx,
+                    .within(&mut tx)
+                    .append(
                         &sid(&format!("Stress-{stream}")),
                         ExpectedVersion::Any,
                         batch,
@@ -326,9 +341,10 @@ async fn a_long_transaction_holds_back_the_horizon_but_loses_nothing() {
         db.pool().clone(),
         StoreConfig::default().settle_timeout(Duration::from_millis(50)),
     );
-    let mut long = db.pool().begin().await.unwrap();
+    let mut long = units(&db).begin().await.unwrap();
     store
-        .append_in(&mut long, &sid("Slow-1"), ExpectedVersion::Any, vec![ev(1)])
+        .within(&mut long)
+        .append(&sid("Slow-1"), ExpectedVersion::Any, vec![ev(1)])
         .await
         .unwrap();
     store
@@ -530,9 +546,10 @@ async fn notifications_wake_a_caught_up_subscription() {
         .unwrap();
     until(&mut handle, "woken by an append", |s| s.handled >= 1).await;
 
-    let mut tx = db.pool().begin().await.unwrap();
+    let mut tx = units(&db).begin().await.unwrap();
     store
-        .append_in(&mut tx, &sid("Wake-2"), ExpectedVersion::Any, vec![ev(2)])
+        .within(&mut tx)
+        .append(&sid("Wake-2"), ExpectedVersion::Any, vec![ev(2)])
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -598,7 +615,7 @@ async fn one_statement_and_transactional_appends_interleave_safely() {
     let s = sid("Mixed-1");
     let mut tasks = Vec::new();
     for w in 0..8u64 {
-        let (store, pool, s) = (store.clone(), db.pool().clone(), s.clone());
+        let (store, pool, s) = (store.clone(), units(&db), s.clone());
         tasks.push(tokio::spawn(async move {
             let mut committed = Vec::new();
             for a in 0..12u64 {
@@ -632,7 +649,8 @@ async fn one_statement_and_transactional_appends_interleave_safely() {
                     2 => {
                         let mut tx = pool.begin().await.unwrap();
                         store
-                            .append_in(&mut tx, &s, ExpectedVersion::Any, vec![ev(n)])
+                            .within(&mut tx)
+                            .append(&s, ExpectedVersion::Any, vec![ev(n)])
                             .await
                             .unwrap();
                         tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -647,10 +665,11 @@ async fn one_statement_and_transactional_appends_interleave_safely() {
                     _ => loop {
                         let at = store.stream_version(&s).await.unwrap();
                         let mut tx = pool.begin().await.unwrap();
-                        match store
-                            .append_in(&mut tx, &s, ExpectedVersion::Exact(at), vec![ev(n)])
-                            .await
-                        {
+                        let appended = store
+                            .within(&mut tx)
+                            .append(&s, ExpectedVersion::Exact(at), vec![ev(n)])
+                            .await;
+                        match appended {
                             Ok(_) => {
                                 tokio::time::sleep(Duration::from_millis(pause)).await;
                                 tx.commit().await.unwrap();
@@ -711,7 +730,7 @@ async fn a_snapshot_that_missed_an_append_gets_a_retryable_error() {
         .await
         .unwrap();
 
-    let mut tx = db.pool().begin().await.unwrap();
+    let mut tx = units(&db).begin().await.unwrap();
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
         .await
@@ -727,16 +746,18 @@ async fn a_snapshot_that_missed_an_append_gets_a_retryable_error() {
         .unwrap();
 
     let err = store
-        .append_in(&mut tx, &s, ExpectedVersion::Any, vec![ev(3)])
+        .within(&mut tx)
+        .append(&s, ExpectedVersion::Any, vec![ev(3)])
         .await
         .unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
     tx.rollback().await.unwrap();
     assert_eq!(store.stream_version(&s).await.unwrap(), Version::new(2));
 
-    let mut tx = db.pool().begin().await.unwrap();
+    let mut tx = units(&db).begin().await.unwrap();
     let r = store
-        .append_in(&mut tx, &s, ExpectedVersion::Any, vec![ev(3)])
+        .within(&mut tx)
+        .append(&s, ExpectedVersion::Any, vec![ev(3)])
         .await
         .unwrap();
     tx.commit().await.unwrap();

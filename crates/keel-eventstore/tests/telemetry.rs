@@ -118,10 +118,18 @@ async fn postgres_appends_and_conflicts_are_counted() {
 async fn postgres_appends_in_a_callers_transaction_are_counted() {
     let probe = MetricsProbe::new();
     let (store, db) = postgres_store(&probe).await;
-    let mut tx = db.pool().begin().await.unwrap();
+    let config = keel_database::DatabaseConfig::builder()
+        .connect_options(db.connect_options())
+        .min_connections(0)
+        .build()
+        .expect("database config");
+    let mut tx = keel_database::Database::connect_lazy(config)
+        .begin()
+        .await
+        .unwrap();
     store
-        .append_in(
-            &mut tx,
+        .within(&mut tx)
+        .append(
             &sid("Order-7"),
             ExpectedVersion::NoStream,
             vec![ev(1), ev(2)],

@@ -1,12 +1,13 @@
 //! The in-memory event store: same behaviour as the PostgreSQL one, no
 //! server. For tests and examples.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
+use keel_core::uow::MemoryCell;
 use keel_core::{ExpectedVersion, Position, StreamId, Version, VersionConflict};
 use keel_telemetry::KeelMetrics;
 use tokio::sync::watch;
@@ -22,32 +23,49 @@ use crate::store::{
 };
 use crate::telemetry::{Appending, StoreMetrics};
 
+mod transaction;
+
 /// An event store held in memory. Cloning shares the same store.
 ///
 /// Global positions use a per-append commit counter and a global sequence,
 /// so readers see the same ordering rules as with PostgreSQL.
-#[derive(Clone, Debug, Default)]
+///
+/// The log lives in a [`MemoryCell`], so the store joins a
+/// [`MemoryTransaction`](keel_core::uow::MemoryTransaction) with
+/// [`within`](Self::within) and commits atomically with every other
+/// in-memory adapter written in the same transaction. A transaction works
+/// on its own copy of the log's index (cheap for test-sized stores; the
+/// events themselves are shared).
+#[derive(Clone, Debug)]
 pub struct InMemoryEventStore {
     inner: Arc<Shared>,
     metrics: StoreMetrics,
 }
 
-#[derive(Debug, Default)]
+impl Default for InMemoryEventStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug)]
 struct Shared {
     config: StoreConfig,
-    state: Mutex<State>,
-    appended: Option<watch::Sender<u64>>,
+    log: Arc<MemoryCell<Log>>,
+    snapshots: Arc<MemoryCell<HashMap<StreamId, Snapshot>>>,
+    checkpoints: Mutex<HashMap<String, Position>>,
+    appended: Arc<watch::Sender<u64>>,
     leaders: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    events: Vec<RecordedEvent>,
+/// The stored events and their indexes. Events are shared, so the copy a
+/// transaction takes costs the indexes only.
+#[derive(Clone, Debug, Default)]
+struct Log {
+    events: Vec<Arc<RecordedEvent>>,
     streams: HashMap<StreamId, Vec<usize>>,
     ids: HashMap<keel_core::EventId, usize>,
     last_commit: u64,
-    snapshots: HashMap<StreamId, Snapshot>,
-    checkpoints: HashMap<String, Position>,
 }
 
 impl InMemoryEventStore {
@@ -61,31 +79,32 @@ impl InMemoryEventStore {
     #[must_use]
     pub fn with_config(config: StoreConfig) -> Self {
         let (tx, _) = watch::channel(0);
+        let appended = Arc::new(tx);
+        let wake = Arc::clone(&appended);
         Self {
             inner: Arc::new(Shared {
                 config,
-                state: Mutex::default(),
-                appended: Some(tx),
+                // Subscriptions wake after every committed change of the
+                // log, direct or through a transaction, never before.
+                log: Arc::new(MemoryCell::new(Log::default()).on_commit(move || {
+                    wake.send_modify(|n| *n += 1);
+                })),
+                snapshots: Arc::new(MemoryCell::new(HashMap::new())),
+                checkpoints: Mutex::default(),
+                appended,
                 leaders: Mutex::default(),
             }),
             metrics: StoreMetrics::default(),
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave half an append behind
-        // (appends are checked fully before the first write), so poisoning
-        // carries no meaning here.
+    fn checkpoints(&self) -> MutexGuard<'_, HashMap<String, Position>> {
+        // A checkpoint update is one map insert: poisoning carries no
+        // meaning here.
         self.inner
-            .state
+            .checkpoints
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn notify(&self) {
-        if let Some(tx) = &self.inner.appended {
-            tx.send_modify(|n| *n += 1);
-        }
     }
 }
 
@@ -95,7 +114,7 @@ enum Plan {
 }
 
 fn plan(
-    state: &State,
+    state: &Log,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[NewEvent],
@@ -104,7 +123,7 @@ fn plan(
     let current = Version::new(indexes.map_or(0, |v| v.len() as u64));
     let stored: Vec<Option<&RecordedEvent>> = events
         .iter()
-        .map(|e| state.ids.get(&e.event_id()).map(|&i| &state.events[i]))
+        .map(|e| state.ids.get(&e.event_id()).map(|&i| &*state.events[i]))
         .collect();
     if stored.iter().any(Option::is_some) {
         let first = stored
@@ -183,22 +202,22 @@ fn json_eq(a: &str, b: &str) -> bool {
 }
 
 fn apply(
-    state: &mut State,
+    state: &mut Log,
     commit: u64,
     stream: &StreamId,
     current: Version,
-    events: Vec<NewEvent>,
+    events: &[NewEvent],
 ) -> AppendResult {
     let now = Utc::now();
     let mut positions = Vec::with_capacity(events.len());
     let first = current.next();
-    for (i, e) in events.into_iter().enumerate() {
+    for (i, e) in events.iter().enumerate() {
         let index = state.events.len();
         let position = Position::new(commit, index as u64 + 1);
         positions.push(position);
         state.ids.insert(e.event_id(), index);
         state.streams.entry(stream.clone()).or_default().push(index);
-        state.events.push(RecordedEvent {
+        state.events.push(Arc::new(RecordedEvent {
             event_id: e.event_id(),
             stream_id: stream.clone(),
             version: first.advance(i as u64),
@@ -208,7 +227,7 @@ fn apply(
             recorded_at: now,
             metadata: e.metadata().clone().into(),
             payload: e.payload_json().to_owned(),
-        });
+        }));
     }
     let next = Version::new(state.streams[stream].len() as u64);
     AppendResult {
@@ -235,7 +254,7 @@ impl Appender for InMemoryEventStore {
 
     async fn append_multi(&self, mut appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
         let appending = Appending::start(appends.iter_mut().map(|a| (&a.stream_id, &mut a.events)));
-        let result = self.append_multi_unrecorded(appends).await;
+        let result = self.append_multi_unrecorded(&appends);
         appending.finish(&self.metrics.0, result)
     }
 }
@@ -250,70 +269,158 @@ impl InMemoryEventStore {
         self
     }
 
-    async fn append_multi_unrecorded(
-        &self,
-        appends: Vec<StreamAppend>,
-    ) -> Result<Vec<AppendResult>> {
-        if appends.is_empty() {
+    fn append_multi_unrecorded(&self, appends: &[StreamAppend]) -> Result<Vec<AppendResult>> {
+        check_multi(appends, self.inner.config.max_payload_bytes)?;
+        self.inner.log.write(|log| append_all(log, appends))
+    }
+}
+
+/// Refuses malformed multi-stream appends before anything is planned.
+fn check_multi(appends: &[StreamAppend], max_payload: usize) -> Result<()> {
+    if appends.is_empty() {
+        return Err(EventStoreError::invalid(
+            "appends",
+            "at least one stream is needed",
+        ));
+    }
+    for a in appends {
+        validate_batch(a.expected, &a.events, max_payload)?;
+    }
+    let mut streams = HashSet::new();
+    for a in appends {
+        if !streams.insert(&a.stream_id) {
             return Err(EventStoreError::invalid(
                 "appends",
-                "at least one stream is needed",
+                format!(
+                    "stream {} appears twice in one multi-stream append",
+                    a.stream_id
+                ),
             ));
         }
-        for a in &appends {
-            validate_batch(a.expected, &a.events, self.inner.config.max_payload_bytes)?;
+    }
+    let mut ids = HashSet::new();
+    for a in appends {
+        for e in &a.events {
+            if !ids.insert(e.event_id()) {
+                return Err(EventStoreError::invalid(
+                    "event_id",
+                    format!("{} appears twice in one append", e.event_id()),
+                ));
+            }
         }
-        let results = {
-            let mut state = self.state();
-            // Plan every part against the state as it would be after the
-            // earlier parts, without writing: all or nothing.
-            let mut plans = Vec::with_capacity(appends.len());
-            let mut pending: HashMap<StreamId, u64> = HashMap::new();
-            for a in &appends {
-                if pending.contains_key(&a.stream_id) {
-                    return Err(EventStoreError::invalid(
-                        "appends",
-                        format!(
-                            "stream {} appears twice in one multi-stream append",
-                            a.stream_id
-                        ),
-                    ));
-                }
-                let p = plan(&state, &a.stream_id, a.expected, &a.events)?;
-                pending.insert(a.stream_id.clone(), a.events.len() as u64);
-                plans.push(p);
-            }
-            let mut ids = std::collections::HashSet::new();
-            for a in &appends {
-                for e in &a.events {
-                    if !ids.insert(e.event_id()) {
-                        return Err(EventStoreError::invalid(
-                            "event_id",
-                            format!("{} appears twice in one append", e.event_id()),
-                        ));
-                    }
-                }
-            }
-            let writes = plans.iter().any(|p| matches!(p, Plan::Append { .. }));
-            if writes {
-                state.last_commit += 1;
-            }
-            let commit = state.last_commit;
-            let mut results = Vec::with_capacity(plans.len());
-            for (a, p) in appends.into_iter().zip(plans) {
-                results.push(match p {
-                    Plan::Retry(r) => r,
-                    Plan::Append { current } => {
-                        apply(&mut state, commit, &a.stream_id, current, a.events)
-                    }
-                });
-            }
-            results
+    }
+    Ok(())
+}
+
+/// Plans every part against the log, without writing: all or nothing.
+fn plan_all(log: &Log, appends: &[StreamAppend]) -> Result<Vec<Plan>> {
+    appends
+        .iter()
+        .map(|a| plan(log, &a.stream_id, a.expected, &a.events))
+        .collect()
+}
+
+/// Plans, then writes every part under one new commit key.
+fn append_all(log: &mut Log, appends: &[StreamAppend]) -> Result<Vec<AppendResult>> {
+    let plans = plan_all(log, appends)?;
+    if plans.iter().any(|p| matches!(p, Plan::Append { .. })) {
+        log.last_commit += 1;
+    }
+    let commit = log.last_commit;
+    Ok(appends
+        .iter()
+        .zip(plans)
+        .map(|(a, p)| match p {
+            Plan::Retry(r) => r,
+            Plan::Append { current } => apply(log, commit, &a.stream_id, current, &a.events),
+        })
+        .collect())
+}
+
+/// Where a stream read continues.
+struct StreamCursor {
+    direction: ReadDirection,
+    next: i64,
+    remaining: usize,
+}
+
+impl StreamCursor {
+    fn new(options: &ReadStream) -> Self {
+        let (from, limit) = options.bounds();
+        Self {
+            direction: options.direction,
+            // Versions are 1-based and dense, so a version is an index + 1.
+            next: match options.direction {
+                ReadDirection::Forward => from.max(1),
+                ReadDirection::Backward => from,
+            },
+            remaining: usize::try_from(limit).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The next batch of at most `batch` events; empty at the end.
+    fn next_chunk(&mut self, log: &Log, stream: &StreamId, batch: usize) -> Vec<RecordedEvent> {
+        if self.remaining == 0 {
+            return Vec::new();
+        }
+        let Some(idx) = log.streams.get(stream) else {
+            return Vec::new();
         };
-        if results.iter().any(|r| !r.was_retry) {
-            self.notify();
+        let len = idx.len() as i64;
+        let take = self.remaining.min(batch);
+        let chunk: Vec<RecordedEvent> = match self.direction {
+            ReadDirection::Forward => {
+                if self.next > len {
+                    Vec::new()
+                } else {
+                    let start = (self.next - 1) as usize;
+                    idx[start..]
+                        .iter()
+                        .take(take)
+                        .map(|&i| (*log.events[i]).clone())
+                        .collect()
+                }
+            }
+            ReadDirection::Backward => {
+                let top = self.next.min(len);
+                if top < 1 {
+                    Vec::new()
+                } else {
+                    idx[..top as usize]
+                        .iter()
+                        .rev()
+                        .take(take)
+                        .map(|&i| (*log.events[i]).clone())
+                        .collect()
+                }
+            }
+        };
+        let n = chunk.len();
+        self.remaining -= n;
+        self.next = match self.direction {
+            ReadDirection::Forward => self.next + n as i64,
+            ReadDirection::Backward => match chunk.first() {
+                Some(first) => self.next.min(first.version.get() as i64) - n as i64,
+                None => self.next,
+            },
+        };
+        if n < take {
+            self.remaining = 0;
         }
-        Ok(results)
+        chunk
+    }
+}
+
+fn version_of(log: &Log, stream: &StreamId) -> Version {
+    Version::new(log.streams.get(stream).map_or(0, |v| v.len() as u64))
+}
+
+fn keep_latest(snapshots: &mut HashMap<StreamId, Snapshot>, snapshot: Snapshot) {
+    match snapshots.get(&snapshot.stream_id) {
+        Some(s) if s.version > snapshot.version => {}
+        _ => {
+            snapshots.insert(snapshot.stream_id.clone(), snapshot);
+        }
     }
 }
 
@@ -322,54 +429,17 @@ impl StreamReader for InMemoryEventStore {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
         let batch = self.inner.config.read_batch_size as usize;
         Box::pin(async_stream::try_stream! {
-            let (from, limit) = options.bounds();
-            let mut remaining = usize::try_from(limit).unwrap_or(usize::MAX);
-            // Versions are 1-based and dense, so a version is an index + 1.
-            let mut next: i64 = match options.direction {
-                ReadDirection::Forward => from.max(1),
-                ReadDirection::Backward => from,
-            };
-            while remaining > 0 {
-                let chunk: Vec<RecordedEvent> = {
-                    let state = self.state();
-                    let Some(idx) = state.streams.get(stream) else { break };
-                    let len = idx.len() as i64;
-                    let take = remaining.min(batch);
-                    match options.direction {
-                        ReadDirection::Forward => {
-                            if next > len { Vec::new() } else {
-                                let start = (next - 1) as usize;
-                                idx[start..].iter().take(take).map(|&i| state.events[i].clone()).collect()
-                            }
-                        }
-                        ReadDirection::Backward => {
-                            let top = next.min(len);
-                            if top < 1 { Vec::new() } else {
-                                idx[..top as usize].iter().rev().take(take).map(|&i| state.events[i].clone()).collect()
-                            }
-                        }
-                    }
-                };
+            let mut cursor = StreamCursor::new(&options);
+            loop {
+                let chunk = self.inner.log.read(|log| cursor.next_chunk(log, stream, batch));
                 if chunk.is_empty() { break; }
-                let n = chunk.len();
-                remaining -= n;
-                next = match options.direction {
-                    ReadDirection::Forward => next + n as i64,
-                    ReadDirection::Backward => next.min(chunk[0].version.get() as i64) - n as i64,
-                };
                 for e in chunk { yield e; }
-                if n < batch { break; }
             }
         })
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<Version> {
-        Ok(Version::new(
-            self.state()
-                .streams
-                .get(stream)
-                .map_or(0, |v| v.len() as u64),
-        ))
+        Ok(self.inner.log.read(|log| version_of(log, stream)))
     }
 }
 
@@ -381,16 +451,17 @@ impl GlobalLog for InMemoryEventStore {
             let mut after = options.after;
             while remaining > 0 {
                 let (chunk, scanned_to_end) = {
-                    let state = self.state();
-                    let start = state.events.partition_point(|e| e.position <= after);
-                    let mut out = Vec::new();
-                    let mut end = true;
-                    for e in &state.events[start..] {
-                        if out.len() == remaining.min(batch) { end = false; break; }
-                        if options.matches(e) { out.push(e.clone()); }
-                        after = e.position;
-                    }
-                    (out, end)
+                    self.inner.log.read(|log| {
+                        let start = log.events.partition_point(|e| e.position <= after);
+                        let mut out = Vec::new();
+                        let mut end = true;
+                        for e in &log.events[start..] {
+                            if out.len() == remaining.min(batch) { end = false; break; }
+                            if options.matches(e) { out.push((**e).clone()); }
+                            after = e.position;
+                        }
+                        (out, end)
+                    })
                 };
                 remaining -= chunk.len();
                 for e in chunk { yield e; }
@@ -403,18 +474,14 @@ impl GlobalLog for InMemoryEventStore {
 #[async_trait]
 impl SnapshotStore for InMemoryEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
-        Ok(self.state().snapshots.get(stream).cloned())
+        Ok(self.inner.snapshots.read(|s| s.get(stream).cloned()))
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
-        let mut state = self.state();
-        match state.snapshots.get(&snapshot.stream_id) {
-            Some(s) if s.version > snapshot.version => {}
-            _ => {
-                state.snapshots.insert(snapshot.stream_id.clone(), snapshot);
-            }
-        }
-        Ok(())
+        self.inner.snapshots.write(|s| {
+            keep_latest(s, snapshot);
+            Ok::<_, EventStoreError>(())
+        })
     }
 }
 
@@ -450,7 +517,7 @@ impl EventSignal for MemorySignal {
 #[async_trait]
 impl SubscriptionSupport for InMemoryEventStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
-        Ok(self.state().checkpoints.get(name).copied())
+        Ok(self.checkpoints().get(name).copied())
     }
 
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
@@ -460,8 +527,8 @@ impl SubscriptionSupport for InMemoryEventStore {
                 "the name must not be empty",
             ));
         }
-        let mut state = self.state();
-        let entry = state.checkpoints.entry(name.to_owned()).or_insert(position);
+        let mut checkpoints = self.checkpoints();
+        let entry = checkpoints.entry(name.to_owned()).or_insert(position);
         if *entry < position {
             *entry = position;
         }
@@ -486,10 +553,8 @@ impl SubscriptionSupport for InMemoryEventStore {
     }
 
     async fn event_signal(&self) -> Result<Box<dyn EventSignal>> {
-        let mut rx = self.inner.appended.as_ref().map(watch::Sender::subscribe);
-        if let Some(rx) = &mut rx {
-            rx.mark_unchanged();
-        }
-        Ok(Box::new(MemorySignal { rx }))
+        let mut rx = self.inner.appended.subscribe();
+        rx.mark_unchanged();
+        Ok(Box::new(MemorySignal { rx: Some(rx) }))
     }
 }

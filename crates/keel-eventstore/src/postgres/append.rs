@@ -1,0 +1,454 @@
+//! Appends: the single-statement fast path, the `keel.append_events`
+//! procedure for the rare paths, and the caller's-transaction variants.
+
+use async_trait::async_trait;
+use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version, VersionConflict};
+use keel_database::is_unique_violation;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+
+use super::{PostgresEventStore, to_u64};
+use crate::error::{EventStoreError, Result};
+use crate::event::{AppendResult, NewEvent, StreamAppend, validate_batch};
+use crate::store::Appender;
+use crate::telemetry::Appending;
+
+const EVENT_ID_CONSTRAINT: &str = "events_event_id_key";
+/// The unique index that lets one writer, and only one, store a version.
+const STREAM_VERSION_CONSTRAINT: &str = "events_stream_version_key";
+
+impl PostgresEventStore {
+    /// Appends to several streams on `conn`, inside a transaction open on
+    /// it (the caller's unit of work, or one begun for the call).
+    ///
+    /// With `notify_in_transaction` the wake-up notification is sent in
+    /// that transaction, so it is delivered only if and when it commits.
+    /// The versions stored stay claimed until the transaction ends: another
+    /// writer of the same stream waits for it (and then conflicts or moves
+    /// on).
+    pub(super) async fn append_multi_with(
+        &self,
+        conn: &mut PgConnection,
+        appends: Vec<StreamAppend>,
+        notify_in_transaction: bool,
+    ) -> Result<Vec<AppendResult>> {
+        check_multi(&appends, self.config.max_payload_bytes)?;
+        // Claim streams in one global order (by id), so two multi-stream
+        // appends over the same streams queue on each other's versions
+        // instead of deadlocking.
+        let mut order: Vec<usize> = (0..appends.len()).collect();
+        order.sort_by(|&a, &b| appends[a].stream_id.cmp(&appends[b].stream_id));
+        let mut results: Vec<Option<AppendResult>> = vec![None; appends.len()];
+        for i in order {
+            let a = &appends[i];
+            results[i] = Some(
+                append_once(
+                    conn,
+                    &a.stream_id,
+                    a.expected,
+                    &a.events,
+                    notify_in_transaction,
+                    false,
+                )
+                .await?,
+            );
+        }
+        let results: Vec<AppendResult> = results.into_iter().flatten().collect();
+        Ok(results)
+    }
+}
+
+fn check_multi(appends: &[StreamAppend], max_payload: usize) -> Result<()> {
+    if appends.is_empty() {
+        return Err(EventStoreError::invalid(
+            "appends",
+            "at least one stream is needed",
+        ));
+    }
+    let mut streams = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    for a in appends {
+        validate_batch(a.expected, &a.events, max_payload)?;
+        if !streams.insert(&a.stream_id) {
+            return Err(EventStoreError::invalid(
+                "appends",
+                format!(
+                    "stream {} appears twice in one multi-stream append",
+                    a.stream_id
+                ),
+            ));
+        }
+        for e in &a.events {
+            if !ids.insert(e.event_id()) {
+                return Err(EventStoreError::invalid(
+                    "event_id",
+                    format!("{} appears twice in one append", e.event_id()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn expected_args(expected: ExpectedVersion) -> (i16, i64) {
+    match expected {
+        ExpectedVersion::Any => (0, 0),
+        ExpectedVersion::NoStream => (1, 0),
+        ExpectedVersion::StreamExists => (2, 0),
+        // validate_batch has refused versions beyond i64 already
+        ExpectedVersion::Exact(v) => (3, i64::try_from(v.get()).unwrap_or(i64::MAX)),
+    }
+}
+
+/// Appends one batch. In autocommit mode (`autocommit`), an append that lost
+/// a race for an event id to a concurrent transaction is tried once more:
+/// now that the winner has committed, the second attempt tells an
+/// idempotent retry from a misuse. Inside a caller's transaction the failed
+/// statement has aborted the transaction, so the error is returned.
+async fn append_once(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    notify: bool,
+    autocommit: bool,
+) -> Result<AppendResult> {
+    match append_call(conn, stream, expected, events, notify).await {
+        Err(Raced) if autocommit => match append_call(conn, stream, expected, events, notify).await
+        {
+            Err(Raced) => Err(raced(stream, events)),
+            Ok(r) => r,
+        },
+        Err(Raced) => Err(raced(stream, events)),
+        Ok(r) => r,
+    }
+}
+
+/// An append lost a race for an event id against a concurrent transaction.
+struct Raced;
+
+fn raced(stream: &StreamId, events: &[NewEvent]) -> EventStoreError {
+    EventStoreError::EventIdReused {
+        event_id: events[0].event_id(),
+        stream_id: stream.clone(),
+    }
+}
+
+async fn append_call(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    notify: bool,
+) -> std::result::Result<Result<AppendResult>, Raced> {
+    let row = match call_append_function(conn, stream, expected, events, notify).await {
+        Ok(row) => row,
+        Err(CallError::Raced) => return Err(Raced),
+        Err(CallError::Other(e)) => return Ok(Err(e)),
+    };
+    Ok(interpret(&row, stream, expected, events))
+}
+
+enum CallError {
+    Raced,
+    Other(EventStoreError),
+}
+
+impl From<EventStoreError> for CallError {
+    fn from(e: EventStoreError) -> Self {
+        Self::Other(e)
+    }
+}
+
+async fn call_append_function(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    notify: bool,
+) -> std::result::Result<PgRow, CallError> {
+    let (mode, version) = expected_args(expected);
+    let EventColumns {
+        ids,
+        types,
+        schemas,
+        payloads,
+        metadata,
+    } = EventColumns::new(events)?;
+    sqlx::query(
+        "SELECT outcome, actual_version, first_version, positions, commits, conflicting_event_id \
+         FROM keel.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(stream.as_str())
+    .bind(mode)
+    .bind(version)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&schemas)
+    .bind(&payloads)
+    .bind(&metadata)
+    .bind(notify)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e, Some(EVENT_ID_CONSTRAINT)) {
+            // Another transaction stored one of these ids at the same moment.
+            CallError::Raced
+        } else {
+            CallError::Other(e.into())
+        }
+    })
+}
+
+/// The common path of an autocommit append, in one statement: check the
+/// expectation against the stream's newest stored version and insert the
+/// events after it.
+///
+/// There is no head row to move: the unique index on `(stream_id, version)`
+/// refuses a second writer of the same version, so of two writers with the
+/// same expectation exactly one inserts and the other's statement fails.
+/// An exact expectation costs one index probe (is version `expected`
+/// stored?); a version above it is then caught by the index on insert.
+///
+/// Returns `None` when the statement wrote nothing: the expectation did not
+/// hold, a concurrent writer took the versions, or an event id is stored
+/// already. Those are the rare paths (a conflict, an idempotent retry, a
+/// reused id) and `keel.append_events` sorts them out. Because the statement
+/// is its own transaction, a failed insert leaves nothing behind.
+async fn fast_append(
+    conn: &mut PgConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<Option<AppendResult>> {
+    // $1 stream, $2..$6 the event columns, $7 the expected version (exact
+    // mode only).
+    // A batch arrives as column arrays and is inserted with UNNEST; a single
+    // event (the most common append) as plain values, which spares the
+    // server the array decoding and the set-returning function.
+    const INSERT_BATCH: &str = "
+        ins AS (
+            INSERT INTO keel.events
+                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+            SELECT n.event_id, $1, s.prev + n.ord, n.event_type, n.schema_version,
+                   n.payload::json, n.metadata::json
+            FROM s, unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                    WITH ORDINALITY AS n(event_id, event_type, schema_version, payload, metadata, ord)
+            RETURNING position, commit, version
+        )
+        SELECT (SELECT prev FROM s),
+               array_agg(position ORDER BY version),
+               array_agg(commit ORDER BY version)
+        FROM ins";
+    const INSERT_ONE: &str = "
+        ins AS (
+            INSERT INTO keel.events
+                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+            SELECT $2::uuid, $1, s.prev + 1, $3::text, $4::int4, $5::text::json, $6::text::json
+            FROM s
+            RETURNING position, commit, version
+        )
+        SELECT (SELECT prev FROM s), array_agg(position), array_agg(commit) FROM ins";
+    // The version the batch follows, or no row when the expectation fails.
+    const HEADS: [&str; 4] = [
+        // any: after whatever is stored
+        "WITH s AS (SELECT coalesce(max(version), 0) AS prev \
+         FROM keel.events WHERE stream_id = $1),",
+        // no stream: from the start (the index refuses version 1 if stored)
+        "WITH s AS (SELECT 0::int8 AS prev),",
+        // stream exists: after the newest stored version, if there is one
+        "WITH s AS (SELECT max(version) AS prev FROM keel.events WHERE stream_id = $1 \
+         HAVING max(version) IS NOT NULL),",
+        // exact: after the expected version, if it is stored (the index
+        // refuses the insert if a later one is)
+        "WITH s AS (SELECT $7::int8 AS prev WHERE EXISTS \
+         (SELECT 1 FROM keel.events WHERE stream_id = $1 AND version = $7)),",
+    ];
+    static SQL: std::sync::OnceLock<[[String; 4]; 2]> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        [INSERT_BATCH, INSERT_ONE].map(|insert| HEADS.map(|head| format!("{head} {insert}")))
+    });
+    let (mode, expected_at) = expected_args(expected);
+    let variant = match (mode, expected_at) {
+        (0, _) => 0,
+        (1, _) | (3, 0) => 1,
+        (2, _) => 2,
+        _ => 3,
+    };
+    let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
+    let one_metadata;
+    let columns;
+    let mut query = if let [event] = events {
+        one_metadata = metadata_json(event)?;
+        sqlx::query(&sql[1][variant])
+            .bind(stream.as_str())
+            .bind(*event.event_id().as_uuid())
+            .bind(event.event_type())
+            .bind(i32::try_from(event.schema_version()).unwrap_or(i32::MAX))
+            .bind(event.payload_json())
+            .bind(one_metadata.as_str())
+    } else {
+        columns = EventColumns::new(events)?;
+        sqlx::query(&sql[0][variant])
+            .bind(stream.as_str())
+            .bind(&columns.ids)
+            .bind(&columns.types)
+            .bind(&columns.schemas)
+            .bind(&columns.payloads)
+            .bind(&columns.metadata)
+    };
+    if variant == 3 {
+        query = query.bind(expected_at);
+    }
+    let row = match query.fetch_one(&mut *conn).await {
+        Ok(row) => row,
+        Err(e) if is_unique_violation(&e, Some(EVENT_ID_CONSTRAINT)) => return Ok(None),
+        Err(e) if is_unique_violation(&e, Some(STREAM_VERSION_CONSTRAINT)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(prev) = row.try_get::<Option<i64>, _>(0)? else {
+        return Ok(None);
+    };
+    let positions: Vec<i64> = row.try_get(1)?;
+    let commits: Vec<i64> = row.try_get(2)?;
+    let positions = commits
+        .iter()
+        .zip(&positions)
+        .map(|(&c, &p)| Ok(Position::new(to_u64(c, "commit")?, to_u64(p, "position")?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(AppendResult {
+        stream_id: stream.clone(),
+        first_version: Version::new(to_u64(prev + 1, "version")?),
+        next_expected_version: Version::new(to_u64(prev + count, "version")?),
+        positions,
+        was_retry: false,
+    }))
+}
+
+/// An event's metadata as the JSON text the `metadata` column stores.
+fn metadata_json(event: &NewEvent) -> Result<String> {
+    serde_json::to_string(event.metadata()).map_err(|source| EventStoreError::Serialize {
+        event_type: event.event_type().to_owned(),
+        source,
+    })
+}
+
+/// A batch of events as the column arrays the append statements take.
+struct EventColumns<'a> {
+    ids: Vec<uuid::Uuid>,
+    types: Vec<&'a str>,
+    schemas: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<String>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn new(events: &'a [NewEvent]) -> Result<Self> {
+        let mut columns = Self {
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            schemas: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            metadata: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            columns.ids.push(*e.event_id().as_uuid());
+            columns.types.push(e.event_type());
+            columns
+                .schemas
+                .push(i32::try_from(e.schema_version()).unwrap_or(i32::MAX));
+            columns.payloads.push(e.payload_json());
+            columns.metadata.push(metadata_json(e)?);
+        }
+        Ok(columns)
+    }
+}
+
+fn interpret(
+    row: &PgRow,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<AppendResult> {
+    let outcome: i16 = row.try_get(0)?;
+    let actual: i64 = row.try_get(1)?;
+    match outcome {
+        0 | 1 => {
+            let first: i64 = row.try_get(2)?;
+            let positions: Vec<i64> = row.try_get(3)?;
+            let commits: Vec<i64> = row.try_get(4)?;
+            let positions = commits
+                .iter()
+                .zip(&positions)
+                .map(|(&c, &p)| Ok(Position::new(to_u64(c, "commit")?, to_u64(p, "position")?)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(AppendResult {
+                stream_id: stream.clone(),
+                first_version: Version::new(to_u64(first, "version")?),
+                next_expected_version: Version::new(to_u64(actual, "version")?),
+                positions,
+                was_retry: outcome == 1,
+            })
+        }
+        2 => Err(VersionConflict {
+            subject: stream.to_string(),
+            expected,
+            actual: Version::new(to_u64(actual, "version")?),
+        }
+        .into()),
+        3 => {
+            let id: Option<uuid::Uuid> = row.try_get(5)?;
+            Err(EventStoreError::EventIdReused {
+                event_id: id.map_or_else(|| events[0].event_id(), EventId::from_uuid),
+                stream_id: stream.clone(),
+            })
+        }
+        other => Err(EventStoreError::Corrupt(format!(
+            "keel.append_events returned unknown outcome {other}"
+        ))),
+    }
+}
+
+#[async_trait]
+impl Appender for PostgresEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        mut events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let appending = Appending::start([(stream, &mut events)]);
+        let result = async {
+            validate_batch(expected, &events, self.config.max_payload_bytes)?;
+            let mut conn = self.pool.acquire().await?;
+            let result = match fast_append(&mut conn, stream, expected, &events).await? {
+                Some(result) => result,
+                // A conflict, a retry or a reused id: let the full procedure
+                // tell which (it is slower, and only runs on these paths).
+                None => append_once(&mut conn, stream, expected, &events, false, true).await?,
+            };
+            if !result.was_retry {
+                self.committed();
+            }
+            Ok(result)
+        }
+        .await;
+        appending.finish(&self.metrics.0, result)
+    }
+
+    async fn append_multi(&self, mut appends: Vec<StreamAppend>) -> Result<Vec<AppendResult>> {
+        let appending = Appending::start(appends.iter_mut().map(|a| (&a.stream_id, &mut a.events)));
+        let result = async {
+            check_multi(&appends, self.config.max_payload_bytes)?;
+            let mut tx = self.pool.begin().await?;
+            let results = self.append_multi_with(&mut tx, appends, false).await?;
+            tx.commit().await?;
+            if results.iter().any(|r| !r.was_retry) {
+                self.committed();
+            }
+            Ok(results)
+        }
+        .await;
+        appending.finish(&self.metrics.0, result)
+    }
+}

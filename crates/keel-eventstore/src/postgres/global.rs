@@ -1,0 +1,129 @@
+//! The global log, read in gap-safe order.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+
+use super::{PostgresEventStore, clamp, decode_row};
+use crate::error::Result;
+use crate::event::ReadAll;
+use crate::store::{EventStream, GlobalLog};
+
+/// Opens the transaction a global-log batch is read in (see `read_all`).
+const ORDERED_READ: &str =
+    "BEGIN READ ONLY; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off";
+
+fn horizon_warning_due() -> bool {
+    static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+    if due {
+        *last = Some(std::time::Instant::now());
+    }
+    due
+}
+
+impl GlobalLog for PostgresEventStore {
+    fn read_all(&self, options: ReadAll) -> EventStream<'_> {
+        let batch = i64::from(self.config.read_batch_size);
+        Box::pin(async_stream::try_stream! {
+            let mut after = (clamp(options.after.commit), clamp(options.after.sequence));
+            let mut remaining = options.limit.map_or(i64::MAX, clamp);
+            let mut settled = false;
+            while remaining > 0 {
+                let take = remaining.min(batch);
+                // Each batch must be an ordered index scan that stops at the
+                // limit. Left to itself the planner has been seen choosing a
+                // bitmap scan of the whole rest of the log plus a sort (on
+                // disk) for every batch, whenever its row estimate was off: a
+                // cached generic plan cannot see which filters are unused, and
+                // a freshly filled table has no statistics. So each batch runs
+                // in a short read-only transaction that rules sorts and bitmap
+                // scans out, with a plan made for the actual values.
+                let mut tx = self.pool.begin_with(ORDERED_READ).await?;
+                let mut rows = sqlx::query(&self.global_sql)
+                    .persistent(false)
+                    .bind(after.0)
+                    .bind(after.1)
+                    .bind(options.category.as_deref())
+                    .bind(options.stream_prefix.as_deref())
+                    .bind(options.event_types.as_deref())
+                    .bind(take)
+                    .fetch(&mut *tx);
+                let mut n = 0i64;
+                while let Some(row) = rows.try_next().await? {
+                    n += 1;
+                    let e = decode_row(&row, None)?;
+                    after = (e.position.commit as i64, e.position.sequence as i64);
+                    yield e;
+                }
+                drop(rows);
+                tx.commit().await?;
+                remaining -= n;
+                if n < take {
+                    if settled {
+                        break;
+                    }
+                    // Events committed before now may still sit above the
+                    // horizon because some transaction that started earlier
+                    // is running. Wait (briefly) for the horizon to pass them
+                    // so a reader sees its own writes; never chase later ones.
+                    settled = true;
+                    if !self.settle(after.0).await? {
+                        break;
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl PostgresEventStore {
+    /// Waits until every event committed so far is below the read horizon,
+    /// so that one more read returns them all. `read_to` is the commit key
+    /// the reader has reached. Returns whether another read is needed.
+    async fn settle(&self, read_to: i64) -> Result<bool> {
+        let (target, horizon): (Option<i64>, i64) =
+            sqlx::query_as("SELECT max(commit), keel.commit_horizon() FROM keel.events")
+                .fetch_one(&self.pool)
+                .await?;
+        // Nothing stored beyond what was read: the reader is complete (its
+        // last row's transaction was below its horizon, and so is all else).
+        let Some(target) = target.filter(|&t| t > read_to) else {
+            return Ok(false);
+        };
+        // The horizon may have passed the target since the last read.
+        if target < horizon {
+            return Ok(true);
+        }
+        let deadline = tokio::time::Instant::now() + self.config.settle_timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            tokio::time::sleep(pause).await;
+            let horizon: i64 = sqlx::query_scalar("SELECT keel.commit_horizon()")
+                .fetch_one(&self.pool)
+                .await?;
+            if horizon > target {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // Every caught-up reader hits this while the transaction
+                // lasts: warn once a minute, not once per poll.
+                if horizon_warning_due() {
+                    tracing::warn!(
+                        waited = ?self.config.settle_timeout,
+                        "a long-running transaction holds back the event log's read horizon; \
+                         events committed after it started stay unread until it ends"
+                    );
+                } else {
+                    tracing::debug!("the read horizon is still held back");
+                }
+                return Ok(false);
+            }
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+}

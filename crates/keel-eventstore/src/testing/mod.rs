@@ -1,0 +1,210 @@
+//! The contract suite every event store implementation must pass.
+//!
+//! Each function takes a fresh, empty store and panics when the store breaks
+//! the contract. Run them all with `keel_testkit::contract_tests!`:
+//!
+//! ```ignore
+//! keel_testkit::contract_tests! {
+//!     factory: || async { (keel_eventstore::InMemoryEventStore::new(), ()) },
+//!     suite: keel_eventstore::testing,
+//!     tests: [append_and_read_back, expected_version_modes /* , … */],
+//! }
+//! ```
+//!
+//! [`ALL`] lists every test name, so a new one cannot be forgotten silently:
+//! the store's test file asserts that it runs them all.
+
+#![allow(
+    clippy::missing_panics_doc,
+    reason = "contract tests panic on failure by design"
+)]
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use keel_core::{
+    CorrelationId, EventId, ExpectedVersion, Metadata, Position, StreamId, TenantId, TraceContext,
+    Version,
+};
+use serde_json::json;
+
+mod aggregate;
+mod append;
+mod input;
+mod read;
+mod subscriptions;
+mod transactions;
+
+pub use aggregate::{aggregate_repository_round_trip, snapshots_keep_the_latest};
+pub use append::{
+    append_and_read_back, expected_version_modes, multi_stream_append_is_atomic,
+    open_appends_race_without_loss, racing_writers_exactly_one_wins,
+};
+pub use input::{bad_input_writes_nothing, idempotent_retries, reused_event_ids_are_refused};
+pub use read::{global_log_order_and_filters, read_stream_directions_and_limits, typed_decoding};
+pub use subscriptions::{
+    checkpoints_never_move_backwards, subscription_catches_up_then_tails,
+    subscription_has_one_leader_and_fails_over, subscription_redelivers_after_failure_or_crash,
+};
+pub use transactions::{
+    aggregate_repository_within_transaction, concurrent_transactions_keep_the_log_exact,
+    racing_transactions_exactly_one_commits, transaction_appends_are_invisible_until_commit,
+    transaction_rollback_leaves_nothing,
+};
+
+use keel_core::uow::Transaction;
+
+use crate::{
+    EventSourcedRepository, EventStoreBackend, EventStoreError, NewEvent, ReadAll, ReadStream,
+    RecordedEvent, Snapshot, SnapshotPolicy, StreamAppend, Subscription, SubscriptionHandle,
+    SubscriptionHandler, SubscriptionOptions, SubscriptionStatus, Upcasters,
+};
+
+/// What the suite needs from a store under test: the whole backend, and a
+/// way to begin the kind of transaction it joins.
+#[async_trait::async_trait]
+pub trait Subject: EventStoreBackend + Clone + 'static {
+    /// Begins a transaction this store can join with `within`.
+    async fn begin(&self) -> Box<dyn Transaction>;
+
+    /// Begins a transaction of another backend, which this store must refuse.
+    fn foreign_transaction(&self) -> Box<dyn Transaction>;
+}
+
+#[async_trait::async_trait]
+impl Subject for crate::InMemoryEventStore {
+    async fn begin(&self) -> Box<dyn Transaction> {
+        Box::new(keel_core::uow::MemoryTransaction::new())
+    }
+
+    fn foreign_transaction(&self) -> Box<dyn Transaction> {
+        Box::new(Foreign)
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[async_trait::async_trait]
+impl Subject for crate::PostgresEventStore {
+    async fn begin(&self) -> Box<dyn Transaction> {
+        // A unit of work as a service's composition root begins it, on the
+        // store's database.
+        let config = keel_database::DatabaseConfig::builder()
+            .connect_options((*self.pool().connect_options()).clone())
+            .min_connections(0)
+            .max_connections(1)
+            .build()
+            .expect("database config");
+        let db = keel_database::Database::connect_lazy(config);
+        Box::new(db.begin().await.expect("begin a unit of work"))
+    }
+
+    fn foreign_transaction(&self) -> Box<dyn Transaction> {
+        Box::new(keel_core::uow::MemoryTransaction::new())
+    }
+}
+
+/// A transaction of a backend no store joins.
+#[derive(Debug)]
+struct Foreign;
+
+#[async_trait::async_trait]
+impl Transaction for Foreign {
+    fn backend(&self) -> &'static str {
+        "foreign"
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
+    fn after_commit(&mut self, _hook: Box<dyn FnOnce() + Send>) {}
+
+    async fn commit(self: Box<Self>) -> keel_core::Result<()> {
+        Ok(())
+    }
+
+    async fn rollback(self: Box<Self>) -> keel_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// The name of every contract test in this module.
+pub const ALL: &[&str] = &[
+    "append_and_read_back",
+    "expected_version_modes",
+    "racing_writers_exactly_one_wins",
+    "open_appends_race_without_loss",
+    "idempotent_retries",
+    "reused_event_ids_are_refused",
+    "bad_input_writes_nothing",
+    "multi_stream_append_is_atomic",
+    "read_stream_directions_and_limits",
+    "global_log_order_and_filters",
+    "typed_decoding",
+    "snapshots_keep_the_latest",
+    "checkpoints_never_move_backwards",
+    "subscription_catches_up_then_tails",
+    "subscription_redelivers_after_failure_or_crash",
+    "subscription_has_one_leader_and_fails_over",
+    "aggregate_repository_round_trip",
+    "transaction_appends_are_invisible_until_commit",
+    "transaction_rollback_leaves_nothing",
+    "racing_transactions_exactly_one_commits",
+    "aggregate_repository_within_transaction",
+    "concurrent_transactions_keep_the_log_exact",
+];
+
+fn sid(s: &str) -> StreamId {
+    StreamId::new(s).expect("valid stream id")
+}
+
+fn ev(n: u64) -> NewEvent {
+    NewEvent::from_json("test.happened", &json!({ "n": n }))
+}
+
+async fn stream_of<S: Subject>(
+    store: &S,
+    stream: &StreamId,
+    opts: ReadStream,
+) -> Vec<RecordedEvent> {
+    store
+        .read_stream(stream, opts)
+        .try_collect()
+        .await
+        .expect("read stream")
+}
+
+async fn log_of<S: Subject>(store: &S, opts: ReadAll) -> Vec<RecordedEvent> {
+    store.read_all(opts).try_collect().await.expect("read all")
+}
+
+fn numbers(events: &[RecordedEvent]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e.payload_value().expect("json")["n"].as_u64().expect("n"))
+        .collect()
+}
+
+fn conflict(e: &EventStoreError) -> (ExpectedVersion, Version) {
+    let c = e
+        .as_conflict()
+        .unwrap_or_else(|| panic!("expected a conflict, got {e:?}"));
+    (c.expected, c.actual)
+}
+
+fn reused(e: &EventStoreError) -> EventId {
+    match e {
+        EventStoreError::EventIdReused { event_id, .. } => *event_id,
+        other => panic!("expected EventIdReused, got {other:?}"),
+    }
+}
+
+fn invalid_field(e: &EventStoreError) -> &str {
+    match e {
+        EventStoreError::Invalid(inv) => &inv.field,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
