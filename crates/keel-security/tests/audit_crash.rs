@@ -5,6 +5,11 @@
 //! SIGKILL there. Also: many writers in their own transactions with a
 //! chainer running.
 
+#![allow(
+    clippy::print_stdout,
+    reason = "the child process signals where it stands on stdout"
+)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command as Process, Stdio};
 use std::sync::Arc;

@@ -100,6 +100,9 @@ pub(super) async fn seal_batch(pool: &PgPool, keys: Option<Arc<AuditKeys>>) -> R
 /// appended through its own log wake it at once).
 pub const DEFAULT_CHAIN_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long a woken chainer waits for more commits before it seals.
+const LINGER: Duration = Duration::from_millis(50);
+
 /// The handle of a background task that seals committed audit rows into
 /// the chain ([`PgAuditLog::chainer`]).
 ///
@@ -124,7 +127,15 @@ impl AuditChainer {
                 log.seal_round("chainer").await;
                 tokio::select! {
                     _ = &mut stopped => break,
-                    () = log.shared.wake.notified() => {}
+                    () = log.shared.wake.notified() => {
+                        // Lets a burst of commits gather, so one sealing
+                        // transaction serves many commands instead of
+                        // competing with each of them.
+                        tokio::select! {
+                            _ = &mut stopped => break,
+                            () = tokio::time::sleep(LINGER) => {}
+                        }
+                    }
                     () = tokio::time::sleep(interval) => {}
                 }
             }
