@@ -219,9 +219,9 @@ impl Error {
     #[must_use]
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Conflict(_) | Error::AlreadyExists { .. } | Error::TransactionConflict { .. } => {
-                ErrorKind::Conflict
-            }
+            Error::Conflict(_)
+            | Error::AlreadyExists { .. }
+            | Error::TransactionConflict { .. } => ErrorKind::Conflict,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Invalid(_) => ErrorKind::InvalidInput,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
@@ -277,8 +277,7 @@ impl Error {
             Error::AlreadyExists { .. } => ("Already exists", self.to_string().into()),
             Error::TransactionConflict { .. } => (
                 "Transaction conflict",
-                "The request collided with a concurrent one and was not applied. Try again."
-                    .into(),
+                "The request collided with a concurrent one and was not applied. Try again.".into(),
             ),
             Error::NotFound { .. } => ("Not found", self.to_string().into()),
             Error::Invalid(_) => ("Invalid input", self.to_string().into()),

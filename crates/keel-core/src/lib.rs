@@ -111,7 +111,8 @@ pub use id::{
     CausationId, CommandId, CorrelationId, EventId, MAX_STREAM_ID_LEN, StreamId, TenantId,
 };
 pub use ports::audit::{
-    AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery, AuditRecord, ChainVerification,
+    AuditAppender, AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery, AuditRecord,
+    ChainVerification,
 };
 pub use ports::bus::{Delivery, EventHandler, EventPublisher, HandlerError, Message};
 pub use ports::cache::{Cache, CacheExt};

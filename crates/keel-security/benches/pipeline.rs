@@ -1,10 +1,12 @@
 //! What the command pipeline costs per command, measured in one run against
 //! its own baselines:
 //!
-//! * on PostgreSQL: a handler inserting one row in its unit of work, called
-//!   directly (unit-of-work layer only), through the pipeline without the
-//!   audit layer (tracing, authentication, authorization), and through the
-//!   full pipeline with the PostgreSQL audit log;
+//! * on PostgreSQL: a handler inserting one row in its transaction, called
+//!   directly (a `TransactionalService` only), through the pipeline without
+//!   the audit layer (tracing, authentication, authorization), and through
+//!   the full pipeline with the PostgreSQL audit log (the record written in
+//!   the command's transaction, a chainer sealing in the background); then
+//!   throughput with 8 concurrent clients, without and with audit;
 //! * in memory: a handler doing nothing, called directly, through the
 //!   pipeline without audit, and with the in-memory audit log: the layers'
 //!   own overhead, free of database noise.
@@ -23,13 +25,18 @@
 #![allow(missing_docs, reason = "a benchmark binary")]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use jsonwebtoken::{EncodingKey, Header};
-use keel_core::command::{Command, CommandEnvelope, CommandHandler, Handled, HandlerService};
+use keel_core::command::{
+    Command, CommandEnvelope, CommandHandler, Handled, HandlerService, TransactionalHandler,
+    TransactionalService,
+};
+use keel_core::uow::Transaction;
 use keel_core::{AggregateRef, AuditLog, BearerToken, PipelineError};
-use keel_database::{CommandTransaction, Database, DatabaseConfig, MIGRATOR, UnitOfWorkLayer};
+use keel_database::{Database, DatabaseConfig, MIGRATOR, UnitOfWork};
 use keel_security::pipeline::{
     AuditLayer, AuthenticationLayer, AuthorizationLayer, CommandPipeline, CommandService,
 };
@@ -62,14 +69,14 @@ impl Command for AddItem {
 struct Insert;
 
 #[async_trait]
-impl CommandHandler<AddItem> for Insert {
+impl TransactionalHandler<AddItem> for Insert {
     type Output = ();
     async fn handle(
         &self,
-        envelope: CommandEnvelope<AddItem>,
+        tx: &mut dyn Transaction,
+        envelope: &CommandEnvelope<AddItem>,
     ) -> Result<Handled<()>, PipelineError> {
-        let tx = CommandTransaction::of(&envelope)?;
-        let mut uow = tx.lock().await?;
+        let uow = UnitOfWork::join(tx)?;
         sqlx::query("INSERT INTO items (id, actor) VALUES ($1, $2)")
             .bind(&envelope.command.id)
             .bind(envelope.metadata.actor.as_deref())
@@ -199,6 +206,40 @@ impl Variant {
     }
 }
 
+/// Commands per second with `clients` tasks each sending `per_client`
+/// commands at once through `service`.
+async fn throughput(
+    service: CommandService<AddItem, ()>,
+    clients: usize,
+    per_client: usize,
+    round: usize,
+) -> f64 {
+    let token = token();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let service = service.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                for i in 0..per_client {
+                    let envelope = CommandEnvelope::new(AddItem {
+                        id: format!("t{round}-{c}-{i}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+                    })
+                    .with_bearer_token(token.clone());
+                    service.clone().oneshot(envelope).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Makes throughput ids unique across runs.
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -264,7 +305,7 @@ fn main() {
             DatabaseConfig::builder()
                 .connect_options(test_db.connect_options())
                 .min_connections(2)
-                .max_connections(4)
+                .max_connections(12)
                 .build()
                 .unwrap(),
         )
@@ -274,14 +315,16 @@ fn main() {
             .execute("CREATE TABLE items (id text PRIMARY KEY, actor text)")
             .await
             .unwrap();
-        let pg_audit: Arc<dyn AuditLog> = Arc::new(PgAuditLog::new(db.pool().clone()));
-        let handler = || UnitOfWorkLayer::new(db.clone()).layer(HandlerService::new(Insert));
+        let pg_log = PgAuditLog::new(db.pool().clone());
+        let chainer = pg_log.chainer();
+        let pg_audit: Arc<dyn AuditLog> = Arc::new(pg_log.clone());
+        let handler = || TransactionalService::new(db.clone(), Insert);
 
         // The direct call still needs a principal's actor for its insert to
         // match the others; it gets none, which costs nothing.
         let mut pg = [
             Variant::new(
-                "direct (unit of work + handler)",
+                "direct (transactional service + handler)",
                 BoxCloneSyncService::new(handler()),
                 commands,
             ),
@@ -302,6 +345,23 @@ fn main() {
                 (2, 0, "whole pipeline"),
             ],
         );
+        let clients = 8;
+        let per_client = commands.max(8) * 2;
+        for round in 0..3 {
+            for (name, service) in [
+                ("pipeline without audit", without_audit(handler())),
+                (
+                    "pipeline with PostgreSQL audit",
+                    with_audit(pg_audit.clone(), handler()),
+                ),
+            ] {
+                let rate = throughput(service, clients, per_client, round).await;
+                println!(
+                    "throughput, {clients} clients, round {round}: {name}: {rate:.0} commands/s"
+                );
+            }
+        }
+        chainer.shutdown().await;
         let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.audit_log")
             .fetch_one(db.pool())
             .await

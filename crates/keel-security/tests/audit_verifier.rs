@@ -229,10 +229,28 @@ impl AuditLog for Scripted {
     async fn verify(&self) -> Result<ChainVerification> {
         unsupported()
     }
+    fn within<'t>(
+        &'t self,
+        _: &'t mut dyn keel_core::uow::Transaction,
+    ) -> Box<dyn keel_core::AuditAppender + 't> {
+        Box::new(Unsupported)
+    }
+}
+
+struct Unsupported;
+
+#[async_trait]
+impl keel_core::AuditAppender for Unsupported {
+    async fn append(&self, _: AuditEntry) -> Result<()> {
+        unsupported()
+    }
 }
 
 #[async_trait]
 impl AuditHead for Scripted {
+    async fn pending(&self) -> Result<u64> {
+        unsupported()
+    }
     async fn head(&self) -> Result<ChainHead> {
         unsupported()
     }

@@ -1,8 +1,9 @@
 //! The whole command pipeline end to end, on PostgreSQL: tracing, audit,
-//! authentication, authorization and a unit of work around a handler that
-//! appends events through the command's transaction. Every outcome is
-//! checked in three places: what the caller got, what the database holds,
-//! and what the audit log recorded.
+//! authentication, authorization and a `TransactionalService` around a
+//! handler that appends events through the command's transaction. Every
+//! outcome is checked in three places: what the caller got, what the
+//! database holds, and what the audit log recorded. The record of an
+//! accepted command is written in the command's own transaction.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,20 +11,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use jsonwebtoken::{EncodingKey, Header};
-use keel_core::command::{Command, CommandEnvelope, CommandHandler, Handled, HandlerService};
-use keel_core::{
-    AggregateRef, AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery, AuditRecord,
-    BearerToken, ChainVerification, CommandError, DomainError, Error, ErrorKind, PipelineError,
-    Principal,
+use keel_core::command::{
+    Command, CommandEnvelope, CommandHandler, Handled, HandlerService, TransactionalHandler,
+    TransactionalService,
 };
-use keel_database::{CommandTransaction, Database, DatabaseConfig, MIGRATOR, UnitOfWorkLayer};
+use keel_core::uow::{MemoryTransactions, Transaction};
+use keel_core::{
+    AggregateRef, AuditAppender, AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery,
+    AuditRecord, BearerToken, ChainVerification, CommandError, DomainError, Error, ErrorKind,
+    PipelineError, Principal,
+};
+use keel_database::{Database, DatabaseConfig, MIGRATOR, UnitOfWork};
+use keel_security::audit::AuditHead;
 use keel_security::pipeline::{
     AuditFailurePolicy, AuditLayer, AuthenticationLayer, AuthorizationLayer, Authorized,
     CommandPipeline, CommandService,
 };
 use keel_security::{
-    Algorithm, Condition, JwtConfig, JwtVerifier, KeySource, PgAuditLog, PolicyEngine, Resource,
-    Secret, VerificationKey,
+    Algorithm, Condition, InMemoryAuditLog, JwtConfig, JwtVerifier, KeySource, PgAuditLog,
+    PolicyEngine, Resource, Secret, VerificationKey,
 };
 use keel_telemetry::CommandTracingLayer;
 use keel_testkit::TestDatabase;
@@ -88,12 +94,13 @@ struct Renamer {
 }
 
 #[async_trait]
-impl CommandHandler<RenameCart> for Arc<Renamer> {
+impl TransactionalHandler<RenameCart> for Renamer {
     type Output = String;
 
     async fn handle(
         &self,
-        envelope: CommandEnvelope<RenameCart>,
+        tx: &mut dyn Transaction,
+        envelope: &CommandEnvelope<RenameCart>,
     ) -> Result<Handled<String>, PipelineError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         // The authorization layer left its decision for the handler.
@@ -106,21 +113,18 @@ impl CommandHandler<RenameCart> for Arc<Renamer> {
             Some(envelope.command.cart.as_str())
         );
         let metadata = envelope.event_metadata();
-        let tx = CommandTransaction::of(&envelope)?;
-        {
-            let mut uow = tx.lock().await?;
-            sqlx::query(
-                "INSERT INTO cart_events (cart_id, event_type, actor, tenant, correlation_id) \
-                 VALUES ($1, 'cart.renamed', $2, $3, $4)",
-            )
-            .bind(&envelope.command.cart)
-            .bind(metadata.actor.as_deref())
-            .bind(metadata.tenant.as_ref().map(|t| t.as_str()))
-            .bind(metadata.correlation_id.map(|c| c.to_string()))
-            .execute(uow.conn())
-            .await
-            .map_err(keel_database::to_keel)?;
-        }
+        let uow = UnitOfWork::join(tx)?;
+        sqlx::query(
+            "INSERT INTO cart_events (cart_id, event_type, actor, tenant, correlation_id) \
+             VALUES ($1, 'cart.renamed', $2, $3, $4)",
+        )
+        .bind(&envelope.command.cart)
+        .bind(metadata.actor.as_deref())
+        .bind(metadata.tenant.as_ref().map(|t| t.as_str()))
+        .bind(metadata.correlation_id.map(|c| c.to_string()))
+        .execute(uow.conn())
+        .await
+        .map_err(keel_database::to_keel)?;
         match envelope.command.name.as_str() {
             "" => Err(CommandError::Rejected(DomainError::new(
                 "cart.name_empty",
@@ -143,17 +147,42 @@ struct FlakyAuditLog {
     fail: AtomicBool,
 }
 
+fn audit_down() -> Error {
+    Error::unavailable(
+        "audit",
+        "the audit store is down",
+        std::io::Error::other("down"),
+    )
+}
+
+struct FlakyAppender<'t> {
+    inner: Box<dyn AuditAppender + 't>,
+    fail: bool,
+}
+
+#[async_trait]
+impl AuditAppender for FlakyAppender<'_> {
+    async fn append(&self, entry: AuditEntry) -> keel_core::Result<()> {
+        if self.fail {
+            return Err(audit_down());
+        }
+        self.inner.append(entry).await
+    }
+}
+
 #[async_trait]
 impl AuditLog for FlakyAuditLog {
     async fn append(&self, entry: AuditEntry) -> keel_core::Result<AuditRecord> {
         if self.fail.load(Ordering::SeqCst) {
-            return Err(Error::unavailable(
-                "audit",
-                "the audit store is down",
-                std::io::Error::other("down"),
-            ));
+            return Err(audit_down());
         }
         self.inner.append(entry).await
+    }
+    fn within<'t>(&'t self, tx: &'t mut dyn Transaction) -> Box<dyn AuditAppender + 't> {
+        Box::new(FlakyAppender {
+            inner: self.inner.within(tx),
+            fail: self.fail.load(Ordering::SeqCst),
+        })
     }
     async fn query(&self, query: &AuditQuery) -> keel_core::Result<AuditPage> {
         self.inner.query(query).await
@@ -208,8 +237,10 @@ async fn fixture_with(authn: AuthenticationLayer, on_failure: AuditFailurePolicy
         AuthorizationLayer::new(Arc::new(policy())),
     )
     .outer(CommandTracingLayer::without_metrics());
-    let service = pipeline
-        .service(UnitOfWorkLayer::new(db.clone()).layer(HandlerService::new(Arc::clone(&handler))));
+    let service = pipeline.service(TransactionalService::from_parts(
+        Arc::new(db.clone()),
+        Arc::clone(&handler),
+    ));
     Fixture {
         _test_db: test_db,
         db,
@@ -441,35 +472,148 @@ async fn an_infrastructure_failure_rolls_back_and_is_audited_as_failed() {
 }
 
 #[tokio::test]
-async fn a_failed_audit_append_is_counted_and_follows_the_policy() {
-    // Continue: the committed command's result stands.
+async fn an_audit_write_that_fails_in_the_transaction_rolls_the_command_back() {
+    // The accepted command's record is written in its transaction: when
+    // that fails, nothing of the command is stored and the caller hears
+    // so, whatever the policy.
+    for policy in [AuditFailurePolicy::Continue, AuditFailurePolicy::Fail] {
+        let f = fixture_with(AuthenticationLayer::new(verifier()), policy).await;
+        f.audit.fail.store(true, Ordering::SeqCst);
+        let err = f
+            .send(rename("groceries").with_bearer_token(token("alice", &["cart-editor"])))
+            .await
+            .unwrap_err();
+        let err = err.as_infrastructure().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert!(err.to_string().contains("audit"), "{err}");
+        assert_eq!(f.runs(), 1);
+        assert!(f.rows().await.is_empty(), "the command was rolled back");
+        // The in-transaction write and the "failed" record after it.
+        assert_eq!(f.pipeline.audit_layer().append_failures(), 2);
+        f.audit.fail.store(false, Ordering::SeqCst);
+        assert!(f.audit_entries().await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_failed_append_of_a_refusal_is_counted_and_follows_the_policy() {
+    // Continue: the caller hears the refusal itself.
     let f = fixture().await;
     f.audit.fail.store(true, Ordering::SeqCst);
-    let handled = f
-        .send(rename("groceries").with_bearer_token(token("alice", &["cart-editor"])))
-        .await
-        .unwrap();
-    assert_eq!(handled.output, "groceries");
-    assert_eq!(f.rows().await.len(), 1);
+    let err = f.send(rename("groceries")).await.unwrap_err();
+    assert_eq!(infrastructure_kind(&err), ErrorKind::Unauthorized);
     assert_eq!(f.pipeline.audit_layer().append_failures(), 1);
 
-    // Fail: the caller hears that the audit store is down, even though the
-    // command committed (so it must be safe to send again).
+    // Fail: the caller hears that the audit store is down.
     let f = fixture_with(
         AuthenticationLayer::new(verifier()),
         AuditFailurePolicy::Fail,
     )
     .await;
     f.audit.fail.store(true, Ordering::SeqCst);
-    let err = f
-        .send(rename("groceries").with_bearer_token(token("alice", &["cart-editor"])))
-        .await
-        .unwrap_err();
+    let err = f.send(rename("groceries")).await.unwrap_err();
     let err = err.as_infrastructure().unwrap();
     assert_eq!(err.kind(), ErrorKind::Unavailable);
     assert!(err.to_string().contains("audit"), "{err}");
-    assert_eq!(f.rows().await.len(), 1);
     assert_eq!(f.pipeline.audit_layer().append_failures(), 1);
+    assert_eq!(f.runs(), 0);
+}
+
+#[tokio::test]
+async fn an_accepted_record_is_written_in_the_commands_transaction() {
+    // Written through within(tx) in the command's transaction, the record
+    // is committed but not chained yet (a separate append would have
+    // sealed it before returning); a query seals it and finds it.
+    let f = fixture().await;
+    f.send(rename("groceries").with_bearer_token(token("alice", &["cart-editor"])))
+        .await
+        .unwrap();
+    assert_eq!(f.audit.inner.pending().await.unwrap(), 1);
+    assert_eq!(f.audit_entries().await.len(), 1);
+    assert_eq!(f.audit.inner.pending().await.unwrap(), 0);
+
+    // A chainer seals the next one without anybody asking.
+    let chainer = f.audit.inner.chainer();
+    f.send(rename("tools").with_bearer_token(token("alice", &["cart-editor"])))
+        .await
+        .unwrap();
+    while f.audit.inner.pending().await.unwrap() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    chainer.shutdown().await;
+    assert_eq!(
+        f.audit.verify().await.unwrap(),
+        ChainVerification::Intact { records: 2 }
+    );
+}
+
+/// In memory, both ways: under a `TransactionalService` the record joins
+/// the memory transaction; under a plain handler it is appended after.
+#[tokio::test]
+async fn in_memory_pipelines_record_accepted_commands_either_way() {
+    struct Plain;
+    #[async_trait]
+    impl CommandHandler<RenameCart> for Plain {
+        type Output = ();
+        async fn handle(
+            &self,
+            _: CommandEnvelope<RenameCart>,
+        ) -> Result<Handled<()>, PipelineError> {
+            Ok(Handled::new(()).with_events(["cart.renamed"]))
+        }
+    }
+    struct InTx;
+    #[async_trait]
+    impl TransactionalHandler<RenameCart> for InTx {
+        type Output = ();
+        async fn handle(
+            &self,
+            _: &mut dyn Transaction,
+            envelope: &CommandEnvelope<RenameCart>,
+        ) -> Result<Handled<()>, PipelineError> {
+            if envelope.command.name.is_empty() {
+                return Err(CommandError::Rejected(DomainError::new(
+                    "cart.name_empty",
+                    "a cart needs a name",
+                )));
+            }
+            Ok(Handled::new(()).with_events(["cart.renamed"]))
+        }
+    }
+    let log = Arc::new(InMemoryAuditLog::new());
+    let pipeline = CommandPipeline::new(
+        AuditLayer::new(log.clone()),
+        AuthenticationLayer::new(verifier()),
+        AuthorizationLayer::new(Arc::new(policy())),
+    );
+    let plain: CommandService<RenameCart, ()> = pipeline.service(HandlerService::new(Plain));
+    let in_tx: CommandService<RenameCart, ()> =
+        pipeline.service(TransactionalService::new(MemoryTransactions::new(), InTx));
+    let alice = || token("alice", &["cart-editor"]);
+    plain
+        .oneshot(rename("a").with_bearer_token(alice()))
+        .await
+        .unwrap();
+    in_tx
+        .clone()
+        .oneshot(rename("b").with_bearer_token(alice()))
+        .await
+        .unwrap();
+    in_tx
+        .oneshot(rename("").with_bearer_token(alice()))
+        .await
+        .unwrap_err();
+    let page = log.query(&AuditQuery::new()).await.unwrap();
+    let outcomes: Vec<_> = page
+        .records
+        .iter()
+        .map(|r| (r.entry.outcome.as_str(), r.entry.event_types.len()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("accepted", 1), ("accepted", 1), ("rejected", 0)]
+    );
+    assert!(log.verify().await.unwrap().is_intact());
 }
 
 #[tokio::test]

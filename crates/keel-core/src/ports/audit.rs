@@ -5,6 +5,10 @@
 //! without the handler's involvement. Stores chain each [`AuditRecord`] to
 //! the one before it by hash, so [`AuditLog::verify`] can name the first
 //! record that was altered or removed after the fact.
+//!
+//! The record of an accepted command is written in the command's own
+//! transaction, through [`AuditLog::within`], so it commits (or not)
+//! together with the command's effects.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::AggregateRef;
 use crate::error::Result;
 use crate::id::{CommandId, CorrelationId};
+use crate::uow::Transaction;
 
 /// How a command ended.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -323,5 +328,43 @@ pub trait AuditLog: Send + Sync {
     async fn query(&self, query: &AuditQuery) -> Result<AuditPage>;
 
     /// Walks the whole chain and reports the first broken link, if any.
+    ///
+    /// A store that chains records after they were committed (see
+    /// [`within`](Self::within)) checks the records chained so far; records
+    /// still waiting to be chained are not part of the verdict.
     async fn verify(&self) -> Result<ChainVerification>;
+
+    /// This log bound to `tx`: [`AuditAppender::append`] writes the entry
+    /// in the transaction, so the record commits with everything else
+    /// written through it and vanishes if it rolls back. Queries see the
+    /// record once the transaction has committed; the store places it in
+    /// the chain after the commit (a committed record is never lost:
+    /// whichever process chains next picks it up).
+    ///
+    /// A PostgreSQL log joins a `keel_database::UnitOfWork`, an in-memory
+    /// one a [`MemoryTransaction`](crate::uow::MemoryTransaction); given the
+    /// other kind, `append` fails with [`Error::Internal`](crate::Error::Internal)
+    /// and writes nothing.
+    ///
+    /// ```text
+    /// audit.within(tx).append(entry).await?;
+    /// ```
+    fn within<'t>(&'t self, tx: &'t mut dyn Transaction) -> Box<dyn AuditAppender + 't>;
+}
+
+/// An [`AuditLog`] bound to a transaction ([`AuditLog::within`]).
+#[async_trait]
+pub trait AuditAppender: Send + Sync {
+    /// Writes `entry` in the transaction. The same validation and the same
+    /// idempotency as [`AuditLog::append`]: an entry identical to a
+    /// committed record with the same command id (or to one appended
+    /// earlier in this transaction) writes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`](crate::Error::Invalid) for an entry no store may
+    /// keep, [`Error::Internal`](crate::Error::Internal) for a transaction of
+    /// another backend, and the backend's failures; the transaction should
+    /// then be rolled back.
+    async fn append(&self, entry: AuditEntry) -> Result<()>;
 }

@@ -515,8 +515,10 @@ pub trait EntityRepository<E: Entity>: EntityReader<E> + EntityWriter<E> {
     /// ```text
     /// products.within(tx).update(product, version).await?;
     /// ```
-    fn within<'t>(&'t self, tx: &'t mut dyn crate::uow::Transaction)
-    -> Box<dyn EntityRepository<E> + 't>;
+    fn within<'t>(
+        &'t self,
+        tx: &'t mut dyn crate::uow::Transaction,
+    ) -> Box<dyn EntityRepository<E> + 't>;
 }
 
 #[cfg(test)]

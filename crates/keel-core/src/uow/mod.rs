@@ -167,8 +167,7 @@ pub trait BeforeCommit: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// Whatever stops the step; the command is then rolled back.
-    async fn before_commit(&self, tx: &mut dyn Transaction, accepted: &Accepted<'_>)
-    -> Result<()>;
+    async fn before_commit(&self, tx: &mut dyn Transaction, accepted: &Accepted<'_>) -> Result<()>;
 }
 
 /// The [`BeforeCommit`] steps registered for one command, kept in its

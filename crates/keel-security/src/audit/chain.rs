@@ -115,8 +115,14 @@ pub(crate) fn compute_hash(
 /// encoding, so an entry that went through storage (`jsonb` numbers and key
 /// order, microsecond timestamps) matches the entry it was made from.
 pub(crate) fn same_content(a: &AuditEntry, b: &AuditEntry) -> bool {
-    let at = DateTime::<Utc>::UNIX_EPOCH;
-    compute_hash(0, a, at, GENESIS_HASH) == compute_hash(0, b, at, GENESIS_HASH)
+    content_hash(a) == content_hash(b)
+}
+
+/// The hash of an entry's content alone (no position in a chain): equal
+/// for two entries exactly when [`same_content`] holds. PostgreSQL keeps it
+/// with each row, so one unique index makes appends idempotent.
+pub(crate) fn content_hash(entry: &AuditEntry) -> String {
+    compute_hash(0, entry, DateTime::<Utc>::UNIX_EPOCH, GENESIS_HASH)
 }
 
 /// An outcome's stored parts: name, code, reason.

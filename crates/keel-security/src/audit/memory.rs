@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
+use keel_core::uow::{MemoryCell, MemoryTransaction, Transaction, join};
 use keel_core::{
-    AuditEntry, AuditLog, AuditPage, AuditQuery, AuditRecord, ChainVerification, Clock, CommandId,
-    Result, SystemClock,
+    AuditAppender, AuditEntry, AuditLog, AuditPage, AuditQuery, AuditRecord, ChainVerification,
+    Clock, CommandId, Error, Result, SystemClock,
 };
 
 use super::chain::{self, ChainHead, ChainWalk, GENESIS_HASH};
@@ -16,16 +17,28 @@ use super::{AuditHead, ChainCheck, Filters};
 /// An [`AuditLog`] kept in memory, with the same observable behaviour as the
 /// PostgreSQL store: same validation, same chain (byte for byte, given the
 /// same entries and times), same idempotency, same queries and pages, same
-/// keyed mode.
+/// keyed mode, and the same transactions: [`within`](AuditLog::within)
+/// joins a [`MemoryTransaction`], and the record is chained when that
+/// transaction commits (never when it rolls back).
 ///
 /// `recorded_at` comes from the [`Clock`] (the system clock unless
 /// [`with_clock`](Self::with_clock) says otherwise), truncated to
 /// microseconds and never earlier than the previous record's.
 #[derive(Debug)]
 pub struct InMemoryAuditLog {
-    state: Mutex<State>,
+    chain: Chain,
+}
+
+/// The sealed chain and the committed entries waiting to join it; cheap
+/// to clone (a transaction's commit hook keeps one).
+#[derive(Clone, Debug)]
+struct Chain {
+    state: Arc<Mutex<State>>,
+    /// Entries appended in transactions: staged per transaction, committed
+    /// with it, then sealed into `state` by the commit's hook.
+    pending: Arc<MemoryCell<Vec<AuditEntry>>>,
     clock: Arc<dyn Clock>,
-    keys: KeySlot,
+    keys: Arc<KeySlot>,
 }
 
 #[derive(Debug, Default)]
@@ -44,21 +57,104 @@ impl Default for InMemoryAuditLog {
     }
 }
 
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Nothing panics while the lock is held with the vectors half changed,
+    // so a poisoned lock still guards a consistent log.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl State {
+    /// The stored record `entry` repeats, if any.
+    fn stored(&self, entry: &AuditEntry) -> Option<&AuditRecord> {
+        let attempts = self.by_command.get(&entry.command_id?)?;
+        super::same_attempt(attempts.iter().map(|&i| &self.records[i]), entry)
+    }
+
+    /// Chains `entry` after the last record.
+    fn push(
+        &mut self,
+        entry: AuditEntry,
+        now: chrono::DateTime<chrono::Utc>,
+        keys: Option<&AuditKeys>,
+    ) -> AuditRecord {
+        let (sequence, prev_hash, recorded_at) = match self.records.last() {
+            Some(last) => (
+                last.sequence + 1,
+                last.hash.clone(),
+                now.max(last.recorded_at),
+            ),
+            None => (1, GENESIS_HASH.to_owned(), now),
+        };
+        let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
+        let mac = keys.map(|k| k.current().seal(sequence, &hash));
+        if let Some(id) = entry.command_id {
+            let index = self.records.len();
+            self.by_command.entry(id).or_default().push(index);
+        }
+        let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash);
+        self.records.push(record.clone());
+        self.macs.push(mac);
+        record
+    }
+}
+
+/// Whether `entry` repeats a record or a committed pending entry.
+fn repeated(state: &State, pending: &[AuditEntry], entry: &AuditEntry) -> bool {
+    entry.command_id.is_some()
+        && (state.stored(entry).is_some()
+            || pending
+                .iter()
+                .any(|p| p.command_id == entry.command_id && chain::same_content(p, entry)))
+}
+
+impl Chain {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chain::truncate_micros(self.clock.now())
+    }
+
+    /// Seals every committed pending entry, then runs `then` on the state,
+    /// all while no transaction can commit.
+    fn seal_then<R>(&self, then: impl FnOnce(&mut State) -> R) -> R {
+        let keys = self.keys.get();
+        let now = self.now();
+        let sealed = self.pending.write(|pending| {
+            let mut state = lock(&self.state);
+            for entry in pending.drain(..) {
+                state.push(entry, now, keys.as_deref());
+            }
+            Ok::<_, std::convert::Infallible>(then(&mut state))
+        });
+        match sealed {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    }
+
+    fn seal(&self) {
+        if self.pending.read(|p| !p.is_empty()) {
+            self.seal_then(|_| ());
+        }
+    }
+}
+
 impl InMemoryAuditLog {
     /// An empty, unkeyed log on the system clock.
     #[must_use]
     pub fn new() -> Self {
         Self {
-            state: Mutex::new(State::default()),
-            clock: Arc::new(SystemClock),
-            keys: KeySlot::default(),
+            chain: Chain {
+                state: Arc::default(),
+                pending: Arc::new(MemoryCell::new(Vec::new())),
+                clock: Arc::new(SystemClock),
+                keys: Arc::default(),
+            },
         }
     }
 
     /// Takes `recorded_at` from `clock` instead.
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+        self.chain.clock = clock;
         self
     }
 
@@ -66,7 +162,7 @@ impl InMemoryAuditLog {
     /// MACs when verifying (see [`AuditKeys`]).
     #[must_use]
     pub fn with_keys(self, keys: AuditKeys) -> Self {
-        self.keys.set(Some(keys));
+        self.chain.keys.set(Some(keys));
         self
     }
 
@@ -74,7 +170,7 @@ impl InMemoryAuditLog {
     /// current key, with the old one among the previous keys); `None`
     /// returns to unkeyed mode.
     pub fn set_keys(&self, keys: Option<AuditKeys>) {
-        self.keys.set(keys);
+        self.chain.keys.set(keys);
     }
 
     /// The MAC stored with the record at `sequence`, if it has one.
@@ -87,19 +183,18 @@ impl InMemoryAuditLog {
     /// How many records the log holds.
     #[must_use]
     pub fn len(&self) -> usize {
+        self.chain.seal();
         self.lock().records.len()
     }
 
     /// Whether the log holds no record.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.lock().records.is_empty()
+        self.len() == 0
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing panics while the lock is held with the vectors half
-        // changed, so a poisoned lock still guards a consistent log.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.chain.state)
     }
 
     /// Walks from `start` (a 0-based index) to the end.
@@ -162,39 +257,20 @@ fn matches(record: &AuditRecord, f: &Filters<'_>) -> bool {
 impl AuditLog for InMemoryAuditLog {
     async fn append(&self, entry: AuditEntry) -> Result<AuditRecord> {
         let entry = super::validate(entry)?;
-        let keys = self.keys.get();
-        let mut state = self.lock();
-        if let Some(id) = entry.command_id
-            && let Some(attempts) = state.by_command.get(&id)
-            && let Some(stored) =
-                super::same_attempt(attempts.iter().map(|&i| &state.records[i]), &entry)
-        {
-            return Ok(stored.clone());
-        }
-        let now = chain::truncate_micros(self.clock.now());
-        let (sequence, prev_hash, recorded_at) = match state.records.last() {
-            Some(last) => (
-                last.sequence + 1,
-                last.hash.clone(),
-                now.max(last.recorded_at),
-            ),
-            None => (1, GENESIS_HASH.to_owned(), now),
-        };
-        let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
-        let mac = keys.map(|k| k.current().seal(sequence, &hash));
-        if let Some(id) = entry.command_id {
-            let index = state.records.len();
-            state.by_command.entry(id).or_default().push(index);
-        }
-        let record = AuditRecord::new(sequence, entry, recorded_at, prev_hash, hash);
-        state.records.push(record.clone());
-        state.macs.push(mac);
-        Ok(record)
+        let keys = self.chain.keys.get();
+        let now = self.chain.now();
+        Ok(self.chain.seal_then(move |state| {
+            if let Some(stored) = state.stored(&entry) {
+                return stored.clone();
+            }
+            state.push(entry, now, keys.as_deref())
+        }))
     }
 
     async fn query(&self, query: &AuditQuery) -> Result<AuditPage> {
         let filters = super::filters(query)?;
         let limit = filters.limit as usize;
+        self.chain.seal();
         let state = self.lock();
         let records = &state.records;
         // Sequences are 1, 2, 3, … so the record after `after` sits at
@@ -219,8 +295,43 @@ impl AuditLog for InMemoryAuditLog {
     }
 
     async fn verify(&self) -> Result<ChainVerification> {
-        let walk = ChainWalk::new(None).keyed(self.keys.get());
+        let walk = ChainWalk::new(None).keyed(self.chain.keys.get());
         Ok(self.walk(walk, 0).0)
+    }
+
+    fn within<'t>(&'t self, tx: &'t mut dyn Transaction) -> Box<dyn AuditAppender + 't> {
+        Box::new(MemoryAppender {
+            chain: &self.chain,
+            tx: tokio::sync::Mutex::new(tx),
+        })
+    }
+}
+
+/// [`InMemoryAuditLog`] bound to a transaction.
+struct MemoryAppender<'t> {
+    chain: &'t Chain,
+    tx: tokio::sync::Mutex<&'t mut dyn Transaction>,
+}
+
+#[async_trait]
+impl AuditAppender for MemoryAppender<'_> {
+    async fn append(&self, entry: AuditEntry) -> Result<()> {
+        let entry = super::validate(entry)?;
+        let mut tx = self.tx.lock().await;
+        let tx = join::<MemoryTransaction>(&mut **tx)?;
+        let state = Arc::clone(&self.chain.state);
+        // Runs now on the transaction's copy, and again at commit when
+        // another commit or a seal came first: the duplicate check then
+        // sees what they stored.
+        self.chain.pending.write_in(tx, move |pending| {
+            if !repeated(&lock(&state), pending, &entry) {
+                pending.push(entry.clone());
+            }
+            Ok::<_, Error>(())
+        })?;
+        let chain = self.chain.clone();
+        tx.after_commit(Box::new(move || chain.seal()));
+        Ok(())
     }
 }
 
@@ -238,15 +349,19 @@ impl AuditHead for InMemoryAuditLog {
     }
 
     async fn verify_from(&self, anchor: &ChainHead) -> Result<ChainVerification> {
-        let walk = ChainWalk::new(Some(anchor.clone())).keyed(self.keys.get());
+        let walk = ChainWalk::new(Some(anchor.clone())).keyed(self.chain.keys.get());
         Ok(self.walk(walk, 0).0)
     }
 
     async fn verify_after(&self, from: &ChainHead) -> Result<ChainCheck> {
-        let walk = ChainWalk::resume(from, None).keyed(self.keys.get());
+        let walk = ChainWalk::resume(from, None).keyed(self.chain.keys.get());
         let start = usize::try_from(walk.first_needed() - 1).unwrap_or(usize::MAX);
         let (verdict, walk) = self.walk(walk, start);
-        Ok(ChainCheck::of(&walk, verdict))
+        Ok(ChainCheck::of(&walk, verdict).with_pending(self.pending().await?))
+    }
+
+    async fn pending(&self) -> Result<u64> {
+        Ok(self.chain.pending.read(Vec::len) as u64)
     }
 }
 

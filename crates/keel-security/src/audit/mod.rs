@@ -7,11 +7,15 @@
 //! and [`AuditLog::verify`] names the first one that does not check out.
 //!
 //! * `PgAuditLog` (feature `postgres`) keeps the chain in
-//!   `keel.audit_log`, a table the database itself keeps append-only, with
-//!   the chain's head in `keel.audit_head`, locked while a record is added
-//!   so concurrent writers never fork the chain.
+//!   `keel.audit_log`, a table the database itself keeps append-only.
+//!   Appends write the record's content in the caller's transaction
+//!   without any lock on the chain ([`AuditLog::within`]); an
+//!   `AuditChainer` then seals committed records into the chain, holding
+//!   the chain's head in `keel.audit_head` for a short transaction of its
+//!   own, so writers never wait for each other and the chain never forks.
 //! * [`InMemoryAuditLog`] behaves the same in memory, for tests and
-//!   single-process tools.
+//!   single-process tools (it chains a record when its transaction
+//!   commits).
 //!
 //! Both produce identical chains for identical input and pass one contract
 //! suite (`testing`, feature `testing`). The [`AuditHead`] extension lets
@@ -75,7 +79,7 @@ pub use keel_core::AuditRecord;
 pub use keys::{AuditKey, AuditKeys, MAX_KEY_ID_BYTES, MIN_KEY_BYTES, RecordMac};
 pub use memory::InMemoryAuditLog;
 #[cfg(feature = "postgres")]
-pub use postgres::PgAuditLog;
+pub use postgres::{AuditChainer, DEFAULT_CHAIN_INTERVAL, PgAuditLog};
 pub use verifier::{
     AuditVerifier, AuditVerifierHandle, VERIFIED_SEQUENCE, VERIFY_FAILURES, VerifierOutcome,
     VerifierStatus,
@@ -121,6 +125,11 @@ pub trait AuditHead: AuditLog {
     /// rewound) is reported broken, because `from` is a copy of the head
     /// kept outside the store.
     async fn verify_after(&self, from: &ChainHead) -> Result<ChainCheck>;
+
+    /// How many committed records wait to be sealed into the chain (see
+    /// [`AuditLog::within`]); verification does not cover them yet. Always
+    /// 0 for a store that chains records as they commit.
+    async fn pending(&self) -> Result<u64>;
 }
 
 /// The result of an incremental check ([`AuditHead::verify_after`]).
@@ -133,6 +142,9 @@ pub struct ChainCheck {
     /// The last record that checked out: the starting head when nothing
     /// new was found or the first new record is broken.
     pub head: ChainHead,
+    /// Committed records not sealed into the chain yet when the check ran
+    /// ([`AuditHead::pending`]).
+    pub pending: u64,
 }
 
 impl ChainCheck {
@@ -140,14 +152,22 @@ impl ChainCheck {
     /// implementations of [`AuditHead`] outside this crate).
     #[must_use]
     pub fn new(verification: ChainVerification, head: ChainHead) -> Self {
-        Self { verification, head }
+        Self {
+            verification,
+            head,
+            pending: 0,
+        }
+    }
+
+    /// Sets how many records waited to be sealed.
+    #[must_use]
+    pub fn with_pending(mut self, pending: u64) -> Self {
+        self.pending = pending;
+        self
     }
 
     pub(crate) fn of(walk: &chain::ChainWalk, verification: ChainVerification) -> Self {
-        Self {
-            verification,
-            head: walk.last().clone(),
-        }
+        Self::new(verification, walk.last().clone())
     }
 }
 

@@ -5,21 +5,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use async_trait::async_trait;
 use keel_core::command::{BoxFuture, Command, CommandEnvelope, Handled, PipelineError};
+use keel_core::uow::{Accepted, BeforeCommit, BeforeCommitSteps, Transaction};
 use keel_core::{AuditEntry, AuditLog, AuditOutcome, CommandError, Error, Principal};
 use keel_telemetry::KeelMetrics;
 use tower::{Layer, Service};
 
 use super::PrincipalSlot;
 
-/// What the audit layer does when the audit log refuses a record.
+/// What the audit layer does when the audit log refuses a record that is
+/// appended on its own: the record of a refused or failed command, or of
+/// an accepted one whose handler ran without a transaction.
+///
+/// The record of a command accepted in a transaction is written in that
+/// transaction: if that fails, the command is rolled back and fails with
+/// the audit log's error, whatever the policy (nothing was stored, so the
+/// error is the truth).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub enum AuditFailurePolicy {
     /// Log the failure (`error` level, with the entry), count it, and return
-    /// the command's own result. The default: the command's effects are
-    /// already committed when the record is appended, and an error would
-    /// tell the caller it failed when it did not.
+    /// the command's own result. The default: an accepted command's effects
+    /// are already committed when its record is appended on its own, and an
+    /// error would tell the caller it failed when it did not.
     #[default]
     Continue,
     /// Log and count as above, then return [`Error::Unavailable`]
@@ -51,9 +60,27 @@ pub enum AuditFailurePolicy {
 ///   reason; [`Failed`](AuditOutcome::Failed) with the error's code for any
 ///   other infrastructure error.
 ///
-/// The record is appended after the unit of work below has committed or
-/// rolled back, so it is not part of the command's transaction; see
-/// [`AuditFailurePolicy`] for what happens when the append fails.
+/// # Where the record is written
+///
+/// * **Accepted, in a transaction.** The layer registers a
+///   [`BeforeCommit`] step in the envelope's [`BeforeCommitSteps`]; a
+///   [`TransactionalService`](keel_core::command::TransactionalService)
+///   below runs it after the handler returned `Ok`, before the commit, and
+///   the step writes the record with
+///   [`AuditLog::within`]`(tx).append(..)`. The record commits with the
+///   command's effects or not at all: a crash between the handler and the
+///   commit leaves neither, a crash after the commit leaves both, and a
+///   rolled-back command never leaves an "accepted" record. No second
+///   commit is paid.
+/// * **Accepted without a transaction** (no transactional service below,
+///   e.g. an in-memory handler): appended on its own after the handler
+///   returned.
+/// * **Refused or failed** (authentication, authorization, a domain
+///   rejection, an infrastructure error, a failed commit): nothing of the
+///   command was stored, and the record is appended on its own.
+///
+/// See [`AuditFailurePolicy`] for what happens when an append on its own
+/// fails.
 ///
 /// Keel's audit logs are idempotent on the entry's command id: the same
 /// entry appended twice (a retried append) is stored once. An envelope
@@ -152,6 +179,103 @@ fn outcome_of<T>(result: &Result<Handled<T>, PipelineError>) -> AuditOutcome {
     }
 }
 
+/// The audit layer's [`BeforeCommit`] step: the record of the accepted
+/// command, written in its transaction.
+struct AuditStep {
+    layer: AuditLayer,
+    /// The entry as far as the envelope tells it.
+    entry: AuditEntry,
+    slot: PrincipalSlot,
+    preset: Option<Principal>,
+}
+
+impl fmt::Debug for AuditStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditStep")
+            .field("command_type", &self.entry.command_type)
+            .field("command_id", &self.entry.command_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The principal to record: the verified one, else (when authentication
+/// did not fail) the one the envelope arrived with.
+fn principal_of(
+    slot: &PrincipalSlot,
+    preset: Option<&Principal>,
+    unauthenticated: bool,
+) -> Option<Principal> {
+    match slot.get() {
+        Some(verified) => Some(verified.clone()),
+        None if unauthenticated => None,
+        None => preset.cloned(),
+    }
+}
+
+fn with_principal(mut entry: AuditEntry, principal: Option<Principal>) -> AuditEntry {
+    if let Some(principal) = principal {
+        entry.principal = Some(principal.subject);
+        entry.tenant = principal.tenant;
+    }
+    entry
+}
+
+fn with_handled(
+    mut entry: AuditEntry,
+    event_types: &[String],
+    aggregate: Option<&keel_core::AggregateRef>,
+) -> AuditEntry {
+    entry.outcome = AuditOutcome::Accepted;
+    entry.event_types = event_types.to_vec();
+    if let Some(aggregate) = aggregate {
+        entry.aggregate = Some(aggregate.clone());
+    }
+    entry
+}
+
+#[async_trait]
+impl BeforeCommit for AuditStep {
+    async fn before_commit(
+        &self,
+        tx: &mut dyn Transaction,
+        accepted: &Accepted<'_>,
+    ) -> keel_core::Result<()> {
+        let entry = with_principal(
+            self.entry.clone(),
+            principal_of(&self.slot, self.preset.as_ref(), false),
+        );
+        let entry = with_handled(entry, accepted.event_types, accepted.aggregate);
+        match self.layer.log.within(tx).append(entry.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The command rolls back with this error: nothing of it is
+                // stored, and the layer records it as failed on its own.
+                self.layer.count_failure(&entry.command_type, &e, &entry);
+                Err(Error::Unavailable {
+                    service: "audit".into(),
+                    message: "the audit record could not be written with the command".into(),
+                    source: Some(Box::new(e)),
+                })
+            }
+        }
+    }
+}
+
+impl AuditLayer {
+    fn count_failure(&self, command_type: &str, error: &Error, entry: &AuditEntry) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = &self.metrics {
+            metrics.record_audit_failure(command_type);
+        }
+        tracing::error!(
+            error = %error,
+            code = error.code(),
+            ?entry,
+            "the audit record of a command could not be appended"
+        );
+    }
+}
+
 impl<C, S, T> Service<CommandEnvelope<C>> for Audit<S>
 where
     C: Command,
@@ -179,43 +303,43 @@ where
         entry.details = envelope.command.audit_details();
         let command_type = envelope.command_type();
 
+        let steps = match envelope.extensions.get::<BeforeCommitSteps>() {
+            Some(steps) => steps.clone(),
+            None => {
+                let steps = BeforeCommitSteps::new();
+                envelope.extensions.insert(steps.clone());
+                steps
+            }
+        };
+        steps.push(Arc::new(AuditStep {
+            layer: self.layer.clone(),
+            entry: entry.clone(),
+            slot: slot.clone(),
+            preset: preset.clone(),
+        }));
+
         let future = self.inner.call(envelope);
         let layer = self.layer.clone();
         Box::pin(async move {
             let result = future.await;
+            if result.is_ok() && steps.committed() {
+                // Written in the command's transaction, committed with it.
+                return result;
+            }
             entry.outcome = outcome_of(&result);
             let unauthenticated = matches!(
                 &result,
                 Err(CommandError::Infrastructure(Error::Unauthorized { .. }))
             );
-            let principal = match slot.get() {
-                Some(verified) => Some(verified.clone()),
-                None if unauthenticated => None,
-                None => preset,
-            };
-            if let Some(principal) = principal {
-                entry.principal = Some(principal.subject);
-                entry.tenant = principal.tenant;
-            }
+            let mut entry =
+                with_principal(entry, principal_of(&slot, preset.as_ref(), unauthenticated));
             if let Ok(handled) = &result {
-                entry.event_types.clone_from(&handled.event_types);
-                if let Some(aggregate) = &handled.aggregate {
-                    entry.aggregate = Some(aggregate.clone());
-                }
+                entry = with_handled(entry, &handled.event_types, handled.aggregate.as_ref());
             }
             let Err(append_error) = layer.log.append(entry.clone()).await else {
                 return result;
             };
-            layer.failures.fetch_add(1, Ordering::Relaxed);
-            if let Some(metrics) = &layer.metrics {
-                metrics.record_audit_failure(command_type);
-            }
-            tracing::error!(
-                error = %append_error,
-                code = append_error.code(),
-                ?entry,
-                "the audit record of a command could not be appended"
-            );
+            layer.count_failure(command_type, &append_error, &entry);
             match layer.on_failure {
                 AuditFailurePolicy::Continue => result,
                 AuditFailurePolicy::Fail => Err(CommandError::Infrastructure(Error::Unavailable {

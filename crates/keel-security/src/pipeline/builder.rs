@@ -19,9 +19,11 @@ pub type CommandService<C, T> = BoxCloneSyncService<CommandEnvelope<C>, Handled<
 /// `keel_telemetry::CommandTracingLayer`), built once and applied to as many
 /// handlers as the service has.
 ///
-/// The inner service is whatever runs below authorization: usually
-/// `keel_database::UnitOfWorkLayer` around a
-/// [`HandlerService`](keel_core::command::HandlerService).
+/// The inner service is whatever runs below authorization: usually a
+/// [`TransactionalService`](keel_core::command::TransactionalService) (one
+/// transaction per command, the audit record of an accepted command in
+/// it), or a [`HandlerService`](keel_core::command::HandlerService) for a
+/// handler without a transaction.
 ///
 /// ```
 /// use std::sync::Arc;

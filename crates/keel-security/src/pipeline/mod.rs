@@ -12,8 +12,7 @@
 //! | [`AuditLayer`] | keel-security | outside authentication and authorization, so refused attempts are recorded too |
 //! | [`AuthenticationLayer`] | keel-security | turns the envelope's bearer token into a principal |
 //! | [`AuthorizationLayer`] | keel-security | asks the policy before any transaction is opened |
-//! | `UnitOfWorkLayer` | keel-database | one transaction around the handler, committed on `Ok` |
-//! | [`HandlerService`](keel_core::command::HandlerService) | keel-core | the handler |
+//! | [`TransactionalService`](keel_core::command::TransactionalService) | keel-core | one transaction per command, handed to the handler; runs the audit layer's step (the accepted command's record) before the commit |
 //!
 //! [`CommandPipeline`] stacks the three security layers in that order (and
 //! an optional outer layer, normally the tracing layer) around any inner

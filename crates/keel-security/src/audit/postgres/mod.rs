@@ -1,0 +1,464 @@
+//! The PostgreSQL audit log (`keel.audit_log`, `keel.audit_head`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_core::uow::Transaction;
+use keel_core::{
+    AuditAppender, AuditEntry, AuditLog, AuditPage, AuditQuery, AuditRecord, ChainVerification,
+    Result,
+};
+use sqlx::{PgPool, QueryBuilder};
+
+use super::chain::{ChainHead, ChainWalk};
+use super::keys::{AuditKeys, KeySlot, RecordMac};
+use super::{AuditHead, ChainCheck, Filters};
+
+mod rows;
+mod seal;
+
+pub use seal::{AuditChainer, DEFAULT_CHAIN_INTERVAL};
+
+use rows::{COLUMNS, WALK_COLUMNS, decode, mac_from_row, sealed_record, to_u64};
+
+/// How many records [`AuditLog::verify`] reads per round trip; with the
+/// 64 KiB limit on details, at most a few tens of MiB in memory at once.
+const VERIFY_PAGE: i64 = 500;
+
+/// An [`AuditLog`] in PostgreSQL.
+///
+/// Appending and chaining are two steps, so that writers never wait for
+/// each other:
+///
+/// * **Append.** [`within(tx)`](AuditLog::within)`.append(entry)` inserts
+///   the record's content in the caller's transaction (the command's, in
+///   the command pipeline), with no lock on the chain: it commits or rolls
+///   back with the transaction. [`append`](AuditLog::append) does the same
+///   in a statement of its own, then seals (below) until its record is in
+///   the chain, and returns it.
+/// * **Seal.** In a short transaction of its own, holding the one row of
+///   `keel.audit_head`, [`seal`](Self::seal) takes the committed rows not
+///   yet in the chain (oldest row first), gives each the next sequence,
+///   `recorded_at` (the server's `clock_timestamp()`, never earlier than
+///   the previous record's), `prev_hash`, `hash` and, in keyed mode, its
+///   MAC, and moves the head. Rows of transactions still open are
+///   invisible to it and are sealed by a later round: sequences are gapless
+///   and the chain never forks, whatever order transactions commit in.
+///   [`chainer`](Self::chainer) seals in the background (woken by every
+///   commit that appended through this log, and polling for other
+///   processes' rows); queries seal what is pending before they read, so a
+///   committed record is found at once.
+///
+/// [`verify`](AuditLog::verify) checks the sealed chain;
+/// [`AuditHead::pending`] counts what waits to be sealed. A record
+/// committed by a process that died before sealing it is sealed by the
+/// next chainer, query or append on the database: none is lost.
+///
+/// Appends are idempotent on the entry's command id: each row keeps the
+/// hash of its content (`content_hash`), and a unique index holds each
+/// content once per command id, so an entry identical to a stored one
+/// writes nothing ([`append`](AuditLog::append) returns the stored record),
+/// even when retries race from several processes. An entry whose command
+/// id is stored only with other content (the command ran again: another
+/// receipt time, perhaps another outcome) is a new attempt and gets a
+/// record of its own, so several records may share a command id.
+///
+/// With [`with_keys`](Self::with_keys) the log is keyed: each record is
+/// sealed with the current key's id and an HMAC-SHA256 (`mac_key_id`,
+/// `mac`), and verification checks them ([`AuditKeys`]). The tables come
+/// from Keel's migrations (`keel_database::MIGRATOR`); the database refuses
+/// `DELETE`, `TRUNCATE` and every `UPDATE` except sealing an unsealed row
+/// once, at the position after the head (SQLSTATE `KL003`).
+///
+/// Failures map onto [`keel_core::Error`] through keel-database's
+/// classification: a lost connection is `Unavailable` (retryable), a pool
+/// timeout is `Timeout`; messages carry no SQL and no parameter values.
+///
+/// ```no_run
+/// # async fn run(db: keel_database::Database) -> keel_core::Result<()> {
+/// use keel_core::uow::TransactionSource;
+/// use keel_core::{AuditEntry, AuditLog, AuditOutcome, ChainVerification};
+/// use keel_security::audit::{AuditHead, PgAuditLog};
+///
+/// keel_database::MIGRATOR.run(db.pool()).await.expect("migrations");
+/// let log = PgAuditLog::new(db.pool().clone());
+/// let chainer = log.chainer(); // seals committed records in the background
+///
+/// // In a command's transaction: commits, or not, with its other writes.
+/// let mut tx = TransactionSource::begin(&db).await?;
+/// log.within(&mut *tx)
+///     .append(AuditEntry::new("order.place", AuditOutcome::Accepted).with_principal("user-42"))
+///     .await?;
+/// tx.commit().await?;
+///
+/// if let ChainVerification::Broken { sequence, reason } = log.verify().await? {
+///     eprintln!("audit record {sequence}: {reason}");
+/// }
+/// let anchor = log.head().await?; // keep a copy outside the database
+/// chainer.shutdown().await;
+/// # let _ = anchor; Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgAuditLog {
+    pool: PgPool,
+    keys: Arc<KeySlot>,
+    shared: Arc<Shared>,
+}
+
+/// What the clones of one log share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// One sealing transaction at a time from this process: the others
+    /// would only queue on the head's lock, each holding a connection.
+    sealer: tokio::sync::Mutex<()>,
+    /// Wakes the chainer when a transaction that appended has committed.
+    wake: tokio::sync::Notify,
+}
+
+impl PgAuditLog {
+    /// An audit log on `pool` (migrated with `keel_database::MIGRATOR`).
+    #[must_use]
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            keys: Arc::default(),
+            shared: Arc::default(),
+        }
+    }
+
+    /// Keyed mode: seals new records with `keys`' current key and checks
+    /// MACs when verifying (see [`AuditKeys`]). Clones share the keys.
+    #[must_use]
+    pub fn with_keys(self, keys: AuditKeys) -> Self {
+        self.keys.set(Some(keys));
+        self
+    }
+
+    /// Replaces the keys of this log and its clones while in use (to
+    /// rotate: the new current key, with the old one among the previous
+    /// keys); `None` returns to unkeyed mode.
+    pub fn set_keys(&self, keys: Option<AuditKeys>) {
+        self.keys.set(keys);
+    }
+
+    /// Starts the background task that seals committed records into the
+    /// chain, looking for other processes' records every
+    /// [`DEFAULT_CHAIN_INTERVAL`]. Run one per process that appends through
+    /// [`within`](AuditLog::within); needs a Tokio runtime.
+    pub fn chainer(&self) -> AuditChainer {
+        self.chainer_every(DEFAULT_CHAIN_INTERVAL)
+    }
+
+    /// As [`chainer`](Self::chainer), polling every `interval`.
+    pub fn chainer_every(&self, interval: Duration) -> AuditChainer {
+        AuditChainer::start(self.clone(), interval)
+    }
+
+    /// Seals every committed record not yet in the chain, now, and returns
+    /// how many it sealed. The chainer, queries and appends call this; call
+    /// it directly in tools and tests.
+    ///
+    /// # Errors
+    ///
+    /// As for appends: `Unavailable` or `Timeout` when the database fails.
+    pub async fn seal(&self) -> Result<u64> {
+        let _sealer = self.shared.sealer.lock().await;
+        let mut sealed = 0;
+        loop {
+            let n = seal::seal_batch(&self.pool, self.keys.get()).await?;
+            sealed += n as u64;
+            if (n as i64) < seal::SEAL_BATCH {
+                return Ok(sealed);
+            }
+        }
+    }
+
+    /// The MAC stored with the record at `sequence`, if there is such a
+    /// record and it was sealed.
+    ///
+    /// # Errors
+    ///
+    /// As for queries: `Unavailable` or `Timeout` when the database fails.
+    pub async fn mac(&self, sequence: u64) -> Result<Option<RecordMac>> {
+        let row: Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT mac_key_id, mac FROM keel.audit_log WHERE sequence = $1")
+                .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(keel_database::to_keel)?;
+        Ok(row.and_then(|(key_id, mac)| {
+            Some(RecordMac {
+                key_id: key_id?,
+                mac: mac?,
+            })
+        }))
+    }
+
+    /// The pool this log writes through.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The sealed record of row `id`, if it is sealed.
+    async fn sealed_row(&self, id: i64) -> Result<Option<AuditRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM keel.audit_log WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(keel_database::to_keel)?;
+        match row {
+            Some(row) => rows::record_from_row(&row),
+            None => Err(keel_core::Error::internal_msg(
+                "an appended audit record vanished",
+            )),
+        }
+    }
+
+    async fn stored_head(&self) -> Result<Option<ChainHead>> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT sequence, hash FROM keel.audit_head WHERE singleton")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(keel_database::to_keel)?;
+        row.map(|(sequence, hash)| {
+            Ok(ChainHead {
+                sequence: to_u64(sequence)?,
+                hash,
+            })
+        })
+        .transpose()
+    }
+
+    async fn walk(&self, walk: &mut ChainWalk) -> Result<ChainVerification> {
+        let mut after = i64::try_from(walk.first_needed() - 1).unwrap_or(i64::MAX);
+        loop {
+            let rows = sqlx::query(&format!(
+                "SELECT {WALK_COLUMNS} FROM keel.audit_log WHERE sequence > $1 ORDER BY sequence LIMIT $2"
+            ))
+            .bind(after)
+            .bind(VERIFY_PAGE)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(keel_database::to_keel)?;
+            let Some(last) = rows.last() else {
+                return Ok(walk.finish());
+            };
+            after = sqlx::Row::try_get(last, "sequence").map_err(decode)?;
+            for row in &rows {
+                let record = sealed_record(row)?;
+                let mac = mac_from_row(row)?;
+                if let Err(broken) = walk.check(&record, mac.as_ref()) {
+                    return Ok(broken);
+                }
+            }
+            if (rows.len() as i64) < VERIFY_PAGE {
+                return Ok(walk.finish());
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AuditLog for PgAuditLog {
+    async fn append(&self, entry: AuditEntry) -> Result<AuditRecord> {
+        let entry = super::validate(entry)?;
+        let mut conn = self.pool.acquire().await.map_err(keel_database::to_keel)?;
+        let id = match rows::insert_unsealed(&mut *conn, &entry).await? {
+            Some(id) => id,
+            None => rows::existing_id(&mut conn, &entry).await?,
+        };
+        drop(conn);
+        // The row is committed: from here on, dropping this future loses
+        // nothing (the next chainer, query or append seals it).
+        loop {
+            if let Some(record) = self.sealed_row(id).await? {
+                return Ok(record);
+            }
+            if self.seal().await? == 0 && self.sealed_row(id).await?.is_none() {
+                // Nothing to seal yet our row is unsealed: another process
+                // is sealing it right now; its commit releases the head.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    async fn query(&self, query: &AuditQuery) -> Result<AuditPage> {
+        let Filters {
+            principal,
+            aggregate,
+            from,
+            to,
+            after,
+            limit,
+        } = super::filters(query)?;
+        // Whatever committed before the query is in the chain, and found.
+        self.seal().await?;
+        let mut sql = QueryBuilder::new(format!(
+            "SELECT {COLUMNS} FROM keel.audit_log WHERE sequence > "
+        ));
+        sql.push_bind(i64::try_from(after).unwrap_or(i64::MAX));
+        if let Some(principal) = principal {
+            sql.push(" AND principal = ").push_bind(principal);
+        }
+        if let Some((kind, id)) = aggregate {
+            sql.push(" AND aggregate_kind = ").push_bind(kind);
+            sql.push(" AND aggregate_id = ").push_bind(id);
+        }
+        if let Some(from) = from {
+            sql.push(" AND occurred_at >= ").push_bind(from);
+        }
+        if let Some(to) = to {
+            sql.push(" AND occurred_at < ").push_bind(to);
+        }
+        // One row more than the page tells whether another page follows.
+        sql.push(" ORDER BY sequence LIMIT ")
+            .push_bind(i64::from(limit) + 1);
+        let rows = sql
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(keel_database::to_keel)?;
+        let mut records = rows.iter().map(sealed_record).collect::<Result<Vec<_>>>()?;
+        let next_after = if records.len() > limit as usize {
+            records.truncate(limit as usize);
+            records.last().map(|r| r.sequence)
+        } else {
+            None
+        };
+        Ok(AuditPage::new(records, next_after))
+    }
+
+    async fn verify(&self) -> Result<ChainVerification> {
+        // The head is read first: every record up to it was sealed
+        // before, so a shorter chain lost records from its end.
+        let head = self.stored_head().await?;
+        let mut walk = ChainWalk::new(head).keyed(self.keys.get());
+        self.walk(&mut walk).await
+    }
+
+    fn within<'t>(&'t self, tx: &'t mut dyn Transaction) -> Box<dyn AuditAppender + 't> {
+        Box::new(PgAppender {
+            log: self,
+            tx: tokio::sync::Mutex::new(tx),
+        })
+    }
+}
+
+/// [`PgAuditLog`] bound to a transaction.
+struct PgAppender<'t> {
+    log: &'t PgAuditLog,
+    tx: tokio::sync::Mutex<&'t mut dyn Transaction>,
+}
+
+#[async_trait]
+impl AuditAppender for PgAppender<'_> {
+    async fn append(&self, entry: AuditEntry) -> Result<()> {
+        let entry = super::validate(entry)?;
+        let mut tx = self.tx.lock().await;
+        let uow = keel_database::UnitOfWork::join(&mut **tx)?;
+        rows::insert_unsealed(uow.conn(), &entry).await?;
+        let shared = Arc::clone(&self.log.shared);
+        uow.after_commit(move || shared.wake.notify_one());
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AuditHead for PgAuditLog {
+    async fn head(&self) -> Result<ChainHead> {
+        Ok(self.stored_head().await?.unwrap_or_else(ChainHead::genesis))
+    }
+
+    async fn verify_from(&self, anchor: &ChainHead) -> Result<ChainVerification> {
+        let mut anchors = vec![anchor.clone()];
+        anchors.extend(self.stored_head().await?);
+        let mut walk = ChainWalk::new(anchors).keyed(self.keys.get());
+        self.walk(&mut walk).await
+    }
+
+    async fn verify_after(&self, from: &ChainHead) -> Result<ChainCheck> {
+        let head = self.stored_head().await?;
+        let mut walk = ChainWalk::resume(from, head).keyed(self.keys.get());
+        let verification = self.walk(&mut walk).await?;
+        Ok(ChainCheck::of(&walk, verification).with_pending(self.pending().await?))
+    }
+
+    async fn pending(&self) -> Result<u64> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM keel.audit_log WHERE sequence IS NULL")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(keel_database::to_keel)?;
+        to_u64(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+    use keel_core::{AuditOutcome, CommandId};
+    use keel_testkit::TestDatabase;
+
+    use super::*;
+
+    fn attempt(id: CommandId, outcome: AuditOutcome, seconds: i64) -> AuditEntry {
+        let at: DateTime<Utc> = "2026-03-01T12:00:00.123456Z".parse().expect("time");
+        let mut e = AuditEntry::new("order.place", outcome)
+            .with_principal("alice")
+            .with_occurred_at(at + chrono::Duration::seconds(seconds));
+        e.command_id = Some(id);
+        super::super::validate(e).expect("a valid entry")
+    }
+
+    // Unsealed rows written in one transaction, sealed together: each
+    // attempt once, in the order written.
+    #[tokio::test]
+    async fn one_transaction_stores_each_attempt_once() {
+        let db = TestDatabase::create(&keel_database::MIGRATOR)
+            .await
+            .expect("test database");
+        let pool = db.pool().clone();
+        let id = CommandId::new();
+        let accepted = attempt(id, AuditOutcome::Accepted, 0);
+        let failed = attempt(
+            id,
+            AuditOutcome::Failed {
+                code: "keel.unavailable".into(),
+            },
+            0,
+        );
+        let later = attempt(id, AuditOutcome::Accepted, 1);
+        let mut tx = pool.begin().await.expect("begin");
+        let mut written = Vec::new();
+        for e in [&accepted, &accepted, &failed, &later, &failed] {
+            written.push(
+                rows::insert_unsealed(&mut *tx, e)
+                    .await
+                    .expect("insert")
+                    .is_some(),
+            );
+        }
+        assert_eq!(written, [true, false, true, true, false]);
+        tx.commit().await.expect("commit");
+
+        let log = PgAuditLog::new(pool.clone());
+        assert_eq!(log.pending().await.expect("pending"), 3);
+        assert_eq!(log.seal().await.expect("seal"), 3);
+        assert_eq!(log.pending().await.expect("pending"), 0);
+        let again = log.append(failed.clone()).await.expect("retry");
+        assert_eq!((again.sequence, &again.entry), (2, &failed));
+        let newest = log
+            .append(attempt(id, AuditOutcome::Accepted, 2))
+            .await
+            .expect("new attempt");
+        assert_eq!(newest.sequence, 4);
+        assert_eq!(
+            log.verify().await.expect("verify"),
+            ChainVerification::Intact { records: 4 }
+        );
+    }
+}
