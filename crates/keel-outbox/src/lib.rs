@@ -105,14 +105,27 @@
 
 mod error;
 mod inbox;
+mod memory;
+mod message;
+mod port;
 mod relay;
 #[cfg(feature = "eventstore")]
 mod store_relay;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod writer;
 
 pub use error::{OutboxError, Result};
-pub use inbox::{Inbox, InboxHandler, record};
+pub use inbox::{
+    InMemoryInbox, Inbox, InboxHandler, InboxIn, InboxMarks, InboxStore, MAX_CONSUMER_BYTES,
+    PgInbox,
+};
+pub use memory::InMemoryOutbox;
+pub use message::{
+    DEFAULT_MAX_PAYLOAD_BYTES, MAX_NAME_BYTES, MAX_ORDERING_KEY_BYTES, OutboxMessage,
+};
+pub use port::{Outbox, OutboxWrite};
 pub use relay::{OutboxStats, Relay, RelayConfig, RelayHandle, RelayReport};
 #[cfg(feature = "eventstore")]
 pub use store_relay::{EventStoreRelay, EventStoreRelayHandle};
-pub use writer::{NOTIFY_CHANNEL, OutboxMessage, OutboxWriter};
+pub use writer::{NOTIFY_CHANNEL, PgOutbox};

@@ -1,29 +1,39 @@
-//! Claiming a batch of outbox rows and recording what became of it.
+//! The PostgreSQL relay source: claiming a batch of `keel.outbox` rows
+//! under row locks, recording what became of it, pruning and listening.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
 use keel_core::{EventId, Message, Metadata};
-use sqlx::PgConnection;
-use tracing::debug;
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Postgres};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::warn;
 
 use super::publish::Outcome;
-use super::{Relay, RelayReport};
+use super::source::{Batch, Claimed, Lease, Source, truncate};
+use super::{OutboxStats, RelayConfig};
 use crate::error::{OutboxError, Result};
+use crate::writer::NOTIFY_CHANNEL;
 
 #[derive(sqlx::FromRow)]
-pub(super) struct Row {
-    pub(super) id: i64,
-    pub(super) event_id: uuid::Uuid,
-    pub(super) topic: String,
-    pub(super) aggregate_type: String,
-    pub(super) aggregate_id: String,
-    pub(super) event_type: String,
-    pub(super) schema_version: i32,
-    pub(super) payload: serde_json::Value,
-    pub(super) metadata: serde_json::Value,
-    pub(super) ordering_key: Option<String>,
+struct Row {
+    id: i64,
+    event_id: uuid::Uuid,
+    topic: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    schema_version: i32,
+    payload: serde_json::Value,
+    metadata: serde_json::Value,
+    ordering_key: Option<String>,
 }
 
 impl Row {
-    pub(super) fn to_message(&self) -> Result<Message> {
+    fn to_message(&self) -> Result<Message> {
         let metadata: Metadata =
             serde_json::from_value(self.metadata.clone()).map_err(|e| OutboxError::CorruptRow {
                 id: self.id,
@@ -112,58 +122,94 @@ FROM claimed
 ORDER BY rank, id
 LIMIT $1";
 
-impl Relay {
-    /// Claims one batch, publishes it and marks what was published, in one
-    /// transaction that holds the claimed aggregates' head rows locked until
-    /// the marks commit.
-    ///
-    /// A failed publish is recorded on its aggregate's first unpublished row
-    /// (attempts, last error, next retry time); that aggregate's later rows
-    /// wait for it, other aggregates carry on. If the relay dies after
-    /// publishing and before committing, the locks go with its connection and
-    /// another relay publishes the rows again: at-least-once.
-    ///
-    /// # Errors
-    ///
-    /// [`OutboxError::Database`] when PostgreSQL fails; publish failures are
-    /// not errors here, they are counted in [`RelayReport::failed`].
-    pub async fn relay_once(&self) -> Result<RelayReport> {
+/// The outbox in `keel.outbox`, as relays see it.
+#[derive(Debug)]
+pub(crate) struct PgSource {
+    pub(crate) pool: PgPool,
+}
+
+#[async_trait]
+impl Source for PgSource {
+    async fn claim(&self, config: &RelayConfig) -> Result<Option<Batch>> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<Row> = sqlx::query_as(CLAIM)
-            .bind(as_i64(self.config.batch_size))
-            .bind(as_i64(self.config.scan_window))
-            .bind(&self.config.aggregate_types)
+            .bind(as_i64(config.batch_size))
+            .bind(as_i64(config.scan_window))
+            .bind(&config.aggregate_types)
             .fetch_all(&mut *tx)
             .await?;
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(RelayReport::default());
+            return Ok(None);
         }
-
-        let outcome = self.publish(&rows).await;
-        self.mark(&mut tx, &outcome).await?;
-        tx.commit().await?;
-
-        let report = RelayReport {
-            claimed: rows.len(),
-            published: outcome.published.len(),
-            failed: outcome.failures.len(),
-        };
-        debug!(relay = %self.config.name, ?report, "outbox batch done");
-        Ok(report)
+        let rows = rows
+            .into_iter()
+            .map(|row| Claimed {
+                id: row.id,
+                message: row.to_message(),
+                topic: row.topic,
+                aggregate_type: row.aggregate_type,
+                aggregate_id: row.aggregate_id,
+            })
+            .collect();
+        Ok(Some(Batch {
+            rows,
+            lease: Box::new(PgLease { tx }),
+        }))
     }
 
-    async fn mark(&self, conn: &mut PgConnection, outcome: &Outcome) -> Result<()> {
+    async fn prune(&self, retention: Duration) -> Result<u64> {
+        let retention = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM keel.outbox WHERE id IN ( \
+                     SELECT id FROM keel.outbox \
+                     WHERE published_at IS NOT NULL \
+                       AND published_at < now() - $1 * interval '1 microsecond' \
+                     LIMIT 10000 \
+                     FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(retention)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += deleted;
+            if deleted < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn stats(&self) -> Result<OutboxStats> {
+        OutboxStats::load(&self.pool).await
+    }
+
+    fn wake_on_commit(&self, wake: Arc<Notify>, relay: String) -> JoinHandle<()> {
+        tokio::spawn(listen(self.pool.clone(), wake, relay))
+    }
+}
+
+/// The claim's transaction: it holds the claimed aggregates' head rows
+/// locked until the marks commit. Dropped, it rolls back and the locks go.
+struct PgLease {
+    tx: sqlx::Transaction<'static, Postgres>,
+}
+
+#[async_trait]
+impl Lease for PgLease {
+    async fn settle(self: Box<Self>, outcome: &Outcome, config: &RelayConfig) -> Result<()> {
+        let mut tx = self.tx;
         if !outcome.published.is_empty() {
-            if self.config.retention.is_zero() {
+            if config.retention.is_zero() {
                 sqlx::query("DELETE FROM keel.outbox WHERE id = ANY($1)")
                     .bind(&outcome.published)
-                    .execute(&mut *conn)
+                    .execute(&mut *tx)
                     .await?;
             } else {
                 sqlx::query("UPDATE keel.outbox SET published_at = now() WHERE id = ANY($1)")
                     .bind(&outcome.published)
-                    .execute(&mut *conn)
+                    .execute(&mut *tx)
                     .await?;
             }
         }
@@ -185,42 +231,14 @@ impl Relay {
                  WHERE o.id = f.id",
             )
             .bind(&ids)
-            .bind(self.config.retry_min.as_secs_f64() * 1000.0)
-            .bind(self.config.retry_max.as_secs_f64() * 1000.0)
+            .bind(config.retry_min.as_secs_f64() * 1000.0)
+            .bind(config.retry_max.as_secs_f64() * 1000.0)
             .bind(&errors)
-            .execute(&mut *conn)
+            .execute(&mut *tx)
             .await?;
         }
+        tx.commit().await?;
         Ok(())
-    }
-
-    /// Deletes published rows older than the retention period, in chunks;
-    /// returns how many it deleted.
-    ///
-    /// # Errors
-    ///
-    /// [`OutboxError::Database`] when PostgreSQL fails.
-    pub async fn prune(&self) -> Result<u64> {
-        let retention = i64::try_from(self.config.retention.as_micros()).unwrap_or(i64::MAX);
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(
-                "DELETE FROM keel.outbox WHERE id IN ( \
-                     SELECT id FROM keel.outbox \
-                     WHERE published_at IS NOT NULL \
-                       AND published_at < now() - $1 * interval '1 microsecond' \
-                     LIMIT 10000 \
-                     FOR UPDATE SKIP LOCKED)",
-            )
-            .bind(retention)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            total += deleted;
-            if deleted < 10_000 {
-                return Ok(total);
-            }
-        }
     }
 }
 
@@ -228,13 +246,33 @@ fn as_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-pub(super) fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
+/// Turns notifications on [`NOTIFY_CHANNEL`] into wake-ups, reconnecting
+/// after failures. Notifications lost meanwhile are covered by polling.
+async fn listen(pool: PgPool, wake: Arc<Notify>, name: String) {
+    let mut failures: u32 = 0;
+    loop {
+        let result = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            // Anything committed while (re)connecting went unnoticed.
+            wake.notify_one();
+            loop {
+                listener.recv().await?;
+                wake.notify_one();
+            }
+            #[allow(unreachable_code)] // gives the async block its type
+            Ok::<(), sqlx::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            failures = failures.saturating_add(1);
+            let delay = super::run::backoff(
+                Duration::from_millis(200),
+                Duration::from_secs(30),
+                failures.min(20) - 1,
+            );
+            warn!(relay = %name, error = %e, ?delay, "outbox listener failed; polling meanwhile");
+            tokio::time::sleep(delay).await;
+        }
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }

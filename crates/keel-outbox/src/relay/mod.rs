@@ -1,9 +1,12 @@
 //! The relay: publishes committed outbox rows to the bus.
 
 //!
-//! * [`claim`]: taking a batch of rows and recording its outcome;
-//! * [`publish`]: sending a batch to the bus, one call per topic;
-//! * [`run`]: the loop, the background task and its handle.
+//! * `source`: what a relay needs from an outbox backend;
+//! * `claim`: the PostgreSQL backend (claiming rows under row locks,
+//!   recording the outcome, pruning, `LISTEN`); the in-memory one is in
+//!   `crate::memory`;
+//! * `publish`: sending a batch to the bus, one call per topic;
+//! * `run`: the loop, the background task and its handle.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,12 +15,15 @@ use std::time::Duration;
 use keel_core::EventPublisher;
 use keel_telemetry::KeelMetrics;
 use sqlx::PgPool;
+use tracing::debug;
 
 use crate::error::{OutboxError, Result};
+use source::Source;
 
 mod claim;
-mod publish;
+pub(crate) mod publish;
 mod run;
+pub(crate) mod source;
 
 pub use run::RelayHandle;
 
@@ -249,12 +255,19 @@ impl OutboxStats {
 /// Publishes committed outbox rows to the bus, oldest first, one aggregate's
 /// rows in commit order.
 ///
+/// One type for both backends: [`Relay::new`] for the PostgreSQL outbox
+/// ([`PgOutbox`](crate::PgOutbox)), [`Relay::in_memory`] for an
+/// [`InMemoryOutbox`](crate::InMemoryOutbox). The guarantees are the same:
+/// rows committed are published at least once, rows rolled back never,
+/// each aggregate's rows in commit order; a failed publish is retried with
+/// backoff and holds back only its own aggregate.
+///
 /// Any number of relays (in one process or many) can share an outbox; see
 /// the crate documentation for how they divide the work and what happens on
-/// failure. Each running relay holds two pooled connections: one listening
-/// for notifications, one for the batch in flight.
+/// failure. A running PostgreSQL relay holds two pooled connections: one
+/// listening for notifications, one for the batch in flight.
 pub struct Relay {
-    pool: PgPool,
+    source: Arc<dyn Source>,
     publisher: Arc<dyn EventPublisher>,
     config: RelayConfig,
     metrics: KeelMetrics,
@@ -269,7 +282,8 @@ impl fmt::Debug for Relay {
 }
 
 impl Relay {
-    /// A relay publishing `pool`'s outbox rows through `publisher`.
+    /// A relay publishing the rows of `pool`'s `keel.outbox` through
+    /// `publisher`.
     ///
     /// # Errors
     ///
@@ -279,9 +293,31 @@ impl Relay {
         publisher: Arc<dyn EventPublisher>,
         config: RelayConfig,
     ) -> Result<Self> {
+        Self::with_source(Arc::new(claim::PgSource { pool }), publisher, config)
+    }
+
+    /// A relay publishing the rows of an in-memory outbox through
+    /// `publisher`.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Invalid`] when `config` is out of range.
+    pub fn in_memory(
+        outbox: &crate::InMemoryOutbox,
+        publisher: Arc<dyn EventPublisher>,
+        config: RelayConfig,
+    ) -> Result<Self> {
+        Self::with_source(outbox.source(), publisher, config)
+    }
+
+    fn with_source(
+        source: Arc<dyn Source>,
+        publisher: Arc<dyn EventPublisher>,
+        config: RelayConfig,
+    ) -> Result<Self> {
         config.validate()?;
         Ok(Self {
-            pool,
+            source,
             publisher,
             config,
             metrics: KeelMetrics::global(),
@@ -297,7 +333,16 @@ impl Relay {
         self
     }
 
-    /// Reads the backlog ([`OutboxStats::load`]) and records it as
+    /// The outbox's backlog.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Database`] when PostgreSQL fails.
+    pub async fn stats(&self) -> Result<OutboxStats> {
+        self.source.stats().await
+    }
+
+    /// Reads the backlog ([`stats`](Self::stats)) and records it as
     /// `keel.outbox.lag` (age of the oldest unpublished row, zero when there
     /// is none) and `keel.outbox.pending`, under this relay's name. A
     /// running relay does this every
@@ -308,7 +353,7 @@ impl Relay {
     ///
     /// [`OutboxError::Database`] when PostgreSQL fails.
     pub async fn record_metrics(&self) -> Result<OutboxStats> {
-        let stats = OutboxStats::load(&self.pool).await?;
+        let stats = self.stats().await?;
         self.metrics.record_outbox(
             &self.config.name,
             stats.oldest_pending_age.unwrap_or_default(),
@@ -322,12 +367,53 @@ impl Relay {
     pub fn config(&self) -> &RelayConfig {
         &self.config
     }
+
+    /// Claims one batch, publishes it and marks what was published. On
+    /// PostgreSQL all in one transaction that holds the claimed aggregates'
+    /// head rows locked until the marks commit; in memory under a lease on
+    /// the claimed aggregates.
+    ///
+    /// A failed publish is recorded on its aggregate's first unpublished row
+    /// (attempts, last error, next retry time); that aggregate's later rows
+    /// wait for it, other aggregates carry on. If the relay dies after
+    /// publishing and before marking, its claim goes with it and a relay
+    /// publishes the rows again: at-least-once.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Database`] when PostgreSQL fails; publish failures are
+    /// not errors here, they are counted in [`RelayReport::failed`].
+    pub async fn relay_once(&self) -> Result<RelayReport> {
+        let Some(batch) = self.source.claim(&self.config).await? else {
+            return Ok(RelayReport::default());
+        };
+        let outcome = self.publish(&batch.rows).await;
+        batch.lease.settle(&outcome, &self.config).await?;
+        let report = RelayReport {
+            claimed: batch.rows.len(),
+            published: outcome.published.len(),
+            failed: outcome.failures.len(),
+        };
+        debug!(relay = %self.config.name, ?report, "outbox batch done");
+        Ok(report)
+    }
+
+    /// Deletes published rows older than the
+    /// [`retention`](RelayConfig::retention) period; returns how many it
+    /// deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`OutboxError::Database`] when PostgreSQL fails.
+    pub async fn prune(&self) -> Result<u64> {
+        self.source.prune(self.config.retention).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::claim::truncate;
     use super::run::backoff;
+    use super::source::truncate;
     use super::*;
 
     #[test]

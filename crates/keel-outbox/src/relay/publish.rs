@@ -7,19 +7,19 @@ use keel_core::Message;
 use tracing::warn;
 
 use super::Relay;
-use super::claim::Row;
+use super::source::Claimed;
 use crate::error::OutboxError;
 
 impl Relay {
-    pub(super) async fn publish(&self, rows: &[Row]) -> Outcome {
+    pub(super) async fn publish(&self, rows: &[Claimed]) -> Outcome {
         // The first failed row of each aggregate: it and everything after it
         // in that aggregate stay unpublished, so order holds on retry.
         let mut failed_from: HashMap<(&str, &str), i64> = HashMap::new();
         let mut failures: Vec<(i64, String)> = Vec::new();
         let mut messages: Vec<Option<Message>> = Vec::with_capacity(rows.len());
         for row in rows {
-            match row.to_message() {
-                Ok(m) => messages.push(Some(m)),
+            match &row.message {
+                Ok(m) => messages.push(Some(m.clone())),
                 Err(e) => {
                     warn!(relay = %self.config.name, error = %e, "unreadable outbox row");
                     failed_from
@@ -109,7 +109,7 @@ impl Relay {
     }
 }
 
-pub(super) struct Outcome {
-    pub(super) published: Vec<i64>,
-    pub(super) failures: Vec<(i64, String)>,
+pub(crate) struct Outcome {
+    pub(crate) published: Vec<i64>,
+    pub(crate) failures: Vec<(i64, String)>,
 }

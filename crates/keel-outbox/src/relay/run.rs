@@ -4,20 +4,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::Relay;
-use crate::writer::NOTIFY_CHANNEL;
 
 impl Relay {
     /// Runs until `shutdown` completes: publishes whatever is pending, then
-    /// waits for a notification (or the poll interval), and prunes every
-    /// [`prune_interval`](RelayConfig::prune_interval).
+    /// waits for a commit notification (or the poll interval), and prunes
+    /// every [`prune_interval`](super::RelayConfig::prune_interval).
     ///
     /// Database and bus failures are logged and retried with backoff; they
     /// never end the loop. On shutdown the batch in flight is finished and
@@ -27,11 +24,11 @@ impl Relay {
         F: Future<Output = ()> + Send,
     {
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(
-            self.pool.clone(),
-            wake.clone(),
-            self.config.name.clone(),
-        ));
+        // Ended with this future, however it ends (an abort drops it).
+        let _listener = AbortOnDrop(
+            self.source
+                .wake_on_commit(wake.clone(), self.config.name.clone()),
+        );
         let mut shutdown = std::pin::pin!(shutdown);
         let mut next_prune = Instant::now();
         let mut next_sample = Instant::now();
@@ -87,7 +84,6 @@ impl Relay {
                 () = tokio::time::sleep(wait) => {}
             }
         }
-        listener.abort();
         info!(relay = %self.config.name, "outbox relay stopped");
     }
 
@@ -99,73 +95,76 @@ impl Relay {
             // An error means the handle is gone: stop too.
             let _ = stopped.wait_for(|s| *s).await;
         }));
-        RelayHandle { stop, task }
+        RelayHandle {
+            stop,
+            task: Some(task),
+        }
     }
 }
 
 /// A relay running in the background, from [`Relay::spawn`].
 ///
-/// Dropping the handle stops the relay after its batch in flight.
+/// Like every Keel background handle:
+/// * [`shutdown`](Self::shutdown)`.await` stops gracefully: the batch in
+///   flight is published, marked and committed, then the task ends;
+/// * [`abort`](Self::abort)`.await` stops at once, like a crash, and
+///   returns once the task has ended: a batch in flight is not marked, its
+///   aggregates are let go (the claim's transaction rolls back), and a
+///   relay publishes those rows again later (at-least-once);
+/// * dropping the handle is an abort that does not wait.
 #[derive(Debug)]
 pub struct RelayHandle {
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl RelayHandle {
     /// Stops the relay gracefully: the batch in flight is finished and
-    /// committed, then the task ends.
-    pub async fn shutdown(self) {
+    /// committed, then the task ends. A panic in the relay is resumed here.
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        if let Err(e) = self.task.await
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
             && e.is_panic()
         {
             std::panic::resume_unwind(e.into_panic());
         }
     }
 
-    /// Kills the relay at once, like a crash: a batch in flight is not
-    /// marked, its rows are unlocked when the connection is rolled back, and
-    /// another relay publishes them again.
-    pub fn abort(&self) {
-        self.task.abort();
+    /// Kills the relay at once, like a crash, and waits until its task has
+    /// ended: nothing of it runs after this returns. A batch in flight is
+    /// not marked; its rows are published again later.
+    pub async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // A cancelled task reports `JoinError::Cancelled`; one that
+            // ended before the abort reports its own result. Either way
+            // it has ended.
+            let _ = task.await;
+        }
     }
 
     /// Whether the relay has stopped.
     #[must_use]
     pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
     }
 }
 
-/// Turns notifications on [`NOTIFY_CHANNEL`] into wake-ups, reconnecting
-/// after failures. Notifications lost meanwhile are covered by polling.
-async fn listen(pool: PgPool, wake: Arc<Notify>, name: String) {
-    let mut failures: u32 = 0;
-    loop {
-        let result = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(NOTIFY_CHANNEL).await?;
-            // Anything committed while (re)connecting went unnoticed.
-            wake.notify_one();
-            loop {
-                listener.recv().await?;
-                wake.notify_one();
-            }
-            #[allow(unreachable_code)] // gives the async block its type
-            Ok::<(), sqlx::Error>(())
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
         }
-        .await;
-        if let Err(e) = result {
-            failures = failures.saturating_add(1);
-            let delay = backoff(
-                Duration::from_millis(200),
-                Duration::from_secs(30),
-                failures.min(20) - 1,
-            );
-            warn!(relay = %name, error = %e, ?delay, "outbox listener failed; polling meanwhile");
-            tokio::time::sleep(delay).await;
-        }
+    }
+}
+
+/// Aborts a helper task when the relay's loop ends or is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
