@@ -49,27 +49,28 @@ pub fn event(topic: &str, aggregate: &str, seq: u64) -> OutboxMessage {
     )
 }
 
+/// A `keel_database::Database` on the same database as `pool`.
+pub fn database_of(pool: &PgPool) -> Database {
+    Database::connect_lazy(
+        DatabaseConfig::builder()
+            .connect_options((*pool.connect_options()).clone())
+            .min_connections(0)
+            .max_connections(4)
+            .build()
+            .expect("a valid database config"),
+    )
+}
+
 /// Writes `messages` in one committed unit of work.
-pub async fn commit(db: &Database, messages: &[OutboxMessage]) {
-    let mut tx = db.begin_tx().await;
+pub async fn commit(pool: &PgPool, messages: &[OutboxMessage]) {
+    let db = database_of(pool);
+    let mut tx = TransactionSource::begin(&db).await.unwrap();
     PgOutbox::new()
         .within(&mut *tx)
         .write_all(messages)
         .await
         .unwrap();
     tx.commit().await.unwrap();
-}
-
-/// `TransactionSource::begin`, unwrapped.
-pub trait BeginTx {
-    /// Begins a port-level transaction.
-    fn begin_tx(&self) -> impl Future<Output = Box<dyn keel_core::uow::Transaction>> + Send;
-}
-
-impl BeginTx for Database {
-    async fn begin_tx(&self) -> Box<dyn keel_core::uow::Transaction> {
-        TransactionSource::begin(self).await.unwrap()
-    }
 }
 
 /// Polls `check` until it holds, failing the test after `limit`.
