@@ -713,6 +713,27 @@ pub fn is_statement_timeout(e: &sqlx::Error) -> bool {
     sqlstate_of(e) == Some(sqlstate::QUERY_CANCELED)
 }
 
+/// Whether `e` is a lock wait that gave up (`55P03`), as `lock_timeout`
+/// and `NOWAIT` do.
+#[must_use]
+pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    sqlstate_of(e) == Some(sqlstate::LOCK_NOT_AVAILABLE)
+}
+
+/// Whether repeating the operation (for a transaction conflict, the whole
+/// transaction) may succeed: the same answer as
+/// [`DatabaseError::is_retryable`], without taking `e` by value. A
+/// connection failure, the pool's acquire timeout, a statement or lock
+/// timeout, a serialization failure or a deadlock.
+#[must_use]
+pub fn is_retryable(e: &sqlx::Error) -> bool {
+    is_connection_error(e)
+        || is_pool_timeout(e)
+        || is_statement_timeout(e)
+        || is_lock_timeout(e)
+        || is_transaction_conflict(e)
+}
+
 /// Whether `e` means the connection failed or the server is unavailable:
 /// I/O and TLS errors, a closed pool, a crashed worker, SQLSTATE class `08`,
 /// a server shutting down or starting up (`57P01`, `57P02`, `57P03`), too

@@ -85,9 +85,9 @@ mod uow;
 pub use config::{DatabaseConfig, DatabaseConfigBuilder, TlsMode};
 pub use error::{
     ConstraintKind, DatabaseError, Result, SERVICE, chain_has_transaction_conflict, constraint_of,
-    is_connection_error, is_deadlock, is_pool_timeout, is_serialization_failure,
-    is_statement_timeout, is_transaction_conflict, is_unique_violation, sqlstate, sqlstate_of,
-    to_keel,
+    is_connection_error, is_deadlock, is_lock_timeout, is_pool_timeout, is_retryable,
+    is_serialization_failure, is_statement_timeout, is_transaction_conflict, is_unique_violation,
+    sqlstate, sqlstate_of, to_keel,
 };
 pub use health::{
     DEFAULT_DEGRADED_AFTER, DEFAULT_HEALTH_TIMEOUT, DatabaseLiveness, DatabaseReadiness,

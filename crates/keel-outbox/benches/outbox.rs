@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use criterion::{Criterion, Throughput};
+use keel_core::uow::TransactionSource;
 use keel_core::{EventId, EventPublisher, Message};
 use keel_eventbus::InMemoryBus;
-use keel_outbox::{OutboxMessage, OutboxWriter, Relay, RelayConfig};
+use keel_outbox::{Outbox, OutboxMessage, PgOutbox, Relay, RelayConfig};
 use keel_testkit::TestDatabase;
 use serde_json::json;
 use sqlx::PgPool;
@@ -47,12 +48,25 @@ fn event(aggregate: usize, seq: usize) -> OutboxMessage {
     )
 }
 
+/// A `keel_database::Database` on the same database as `pool`.
+fn database_of(pool: &PgPool) -> keel_database::Database {
+    keel_database::Database::connect_lazy(
+        keel_database::DatabaseConfig::builder()
+            .connect_options((*pool.connect_options()).clone())
+            .min_connections(0)
+            .max_connections(8)
+            .build()
+            .unwrap(),
+    )
+}
+
 async fn fill(pool: &PgPool, rows: usize) {
-    let writer = OutboxWriter::new();
+    let writer = PgOutbox::new();
+    let db = database_of(pool);
     let messages: Vec<_> = (0..rows).map(|i| event(i % AGGREGATES, i)).collect();
     for chunk in messages.chunks(500) {
-        let mut tx = pool.begin().await.unwrap();
-        writer.write_all(&mut tx, chunk).await.unwrap();
+        let mut tx = TransactionSource::begin(&db).await.unwrap();
+        writer.within(&mut *tx).write_all(chunk).await.unwrap();
         tx.commit().await.unwrap();
     }
 }
@@ -156,14 +170,15 @@ fn commit_to_publish() {
         let relay = Relay::new(db.pool().clone(), publisher, config).unwrap().spawn();
         tokio::time::sleep(Duration::from_millis(500)).await; // listener connected
 
-        let writer = OutboxWriter::new();
+        let writer = PgOutbox::new();
+        let units = database_of(db.pool());
         let mut latencies = Vec::with_capacity(SAMPLES);
         let mut early: HashMap<EventId, Instant> = HashMap::new();
         for i in 0..SAMPLES {
             let message = event(i % AGGREGATES, i);
             let id = message.message().event_id;
-            let mut tx = db.pool().begin().await.unwrap();
-            writer.write(&mut tx, &message).await.unwrap();
+            let mut tx = TransactionSource::begin(&units).await.unwrap();
+            writer.within(&mut *tx).write(&message).await.unwrap();
             tx.commit().await.unwrap();
             let committed = Instant::now();
             let published = loop {

@@ -100,7 +100,7 @@ impl OutboxError {
 
     /// Whether repeating the operation unchanged may succeed: the database or
     /// the bus was down, slow, or aborted the transaction (deadlock,
-    /// serialization failure).
+    /// serialization failure; see `keel_database::is_retryable`).
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -108,46 +108,9 @@ impl OutboxError {
                 source.is_retryable()
             }
             OutboxError::PublishTimeout { .. } => true,
-            OutboxError::Database(e) => {
-                matches!(classify(e), DbClass::Unavailable | DbClass::Timeout)
-            }
+            OutboxError::Database(e) => keel_database::is_retryable(e),
             _ => false,
         }
-    }
-}
-
-enum DbClass {
-    Unavailable,
-    Timeout,
-    Other,
-}
-
-/// Sorts a database error by SQLSTATE class and sqlx variant, never by text.
-fn classify(e: &sqlx::Error) -> DbClass {
-    match e {
-        sqlx::Error::PoolTimedOut => DbClass::Timeout,
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => DbClass::Unavailable,
-        sqlx::Error::Database(db) => match db.code().as_deref() {
-            // query_canceled (statement_timeout, lock_timeout)
-            Some("57014") | Some("55P03") => DbClass::Timeout,
-            // serialization_failure, deadlock_detected: the transaction can be
-            // run again as is.
-            Some("40001") | Some("40P01") => DbClass::Unavailable,
-            // connection exceptions, insufficient resources, operator
-            // intervention (admin shutdown, crash shutdown, cannot connect now)
-            Some(code)
-                if code.starts_with("08")
-                    || code.starts_with("53")
-                    || matches!(code, "57P01" | "57P02" | "57P03") =>
-            {
-                DbClass::Unavailable
-            }
-            _ => DbClass::Other,
-        },
-        _ => DbClass::Other,
     }
 }
 
@@ -169,16 +132,10 @@ impl From<OutboxError> for keel_core::Error {
                 after,
             },
             e @ OutboxError::CorruptRow { .. } => keel_core::Error::internal_msg(e.to_string()),
-            OutboxError::Database(db) => match classify(&db) {
-                DbClass::Unavailable => {
-                    keel_core::Error::unavailable("postgres", db.to_string(), db)
-                }
-                DbClass::Timeout => keel_core::Error::Timeout {
-                    operation: "postgres".into(),
-                    after: Duration::ZERO,
-                },
-                DbClass::Other => keel_core::Error::internal("outbox database error", db),
-            },
+            // The one SQLSTATE classifier is keel-database's: conflicts,
+            // timeouts, lost connections and refused values are typed the
+            // same as everywhere else in Keel.
+            OutboxError::Database(db) => keel_database::to_keel(db),
         }
     }
 }
@@ -216,7 +173,7 @@ mod tests {
         assert!(slow.is_retryable());
         assert_eq!(keel_core::Error::from(slow).kind(), ErrorKind::Timeout);
 
-        let bug = OutboxError::Database(sqlx::Error::RowNotFound);
+        let bug = OutboxError::Database(sqlx::Error::Protocol("garbled".into()));
         assert!(!bug.is_retryable());
         assert_eq!(keel_core::Error::from(bug).kind(), ErrorKind::Internal);
 

@@ -11,7 +11,7 @@ use keel_eventstore::{
     EventStore, RecordedEvent, Subscription, SubscriptionHandle, SubscriptionHandler,
     SubscriptionOptions, SubscriptionStatus, SubscriptionSupport,
 };
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::warn;
 
 use crate::error::{OutboxError, Result};
@@ -110,27 +110,42 @@ impl EventStoreRelay {
         }
         let (stop, stopping) = watch::channel(false);
         let interrupted = Arc::new(AtomicBool::new(false));
+        let (alive, ended) = oneshot::channel();
         let handler = Forward {
             name: options.name.clone(),
+            _alive: alive,
             relay: self,
             stopping,
             interrupted: interrupted.clone(),
         };
         let subscription = Subscription::spawn(store, options, handler);
         Ok(EventStoreRelayHandle {
-            subscription,
+            subscription: Some(subscription),
             stop,
             interrupted,
+            ended: Some(ended),
         })
     }
 }
 
 /// A running [`EventStoreRelay`].
+///
+/// Like every Keel background handle:
+/// * [`shutdown`](Self::shutdown)`.await` stops gracefully: a publish in
+///   flight finishes (one being retried is abandoned and published again
+///   on restart), the checkpoint is stored, then it returns;
+/// * [`abort`](Self::abort)`.await` stops at once, like a crash, and
+///   returns once the relay's task has ended: no final checkpoint, so the
+///   events since the last one are published again by the next relay;
+/// * dropping the handle is an abort that does not wait.
 #[derive(Debug)]
 pub struct EventStoreRelayHandle {
-    subscription: SubscriptionHandle,
+    subscription: Option<SubscriptionHandle>,
     stop: watch::Sender<bool>,
     interrupted: Arc<AtomicBool>,
+    /// Closed when the relay's handler is dropped, which happens when the
+    /// subscription's task ends (normally or aborted).
+    ended: Option<oneshot::Receiver<()>>,
 }
 
 impl EventStoreRelayHandle {
@@ -138,7 +153,10 @@ impl EventStoreRelayHandle {
     /// events handled.
     #[must_use]
     pub fn status(&self) -> SubscriptionStatus {
-        self.subscription.status()
+        self.subscription
+            .as_ref()
+            .map(SubscriptionHandle::status)
+            .unwrap_or_default()
     }
 
     /// Waits until the status satisfies `f` (or the relay ends).
@@ -146,7 +164,10 @@ impl EventStoreRelayHandle {
         &mut self,
         f: impl Fn(&SubscriptionStatus) -> bool,
     ) -> SubscriptionStatus {
-        self.subscription.wait_for(f).await
+        match self.subscription.as_mut() {
+            Some(subscription) => subscription.wait_for(f).await,
+            None => SubscriptionStatus::default(),
+        }
     }
 
     /// Stops gracefully: a publish in flight finishes (one being retried is
@@ -157,24 +178,47 @@ impl EventStoreRelayHandle {
     ///
     /// [`OutboxError::EventStore`] when the relay had already failed: an
     /// event that cannot be turned into a message, or a store error.
-    pub async fn stop(self) -> Result<()> {
+    pub async fn shutdown(mut self) -> Result<()> {
         let _ = self.stop.send(true);
-        match self.subscription.stop().await {
+        let Some(subscription) = self.subscription.take() else {
+            return Ok(());
+        };
+        match subscription.stop().await {
             Ok(()) => Ok(()),
             Err(_) if self.interrupted.load(Ordering::SeqCst) => Ok(()),
             Err(e) => Err(OutboxError::EventStore(e.into())),
         }
     }
 
-    /// Ends the relay at once, like a crash: no final checkpoint, so events
-    /// since the last one are published again by the next relay.
-    pub fn abort(self) {
-        self.subscription.abort();
+    /// Ends the relay at once, like a crash, and waits until its task has
+    /// ended: no publish of it runs after this returns. No final
+    /// checkpoint, so events since the last one are published again by the
+    /// next relay.
+    pub async fn abort(mut self) {
+        if let Some(subscription) = self.subscription.take() {
+            subscription.abort();
+        }
+        if let Some(ended) = self.ended.take() {
+            // Never sent: an error means the handler was dropped with the
+            // task.
+            let _ = ended.await;
+        }
+    }
+}
+
+impl Drop for EventStoreRelayHandle {
+    fn drop(&mut self) {
+        if let Some(subscription) = self.subscription.take() {
+            subscription.abort();
+        }
     }
 }
 
 struct Forward {
     name: String,
+    /// Dropped with the handler, i.e. when the subscription's task ends:
+    /// tells [`EventStoreRelayHandle::abort`] that nothing runs any more.
+    _alive: oneshot::Sender<()>,
     relay: EventStoreRelay,
     stopping: watch::Receiver<bool>,
     interrupted: Arc<AtomicBool>,

@@ -13,7 +13,7 @@ use keel_core::{Delivery, EventHandler, EventPublisher, HandlerError, Message};
 use keel_eventbus::InMemoryBus;
 use keel_outbox::{Inbox, InboxHandler, OutboxError, Relay, RelayConfig};
 use serde_json::json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -38,7 +38,14 @@ impl Effect {
 
 #[async_trait]
 impl InboxHandler for Effect {
-    async fn handle(&self, tx: &mut PgConnection, delivery: &Delivery) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        tx: &mut dyn keel_core::uow::Transaction,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
+        let tx = keel_database::UnitOfWork::join(tx)
+            .map_err(HandlerError::retry)?
+            .conn();
         self.calls.fetch_add(1, Ordering::SeqCst);
         sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
             .bind(delivery.message.event_id.as_uuid())
@@ -87,7 +94,7 @@ fn delivery(message: Message, attempt: u32) -> Delivery {
 async fn a_redelivered_message_is_acknowledged_without_running_the_work_again() {
     let db = database().await;
     effects_table(db.pool()).await;
-    let inbox = Inbox::new(db.pool().clone(), "billing.invoice", Effect::new()).unwrap();
+    let inbox = Inbox::postgres(&database_of(db.pool()), "billing.invoice", Effect::new()).unwrap();
     let message = Message::new("order.placed", json!({ "order": 1 }));
 
     assert!(!inbox.has_handled(message.event_id).await.unwrap());
@@ -100,7 +107,7 @@ async fn a_redelivered_message_is_acknowledged_without_running_the_work_again() 
     assert!(inbox.has_handled(message.event_id).await.unwrap());
 
     // Another consumer of the same event does its own work, once.
-    let other = Inbox::new(db.pool().clone(), "stats.count", Effect::new()).unwrap();
+    let other = Inbox::postgres(&database_of(db.pool()), "stats.count", Effect::new()).unwrap();
     other.handle(&delivery(message.clone(), 1)).await.unwrap();
     other.handle(&delivery(message, 2)).await.unwrap();
     assert_eq!(other.handler().calls.load(Ordering::SeqCst), 1);
@@ -113,7 +120,7 @@ async fn a_failed_handler_rolls_back_its_work_and_its_record() {
     effects_table(db.pool()).await;
     let handler = Effect::new();
     handler.fail_first.store(2, Ordering::SeqCst);
-    let inbox = Inbox::new(db.pool().clone(), "billing.invoice", handler).unwrap();
+    let inbox = Inbox::postgres(&database_of(db.pool()), "billing.invoice", handler).unwrap();
     let message = Message::new("order.placed", json!({ "order": 1 }));
 
     for attempt in 1..=2 {
@@ -135,7 +142,14 @@ struct Refuse;
 
 #[async_trait]
 impl InboxHandler for Refuse {
-    async fn handle(&self, tx: &mut PgConnection, delivery: &Delivery) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        tx: &mut dyn keel_core::uow::Transaction,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
+        let tx = keel_database::UnitOfWork::join(tx)
+            .map_err(HandlerError::retry)?
+            .conn();
         sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
             .bind(delivery.message.event_id.as_uuid())
             .execute(&mut *tx)
@@ -151,7 +165,7 @@ impl InboxHandler for Refuse {
 async fn a_rejection_reaches_the_bus_and_records_nothing() {
     let db = database().await;
     effects_table(db.pool()).await;
-    let inbox = Inbox::new(db.pool().clone(), "billing.invoice", Refuse).unwrap();
+    let inbox = Inbox::postgres(&database_of(db.pool()), "billing.invoice", Refuse).unwrap();
     let message = Message::new("order.unknown", json!({}));
     let err = inbox
         .handle(&delivery(message.clone(), 1))
@@ -169,7 +183,8 @@ async fn concurrent_duplicate_deliveries_run_the_work_exactly_once() {
     let mut handler = Effect::new();
     // Hold the transaction open so the duplicates really overlap with it.
     handler.hold = Duration::from_millis(300);
-    let inbox = Arc::new(Inbox::new(db.pool().clone(), "billing.invoice", handler).unwrap());
+    let inbox =
+        Arc::new(Inbox::postgres(&database_of(db.pool()), "billing.invoice", handler).unwrap());
     let message = Message::new("order.placed", json!({ "order": 1 }));
 
     let tasks: Vec<_> = (1..=8)
@@ -193,7 +208,8 @@ async fn concurrent_duplicates_whose_first_attempt_fails_still_run_exactly_once(
     let mut handler = Effect::new();
     handler.hold = Duration::from_millis(200);
     handler.fail_first.store(1, Ordering::SeqCst);
-    let inbox = Arc::new(Inbox::new(db.pool().clone(), "billing.invoice", handler).unwrap());
+    let inbox =
+        Arc::new(Inbox::postgres(&database_of(db.pool()), "billing.invoice", handler).unwrap());
     let message = Message::new("order.placed", json!({ "order": 1 }));
 
     let tasks: Vec<_> = (1..=6)
@@ -223,7 +239,8 @@ async fn many_messages_with_random_failures_and_duplicates_take_effect_once_each
     let bus = InMemoryBus::new();
     let mut handler = Effect::new();
     handler.fail_rate = 0.3;
-    let inbox = Arc::new(Inbox::new(db.pool().clone(), "billing.invoice", handler).unwrap());
+    let inbox =
+        Arc::new(Inbox::postgres(&database_of(db.pool()), "billing.invoice", handler).unwrap());
     let _sub = subscribe(&bus, "orders", "billing", inbox.clone()).await;
 
     let messages: Vec<Message> = (0..EVENTS)
@@ -270,7 +287,9 @@ async fn a_relay_failing_between_publish_and_mark_republishes_and_the_inbox_dedu
     let bus = InMemoryBus::new();
     let recorder = Recorder::default();
     let _raw = subscribe(&bus, "orders", "raw", Arc::new(recorder.clone())).await;
-    let inbox = Arc::new(Inbox::new(db.pool().clone(), "billing.invoice", Effect::new()).unwrap());
+    let inbox = Arc::new(
+        Inbox::postgres(&database_of(db.pool()), "billing.invoice", Effect::new()).unwrap(),
+    );
     let _billing = subscribe(&bus, "orders", "billing", inbox.clone()).await;
 
     let written: Vec<_> = (1..=30)
@@ -337,13 +356,13 @@ async fn consumer_names_are_checked_and_old_records_pruned() {
     let db = database().await;
     effects_table(db.pool()).await;
     for bad in ["", &"x".repeat(201), "a\0b"] {
-        match Inbox::new(db.pool().clone(), bad, Effect::new()) {
+        match Inbox::postgres(&database_of(db.pool()), bad, Effect::new()) {
             Err(OutboxError::Invalid { field, .. }) => assert_eq!(field, "consumer"),
             other => panic!("expected an invalid consumer, got {other:?}"),
         }
     }
 
-    let inbox = Inbox::new(db.pool().clone(), "billing.invoice", Effect::new()).unwrap();
+    let inbox = Inbox::postgres(&database_of(db.pool()), "billing.invoice", Effect::new()).unwrap();
     let old = Message::new("order.placed", json!({}));
     let new = Message::new("order.placed", json!({}));
     inbox.handle(&delivery(old.clone(), 1)).await.unwrap();

@@ -15,7 +15,6 @@ use keel_core::{Delivery, EventId, HandlerError};
 use keel_eventbus::testing::unique;
 use keel_eventbus::{EventBus, PubSubBus, PubSubConfig, SubscriptionConfig};
 use keel_outbox::{Inbox, InboxHandler, Relay, RelayConfig};
-use sqlx::PgConnection;
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -37,7 +36,14 @@ struct Apply {
 
 #[async_trait]
 impl InboxHandler for Apply {
-    async fn handle(&self, tx: &mut PgConnection, delivery: &Delivery) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        tx: &mut dyn keel_core::uow::Transaction,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
+        let tx = keel_database::UnitOfWork::join(tx)
+            .map_err(HandlerError::retry)?
+            .conn();
         self.calls.fetch_add(1, Ordering::SeqCst);
         sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
             .bind(delivery.message.event_id.as_uuid())
@@ -80,7 +86,9 @@ async fn a_relay_failing_after_publish_duplicates_on_pubsub_and_the_inbox_applie
         .subscribe(&topic, &config("raw"), Arc::new(recorder.clone()))
         .await
         .unwrap();
-    let inbox = Arc::new(Inbox::new(db.pool().clone(), "billing.apply", Apply::default()).unwrap());
+    let inbox = Arc::new(
+        Inbox::postgres(&database_of(db.pool()), "billing.apply", Apply::default()).unwrap(),
+    );
     let billing = bus
         .subscribe(&topic, &config("billing"), inbox.clone())
         .await

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use keel_core::uow::TransactionSource;
 use keel_core::{EventPublisher, Message};
 use keel_eventbus::InMemoryBus;
-use keel_outbox::{OutboxError, OutboxMessage, OutboxStats, OutboxWriter, Relay, RelayConfig};
+use keel_outbox::{Outbox, OutboxError, OutboxMessage, OutboxStats, PgOutbox, Relay, RelayConfig};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -43,10 +44,13 @@ async fn committed_rows_are_published_and_rolled_back_rows_never_are() {
     let committed: Vec<_> = (1..=3).map(|n| event("orders", "a", n)).collect();
     commit(db.pool(), &committed).await;
 
-    let mut tx = db.pool().begin().await.unwrap();
+    let mut tx = TransactionSource::begin(&database_of(db.pool()))
+        .await
+        .unwrap();
     let rolled_back: Vec<_> = (4..=5).map(|n| event("orders", "a", n)).collect();
-    OutboxWriter::new()
-        .write_all(&mut tx, &rolled_back)
+    PgOutbox::new()
+        .within(&mut *tx)
+        .write_all(&rolled_back)
         .await
         .unwrap();
     tx.rollback().await.unwrap();
@@ -82,8 +86,10 @@ async fn committed_rows_are_published_and_rolled_back_rows_never_are() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_a_typed_error_and_nothing_is_written() {
     let db = database().await;
-    let writer = OutboxWriter::new().max_payload_bytes(100);
-    let mut tx = db.pool().begin().await.unwrap();
+    let writer = PgOutbox::new().with_max_payload_bytes(100);
+    let mut tx = TransactionSource::begin(&database_of(db.pool()))
+        .await
+        .unwrap();
 
     let too_big = OutboxMessage::new(
         "orders",
@@ -96,25 +102,30 @@ async fn bad_input_is_refused_with_a_typed_error_and_nothing_is_written() {
         too_big.clone(),
         event("orders", "a", 3),
     ];
-    match writer.write_all(&mut tx, &batch).await {
-        Err(OutboxError::PayloadTooLarge {
-            event_id,
-            size,
-            limit,
-        }) => {
-            assert_eq!(event_id, too_big.message().event_id);
-            assert_eq!((size, limit), (202, 100));
+    match writer.within(&mut *tx).write_all(&batch).await {
+        Err(keel_core::Error::Invalid(invalid)) => {
+            assert_eq!(invalid.field, "payload");
+            assert!(
+                invalid.reason.contains("202 bytes, over the limit of 100"),
+                "{invalid:?}"
+            );
+            assert!(
+                invalid
+                    .reason
+                    .contains(&too_big.message().event_id.to_string())
+            );
         }
-        other => panic!("expected PayloadTooLarge, got {other:?}"),
+        other => panic!("expected an invalid payload, got {other:?}"),
     }
-    match writer.write(&mut tx, &event("", "a", 1)).await {
-        Err(OutboxError::Invalid { field, .. }) => assert_eq!(field, "topic"),
+    match writer.within(&mut *tx).write(&event("", "a", 1)).await {
+        Err(keel_core::Error::Invalid(invalid)) => assert_eq!(invalid.field, "topic"),
         other => panic!("expected an invalid topic, got {other:?}"),
     }
 
     // The transaction is still usable, and the refused batch left no row.
     writer
-        .write(&mut tx, &event("orders", "a", 9))
+        .within(&mut *tx)
+        .write(&event("orders", "a", 9))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -135,10 +146,15 @@ async fn an_event_id_already_in_the_outbox_is_a_duplicate_conflict() {
         vec![first.clone()],
         vec![event("orders", "b", 1), first.clone()],
     ] {
-        let mut tx = db.pool().begin().await.unwrap();
-        match OutboxWriter::new().write_all(&mut tx, &batch).await {
-            Err(OutboxError::DuplicateEvent { event_id }) => {
-                assert_eq!(event_id, first.message().event_id);
+        let mut tx = TransactionSource::begin(&database_of(db.pool()))
+            .await
+            .unwrap();
+        match PgOutbox::new().within(&mut *tx).write_all(&batch).await {
+            Err(keel_core::Error::AlreadyExists { subject }) => {
+                assert!(
+                    subject.contains(&first.message().event_id.to_string()),
+                    "{subject}"
+                );
             }
             other => panic!("expected DuplicateEvent, got {other:?}"),
         }
@@ -434,7 +450,7 @@ async fn a_relay_killed_mid_batch_loses_nothing_and_another_republishes() {
         *hang.published.lock().unwrap() > 0
     })
     .await;
-    doomed.abort();
+    doomed.abort().await;
     doomed_pool.close().await;
 
     // Nothing was marked; a healthy relay publishes everything (again).
@@ -492,7 +508,7 @@ async fn relay_config_out_of_range_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_writer_composes_with_keel_database_units_of_work_and_savepoints() {
+async fn the_outbox_joins_keel_database_units_of_work() {
     use keel_database::{Database, DatabaseConfig};
     let db = database().await;
     let config = DatabaseConfig::builder()
@@ -502,27 +518,28 @@ async fn the_writer_composes_with_keel_database_units_of_work_and_savepoints() {
         .build()
         .unwrap();
     let database = Database::connect(config).await.unwrap();
-    let writer = OutboxWriter::new();
+    let outbox = PgOutbox::new();
 
-    let mut uow = database.begin().await.unwrap();
-    writer
-        .write(&mut uow, &event("orders", "a", 1))
+    let mut uow = TransactionSource::begin(&database).await.unwrap();
+    outbox
+        .within(&mut *uow)
+        .write(&event("orders", "a", 1))
         .await
         .unwrap();
-    {
-        // A savepoint rolled back takes its outbox rows with it.
-        let mut savepoint = uow.savepoint().await.unwrap();
-        writer
-            .write(&mut savepoint, &event("orders", "a", 2))
-            .await
-            .unwrap();
-        savepoint.rollback().await.unwrap();
-    }
+    // A wrong-backend transaction is refused, not written outside it.
+    let mut memory = keel_core::uow::MemoryTransaction::new();
+    let err = outbox
+        .within(&mut memory)
+        .write(&event("orders", "a", 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), keel_core::ErrorKind::Internal, "{err}");
     uow.commit().await.unwrap();
 
-    let mut abandoned = database.begin().await.unwrap();
-    writer
-        .write(abandoned.conn(), &event("orders", "b", 1))
+    let mut abandoned = TransactionSource::begin(&database).await.unwrap();
+    outbox
+        .within(&mut *abandoned)
+        .write(&event("orders", "b", 1))
         .await
         .unwrap();
     drop(abandoned); // dropped without commit: rolled back

@@ -96,7 +96,7 @@ where
         recorder.len() >= 30
     })
     .await;
-    relay.stop().await.unwrap();
+    relay.shutdown().await.unwrap();
 
     // A new relay under the same name resumes after the stored checkpoint.
     for aggregate in ["a", "b"] {
@@ -107,7 +107,7 @@ where
         recorder.len() >= 34
     })
     .await;
-    relay.stop().await.unwrap();
+    relay.shutdown().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let counts = recorder.counts();

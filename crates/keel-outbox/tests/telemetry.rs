@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use keel_core::uow::TransactionSource;
 use keel_core::{Metadata, TraceContext};
 use keel_eventbus::InMemoryBus;
-use keel_outbox::{OutboxWriter, Relay, RelayConfig};
+use keel_outbox::{Outbox, PgOutbox, Relay, RelayConfig};
 use keel_telemetry::metrics::names::{ATTR_RELAY, OUTBOX_LAG, OUTBOX_PENDING};
 use keel_telemetry::testing::MetricsProbe;
 use opentelemetry::Context;
@@ -117,13 +118,20 @@ async fn a_write_inside_a_trace_carries_it_to_the_consumer() {
     };
     let untraced = event("traced", "b", 1);
 
-    let mut tx = db.pool().begin().await.unwrap();
-    OutboxWriter::new()
-        .write_all(&mut tx, &[plain.clone(), carried.clone()])
+    let mut tx = TransactionSource::begin(&database_of(db.pool()))
+        .await
+        .unwrap();
+    PgOutbox::new()
+        .within(&mut *tx)
+        .write_all(&[plain.clone(), carried.clone()])
         .with_context(cx)
         .await
         .unwrap();
-    OutboxWriter::new().write(&mut tx, &untraced).await.unwrap();
+    PgOutbox::new()
+        .within(&mut *tx)
+        .write(&untraced)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     let relay = Relay::new(db.pool().clone(), Arc::new(bus.clone()), quick("relay-c")).unwrap();

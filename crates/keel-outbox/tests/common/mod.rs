@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use keel_core::uow::TransactionSource;
 use keel_core::{Delivery, EventHandler, EventId, EventPublisher, HandlerError, Message};
+use keel_database::{Database, DatabaseConfig};
 use keel_eventbus::{EventBus, InMemoryBus, Subscription, SubscriptionConfig};
-use keel_outbox::{OutboxMessage, OutboxWriter};
+use keel_outbox::{Outbox, OutboxMessage, PgOutbox};
 use keel_testkit::TestDatabase;
 use serde_json::json;
 use sqlx::PgPool;
@@ -20,6 +22,18 @@ pub async fn database() -> TestDatabase {
     TestDatabase::create(&keel_database::MIGRATOR)
         .await
         .expect("a migrated test database (is PostgreSQL running on 127.0.0.1:5432?)")
+}
+
+/// A `keel_database::Database` on the test database, for units of work.
+pub fn connect(db: &TestDatabase) -> Database {
+    Database::connect_lazy(
+        DatabaseConfig::builder()
+            .connect_options(db.connect_options())
+            .min_connections(0)
+            .max_connections(20)
+            .build()
+            .expect("a valid database config"),
+    )
 }
 
 /// The `seq`-th event of aggregate `Order`/`aggregate`, for `topic`.
@@ -35,11 +49,25 @@ pub fn event(topic: &str, aggregate: &str, seq: u64) -> OutboxMessage {
     )
 }
 
-/// Writes `messages` in one committed transaction.
+/// A `keel_database::Database` on the same database as `pool`.
+pub fn database_of(pool: &PgPool) -> Database {
+    Database::connect_lazy(
+        DatabaseConfig::builder()
+            .connect_options((*pool.connect_options()).clone())
+            .min_connections(0)
+            .max_connections(4)
+            .build()
+            .expect("a valid database config"),
+    )
+}
+
+/// Writes `messages` in one committed unit of work.
 pub async fn commit(pool: &PgPool, messages: &[OutboxMessage]) {
-    let mut tx = pool.begin().await.unwrap();
-    OutboxWriter::new()
-        .write_all(&mut tx, messages)
+    let db = database_of(pool);
+    let mut tx = TransactionSource::begin(&db).await.unwrap();
+    PgOutbox::new()
+        .within(&mut *tx)
+        .write_all(messages)
         .await
         .unwrap();
     tx.commit().await.unwrap();
