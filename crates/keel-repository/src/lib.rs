@@ -115,6 +115,7 @@
 
 mod cursor;
 mod error;
+mod limits;
 mod mapping;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -156,10 +157,11 @@ pub use error::{RepositoryError, Result};
 /// repository is built.
 #[cfg(feature = "derive")]
 pub use keel_repository_macros::Mapped;
+pub use limits::{MAX_FILTERS, MAX_ID_BYTES, MAX_JSON_BYTES, MAX_SORT_KEYS, MAX_TEXT_BYTES};
 pub use mapping::{Column, Mapped, Mapping, Row, RowWriter};
 pub use memory::InMemoryRepository;
 #[cfg(feature = "postgres")]
-pub use postgres::{OnConnection, PgRepository};
+pub use postgres::PgRepository;
 pub use query::{DEFAULT_MAX_PAGE_SIZE, MAX_IN_LIST};
 pub use value::{ColumnType, FromValue, Value};
 

@@ -4,16 +4,19 @@ mod bind;
 mod read;
 mod schema;
 mod sql;
+mod within;
 mod write;
 
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use keel_core::uow::Transaction;
 use keel_core::{
-    Clock, Deleted, EntityReader, EntityWriter, Filter, ListQuery, Page, Stored, Version,
+    Clock, Deleted, EntityReader, EntityRepository, EntityWriter, Filter, ListQuery, Page, Stored,
+    Version,
 };
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::{PgPool, Postgres};
 
 use self::sql::Statements;
 use self::write::Transition;
@@ -24,10 +27,16 @@ use crate::query::DEFAULT_MAX_PAGE_SIZE;
 
 /// The entity repository on PostgreSQL.
 ///
-/// Implements [`EntityReader`] and [`EntityWriter`] on a pool; use
-/// [`on`](PgRepository::on) to run the same operations on a connection you
-/// hold, typically inside a transaction shared with other writes (an outbox
-/// row, another repository). Cloning is cheap.
+/// Implements [`EntityRepository`] on a pool: each call outside a unit of
+/// work runs on a pooled connection of its own. Inside one,
+/// [`within(tx)`](EntityRepository::within) runs the same operations in
+/// the unit's transaction (a `keel_database::UnitOfWork`), so they commit
+/// or roll back with its other writes (events, an outbox row, another
+/// repository) and reads see its own writes.
+///
+/// As always in PostgreSQL, a statement that fails with a database error
+/// (a duplicate id, say) aborts the surrounding transaction; version
+/// conflicts and not-found results do not. Cloning is cheap.
 pub struct PgRepository<E: Mapped> {
     pool: PgPool,
     inner: Arc<Inner<E>>,
@@ -127,134 +136,8 @@ impl<E: Mapped> PgRepository<E> {
         &self.pool
     }
 
-    /// The same operations on `conn`, for example a transaction's connection
-    /// (`repo.on(&mut tx)`), so that they commit or roll back with the
-    /// caller's other writes.
-    ///
-    /// As always in PostgreSQL, a statement that fails with a database error
-    /// (a duplicate id, say) aborts the surrounding transaction; version
-    /// conflicts and not-found results do not.
-    pub fn on<'c>(&self, conn: &'c mut PgConnection) -> OnConnection<'c, E> {
-        OnConnection {
-            inner: Arc::clone(&self.inner),
-            conn,
-        }
-    }
-
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Postgres>> {
         Ok(self.pool.acquire().await?)
-    }
-}
-
-/// A [`PgRepository`]'s operations bound to one connection (see
-/// [`PgRepository::on`]). Errors are [`RepositoryError`]s, which convert
-/// into [`keel_core::Error`] with `?`.
-pub struct OnConnection<'c, E: Mapped> {
-    inner: Arc<Inner<E>>,
-    conn: &'c mut PgConnection,
-}
-
-impl<E: Mapped> fmt::Debug for OnConnection<'_, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OnConnection")
-            .field("entity", &E::NAME)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<E: Mapped> OnConnection<'_, E> {
-    /// See [`EntityWriter::insert`].
-    pub async fn insert(&mut self, entity: E) -> Result<Stored<E>> {
-        self.inner.insert(self.conn, &entity).await
-    }
-
-    /// See [`EntityWriter::insert_many`].
-    pub async fn insert_many(&mut self, entities: Vec<E>) -> Result<Vec<Stored<E>>> {
-        self.inner.insert_many(self.conn, &entities).await
-    }
-
-    /// See [`EntityWriter::update`].
-    pub async fn update(&mut self, entity: E, expected: Version) -> Result<Stored<E>> {
-        self.inner.update(self.conn, &entity, expected).await
-    }
-
-    /// See [`EntityWriter::upsert`].
-    pub async fn upsert(&mut self, entity: E) -> Result<Stored<E>> {
-        self.inner.upsert(self.conn, &entity).await
-    }
-
-    /// See [`EntityWriter::soft_delete`].
-    pub async fn soft_delete(&mut self, id: &E::Id, expected: Version) -> Result<Stored<E>> {
-        self.inner
-            .transition(self.conn, id, expected, Transition::SoftDelete)
-            .await
-    }
-
-    /// See [`EntityWriter::restore`].
-    pub async fn restore(&mut self, id: &E::Id, expected: Version) -> Result<Stored<E>> {
-        self.inner
-            .transition(self.conn, id, expected, Transition::Restore)
-            .await
-    }
-
-    /// See [`EntityWriter::hard_delete`].
-    pub async fn hard_delete(&mut self, id: &E::Id, expected: Version) -> Result<()> {
-        self.inner.hard_delete(self.conn, id, expected).await
-    }
-
-    /// See [`EntityReader::get`].
-    pub async fn get(&mut self, id: &E::Id) -> Result<Option<Stored<E>>> {
-        self.inner.get(self.conn, id, false).await
-    }
-
-    /// See [`EntityReader::get_including_deleted`].
-    pub async fn get_including_deleted(&mut self, id: &E::Id) -> Result<Option<Stored<E>>> {
-        self.inner.get(self.conn, id, true).await
-    }
-
-    /// See [`EntityReader::get_many`].
-    pub async fn get_many(&mut self, ids: &[E::Id]) -> Result<Vec<Stored<E>>> {
-        self.inner.get_many(self.conn, ids).await
-    }
-
-    /// See [`EntityReader::exists`].
-    pub async fn exists(&mut self, id: &E::Id) -> Result<bool> {
-        self.inner.exists(self.conn, id).await
-    }
-
-    /// See [`EntityReader::count`].
-    pub async fn count(&mut self, filters: &[Filter], deleted: Deleted) -> Result<u64> {
-        self.inner.count(self.conn, filters, deleted).await
-    }
-
-    /// See [`EntityReader::list`].
-    pub async fn list(&mut self, query: &ListQuery) -> Result<Page<Stored<E>>> {
-        self.inner.list(self.conn, query).await
-    }
-}
-
-/// Maps a database failure onto the port's error: connection trouble,
-/// shutdowns, serialization failures and deadlocks are retryable
-/// `Unavailable`; everything else is `Internal`. Decided by error variant
-/// and SQLSTATE, never by message text.
-pub(crate) fn classify(e: sqlx::Error) -> keel_core::Error {
-    let retryable = match &e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            c.starts_with("08") // connection exception
-                || c.starts_with("53") // insufficient resources
-                || matches!(&*c, "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "57014")
-        }),
-        _ => false,
-    };
-    if retryable {
-        keel_core::Error::unavailable("postgres", e.to_string(), e)
-    } else {
-        keel_core::Error::internal("database error", e)
     }
 }
 
@@ -336,5 +219,11 @@ impl<E: Mapped> EntityWriter<E> for PgRepository<E> {
             .inner
             .hard_delete(&mut *self.conn().await?, id, expected)
             .await?)
+    }
+}
+
+impl<E: Mapped> EntityRepository<E> for PgRepository<E> {
+    fn within<'t>(&'t self, tx: &'t mut dyn Transaction) -> Box<dyn EntityRepository<E> + 't> {
+        Box::new(within::Within::new(Arc::clone(&self.inner), tx))
     }
 }

@@ -49,7 +49,7 @@ impl<E: Mapped> Inner<E> {
         // any number of ids.
         let mut args = PgArguments::default();
         args.add(ArrayParam(&keys, self.schema.id_type()))
-            .map_err(|e| RepositoryError::Database(sqlx::Error::Encode(e)))?;
+            .map_err(|e| RepositoryError::from(sqlx::Error::Encode(e)))?;
         let rows = sqlx::query_with(&self.sql.get_many, args)
             .fetch_all(conn)
             .await?;

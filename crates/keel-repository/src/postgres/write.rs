@@ -8,6 +8,8 @@ use keel_core::{ExpectedVersion, Stored, Version, VersionConflict};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Arguments, Connection, PgConnection, Postgres, QueryBuilder};
 
+use keel_database::DatabaseError;
+
 use super::Inner;
 use super::bind::{Param, decode};
 use crate::error::{RepositoryError, Result};
@@ -27,7 +29,7 @@ pub(super) enum Transition {
 
 pub(super) fn add(args: &mut PgArguments, value: &Value, ty: ColumnType) -> Result<()> {
     args.add(Param(value, ty))
-        .map_err(|e| RepositoryError::Database(sqlx::Error::Encode(e)))
+        .map_err(|e| RepositoryError::from(sqlx::Error::Encode(e)))
 }
 
 impl<E: Mapped> Inner<E> {
@@ -47,32 +49,29 @@ impl<E: Mapped> Inner<E> {
         self.record(row)?.into_stored(&self.schema)
     }
 
-    /// Classifies a failed write: duplicates by SQLSTATE 23505 and the
-    /// constraint's name, refused data by SQLSTATE class 22/23.
+    /// Classifies a failed write with keel-database's classifier:
+    /// duplicates (with the constraint's name) become `AlreadyExists`,
+    /// other constraint violations and refused values `Rejected`.
     pub(super) fn write_error(
         &self,
         e: sqlx::Error,
         subject: impl FnOnce() -> String,
     ) -> RepositoryError {
-        if let sqlx::Error::Database(db) = &e {
-            if db.is_unique_violation() {
-                return RepositoryError::AlreadyExists {
-                    subject: subject(),
-                    constraint: db.constraint().map(str::to_owned),
-                };
-            }
-            if let Some(code) = db.code()
-                && (code.starts_with("22") || code.starts_with("23"))
-            {
-                return RepositoryError::Rejected {
+        match DatabaseError::from(e) {
+            DatabaseError::UniqueViolation { constraint, .. } => RepositoryError::AlreadyExists {
+                subject: subject(),
+                constraint,
+            },
+            e @ (DatabaseError::ConstraintViolation { .. } | DatabaseError::InvalidData { .. }) => {
+                RepositoryError::Rejected {
                     entity: self.schema.entity,
-                    sqlstate: code.into_owned(),
-                    message: db.message().to_owned(),
-                    constraint: db.constraint().map(str::to_owned),
-                };
+                    sqlstate: e.sqlstate().unwrap_or_default().to_owned(),
+                    message: shown_message(&e),
+                    constraint: e.constraint().map(str::to_owned),
+                }
             }
+            other => RepositoryError::Database(other),
         }
-        RepositoryError::Database(e)
     }
 
     pub(super) fn row_args(&self, values: &[Value]) -> Result<PgArguments> {
@@ -341,4 +340,14 @@ impl<E: Mapped> Inner<E> {
 pub(super) fn add_expected(args: &mut PgArguments, expected: Version) -> Result<()> {
     let v = i64::try_from(expected.get()).unwrap_or(-1);
     add(args, &Value::I64(v), ColumnType::I64)
+}
+
+/// The server's primary message, bounded like caller input: it may quote
+/// a value.
+fn shown_message(e: &DatabaseError) -> String {
+    let message = match e {
+        DatabaseError::InvalidData { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    crate::error::shown(&message)
 }

@@ -7,9 +7,9 @@
 //!
 //! ```ignore
 //! keel_repository::contract_suite!(|| async {
-//!     let clock = Arc::new(ManualClock::at(keel_repository::testing::EPOCH.parse().unwrap()));
+//!     let clock = keel_repository::testing::clock();
 //!     let repo = InMemoryRepository::<Gadget>::new().unwrap().with_clock(clock.clone());
-//!     (Harness::new(repo, clock), ())
+//!     (Harness::new(repo, clock, MemoryTransactions::new()), ())
 //! });
 //! ```
 //!
@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
+use keel_core::uow::TransactionSource;
 use keel_core::{
     Clock, Cursor, Deleted, Direction, Entity, EntityRepository, Error, ExpectedVersion, Filter,
     ListQuery, ManualClock, Page, PageRequest, Stored, Version,
@@ -29,12 +30,16 @@ use crate::{Column, ColumnType, Mapped, Mapping, Result, Row, RowWriter, Value};
 
 mod concurrency;
 mod input;
+mod limits;
 mod listing;
+mod units;
 mod writes;
 
 pub use concurrency::*;
 pub use input::*;
+pub use limits::*;
 pub use listing::*;
+pub use units::*;
 pub use writes::*;
 
 /// Where the harness clock starts; nanoseconds on purpose, to show they are
@@ -152,13 +157,18 @@ pub fn gadget(id: &str, name: &str, price: i64) -> Gadget {
     }
 }
 
-/// One repository under test and the clock it was given.
+/// One repository under test, the clock it was given and where its units
+/// of work come from.
 #[derive(Clone)]
 pub struct Harness {
     /// The repository, empty.
     pub repo: Arc<dyn EntityRepository<Gadget>>,
     /// The clock the repository takes timestamps from.
     pub clock: Arc<ManualClock>,
+    /// Begins transactions the repository can join with `within(tx)`:
+    /// `keel_database::Database` for PostgreSQL,
+    /// [`MemoryTransactions`](keel_core::uow::MemoryTransactions) in memory.
+    pub transactions: Arc<dyn TransactionSource>,
 }
 
 impl std::fmt::Debug for Harness {
@@ -168,11 +178,16 @@ impl std::fmt::Debug for Harness {
 }
 
 impl Harness {
-    /// Wraps a repository and its clock.
-    pub fn new(repo: impl EntityRepository<Gadget> + 'static, clock: Arc<ManualClock>) -> Self {
+    /// Wraps a repository, its clock and its transaction source.
+    pub fn new(
+        repo: impl EntityRepository<Gadget> + 'static,
+        clock: Arc<ManualClock>,
+        transactions: impl TransactionSource + 'static,
+    ) -> Self {
         Self {
             repo: Arc::new(repo),
             clock,
+            transactions: Arc::new(transactions),
         }
     }
 
@@ -271,6 +286,15 @@ macro_rules! contract_suite {
                 keyset_pagination_walks_everything,
                 keyset_is_stable_under_concurrent_writes,
                 bad_input_is_typed,
+                field_name_injection_is_refused,
+                a_unit_of_work_commits_together,
+                a_rolled_back_unit_leaves_nothing,
+                answers_inside_a_unit_are_typed,
+                a_refused_write_aborts_the_unit,
+                concurrent_units_lose_no_update,
+                nul_characters_are_refused,
+                sizes_have_limits,
+                messages_are_bounded,
             ],
         }
     };
