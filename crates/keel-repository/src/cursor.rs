@@ -158,7 +158,7 @@ impl CursorCodec {
             .into_iter()
             .zip(types)
             .map(|(part, ty)| {
-                Ok(match (ty, part) {
+                let value = match (ty, part) {
                     (ColumnType::Bool, Part::B(b)) => Value::Bool(b),
                     (ColumnType::I32, Part::I(i)) => Value::I32(
                         i32::try_from(i)
@@ -173,7 +173,12 @@ impl CursorCodec {
                             .ok_or_else(|| RepositoryError::malformed("timestamp out of range"))?,
                     ),
                     _ => return Err(RepositoryError::CursorMismatch),
-                })
+                };
+                // A cursor signed with the public default key can be forged:
+                // its values get the same checks as a filter's.
+                crate::limits::check_value("cursor", &value, crate::limits::MAX_TEXT_BYTES)
+                    .map_err(|_| RepositoryError::malformed("a value no row can hold"))?;
+                Ok(value)
             })
             .collect()
     }

@@ -59,7 +59,20 @@ pub enum RepositoryError {
         reason: String,
     },
 
-    /// The sort order is unusable (a field named twice).
+    /// A value the caller handed in cannot be stored or compared: a NUL
+    /// character in text or JSON, text, JSON or an id above its documented
+    /// size limit (see [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) and its
+    /// siblings), a timestamp outside PostgreSQL's range. Refused before the
+    /// database sees it, the same by every repository.
+    #[error("invalid value for `{field}`: {reason}")]
+    InvalidValue {
+        /// The column, field or parameter (`id`, `cursor`) refused.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// The sort order is unusable (a field named twice, too many keys).
     #[error("invalid sort: {reason}")]
     InvalidSort {
         /// Why.
@@ -135,10 +148,11 @@ pub enum RepositoryError {
         constraint: Option<String>,
     },
 
-    /// The database failed or could not be reached.
+    /// The database failed or could not be reached, as classified by
+    /// keel-database (SQLSTATE codes are read there, nowhere else).
     #[cfg(feature = "postgres")]
-    #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    #[error("{0}")]
+    Database(#[source] keel_database::DatabaseError),
 }
 
 impl RepositoryError {
@@ -151,7 +165,7 @@ impl RepositoryError {
 
     pub(crate) fn filter(field: &str, reason: impl Into<String>) -> Self {
         RepositoryError::InvalidFilter {
-            field: field.to_owned(),
+            field: shown(field),
             reason: reason.into(),
         }
     }
@@ -181,16 +195,39 @@ impl RepositoryError {
 #[cfg(feature = "postgres")]
 impl From<sqlx::Error> for RepositoryError {
     fn from(e: sqlx::Error) -> Self {
-        RepositoryError::Database(e)
+        RepositoryError::Database(e.into())
     }
 }
+
+/// How caller-supplied text appears in an error message: at most
+/// [`SHOWN_CHARS`] characters (then `…`), control characters escaped, so
+/// a message stays one bounded line whatever the input.
+pub(crate) fn shown(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == SHOWN_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// How many characters of caller-supplied text an error message shows.
+pub(crate) const SHOWN_CHARS: usize = 64;
 
 impl From<RepositoryError> for keel_core::Error {
     fn from(e: RepositoryError) -> Self {
         use keel_core::Error;
-        let message = e.to_string();
+        // `InvalidInput` prints "invalid {field}: {reason}", so the reason
+        // is the message without the variant's own "invalid …" prefix.
         let invalid =
-            |field: &'static str| Error::Invalid(InvalidInput::new(field, message.clone()));
+            |field: String, reason: String| Error::Invalid(InvalidInput::new(field, reason));
         match e {
             RepositoryError::Conflict(c) => Error::Conflict(c),
             RepositoryError::AlreadyExists {
@@ -203,20 +240,47 @@ impl From<RepositoryError> for keel_core::Error {
                 },
             },
             RepositoryError::NotFound { subject } => Error::NotFound { subject },
-            RepositoryError::UnknownField { usage, .. } => invalid(usage),
-            RepositoryError::InvalidFilter { .. } => invalid("filter"),
-            RepositoryError::InvalidSort { .. } => invalid("sort"),
-            RepositoryError::InvalidPage { .. } => invalid("page"),
-            RepositoryError::MalformedCursor { .. }
-            | RepositoryError::TamperedCursor
-            | RepositoryError::CursorMismatch => invalid("cursor"),
-            RepositoryError::NotDeleted { .. } => invalid("id"),
-            RepositoryError::Rejected { entity, .. } => invalid(entity),
-            RepositoryError::Mapping { .. } | RepositoryError::Decode { .. } => {
-                Error::internal_msg(message)
+            RepositoryError::UnknownField {
+                usage,
+                field,
+                allowed,
+            } => invalid(
+                usage.to_owned(),
+                format!("unknown field `{field}`; allowed: {allowed}"),
+            ),
+            RepositoryError::InvalidFilter { field, reason } => {
+                invalid("filter".into(), format!("`{field}`: {reason}"))
+            }
+            RepositoryError::InvalidValue { field, reason } => invalid(field, reason),
+            RepositoryError::InvalidSort { reason } => invalid("sort".into(), reason),
+            RepositoryError::InvalidPage { reason } => invalid("page".into(), reason),
+            RepositoryError::MalformedCursor { reason } => {
+                invalid("cursor".into(), format!("malformed: {reason}"))
+            }
+            RepositoryError::TamperedCursor => {
+                invalid("cursor".into(), "the signature does not match".into())
+            }
+            RepositoryError::CursorMismatch => invalid(
+                "cursor".into(),
+                "it was issued for a different query; start again from the first page".into(),
+            ),
+            RepositoryError::NotDeleted { subject } => {
+                invalid("id".into(), format!("{subject} is not deleted"))
+            }
+            RepositoryError::Rejected {
+                entity,
+                sqlstate,
+                message,
+                ..
+            } => invalid(
+                entity.to_owned(),
+                format!("refused by the database ({sqlstate}): {message}"),
+            ),
+            e @ (RepositoryError::Mapping { .. } | RepositoryError::Decode { .. }) => {
+                Error::internal_msg(e.to_string())
             }
             #[cfg(feature = "postgres")]
-            RepositoryError::Database(db) => crate::postgres::classify(db),
+            RepositoryError::Database(db) => db.into(),
         }
     }
 }
@@ -225,6 +289,14 @@ impl From<RepositoryError> for keel_core::Error {
 mod tests {
     use super::*;
     use keel_core::{ErrorKind, ExpectedVersion, Version};
+
+    #[test]
+    fn caller_text_is_bounded_and_escaped() {
+        assert_eq!(shown("a\nb\0"), "a\\nb\\u{0}");
+        let long = shown(&"x".repeat(1_000));
+        assert_eq!(long.chars().count(), SHOWN_CHARS + 1);
+        assert!(long.ends_with('…'));
+    }
 
     #[test]
     fn converts_into_the_port_error() {
@@ -246,6 +318,9 @@ mod tests {
             dup.to_string(),
             "gadget a (unique constraint `gadgets_pkey`) already exists"
         );
+
+        let page: keel_core::Error = RepositoryError::page("size must be 1 to 10").into();
+        assert_eq!(page.to_string(), "invalid page: size must be 1 to 10");
 
         let cursor: keel_core::Error = RepositoryError::TamperedCursor.into();
         assert_eq!(cursor.kind(), ErrorKind::InvalidInput);

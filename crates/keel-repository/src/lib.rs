@@ -29,8 +29,18 @@
 //! * **Listing**: equality, range, in-list and literal prefix filters, and
 //!   sorting, on declared fields only; offset pages with a total, or keyset
 //!   pages with an opaque, HMAC-signed cursor bound to the query.
-//! * **Units of work**: [`PgRepository::on`] runs every operation on a
-//!   connection you hold, so an entity and an outbox row commit together.
+//! * **Units of work**: `repo.within(tx)` runs every operation in a
+//!   transaction shared with other ports (events, an outbox row, another
+//!   repository): its writes commit or roll back together, its reads see
+//!   the transaction's own writes. `PgRepository` joins a
+//!   `keel_database::UnitOfWork`, `InMemoryRepository` a
+//!   [`MemoryTransaction`](keel_core::uow::MemoryTransaction).
+//! * **Limits**: ids up to [`MAX_ID_BYTES`], text and JSON up to
+//!   [`MAX_TEXT_BYTES`] / [`MAX_JSON_BYTES`], no NUL characters, timestamps
+//!   in PostgreSQL's range, at most [`MAX_FILTERS`] filters,
+//!   [`MAX_SORT_KEYS`] sort keys and [`MAX_IN_LIST`] values per in-list:
+//!   checked before the database sees anything, so both repositories refuse
+//!   the same input with the same `Invalid` error.
 //!
 //! Guide: `docs/repository.md`.
 //!
@@ -102,11 +112,44 @@
 //! # }
 //! ```
 //!
+//! # Units of work
+//!
+//! ```no_run
+//! use keel_core::uow::TransactionSource;
+//! use keel_core::{EntityReader, EntityRepository, EntityWriter, Version};
+//! use keel_repository::{Mapped, PgRepository};
+//!
+//! /// Bumps an entity and writes an outbox row in one transaction.
+//! async fn touch<E: Mapped>(
+//!     database: &keel_database::Database,
+//!     repo: &PgRepository<E>,
+//!     id: &E::Id,
+//! ) -> keel_core::Result<()> {
+//!     let mut tx = database.begin().await?; // or TransactionSource::begin(database)
+//!     let found = repo.within(&mut tx).get(id).await?;
+//!     if let Some(stored) = found {
+//!         repo.within(&mut tx).update(stored.entity, stored.version).await?;
+//!         sqlx::query("INSERT INTO outbox (topic) VALUES ('touched')")
+//!             .execute(tx.conn())
+//!             .await
+//!             .map_err(keel_database::to_keel)?;
+//!     }
+//!     tx.commit().await?; // both, or neither
+//!     Ok(())
+//! }
+//! ```
+//!
+//! In a command handler the transaction arrives as `&mut dyn Transaction`
+//! and the pipeline commits it: `products.within(tx).update(p, v).await?`.
+//! As in PostgreSQL, a write the store refuses (a duplicate id, a CHECK)
+//! aborts the transaction in both variants, while a version conflict or a
+//! not-found is an answer and leaves it usable.
+//!
 //! # Feature flags
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `postgres` | yes | [`PgRepository`] and [`OnConnection`], on sqlx |
+//! | `postgres` | yes | [`PgRepository`], on sqlx and keel-database |
 //! | `derive` | yes | `#[derive(Mapped)]`, which writes the `Entity` and `Mapped` impls from attributes |
 //! | `testing` | no | the contract suite (module `testing`, macro `contract_suite!`) for implementations of the port |
 //!
@@ -115,6 +158,7 @@
 
 mod cursor;
 mod error;
+mod limits;
 mod mapping;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -156,10 +200,11 @@ pub use error::{RepositoryError, Result};
 /// repository is built.
 #[cfg(feature = "derive")]
 pub use keel_repository_macros::Mapped;
+pub use limits::{MAX_FILTERS, MAX_ID_BYTES, MAX_JSON_BYTES, MAX_SORT_KEYS, MAX_TEXT_BYTES};
 pub use mapping::{Column, Mapped, Mapping, Row, RowWriter};
 pub use memory::InMemoryRepository;
 #[cfg(feature = "postgres")]
-pub use postgres::{OnConnection, PgRepository};
+pub use postgres::PgRepository;
 pub use query::{DEFAULT_MAX_PAGE_SIZE, MAX_IN_LIST};
 pub use value::{ColumnType, FromValue, Value};
 

@@ -343,6 +343,7 @@ impl Schema {
     /// Checks an id value against the id column's type.
     pub(crate) fn check_id(&self, id: Value) -> Result<Value> {
         if id.column_type() == Some(self.id_type()) {
+            crate::limits::check_value("id", &id, crate::limits::MAX_ID_BYTES)?;
             Ok(id.normalized())
         } else {
             Err(RepositoryError::mapping(
@@ -367,7 +368,7 @@ impl Schema {
         if let Some(reason) = writer.error {
             return Err(RepositoryError::mapping(self.entity, reason));
         }
-        writer
+        let values = writer
             .values
             .into_iter()
             .zip(&self.columns)
@@ -379,11 +380,21 @@ impl Schema {
                     )
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        // What PostgreSQL would refuse is refused here, for both repositories.
+        for (i, (v, c)) in values.iter().zip(&self.columns).enumerate() {
+            let max = if i == self.id {
+                crate::limits::MAX_ID_BYTES
+            } else {
+                crate::limits::MAX_TEXT_BYTES
+            };
+            crate::limits::check_value(&c.name, v, max)?;
+        }
+        Ok(values)
     }
 
     pub(crate) fn subject(&self, id: &impl fmt::Display) -> String {
-        format!("{} {id}", self.entity)
+        format!("{} {}", self.entity, crate::error::shown(&id.to_string()))
     }
 }
 

@@ -1,33 +1,51 @@
 //! The in-memory repository: the same observable behaviour as
 //! [`PgRepository`](crate::PgRepository), without a database.
+//!
+//! The rows live in a [`MemoryCell`], so the repository joins a
+//! [`MemoryTransaction`] the way the PostgreSQL one joins a unit of work:
+//! writes through `within(tx)` land on the transaction's own copy, are
+//! seen by its reads only, and are published at commit (first committer
+//! wins; a write that no longer holds fails the commit with its own
+//! error).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use keel_core::uow::{MemoryCell, MemoryTransaction, Transaction};
 use keel_core::{
-    Clock, Deleted, EntityReader, EntityWriter, ExpectedVersion, Filter, ListQuery, Page, Stored,
-    SystemClock, Version, VersionConflict,
+    Clock, Deleted, EntityReader, EntityRepository, EntityWriter, ExpectedVersion, Filter,
+    ListQuery, Page, Stored, SystemClock, Version, VersionConflict,
 };
 
 use crate::cursor::CursorCodec;
 use crate::error::{RepositoryError, Result};
 use crate::mapping::{Mapped, Record, Schema};
 use crate::query::{DEFAULT_MAX_PAGE_SIZE, PagePlan, Plan, plan_filters, scope_matches};
-use crate::value::{Key, truncate_micros};
+use crate::value::{Key, Value, truncate_micros};
+
+type Rows = BTreeMap<Key, Record>;
 
 /// An entity repository held in memory, for tests and prototypes.
 ///
-/// It follows the same mapping, validation, ordering (text byte-wise, as
-/// PostgreSQL's `"C"` collation), timestamp precision (microseconds), cursor
-/// format and error rules as [`PgRepository`](crate::PgRepository); the
-/// contract suite in the `testing` module checks both. Clones share the
-/// same data. It does not model unique constraints other than the id, nor
-/// transactions.
+/// It follows the same mapping, validation and limits, ordering (text
+/// byte-wise, as PostgreSQL's `"C"` collation), timestamp precision
+/// (microseconds), cursor format, error rules and unit-of-work behaviour
+/// as [`PgRepository`](crate::PgRepository); the contract suite in the
+/// `testing` module checks both. Clones share the same data. It does not
+/// model unique constraints other than the id.
+///
+/// [`within(tx)`](EntityRepository::within) takes a
+/// [`MemoryTransaction`] (from
+/// [`MemoryTransactions`](keel_core::uow::MemoryTransactions)). As in
+/// PostgreSQL, a write refused by the store (a taken id) aborts the
+/// transaction, while version conflicts and not-found answers do not; a
+/// conflict with a transaction that committed first shows at the latest at
+/// commit.
 pub struct InMemoryRepository<E: Mapped> {
     schema: Arc<Schema>,
-    rows: Arc<Mutex<BTreeMap<Key, Record>>>,
+    rows: Arc<MemoryCell<Rows>>,
     clock: Arc<dyn Clock>,
     codec: CursorCodec,
     max_page_size: u32,
@@ -51,9 +69,47 @@ impl<E: Mapped> fmt::Debug for InMemoryRepository<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InMemoryRepository")
             .field("entity", &E::NAME)
-            .field("rows", &self.lock().len())
+            .field("rows", &self.rows.read(BTreeMap::len))
             .finish_non_exhaustive()
     }
+}
+
+/// What a versioned write needs of the row it changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// A live row (update, soft delete).
+    Live,
+    /// A soft-deleted row (restore).
+    Deleted,
+    /// Any row (hard delete).
+    Any,
+}
+
+/// Says whether a versioned write may go ahead, with the precedence of the
+/// PostgreSQL repository: missing (or deleted where a live row is needed),
+/// then a version conflict, then a restore of a live row.
+fn check(rows: &Rows, key: &Key, subject: &str, expected: Version, need: Need) -> Result<()> {
+    let not_found = || RepositoryError::NotFound {
+        subject: subject.to_owned(),
+    };
+    let row = rows.get(key).ok_or_else(not_found)?;
+    if need == Need::Live && row.deleted_at.is_some() {
+        return Err(not_found());
+    }
+    if row.version != expected.get() {
+        return Err(VersionConflict {
+            subject: subject.to_owned(),
+            expected: ExpectedVersion::Exact(expected),
+            actual: Version::new(row.version),
+        }
+        .into());
+    }
+    if need == Need::Deleted && row.deleted_at.is_none() {
+        return Err(RepositoryError::NotDeleted {
+            subject: subject.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 impl<E: Mapped> InMemoryRepository<E> {
@@ -61,7 +117,7 @@ impl<E: Mapped> InMemoryRepository<E> {
     pub fn new() -> Result<Self> {
         Ok(Self {
             schema: Arc::new(Schema::of::<E>()?),
-            rows: Arc::default(),
+            rows: Arc::new(MemoryCell::new(Rows::new())),
             clock: Arc::new(SystemClock),
             codec: CursorCodec::default(),
             max_page_size: DEFAULT_MAX_PAGE_SIZE,
@@ -91,8 +147,25 @@ impl<E: Mapped> InMemoryRepository<E> {
         self
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Key, Record>> {
-        self.rows.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Reads the rows as `tx` sees them (the committed rows without one).
+    fn read<R>(&self, tx: Option<&mut MemoryTransaction>, f: impl FnOnce(&Rows) -> R) -> R {
+        match tx {
+            Some(tx) => self.rows.read_in(tx, f),
+            None => self.rows.read(f),
+        }
+    }
+
+    /// Writes through `tx` (replayed at commit), or at once without one.
+    /// `op` must leave the rows unchanged when it fails.
+    fn write<R>(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        op: impl Fn(&mut Rows) -> keel_core::Result<R> + Send + 'static,
+    ) -> keel_core::Result<R> {
+        match tx {
+            Some(tx) => self.rows.write_in(tx, op),
+            None => self.rows.write(op),
+        }
     }
 
     fn key(&self, id: &E::Id) -> Result<Key> {
@@ -107,36 +180,7 @@ impl<E: Mapped> InMemoryRepository<E> {
         truncate_micros(self.clock.now())
     }
 
-    /// Finds a row for a versioned write, applying PostgreSQL's rules: a
-    /// missing row (or, when `live`, a deleted one) is `NotFound`, another
-    /// version is a conflict.
-    fn checked<'m>(
-        &self,
-        rows: &'m mut BTreeMap<Key, Record>,
-        id: &E::Id,
-        key: &Key,
-        expected: Version,
-        live: bool,
-    ) -> Result<&'m mut Record> {
-        let subject = self.schema.subject(id);
-        let row = rows
-            .get_mut(key)
-            .filter(|r| !live || r.deleted_at.is_none())
-            .ok_or_else(|| RepositoryError::NotFound {
-                subject: subject.clone(),
-            })?;
-        if row.version != expected.get() {
-            return Err(VersionConflict {
-                subject,
-                expected: ExpectedVersion::Exact(expected),
-                actual: Version::new(row.version),
-            }
-            .into());
-        }
-        Ok(row)
-    }
-
-    fn new_record(&self, values: Vec<crate::Value>) -> Record {
+    fn new_record(&self, values: Vec<Value>) -> Record {
         let now = self.now();
         Record {
             values,
@@ -147,14 +191,95 @@ impl<E: Mapped> InMemoryRepository<E> {
         }
     }
 
-    fn list_now(&self, query: &ListQuery) -> Result<Page<Stored<E>>> {
+    /// A versioned write: checked first without touching the transaction
+    /// (a conflict is an answer, as in PostgreSQL, and leaves the
+    /// transaction usable), then written with the check repeated, so a
+    /// replay at commit on newer rows fails the same way.
+    fn versioned(
+        &self,
+        mut tx: Option<&mut MemoryTransaction>,
+        id: &E::Id,
+        expected: Version,
+        need: Need,
+        change: impl Fn(&mut Rows, &Key) -> Option<Record> + Send + 'static,
+    ) -> keel_core::Result<Option<Record>> {
+        let key = self.key(id)?;
+        let subject = self.schema.subject(id);
+        self.read(tx.as_deref_mut(), |rows| {
+            check(rows, &key, &subject, expected, need)
+        })?;
+        self.write(tx, move |rows| {
+            check(rows, &key, &subject, expected, need)?;
+            Ok(change(rows, &key))
+        })
+    }
+
+    fn get_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        id: &E::Id,
+        any: bool,
+    ) -> Result<Option<Stored<E>>> {
+        let key = self.key(id)?;
+        let row = self.read(tx, |rows| {
+            rows.get(&key)
+                .filter(|r| any || r.deleted_at.is_none())
+                .cloned()
+        });
+        row.map(|r| self.stored(r)).transpose()
+    }
+
+    fn get_many_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        ids: &[E::Id],
+    ) -> Result<Vec<Stored<E>>> {
+        let keys = ids
+            .iter()
+            .map(|id| self.key(id))
+            .collect::<Result<Vec<_>>>()?;
+        let mut seen = BTreeSet::new();
+        let found: Vec<Record> = self.read(tx, |rows| {
+            keys.into_iter()
+                .filter_map(|k| {
+                    let r = rows.get(&k).filter(|r| r.deleted_at.is_none())?;
+                    seen.insert(k).then(|| r.clone())
+                })
+                .collect()
+        });
+        found.into_iter().map(|r| self.stored(r)).collect()
+    }
+
+    fn exists_in(&self, tx: Option<&mut MemoryTransaction>, id: &E::Id) -> Result<bool> {
+        let key = self.key(id)?;
+        Ok(self.read(tx, |rows| {
+            rows.get(&key).is_some_and(|r| r.deleted_at.is_none())
+        }))
+    }
+
+    fn count_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        filters: &[Filter],
+        deleted: Deleted,
+    ) -> Result<u64> {
+        let conds = plan_filters(&self.schema, filters)?;
+        Ok(self.read(tx, |rows| {
+            rows.values()
+                .filter(|r| scope_matches(deleted, r) && conds.iter().all(|c| c.matches(r)))
+                .count() as u64
+        }))
+    }
+
+    fn list_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        query: &ListQuery,
+    ) -> Result<Page<Stored<E>>> {
         let plan = Plan::new(&self.schema, query, self.max_page_size, &self.codec)?;
-        let mut rows: Vec<Record> = self
-            .lock()
-            .values()
-            .filter(|r| plan.matches(r))
-            .cloned()
-            .collect();
+        let mut rows: Vec<Record> = self.read(tx, |rows| {
+            rows.values().filter(|r| plan.matches(r)).cloned().collect()
+        });
         rows.sort_by(|a, b| plan.order(a, b));
         match &plan.page {
             PagePlan::Offset { offset, size } => {
@@ -193,176 +318,256 @@ impl<E: Mapped> InMemoryRepository<E> {
             }
         }
     }
-}
 
-#[async_trait]
-impl<E: Mapped> EntityReader<E> for InMemoryRepository<E> {
-    async fn get(&self, id: &E::Id) -> keel_core::Result<Option<Stored<E>>> {
-        let key = self.key(id)?;
-        let row = self
-            .lock()
-            .get(&key)
-            .filter(|r| r.deleted_at.is_none())
-            .cloned();
-        Ok(row.map(|r| self.stored(r)).transpose()?)
-    }
-
-    async fn get_including_deleted(&self, id: &E::Id) -> keel_core::Result<Option<Stored<E>>> {
-        let key = self.key(id)?;
-        let row = self.lock().get(&key).cloned();
-        Ok(row.map(|r| self.stored(r)).transpose()?)
-    }
-
-    async fn get_many(&self, ids: &[E::Id]) -> keel_core::Result<Vec<Stored<E>>> {
-        let keys = ids
-            .iter()
-            .map(|id| self.key(id))
-            .collect::<Result<Vec<_>>>()?;
-        let mut seen = std::collections::BTreeSet::new();
-        let found: Vec<Record> = {
-            let rows = self.lock();
-            keys.into_iter()
-                .filter_map(|k| {
-                    let r = rows.get(&k).filter(|r| r.deleted_at.is_none())?;
-                    seen.insert(k).then(|| r.clone())
-                })
-                .collect()
-        };
-        Ok(found
-            .into_iter()
-            .map(|r| self.stored(r))
-            .collect::<Result<_>>()?)
-    }
-
-    async fn exists(&self, id: &E::Id) -> keel_core::Result<bool> {
-        let key = self.key(id)?;
-        Ok(self
-            .lock()
-            .get(&key)
-            .is_some_and(|r| r.deleted_at.is_none()))
-    }
-
-    async fn count(&self, filters: &[Filter], deleted: Deleted) -> keel_core::Result<u64> {
-        let conds = plan_filters(&self.schema, filters)?;
-        Ok(self
-            .lock()
-            .values()
-            .filter(|r| scope_matches(deleted, r) && conds.iter().all(|c| c.matches(r)))
-            .count() as u64)
-    }
-
-    async fn list(&self, query: &ListQuery) -> keel_core::Result<Page<Stored<E>>> {
-        Ok(self.list_now(query)?)
-    }
-}
-
-#[async_trait]
-impl<E: Mapped> EntityWriter<E> for InMemoryRepository<E> {
-    async fn insert(&self, entity: E) -> keel_core::Result<Stored<E>> {
-        Ok(self.insert_many(vec![entity]).await?.remove(0))
-    }
-
-    async fn insert_many(&self, entities: Vec<E>) -> keel_core::Result<Vec<Stored<E>>> {
+    fn insert_many_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        entities: &[E],
+    ) -> keel_core::Result<Vec<Stored<E>>> {
         let mut staged = Vec::with_capacity(entities.len());
-        for e in &entities {
+        for e in entities {
             let values = self.schema.row_of(e)?;
             let key = Key(values[self.schema.id].clone());
-            staged.push((key, self.new_record(values)));
+            staged.push((key, self.new_record(values), self.schema.subject(e.id())));
         }
-        let mut rows = self.lock();
-        let mut batch = std::collections::BTreeSet::new();
-        for ((key, _), e) in staged.iter().zip(&entities) {
-            if rows.contains_key(key) || !batch.insert(key.clone()) {
-                return Err(RepositoryError::AlreadyExists {
-                    subject: self.schema.subject(e.id()),
-                    constraint: None,
+        // A taken id is a failed statement in PostgreSQL: it aborts the
+        // transaction, so here it fails inside the write.
+        let out = self.write(tx, move |rows| {
+            let mut batch = BTreeSet::new();
+            for (key, _, subject) in &staged {
+                if rows.contains_key(key) || !batch.insert(key) {
+                    return Err(RepositoryError::AlreadyExists {
+                        subject: subject.clone(),
+                        constraint: None,
+                    }
+                    .into());
                 }
-                .into());
             }
-        }
-        let mut out = Vec::with_capacity(staged.len());
-        for (key, record) in staged {
-            rows.insert(key, record.clone());
-            out.push(record);
-        }
-        drop(rows);
+            for (key, record, _) in &staged {
+                rows.insert(key.clone(), record.clone());
+            }
+            Ok(staged.iter().map(|(_, r, _)| r.clone()).collect::<Vec<_>>())
+        })?;
         Ok(out
             .into_iter()
             .map(|r| self.stored(r))
             .collect::<Result<_>>()?)
     }
 
-    async fn update(&self, entity: E, expected: Version) -> keel_core::Result<Stored<E>> {
-        let values = self.schema.row_of(&entity)?;
-        let key = Key(values[self.schema.id].clone());
+    fn update_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        entity: &E,
+        expected: Version,
+    ) -> keel_core::Result<Stored<E>> {
+        let values = self.schema.row_of(entity)?;
         let now = self.now();
-        let mut rows = self.lock();
-        let row = self.checked(&mut rows, entity.id(), &key, expected, true)?;
-        row.values = values;
-        row.version += 1;
-        row.updated_at = now;
-        let row = row.clone();
-        drop(rows);
-        Ok(self.stored(row)?)
+        let row = self.versioned(tx, entity.id(), expected, Need::Live, move |rows, key| {
+            let row = rows.get_mut(key)?;
+            row.values.clone_from(&values);
+            row.version += 1;
+            row.updated_at = now;
+            Some(row.clone())
+        })?;
+        self.found(row)
     }
 
-    async fn upsert(&self, entity: E) -> keel_core::Result<Stored<E>> {
-        let values = self.schema.row_of(&entity)?;
+    fn upsert_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        entity: &E,
+    ) -> keel_core::Result<Stored<E>> {
+        let values = self.schema.row_of(entity)?;
         let key = Key(values[self.schema.id].clone());
         let fresh = self.new_record(values.clone());
-        let now = fresh.updated_at;
-        let mut rows = self.lock();
-        let row = rows
-            .entry(key)
-            .and_modify(|r| {
-                r.values = values;
-                r.version += 1;
-                r.updated_at = now;
-                r.deleted_at = None;
-            })
-            .or_insert(fresh)
-            .clone();
-        drop(rows);
+        let row = self.write(tx, move |rows| {
+            Ok(rows
+                .entry(key.clone())
+                .and_modify(|r| {
+                    r.values.clone_from(&values);
+                    r.version += 1;
+                    r.updated_at = fresh.updated_at;
+                    r.deleted_at = None;
+                })
+                .or_insert_with(|| fresh.clone())
+                .clone())
+        })?;
         Ok(self.stored(row)?)
     }
 
-    async fn soft_delete(&self, id: &E::Id, expected: Version) -> keel_core::Result<Stored<E>> {
-        let key = self.key(id)?;
+    fn transition_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        id: &E::Id,
+        expected: Version,
+        delete: bool,
+    ) -> keel_core::Result<Stored<E>> {
         let now = self.now();
-        let mut rows = self.lock();
-        let row = self.checked(&mut rows, id, &key, expected, true)?;
-        row.deleted_at = Some(now);
-        row.updated_at = now;
-        row.version += 1;
-        let row = row.clone();
-        drop(rows);
-        Ok(self.stored(row)?)
+        let need = if delete { Need::Live } else { Need::Deleted };
+        let row = self.versioned(tx, id, expected, need, move |rows, key| {
+            let row = rows.get_mut(key)?;
+            row.deleted_at = delete.then_some(now);
+            row.updated_at = now;
+            row.version += 1;
+            Some(row.clone())
+        })?;
+        self.found(row)
     }
 
-    async fn restore(&self, id: &E::Id, expected: Version) -> keel_core::Result<Stored<E>> {
-        let key = self.key(id)?;
-        let now = self.now();
-        let mut rows = self.lock();
-        let row = self.checked(&mut rows, id, &key, expected, false)?;
-        if row.deleted_at.is_none() {
-            return Err(RepositoryError::NotDeleted {
-                subject: self.schema.subject(id),
-            }
-            .into());
-        }
-        row.deleted_at = None;
-        row.updated_at = now;
-        row.version += 1;
-        let row = row.clone();
-        drop(rows);
-        Ok(self.stored(row)?)
-    }
-
-    async fn hard_delete(&self, id: &E::Id, expected: Version) -> keel_core::Result<()> {
-        let key = self.key(id)?;
-        let mut rows = self.lock();
-        self.checked(&mut rows, id, &key, expected, false)?;
-        rows.remove(&key);
+    fn hard_delete_in(
+        &self,
+        tx: Option<&mut MemoryTransaction>,
+        id: &E::Id,
+        expected: Version,
+    ) -> keel_core::Result<()> {
+        self.versioned(tx, id, expected, Need::Any, |rows, key| rows.remove(key))?;
         Ok(())
     }
+
+    fn found(&self, row: Option<Record>) -> keel_core::Result<Stored<E>> {
+        let row = row.ok_or_else(|| keel_core::Error::internal_msg("checked row vanished"))?;
+        Ok(self.stored(row)?)
+    }
 }
+
+/// An [`InMemoryRepository`] bound to a [`MemoryTransaction`]: what
+/// `within(tx)` returns.
+struct Within<'t, E: Mapped> {
+    repo: InMemoryRepository<E>,
+    tx: Mutex<&'t mut dyn Transaction>,
+}
+
+impl<E: Mapped> fmt::Debug for Within<'_, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InMemoryRepository::within")
+            .field("entity", &E::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the port's methods reach the rows: directly, or through the
+/// transaction a view is bound to.
+trait Access<E: Mapped> {
+    fn repo(&self) -> &InMemoryRepository<E>;
+
+    fn run<R, X: Into<keel_core::Error>>(
+        &self,
+        f: impl FnOnce(&InMemoryRepository<E>, Option<&mut MemoryTransaction>) -> Result<R, X>,
+    ) -> keel_core::Result<R>;
+}
+
+impl<E: Mapped> Access<E> for InMemoryRepository<E> {
+    fn repo(&self) -> &InMemoryRepository<E> {
+        self
+    }
+
+    fn run<R, X: Into<keel_core::Error>>(
+        &self,
+        f: impl FnOnce(&InMemoryRepository<E>, Option<&mut MemoryTransaction>) -> Result<R, X>,
+    ) -> keel_core::Result<R> {
+        f(self, None).map_err(Into::into)
+    }
+}
+
+impl<E: Mapped> Access<E> for Within<'_, E> {
+    fn repo(&self) -> &InMemoryRepository<E> {
+        &self.repo
+    }
+
+    fn run<R, X: Into<keel_core::Error>>(
+        &self,
+        f: impl FnOnce(&InMemoryRepository<E>, Option<&mut MemoryTransaction>) -> Result<R, X>,
+    ) -> keel_core::Result<R> {
+        let mut tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = keel_core::uow::join::<MemoryTransaction>(&mut **tx)?;
+        f(&self.repo, Some(tx)).map_err(Into::into)
+    }
+}
+
+/// The port on both the repository and its `within(tx)` view.
+macro_rules! memory_port {
+    ($ty:ty) => {
+        #[async_trait]
+        impl<E: Mapped> EntityReader<E> for $ty {
+            async fn get(&self, id: &E::Id) -> keel_core::Result<Option<Stored<E>>> {
+                self.run(|r, tx| r.get_in(tx, id, false))
+            }
+
+            async fn get_including_deleted(
+                &self,
+                id: &E::Id,
+            ) -> keel_core::Result<Option<Stored<E>>> {
+                self.run(|r, tx| r.get_in(tx, id, true))
+            }
+
+            async fn get_many(&self, ids: &[E::Id]) -> keel_core::Result<Vec<Stored<E>>> {
+                self.run(|r, tx| r.get_many_in(tx, ids))
+            }
+
+            async fn exists(&self, id: &E::Id) -> keel_core::Result<bool> {
+                self.run(|r, tx| r.exists_in(tx, id))
+            }
+
+            async fn count(&self, filters: &[Filter], deleted: Deleted) -> keel_core::Result<u64> {
+                self.run(|r, tx| r.count_in(tx, filters, deleted))
+            }
+
+            async fn list(&self, query: &ListQuery) -> keel_core::Result<Page<Stored<E>>> {
+                self.run(|r, tx| r.list_in(tx, query))
+            }
+        }
+
+        #[async_trait]
+        impl<E: Mapped> EntityWriter<E> for $ty {
+            async fn insert(&self, entity: E) -> keel_core::Result<Stored<E>> {
+                let mut one =
+                    self.run(|r, tx| r.insert_many_in(tx, std::slice::from_ref(&entity)))?;
+                one.pop()
+                    .ok_or_else(|| keel_core::Error::internal_msg("inserted row not returned"))
+            }
+
+            async fn insert_many(&self, entities: Vec<E>) -> keel_core::Result<Vec<Stored<E>>> {
+                self.run(|r, tx| r.insert_many_in(tx, &entities))
+            }
+
+            async fn update(&self, entity: E, expected: Version) -> keel_core::Result<Stored<E>> {
+                self.run(|r, tx| r.update_in(tx, &entity, expected))
+            }
+
+            async fn upsert(&self, entity: E) -> keel_core::Result<Stored<E>> {
+                self.run(|r, tx| r.upsert_in(tx, &entity))
+            }
+
+            async fn soft_delete(
+                &self,
+                id: &E::Id,
+                expected: Version,
+            ) -> keel_core::Result<Stored<E>> {
+                self.run(|r, tx| r.transition_in(tx, id, expected, true))
+            }
+
+            async fn restore(&self, id: &E::Id, expected: Version) -> keel_core::Result<Stored<E>> {
+                self.run(|r, tx| r.transition_in(tx, id, expected, false))
+            }
+
+            async fn hard_delete(&self, id: &E::Id, expected: Version) -> keel_core::Result<()> {
+                self.run(|r, tx| r.hard_delete_in(tx, id, expected))
+            }
+        }
+
+        impl<E: Mapped> EntityRepository<E> for $ty {
+            fn within<'s>(
+                &'s self,
+                tx: &'s mut dyn Transaction,
+            ) -> Box<dyn EntityRepository<E> + 's> {
+                Box::new(Within {
+                    repo: self.repo().clone(),
+                    tx: Mutex::new(tx),
+                })
+            }
+        }
+    };
+}
+
+memory_port!(InMemoryRepository<E>);
+memory_port!(Within<'_, E>);

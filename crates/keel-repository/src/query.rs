@@ -9,7 +9,8 @@ use keel_core::{Deleted, Direction, Filter, FilterValue, ListQuery, PageRequest}
 use sha2::{Digest, Sha256};
 
 use crate::cursor::CursorCodec;
-use crate::error::{RepositoryError, Result};
+use crate::error::{RepositoryError, Result, shown};
+use crate::limits::{MAX_FILTERS, MAX_SORT_KEYS, MAX_TEXT_BYTES, check_text, check_value};
 use crate::mapping::{Record, Schema};
 use crate::value::{ColumnType, Value, compare, truncate_micros};
 
@@ -90,6 +91,14 @@ impl Plan {
         codec: &CursorCodec,
     ) -> Result<Self> {
         let conds = plan_filters(schema, &query.filters)?;
+        if query.sort.len() > MAX_SORT_KEYS {
+            return Err(RepositoryError::InvalidSort {
+                reason: format!(
+                    "at most {MAX_SORT_KEYS} sort keys, got {}",
+                    query.sort.len()
+                ),
+            });
+        }
         let mut sort = Vec::with_capacity(query.sort.len() + 1);
         for key in &query.sort {
             let f = lookup(schema, &key.field, "sort", |f| f.sortable)?;
@@ -208,7 +217,7 @@ fn lookup(
         .position(|f| f.name == name && allowed(f))
         .ok_or_else(|| RepositoryError::UnknownField {
             usage,
-            field: name.to_owned(),
+            field: crate::error::shown(name),
             allowed: schema
                 .fields
                 .iter()
@@ -221,6 +230,12 @@ fn lookup(
 
 /// Checks filters against the mapping and converts their values.
 pub(crate) fn plan_filters(schema: &Schema, filters: &[Filter]) -> Result<Vec<Cond>> {
+    if filters.len() > MAX_FILTERS {
+        return Err(RepositoryError::InvalidFilter {
+            field: "*".to_owned(),
+            reason: format!("at most {MAX_FILTERS} filters, got {}", filters.len()),
+        });
+    }
     filters
         .iter()
         .map(|filter| {
@@ -263,6 +278,8 @@ pub(crate) fn plan_filters(schema: &Schema, filters: &[Filter]) -> Result<Vec<Co
                             format!("prefix filters need a text field, `{name}` is {ty:?}"),
                         ));
                     }
+                    check_text(name, prefix, MAX_TEXT_BYTES)
+                        .map_err(|e| RepositoryError::filter(name, reason_of(e)))?;
                     Cond::Prefix(f, prefix.clone())
                 }
                 other => {
@@ -279,8 +296,13 @@ pub(crate) fn plan_filters(schema: &Schema, filters: &[Filter]) -> Result<Vec<Co
 /// Converts a filter value into the field's type, refusing what does not
 /// fit rather than guessing.
 fn convert(field: &str, ty: ColumnType, v: &FilterValue) -> Result<Value> {
-    let mismatch = || RepositoryError::filter(field, format!("expected a {ty:?} value, got {v:?}"));
-    Ok(match (ty, v) {
+    let mismatch = || {
+        RepositoryError::filter(
+            field,
+            format!("expected a {ty:?} value, got {}", shown(&format!("{v:?}"))),
+        )
+    };
+    let value = match (ty, v) {
         (ColumnType::Bool, FilterValue::Bool(b)) => Value::Bool(*b),
         (ColumnType::I32, FilterValue::Int(i)) => Value::I32(
             i32::try_from(*i).map_err(|_| RepositoryError::filter(field, "out of range"))?,
@@ -293,19 +315,34 @@ fn convert(field: &str, ty: ColumnType, v: &FilterValue) -> Result<Value> {
         )]
         (ColumnType::F64, FilterValue::Int(i)) => Value::F64(*i as f64),
         (ColumnType::Text, FilterValue::Text(s)) => Value::Text(s.clone()),
-        (ColumnType::Uuid, FilterValue::Text(s)) => Value::Uuid(
-            s.parse()
-                .map_err(|_| RepositoryError::filter(field, format!("not a UUID: {s:?}")))?,
-        ),
+        (ColumnType::Uuid, FilterValue::Text(s)) => Value::Uuid(s.parse().map_err(|_| {
+            RepositoryError::filter(field, format!("not a UUID: \"{}\"", shown(s)))
+        })?),
         (ColumnType::Timestamp, FilterValue::Text(s)) => Value::Timestamp(truncate_micros(
             DateTime::parse_from_rfc3339(s)
                 .map_err(|_| {
-                    RepositoryError::filter(field, format!("not an RFC 3339 timestamp: {s:?}"))
+                    RepositoryError::filter(
+                        field,
+                        format!("not an RFC 3339 timestamp: \"{}\"", shown(s)),
+                    )
                 })?
                 .with_timezone(&Utc),
         )),
         _ => return Err(mismatch()),
-    })
+    };
+    // The same limits as stored values: a value no row can hold is refused,
+    // not looked for.
+    check_value(field, &value, MAX_TEXT_BYTES)
+        .map_err(|e| RepositoryError::filter(field, reason_of(e)))?;
+    Ok(value)
+}
+
+/// The reason of a limits error, to re-file it under the filter it came in.
+fn reason_of(e: RepositoryError) -> String {
+    match e {
+        RepositoryError::InvalidValue { reason, .. } => reason,
+        other => other.to_string(),
+    }
 }
 
 /// A digest of everything that decides which rows a keyset walk visits and

@@ -1,5 +1,6 @@
 //! The contract suite and mapping checks against the in-memory repository.
 
+use keel_core::uow::MemoryTransactions;
 use keel_repository::InMemoryRepository;
 use keel_repository::testing::{Gadget, Harness, clock};
 
@@ -8,7 +9,7 @@ keel_repository::contract_suite!(|| async {
     let repo = InMemoryRepository::<Gadget>::new()
         .expect("valid mapping")
         .with_clock(clock.clone());
-    (Harness::new(repo, clock), ())
+    (Harness::new(repo, clock, MemoryTransactions::new()), ())
 });
 
 use keel_core::{EntityReader, EntityWriter, Error, ListQuery, PageRequest};

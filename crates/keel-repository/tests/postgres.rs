@@ -17,23 +17,41 @@ async fn database() -> TestDatabase {
     db
 }
 
+/// A `keel_database::Database` on the test database: the transaction
+/// source units of work come from.
+async fn connect(db: &TestDatabase) -> Database {
+    Database::connect(
+        DatabaseConfig::builder()
+            .url(db.url())
+            .min_connections(0)
+            .max_connections(16)
+            .build()
+            .expect("config"),
+    )
+    .await
+    .expect("connect")
+}
+
 keel_repository::contract_suite!(|| async {
     let db = database().await;
+    let database = connect(&db).await;
     let clock = clock();
-    let repo = PgRepository::<Gadget>::new(db.pool().clone())
+    let repo = PgRepository::<Gadget>::new(database.pool().clone())
         .expect("valid mapping")
         .with_clock(clock.clone());
-    (Harness::new(repo, clock), db)
+    (Harness::new(repo, clock, database), db)
 });
 
 use std::sync::Arc;
 
+use keel_core::uow::{MemoryTransaction, TransactionSource};
 use keel_core::{
-    Clock, Deleted, EntityReader, EntityWriter, Error, Filter, ListQuery, PageRequest, Version,
+    Clock, Deleted, EntityReader, EntityRepository, EntityWriter, Error, Filter, ListQuery,
+    PageRequest, Version,
 };
 use keel_database::{Database, DatabaseConfig};
+use keel_repository::Result;
 use keel_repository::testing::gadget;
-use keel_repository::{RepositoryError, Result};
 use sqlx::Row as _;
 
 async fn repo(db: &TestDatabase) -> PgRepository<Gadget> {
@@ -85,24 +103,20 @@ async fn server_time_is_the_default() {
 }
 
 #[tokio::test]
-async fn a_rolled_back_unit_of_work_leaves_nothing() {
+async fn a_unit_of_work_spans_the_repository_and_other_writes() {
     let db = database().await;
     outbox(&db).await;
     let repo = repo(&db).await;
-    let database = Database::connect(
-        DatabaseConfig::builder()
-            .url(db.url())
-            .min_connections(0)
-            .max_connections(4)
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let database = connect(&db).await;
 
-    let mut uow = database.begin().await.unwrap();
-    let saved = repo.on(&mut uow).insert(gadget("a", "x", 1)).await.unwrap();
-    repo.on(&mut uow)
+    // A batch larger than one INSERT runs under a savepoint of the unit.
+    let mut tx = database.begin().await.unwrap();
+    let saved = repo
+        .within(&mut tx)
+        .insert(gadget("a", "x", 1))
+        .await
+        .unwrap();
+    repo.within(&mut tx)
         .insert_many(
             (0..1_200)
                 .map(|i| gadget(&format!("b{i}"), "y", i))
@@ -111,63 +125,45 @@ async fn a_rolled_back_unit_of_work_leaves_nothing() {
         .await
         .unwrap();
     sqlx::query("INSERT INTO outbox (topic) VALUES ('gadget.created')")
-        .execute(uow.conn())
+        .execute(tx.conn())
         .await
         .unwrap();
-    // Inside the transaction the writes are visible, outside they are not.
-    assert!(repo.on(&mut uow).exists(&"a".to_owned()).await.unwrap());
+    assert!(repo.within(&mut tx).exists(&"a".to_owned()).await.unwrap());
     assert!(!repo.exists(&"a".to_owned()).await.unwrap());
     assert_eq!(saved.version, Version::new(1));
-    uow.rollback().await.unwrap();
+    tx.rollback().await.unwrap();
     assert_eq!(repo.count(&[], Deleted::Include).await.unwrap(), 0);
     assert_eq!(outbox_rows(&db).await, 0);
 
-    let mut uow = database.begin().await.unwrap();
-    repo.on(&mut uow).insert(gadget("a", "x", 1)).await.unwrap();
+    // Through the port-level transaction, as a command handler sees it.
+    let mut tx = TransactionSource::begin(&database).await.unwrap();
+    repo.within(&mut *tx)
+        .insert(gadget("a", "x", 1))
+        .await
+        .unwrap();
+    let uow = keel_database::UnitOfWork::join(&mut *tx).unwrap();
     sqlx::query("INSERT INTO outbox (topic) VALUES ('gadget.created')")
         .execute(uow.conn())
         .await
         .unwrap();
-    uow.commit().await.unwrap();
+    tx.commit().await.unwrap();
     assert!(repo.exists(&"a".to_owned()).await.unwrap());
     assert_eq!(outbox_rows(&db).await, 1);
 }
 
 #[tokio::test]
-async fn a_conflict_does_not_poison_the_transaction() {
+async fn a_transaction_of_another_backend_is_refused() {
     let db = database().await;
-    outbox(&db).await;
     let repo = repo(&db).await;
-    let stored = repo.insert(gadget("a", "x", 1)).await.unwrap();
-    let mut tx = db.pool().begin().await.unwrap();
+    let mut tx = MemoryTransaction::new();
     let err = repo
-        .on(&mut tx)
-        .update(stored.entity.clone(), Version::new(9))
+        .within(&mut tx)
+        .insert(gadget("a", "x", 1))
         .await
         .unwrap_err();
-    let conflict = err.as_conflict().expect("a version conflict");
-    assert_eq!(conflict.actual, Version::new(1));
-    let err = repo
-        .on(&mut tx)
-        .restore(&"zz".to_owned(), Version::new(1))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, RepositoryError::NotFound { .. }), "{err:?}");
-    // The transaction is still usable: a conflict is an answer, not an error.
-    repo.on(&mut tx)
-        .update(stored.entity.clone(), Version::new(1))
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO outbox (topic) VALUES ('gadget.updated')")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(
-        repo.get(&"a".to_owned()).await.unwrap().unwrap().version,
-        Version::new(2)
-    );
-    assert_eq!(outbox_rows(&db).await, 1);
+    assert!(matches!(err, Error::Internal { .. }), "{err:?}");
+    assert!(err.to_string().contains("memory"), "{err}");
+    assert_eq!(repo.count(&[], Deleted::Include).await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -184,26 +180,17 @@ async fn unique_constraints_and_checks_are_typed() {
     let repo = repo(&db).await;
     repo.insert(gadget("a", "same", 1)).await.unwrap();
 
-    let mut conn = db.pool().acquire().await.unwrap();
-    let err = repo
-        .on(&mut conn)
-        .insert(gadget("b", "same", 1))
-        .await
-        .unwrap_err();
+    let err = repo.insert(gadget("b", "same", 1)).await.unwrap_err();
     match &err {
-        RepositoryError::AlreadyExists { constraint, .. } => {
-            assert_eq!(constraint.as_deref(), Some("gadgets_name_key"));
+        Error::AlreadyExists { subject } => {
+            assert_eq!(subject, "gadget b (unique constraint `gadgets_name_key`)");
         }
         other => panic!("{other:?}"),
     }
-    let err = repo
-        .on(&mut conn)
-        .insert(gadget("a", "other", 1))
-        .await
-        .unwrap_err();
+    let err = repo.insert(gadget("a", "other", 1)).await.unwrap_err();
     match &err {
-        RepositoryError::AlreadyExists { constraint, .. } => {
-            assert_eq!(constraint.as_deref(), Some("gadgets_pkey"));
+        Error::AlreadyExists { subject } => {
+            assert_eq!(subject, "gadget a (unique constraint `gadgets_pkey`)");
         }
         other => panic!("{other:?}"),
     }
@@ -221,6 +208,46 @@ async fn unique_constraints_and_checks_are_typed() {
 async fn injection_attempts_leave_the_schema_alone() {
     let db = database().await;
     let repo = repo(&db).await;
+    sqlx::query("CREATE TABLE canary (n INT)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    // Field names are looked up in the mapping and refused when unknown;
+    // values are bound parameters. None of these statements may run.
+    for field in [
+        "name; DROP TABLE canary; --",
+        "name\" = '' OR 1=1; DROP TABLE canary; --",
+        "id) OR (SELECT count(*) FROM canary) >= (0",
+    ] {
+        let q = ListQuery::new(PageRequest::first(10));
+        assert!(matches!(
+            repo.list(&q.clone().filter(Filter::eq(field, "x"))).await,
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            repo.list(&q.sort_by(field, keel_core::Direction::Asc))
+                .await,
+            Err(Error::Invalid(_))
+        ));
+        repo.count(
+            &[Filter::eq(
+                "name",
+                format!("x'; DROP TABLE canary; --{field}"),
+            )],
+            Deleted::Include,
+        )
+        .await
+        .unwrap();
+    }
+    let canary: Option<String> = sqlx::query_scalar("SELECT to_regclass('canary')::text")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        canary.as_deref(),
+        Some("canary"),
+        "the canary table survives"
+    );
     let evil = "'; DROP TABLE gadgets; --";
     repo.insert(gadget(evil, evil, 1)).await.unwrap();
     repo.list(
@@ -267,11 +294,7 @@ async fn a_column_of_the_wrong_type_is_a_decode_error() {
         report.contains("column `stock` is int8, the mapping needs INTEGER"),
         "{report}"
     );
-    let err: Result<_> = async {
-        let mut conn = db.pool().acquire().await.unwrap();
-        repo.on(&mut conn).insert(gadget("a", "x", 1)).await
-    }
-    .await;
+    let err = repo.insert(gadget("a", "x", 1)).await;
     // Either the insert refuses the parameter type or reading back fails;
     // both say which column, and neither is a panic.
     let message = err.unwrap_err().to_string();

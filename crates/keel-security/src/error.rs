@@ -49,7 +49,7 @@ pub enum SecurityError {
 
     /// The key selected for the token is bound to a different algorithm
     /// than the token's `alg` (for example an RSA key and an HS256 token).
-    #[error("key {kid:?} cannot verify {algorithm} tokens")]
+    #[error("key ({}) cannot verify {algorithm} tokens", key_name(kid.as_deref()))]
     KeyAlgorithmMismatch {
         /// The key id, if the key has one.
         kid: Option<String>,
@@ -59,7 +59,7 @@ pub enum SecurityError {
 
     /// No key matches the token's `kid`, even after refreshing the key set
     /// (when a refresh was allowed).
-    #[error("no key for kid {kid:?}")]
+    #[error("no key for {}", match kid { Some(_) => key_name(kid.as_deref()), None => "a token with no kid".to_owned() })]
     UnknownKey {
         /// The key id from the token header, truncated to 64 characters.
         kid: Option<String>,
@@ -116,7 +116,7 @@ pub enum SecurityError {
 
     /// A key given to the verifier could not be used (bad PEM, unsupported
     /// JWK). A configuration error.
-    #[error("invalid key {kid:?}: {reason}")]
+    #[error("invalid key ({}): {reason}", key_name(kid.as_deref()))]
     InvalidKey {
         /// The key id, if the key has one.
         kid: Option<String>,
@@ -162,6 +162,15 @@ pub enum SecurityError {
         #[source]
         source: BoxError,
     },
+}
+
+/// A key id as messages show it: `kid key-1` (control characters escaped,
+/// as the kid may come from a token) or `no kid`.
+fn key_name(kid: Option<&str>) -> String {
+    match kid {
+        Some(kid) => format!("kid {}", kid.escape_debug()),
+        None => "no kid".to_owned(),
+    }
 }
 
 impl SecurityError {

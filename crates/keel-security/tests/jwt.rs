@@ -608,3 +608,62 @@ async fn a_failed_refresh_keeps_the_previous_keys() {
     verifier.verify(&token).await.unwrap();
     assert_eq!(server.hits(), 2);
 }
+
+#[tokio::test]
+async fn a_non_numeric_exp_is_an_invalid_claim_not_a_missing_one() {
+    let verifier = static_verifier(config());
+    for exp in [json!("tomorrow"), json!(true), json!("1700000000")] {
+        let mut claims = valid_claims();
+        claims["exp"] = exp.clone();
+        let err = verifier.verify(&key1_token(&claims)).await.unwrap_err();
+        assert!(
+            matches!(&err, SecurityError::InvalidClaim { claim, .. } if claim == "exp"),
+            "{exp}: {err:?}"
+        );
+        assert!(err.is_unauthorized(), "{err:?}");
+    }
+    // Absent is still missing.
+    let mut claims = valid_claims();
+    claims.as_object_mut().unwrap().remove("exp");
+    let err = verifier.verify(&key1_token(&claims)).await.unwrap_err();
+    assert!(
+        matches!(&err, SecurityError::MissingClaim { claim } if claim == "exp"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn key_ids_are_printed_plainly() {
+    let shown = |e: SecurityError| e.to_string();
+    assert_eq!(
+        shown(SecurityError::UnknownKey {
+            kid: Some("ghost".into())
+        }),
+        "no key for kid ghost"
+    );
+    assert_eq!(
+        shown(SecurityError::UnknownKey { kid: None }),
+        "no key for a token with no kid"
+    );
+    assert_eq!(
+        shown(SecurityError::KeyAlgorithmMismatch {
+            kid: Some("key1".into()),
+            algorithm: "HS256".into()
+        }),
+        "key (kid key1) cannot verify HS256 tokens"
+    );
+    let forged = shown(SecurityError::UnknownKey {
+        kid: Some("a\nb".into()),
+    });
+    assert!(!forged.contains('\n'), "{forged}");
+    for e in [
+        SecurityError::InvalidKey {
+            kid: None,
+            reason: "bad PEM".into(),
+        },
+        SecurityError::UnknownKey { kid: None },
+    ] {
+        let text = e.to_string();
+        assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
+    }
+}

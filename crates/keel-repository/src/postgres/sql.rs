@@ -1,7 +1,18 @@
-//! SQL text, generated once per repository from the validated mapping.
+//! SQL text, generated once per repository from the validated mapping, and
+//! the query builder for lists and counts.
 //!
 //! Identifiers come only from the mapping (validated as lower-case
 //! identifiers, then double-quoted); every value is a bound parameter.
+//!
+//! Why this SQL is built at run time rather than with sqlx's checked
+//! `query!` macros, which Keel uses for its fixed-schema statements: the
+//! column set comes from the service's [`Mapped`](crate::Mapped) impl, so
+//! no statement text exists when this crate compiles, and the filters,
+//! sort keys and page of a list are chosen per call, so the `WHERE` and
+//! `ORDER BY` clauses differ from one call to the next. What stands in for
+//! the compile-time check: names are looked up in the validated mapping
+//! (an unknown one is refused, never pasted), values are typed parameters,
+//! and `verify_schema` compares the live table with the mapping.
 
 use keel_core::{Deleted, Direction};
 use sqlx::{Postgres, QueryBuilder};

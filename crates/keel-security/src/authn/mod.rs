@@ -275,7 +275,7 @@ impl JwtVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let claims =
             jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation)
-                .map_err(map_jwt_error)?
+                .map_err(|e| present_claim_is_invalid(map_jwt_error(e), token))?
                 .claims;
         principal_from(&claims, &self.config.claims)
     }
@@ -316,6 +316,30 @@ fn parse_header(token: &str) -> Result<RawHeader> {
         });
     }
     Ok(header)
+}
+
+/// jsonwebtoken reports a time claim that is present but not a number
+/// (`"exp": "tomorrow"`) as missing. The signature has been checked by then
+/// (claims are validated after it), so the payload can be read to tell a
+/// missing claim from an invalid one.
+fn present_claim_is_invalid(err: SecurityError, token: &str) -> SecurityError {
+    let SecurityError::MissingClaim { claim } = &err else {
+        return err;
+    };
+    let present = token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|bytes| serde_json::from_slice::<Map<String, Value>>(&bytes).ok())
+        .is_some_and(|claims| claims.contains_key(claim.as_str()));
+    if present {
+        SecurityError::InvalidClaim {
+            claim: claim.clone(),
+            reason: "not a number of seconds since the epoch",
+        }
+    } else {
+        err
+    }
 }
 
 fn map_jwt_error(err: jsonwebtoken::errors::Error) -> SecurityError {
