@@ -1,6 +1,8 @@
 //! Carrying over Keel's history from `_sqlx_migrations`, where Keel versions
 //! before 0.2 recorded it next to the service's own migrations.
 
+use std::time::Duration;
+
 use sqlx::{Connection, PgConnection, Row};
 
 use super::error::MigrateError;
@@ -94,29 +96,44 @@ pub(crate) async fn adopt(
     }
     let versions: Vec<i64> = known.iter().map(|k| k.1).collect();
 
+    let select =
+        "SELECT version, checksum FROM _sqlx_migrations WHERE success AND version = ANY($1)";
+    let candidates = sqlx::query(select)
+        .bind(&versions)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(history("reading _sqlx_migrations"))?;
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(history("reading the database name"))?;
+
     let mut tx = conn
         .begin()
         .await
         .map_err(history("starting the carry-over"))?;
-    let rows = sqlx::query(
-        "SELECT version, checksum FROM _sqlx_migrations WHERE success AND version = ANY($1)",
-    )
-    .bind(&versions)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(history("reading _sqlx_migrations"))?;
-    if rows.is_empty() {
-        return Ok(0);
+    // Polled, for the reason `run::lock` gives.
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(sqlx_lock_id(&database))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(history("taking sqlx's migration lock"))?;
+        if taken {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut *tx)
+    let rows = sqlx::query(select)
+        .bind(&versions)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(history("reading the database name"))?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(sqlx_lock_id(&database))
-        .execute(&mut *tx)
-        .await
-        .map_err(history("taking sqlx's migration lock"))?;
+        .map_err(history("reading _sqlx_migrations"))?;
 
     let mut moved = 0;
     for row in rows {

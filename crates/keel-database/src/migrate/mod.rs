@@ -168,6 +168,3 @@ impl From<MigrateError> for DatabaseError {
         }
     }
 }
-
-#[cfg(test)]
-pub(crate) use adopt::legacy;

@@ -2,7 +2,7 @@
 //! transaction per migration.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migration;
 use sqlx::postgres::PgErrorPosition;
@@ -70,11 +70,7 @@ pub(crate) async fn run(conn: &mut PgConnection, plan: &[Planned<'_>]) -> Result
     conn.execute("SET statement_timeout = 0")
         .await
         .map_err(history("clearing the statement timeout"))?;
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(LOCK_KEY)
-        .execute(&mut *conn)
-        .await
-        .map_err(history("taking Keel's migration lock"))?;
+    lock(conn).await?;
     let result = run_locked(conn, plan).await;
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LOCK_KEY)
@@ -82,6 +78,30 @@ pub(crate) async fn run(conn: &mut PgConnection, plan: &[Planned<'_>]) -> Result
         .await
         .map_err(history("releasing Keel's migration lock"));
     result.and(unlocked.map(drop))
+}
+
+/// Takes Keel's migration lock, polling instead of blocking in
+/// `pg_advisory_lock`: a session blocked inside a statement holds a
+/// snapshot, and `CREATE INDEX CONCURRENTLY` in the lock holder's
+/// migration would wait for that snapshot forever (a deadlock PostgreSQL
+/// breaks by failing one side). Between polls nothing runs.
+async fn lock(conn: &mut PgConnection) -> Result<(), MigrateError> {
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|source| MigrateError::History {
+                what: "taking Keel's migration lock",
+                source,
+            })?;
+        if taken {
+            return Ok(());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
 }
 
 async fn run_locked(conn: &mut PgConnection, plan: &[Planned<'_>]) -> Result<(), MigrateError> {
