@@ -114,7 +114,12 @@ impl TestDatabase {
             .containers(false)
             .find(crate::services::Service::Postgres)
             .await?;
-        let server: PgConnectOptions = found.connection_string().parse()?;
+        Self::drop_templates_at(found.connection_string()).await
+    }
+
+    /// [`drop_templates`](Self::drop_templates) on the server at `url`.
+    pub async fn drop_templates_at(url: &str) -> Result<Vec<String>, Error> {
+        let server: PgConnectOptions = url.parse()?;
         let mut admin = PgConnection::connect_with(&server.database("postgres")).await?;
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(TEMPLATE_LOCK)
