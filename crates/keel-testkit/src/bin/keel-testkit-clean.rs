@@ -7,6 +7,9 @@
 //! DATABASE_URL=postgres://me@db.local/postgres cargo run -p keel-testkit --bin keel-testkit-clean
 //! ```
 
+// A command-line tool: printing what it dropped is its output.
+#![allow(clippy::print_stdout)]
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
