@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_core::HealthCheck;
-use keel_database::{Database, DatabaseConfig, DatabaseError, MIGRATOR, TransactionOptions};
+use keel_database::{Database, DatabaseConfig, DatabaseError, MIGRATIONS, TransactionOptions};
 use keel_testkit::TestDatabase;
 use sqlx::Executor;
 
@@ -119,7 +119,7 @@ fn main() {
 }
 
 async fn run() {
-    let test_db = TestDatabase::create(&MIGRATOR)
+    let test_db = TestDatabase::create(&MIGRATIONS)
         .await
         .expect("a PostgreSQL for the benchmark");
     let db = Database::connect(

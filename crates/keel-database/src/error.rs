@@ -14,8 +14,6 @@ use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::time::Duration;
 
-use sqlx::migrate::MigrateError;
-
 /// `Result` with [`DatabaseError`] as the default error type.
 pub type Result<T, E = DatabaseError> = std::result::Result<T, E>;
 
@@ -291,9 +289,11 @@ pub enum DatabaseError {
     #[error("no row returned where one was expected")]
     RowNotFound,
 
-    /// Applying the embedded migrations failed.
-    #[error("database migration failed")]
-    Migration(#[source] MigrateError),
+    /// Applying Keel's migrations failed: a statement of a migration (named,
+    /// with the server's message), a changed applied migration, or the
+    /// migration history. See [`MigrateError`](crate::MigrateError).
+    #[error(transparent)]
+    Migration(Box<crate::MigrateError>),
 
     /// Any other failure: an SQL error, a decoding error, a protocol error.
     #[error("{}", describe_other(.0))]
@@ -482,22 +482,8 @@ impl From<sqlx::Error> for DatabaseError {
                 setting: Cow::Borrowed("connection options"),
                 reason: inner.to_string(),
             },
-            sqlx::Error::Migrate(m) => DatabaseError::Migration(*m),
             sqlx::Error::Database(_) => classify_database(e),
             other => DatabaseError::Query(other),
-        }
-    }
-}
-
-impl From<MigrateError> for DatabaseError {
-    fn from(e: MigrateError) -> Self {
-        match e {
-            // A migration that failed because the server went away is a
-            // connection problem, not a broken migration.
-            MigrateError::Execute(inner) if is_connection_error(&inner) => {
-                DatabaseError::from(inner)
-            }
-            other => DatabaseError::Migration(other),
         }
     }
 }

@@ -31,8 +31,10 @@
 //!   are retryable).
 //! * [`DatabaseReadiness`] and [`DatabaseLiveness`] implement the
 //!   [`keel_core::HealthCheck`] port.
-//! * [`MIGRATOR`] embeds Keel's migrations; [`Database::migrate`] applies
-//!   them.
+//! * [`migrate`] and [`Database::migrate`] apply Keel's migrations (the
+//!   base set [`MIGRATIONS`] and each linked crate's `MIGRATIONS`), with a
+//!   history of their own (`keel.schema_history`), beside the service's own
+//!   sqlx migrations (see [`migrate`](mod@migrate)).
 //!
 //! # Example
 //!
@@ -42,7 +44,9 @@
 //! # async fn run() -> Result<(), DatabaseError> {
 //! // DATABASE_URL=postgres://app:secret@localhost:5432/orders
 //! let db = Database::connect(DatabaseConfig::from_env()?).await?;
-//! db.migrate().await?;
+//! // Keel's base schema; add each linked crate's set, e.g.
+//! // db.migrate(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
+//! db.migrate(&[]).await?;
 //!
 //! // Runs the closure in a serializable transaction, again if PostgreSQL
 //! // aborts it with a serialization failure, and commits.
@@ -71,13 +75,18 @@
 //!
 //! # Feature flags
 //!
-//! `keel-database` has no optional features: it always uses PostgreSQL
-//! through `sqlx` with rustls for TLS (never OpenSSL).
+//! `keel-database` always uses PostgreSQL through `sqlx` with rustls for TLS
+//! (never OpenSSL).
+//!
+//! | feature | default | effect |
+//! |---|---|---|
+//! | `testkit` | off | Implements `keel_testkit::Schema` for [`Migrations`], so tests write `TestDatabase::create(&keel_eventstore::MIGRATIONS)` (or an array of sets); meant for `[dev-dependencies]`. |
 
 mod command;
 pub mod config;
 mod error;
 mod health;
+pub mod migrate;
 mod pool;
 mod retry;
 mod uow;
@@ -92,17 +101,7 @@ pub use error::{
 pub use health::{
     DEFAULT_DEGRADED_AFTER, DEFAULT_HEALTH_TIMEOUT, DatabaseLiveness, DatabaseReadiness,
 };
+pub use migrate::{MIGRATIONS, MigrateError, MigrationId, Migrations, migrate, migrate_connection};
 pub use pool::{DEFAULT_POOL_METRICS_INTERVAL, Database, PoolStats, TransactionFuture};
 pub use retry::{RetryPolicy, TransactionError};
 pub use uow::{IsolationLevel, TransactionOptions, UnitOfWork};
-
-use sqlx::migrate::Migrator;
-
-/// Every Keel table, as embedded migrations from the workspace's
-/// `migrations/` folder. Run them with [`migrate`] or [`Database::migrate`].
-pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
-
-/// Applies Keel's migrations that have not been applied yet.
-pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
-}

@@ -29,7 +29,7 @@ pub type TransactionFuture<'r, T, E> =
 ///
 /// # async fn run() -> Result<(), DatabaseError> {
 /// let db = Database::connect(DatabaseConfig::from_env()?).await?;
-/// db.migrate().await?;
+/// db.migrate(&[]).await?; // plus each linked crate's MIGRATIONS
 /// let n: i64 = db
 ///     .transaction(|uow| {
 ///         Box::pin(async move {
@@ -320,12 +320,19 @@ impl Database {
         )
     }
 
-    /// Applies Keel's embedded migrations ([`MIGRATOR`](crate::MIGRATOR)).
-    pub async fn migrate(&self) -> Result<()> {
-        crate::MIGRATOR
-            .run(&self.inner.pool)
-            .await
-            .map_err(DatabaseError::from)
+    /// Applies Keel's base migrations and `sets` (each linked crate's
+    /// `MIGRATIONS`): see [`migrate`](crate::migrate()).
+    ///
+    /// ```no_run
+    /// # async fn run(db: keel_database::Database) -> keel_database::Result<()> {
+    /// # static EVENTSTORE: keel_database::Migrations =
+    /// #     keel_database::Migrations::new("keel-eventstore", sqlx::migrate::Migrator::DEFAULT);
+    /// // db.migrate(&[&keel_eventstore::MIGRATIONS]).await?;
+    /// db.migrate(&[&EVENTSTORE]).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn migrate(&self, sets: &[&crate::Migrations]) -> Result<()> {
+        crate::migrate(&self.inner.pool, sets).await
     }
 
     /// A pooled connection, outside any transaction.

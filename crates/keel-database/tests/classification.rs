@@ -1,12 +1,12 @@
 //! Real PostgreSQL errors are classified by SQLSTATE and constraint name.
 
 use keel_core::ErrorKind;
-use keel_database::{DatabaseError, MIGRATOR};
+use keel_database::{DatabaseError, MIGRATIONS};
 use keel_testkit::TestDatabase;
 use sqlx::Executor;
 
 async fn db_with_table() -> TestDatabase {
-    let db = TestDatabase::create(&MIGRATOR).await.unwrap();
+    let db = TestDatabase::create(&MIGRATIONS).await.unwrap();
     db.pool()
         .execute(
             "CREATE TABLE accounts (
@@ -129,7 +129,7 @@ async fn other_constraint_violations_are_invalid_input() {
 
 #[tokio::test]
 async fn statement_timeout_is_a_retryable_timeout() {
-    let db = TestDatabase::create(&MIGRATOR).await.unwrap();
+    let db = TestDatabase::create(&MIGRATIONS).await.unwrap();
     let mut conn = db.pool().acquire().await.unwrap();
     conn.execute("SET statement_timeout = '50ms'")
         .await
@@ -149,7 +149,7 @@ async fn statement_timeout_is_a_retryable_timeout() {
 
 #[tokio::test]
 async fn syntax_errors_are_internal_and_not_retryable() {
-    let db = TestDatabase::create(&MIGRATOR).await.unwrap();
+    let db = TestDatabase::create(&MIGRATIONS).await.unwrap();
     let err = sqlx::query("SELEC 1").execute(db.pool()).await.unwrap_err();
     let classified = DatabaseError::from(err);
     assert_eq!(classified.sqlstate(), Some("42601"));
@@ -161,7 +161,7 @@ async fn syntax_errors_are_internal_and_not_retryable() {
 
 #[tokio::test]
 async fn terminated_backend_is_a_connection_error() {
-    let db = TestDatabase::create(&MIGRATOR).await.unwrap();
+    let db = TestDatabase::create(&MIGRATIONS).await.unwrap();
     let mut victim = db.pool().acquire().await.unwrap();
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut *victim)

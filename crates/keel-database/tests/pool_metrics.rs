@@ -4,14 +4,14 @@
 
 use std::time::Duration;
 
-use keel_database::{Database, DatabaseConfig, MIGRATOR};
+use keel_database::{Database, DatabaseConfig, MIGRATIONS};
 use keel_telemetry::metrics::names::{ATTR_POOL, POOL_IDLE, POOL_SIZE, POOL_WAIT_DURATION};
 use keel_telemetry::testing::MetricsProbe;
 use keel_testkit::TestDatabase;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_idle_and_waits_are_recorded_under_the_application_name() {
-    let t = TestDatabase::create(&MIGRATOR).await.unwrap();
+    let t = TestDatabase::create(&MIGRATIONS).await.unwrap();
     let db = Database::connect(
         DatabaseConfig::builder()
             .connect_options(t.connect_options())

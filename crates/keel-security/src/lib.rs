@@ -158,4 +158,11 @@ pub use error::{Result, SecurityError};
 pub use jsonwebtoken::Algorithm;
 pub use keel_core::Principal;
 pub use keel_telemetry::Secret;
+
+/// The audit log's tables and functions (`keel.audit_log`,
+/// `keel.audit_head`), applied with [`keel_database::migrate`] beside the
+/// other linked crates' sets.
+#[cfg(feature = "postgres")]
+pub static MIGRATIONS: keel_database::Migrations =
+    keel_database::Migrations::new("keel-security", sqlx::migrate!("./migrations"));
 pub use secrets::{CachedSecrets, EnvSecrets, FileSecrets, SecretProvider};

@@ -76,6 +76,10 @@ pub enum Error {
     /// Migrating the template database failed.
     #[error("migrating the template database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// Applying a [`Schema`](crate::Schema) to a template database failed.
+    #[error("migrating the template database failed: {0}")]
+    Schema(#[source] crate::schema::BoxError),
 }
 
 fn tail_block(tail: &str) -> String {

@@ -103,11 +103,13 @@ mod contract;
 mod database;
 mod error;
 mod pg;
+mod schema;
 pub mod services;
 mod sys;
 mod throwaway;
 
 pub use aggregate::{AggregateTest, Outcome, RejectionCheck, Verified};
-pub use database::TestDatabase;
+pub use database::{TEMPLATE_PREFIX, TestDatabase};
 pub use error::{Error, Result};
+pub use schema::{ApplyFuture, BoxError, Schema};
 pub use throwaway::ThrowawayPostgres;

@@ -249,12 +249,22 @@ pub(crate) fn spawn_detached(script: &str, args: &[&std::ffi::OsStr], log: &Path
     Ok(())
 }
 
-/// Whether a PostgreSQL server at `addr` accepts sessions: it answers a
-/// startup message with an authentication request, or with an error other
-/// than "starting up / shutting down" (SQLSTATE 57P03).
+/// Whether a PostgreSQL server at `addr` lets the test kit log in.
 pub(crate) fn postgres_accepts(addr: &str) -> bool {
+    postgres_login(addr).is_ok()
+}
+
+/// Logs in to the PostgreSQL server at `addr` as user `postgres`, database
+/// `postgres`, without a password (what the kit's default connection string
+/// does), and says why when that fails: nothing listens, the server asks for
+/// a password, refuses the role, is starting up, …
+///
+/// A server that merely answers is not enough: a stock installation asks
+/// for a password over TCP, and tests against it would all fail with
+/// `28P01`.
+pub(crate) fn postgres_login(addr: &str) -> std::result::Result<(), String> {
     let Some(mut stream) = connect(addr, Duration::from_millis(1000)) else {
-        return false;
+        return Err("nothing answers there".to_owned());
     };
     let mut body = Vec::new();
     body.extend_from_slice(&196_608_u32.to_be_bytes()); // protocol 3.0
@@ -267,25 +277,67 @@ pub(crate) fn postgres_accepts(addr: &str) -> bool {
     let mut message = len.to_be_bytes().to_vec();
     message.extend_from_slice(&body);
     if stream.write_all(&message).is_err() {
-        return false;
+        return Err("the connection closed before the login".to_owned());
     }
-    let mut header = [0_u8; 5];
-    if stream.read_exact(&mut header).is_err() {
-        return false;
-    }
-    let accepted = match header[0] {
-        b'R' => true,
-        b'E' => {
-            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-            let mut fields = vec![0_u8; len.saturating_sub(4).min(4096)];
-            if stream.read_exact(&mut fields).is_err() {
-                return false;
-            }
-            !fields.split(|b| *b == 0).any(|field| field == b"C57P03")
-        }
-        _ => false,
-    };
+    let result = read_login(&mut stream);
     // Terminate, so the server does not log an unexpected EOF.
     let _ = stream.write_all(b"X\0\0\0\x04");
-    accepted
+    result
+}
+
+/// Reads the server's answers to a startup message until it is ready for
+/// queries (logged in) or refuses.
+fn read_login(stream: &mut TcpStream) -> std::result::Result<(), String> {
+    let not_postgres = || "something answers there, but not as PostgreSQL would".to_owned();
+    loop {
+        let mut header = [0_u8; 5];
+        stream
+            .read_exact(&mut header)
+            .map_err(|_| "the server closed the connection during the login".to_owned())?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if !(4..=1 << 20).contains(&len) {
+            return Err(not_postgres());
+        }
+        let mut payload = vec![0_u8; len - 4];
+        stream
+            .read_exact(&mut payload)
+            .map_err(|_| "the server closed the connection during the login".to_owned())?;
+        match header[0] {
+            b'R' => {
+                let method = payload
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .ok_or_else(not_postgres)?;
+                let name = match method {
+                    0 => continue, // AuthenticationOk
+                    3 => "a clear-text password",
+                    5 => "an MD5 password",
+                    10 => "a SCRAM password",
+                    7 | 9 => "Kerberos/GSSAPI or SSPI",
+                    _ => "an authentication method the kit cannot answer",
+                };
+                return Err(format!(
+                    "the server asks user \"postgres\" for {name} (the kit logs in without one)"
+                ));
+            }
+            b'E' => {
+                let field = |tag: u8| {
+                    payload
+                        .split(|b| *b == 0)
+                        .find(|f| f.first() == Some(&tag))
+                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+                        .unwrap_or_default()
+                };
+                return Err(format!(
+                    "the login was refused: {} (SQLSTATE {})",
+                    field(b'M'),
+                    field(b'C')
+                ));
+            }
+            b'Z' => return Ok(()),
+            // ParameterStatus, BackendKeyData, notices: read on.
+            b'S' | b'K' | b'N' | b'v' => {}
+            _ => return Err(not_postgres()),
+        }
+    }
 }

@@ -57,3 +57,39 @@ async fn connection_details_point_at_the_test_database() {
         .unwrap();
     assert_eq!(current, db.name());
 }
+
+#[tokio::test]
+async fn drop_templates_removes_templates_and_abandoned_test_databases_only() {
+    use sqlx::{Connection, Executor};
+
+    // On a server of its own: other test runs may be using their templates
+    // on the shared one.
+    let pg = keel_testkit::ThrowawayPostgres::new().await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    for name in [
+        "keel_tpl_0123",
+        "keel_test_abandoned",
+        "keel_test_running",
+        "app",
+    ] {
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+    }
+    let running =
+        sqlx::PgConnection::connect_with(&pg.connect_options().database("keel_test_running"))
+            .await
+            .unwrap();
+
+    let dropped = TestDatabase::drop_templates_at(&pg.url()).await.unwrap();
+    assert_eq!(dropped, ["keel_test_abandoned", "keel_tpl_0123"]);
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'keel%' OR datname = 'app' ORDER BY 1",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(left, ["app", "keel_test_running"]);
+    running.close().await.unwrap();
+}

@@ -2,14 +2,14 @@
 
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
-use keel_database::{Database, DatabaseConfig, MIGRATOR};
+use keel_database::{Database, DatabaseConfig, MIGRATIONS};
 use keel_testkit::TestDatabase;
 use sqlx::Executor;
 
 /// A per-test database and a small pool on it (the per-test servers are
 /// shared by many tests, so the pools stay small).
 pub async fn database() -> (TestDatabase, Database) {
-    let test_db = TestDatabase::create(&MIGRATOR).await.unwrap();
+    let test_db = TestDatabase::create(&MIGRATIONS).await.unwrap();
     let config = DatabaseConfig::builder()
         .connect_options(test_db.connect_options())
         .min_connections(0)

@@ -11,8 +11,11 @@
 //!    `REDIS_URL`, `PUBSUB_EMULATOR_HOST`), taken as is when set and not
 //!    empty.
 //! 2. **The default local service**, if it answers: `127.0.0.1:5432`,
-//!    `127.0.0.1:6379`, `127.0.0.1:8085` (PostgreSQL as user `postgres`
-//!    with trust authentication).
+//!    `127.0.0.1:6379`, `127.0.0.1:8085`. PostgreSQL is probed with a real
+//!    login as user `postgres` without a password (trust authentication);
+//!    a server that asks for a password (a stock Ubuntu or Homebrew
+//!    install) or refuses the role is passed over, and the kit prints why
+//!    on standard error when it starts its own instead.
 //! 3. **A container** via testcontainers, when the `testcontainers` feature
 //!    is on and a Docker engine is reachable.
 //! 4. **Local binaries** started on a free port: PostgreSQL from
@@ -140,6 +143,16 @@ impl Service {
             Service::Postgres => sys::postgres_accepts(address),
             Service::Redis => sys::redis_answers(address),
             Service::PubSubEmulator => sys::http_ok(address),
+        }
+    }
+
+    /// [`ready`](Self::ready), with the reason when it is not. PostgreSQL is
+    /// probed with a real login as the kit would log in.
+    fn probe(self, address: &str) -> std::result::Result<(), String> {
+        match self {
+            Service::Postgres => sys::postgres_login(address),
+            _ if self.ready(address) => Ok(()),
+            _ => Err("nothing answers there".to_owned()),
         }
     }
 
@@ -398,14 +411,17 @@ impl Discovery {
             tried.push(format!(
                 "  - {default}: skipped (KEEL_TESTKIT_IGNORE_DEFAULTS)"
             ));
-        } else if service.ready(default) {
-            return Ok(Endpoint {
-                service,
-                connection: service.connection_string(default),
-                source: Source::DefaultLocal,
-            });
         } else {
-            tried.push(format!("  - {default}: nothing answers there"));
+            match service.probe(default) {
+                Ok(()) => {
+                    return Ok(Endpoint {
+                        service,
+                        connection: service.connection_string(default),
+                        source: Source::DefaultLocal,
+                    });
+                }
+                Err(why) => tried.push(format!("  - {default}: {why}")),
+            }
         }
 
         // Started instances are shared by the whole process. One slot per
@@ -441,6 +457,7 @@ impl Discovery {
         if self.start_local {
             match self.start(service) {
                 Ok(found) => {
+                    announce_start(service, &found, &tried);
                     *started = Some(found.clone());
                     return Ok(found);
                 }
@@ -608,6 +625,22 @@ impl Discovery {
         }
         Ok(program)
     }
+}
+
+/// Says once per process, on standard error (shown in the test output),
+/// why the kit runs its own instance instead of the default one.
+fn announce_start(service: Service, found: &Endpoint, tried: &[String]) {
+    static SAID: Mutex<Vec<Service>> = Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(PoisonError::into_inner);
+    if said.contains(&service) {
+        return;
+    }
+    said.push(service);
+    eprintln!(
+        "keel-testkit: using its own {service} at {} because:\n{}",
+        address_of(found),
+        tried.join("\n")
+    );
 }
 
 fn existing(path: impl Into<PathBuf>) -> Option<PathBuf> {
