@@ -94,7 +94,7 @@ pub const EXAMPLES: &[Example] = &[
     },
     Example {
         name: "outbox",
-        about: "transactional outbox, relay and inbox on PostgreSQL (skipped without DATABASE_URL)",
+        about: "a command through a transactional service: entity row and outbox event in one unit of work, relay, inbox",
         run: |s| Box::pin(examples::outbox::run(s)),
     },
 ];

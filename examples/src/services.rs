@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_cache::{Backend, MemoryCache, RedisCache, RedisConfig};
+use keel_core::uow::{MemoryTransactions, TransactionSource};
 use keel_database::{Database, DatabaseConfig};
 use keel_eventbus::{EventBus, InMemoryBus, Naming, PubSubBus, PubSubConfig};
 use keel_eventstore::{EventStoreBackend, InMemoryEventStore, PostgresEventStore};
@@ -108,7 +109,11 @@ impl Services {
         let mut services = Self::in_memory();
         if non_empty_var("DATABASE_URL").is_some() {
             let database = Database::connect(DatabaseConfig::from_env()?).await?;
-            database.migrate().await?;
+            // Keel's tables for the crates this binary links, beside (and
+            // never in the way of) a service's own migrations.
+            database
+                .migrate(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
+                .await?;
             services = services.with_database(database);
         }
         if let Some(url) = non_empty_var(REDIS_URL_VAR) {
@@ -121,7 +126,7 @@ impl Services {
     }
 
     /// Uses this PostgreSQL database (already migrated with
-    /// `keel_database::MIGRATOR`).
+    /// `keel_eventstore::MIGRATIONS` and `keel_outbox::MIGRATIONS`).
     #[must_use]
     pub fn with_database(mut self, database: Database) -> Self {
         self.database = Some(database);
@@ -172,10 +177,29 @@ impl Services {
                 )
             ),
             format!(
+                "outbox:      {}",
+                pick(
+                    self.database.is_some(),
+                    "PgOutbox + PgInbox",
+                    "InMemoryOutbox + InMemoryInbox"
+                )
+            ),
+            format!(
                 "cache:       {}",
                 pick(self.redis_url.is_some(), "RedisCache", "MemoryCache")
             ),
         ]
+    }
+
+    /// Where units of work come from: the PostgreSQL database when one is
+    /// configured, else in-memory transactions. Every port the examples
+    /// build joins transactions of this source with `within(tx)`.
+    #[must_use]
+    pub fn transactions(&self) -> Arc<dyn TransactionSource> {
+        match &self.database {
+            Some(db) => Arc::new(db.clone()),
+            None => Arc::new(MemoryTransactions::new()),
+        }
     }
 
     /// The PostgreSQL database, when one is configured.

@@ -97,9 +97,10 @@ mod real_services {
     }
 
     async fn real() -> Real {
-        let test_database = TestDatabase::create(&keel_database::MIGRATOR)
-            .await
-            .expect("a PostgreSQL database from keel-testkit");
+        let test_database =
+            TestDatabase::create(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
+                .await
+                .expect("a PostgreSQL database from keel-testkit");
         let config = DatabaseConfig::builder()
             .url(test_database.url())
             .min_connections(1)

@@ -401,7 +401,8 @@ async fn retries_stop_after_the_configured_attempts() {
         .await;
     let err = result.unwrap_err();
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
-    assert_eq!(err.kind(), keel_core::ErrorKind::Unavailable);
+    assert_eq!(err.kind(), keel_core::ErrorKind::Conflict);
+    assert!(err.is_transaction_conflict());
     assert!(err.is_retryable());
     assert!(keel_database::chain_has_transaction_conflict(&err));
     assert!(item_ids(&db).await.is_empty());

@@ -203,7 +203,7 @@ const PGES_SCHEMA: &str = "CREATE TABLE public.events (
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()

@@ -210,7 +210,7 @@ fn rss_kib() -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()

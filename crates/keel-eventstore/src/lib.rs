@@ -107,7 +107,7 @@
 //!
 //! * `postgres` (default): [`PostgresEventStore`], built on sqlx and
 //!   keel-database (units of work, error classification). Its tables come
-//!   with `keel_database::MIGRATOR`.
+//!   with `keel_eventstore::MIGRATIONS` (applied with `keel_database::migrate`).
 //! * `testing`: the `testing` module, the contract suite every store
 //!   implementation must pass.
 //!

@@ -80,7 +80,7 @@ mod in_memory {
 
 mod postgres {
     all_contract_tests!(|| async {
-        let db = keel_testkit::TestDatabase::create(&keel_database::MIGRATOR)
+        let db = keel_testkit::TestDatabase::create(&keel_eventstore::MIGRATIONS)
             .await
             .expect("test database");
         // The read horizon is cluster-wide and other tests' CREATE/DROP

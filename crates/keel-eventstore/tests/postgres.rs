@@ -24,7 +24,7 @@ fn patient() -> StoreConfig {
 }
 
 async fn store() -> (PostgresEventStore, TestDatabase) {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .expect("test database");
     (
@@ -194,7 +194,7 @@ async fn one_event_id_raced_into_two_streams_is_stored_once() {
 async fn tailing_reader_sees_every_committed_event_exactly_once() {
     const WRITERS: usize = 12;
     const TXS_PER_WRITER: usize = 25;
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .unwrap();
     // The horizon is cluster-wide: other tests' CREATE/DROP DATABASE hold it

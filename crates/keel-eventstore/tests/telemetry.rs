@@ -96,7 +96,7 @@ async fn appends_conflicts_and_latency<S: Appender>(store: S, probe: &MetricsPro
 }
 
 async fn postgres_store(probe: &MetricsProbe) -> (PostgresEventStore, TestDatabase) {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .expect("test database");
     let store = PostgresEventStore::with_config(

@@ -94,7 +94,7 @@ async fn drain(relays: &[Relay]) {
 fn relay_throughput(c: &mut Criterion) {
     let rt = runtime();
     let db = rt
-        .block_on(TestDatabase::create(&keel_database::MIGRATOR))
+        .block_on(TestDatabase::create(&keel_outbox::MIGRATIONS))
         .unwrap();
     let pool = db.pool().clone();
     let bus: Arc<dyn EventPublisher> = Arc::new(InMemoryBus::new());
@@ -163,7 +163,7 @@ fn commit_to_publish() {
     const SAMPLES: usize = 1_000;
     let rt = runtime();
     rt.block_on(async {
-        let db = TestDatabase::create(&keel_database::MIGRATOR).await.unwrap();
+        let db = TestDatabase::create(&keel_outbox::MIGRATIONS).await.unwrap();
         let (sent, mut stamps) = mpsc::unbounded_channel();
         let publisher = Arc::new(Stamp { bus: InMemoryBus::new(), sent });
         let config = RelayConfig::default().with_poll_interval(Duration::from_secs(10));

@@ -108,7 +108,7 @@
 //! # Tables
 //!
 //! `keel.outbox` and `keel.inbox` are created by Keel's migrations
-//! (`keel_database::MIGRATOR`).
+//! (`keel_outbox::MIGRATIONS`, applied with `keel_database::migrate`).
 //!
 //! # Feature flags
 //!

@@ -171,7 +171,7 @@ struct Setup {
 
 fn setup(rt: &Runtime) -> Setup {
     rt.block_on(async {
-        let db = TestDatabase::create(&keel_database::MIGRATOR)
+        let db = TestDatabase::create(&keel_database::MIGRATIONS)
             .await
             .expect("PostgreSQL for benchmarks");
         sqlx::query(&Gadget::mapping().create_table_sql())

@@ -76,7 +76,7 @@ fn the_derived_mapping_matches_the_hand_written_one() {
 
 #[tokio::test]
 async fn derived_entities_round_trip_in_both_repositories() {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_database::MIGRATIONS)
         .await
         .unwrap();
     sqlx::query(&Derived::mapping().create_table_sql())

@@ -7,7 +7,7 @@ use keel_repository::{Mapped, PgRepository};
 use keel_testkit::TestDatabase;
 
 async fn database() -> TestDatabase {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_database::MIGRATIONS)
         .await
         .expect("test database");
     sqlx::query(&Gadget::mapping().create_table_sql())
@@ -281,7 +281,7 @@ async fn injection_attempts_leave_the_schema_alone() {
 
 #[tokio::test]
 async fn a_column_of_the_wrong_type_is_a_decode_error() {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_database::MIGRATIONS)
         .await
         .unwrap();
     let ddl = Gadget::mapping()
@@ -355,7 +355,7 @@ async fn schema_qualified_tables_work() {
             })
         }
     }
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_database::MIGRATIONS)
         .await
         .unwrap();
     sqlx::query("CREATE SCHEMA app")
@@ -368,7 +368,7 @@ async fn schema_qualified_tables_work() {
         .unwrap();
     let repo = PgRepository::<Note>::new(db.pool().clone()).unwrap();
     repo.verify_schema().await.unwrap();
-    let gadgets = TestDatabase::create(&keel_database::MIGRATOR)
+    let gadgets = TestDatabase::create(&keel_database::MIGRATIONS)
         .await
         .unwrap();
     let missing = PgRepository::<Note>::new(gadgets.pool().clone()).unwrap();
@@ -412,7 +412,7 @@ async fn schema_qualified_tables_work() {
 
 #[tokio::test]
 async fn the_if_not_exists_statement_runs_again_and_keeps_the_rows() {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_database::MIGRATIONS)
         .await
         .unwrap();
     let create = Gadget::mapping().create_table_if_not_exists_sql();
@@ -444,7 +444,7 @@ async fn the_if_not_exists_statement_runs_again_and_keeps_the_rows() {
 
     // A table of that name with other columns is left alone; verify_schema
     // is what reports it.
-    let other = TestDatabase::create(&keel_database::MIGRATOR)
+    let other = TestDatabase::create(&keel_database::MIGRATIONS)
         .await
         .unwrap();
     sqlx::query("CREATE TABLE gadgets (id TEXT PRIMARY KEY)")

@@ -175,7 +175,7 @@ async fn compare(pool: &PgPool, logs: &Logs, writers: usize, total: usize) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database");
     sqlx::raw_sql(RAW_TABLE)
@@ -186,7 +186,7 @@ async fn main() {
     let log = Arc::new(PgAuditLog::new(pool.clone()));
     // The keyed log writes to a database of its own, so each chain is
     // verified with the right keys.
-    let keyed_db = TestDatabase::create(&keel_database::MIGRATOR)
+    let keyed_db = TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database");
     let key = AuditKey::new("bench", Secret::new(vec![7; 32])).expect("key");

@@ -36,7 +36,7 @@ use keel_core::command::{
 };
 use keel_core::uow::Transaction;
 use keel_core::{AggregateRef, AuditLog, BearerToken, PipelineError};
-use keel_database::{Database, DatabaseConfig, MIGRATOR, UnitOfWork};
+use keel_database::{Database, DatabaseConfig, UnitOfWork};
 use keel_security::pipeline::{
     AuditLayer, AuthenticationLayer, AuthorizationLayer, CommandPipeline, CommandService,
 };
@@ -300,7 +300,9 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let test_db = TestDatabase::create(&MIGRATOR).await.unwrap();
+        let test_db = TestDatabase::create(&keel_security::MIGRATIONS)
+            .await
+            .unwrap();
         let db = Database::connect(
             DatabaseConfig::builder()
                 .connect_options(test_db.connect_options())

@@ -8,7 +8,7 @@ use keel_security::audit::{AuditHead, PgAuditLog};
 use keel_testkit::TestDatabase;
 
 keel_security::audit_contract_suite!(|| async {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database");
     let log: Arc<dyn AuditHead> = Arc::new(PgAuditLog::new(db.pool().clone()));
@@ -17,7 +17,7 @@ keel_security::audit_contract_suite!(|| async {
 
 #[tokio::test]
 async fn keyed_logs_rotate() {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database");
     let log = PgAuditLog::new(db.pool().clone());
@@ -26,7 +26,7 @@ async fn keyed_logs_rotate() {
 }
 
 async fn postgres() -> (Arc<dyn AuditHead>, Arc<dyn TransactionSource>, TestDatabase) {
-    let db = TestDatabase::create(&keel_database::MIGRATOR)
+    let db = TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database");
     let database = keel_database::Database::connect(

@@ -23,7 +23,7 @@ use keel_core::{
     AuditAppender, AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery, AuditRecord,
     ChainVerification, PipelineError,
 };
-use keel_database::{Database, DatabaseConfig, MIGRATOR, UnitOfWork};
+use keel_database::{Database, DatabaseConfig, UnitOfWork};
 use keel_security::audit::{AuditHead, PgAuditLog};
 use keel_security::pipeline::AuditLayer;
 use keel_testkit::TestDatabase;
@@ -166,7 +166,7 @@ fn crash_child(db: &TestDatabase, mode: &str, signal: &str) {
 }
 
 async fn setup() -> TestDatabase {
-    let db = TestDatabase::create(&MIGRATOR)
+    let db = TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database");
     sqlx::query("CREATE TABLE crash_effects (id bigserial PRIMARY KEY)")
@@ -243,7 +243,7 @@ async fn a_crash_after_the_commit_keeps_the_record_for_the_chainer() {
 
 #[tokio::test]
 async fn writers_in_their_own_transactions_with_a_chainer_running() {
-    let test_db = TestDatabase::create(&MIGRATOR)
+    let test_db = TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database");
     let db = connect(&test_db.url(), 20).await;

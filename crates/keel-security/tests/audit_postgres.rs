@@ -24,7 +24,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPoolOptions, Postgres};
 
 async fn database() -> TestDatabase {
-    TestDatabase::create(&keel_database::MIGRATOR)
+    TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database")
 }

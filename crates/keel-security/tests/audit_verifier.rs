@@ -26,7 +26,7 @@ fn entry(i: u32) -> AuditEntry {
 }
 
 async fn database() -> TestDatabase {
-    TestDatabase::create(&keel_database::MIGRATOR)
+    TestDatabase::create(&keel_security::MIGRATIONS)
         .await
         .expect("test database")
 }

@@ -21,7 +21,7 @@ use keel_core::{
     AuditRecord, BearerToken, ChainVerification, CommandError, DomainError, Error, ErrorKind,
     PipelineError, Principal,
 };
-use keel_database::{Database, DatabaseConfig, MIGRATOR, UnitOfWork};
+use keel_database::{Database, DatabaseConfig, UnitOfWork};
 use keel_security::audit::AuditHead;
 use keel_security::pipeline::{
     AuditFailurePolicy, AuditLayer, AuthenticationLayer, AuthorizationLayer, Authorized,
@@ -208,7 +208,9 @@ fn policy() -> PolicyEngine {
 }
 
 async fn fixture_with(authn: AuthenticationLayer, on_failure: AuditFailurePolicy) -> Fixture {
-    let test_db = TestDatabase::create(&MIGRATOR).await.unwrap();
+    let test_db = TestDatabase::create(&keel_security::MIGRATIONS)
+        .await
+        .unwrap();
     let db = Database::connect(
         DatabaseConfig::builder()
             .connect_options(test_db.connect_options())

@@ -41,7 +41,7 @@
 /// mod postgres {
 ///     keel_testkit::contract_tests! {
 ///         factory: || async {
-///             let db = keel_testkit::TestDatabase::create(&keel_eventstore::MIGRATOR)
+///             let db = keel_testkit::TestDatabase::create(&keel_eventstore::MIGRATIONS)
 ///                 .await
 ///                 .unwrap();
 ///             (keel_eventstore::PostgresEventStore::new(db.pool().clone()), db)

@@ -264,7 +264,7 @@ pub async fn run(services: &Services) -> Result {
     }
 
     subscription.shutdown().await;
-    relay.stop().await?;
+    relay.shutdown().await?;
     bus.close().await;
 
     // The checks: exactly once in effect, and nothing unaccounted for. The

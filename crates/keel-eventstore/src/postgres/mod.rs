@@ -31,7 +31,7 @@ const COLUMNS: &str = "commit, position, event_id, stream_id, version, event_typ
                        schema_version, payload::text, metadata::text, recorded_at";
 
 /// The event store on PostgreSQL (tables in schema `keel`, created by
-/// `keel_database::MIGRATOR`).
+/// `keel_eventstore::MIGRATIONS` (applied with `keel_database::migrate`)).
 ///
 /// Cheap to clone: it holds a connection pool.
 #[derive(Clone, Debug)]

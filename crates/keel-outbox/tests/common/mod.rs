@@ -19,7 +19,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 pub async fn database() -> TestDatabase {
-    TestDatabase::create(&keel_database::MIGRATOR)
+    TestDatabase::create(&keel_outbox::MIGRATIONS)
         .await
         .expect("a migrated test database (is PostgreSQL running on 127.0.0.1:5432?)")
 }

@@ -67,7 +67,7 @@ const VERIFY_PAGE: i64 = 500;
 /// With [`with_keys`](Self::with_keys) the log is keyed: each record is
 /// sealed with the current key's id and an HMAC-SHA256 (`mac_key_id`,
 /// `mac`), and verification checks them ([`AuditKeys`]). The tables come
-/// from Keel's migrations (`keel_database::MIGRATOR`); the database refuses
+/// from Keel's migrations (`keel_security::MIGRATIONS`); the database refuses
 /// `DELETE`, `TRUNCATE` and every `UPDATE` except sealing an unsealed row
 /// once, at the position after the head (SQLSTATE `KL003`).
 ///
@@ -81,7 +81,7 @@ const VERIFY_PAGE: i64 = 500;
 /// use keel_core::{AuditEntry, AuditLog, AuditOutcome, ChainVerification};
 /// use keel_security::audit::{AuditHead, PgAuditLog};
 ///
-/// keel_database::MIGRATOR.run(db.pool()).await.expect("migrations");
+/// db.migrate(&[&keel_security::MIGRATIONS]).await.expect("migrations");
 /// let log = PgAuditLog::new(db.pool().clone());
 /// let chainer = log.chainer(); // seals committed records in the background
 ///
@@ -117,7 +117,7 @@ struct Shared {
 }
 
 impl PgAuditLog {
-    /// An audit log on `pool` (migrated with `keel_database::MIGRATOR`).
+    /// An audit log on `pool` (migrated with `keel_security::MIGRATIONS`).
     #[must_use]
     pub fn new(pool: PgPool) -> Self {
         Self {
@@ -418,7 +418,7 @@ mod tests {
     // attempt once, in the order written.
     #[tokio::test]
     async fn one_transaction_stores_each_attempt_once() {
-        let db = TestDatabase::create(&keel_database::MIGRATOR)
+        let db = TestDatabase::create(&keel_security::MIGRATIONS)
             .await
             .expect("test database");
         let pool = db.pool().clone();
