@@ -171,6 +171,24 @@ impl ChainCheck {
     }
 }
 
+/// The length of `value` as compact JSON, counted without building the
+/// text (every append checks it).
+fn compact_json_len(value: &Value) -> serde_json::Result<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    Ok(count.0)
+}
+
 /// Refuses what no store may keep, and brings timestamps to microseconds.
 /// Both stores call this before they hash or write anything.
 pub(crate) fn validate(mut entry: AuditEntry) -> Result<AuditEntry> {
@@ -211,9 +229,8 @@ pub(crate) fn validate(mut entry: AuditEntry) -> Result<AuditEntry> {
             ));
         }
     }
-    let size = serde_json::to_vec(&entry.details)
-        .map_err(|e| Error::invalid_input("details", format!("cannot be serialized: {e}")))?
-        .len();
+    let size = compact_json_len(&entry.details)
+        .map_err(|e| Error::invalid_input("details", format!("cannot be serialized: {e}")))?;
     if size > MAX_DETAILS_BYTES {
         return Err(Error::invalid_input(
             "details",

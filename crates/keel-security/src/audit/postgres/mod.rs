@@ -9,7 +9,7 @@ use keel_core::{
     AuditAppender, AuditEntry, AuditLog, AuditPage, AuditQuery, AuditRecord, ChainVerification,
     Result,
 };
-use sqlx::{PgPool, QueryBuilder};
+use sqlx::PgPool;
 
 use super::chain::{ChainHead, ChainWalk};
 use super::keys::{AuditKeys, KeySlot, RecordMac};
@@ -20,7 +20,7 @@ mod seal;
 
 pub use seal::{AuditChainer, DEFAULT_CHAIN_INTERVAL};
 
-use rows::{COLUMNS, WALK_COLUMNS, decode, mac_from_row, sealed_record, to_u64};
+use rows::{mac_of, select_audit_rows, to_u64};
 
 /// How many records [`AuditLog::verify`] reads per round trip; with the
 /// 64 KiB limit on details, at most a few tens of MiB in memory at once.
@@ -181,18 +181,14 @@ impl PgAuditLog {
     ///
     /// As for queries: `Unavailable` or `Timeout` when the database fails.
     pub async fn mac(&self, sequence: u64) -> Result<Option<RecordMac>> {
-        let row: Option<(Option<String>, Option<String>)> =
-            sqlx::query_as("SELECT mac_key_id, mac FROM keel.audit_log WHERE sequence = $1")
-                .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(keel_database::to_keel)?;
-        Ok(row.and_then(|(key_id, mac)| {
-            Some(RecordMac {
-                key_id: key_id?,
-                mac: mac?,
-            })
-        }))
+        let row = sqlx::query!(
+            "SELECT mac_key_id, mac FROM keel.audit_log WHERE sequence = $1",
+            i64::try_from(sequence).unwrap_or(i64::MAX),
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(keel_database::to_keel)?;
+        Ok(row.and_then(|row| mac_of(row.mac_key_id, row.mac)))
     }
 
     /// The pool this log writes through.
@@ -203,15 +199,12 @@ impl PgAuditLog {
 
     /// The sealed record of row `id`, if it is sealed.
     async fn sealed_row(&self, id: i64) -> Result<Option<AuditRecord>> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM keel.audit_log WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(keel_database::to_keel)?;
+        let row = select_audit_rows!("WHERE id = $1", id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(keel_database::to_keel)?;
         match row {
-            Some(row) => rows::record_from_row(&row),
+            Some(row) => row.record(),
             None => Err(keel_core::Error::internal_msg(
                 "an appended audit record vanished",
             )),
@@ -219,15 +212,14 @@ impl PgAuditLog {
     }
 
     async fn stored_head(&self) -> Result<Option<ChainHead>> {
-        let row: Option<(i64, String)> =
-            sqlx::query_as("SELECT sequence, hash FROM keel.audit_head WHERE singleton")
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(keel_database::to_keel)?;
-        row.map(|(sequence, hash)| {
+        let row = sqlx::query!("SELECT sequence, hash FROM keel.audit_head WHERE singleton")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(keel_database::to_keel)?;
+        row.map(|row| {
             Ok(ChainHead {
-                sequence: to_u64(sequence)?,
-                hash,
+                sequence: to_u64(row.sequence)?,
+                hash: row.hash,
             })
         })
         .transpose()
@@ -236,22 +228,18 @@ impl PgAuditLog {
     async fn walk(&self, walk: &mut ChainWalk) -> Result<ChainVerification> {
         let mut after = i64::try_from(walk.first_needed() - 1).unwrap_or(i64::MAX);
         loop {
-            let rows = sqlx::query(&format!(
-                "SELECT {WALK_COLUMNS} FROM keel.audit_log WHERE sequence > $1 ORDER BY sequence LIMIT $2"
-            ))
-            .bind(after)
-            .bind(VERIFY_PAGE)
+            let rows = select_audit_rows!(
+                "WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+                after,
+                VERIFY_PAGE,
+            )
             .fetch_all(&self.pool)
             .await
             .map_err(keel_database::to_keel)?;
-            let Some(last) = rows.last() else {
-                return Ok(walk.finish());
-            };
-            after = sqlx::Row::try_get(last, "sequence").map_err(decode)?;
             for row in &rows {
-                let record = sealed_record(row)?;
-                let mac = mac_from_row(row)?;
-                if let Err(broken) = walk.check(&record, mac.as_ref()) {
+                let record = row.sealed_record()?;
+                after = i64::try_from(record.sequence).unwrap_or(i64::MAX);
+                if let Err(broken) = walk.check(&record, row.mac().as_ref()) {
                     return Ok(broken);
                 }
             }
@@ -267,9 +255,10 @@ impl AuditLog for PgAuditLog {
     async fn append(&self, entry: AuditEntry) -> Result<AuditRecord> {
         let entry = super::validate(entry)?;
         let mut conn = self.pool.acquire().await.map_err(keel_database::to_keel)?;
-        let id = match rows::insert_unsealed(&mut *conn, &entry).await? {
+        let content_hash = super::chain::content_hash(&entry);
+        let id = match rows::insert_unsealed(&mut *conn, &entry, &content_hash).await? {
             Some(id) => id,
-            None => rows::existing_id(&mut conn, &entry).await?,
+            None => rows::existing_id(&mut conn, &entry, &content_hash).await?,
         };
         drop(conn);
         // The row is committed: from here on, dropping this future loses
@@ -297,32 +286,77 @@ impl AuditLog for PgAuditLog {
         } = super::filters(query)?;
         // Whatever committed before the query is in the chain, and found.
         self.seal().await?;
-        let mut sql = QueryBuilder::new(format!(
-            "SELECT {COLUMNS} FROM keel.audit_log WHERE sequence > "
-        ));
-        sql.push_bind(i64::try_from(after).unwrap_or(i64::MAX));
-        if let Some(principal) = principal {
-            sql.push(" AND principal = ").push_bind(principal);
-        }
-        if let Some((kind, id)) = aggregate {
-            sql.push(" AND aggregate_kind = ").push_bind(kind);
-            sql.push(" AND aggregate_id = ").push_bind(id);
-        }
-        if let Some(from) = from {
-            sql.push(" AND occurred_at >= ").push_bind(from);
-        }
-        if let Some(to) = to {
-            sql.push(" AND occurred_at < ").push_bind(to);
-        }
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
         // One row more than the page tells whether another page follows.
-        sql.push(" ORDER BY sequence LIMIT ")
-            .push_bind(i64::from(limit) + 1);
-        let rows = sql
-            .build()
-            .fetch_all(&self.pool)
-            .await
-            .map_err(keel_database::to_keel)?;
-        let mut records = rows.iter().map(sealed_record).collect::<Result<Vec<_>>>()?;
+        let fetch = i64::from(limit) + 1;
+        // Three fixed statements, one per index that leads the search:
+        // the principal's, the aggregate's, or the chain order itself.
+        // The other filters are parameters that are NULL when absent. The
+        // statements are prepared and cached per connection, and after a
+        // few runs PostgreSQL may keep one generic plan for all values:
+        // with a `$n IS NULL OR principal = $n` form that plan can no
+        // longer use the principal's index (checked with EXPLAIN: it
+        // walked the whole chain for a rare principal), while
+        // `principal = $n` keeps it in every plan. A time range alone
+        // reads in chain order and filters, as it did when the statement
+        // was assembled per query.
+        let rows = match (principal, aggregate) {
+            (Some(principal), aggregate) => {
+                let (kind, id) = aggregate.unzip();
+                select_audit_rows!(
+                    "WHERE principal = $1 AND sequence > $2 \
+                       AND ($3::text IS NULL OR aggregate_kind = $3) \
+                       AND ($4::text IS NULL OR aggregate_id = $4) \
+                       AND ($5::timestamptz IS NULL OR occurred_at >= $5) \
+                       AND ($6::timestamptz IS NULL OR occurred_at < $6) \
+                     ORDER BY sequence LIMIT $7",
+                    principal,
+                    after,
+                    kind,
+                    id,
+                    from,
+                    to,
+                    fetch,
+                )
+                .fetch_all(&self.pool)
+                .await
+            }
+            (None, Some((kind, id))) => {
+                select_audit_rows!(
+                    "WHERE aggregate_kind = $1 AND aggregate_id = $2 AND sequence > $3 \
+                       AND ($4::timestamptz IS NULL OR occurred_at >= $4) \
+                       AND ($5::timestamptz IS NULL OR occurred_at < $5) \
+                     ORDER BY sequence LIMIT $6",
+                    kind,
+                    id,
+                    after,
+                    from,
+                    to,
+                    fetch,
+                )
+                .fetch_all(&self.pool)
+                .await
+            }
+            (None, None) => {
+                select_audit_rows!(
+                    "WHERE sequence > $1 \
+                       AND ($2::timestamptz IS NULL OR occurred_at >= $2) \
+                       AND ($3::timestamptz IS NULL OR occurred_at < $3) \
+                     ORDER BY sequence LIMIT $4",
+                    after,
+                    from,
+                    to,
+                    fetch,
+                )
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
+        .map_err(keel_database::to_keel)?;
+        let mut records = rows
+            .iter()
+            .map(rows::AuditRow::sealed_record)
+            .collect::<Result<Vec<_>>>()?;
         let next_after = if records.len() > limit as usize {
             records.truncate(limit as usize);
             records.last().map(|r| r.sequence)
@@ -360,7 +394,7 @@ impl AuditAppender for PgAppender<'_> {
         let entry = super::validate(entry)?;
         let mut tx = self.tx.lock().await;
         let uow = keel_database::UnitOfWork::join(&mut **tx)?;
-        rows::insert_unsealed(uow.conn(), &entry).await?;
+        rows::insert_unsealed(uow.conn(), &entry, &super::chain::content_hash(&entry)).await?;
         let shared = Arc::clone(&self.log.shared);
         uow.after_commit(move || shared.wake.notify_one());
         Ok(())
@@ -388,11 +422,12 @@ impl AuditHead for PgAuditLog {
     }
 
     async fn pending(&self) -> Result<u64> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM keel.audit_log WHERE sequence IS NULL")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(keel_database::to_keel)?;
+        let n = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM keel.audit_log WHERE sequence IS NULL"#
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(keel_database::to_keel)?;
         to_u64(n)
     }
 }
@@ -436,7 +471,7 @@ mod tests {
         let mut written = Vec::new();
         for e in [&accepted, &accepted, &failed, &later, &failed] {
             written.push(
-                rows::insert_unsealed(&mut *tx, e)
+                rows::insert_unsealed(&mut *tx, e, &crate::audit::chain::content_hash(e))
                     .await
                     .expect("insert")
                     .is_some(),

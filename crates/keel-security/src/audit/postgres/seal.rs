@@ -4,24 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use keel_core::{Error, Result};
 use sqlx::PgPool;
-use sqlx::types::Json;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::super::chain;
 use super::super::keys::AuditKeys;
 use super::PgAuditLog;
-use super::rows::{PENDING_COLUMNS, decode, entry_from_row, to_u64};
+use super::rows::{select_audit_rows, to_u64};
 
 /// The most rows one sealing transaction seals.
 pub(super) const SEAL_BATCH: i64 = 500;
-
-/// The locked head: sequence, hash, its `recorded_at`, and the server's
-/// clock.
-type HeadRow = (i64, String, Option<DateTime<Utc>>, DateTime<Utc>);
 
 /// Seals up to [`SEAL_BATCH`] committed unsealed rows, oldest row first,
 /// in one short transaction holding the head's lock. Returns how many it
@@ -33,51 +27,49 @@ type HeadRow = (i64, String, Option<DateTime<Utc>>, DateTime<Utc>);
 pub(super) async fn seal_batch(pool: &PgPool, keys: Option<Arc<AuditKeys>>) -> Result<usize> {
     // Cheap look first (a partial index): an idle chainer or a query with
     // nothing pending takes no lock.
-    let pending: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM keel.audit_log WHERE sequence IS NULL)")
-            .fetch_one(pool)
-            .await
-            .map_err(keel_database::to_keel)?;
+    let pending = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM keel.audit_log WHERE sequence IS NULL) AS "pending!""#
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(keel_database::to_keel)?;
     if !pending {
         return Ok(0);
     }
     let mut tx = pool.begin().await.map_err(keel_database::to_keel)?;
-    let head: Option<HeadRow> = sqlx::query_as(
-        "SELECT sequence, hash, recorded_at, clock_timestamp() \
-         FROM keel.audit_head WHERE singleton FOR UPDATE",
+    let head = sqlx::query!(
+        r#"SELECT sequence, hash, recorded_at, clock_timestamp() AS "now!"
+           FROM keel.audit_head WHERE singleton FOR UPDATE"#
     )
     .fetch_optional(&mut *tx)
     .await
     .map_err(keel_database::to_keel)?;
-    let Some((last_sequence, mut prev_hash, last_recorded_at, now)) = head else {
+    let Some(head) = head else {
         return Err(Error::internal_msg(
             "the audit head row is missing; were Keel's migrations applied?",
         ));
     };
     // Read under the lock: rows another chainer sealed meanwhile are gone
     // from this list.
-    let rows = sqlx::query(&format!(
-        "SELECT {PENDING_COLUMNS} FROM keel.audit_log WHERE sequence IS NULL ORDER BY id LIMIT $1"
-    ))
-    .bind(SEAL_BATCH)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(keel_database::to_keel)?;
+    let rows = select_audit_rows!("WHERE sequence IS NULL ORDER BY id LIMIT $1", SEAL_BATCH)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(keel_database::to_keel)?;
     if rows.is_empty() {
         return Ok(0);
     }
-    let mut sequence = to_u64(last_sequence)?;
-    let recorded_at = last_recorded_at.map_or(now, |last| now.max(last));
+    let mut sequence = to_u64(head.sequence)?;
+    let mut prev_hash = head.hash;
+    let recorded_at = head.recorded_at.map_or(head.now, |last| head.now.max(last));
     let time = recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let mut seals = Vec::with_capacity(rows.len());
     for row in &rows {
-        let id: i64 = sqlx::Row::try_get(row, "id").map_err(decode)?;
-        let entry = entry_from_row(row)?;
+        let entry = row.entry()?;
         sequence += 1;
         let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
         let mac = keys.as_ref().map(|k| k.current().seal(sequence, &hash));
         seals.push(serde_json::json!({
-            "id": id,
+            "id": row.id,
             "sequence": sequence,
             "recorded_at": time,
             "prev_hash": prev_hash,
@@ -87,13 +79,17 @@ pub(super) async fn seal_batch(pool: &PgPool, keys: Option<Arc<AuditKeys>>) -> R
         }));
         prev_hash = hash;
     }
-    sqlx::query("SELECT keel.seal_audit_records($1)")
-        .bind(Json(&seals))
-        .execute(&mut *tx)
-        .await
-        .map_err(keel_database::to_keel)?;
+    let sealed = seals.len();
+    // A void function called in FROM: the statement returns no column.
+    sqlx::query!(
+        "SELECT FROM keel.seal_audit_records($1)",
+        serde_json::Value::Array(seals)
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(keel_database::to_keel)?;
     tx.commit().await.map_err(keel_database::to_keel)?;
-    Ok(seals.len())
+    Ok(sealed)
 }
 
 /// How often a chainer looks for rows committed by other processes (rows
