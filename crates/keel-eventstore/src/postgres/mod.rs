@@ -4,6 +4,28 @@
 //! `keel.append_events` procedure), [`read`] (stream reads), [`global`] (the
 //! gap-safe global log), [`snapshots`] and [`subscriptions`] (checkpoints,
 //! leadership, the wake-up notifier).
+//!
+//! # Checked SQL
+//!
+//! Every statement here is checked at compile time: it goes through sqlx's
+//! `query!`, `query_as!` or `query_scalar!`, which check its text, its
+//! parameter types and its result columns against the schema the migrations
+//! build. The build itself needs no database: it reads the description of
+//! each statement from the offline data committed in the crate's `.sqlx/`
+//! (the crate's `.env` sets `SQLX_OFFLINE=true`, so a `DATABASE_URL` in the
+//! environment does not send the build online).
+//!
+//! After changing a statement or a migration, regenerate that data and commit
+//! it with the change: `scripts/sqlx-prepare` builds a throwaway database
+//! from every migration on the local PostgreSQL (`KEEL_SQLX_ADMIN_URL`
+//! chooses another server), recompiles against it and rewrites `.sqlx/`;
+//! `scripts/sqlx-prepare --check` (run by CI) fails when the committed data
+//! and the statements disagree.
+//!
+//! Two pieces of text are not checked statements: the global read's
+//! `BEGIN READ ONLY; SET LOCAL ...` (transaction control and planner
+//! settings, not a query with a result to describe) and the channel
+//! `LISTEN`ed on, which sqlx's listener sends itself.
 
 use std::sync::Arc;
 
