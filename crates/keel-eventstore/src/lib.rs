@@ -108,6 +108,10 @@
 //! * `postgres` (default): [`PostgresEventStore`], built on sqlx and
 //!   keel-database (units of work, error classification). Its tables come
 //!   with `keel_eventstore::MIGRATIONS` (applied with `keel_database::migrate`).
+//!   Its SQL is checked at compile time against offline data committed in
+//!   the crate (`.sqlx/`), so building it needs no database; after changing
+//!   a statement or a migration, `scripts/sqlx-prepare` regenerates that
+//!   data (see the `postgres` module's source docs).
 //! * `testing`: the `testing` module, the contract suite every store
 //!   implementation must pass.
 //!

@@ -4,8 +4,7 @@
 use async_trait::async_trait;
 use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version, VersionConflict};
 use keel_database::is_unique_violation;
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 use super::{PostgresEventStore, to_u64};
 use crate::error::{EventStoreError, Result};
@@ -146,7 +145,7 @@ async fn append_call(
         Err(CallError::Raced) => return Err(Raced),
         Err(CallError::Other(e)) => return Ok(Err(e)),
     };
-    Ok(interpret(&row, stream, expected, events))
+    Ok(interpret(row, stream, expected, events))
 }
 
 enum CallError {
@@ -166,7 +165,7 @@ async fn call_append_function(
     expected: ExpectedVersion,
     events: &[NewEvent],
     notify: bool,
-) -> std::result::Result<PgRow, CallError> {
+) -> std::result::Result<Outcome, CallError> {
     let (mode, version) = expected_args(expected);
     let EventColumns {
         ids,
@@ -175,19 +174,24 @@ async fn call_append_function(
         payloads,
         metadata,
     } = EventColumns::new(events)?;
-    sqlx::query(
-        "SELECT outcome, actual_version, first_version, positions, commits, conflicting_event_id \
-         FROM keel.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    sqlx::query_as!(
+        Outcome,
+        r#"SELECT outcome AS "outcome!", actual_version AS "actual_version!",
+                  first_version AS "first_version?", positions AS "positions?",
+                  commits AS "commits?", conflicting_event_id AS "conflicting_event_id?"
+           FROM keel.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
+        stream.as_str(),
+        mode,
+        version,
+        ids.as_slice(),
+        // `&[&str]` encodes as text[] without copying the strings into
+        // `String`s (the override replaces the macro's `&[String]` check).
+        types.as_slice() as &[&str],
+        schemas.as_slice(),
+        payloads.as_slice() as &[&str],
+        metadata.as_slice(),
+        notify,
     )
-    .bind(stream.as_str())
-    .bind(mode)
-    .bind(version)
-    .bind(&ids)
-    .bind(&types)
-    .bind(&schemas)
-    .bind(&payloads)
-    .bind(&metadata)
-    .bind(notify)
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| {
@@ -198,6 +202,118 @@ async fn call_append_function(
             CallError::Other(e.into())
         }
     })
+}
+
+/// The row a fast append returns: the version the batch follows (none when
+/// the statement wrote nothing), and the stored events' positions and commit
+/// keys in version order.
+struct FastAppended {
+    prev: Option<i64>,
+    positions: Option<Vec<i64>>,
+    commits: Option<Vec<i64>>,
+}
+
+/// How a fast append finds the version its batch follows.
+#[derive(Clone, Copy)]
+enum Head {
+    Any,
+    NoStream,
+    StreamExists,
+    Exact,
+}
+
+/// Runs the fast append statement `$insert` (`insert_one` or `insert_batch`)
+/// after the head that `$head` selects: a CTE `s` holding the version the
+/// batch follows, or no row when the expectation fails. The arguments are
+/// $1 the stream and $2..$6 the event columns; the exact head adds $7, the
+/// expected version.
+///
+/// The statements differ only in their head; each is spelled out (and so
+/// checked) as its own literal, which a planner sees as its own statement.
+macro_rules! fast_append_after {
+    ($insert:ident, $head:expr, $conn:expr, ($($arg:expr),+), $expected:expr) => {
+        match $head {
+            // any: after whatever is stored
+            Head::Any => $insert!(
+                $conn,
+                "WITH s AS (SELECT coalesce(max(version), 0) AS prev \
+                 FROM keel.events WHERE stream_id = $1),",
+                $($arg),+
+            ),
+            // no stream: from the start (the index refuses version 1 if stored)
+            Head::NoStream => $insert!($conn, "WITH s AS (SELECT 0::int8 AS prev),", $($arg),+),
+            // stream exists: after the newest stored version, if there is one
+            Head::StreamExists => $insert!(
+                $conn,
+                "WITH s AS (SELECT max(version) AS prev FROM keel.events WHERE stream_id = $1 \
+                 HAVING max(version) IS NOT NULL),",
+                $($arg),+
+            ),
+            // exact: after the expected version, if it is stored (the index
+            // refuses the insert if a later one is)
+            Head::Exact => $insert!(
+                $conn,
+                "WITH s AS (SELECT $7::int8 AS prev WHERE EXISTS \
+                 (SELECT 1 FROM keel.events WHERE stream_id = $1 AND version = $7)),",
+                $($arg),+,
+                $expected
+            ),
+        }
+    };
+}
+
+/// The fast append of a batch after `$head`: the columns arrive as arrays
+/// and are inserted with UNNEST.
+macro_rules! insert_batch {
+    ($conn:expr, $head:literal, $($arg:expr),+) => {
+        sqlx::query_as!(
+            FastAppended,
+            $head
+                + r#"
+        ins AS (
+            INSERT INTO keel.events
+                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+            SELECT n.event_id, $1, s.prev + n.ord, n.event_type, n.schema_version,
+                   n.payload::json, n.metadata::json
+            FROM s, unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                    WITH ORDINALITY AS n(event_id, event_type, schema_version, payload, metadata, ord)
+            RETURNING position, commit, version
+        )
+        SELECT (SELECT prev FROM s) AS "prev?",
+               array_agg(position ORDER BY version) AS "positions?",
+               array_agg(commit ORDER BY version) AS "commits?"
+        FROM ins"#,
+            $($arg),+
+        )
+        .fetch_one($conn)
+        .await
+    };
+}
+
+/// The fast append of a single event (the most common append) after
+/// `$head`: plain values, which spares the server the array decoding and
+/// the set-returning function.
+macro_rules! insert_one {
+    ($conn:expr, $head:literal, $($arg:expr),+) => {
+        sqlx::query_as!(
+            FastAppended,
+            $head
+                + r#"
+        ins AS (
+            INSERT INTO keel.events
+                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
+            SELECT $2::uuid, $1, s.prev + 1, $3::text, $4::int4, $5::text::json, $6::text::json
+            FROM s
+            RETURNING position, commit, version
+        )
+        SELECT (SELECT prev FROM s) AS "prev?", array_agg(position) AS "positions?",
+               array_agg(commit) AS "commits?"
+        FROM ins"#,
+            $($arg),+
+        )
+        .fetch_one($conn)
+        .await
+    };
 }
 
 /// The common path of an autocommit append, in one statement: check the
@@ -221,101 +337,64 @@ async fn fast_append(
     expected: ExpectedVersion,
     events: &[NewEvent],
 ) -> Result<Option<AppendResult>> {
-    // $1 stream, $2..$6 the event columns, $7 the expected version (exact
-    // mode only).
+    let (mode, expected_at) = expected_args(expected);
+    let head = match (mode, expected_at) {
+        (0, _) => Head::Any,
+        (1, _) | (3, 0) => Head::NoStream,
+        (2, _) => Head::StreamExists,
+        _ => Head::Exact,
+    };
+    let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
     // A batch arrives as column arrays and is inserted with UNNEST; a single
     // event (the most common append) as plain values, which spares the
     // server the array decoding and the set-returning function.
-    const INSERT_BATCH: &str = "
-        ins AS (
-            INSERT INTO keel.events
-                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
-            SELECT n.event_id, $1, s.prev + n.ord, n.event_type, n.schema_version,
-                   n.payload::json, n.metadata::json
-            FROM s, unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
-                    WITH ORDINALITY AS n(event_id, event_type, schema_version, payload, metadata, ord)
-            RETURNING position, commit, version
+    let appended = if let [event] = events {
+        let id = *event.event_id().as_uuid();
+        let schema = i32::try_from(event.schema_version()).unwrap_or(i32::MAX);
+        let metadata = metadata_json(event)?;
+        fast_append_after!(
+            insert_one,
+            head,
+            &mut *conn,
+            (
+                stream.as_str(),
+                id,
+                event.event_type(),
+                schema,
+                event.payload_json(),
+                metadata.as_str()
+            ),
+            expected_at
         )
-        SELECT (SELECT prev FROM s),
-               array_agg(position ORDER BY version),
-               array_agg(commit ORDER BY version)
-        FROM ins";
-    const INSERT_ONE: &str = "
-        ins AS (
-            INSERT INTO keel.events
-                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
-            SELECT $2::uuid, $1, s.prev + 1, $3::text, $4::int4, $5::text::json, $6::text::json
-            FROM s
-            RETURNING position, commit, version
-        )
-        SELECT (SELECT prev FROM s), array_agg(position), array_agg(commit) FROM ins";
-    // The version the batch follows, or no row when the expectation fails.
-    const HEADS: [&str; 4] = [
-        // any: after whatever is stored
-        "WITH s AS (SELECT coalesce(max(version), 0) AS prev \
-         FROM keel.events WHERE stream_id = $1),",
-        // no stream: from the start (the index refuses version 1 if stored)
-        "WITH s AS (SELECT 0::int8 AS prev),",
-        // stream exists: after the newest stored version, if there is one
-        "WITH s AS (SELECT max(version) AS prev FROM keel.events WHERE stream_id = $1 \
-         HAVING max(version) IS NOT NULL),",
-        // exact: after the expected version, if it is stored (the index
-        // refuses the insert if a later one is)
-        "WITH s AS (SELECT $7::int8 AS prev WHERE EXISTS \
-         (SELECT 1 FROM keel.events WHERE stream_id = $1 AND version = $7)),",
-    ];
-    static SQL: std::sync::OnceLock<[[String; 4]; 2]> = std::sync::OnceLock::new();
-    let sql = SQL.get_or_init(|| {
-        [INSERT_BATCH, INSERT_ONE].map(|insert| HEADS.map(|head| format!("{head} {insert}")))
-    });
-    let (mode, expected_at) = expected_args(expected);
-    let variant = match (mode, expected_at) {
-        (0, _) => 0,
-        (1, _) | (3, 0) => 1,
-        (2, _) => 2,
-        _ => 3,
-    };
-    let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
-    let one_metadata;
-    let columns;
-    let mut query = if let [event] = events {
-        one_metadata = metadata_json(event)?;
-        sqlx::query(&sql[1][variant])
-            .bind(stream.as_str())
-            .bind(*event.event_id().as_uuid())
-            .bind(event.event_type())
-            .bind(i32::try_from(event.schema_version()).unwrap_or(i32::MAX))
-            .bind(event.payload_json())
-            .bind(one_metadata.as_str())
     } else {
-        columns = EventColumns::new(events)?;
-        sqlx::query(&sql[0][variant])
-            .bind(stream.as_str())
-            .bind(&columns.ids)
-            .bind(&columns.types)
-            .bind(&columns.schemas)
-            .bind(&columns.payloads)
-            .bind(&columns.metadata)
+        let columns = EventColumns::new(events)?;
+        fast_append_after!(
+            insert_batch,
+            head,
+            &mut *conn,
+            (
+                stream.as_str(),
+                columns.ids.as_slice(),
+                // `&[&str]` encodes as text[] without copying the strings
+                // (the override replaces the macro's `&[String]` check).
+                columns.types.as_slice() as &[&str],
+                columns.schemas.as_slice(),
+                columns.payloads.as_slice() as &[&str],
+                columns.metadata.as_slice()
+            ),
+            expected_at
+        )
     };
-    if variant == 3 {
-        query = query.bind(expected_at);
-    }
-    let row = match query.fetch_one(&mut *conn).await {
+    let row = match appended {
         Ok(row) => row,
         Err(e) if is_unique_violation(&e, Some(EVENT_ID_CONSTRAINT)) => return Ok(None),
         Err(e) if is_unique_violation(&e, Some(STREAM_VERSION_CONSTRAINT)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let Some(prev) = row.try_get::<Option<i64>, _>(0)? else {
+    let Some(prev) = row.prev else {
         return Ok(None);
     };
-    let positions: Vec<i64> = row.try_get(1)?;
-    let commits: Vec<i64> = row.try_get(2)?;
-    let positions = commits
-        .iter()
-        .zip(&positions)
-        .map(|(&c, &p)| Ok(Position::new(to_u64(c, "commit")?, to_u64(p, "position")?)))
-        .collect::<Result<Vec<_>>>()?;
+    let positions = positions_of(row.commits, row.positions, "the fast append")?;
     Ok(Some(AppendResult {
         stream_id: stream.clone(),
         first_version: Version::new(to_u64(prev + 1, "version")?),
@@ -364,30 +443,56 @@ impl<'a> EventColumns<'a> {
     }
 }
 
+/// The row `keel.append_events` returns.
+struct Outcome {
+    /// 0 appended, 1 idempotent retry, 2 version conflict, 3 reused id.
+    outcome: i16,
+    actual_version: i64,
+    first_version: Option<i64>,
+    positions: Option<Vec<i64>>,
+    commits: Option<Vec<i64>>,
+    conflicting_event_id: Option<uuid::Uuid>,
+}
+
+/// The positions of appended events from their commit keys and positions,
+/// which `what` returned (`None` when it returned no arrays).
+fn positions_of(
+    commits: Option<Vec<i64>>,
+    positions: Option<Vec<i64>>,
+    what: &str,
+) -> Result<Vec<Position>> {
+    let (Some(commits), Some(positions)) = (commits, positions) else {
+        return Err(EventStoreError::Corrupt(format!(
+            "{what} returned no positions for stored events"
+        )));
+    };
+    commits
+        .iter()
+        .zip(&positions)
+        .map(|(&c, &p)| Ok(Position::new(to_u64(c, "commit")?, to_u64(p, "position")?)))
+        .collect()
+}
+
 fn interpret(
-    row: &PgRow,
+    row: Outcome,
     stream: &StreamId,
     expected: ExpectedVersion,
     events: &[NewEvent],
 ) -> Result<AppendResult> {
-    let outcome: i16 = row.try_get(0)?;
-    let actual: i64 = row.try_get(1)?;
-    match outcome {
+    let actual = row.actual_version;
+    match row.outcome {
         0 | 1 => {
-            let first: i64 = row.try_get(2)?;
-            let positions: Vec<i64> = row.try_get(3)?;
-            let commits: Vec<i64> = row.try_get(4)?;
-            let positions = commits
-                .iter()
-                .zip(&positions)
-                .map(|(&c, &p)| Ok(Position::new(to_u64(c, "commit")?, to_u64(p, "position")?)))
-                .collect::<Result<Vec<_>>>()?;
+            let first = row.first_version.ok_or_else(|| {
+                EventStoreError::Corrupt(
+                    "keel.append_events returned no first version for stored events".to_owned(),
+                )
+            })?;
             Ok(AppendResult {
                 stream_id: stream.clone(),
                 first_version: Version::new(to_u64(first, "version")?),
                 next_expected_version: Version::new(to_u64(actual, "version")?),
-                positions,
-                was_retry: outcome == 1,
+                positions: positions_of(row.commits, row.positions, "keel.append_events")?,
+                was_retry: row.outcome == 1,
             })
         }
         2 => Err(VersionConflict {
@@ -396,13 +501,12 @@ fn interpret(
             actual: Version::new(to_u64(actual, "version")?),
         }
         .into()),
-        3 => {
-            let id: Option<uuid::Uuid> = row.try_get(5)?;
-            Err(EventStoreError::EventIdReused {
-                event_id: id.map_or_else(|| events[0].event_id(), EventId::from_uuid),
-                stream_id: stream.clone(),
-            })
-        }
+        3 => Err(EventStoreError::EventIdReused {
+            event_id: row
+                .conflicting_event_id
+                .map_or_else(|| events[0].event_id(), EventId::from_uuid),
+            stream_id: stream.clone(),
+        }),
         other => Err(EventStoreError::Corrupt(format!(
             "keel.append_events returned unknown outcome {other}"
         ))),

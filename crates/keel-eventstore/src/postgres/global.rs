@@ -5,14 +5,20 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 
-use super::{PostgresEventStore, clamp, decode_row};
+use super::{LogRow, PostgresEventStore, clamp};
 use crate::error::Result;
 use crate::event::ReadAll;
 use crate::store::{EventStream, GlobalLog};
 
 /// Opens the transaction a global-log batch is read in (see `read_all`).
-const ORDERED_READ: &str =
-    "BEGIN READ ONLY; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off";
+///
+/// Transaction control and settings, not a query: it runs as given (the
+/// checked macros describe single statements with results).
+/// `force_custom_plan` makes the server plan the batch statement for each
+/// execution's values even though the statement is prepared once per
+/// connection.
+const ORDERED_READ: &str = "BEGIN READ ONLY; SET LOCAL enable_sort = off; \
+     SET LOCAL enable_bitmapscan = off; SET LOCAL plan_cache_mode = force_custom_plan";
 
 fn horizon_warning_due() -> bool {
     static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
@@ -44,19 +50,30 @@ impl GlobalLog for PostgresEventStore {
                 // in a short read-only transaction that rules sorts and bitmap
                 // scans out, with a plan made for the actual values.
                 let mut tx = self.pool.begin_with(ORDERED_READ).await?;
-                let mut rows = sqlx::query(&self.global_sql)
-                    .persistent(false)
-                    .bind(after.0)
-                    .bind(after.1)
-                    .bind(options.category.as_deref())
-                    .bind(options.stream_prefix.as_deref())
-                    .bind(options.event_types.as_deref())
-                    .bind(take)
-                    .fetch(&mut *tx);
+                let mut rows = sqlx::query_as!(
+                    LogRow,
+                    r#"SELECT commit, position, event_id, stream_id, version, event_type,
+                              schema_version, payload::text AS "payload!",
+                              metadata::text AS "metadata!", recorded_at
+                       FROM keel.events
+                       WHERE (commit, position) > ($1, $2) AND commit < keel.commit_horizon()
+                         AND ($3::text IS NULL OR stream_id = $3
+                              OR starts_with(stream_id, $3 || '-'))
+                         AND ($4::text IS NULL OR starts_with(stream_id, $4))
+                         AND ($5::text[] IS NULL OR event_type = ANY ($5))
+                       ORDER BY commit, position LIMIT $6"#,
+                    after.0,
+                    after.1,
+                    options.category.as_deref(),
+                    options.stream_prefix.as_deref(),
+                    options.event_types.as_deref(),
+                    take,
+                )
+                .fetch(&mut *tx);
                 let mut n = 0i64;
                 while let Some(row) = rows.try_next().await? {
                     n += 1;
-                    let e = decode_row(&row, None)?;
+                    let e = row.into_event()?;
                     after = (e.position.commit as i64, e.position.sequence as i64);
                     yield e;
                 }
@@ -86,10 +103,13 @@ impl PostgresEventStore {
     /// so that one more read returns them all. `read_to` is the commit key
     /// the reader has reached. Returns whether another read is needed.
     async fn settle(&self, read_to: i64) -> Result<bool> {
-        let (target, horizon): (Option<i64>, i64) =
-            sqlx::query_as("SELECT max(commit), keel.commit_horizon() FROM keel.events")
-                .fetch_one(&self.pool)
-                .await?;
+        let ends = sqlx::query!(
+            r#"SELECT max(commit) AS target, keel.commit_horizon() AS "horizon!"
+               FROM keel.events"#
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let (target, horizon) = (ends.target, ends.horizon);
         // Nothing stored beyond what was read: the reader is complete (its
         // last row's transaction was below its horizon, and so is all else).
         let Some(target) = target.filter(|&t| t > read_to) else {
@@ -103,7 +123,7 @@ impl PostgresEventStore {
         let mut pause = Duration::from_millis(1);
         loop {
             tokio::time::sleep(pause).await;
-            let horizon: i64 = sqlx::query_scalar("SELECT keel.commit_horizon()")
+            let horizon = sqlx::query_scalar!(r#"SELECT keel.commit_horizon() AS "horizon!""#)
                 .fetch_one(&self.pool)
                 .await?;
             if horizon > target {

@@ -4,12 +4,33 @@
 //! `keel.append_events` procedure), [`read`] (stream reads), [`global`] (the
 //! gap-safe global log), [`snapshots`] and [`subscriptions`] (checkpoints,
 //! leadership, the wake-up notifier).
+//!
+//! # Checked SQL
+//!
+//! Every statement here is checked at compile time: it goes through sqlx's
+//! `query!`, `query_as!` or `query_scalar!`, which check its text, its
+//! parameter types and its result columns against the schema the migrations
+//! build. The build itself needs no database: it reads the description of
+//! each statement from the offline data committed in the crate's `.sqlx/`
+//! (the crate's `.env` sets `SQLX_OFFLINE=true`, so a `DATABASE_URL` in the
+//! environment does not send the build online).
+//!
+//! After changing a statement or a migration, regenerate that data and commit
+//! it with the change: `scripts/sqlx-prepare` builds a throwaway database
+//! from every migration on the local PostgreSQL (`KEEL_SQLX_ADMIN_URL`
+//! chooses another server), recompiles against it and rewrites `.sqlx/`;
+//! `scripts/sqlx-prepare --check` (run by CI) fails when the committed data
+//! and the statements disagree.
+//!
+//! Two pieces of text are not checked statements: the global read's
+//! `BEGIN READ ONLY; SET LOCAL ...` (transaction control and planner
+//! settings, not a query with a result to describe) and the channel
+//! `LISTEN`ed on, which sqlx's listener sends itself.
 
 use std::sync::Arc;
 
 use keel_core::{EventId, Position, StreamId, Version};
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::error::{EventStoreError, Result};
 use crate::event::{RecordedEvent, StoreConfig, StoredMetadata};
@@ -27,9 +48,6 @@ use subscriptions::Notifier;
 /// The channel appends notify on (when [`StoreConfig::notify_on_append`]).
 pub const NOTIFY_CHANNEL: &str = "keel_events";
 
-const COLUMNS: &str = "commit, position, event_id, stream_id, version, event_type, \
-                       schema_version, payload::text, metadata::text, recorded_at";
-
 /// The event store on PostgreSQL (tables in schema `keel`, created by
 /// `keel_eventstore::MIGRATIONS` (applied with `keel_database::migrate`)).
 ///
@@ -38,7 +56,6 @@ const COLUMNS: &str = "commit, position, event_id, stream_id, version, event_typ
 pub struct PostgresEventStore {
     pool: PgPool,
     config: StoreConfig,
-    global_sql: String,
     notifier: Arc<Notifier>,
     pub(crate) metrics: StoreMetrics,
 }
@@ -53,18 +70,9 @@ impl PostgresEventStore {
     /// A store on `pool` with the given settings.
     #[must_use]
     pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
-        let global_sql = format!(
-            "SELECT {COLUMNS} FROM keel.events \
-             WHERE (commit, position) > ($1, $2) AND commit < keel.commit_horizon() \
-               AND ($3::text IS NULL OR stream_id = $3 OR starts_with(stream_id, $3 || '-')) \
-               AND ($4::text IS NULL OR starts_with(stream_id, $4)) \
-               AND ($5::text[] IS NULL OR event_type = ANY ($5)) \
-             ORDER BY commit, position LIMIT $6"
-        );
         Self {
             pool,
             config,
-            global_sql,
             notifier: Arc::default(),
             metrics: StoreMetrics::default(),
         }
@@ -91,30 +99,76 @@ fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn decode_row(row: &PgRow, stream: Option<&StreamId>) -> Result<RecordedEvent> {
-    let commit: i64 = row.try_get(0)?;
-    let position: i64 = row.try_get(1)?;
-    let event_id: uuid::Uuid = row.try_get(2)?;
-    let stream_id = match stream {
-        Some(s) => s.clone(),
-        None => StreamId::new(row.try_get::<String, _>(3)?)?,
-    };
-    let version: i64 = row.try_get(4)?;
-    let event_type: String = row.try_get(5)?;
-    let schema_version: i32 = row.try_get(6)?;
-    let payload: String = row.try_get(7)?;
-    // Kept as text: parsed only if someone reads it (see StoredMetadata).
-    let metadata = StoredMetadata::from_json(row.try_get::<&str, _>(8)?);
-    Ok(RecordedEvent {
-        event_id: EventId::from_uuid(event_id),
-        stream_id,
-        version: Version::new(to_u64(version, "version")?),
-        position: Position::new(to_u64(commit, "commit")?, to_u64(position, "position")?),
-        event_type,
-        schema_version: u32::try_from(schema_version)
-            .map_err(|_| EventStoreError::Corrupt(format!("schema version {schema_version}")))?,
-        recorded_at: row.try_get(9)?,
-        metadata,
-        payload,
-    })
+/// One event of a stream read, as the checked stream statements return it
+/// (the stream is the one read, so its id is not fetched again).
+///
+/// The text columns arrive as owned strings: `payload` and `event_type` move
+/// into the event, and `metadata` becomes [`StoredMetadata`] text without a
+/// second copy (it is parsed only if someone reads it).
+pub(super) struct EventRow {
+    commit: i64,
+    position: i64,
+    event_id: uuid::Uuid,
+    version: i64,
+    event_type: String,
+    schema_version: i32,
+    payload: String,
+    metadata: String,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl EventRow {
+    /// The event this row stores, in `stream_id`.
+    pub(super) fn into_event(self, stream_id: StreamId) -> Result<RecordedEvent> {
+        let schema_version = self.schema_version;
+        Ok(RecordedEvent {
+            event_id: EventId::from_uuid(self.event_id),
+            stream_id,
+            version: Version::new(to_u64(self.version, "version")?),
+            position: Position::new(
+                to_u64(self.commit, "commit")?,
+                to_u64(self.position, "position")?,
+            ),
+            event_type: self.event_type,
+            schema_version: u32::try_from(schema_version).map_err(|_| {
+                EventStoreError::Corrupt(format!("schema version {schema_version}"))
+            })?,
+            recorded_at: self.recorded_at,
+            metadata: StoredMetadata::from_json(self.metadata),
+            payload: self.payload,
+        })
+    }
+}
+
+/// One event of a global-log read: an [`EventRow`] with its stream.
+pub(super) struct LogRow {
+    commit: i64,
+    position: i64,
+    event_id: uuid::Uuid,
+    stream_id: String,
+    version: i64,
+    event_type: String,
+    schema_version: i32,
+    payload: String,
+    metadata: String,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl LogRow {
+    /// The event this row stores.
+    pub(super) fn into_event(self) -> Result<RecordedEvent> {
+        let stream_id = StreamId::new(self.stream_id)?;
+        EventRow {
+            commit: self.commit,
+            position: self.position,
+            event_id: self.event_id,
+            version: self.version,
+            event_type: self.event_type,
+            schema_version: self.schema_version,
+            payload: self.payload,
+            metadata: self.metadata,
+            recorded_at: self.recorded_at,
+        }
+        .into_event(stream_id)
+    }
 }

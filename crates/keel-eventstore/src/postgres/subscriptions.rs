@@ -40,12 +40,12 @@ async fn notify_loop(pool: PgPool, notifier: Weak<Notifier>) {
             // costs a subscription one polling interval), so its transaction
             // commits asynchronously: it never waits for a WAL flush and
             // never queues behind the writers' commits.
-            && let Err(error) = sqlx::query(
+            && let Err(error) = sqlx::query!(
                 "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
+                NOTIFY_CHANNEL
             )
-                .bind(NOTIFY_CHANNEL)
-                .execute(&pool)
-                .await
+            .fetch_one(&pool)
+            .await
         {
             // Subscriptions fall back to polling; nothing is lost.
             tracing::debug!(%error, "could not send the append notification");
@@ -141,14 +141,19 @@ impl EventSignal for ListenSignal {
 #[async_trait]
 impl SubscriptionSupport for PostgresEventStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT commit, sequence FROM keel.subscription_checkpoints WHERE name = $1",
+            name
         )
-        .bind(name)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|(c, s)| Ok(Position::new(to_u64(c, "commit")?, to_u64(s, "sequence")?)))
-            .transpose()
+        row.map(|r| {
+            Ok(Position::new(
+                to_u64(r.commit, "commit")?,
+                to_u64(r.sequence, "sequence")?,
+            ))
+        })
+        .transpose()
     }
 
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
@@ -158,16 +163,16 @@ impl SubscriptionSupport for PostgresEventStore {
                 "the name must not be empty",
             ));
         }
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO keel.subscription_checkpoints (name, commit, sequence) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO UPDATE \
                 SET commit = EXCLUDED.commit, sequence = EXCLUDED.sequence, updated_at = now() \
               WHERE (keel.subscription_checkpoints.commit, keel.subscription_checkpoints.sequence) \
                     < (EXCLUDED.commit, EXCLUDED.sequence)",
+            name,
+            clamp(position.commit),
+            clamp(position.sequence),
         )
-        .bind(name)
-        .bind(clamp(position.commit))
-        .bind(clamp(position.sequence))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -177,10 +182,11 @@ impl SubscriptionSupport for PostgresEventStore {
         let options = self.pool.connect_options();
         let mut conn = PgConnection::connect_with(&options).await?;
         loop {
-            let won: bool = sqlx::query_scalar(
-                "SELECT pg_try_advisory_lock(hashtextextended('keel.subscription:' || $1, 0))",
+            let won = sqlx::query_scalar!(
+                r#"SELECT pg_try_advisory_lock(hashtextextended('keel.subscription:' || $1, 0))
+                   AS "won!""#,
+                name
             )
-            .bind(name)
             .fetch_one(&mut conn)
             .await?;
             if won {

@@ -1,15 +1,16 @@
 //! The store inside a caller's unit of work (`within(tx)`).
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use keel_core::uow::Transaction;
 use keel_core::{ExpectedVersion, StreamId, Version};
 use keel_database::UnitOfWork;
 use sqlx::Connection;
 use tokio::sync::Mutex;
 
-use super::read::{STREAM_VERSION, stream_sql};
+use super::PostgresEventStore;
+use super::read::{stream_batch, stream_version_on};
 use super::snapshots::{load_snapshot_on, save_snapshot_on};
-use super::{PostgresEventStore, decode_row, to_u64};
 use crate::error::{EventStoreError, Result};
 use crate::event::{AppendResult, NewEvent, ReadDirection, ReadStream, StreamAppend};
 use crate::store::{
@@ -104,7 +105,6 @@ impl Appender for InTransaction<'_> {
 impl StreamReader for InTransaction<'_> {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
         let batch = i64::from(self.store.config.read_batch_size);
-        let sql = stream_sql(options.direction());
         Box::pin(async_stream::try_stream! {
             let mut guard = self.tx.lock().await;
             let uow = UnitOfWork::join(&mut **guard).map_err(EventStoreError::from)?;
@@ -113,16 +113,14 @@ impl StreamReader for InTransaction<'_> {
                 let take = remaining.min(batch);
                 // One batch at a time: the connection is the transaction's,
                 // and the caller may interleave other statements on it.
-                let rows = sqlx::query(&sql)
-                    .bind(stream.as_str())
-                    .bind(from)
-                    .bind(take)
-                    .fetch_all(uow.conn())
-                    .await?;
+                let rows: Vec<_> =
+                    stream_batch(uow.conn(), stream, options.direction(), from, take)
+                        .try_collect()
+                        .await?;
                 let n = rows.len() as i64;
                 let events = rows
-                    .iter()
-                    .map(|row| decode_row(row, Some(stream)))
+                    .into_iter()
+                    .map(|row| row.into_event(stream.clone()))
                     .collect::<Result<Vec<_>>>()?;
                 for e in events {
                     let v = e.version.get() as i64;
@@ -141,11 +139,7 @@ impl StreamReader for InTransaction<'_> {
     async fn stream_version(&self, stream: &StreamId) -> Result<Version> {
         let mut guard = self.tx.lock().await;
         let uow = UnitOfWork::join(&mut **guard)?;
-        let v: Option<i64> = sqlx::query_scalar(STREAM_VERSION)
-            .bind(stream.as_str())
-            .fetch_one(uow.conn())
-            .await?;
-        Ok(Version::new(to_u64(v.unwrap_or(0), "version")?))
+        stream_version_on(uow.conn(), stream).await
     }
 }
 
@@ -163,7 +157,7 @@ impl SnapshotStore for InTransaction<'_> {
         let mut guard = self.tx.lock().await;
         let uow = UnitOfWork::join(&mut **guard)?;
         let mut savepoint = uow.conn().begin().await?;
-        match save_snapshot_on(&mut savepoint, &snapshot).await {
+        match save_snapshot_on(&mut *savepoint, &snapshot).await {
             Ok(()) => Ok(savepoint.commit().await?),
             Err(e) => {
                 savepoint.rollback().await?;
