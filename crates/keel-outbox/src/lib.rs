@@ -110,6 +110,17 @@
 //! `keel.outbox` and `keel.inbox` are created by Keel's migrations
 //! (`keel_outbox::MIGRATIONS`, applied with `keel_database::migrate`).
 //!
+//! Every statement the crate runs on them (the outbox writes, the relay's
+//! claim, marks, pruning and statistics, the inbox marks) goes through
+//! sqlx's checked macros (`query!`, `query_as!`, `query_scalar!`), so SQL
+//! that no longer fits the migrations fails to compile. Building needs no
+//! database: the checked descriptions are committed in the crate's `.sqlx/`
+//! and its `.env` keeps sqlx offline even when `DATABASE_URL` is set. A
+//! contributor who changes a statement or a migration runs
+//! `scripts/sqlx-prepare` (PostgreSQL on 127.0.0.1:5432, or
+//! `KEEL_SQLX_ADMIN_URL`) and commits the rewritten `.sqlx/`; CI runs
+//! `scripts/sqlx-prepare --check` and fails when they disagree.
+//!
 //! # Feature flags
 //!
 //! * `eventstore` (off by default): `EventStoreRelay`, which treats a

@@ -104,24 +104,24 @@ impl PgOutbox {
             // Sorted by lock key so that concurrent writers of overlapping
             // aggregate sets take their locks in the same order. The
             // notification rides along; PostgreSQL delivers it at commit.
-            sqlx::query(
-                "SELECT pg_notify($3, ''), \
+            sqlx::query!(
+                "SELECT pg_notify($3, '') AS notified, \
                         (SELECT count(pg_advisory_xact_lock($2, k)) \
-                         FROM (SELECT DISTINCT hashtext(a) AS k FROM unnest($1::text[]) a ORDER BY 1) s)",
+                         FROM (SELECT DISTINCT hashtext(a) AS k FROM unnest($1::text[]) a ORDER BY 1) s) \
+                        AS locked",
+                &columns.lock_keys[..],
+                AGGREGATE_LOCK_CLASS,
+                NOTIFY_CHANNEL,
             )
-            .bind(&columns.lock_keys)
-            .bind(AGGREGATE_LOCK_CLASS)
-            .bind(NOTIFY_CHANNEL)
-            .execute(&mut *conn)
+            .fetch_one(&mut *conn)
             .await?;
         } else {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(NOTIFY_CHANNEL)
-                .execute(&mut *conn)
+            sqlx::query!("SELECT pg_notify($1, '') AS notified", NOTIFY_CHANNEL)
+                .fetch_one(&mut *conn)
                 .await?;
         }
 
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO keel.outbox (event_id, topic, aggregate_type, aggregate_id, event_type, \
                                       schema_version, payload, metadata, ordering_key) \
              SELECT e, t, at, ai, et, sv, p::jsonb, m::jsonb, k \
@@ -129,16 +129,16 @@ impl PgOutbox {
                          $6::int4[], $7::text[], $8::text[], $9::text[]) \
                   WITH ORDINALITY AS r(e, t, at, ai, et, sv, p, m, k, n) \
              ORDER BY n",
+            &columns.event_ids[..],
+            &columns.topics[..],
+            &columns.aggregate_types[..],
+            &columns.aggregate_ids[..],
+            &columns.event_types[..],
+            &columns.schema_versions[..],
+            &columns.payloads[..],
+            &columns.metadata[..],
+            &columns.ordering_keys[..],
         )
-        .bind(&columns.event_ids)
-        .bind(&columns.topics)
-        .bind(&columns.aggregate_types)
-        .bind(&columns.aggregate_ids)
-        .bind(&columns.event_types)
-        .bind(&columns.schema_versions)
-        .bind(&columns.payloads)
-        .bind(&columns.metadata)
-        .bind(&columns.ordering_keys)
         .execute(&mut *conn)
         .await;
 

@@ -134,7 +134,13 @@ async fn in_memory_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store() {
-    let db = database().await;
+    // The store's schema beside the outbox's: the relay reads `keel.events`.
+    let db = keel_testkit::TestDatabase::create(&[
+        &keel_eventstore::MIGRATIONS,
+        &keel_outbox::MIGRATIONS,
+    ])
+    .await
+    .expect("a migrated test database (is PostgreSQL running on 127.0.0.1:5432?)");
     forwards_the_global_log_in_order_from_a_durable_checkpoint(Arc::new(PostgresEventStore::new(
         db.pool().clone(),
     )))

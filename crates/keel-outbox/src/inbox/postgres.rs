@@ -37,11 +37,12 @@ impl InboxStore for PgInbox {
     }
 
     async fn has_handled(&self, consumer: &str, event_id: EventId) -> keel_core::Result<bool> {
-        let found: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM keel.inbox WHERE consumer = $1 AND event_id = $2)",
+        let found = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM keel.inbox WHERE consumer = $1 AND event_id = $2)
+               AS "found!""#,
+            consumer,
+            event_id.as_uuid(),
         )
-        .bind(consumer)
-        .bind(event_id.as_uuid())
         .fetch_one(&self.pool)
         .await
         .map_err(keel_database::to_keel)?;
@@ -51,12 +52,12 @@ impl InboxStore for PgInbox {
     async fn prune(&self, consumer: &str, older_than: Duration) -> keel_core::Result<u64> {
         let micros = i64::try_from(older_than.as_micros())
             .map_err(|_| OutboxError::invalid("older_than", "is too long"))?;
-        let deleted = sqlx::query(
+        let deleted = sqlx::query!(
             "DELETE FROM keel.inbox \
-             WHERE consumer = $1 AND handled_at < now() - $2 * interval '1 microsecond'",
+             WHERE consumer = $1 AND handled_at < now() - $2::int8 * interval '1 microsecond'",
+            consumer,
+            micros,
         )
-        .bind(consumer)
-        .bind(micros)
         .execute(&self.pool)
         .await
         .map_err(keel_database::to_keel)?
@@ -80,13 +81,13 @@ impl InboxMarks for PgInboxIn<'_> {
         // insert waits for the other transaction and only reports a conflict
         // once that transaction has committed its mark, so `false` is never
         // a guess.
-        let inserted = sqlx::query(
+        let inserted = sqlx::query!(
             "INSERT INTO keel.inbox (consumer, event_id, event_type) VALUES ($1, $2, $3) \
              ON CONFLICT ON CONSTRAINT inbox_pkey DO NOTHING",
+            consumer,
+            message.event_id.as_uuid(),
+            message.event_type,
         )
-        .bind(consumer)
-        .bind(message.event_id.as_uuid())
-        .bind(&message.event_type)
         .execute(uow.conn())
         .await
         .map_err(keel_database::to_keel)?

@@ -237,17 +237,17 @@ impl OutboxStats {
     ///
     /// [`OutboxError::Database`] when PostgreSQL fails.
     pub async fn load(pool: &PgPool) -> Result<Self> {
-        let (pending, retrying, age): (i64, i64, Option<f64>) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE attempts > 0), \
-                    extract(epoch FROM now() - min(created_at))::float8 \
-             FROM keel.outbox WHERE published_at IS NULL",
+        let row = sqlx::query!(
+            r#"SELECT count(*) AS "pending!", count(*) FILTER (WHERE attempts > 0) AS "retrying!",
+                      extract(epoch FROM now() - min(created_at))::float8 AS age
+               FROM keel.outbox WHERE published_at IS NULL"#,
         )
         .fetch_one(pool)
         .await?;
         Ok(Self {
-            pending: u64::try_from(pending).unwrap_or(0),
-            retrying: u64::try_from(retrying).unwrap_or(0),
-            oldest_pending_age: age.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+            pending: u64::try_from(row.pending).unwrap_or(0),
+            retrying: u64::try_from(row.retrying).unwrap_or(0),
+            oldest_pending_age: row.age.map(|secs| Duration::from_secs_f64(secs.max(0.0))),
         })
     }
 }
