@@ -205,7 +205,7 @@ mod tests {
             crate::SubscriptionOptions::new("dyn"),
             Counter,
         );
-        handle.stop().await.unwrap();
+        handle.shutdown().await.unwrap();
         assert!(
             backend
                 .load_snapshot(&StreamId::new("Dyn-1").unwrap())

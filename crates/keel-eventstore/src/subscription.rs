@@ -121,13 +121,19 @@ pub struct SubscriptionStatus {
     pub handled: u64,
 }
 
-/// A running subscription. Stop it with [`stop`](Self::stop) to store its
-/// final checkpoint; dropping the handle leaves it running.
+/// A running subscription.
+///
+/// Keel's rule for background handles: [`shutdown`](Self::shutdown) stops
+/// gracefully (finishes the event in hand, stores the final checkpoint,
+/// lets go of leadership); [`abort`](Self::abort) stops at once, like a
+/// crash (no final checkpoint: the events since the last one are delivered
+/// again on restart), and returns once the task has ended; dropping the
+/// handle aborts without waiting.
 #[derive(Debug)]
 pub struct SubscriptionHandle {
     stop: watch::Sender<bool>,
     status: watch::Receiver<SubscriptionStatus>,
-    task: JoinHandle<Result<()>>,
+    task: Option<JoinHandle<Result<()>>>,
 }
 
 impl SubscriptionHandle {
@@ -150,14 +156,26 @@ impl SubscriptionHandle {
 
     /// Stops gracefully: finishes the event in hand, stores the checkpoint,
     /// lets go of leadership. Returns the subscription's outcome.
-    pub async fn stop(self) -> Result<()> {
+    ///
+    /// # Errors
+    ///
+    /// The error that ended the subscription before, if one did (a
+    /// handler error, a store failure).
+    pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(true);
         self.join().await
     }
 
     /// Waits for the subscription to end by itself (a handler error).
-    pub async fn join(self) -> Result<()> {
-        match self.task.await {
+    ///
+    /// # Errors
+    ///
+    /// The error that ended it.
+    pub async fn join(mut self) -> Result<()> {
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        match task.await {
             Ok(r) => r,
             Err(e) => Err(EventStoreError::Corrupt(format!(
                 "subscription task failed: {e}"
@@ -165,9 +183,21 @@ impl SubscriptionHandle {
         }
     }
 
-    /// Ends the subscription at once, like a crash: no final checkpoint.
-    pub fn abort(self) {
-        self.task.abort();
+    /// Ends the subscription at once, like a crash (no final checkpoint),
+    /// and returns when its task has ended: no handler runs afterwards.
+    pub async fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for SubscriptionHandle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -198,7 +228,7 @@ impl Subscription {
         SubscriptionHandle {
             stop: stop_tx,
             status: status_rx,
-            task,
+            task: Some(task),
         }
     }
 }

@@ -516,8 +516,8 @@ async fn a_terminated_leader_session_hands_over() {
         .await
         .unwrap();
     until(&mut b, "B handled the new events", |s| s.handled >= 3).await;
-    a.stop().await.unwrap();
-    b.stop().await.unwrap();
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
     assert_eq!(*first.0.lock().unwrap(), vec![1, 2, 3, 4, 5]);
     assert_eq!(*second.0.lock().unwrap(), vec![6, 7, 8]);
 }
@@ -554,7 +554,7 @@ async fn notifications_wake_a_caught_up_subscription() {
         .unwrap();
     tx.commit().await.unwrap();
     until(&mut handle, "woken by a unit of work", |s| s.handled >= 2).await;
-    handle.stop().await.unwrap();
+    handle.shutdown().await.unwrap();
     assert_eq!(*seen.0.lock().unwrap(), vec![1, 2]);
 }
 

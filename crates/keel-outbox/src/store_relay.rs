@@ -183,7 +183,7 @@ impl EventStoreRelayHandle {
         let Some(subscription) = self.subscription.take() else {
             return Ok(());
         };
-        match subscription.stop().await {
+        match subscription.shutdown().await {
             Ok(()) => Ok(()),
             Err(_) if self.interrupted.load(Ordering::SeqCst) => Ok(()),
             Err(e) => Err(OutboxError::EventStore(e.into())),
@@ -196,7 +196,7 @@ impl EventStoreRelayHandle {
     /// next relay.
     pub async fn abort(mut self) {
         if let Some(subscription) = self.subscription.take() {
-            subscription.abort();
+            subscription.abort().await;
         }
         if let Some(ended) = self.ended.take() {
             // Never sent: an error means the handler was dropped with the
@@ -208,9 +208,9 @@ impl EventStoreRelayHandle {
 
 impl Drop for EventStoreRelayHandle {
     fn drop(&mut self) {
-        if let Some(subscription) = self.subscription.take() {
-            subscription.abort();
-        }
+        // Dropping the subscription's handle aborts its task without
+        // waiting.
+        drop(self.subscription.take());
     }
 }
 

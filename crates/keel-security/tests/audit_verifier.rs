@@ -104,7 +104,7 @@ async fn passes_resume_from_the_last_verified_head() {
     let idle = verifier.verify_now().await.unwrap();
     assert_eq!(idle.outcome, VerifierOutcome::Intact { checked: 0 });
 
-    verifier.stop();
+    verifier.abort().await;
     assert_eq!(verifier.verify_now().await, None);
     assert_eq!(
         verifier.status(),

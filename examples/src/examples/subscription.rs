@@ -163,7 +163,7 @@ pub async fn run(services: &Services) -> Result {
     info!(handled = status.handled, "live event projected");
 
     // A graceful stop stores the checkpoint.
-    subscription.stop().await?;
+    subscription.shutdown().await?;
     let checkpoint = store.load_checkpoint(&name).await?;
     info!(checkpoint = ?checkpoint, "stopped");
     let last_applied = projector
@@ -190,7 +190,7 @@ pub async fn run(services: &Services) -> Result {
     // Give it a moment to show it delivers nothing more than those two.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let handled_after_resume = resumed.status().handled;
-    resumed.stop().await?;
+    resumed.shutdown().await?;
     info!(handled = status.handled, "resumed from the checkpoint");
     ensure(
         handled_after_resume == 2,

@@ -149,8 +149,8 @@ pub async fn subscription_catches_up_then_tails<S: Subject>(store: S) {
     until(&mut handle, "live events arrived", |s| s.handled >= 48).await;
     until(&mut filtered, "filtered events arrived", |s| s.handled >= 3).await;
     let last = handle.status().position.unwrap();
-    handle.stop().await.unwrap();
-    filtered.stop().await.unwrap();
+    handle.shutdown().await.unwrap();
+    filtered.shutdown().await.unwrap();
 
     let mut expected: Vec<u64> = (0..30).chain(100..103).chain(200..215).collect();
     let mut got = all.numbers();
@@ -181,7 +181,7 @@ pub async fn subscription_catches_up_then_tails<S: Subject>(store: S) {
         .await
         .unwrap();
     until(&mut handle, "late events arrived", |s| s.handled >= 2).await;
-    handle.stop().await.unwrap();
+    handle.shutdown().await.unwrap();
     assert_eq!(
         resumed.numbers(),
         vec![300, 301],
@@ -233,7 +233,7 @@ pub async fn subscription_redelivers_after_failure_or_crash<S: Subject>(store: S
     let mut handle = Subscription::spawn(store.clone(), lazy.clone(), retry.clone());
     until(&mut handle, "redelivered", |s| s.handled >= 4).await;
     assert_eq!(retry.numbers(), vec![7, 8, 9, 10]);
-    handle.abort();
+    handle.abort().await;
 
     let after_crash = Collect::default();
     let mut handle = Subscription::spawn(store.clone(), lazy, after_crash.clone());
@@ -241,7 +241,7 @@ pub async fn subscription_redelivers_after_failure_or_crash<S: Subject>(store: S
         s.handled >= 4
     })
     .await;
-    handle.stop().await.unwrap();
+    handle.shutdown().await.unwrap();
     assert_eq!(
         after_crash.numbers(),
         vec![7, 8, 9, 10],
@@ -300,7 +300,7 @@ pub async fn subscription_has_one_leader_and_fails_over<S: Subject>(store: S) {
     .await
     .expect("A's checkpoint is stored");
 
-    a.abort();
+    a.abort().await;
     until(&mut b, "B took over", |s| s.leader).await;
     store
         .append(
@@ -311,7 +311,7 @@ pub async fn subscription_has_one_leader_and_fails_over<S: Subject>(store: S) {
         .await
         .unwrap();
     until(&mut b, "B handled the new events", |s| s.handled >= 4).await;
-    b.stop().await.unwrap();
+    b.shutdown().await.unwrap();
     assert_eq!(first.numbers(), (1..=21).collect::<Vec<_>>());
     assert_eq!(
         second.numbers(),

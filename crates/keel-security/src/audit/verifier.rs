@@ -341,10 +341,18 @@ impl AuditVerifierHandle {
         answer.await.ok()
     }
 
-    /// Stops the background task; the last status stays readable.
-    pub fn stop(&self) {
-        if let Some(task) = lock(&self.shared.task).take() {
+    /// Stops the background task at once and returns when it has ended;
+    /// the last status stays readable. Keel's handle rule, with one
+    /// difference: this handle is cloned into health registries, so it is
+    /// borrowed, not consumed, and the task ends with the last clone
+    /// dropped. A verification pass only reads, so there is nothing to
+    /// finish gracefully.
+    pub async fn abort(&self) {
+        let task = lock(&self.shared.task).take();
+        if let Some(task) = task {
             task.abort();
+            // Cancelled (or already finished): either way it has ended.
+            let _ = task.await;
         }
     }
 }
