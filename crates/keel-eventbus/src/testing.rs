@@ -69,9 +69,9 @@ pub fn unique(prefix: &str) -> String {
 #[must_use]
 pub fn fast_config(consumer: &str) -> SubscriptionConfig {
     SubscriptionConfig::new(consumer)
-        .backoff(Duration::from_millis(100), Duration::from_millis(400))
-        .ack_deadline(Duration::from_secs(10))
-        .shutdown_timeout(Duration::from_secs(10))
+        .with_backoff(Duration::from_millis(100), Duration::from_millis(400))
+        .with_ack_deadline(Duration::from_secs(10))
+        .with_shutdown_timeout(Duration::from_secs(10))
 }
 
 /// Polls `done` every 20 ms until it holds; panics after [`PATIENCE`].
@@ -261,7 +261,7 @@ pub async fn failed_handler_is_retried_with_attempts<B: TestBus>(bus: B) {
 /// other messages on the subscription are handled meanwhile.
 pub async fn poison_message_is_dead_lettered_after_max_attempts<B: TestBus>(bus: B) {
     let topic = unique("poison");
-    let config = fast_config("victim").max_delivery_attempts(5);
+    let config = fast_config("victim").with_max_delivery_attempts(5);
     let rec = Recorder::new(|d| {
         if d.message.payload["poison"] == json!(true) {
             Err(HandlerError::retry("cannot digest this"))
@@ -439,8 +439,8 @@ pub async fn ordering_key_order_is_kept<B: TestBus>(bus: B) {
     const PER_KEY: u64 = 15;
     let topic = unique("ordered");
     let config = fast_config("sequencer")
-        .ordered(true)
-        .max_concurrent_handlers(8);
+        .with_ordered(true)
+        .with_max_concurrent_handlers(8);
     let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
     let overlaps = Arc::new(AtomicUsize::new(0));
     let (busy2, overlaps2) = (busy.clone(), overlaps.clone());
@@ -613,7 +613,7 @@ pub async fn killed_subscriber_message_is_redelivered<B: TestBus>(bus: B) {
     // latest, so a lease kept alive past the kill (the client's lease keeper
     // can outlive an aborted task in the same process) still runs out well
     // within PATIENCE; a real crash closes the connection and ends it sooner.
-    let doomed_config = config.clone().max_lease(Duration::from_secs(20));
+    let doomed_config = config.clone().with_max_lease(Duration::from_secs(20));
     let doomed = bus
         .subscribe(&topic, &doomed_config, Arc::new(Hang(started.clone())))
         .await
@@ -637,6 +637,114 @@ pub async fn killed_subscriber_message_is_redelivered<B: TestBus>(bus: B) {
         "a redelivery counts as a new attempt: {attempts:?}"
     );
     survivor.shutdown().await;
+}
+
+/// A handler that takes `pause` per message and tracks what runs: how many
+/// handler calls started, how many are running now (a call cancelled
+/// mid-way stops counting as running when its future is dropped), and which
+/// events finished successfully (the ones the bus then acks).
+pub struct Tracker {
+    pause: Duration,
+    started: AtomicUsize,
+    running: Arc<AtomicUsize>,
+    finished: Mutex<Vec<EventId>>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("started", &self.started())
+            .field("running", &self.running())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tracker {
+    /// A handler that sleeps `pause`, then succeeds.
+    #[must_use]
+    pub fn new(pause: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            pause,
+            started: AtomicUsize::new(0),
+            running: Arc::new(AtomicUsize::new(0)),
+            finished: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Handler calls started so far.
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Handler calls running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// The events whose handler call finished successfully, in order.
+    pub fn finished(&self) -> Vec<EventId> {
+        self.finished.lock().unwrap().clone()
+    }
+}
+
+/// Counts a handler call as running until it is dropped (finished or
+/// cancelled).
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl EventHandler for Tracker {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let _running = Running(self.running.clone());
+        tokio::time::sleep(self.pause).await;
+        self.finished
+            .lock()
+            .unwrap()
+            .push(delivery.message.event_id);
+        Ok(())
+    }
+}
+
+/// `abort` stops at once and returns only when every handler it started has
+/// ended: afterwards no handler is running, none starts, none finishes
+/// (so nothing more is acked).
+pub async fn abort_returns_after_handlers_ended<B: TestBus>(bus: B) {
+    const CONCURRENT: usize = 8;
+    let topic = unique("abort");
+    let config = fast_config("aborted").with_max_concurrent_handlers(CONCURRENT);
+    let tracker = Tracker::new(Duration::from_millis(50));
+    let sub = bus
+        .subscribe(&topic, &config, tracker.clone())
+        .await
+        .unwrap();
+    let messages: Vec<Message> = (0..200).map(msg).collect();
+    bus.publish(&topic, &messages).await.unwrap();
+    wait_until("handlers busy", || {
+        tracker.running() == CONCURRENT && !tracker.finished().is_empty()
+    })
+    .await;
+    sub.abort().await;
+    assert_eq!(tracker.running(), 0, "a handler still runs after abort");
+    let (started, finished) = (tracker.started(), tracker.finished());
+    assert!(
+        finished.len() < started,
+        "the abort cancelled running handlers"
+    );
+    // Longer than a handler's pause: a handler left behind would finish now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(tracker.started(), started, "a handler started after abort");
+    assert_eq!(
+        tracker.finished(),
+        finished,
+        "a handler finished after abort"
+    );
 }
 
 /// Subscribers of one consumer share the messages (each handled once);
@@ -751,7 +859,7 @@ pub async fn missing_resources_without_auto_create<B: TestBus>(bus: B) {
 pub async fn invalid_settings_are_refused<B: TestBus>(bus: B) {
     let topic = unique("invalid");
     for attempts in [4, 101] {
-        let config = fast_config("c").max_delivery_attempts(attempts);
+        let config = fast_config("c").with_max_delivery_attempts(attempts);
         let err = bus
             .subscribe(&topic, &config, Recorder::accepting())
             .await
@@ -794,9 +902,9 @@ pub async fn many_messages_with_random_failures_are_accounted_for<B: TestBus>(bu
     const N: u64 = 600;
     let topic = unique("bulk");
     let config = fast_config("bulk")
-        .max_delivery_attempts(5)
-        .max_concurrent_handlers(16);
-    let max = config.delivery_attempts();
+        .with_max_delivery_attempts(5)
+        .with_max_concurrent_handlers(16);
+    let max = config.max_delivery_attempts();
     let inbox: Arc<Mutex<HashSet<EventId>>> = Arc::default();
     let effects = Arc::new(AtomicUsize::new(0));
     let gave_up: Arc<Mutex<HashSet<EventId>>> = Arc::default();

@@ -41,6 +41,7 @@ bus_contract_tests! {
         ordering_key_order_is_kept,
         dead_letters_can_be_listed_and_replayed,
         graceful_shutdown_finishes_in_flight,
+        abort_returns_after_handlers_ended,
         competing_consumers_share_and_fan_out,
         missing_resources_without_auto_create,
         invalid_settings_are_refused,
@@ -76,7 +77,7 @@ async fn slow_handler_keeps_its_lease() {
             Ok(())
         }
     }
-    let config = fast_config("slow").ack_deadline(Duration::from_secs(10));
+    let config = fast_config("slow").with_ack_deadline(Duration::from_secs(10));
     let sub = bus
         .subscribe(&topic, &config, Arc::new(Slow(runs.clone())))
         .await
@@ -101,17 +102,17 @@ async fn slow_handler_keeps_its_lease() {
 async fn ensure_subscription_updates_settings() {
     let bus = emulator_bus().await;
     let topic = unique("update");
-    bus.ensure_subscription(&topic, &fast_config("c").max_delivery_attempts(5))
+    bus.ensure_subscription(&topic, &fast_config("c").with_max_delivery_attempts(5))
         .await
         .unwrap();
-    bus.ensure_subscription(&topic, &fast_config("c").max_delivery_attempts(7))
+    bus.ensure_subscription(&topic, &fast_config("c").with_max_delivery_attempts(7))
         .await
         .unwrap();
     let rec = Recorder::new(|_| Err(HandlerError::retry("always")));
     let sub = bus
         .subscribe(
             &topic,
-            &fast_config("c").max_delivery_attempts(7),
+            &fast_config("c").with_max_delivery_attempts(7),
             rec.clone(),
         )
         .await
