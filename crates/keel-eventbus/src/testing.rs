@@ -643,8 +643,13 @@ pub async fn killed_subscriber_message_is_redelivered<B: TestBus>(bus: B) {
 /// handler calls started, how many are running now (a call cancelled
 /// mid-way stops counting as running when its future is dropped), and which
 /// events finished successfully (the ones the bus then acks).
+///
+/// Made with [`hanging_after`](Self::hanging_after), only the first calls
+/// finish and the later ones never do, so a test can stop a subscriber at a
+/// known point however slow the machine is.
 pub struct Tracker {
     pause: Duration,
+    finishing: usize,
     started: AtomicUsize,
     running: Arc<AtomicUsize>,
     finished: Mutex<Vec<EventId>>,
@@ -663,8 +668,16 @@ impl Tracker {
     /// A handler that sleeps `pause`, then succeeds.
     #[must_use]
     pub fn new(pause: Duration) -> Arc<Self> {
+        Self::hanging_after(pause, usize::MAX)
+    }
+
+    /// A handler whose first `finishing` calls sleep `pause`, then succeed;
+    /// every later call hangs until it is cancelled.
+    #[must_use]
+    pub fn hanging_after(pause: Duration, finishing: usize) -> Arc<Self> {
         Arc::new(Self {
             pause,
+            finishing,
             started: AtomicUsize::new(0),
             running: Arc::new(AtomicUsize::new(0)),
             finished: Mutex::new(Vec::new()),
@@ -700,9 +713,12 @@ impl Drop for Running {
 #[async_trait]
 impl EventHandler for Tracker {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
-        self.started.fetch_add(1, Ordering::SeqCst);
+        let nth = self.started.fetch_add(1, Ordering::SeqCst);
         self.running.fetch_add(1, Ordering::SeqCst);
         let _running = Running(self.running.clone());
+        if nth >= self.finishing {
+            std::future::pending::<()>().await;
+        }
         tokio::time::sleep(self.pause).await;
         self.finished
             .lock()
@@ -717,27 +733,27 @@ impl EventHandler for Tracker {
 /// (so nothing more is acked).
 pub async fn abort_returns_after_handlers_ended<B: TestBus>(bus: B) {
     const CONCURRENT: usize = 8;
+    const FINISHING: usize = 12;
     let topic = unique("abort");
     let config = fast_config("aborted").with_max_concurrent_handlers(CONCURRENT);
-    let tracker = Tracker::new(Duration::from_millis(50));
+    // Twelve calls finish, then every handler slot hangs: the abort finds
+    // exactly eight handlers running.
+    let tracker = Tracker::hanging_after(Duration::from_millis(10), FINISHING);
     let sub = bus
         .subscribe(&topic, &config, tracker.clone())
         .await
         .unwrap();
-    let messages: Vec<Message> = (0..200).map(msg).collect();
+    let messages: Vec<Message> = (0..40).map(msg).collect();
     bus.publish(&topic, &messages).await.unwrap();
-    wait_until("handlers busy", || {
-        tracker.running() == CONCURRENT && !tracker.finished().is_empty()
+    wait_until("twelve handled, eight hanging", || {
+        tracker.finished().len() == FINISHING && tracker.running() == CONCURRENT
     })
     .await;
     sub.abort().await;
     assert_eq!(tracker.running(), 0, "a handler still runs after abort");
     let (started, finished) = (tracker.started(), tracker.finished());
-    assert!(
-        finished.len() < started,
-        "the abort cancelled running handlers"
-    );
-    // Longer than a handler's pause: a handler left behind would finish now.
+    assert_eq!(started, FINISHING + CONCURRENT);
+    // Longer than a handler's pause: a handler left behind would show now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(tracker.started(), started, "a handler started after abort");
     assert_eq!(

@@ -168,7 +168,9 @@ async fn aborted_or_dropped_subscriber_messages_are_redelivered_unless_acked() {
         let bus = InMemoryBus::new();
         let topic = unique("crash");
         let config = fast_config("crashy").with_max_concurrent_handlers(8);
-        let tracker = Tracker::new(Duration::from_millis(20));
+        // Thirty calls finish (and are acked), then every handler hangs
+        // until the crash.
+        let tracker = Tracker::hanging_after(Duration::from_millis(5), 30);
         let sub = bus
             .subscribe(&topic, &config, tracker.clone())
             .await
@@ -177,8 +179,8 @@ async fn aborted_or_dropped_subscriber_messages_are_redelivered_unless_acked() {
             .map(|n| Message::new("t.crash", json!(n)))
             .collect();
         bus.publish(&topic, &messages).await.unwrap();
-        wait_until("some handled, some running", || {
-            tracker.finished().len() >= 10 && tracker.running() > 0
+        wait_until("thirty handled, eight hanging", || {
+            tracker.finished().len() == 30 && tracker.running() == 8
         })
         .await;
         if drop_it {
@@ -189,7 +191,7 @@ async fn aborted_or_dropped_subscriber_messages_are_redelivered_unless_acked() {
         }
         let acked: HashSet<EventId> = tracker.finished().into_iter().collect();
         assert_eq!(acked.len(), tracker.finished().len(), "handled twice");
-        assert!(acked.len() < messages.len(), "the crash came too late");
+        assert_eq!(acked.len(), 30);
 
         let survivor = Recorder::accepting();
         let next = bus

@@ -56,7 +56,8 @@ bus_contract_tests! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "the emulator keeps messages leased to an ended stream and may never redeliver them; \
             real Pub/Sub redelivers after the ack deadline; crash redelivery is covered on the \
-            in-memory bus by tests/memory.rs killed_subscriber_message_is_redelivered"]
+            in-memory bus by tests/memory.rs killed_subscriber_message_is_redelivered and \
+            aborted_or_dropped_subscriber_messages_are_redelivered_unless_acked"]
 async fn killed_subscriber_message_is_redelivered() {
     keel_eventbus::testing::killed_subscriber_message_is_redelivered(emulator_bus().await).await;
 }
