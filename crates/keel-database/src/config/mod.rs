@@ -2,7 +2,7 @@
 //!
 //! Split the way sqlx-postgres splits its connection options: the validated
 //! [`DatabaseConfig`] here, its [builder](DatabaseConfigBuilder), the
-//! [environment variables](env), [TLS modes](TlsMode) and the parsing of
+//! [environment variables](mod@env), [TLS modes](TlsMode) and the parsing of
 //! URLs and values.
 
 use std::borrow::Cow;
