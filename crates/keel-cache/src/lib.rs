@@ -75,7 +75,7 @@
 //! * `tls`: Redis over TLS (`rediss://` URLs) through rustls with the
 //!   `ring` provider, never OpenSSL; trusts the system's roots, or a private
 //!   CA given to `RedisConfig::root_certificate_pem`. Implies `redis`.
-//! * `testing`: the `contract` module, the suite every backend passes.
+//! * `testing`: the [`testing`] module, the contract suite every backend passes.
 
 mod aside;
 mod backend;
@@ -89,7 +89,7 @@ mod redis;
 mod stats;
 
 #[cfg(feature = "testing")]
-pub mod contract;
+pub mod testing;
 
 pub use aside::{
     CacheAside, CacheAsideBuilder, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_VALUE_LEN, MAX_NAMESPACE_LEN,

@@ -45,7 +45,7 @@ async fn an_event_on_the_bus_evicts_the_stale_entries_everywhere() {
         .subscribe(
             "catalog-events",
             &SubscriptionConfig::new("products-cache")
-                .backoff(Duration::from_millis(10), Duration::from_millis(100)),
+                .with_backoff(Duration::from_millis(10), Duration::from_millis(100)),
             Arc::new(handler),
         )
         .await

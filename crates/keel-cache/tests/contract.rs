@@ -1,7 +1,7 @@
 //! The contract suite against both backends: the in-memory one and a real
 //! Redis (each test under its own key prefix).
 
-use keel_cache::contract::Subject;
+use keel_cache::testing::Subject;
 use keel_cache::{RedisCache, RedisConfig};
 
 async fn redis_subject() -> Subject {
@@ -27,7 +27,7 @@ macro_rules! suite {
     ($factory:expr) => {
         keel_testkit::contract_tests! {
             factory: $factory,
-            suite: keel_cache::contract,
+            suite: keel_cache::testing,
             tests: [
                 get_set_delete,
                 missing_keys,

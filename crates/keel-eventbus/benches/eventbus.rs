@@ -66,7 +66,7 @@ fn in_memory(c: &mut Criterion) {
         target: AtomicUsize::new(0),
         done: Notify::new(),
     });
-    let config = SubscriptionConfig::new("bench").max_concurrent_handlers(16);
+    let config = SubscriptionConfig::new("bench").with_max_concurrent_handlers(16);
     let _sub = rt
         .block_on(bus.subscribe("bench", &config, counter.clone()))
         .unwrap();

@@ -128,14 +128,24 @@ impl DeadLetter {
 
 /// A running subscription: handlers run in the background until it stops.
 ///
-/// [`shutdown`](Self::shutdown) stops taking new messages, lets running
-/// handlers finish (up to the configured shutdown timeout) and releases the
-/// rest for redelivery. Dropping the handle, or [`abort`](Self::abort),
-/// stops at once, like a crash: unfinished messages are redelivered.
-#[must_use = "dropping a Subscription stops it"]
+/// Every background handle in Keel follows one lifecycle rule:
+///
+/// * [`shutdown`](Self::shutdown) stops gracefully: no new messages, running
+///   handlers finish (up to the configured
+///   [shutdown timeout](SubscriptionConfig::shutdown_timeout)) and their
+///   messages are acked or nacked, messages not yet started are released for
+///   redelivery. It returns when everything is settled.
+/// * [`abort`](Self::abort) stops at once, like a crash: running handlers
+///   are cancelled and nothing in flight is acked; their messages are
+///   redelivered. It returns only once the background task and every
+///   handler it started have ended, so no handler runs and nothing is acked
+///   afterwards.
+/// * Dropping the handle is an abort without the wait: the same cancellation,
+///   but a handler busy in a poll may finish that poll after the drop.
+#[must_use = "dropping a Subscription aborts it"]
 pub struct Subscription {
     name: String,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -144,7 +154,7 @@ impl Subscription {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let (stop, rx) = watch::channel(false);
+        let (stop, rx) = watch::channel(Stop::Run);
         let task = tokio::spawn(worker(StopSignal(rx)));
         Self {
             name,
@@ -168,20 +178,34 @@ impl Subscription {
     /// Stops gracefully: no new messages, running handlers finish and are
     /// acked or nacked, messages not yet started are released. Returns when
     /// everything is settled.
+    ///
+    /// Cancelling the returned future (dropping it) aborts the subscription.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(task) = self.task.take()
-            && let Err(e) = task.await
-            && e.is_panic()
-        {
-            tracing::error!(subscription = %self.name, "subscriber task panicked during shutdown");
-        }
+        let _ = self.stop.send(Stop::Graceful);
+        self.join("shutdown").await;
     }
 
-    /// Stops at once, as if the process died: nothing in flight is acked.
-    pub fn abort(mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+    /// Stops at once, as if the process died: running handlers are
+    /// cancelled, nothing in flight is acked, and every unfinished message is
+    /// redelivered. Returns once the background task and all its handlers
+    /// have ended.
+    pub async fn abort(mut self) {
+        // The task cancels its handlers and waits for them: aborting the task
+        // from outside would drop them without waiting.
+        let _ = self.stop.send(Stop::Abort);
+        self.join("abort").await;
+    }
+
+    /// Waits for the task, keeping it in `self` meanwhile so that a
+    /// cancelled wait still aborts it on drop.
+    async fn join(&mut self, during: &str) {
+        if let Some(task) = self.task.as_mut() {
+            if let Err(e) = task.await
+                && e.is_panic()
+            {
+                tracing::error!(subscription = %self.name, during, "subscriber task panicked");
+            }
+            self.task = None;
         }
     }
 }
@@ -203,18 +227,33 @@ impl fmt::Debug for Subscription {
     }
 }
 
+/// What the handle asked its task to do.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Stop {
+    /// Keep going.
+    Run,
+    /// Finish what is running, then stop.
+    Graceful,
+    /// Cancel what is running, wait for it to end, then stop.
+    Abort,
+}
+
 /// Tells a subscriber task to stop.
 #[derive(Clone, Debug)]
-pub(crate) struct StopSignal(watch::Receiver<bool>);
+pub(crate) struct StopSignal(watch::Receiver<Stop>);
 
 impl StopSignal {
-    /// Resolves once a graceful stop was asked for.
+    /// Resolves once a stop (graceful or abort) was asked for.
     pub(crate) async fn stopped(&mut self) {
         // An error means the handle is gone; the task is being aborted anyway.
-        let _ = self.0.wait_for(|stop| *stop).await;
+        let _ = self.0.wait_for(|stop| *stop != Stop::Run).await;
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
-        *self.0.borrow()
+        *self.0.borrow() != Stop::Run
+    }
+
+    pub(crate) fn is_aborted(&self) -> bool {
+        *self.0.borrow() == Stop::Abort
     }
 }

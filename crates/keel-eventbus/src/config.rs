@@ -17,9 +17,10 @@ pub const ACK_DEADLINE: std::ops::RangeInclusive<Duration> =
 /// Every subscription has a dead-letter topic: a message whose handler keeps
 /// failing is forwarded there after [`max_delivery_attempts`](Self::max_delivery_attempts),
 /// and a rejected or malformed message at once. Redeliveries wait an
-/// exponential backoff between [`min_backoff`](Self::min_backoff) and
-/// [`max_backoff`](Self::max_backoff).
+/// exponential backoff within [`backoff`](Self::backoff).
 ///
+/// Each setting has one name: `with_<name>(value)` sets it and `<name>()`
+/// reads it (`with_max_delivery_attempts(10)`, `max_delivery_attempts()`).
 /// Setters do not validate; [`validate`](Self::validate) does, and every bus
 /// calls it before touching the broker.
 ///
@@ -28,12 +29,12 @@ pub const ACK_DEADLINE: std::ops::RangeInclusive<Duration> =
 /// use keel_eventbus::SubscriptionConfig;
 ///
 /// let config = SubscriptionConfig::new("billing")
-///     .max_delivery_attempts(10)
-///     .backoff(Duration::from_secs(1), Duration::from_secs(60))
-///     .ordered(true)
-///     .max_concurrent_handlers(8);
+///     .with_max_delivery_attempts(10)
+///     .with_backoff(Duration::from_secs(1), Duration::from_secs(60))
+///     .with_ordered(true)
+///     .with_max_concurrent_handlers(8);
 /// config.validate().unwrap();
-/// assert!(SubscriptionConfig::new("billing").max_delivery_attempts(3).validate().is_err());
+/// assert!(SubscriptionConfig::new("billing").with_max_delivery_attempts(3).validate().is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct SubscriptionConfig {
@@ -74,14 +75,14 @@ impl SubscriptionConfig {
 
     /// Deliveries before a failing message is dead-lettered (5 to 100).
     #[must_use]
-    pub fn max_delivery_attempts(mut self, attempts: u32) -> Self {
+    pub fn with_max_delivery_attempts(mut self, attempts: u32) -> Self {
         self.max_delivery_attempts = attempts;
         self
     }
 
     /// The redelivery backoff range (Pub/Sub's retry policy; at most 600 s).
     #[must_use]
-    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
         self.max_backoff = max;
         self
@@ -96,14 +97,14 @@ impl SubscriptionConfig {
     /// messages behind it are neither redelivered nor charged attempts; if
     /// the subscriber dies, Pub/Sub redelivers from the failed message on.
     #[must_use]
-    pub fn ordered(mut self, ordered: bool) -> Self {
+    pub fn with_ordered(mut self, ordered: bool) -> Self {
         self.ordered = ordered;
         self
     }
 
     /// How many handlers run at once in one [`Subscription`](crate::Subscription).
     #[must_use]
-    pub fn max_concurrent_handlers(mut self, n: usize) -> Self {
+    pub fn with_max_concurrent_handlers(mut self, n: usize) -> Self {
         self.max_concurrent_handlers = n;
         self
     }
@@ -112,7 +113,7 @@ impl SubscriptionConfig {
     /// subscriber before it acks some (Pub/Sub only; at least the number of
     /// concurrent handlers).
     #[must_use]
-    pub fn max_outstanding_messages(mut self, n: usize) -> Self {
+    pub fn with_max_outstanding_messages(mut self, n: usize) -> Self {
         self.max_outstanding_messages = n;
         self
     }
@@ -121,21 +122,21 @@ impl SubscriptionConfig {
     /// stays leased after a subscriber crashed before it is redelivered. Live
     /// subscribers extend leases of slow handlers automatically.
     #[must_use]
-    pub fn ack_deadline(mut self, d: Duration) -> Self {
+    pub fn with_ack_deadline(mut self, d: Duration) -> Self {
         self.ack_deadline = d;
         self
     }
 
     /// The longest a subscriber keeps extending one message's lease.
     #[must_use]
-    pub fn max_lease(mut self, d: Duration) -> Self {
+    pub fn with_max_lease(mut self, d: Duration) -> Self {
         self.max_lease = d;
         self
     }
 
     /// Treat a handler that runs longer than `d` as failed (retried).
     #[must_use]
-    pub fn handler_timeout(mut self, d: Duration) -> Self {
+    pub fn with_handler_timeout(mut self, d: Duration) -> Self {
         self.handler_timeout = Some(d);
         self
     }
@@ -143,7 +144,7 @@ impl SubscriptionConfig {
     /// How long [`Subscription::shutdown`](crate::Subscription::shutdown)
     /// waits for running handlers before releasing their messages.
     #[must_use]
-    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+    pub fn with_shutdown_timeout(mut self, d: Duration) -> Self {
         self.shutdown_timeout = d;
         self
     }
@@ -154,63 +155,63 @@ impl SubscriptionConfig {
         &self.consumer
     }
 
-    /// The number of deliveries before dead-lettering.
+    /// Deliveries before dead-lettering
+    /// ([`with_max_delivery_attempts`](Self::with_max_delivery_attempts)).
     #[must_use]
-    pub fn delivery_attempts(&self) -> u32 {
+    pub fn max_delivery_attempts(&self) -> u32 {
         self.max_delivery_attempts
     }
 
-    /// The minimum redelivery backoff.
+    /// The redelivery backoff range, `(min, max)`
+    /// ([`with_backoff`](Self::with_backoff)).
     #[must_use]
-    pub fn min_backoff(&self) -> Duration {
-        self.min_backoff
+    pub fn backoff(&self) -> (Duration, Duration) {
+        (self.min_backoff, self.max_backoff)
     }
 
-    /// The maximum redelivery backoff.
+    /// Whether per-key ordering is on ([`with_ordered`](Self::with_ordered)).
     #[must_use]
-    pub fn max_backoff(&self) -> Duration {
-        self.max_backoff
-    }
-
-    /// Whether per-key ordering is on.
-    #[must_use]
-    pub fn is_ordered(&self) -> bool {
+    pub fn ordered(&self) -> bool {
         self.ordered
     }
 
-    /// The concurrent handler limit.
+    /// The concurrent handler limit
+    /// ([`with_max_concurrent_handlers`](Self::with_max_concurrent_handlers)).
     #[must_use]
-    pub fn concurrent_handlers(&self) -> usize {
+    pub fn max_concurrent_handlers(&self) -> usize {
         self.max_concurrent_handlers
     }
 
-    /// The flow-control limit.
+    /// The flow-control limit
+    /// ([`with_max_outstanding_messages`](Self::with_max_outstanding_messages)).
     #[must_use]
-    pub fn outstanding_messages(&self) -> usize {
+    pub fn max_outstanding_messages(&self) -> usize {
         self.max_outstanding_messages
     }
 
-    /// The ack deadline.
+    /// The ack deadline ([`with_ack_deadline`](Self::with_ack_deadline)).
     #[must_use]
-    pub fn ack_deadline_duration(&self) -> Duration {
+    pub fn ack_deadline(&self) -> Duration {
         self.ack_deadline
     }
 
-    /// The longest lease.
+    /// The longest lease ([`with_max_lease`](Self::with_max_lease)).
     #[must_use]
-    pub fn max_lease_duration(&self) -> Duration {
+    pub fn max_lease(&self) -> Duration {
         self.max_lease
     }
 
-    /// The handler timeout, if any.
+    /// The handler timeout, if any
+    /// ([`with_handler_timeout`](Self::with_handler_timeout)).
     #[must_use]
-    pub fn handler_timeout_duration(&self) -> Option<Duration> {
+    pub fn handler_timeout(&self) -> Option<Duration> {
         self.handler_timeout
     }
 
-    /// The shutdown grace period.
+    /// The shutdown grace period
+    /// ([`with_shutdown_timeout`](Self::with_shutdown_timeout)).
     #[must_use]
-    pub fn shutdown_timeout_duration(&self) -> Duration {
+    pub fn shutdown_timeout(&self) -> Duration {
         self.shutdown_timeout
     }
 
@@ -302,7 +303,7 @@ mod tests {
     fn delivery_attempts_must_be_in_pubsub_range() {
         for n in [0, 4, 101, 1000] {
             let err = SubscriptionConfig::new("c")
-                .max_delivery_attempts(n)
+                .with_max_delivery_attempts(n)
                 .validate()
                 .unwrap_err();
             assert!(
@@ -318,7 +319,7 @@ mod tests {
         }
         for n in [5, 100] {
             SubscriptionConfig::new("c")
-                .max_delivery_attempts(n)
+                .with_max_delivery_attempts(n)
                 .validate()
                 .unwrap();
         }
@@ -328,13 +329,13 @@ mod tests {
     fn other_limits() {
         let s = |d: u64| Duration::from_secs(d);
         let bad = [
-            SubscriptionConfig::new("c").backoff(s(5), s(1)),
-            SubscriptionConfig::new("c").backoff(s(1), s(601)),
-            SubscriptionConfig::new("c").max_concurrent_handlers(0),
-            SubscriptionConfig::new("c").max_outstanding_messages(2),
-            SubscriptionConfig::new("c").ack_deadline(s(5)),
-            SubscriptionConfig::new("c").max_lease(s(1)),
-            SubscriptionConfig::new("c").handler_timeout(Duration::ZERO),
+            SubscriptionConfig::new("c").with_backoff(s(5), s(1)),
+            SubscriptionConfig::new("c").with_backoff(s(1), s(601)),
+            SubscriptionConfig::new("c").with_max_concurrent_handlers(0),
+            SubscriptionConfig::new("c").with_max_outstanding_messages(2),
+            SubscriptionConfig::new("c").with_ack_deadline(s(5)),
+            SubscriptionConfig::new("c").with_max_lease(s(1)),
+            SubscriptionConfig::new("c").with_handler_timeout(Duration::ZERO),
             SubscriptionConfig::new("no spaces"),
         ];
         for c in bad {
@@ -345,7 +346,7 @@ mod tests {
     #[test]
     fn exponential_backoff_is_capped() {
         let c = SubscriptionConfig::new("c")
-            .backoff(Duration::from_millis(100), Duration::from_millis(500));
+            .with_backoff(Duration::from_millis(100), Duration::from_millis(500));
         let got: Vec<u128> = (1..=5).map(|a| c.backoff_after(a).as_millis()).collect();
         assert_eq!(got, [100, 200, 400, 500, 500]);
         assert_eq!(c.backoff_after(u32::MAX), Duration::from_millis(500));

@@ -68,7 +68,7 @@
 //! let bus = InMemoryBus::new();
 //! let (tx, mut rx) = mpsc::unbounded_channel();
 //! let config = SubscriptionConfig::new("billing")
-//!     .backoff(Duration::from_millis(100), Duration::from_secs(5));
+//!     .with_backoff(Duration::from_millis(100), Duration::from_secs(5));
 //! let subscription = bus.subscribe("orders", &config, Arc::new(SendInvoice(tx))).await?;
 //!
 //! let placed = Message::new("order.placed", json!({ "order": "o-42" }))

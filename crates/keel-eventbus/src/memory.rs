@@ -196,7 +196,7 @@ impl State {
             }
             return None;
         };
-        match outcome.with_limit(entry.attempts, policy.config.delivery_attempts()) {
+        match outcome.with_limit(entry.attempts, policy.config.max_delivery_attempts()) {
             Outcome::Ack => None,
             Outcome::Retry(_) => {
                 entry.not_before = Instant::now() + policy.config.backoff_after(entry.attempts);
@@ -392,7 +392,7 @@ impl EventBus for InMemoryBus {
         };
         match state.subscriptions.get_mut(&sub_name) {
             Some(existing) => {
-                if existing.ordered != config.is_ordered() {
+                if existing.ordered != config.ordered() {
                     tracing::warn!(
                         subscription = %sub_name,
                         "ordering cannot change on an existing subscription; keeping ordered = {}",
@@ -406,7 +406,7 @@ impl EventBus for InMemoryBus {
             None => {
                 state.subscriptions.insert(
                     sub_name.clone(),
-                    new_sub(&topic_name, config.is_ordered(), Some(policy)),
+                    new_sub(&topic_name, config.ordered(), Some(policy)),
                 );
             }
         }
@@ -513,7 +513,7 @@ async fn run(
     mut stop: StopSignal,
 ) {
     let mut running = JoinSet::new();
-    let limit = config.concurrent_handlers();
+    let limit = config.max_concurrent_handlers();
     loop {
         if stop.is_stopped() {
             break;
@@ -539,9 +539,9 @@ async fn run(
                 };
                 let handler = handler.clone();
                 let name = name.clone();
-                let timeout = config.handler_timeout_duration();
+                let timeout = config.handler_timeout();
                 let metrics = metrics.clone();
-                let max_attempts = config.delivery_attempts();
+                let max_attempts = config.max_delivery_attempts();
                 running.spawn(async move {
                     let recorder = Recorder {
                         metrics: &metrics,
@@ -569,9 +569,15 @@ async fn run(
             }
         }
     }
+    if stop.is_aborted() {
+        // Cancel the handlers and wait until each has ended: their messages
+        // go back unacked (the in-flight guards), and none runs afterwards.
+        running.shutdown().await;
+        return;
+    }
     // Graceful stop: let running handlers finish, then release the rest.
     let drain = async { while running.join_next().await.is_some() {} };
-    if tokio::time::timeout(config.shutdown_timeout_duration(), drain)
+    if tokio::time::timeout(config.shutdown_timeout(), drain)
         .await
         .is_err()
     {

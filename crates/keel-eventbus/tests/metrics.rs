@@ -20,7 +20,7 @@ use serde_json::json;
 /// attempt, rejected, and failing on every one of its five attempts.
 async fn every_outcome_is_recorded<B: EventBus + 'static>(bus: B, probe: &MetricsProbe) {
     let topic = unique("metrics");
-    let config = fast_config("counter").max_delivery_attempts(5);
+    let config = fast_config("counter").with_max_delivery_attempts(5);
     let rec = Recorder::new(|d| match d.message.payload["fate"].as_str() {
         Some("retry-once") if d.attempt == 1 => Err(HandlerError::retry("not yet")),
         Some("reject") => Err(HandlerError::reject("unprocessable")),
@@ -226,7 +226,7 @@ mod pubsub {
         let probe = MetricsProbe::new();
         let bus = emulator_bus().await.with_metrics(probe.metrics());
         let topic = unique("dlq-down");
-        let config = fast_config("c").max_delivery_attempts(50);
+        let config = fast_config("c").with_max_delivery_attempts(50);
         bus.ensure_subscription(&topic, &config).await.unwrap();
         // The dead-letter topic goes away; without auto-creation nothing
         // brings it back until the test does.

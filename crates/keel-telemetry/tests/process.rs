@@ -60,6 +60,30 @@ fn export_threads() -> Vec<String> {
         .collect()
 }
 
+/// Waits until an export thread whose name starts with each of `prefixes`
+/// is running. The SDK starts its
+/// processor threads in the background after `init` returns, so the test
+/// polls for them rather than assuming they already exist. The bound only
+/// keeps a broken build from hanging; it is not a performance claim.
+fn wait_for_export_threads(prefixes: &[&str]) {
+    const BOUND: Duration = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    loop {
+        let threads = export_threads();
+        if prefixes
+            .iter()
+            .all(|p| threads.iter().any(|t| t.starts_with(p)))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < BOUND,
+            "export threads {prefixes:?} never started; running: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn without_an_endpoint_nothing_is_exported_and_nothing_runs() {
     let stdout = run_child(
@@ -130,15 +154,9 @@ fn child_with_endpoint() {
     assert!(guard.is_exporting());
     assert_eq!(guard.otlp_endpoint(), Some("http://127.0.0.1:9"));
     tracing::info_span!("work").in_scope(|| tracing::info!("traced"));
-    let threads = export_threads();
-    assert!(
-        threads.iter().any(|t| t.starts_with("keel-otlp")),
-        "{threads:?}"
-    );
-    assert!(
-        threads.iter().any(|t| t.starts_with("OpenTelemetry")),
-        "{threads:?}"
-    );
+    // Both the exporters' runtime thread and the SDK's processor threads
+    // must come up; the SDK spawns the latter asynchronously.
+    wait_for_export_threads(&["keel-otlp", "OpenTelemetry"]);
     drop(guard);
     println!("child_with_endpoint-passed");
 }

@@ -120,11 +120,11 @@ fn policies(
     config: &SubscriptionConfig,
     dead_letter_topic: &str,
 ) -> (RetryPolicy, DeadLetterPolicy) {
-    let attempts = i32::try_from(config.delivery_attempts()).unwrap_or(i32::MAX);
+    let attempts = i32::try_from(config.max_delivery_attempts()).unwrap_or(i32::MAX);
     (
         RetryPolicy::new()
-            .set_minimum_backoff(duration(config.min_backoff()))
-            .set_maximum_backoff(duration(config.max_backoff())),
+            .set_minimum_backoff(duration(config.backoff().0))
+            .set_maximum_backoff(duration(config.backoff().1)),
         DeadLetterPolicy::new()
             .set_dead_letter_topic(dead_letter_topic)
             .set_max_delivery_attempts(attempts),
@@ -132,7 +132,7 @@ fn policies(
 }
 
 fn ack_deadline_secs(config: &SubscriptionConfig) -> i32 {
-    i32::try_from(config.ack_deadline_duration().as_secs()).unwrap_or(600)
+    i32::try_from(config.ack_deadline().as_secs()).unwrap_or(600)
 }
 
 /// Creates a consumer's subscription with its retry and dead-letter
@@ -152,7 +152,7 @@ pub(super) async fn create_subscription(
         .set_name(path)
         .set_topic(topic)
         .set_ack_deadline_seconds(ack_deadline_secs(config))
-        .set_enable_message_ordering(config.is_ordered())
+        .set_enable_message_ordering(config.ordered())
         .set_retry_policy(retry.clone())
         .set_dead_letter_policy(dead_letter.clone())
         .send()
@@ -183,11 +183,11 @@ pub(super) async fn create_subscription(
                     ),
                 ));
             }
-            if existing.enable_message_ordering != config.is_ordered() {
+            if existing.enable_message_ordering != config.ordered() {
                 tracing::warn!(
                     subscription = path,
                     existing = existing.enable_message_ordering,
-                    wanted = config.is_ordered(),
+                    wanted = config.ordered(),
                     "message ordering cannot change on an existing subscription"
                 );
             }

@@ -36,12 +36,12 @@ pub(super) struct Context {
 
 impl Context {
     fn open(&self) -> MessageStream {
-        let outstanding = i64::try_from(self.config.outstanding_messages()).unwrap_or(i64::MAX);
+        let outstanding = i64::try_from(self.config.max_outstanding_messages()).unwrap_or(i64::MAX);
         self.subscriber
             .subscribe(self.subscription_path.clone())
             .set_max_outstanding_messages(outstanding)
-            .set_max_lease_extension(self.config.ack_deadline_duration())
-            .set_max_lease(self.config.max_lease_duration())
+            .set_max_lease_extension(self.config.ack_deadline())
+            .set_max_lease(self.config.max_lease())
             .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
             .build()
     }
@@ -71,10 +71,10 @@ pub(super) async fn run(ctx: Arc<Context>, mut stop: StopSignal) {
     let mut stream = Some(ctx.open());
     let mut reconnect_at = Instant::now();
     let mut reconnect_delay = MIN_RECONNECT;
-    let limit = ctx.config.concurrent_handlers();
+    let limit = ctx.config.max_concurrent_handlers();
     // A redelivery that never comes (the message was dead-lettered by the
     // broker meanwhile) must not block its key forever.
-    let await_limit = ctx.config.ack_deadline_duration() * 2;
+    let await_limit = ctx.config.ack_deadline() * 2;
 
     loop {
         if stop.is_stopped() {
@@ -117,6 +117,13 @@ pub(super) async fn run(ctx: Arc<Context>, mut stop: StopSignal) {
         }
     }
 
+    if stop.is_aborted() {
+        // Like a crash: cancel the handlers and wait until each has ended,
+        // acking nothing more; the stream is dropped with the task, and
+        // Pub/Sub redelivers what was unfinished.
+        running.shutdown().await;
+        return;
+    }
     // Graceful stop. First close the stream, so nothing released below is
     // redelivered into it; lease management keeps running for the handlers.
     let lease_shutdown = match stream.take() {
@@ -135,7 +142,7 @@ pub(super) async fn run(ctx: Arc<Context>, mut stop: StopSignal) {
     // handler nacks it); running handlers get the grace period.
     keys.queued.clear();
     let drain = async { while running.join_next().await.is_some() {} };
-    if tokio::time::timeout(ctx.config.shutdown_timeout_duration(), drain)
+    if tokio::time::timeout(ctx.config.shutdown_timeout(), drain)
         .await
         .is_err()
     {
@@ -181,8 +188,7 @@ fn dispatch(
     h: Handler,
     await_limit: Duration,
 ) {
-    let key =
-        (ctx.config.is_ordered() && !m.ordering_key.is_empty()).then(|| m.ordering_key.clone());
+    let key = (ctx.config.ordered() && !m.ordering_key.is_empty()).then(|| m.ordering_key.clone());
     let Some(key) = key else {
         running.spawn(process(ctx.clone(), m, h, None));
         return;
@@ -235,7 +241,7 @@ async fn process(ctx: Arc<Context>, m: PsMessage, h: Handler, key: Option<String
         .unwrap_or(1);
     let recorder = Recorder {
         metrics: &ctx.metrics,
-        max_attempts: ctx.config.delivery_attempts(),
+        max_attempts: ctx.config.max_delivery_attempts(),
     };
     let outcome = loop {
         let outcome = invoke(
@@ -243,11 +249,11 @@ async fn process(ctx: Arc<Context>, m: PsMessage, h: Handler, key: Option<String
             &raw,
             attempt,
             &ctx.subscription_name,
-            ctx.config.handler_timeout_duration(),
+            ctx.config.handler_timeout(),
             &recorder,
         )
         .await
-        .with_limit(attempt, ctx.config.delivery_attempts());
+        .with_limit(attempt, ctx.config.max_delivery_attempts());
         match outcome {
             // An ordered message is retried here, keeping its lease: a nack
             // would also send back every later message of its key, costing
