@@ -78,9 +78,9 @@ async fn a_relay_failing_after_publish_duplicates_on_pubsub_and_the_inbox_applie
     let recorder = Recorder::default();
     let config = |consumer: &str| {
         SubscriptionConfig::new(consumer)
-            .ordered(true)
-            .backoff(Duration::from_millis(100), Duration::from_millis(500))
-            .ack_deadline(Duration::from_secs(10))
+            .with_ordered(true)
+            .with_backoff(Duration::from_millis(100), Duration::from_millis(500))
+            .with_ack_deadline(Duration::from_secs(10))
     };
     let raw = bus
         .subscribe(&topic, &config("raw"), Arc::new(recorder.clone()))

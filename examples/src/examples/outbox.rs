@@ -255,8 +255,8 @@ pub async fn run(services: &Services) -> Result {
         deliveries: AtomicU64::new(0),
     });
     let config = SubscriptionConfig::new(CONSUMER)
-        .backoff(Duration::from_millis(100), Duration::from_millis(500))
-        .shutdown_timeout(Duration::from_secs(10));
+        .with_backoff(Duration::from_millis(100), Duration::from_millis(500))
+        .with_shutdown_timeout(Duration::from_secs(10));
     let subscription = bus.port.subscribe(TOPIC, &config, handler.clone()).await?;
 
     // The command pipeline's innermost service: one transaction per

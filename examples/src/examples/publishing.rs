@@ -153,10 +153,10 @@ pub async fn run(services: &Services) -> Result {
     // example quick; production keeps the defaults (10 s to 10 min).
     let projection = Arc::new(StatementProjection::default());
     let config = SubscriptionConfig::new(CONSUMER)
-        .ordered(true)
-        .max_delivery_attempts(5)
-        .backoff(Duration::from_millis(100), Duration::from_millis(500))
-        .shutdown_timeout(Duration::from_secs(10));
+        .with_ordered(true)
+        .with_max_delivery_attempts(5)
+        .with_backoff(Duration::from_millis(100), Duration::from_millis(500))
+        .with_shutdown_timeout(Duration::from_secs(10));
     let subscription = bus
         .port
         .subscribe(TOPIC, &config, projection.clone())

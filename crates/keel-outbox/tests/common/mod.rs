@@ -145,10 +145,10 @@ pub async fn subscribe(
     handler: Arc<dyn EventHandler>,
 ) -> Subscription {
     let config = SubscriptionConfig::new(consumer)
-        .ordered(true)
-        .backoff(Duration::from_millis(10), Duration::from_millis(50))
-        .max_concurrent_handlers(16)
-        .max_delivery_attempts(100);
+        .with_ordered(true)
+        .with_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .with_max_concurrent_handlers(16)
+        .with_max_delivery_attempts(100);
     bus.subscribe(topic, &config, handler).await.unwrap()
 }
 
