@@ -45,6 +45,9 @@ fn old_keel_migrator() -> Migrator {
     let mut all: Vec<_> = keel_database::MIGRATIONS
         .iter()
         .chain(ALL.iter().flat_map(|s| s.iter()))
+        // Only what Keel shipped while it still wrote into _sqlx_migrations;
+        // later migrations were never recorded there.
+        .filter(|m| m.version < 20261124000000)
         .cloned()
         .collect();
     all.sort_by_key(|m| m.version);
