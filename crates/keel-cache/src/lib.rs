@@ -75,7 +75,7 @@
 //! * `tls`: Redis over TLS (`rediss://` URLs) through rustls with the
 //!   `ring` provider, never OpenSSL; trusts the system's roots, or a private
 //!   CA given to `RedisConfig::root_certificate_pem`. Implies `redis`.
-//! * `testing`: the [`testing`] module, the contract suite every backend passes.
+//! * `testing`: the `testing` module, the contract suite every backend passes.
 
 mod aside;
 mod backend;

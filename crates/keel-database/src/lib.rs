@@ -31,7 +31,7 @@
 //!   are retryable).
 //! * [`DatabaseReadiness`] and [`DatabaseLiveness`] implement the
 //!   [`keel_core::HealthCheck`] port.
-//! * [`migrate`] and [`Database::migrate`] apply Keel's migrations (the
+//! * [`migrate()`] and [`Database::migrate`] apply Keel's migrations (the
 //!   base set [`MIGRATIONS`] and each linked crate's `MIGRATIONS`), with a
 //!   history of their own (`keel.schema_history`), beside the service's own
 //!   sqlx migrations (see [`migrate`](mod@migrate)).

@@ -16,7 +16,7 @@ use crate::error::Result;
 /// A publish/subscribe bus with retries and dead letters.
 ///
 /// Implemented by [`InMemoryBus`](crate::InMemoryBus) and, with the `pubsub`
-/// feature, `PubSubBus`; both pass the same [contract suite](crate::testing).
+/// feature, `PubSubBus`; both pass the same contract suite (`keel_eventbus::testing`, feature `testing`).
 /// Object-safe: hold it as `Arc<dyn EventBus>`.
 ///
 /// `topic` and `consumer` arguments are logical names; the bus maps them to

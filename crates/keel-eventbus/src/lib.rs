@@ -102,7 +102,7 @@
 //!   the official `google-cloud-pubsub` client, with TLS through rustls and
 //!   the `ring` provider (never OpenSSL). Without it the crate has only the
 //!   in-memory bus and no gRPC or TLS dependency.
-//! * `testing`: the [contract suite](testing) every bus implementation must
+//! * `testing`: the contract suite (module `testing`) every bus implementation must
 //!   pass, for this crate's tests and for other implementations.
 
 mod bus;

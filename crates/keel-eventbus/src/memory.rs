@@ -23,7 +23,7 @@ use crate::naming::Naming;
 /// tools.
 ///
 /// It is not a simplification of Pub/Sub: it keeps the same observable
-/// behaviour, proved by the same [contract suite](crate::testing):
+/// behaviour, proved by the same contract suite (`keel_eventbus::testing`):
 ///
 /// * a subscription receives the messages published after it was created;
 ///   competing subscribers of one consumer share them, different consumers

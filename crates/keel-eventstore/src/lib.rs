@@ -151,7 +151,7 @@ pub use upcast::Upcasters;
 
 /// The event store's tables and functions (`keel.events`, `keel.streams`,
 /// snapshots, checkpoints), applied with
-/// [`keel_database::migrate`] beside the other linked crates' sets.
+/// [`keel_database::migrate()`] beside the other linked crates' sets.
 #[cfg(feature = "postgres")]
 pub static MIGRATIONS: keel_database::Migrations =
     keel_database::Migrations::new("keel-eventstore", sqlx::migrate!("./migrations"));

@@ -162,6 +162,6 @@ pub use store_relay::{EventStoreRelay, EventStoreRelayHandle};
 pub use writer::{NOTIFY_CHANNEL, PgOutbox};
 
 /// The outbox and inbox tables (`keel.outbox`, `keel.inbox`), applied with
-/// [`keel_database::migrate`] beside the other linked crates' sets.
+/// [`keel_database::migrate()`] beside the other linked crates' sets.
 pub static MIGRATIONS: keel_database::Migrations =
     keel_database::Migrations::new("keel-outbox", sqlx::migrate!("./migrations"));

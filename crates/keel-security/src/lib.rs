@@ -160,7 +160,7 @@ pub use keel_core::Principal;
 pub use keel_telemetry::Secret;
 
 /// The audit log's tables and functions (`keel.audit_log`,
-/// `keel.audit_head`), applied with [`keel_database::migrate`] beside the
+/// `keel.audit_head`), applied with [`keel_database::migrate()`] beside the
 /// other linked crates' sets.
 #[cfg(feature = "postgres")]
 pub static MIGRATIONS: keel_database::Migrations =

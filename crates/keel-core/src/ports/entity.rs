@@ -510,7 +510,7 @@ pub trait EntityRepository<E: Entity>: EntityReader<E> + EntityWriter<E> {
     /// A PostgreSQL repository joins a `keel_database::UnitOfWork`, an
     /// in-memory one a [`MemoryTransaction`](crate::uow::MemoryTransaction);
     /// given the other kind, every call fails with
-    /// [`Error::Internal`](crate::Error::Internal) and writes nothing.
+    /// [`Error::Internal`] and writes nothing.
     ///
     /// ```text
     /// products.within(tx).update(product, version).await?;

@@ -27,7 +27,7 @@ impl fmt::Display for MigrationId {
 /// Why applying Keel's migrations failed.
 ///
 /// Carried by [`DatabaseError::Migration`](crate::DatabaseError::Migration);
-/// [`migrate`](crate::migrate) and [`Database::migrate`](crate::Database::migrate)
+/// [`migrate`](fn@crate::migrate) and [`Database::migrate`](crate::Database::migrate)
 /// return it inside that variant (connection failures are reported as the
 /// usual connection variants instead).
 #[derive(Debug, thiserror::Error)]

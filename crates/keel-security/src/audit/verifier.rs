@@ -131,7 +131,7 @@ impl AuditVerifier {
     }
 
     /// Starts the background task (within a Tokio runtime). It ends when
-    /// every handle is dropped, or on [`AuditVerifierHandle::stop`].
+    /// every handle is dropped, or on [`AuditVerifierHandle::abort`].
     #[must_use]
     pub fn start(self) -> AuditVerifierHandle {
         let (requests, mut inbox) = mpsc::channel::<oneshot::Sender<VerifierStatus>>(16);
