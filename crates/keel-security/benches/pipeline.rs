@@ -368,8 +368,18 @@ fn main() {
             .fetch_one(db.pool())
             .await
             .unwrap();
+        // A sealing transaction gives all its rows one recorded_at.
+        let batches: i64 =
+            sqlx::query_scalar("SELECT count(DISTINCT recorded_at) FROM keel.audit_log")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
         let intact = pg_audit.verify().await.unwrap().is_intact();
-        println!("audit records written: {audited}, chain intact: {intact}");
+        println!(
+            "audit records written: {audited} in {batches} sealing transactions \
+             ({:.1} per transaction), chain intact: {intact}",
+            audited as f64 / batches.max(1) as f64
+        );
 
         let memory_commands = commands * 20;
         let mut mem = [

@@ -719,3 +719,113 @@ async fn the_database_checks_the_mac_columns() {
         assert_eq!(sqlstate(&err).as_deref(), Some("23514"), "{sql}");
     }
 }
+
+/// Runs `statements` in one transaction, then rolls it back: `Ok` when
+/// all of them ran, else the first failure.
+async fn in_rolled_back_tx(db: &TestDatabase, statements: &[String]) -> Result<(), sqlx::Error> {
+    let mut tx = db.pool().begin().await.unwrap();
+    for sql in statements {
+        sqlx::query(sql).execute(&mut *tx).await?;
+    }
+    tx.rollback().await.unwrap();
+    Ok(())
+}
+
+// Sealing by hand, as anyone allowed to UPDATE the table could try (the
+// triggers on): only an unsealed row's chain columns, once, at the
+// position right after the chain's last record and linked to it; within
+// one transaction several rows in a row, then the head moved once onto the
+// last of them.
+#[tokio::test]
+async fn the_database_seals_a_row_only_right_after_the_chain() {
+    let db = database().await;
+    let (log, records) = five(&db).await;
+    let mut ids = Vec::new();
+    for i in 6..=7 {
+        let e = entry(i);
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO keel.audit_log (occurred_at, principal, command_type, event_types, \
+             outcome, details) VALUES ($1, $2, $3, '{}', 'accepted', $4) RETURNING id",
+        )
+        .bind(e.occurred_at)
+        .bind(&e.principal)
+        .bind(&e.command_type)
+        .bind(&e.details)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let (h5, a, b) = (&records[4].hash, "a".repeat(64), "b".repeat(64));
+    let seal = |id: i64, sequence: u64, prev: &str, hash: &str, extra: &str| {
+        format!(
+            "UPDATE keel.audit_log SET sequence = {sequence}, recorded_at = now(), \
+             prev_hash = '{prev}', hash = '{hash}'{extra} WHERE id = {id}"
+        )
+    };
+    let head = |sequence: u64, hash: &str| {
+        format!("UPDATE keel.audit_head SET sequence = {sequence}, hash = '{hash}'")
+    };
+    let (six, seven) = (ids[0], ids[1]);
+
+    for allowed in [
+        vec![seal(six, 6, h5, &a, ""), head(6, &a)],
+        vec![
+            seal(six, 6, h5, &a, ""),
+            seal(
+                seven,
+                7,
+                &a,
+                &b,
+                ", mac_key_id = 'k1', mac = repeat('c', 64)",
+            ),
+            head(7, &b),
+        ],
+    ] {
+        in_rolled_back_tx(&db, &allowed)
+            .await
+            .unwrap_or_else(|e| panic!("{allowed:?}: {e}"));
+    }
+
+    let refused = [
+        // content changed while sealing
+        vec![seal(six, 6, h5, &a, ", principal = 'mallory'")],
+        vec![seal(six, 6, h5, &a, ", details = '{}'")],
+        // a gap, a link to something else than the last record
+        vec![seal(six, 7, h5, &a, "")],
+        vec![seal(six, 6, &b, &a, "")],
+        vec![seal(six, 6, h5, &a, ""), seal(seven, 7, h5, &b, "")],
+        vec![seal(six, 6, h5, &a, ""), seal(seven, 8, &a, &b, "")],
+        // a sealed row changed again, or unsealed
+        vec![
+            seal(six, 6, h5, &a, ""),
+            format!("UPDATE keel.audit_log SET mac_key_id = 'k1', mac = '{b}' WHERE id = {six}"),
+        ],
+        vec![
+            "UPDATE keel.audit_log SET sequence = NULL, recorded_at = NULL, prev_hash = NULL, \
+             hash = NULL WHERE sequence = 5"
+                .to_owned(),
+        ],
+        // the head past the last sealed record, or onto another hash
+        vec![seal(six, 6, h5, &a, ""), head(7, &a)],
+        vec![seal(six, 6, h5, &a, ""), head(6, &b)],
+        vec![head(5, h5)],
+    ];
+    for statements in refused {
+        let err = in_rolled_back_tx(&db, &statements)
+            .await
+            .expect_err(&format!("{statements:?} passed"));
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("KL003"),
+            "{statements:?}: {err}"
+        );
+    }
+
+    assert_eq!(log.pending().await.unwrap(), 2);
+    assert_eq!(log.seal().await.unwrap(), 2);
+    assert_eq!(
+        log.verify().await.unwrap(),
+        ChainVerification::Intact { records: 7 }
+    );
+}
