@@ -165,4 +165,8 @@ pub use keel_telemetry::Secret;
 #[cfg(feature = "postgres")]
 pub static MIGRATIONS: keel_database::Migrations =
     keel_database::Migrations::new("keel-security", sqlx::migrate!("./migrations"));
+#[cfg(feature = "gcp-secret-manager")]
+pub use secrets::{
+    AccessedSecret, GcpSecretManager, GcpSecretManagerConfig, SecretRef, SecretVersion,
+};
 pub use secrets::{CachedSecrets, EnvSecrets, FileSecrets, SecretProvider};

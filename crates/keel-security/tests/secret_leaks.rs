@@ -54,13 +54,16 @@ async fn secret_values_never_reach_logs_errors_or_panics() {
     let cache = CachedSecrets::new(provider, Duration::ZERO);
     let secret = cache.get("db-password").await.unwrap();
 
-    // Rotate to a value that cannot be read, so the cache logs a failed
-    // refresh while still holding the secret.
-    std::fs::write(dir.path().join("db-password"), [0xff, 0xfe]).unwrap();
+    // Make the file unreadable (a directory in its place: a transient I/O
+    // failure), so the cache logs a failed refresh while still holding the
+    // secret.
+    std::fs::remove_file(dir.path().join("db-password")).unwrap();
+    std::fs::create_dir(dir.path().join("db-password")).unwrap();
     let served = cache.get("db-password").await.unwrap();
     tracing::info!(?secret, %served, cache = ?cache, "logging the secret by accident");
+    std::fs::write(dir.path().join("binary"), [0xff, 0xfe]).unwrap();
     let invalid = FileSecrets::new(dir.path())
-        .get("db-password")
+        .get("binary")
         .await
         .unwrap_err();
     let unavailable = FileSecrets::new(dir.path().join("db-password"))
