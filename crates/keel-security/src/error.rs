@@ -343,6 +343,63 @@ mod tests {
     }
 
     #[test]
+    fn secret_failures_keep_their_kind_and_code() {
+        let name = || "db-password".to_owned();
+        let cases = [
+            (
+                SecurityError::SecretNotFound { name: name() },
+                "keel.not_found",
+                false,
+            ),
+            (
+                SecurityError::SecretVersionDisabled {
+                    name: name(),
+                    version: "7".into(),
+                },
+                "keel.not_found",
+                false,
+            ),
+            (
+                SecurityError::SecretPermissionDenied { name: name() },
+                "keel.forbidden",
+                false,
+            ),
+            (
+                SecurityError::SecretTimeout {
+                    name: name(),
+                    after: std::time::Duration::from_secs(10),
+                },
+                "keel.timeout",
+                true,
+            ),
+            (
+                SecurityError::SecretUnavailable {
+                    name: name(),
+                    source: "connection refused".into(),
+                },
+                "keel.unavailable",
+                true,
+            ),
+            (
+                SecurityError::SecretInvalid {
+                    name: name(),
+                    reason: "the value is not UTF-8",
+                },
+                "keel.internal",
+                false,
+            ),
+        ];
+        for (err, code, transient) in cases {
+            assert_eq!(err.is_transient_secret_failure(), transient, "{err}");
+            assert!(!err.is_unauthorized(), "{err}");
+            let core = keel_core::Error::from(err);
+            assert_eq!(core.code(), code, "{core}");
+            assert_eq!(core.is_retryable(), transient, "{core}");
+            assert!(core.to_string().contains("db-password"), "{core}");
+        }
+    }
+
+    #[test]
     fn attacker_strings_are_truncated_by_characters() {
         assert_eq!(truncate("ééééé", 3), "ééé");
         assert_eq!(truncate("ab", 16), "ab");
