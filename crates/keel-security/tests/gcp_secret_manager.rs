@@ -390,3 +390,22 @@ async fn values_stay_out_of_debug_output() {
     assert!(shown.contains("[REDACTED]"), "{shown}");
     assert_eq!(value.expose_secret(), VALUE);
 }
+
+#[tokio::test]
+async fn an_unusable_configuration_is_refused_at_connect() {
+    let local = || GcpSecretManagerConfig::local(PROJECT, "http://127.0.0.1:1").unwrap();
+    for config in [
+        local().with_timeout(Duration::ZERO),
+        local().with_attempts(0),
+        local().with_endpoint("not a url"),
+    ] {
+        let err = GcpSecretManager::connect(config).await.unwrap_err();
+        assert!(matches!(err, SecurityError::Config(_)), "{err:?}");
+        assert_eq!(kind(err), ErrorKind::Internal);
+    }
+    let err = GcpSecretManagerConfig::new("Not_A_Project").unwrap_err();
+    assert!(
+        matches!(err, SecurityError::SecretInvalid { .. }),
+        "{err:?}"
+    );
+}

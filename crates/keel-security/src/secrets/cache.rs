@@ -207,7 +207,7 @@ impl CachedSecrets {
                     state.last_error = None;
                     return Ok(Loaded::Stale(previous));
                 }
-                Err(record_failure(&mut state, error))
+                Err(record_failure(&mut state, name, error))
             }
             Err(error) if current => {
                 if state.value.take().is_some() {
@@ -218,7 +218,7 @@ impl CachedSecrets {
                     );
                 }
                 state.fresh_until = None;
-                Err(record_failure(&mut state, error))
+                Err(record_failure(&mut state, name, error))
             }
             // Invalidated while loading: answer, but leave the slot alone.
             Err(error) => Err(error),
@@ -244,15 +244,15 @@ impl Loaded {
 
 /// Keeps `error` for the callers that waited on this load and returns a
 /// copy for the loader.
-fn record_failure(state: &mut SlotState, error: SecurityError) -> SecurityError {
+fn record_failure(state: &mut SlotState, name: &str, error: SecurityError) -> SecurityError {
     let error = Arc::new(error);
     state.last_error = Some(Arc::clone(&error));
-    share(&error)
+    share(&error, name)
 }
 
 /// A copy of a secret error for one more caller, with the same variant
 /// (and so the same kind and code).
-fn share(error: &Arc<SecurityError>) -> SecurityError {
+fn share(error: &Arc<SecurityError>, name: &str) -> SecurityError {
     match &**error {
         SecurityError::SecretNotFound { name } => {
             SecurityError::SecretNotFound { name: name.clone() }
@@ -279,10 +279,10 @@ fn share(error: &Arc<SecurityError>) -> SecurityError {
             source: Box::new(SharedCause(Arc::clone(error))),
         },
         // Providers only return secret errors; anything else is passed on
-        // by its message, as a backend failure.
-        other => SecurityError::SecretUnavailable {
-            name: String::new(),
-            source: other.to_string().into(),
+        // as a backend failure caused by it.
+        _ => SecurityError::SecretUnavailable {
+            name: name.to_owned(),
+            source: Box::new(SharedCause(Arc::clone(error))),
         },
     }
 }
@@ -349,7 +349,7 @@ impl SecretProvider for CachedSecrets {
             if state.loads != loads_seen
                 && let Some(error) = &state.last_error
             {
-                return Err(share(error));
+                return Err(share(error, name));
             }
             state.generation
         };
