@@ -409,3 +409,26 @@ async fn an_unusable_configuration_is_refused_at_connect() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn regional_secrets_are_named_with_their_location() {
+    let server = FakeSecretManager::start().await;
+    server.add_version("db-password", VALUE);
+    let provider = server
+        .provider_with(|c| c.with_location("europe-west1").unwrap())
+        .await;
+    assert_eq!(
+        provider.get("db-password@1").await.unwrap().expose_secret(),
+        VALUE
+    );
+    assert_eq!(
+        server.store().paths,
+        ["projects/keel-test/locations/europe-west1/secrets/db-password/versions/1"]
+    );
+    assert!(
+        GcpSecretManagerConfig::new(PROJECT)
+            .unwrap()
+            .with_location("Europe/West")
+            .is_err()
+    );
+}

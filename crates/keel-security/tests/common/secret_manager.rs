@@ -40,6 +40,8 @@ pub(crate) struct Store {
     pub(crate) failures: HashMap<String, usize>,
     /// Per secret: how many access requests arrived.
     pub(crate) requests: HashMap<String, usize>,
+    /// The resource names asked for, in order.
+    pub(crate) paths: Vec<String>,
     /// Whether any request carried an `Authorization` header.
     pub(crate) saw_authorization: bool,
 }
@@ -122,14 +124,26 @@ async fn access(
         return google_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such method");
     };
     let parts: Vec<&str> = resource.split('/').collect();
-    let ["projects", project, "secrets", secret, "versions", version] = parts.as_slice() else {
-        return google_error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", "bad name");
+    let (project, secret, version) = match parts.as_slice() {
+        ["projects", project, "secrets", secret, "versions", version]
+        | [
+            "projects",
+            project,
+            "locations",
+            _,
+            "secrets",
+            secret,
+            "versions",
+            version,
+        ] => (*project, *secret, *version),
+        _ => return google_error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", "bad name"),
     };
-    let (project, secret, version) = (*project, secret.to_string(), version.to_string());
+    let (secret, version) = (secret.to_owned(), version.to_owned());
     let delay = {
         let mut store = store.lock().unwrap();
         *store.requests.entry(secret.clone()).or_default() += 1;
         store.saw_authorization |= headers.contains_key(header::AUTHORIZATION);
+        store.paths.push(resource.to_owned());
         store.delays.get(&secret).copied()
     };
     if let Some(delay) = delay {

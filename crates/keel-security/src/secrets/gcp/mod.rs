@@ -40,6 +40,7 @@ const DEFAULT_ATTEMPTS: u32 = 3;
 pub struct GcpSecretManagerConfig {
     project: String,
     endpoint: Option<String>,
+    location: Option<String>,
     anonymous: bool,
     timeout: Duration,
     attempts: u32,
@@ -64,6 +65,7 @@ impl GcpSecretManagerConfig {
         Ok(Self {
             project,
             endpoint: None,
+            location: None,
             anonymous: false,
             timeout: DEFAULT_TIMEOUT,
             attempts: DEFAULT_ATTEMPTS,
@@ -85,14 +87,32 @@ impl GcpSecretManagerConfig {
             .with_anonymous_credentials())
     }
 
-    /// Talks to another endpoint (a regional one such as
-    /// `https://secretmanager.europe-west1.rep.googleapis.com`, a private
-    /// service connect address, or a local server), keeping the
-    /// credentials choice.
+    /// Talks to another endpoint (a Private Service Connect address, a
+    /// local server), keeping the credentials choice. For regional secrets
+    /// use [`with_location`](Self::with_location), which also picks the
+    /// regional endpoint.
     #[must_use]
     pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
         self
+    }
+
+    /// Reads regional secrets stored in `location` (e.g. `europe-west1`):
+    /// resource names become `projects/P/locations/L/secrets/S/versions/V`
+    /// and, unless an endpoint was set, requests go to the regional
+    /// endpoint `https://secretmanager.L.rep.googleapis.com`.
+    ///
+    /// # Errors
+    ///
+    /// [`SecurityError::SecretInvalid`] for a malformed location.
+    pub fn with_location(mut self, location: impl Into<String>) -> Result<Self> {
+        let location = location.into();
+        check_project_id(&location).map_err(|_| SecurityError::SecretInvalid {
+            name: crate::error::truncate(&location, 64),
+            reason: "a location is 1 to 63 lower-case ASCII letters, digits and '-'",
+        })?;
+        self.location = Some(location);
+        Ok(self)
     }
 
     /// Sends requests without credentials. Real Secret Manager refuses
@@ -140,6 +160,12 @@ impl GcpSecretManagerConfig {
     #[must_use]
     pub fn endpoint(&self) -> Option<&str> {
         self.endpoint.as_deref()
+    }
+
+    /// The location of regional secrets, if set.
+    #[must_use]
+    pub fn location(&self) -> Option<&str> {
+        self.location.as_deref()
     }
 
     /// The time limit of one read.
@@ -254,8 +280,14 @@ impl GcpSecretManager {
             )
             .with_backoff_policy(backoff)
             .with_attempt_timeout(config.timeout);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.with_endpoint(endpoint.clone());
+        let endpoint = config.endpoint.clone().or_else(|| {
+            config
+                .location
+                .as_ref()
+                .map(|location| format!("https://secretmanager.{location}.rep.googleapis.com"))
+        });
+        if let Some(endpoint) = endpoint {
+            builder = builder.with_endpoint(endpoint);
         }
         if config.anonymous {
             builder = builder.with_credentials(
@@ -288,7 +320,11 @@ impl GcpSecretManager {
             .get(reference.secret())
             .cloned()
             .unwrap_or_default();
-        let resolved = reference.resolve(&self.config.project, &pinned);
+        let resolved = reference.resolve(
+            &self.config.project,
+            self.config.location.as_deref(),
+            &pinned,
+        );
         let request = self
             .client
             .access_secret_version()

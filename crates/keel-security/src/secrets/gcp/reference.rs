@@ -165,9 +165,15 @@ impl SecretRef {
     }
 
     /// Fills in what the reference left open: the project and the version.
-    pub(crate) fn resolve(&self, project: &str, version: &SecretVersion) -> Resolved {
+    pub(crate) fn resolve(
+        &self,
+        project: &str,
+        location: Option<&str>,
+        version: &SecretVersion,
+    ) -> Resolved {
         Resolved {
             project: self.project.clone().unwrap_or_else(|| project.to_owned()),
+            location: location.map(str::to_owned),
             secret: self.secret.clone(),
             version: self.version.clone().unwrap_or_else(|| version.clone()),
         }
@@ -178,6 +184,7 @@ impl SecretRef {
 #[derive(Debug, Clone)]
 pub(crate) struct Resolved {
     pub(crate) project: String,
+    pub(crate) location: Option<String>,
     pub(crate) secret: String,
     pub(crate) version: SecretVersion,
 }
@@ -185,10 +192,16 @@ pub(crate) struct Resolved {
 impl Resolved {
     /// The resource name Secret Manager's API takes.
     pub(crate) fn resource_name(&self) -> String {
-        format!(
-            "projects/{}/secrets/{}/versions/{}",
-            self.project, self.secret, self.version
-        )
+        match &self.location {
+            None => format!(
+                "projects/{}/secrets/{}/versions/{}",
+                self.project, self.secret, self.version
+            ),
+            Some(location) => format!(
+                "projects/{}/locations/{location}/secrets/{}/versions/{}",
+                self.project, self.secret, self.version
+            ),
+        }
     }
 }
 
@@ -311,13 +324,18 @@ mod tests {
         let pin = SecretVersion::pinned(9).unwrap();
         let r: SecretRef = "db-password".parse().unwrap();
         assert_eq!(
-            r.resolve("orders", &pin).resource_name(),
+            r.resolve("orders", None, &pin).resource_name(),
             "projects/orders/secrets/db-password/versions/9"
         );
         let r: SecretRef = "db-password@latest".parse().unwrap();
         assert_eq!(
-            r.resolve("orders", &pin).resource_name(),
+            r.resolve("orders", None, &pin).resource_name(),
             "projects/orders/secrets/db-password/versions/latest"
+        );
+        assert_eq!(
+            r.resolve("orders", Some("europe-west1"), &pin)
+                .resource_name(),
+            "projects/orders/locations/europe-west1/secrets/db-password/versions/latest"
         );
     }
 
