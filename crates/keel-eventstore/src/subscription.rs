@@ -365,6 +365,13 @@ where
                     .metrics
                     .record_subscription(name, handled, lag_of(event));
                 options.metrics.record_subscription_failure(name);
+                tracing::error!(
+                    subscription = %name,
+                    position = %event.position,
+                    event_id = %event.event_id,
+                    error = %source,
+                    "the handler failed; the subscription stops before this event"
+                );
                 if position != saved {
                     store.save_checkpoint(name, position).await?;
                 }
