@@ -232,11 +232,19 @@ impl ThrowawayPostgres {
                 Ok(true) => "still replaying WAL".to_owned(),
                 Err(e) => e.to_string(),
             };
-            if tokio::time::Instant::now() >= deadline {
+            // A server that gave up (a target the archive never reaches)
+            // has exited: no need to wait for the deadline.
+            let exited = !self.inner().data.join("postmaster.pid").exists();
+            if exited || tokio::time::Instant::now() >= deadline {
+                let reason = if exited {
+                    format!("the server stopped during recovery: {last}")
+                } else {
+                    format!("recovery did not end within {RECOVERY_TIMEOUT:?}: {last}")
+                };
                 let log = self.log_file().to_path_buf();
                 return Err(Error::StartFailed {
                     service: Service::Postgres,
-                    reason: format!("recovery did not end within {RECOVERY_TIMEOUT:?}: {last}"),
+                    reason,
                     log_tail: sys::tail(&log, 30),
                     log,
                 });
