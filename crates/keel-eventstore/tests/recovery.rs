@@ -24,7 +24,7 @@ use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version};
 use keel_eventstore::{
     Appender, GlobalLog, NewEvent, PostgresEventStore, ReadAll, ReadStream, RecordedEvent,
     StoreConfig, StreamReader, Subscription, SubscriptionHandler, SubscriptionOptions,
-    SubscriptionSupport,
+    SubscriptionSupport, TransactionalStore,
 };
 use keel_testkit::{Error as KitError, RecoveryTarget, ThrowawayPostgres};
 use serde_json::json;
@@ -289,6 +289,29 @@ async fn point_in_time_recovery_restores_exactly_what_committed_before_the_targe
 
     // After the backup, before the target: only the WAL archive has these.
     let before_target = write(&store, "before-target", 10).await;
+    // A unit of work that appends before the target but commits after it:
+    // its events must not survive (they were never committed at the
+    // target), although they were written, and recorded, before it.
+    let units = keel_database::Database::connect_lazy(
+        keel_database::DatabaseConfig::builder()
+            .connect_options((*store.pool().connect_options()).clone())
+            .min_connections(0)
+            .max_connections(2)
+            .build()
+            .expect("database config"),
+    );
+    let mut late = units.begin().await.unwrap();
+    let late_event = NewEvent::from_json("ledger.posted", &json!({ "phase": "late" }));
+    let late_id = late_event.event_id();
+    store
+        .within(&mut late)
+        .append(
+            &StreamId::new("Late-1").unwrap(),
+            ExpectedVersion::NoStream,
+            vec![late_event],
+        )
+        .await
+        .unwrap();
     let mut db = store.pool().acquire().await.unwrap();
     let target_time: String = sqlx::query_scalar("SELECT clock_timestamp()::text")
         .fetch_one(&mut *db)
@@ -299,9 +322,11 @@ async fn point_in_time_recovery_restores_exactly_what_committed_before_the_targe
         .await
         .unwrap();
     drop(db);
+    late.commit().await.unwrap();
 
     // After the target: events, and the projector moving its checkpoint on.
-    let after_target = write(&store, "after-target", 10).await;
+    let mut after_target = write(&store, "after-target", 10).await;
+    after_target.insert(late_id);
     project(&store, before_target.len() + after_target.len()).await;
     pg.archive_current_wal().await.expect("archive the WAL");
 
