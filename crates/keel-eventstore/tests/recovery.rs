@@ -24,7 +24,7 @@ use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version};
 use keel_eventstore::{
     Appender, GlobalLog, NewEvent, PostgresEventStore, ReadAll, ReadStream, RecordedEvent,
     StoreConfig, StreamReader, Subscription, SubscriptionHandler, SubscriptionOptions,
-    SubscriptionSupport, TransactionalStore,
+    SubscriptionSupport,
 };
 use keel_testkit::{Error as KitError, RecoveryTarget, ThrowawayPostgres};
 use serde_json::json;
