@@ -52,6 +52,12 @@ pub mod event_store {}
 #[doc = include_str!("../../../docs/health.md")]
 pub mod health {}
 
+#[doc = include_str!("../../../docs/infrastructure.md")]
+pub mod infrastructure {}
+
+#[doc = include_str!("../../../docs/operations.md")]
+pub mod operations {}
+
 #[doc = include_str!("../../../docs/outbox.md")]
 pub mod outbox {}
 

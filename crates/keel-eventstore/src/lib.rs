@@ -29,6 +29,9 @@
 //!   delivery and one active consumer per name across processes;
 //! * [`EventSourcedRepository`]: keel-core's aggregate repository port, with
 //!   [`SnapshotPolicy`] snapshots and [`Upcasters`] for schema evolution;
+//! * [`SnapshotArchive`]: long-term retention of snapshots: export and
+//!   import as NDJSON with their schema versions ([`export_ndjson`],
+//!   [`import_ndjson`]), and pruning by a [`SnapshotRetention`] policy;
 //! * [`InMemoryEventStore`]: the same behaviour without a server;
 //! * units of work: `store.within(tx)` ([`TransactionalStore`]) and
 //!   `repository.within(tx)` bind the store and the aggregate repository to
@@ -118,6 +121,7 @@
 //! The in-memory store needs no feature and no server.
 
 mod aggregate;
+mod archive;
 mod error;
 mod event;
 mod memory;
@@ -131,6 +135,11 @@ pub mod testing;
 mod upcast;
 
 pub use aggregate::{EventSourcedRepository, SnapshotPolicy};
+pub use archive::{
+    ImportReport, MAX_SNAPSHOT_LINE_BYTES, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSION,
+    SnapshotArchive, SnapshotRecord, SnapshotRetention, SnapshotSelection, export_ndjson,
+    import_ndjson,
+};
 pub use error::{EventStoreError, Result};
 pub use event::{
     AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, MAX_EVENT_TYPE_LEN, MAX_METADATA_BYTES, NewEvent,

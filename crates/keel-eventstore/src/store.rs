@@ -85,13 +85,25 @@ impl Snapshot {
     }
 }
 
-/// Stores the latest snapshot per stream.
+/// Stores snapshots and loads the latest per stream.
+///
+/// Every saved snapshot is kept (one per stream version) until a
+/// [`SnapshotRetention`](crate::SnapshotRetention) policy prunes it; see
+/// [`SnapshotArchive`](crate::SnapshotArchive).
 #[async_trait]
 pub trait SnapshotStore: Send + Sync {
-    /// The latest snapshot of a stream, if any.
+    /// The latest snapshot of a stream (the one at its highest version), if
+    /// any.
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>>;
 
-    /// Stores a snapshot unless one at a higher version is stored already.
+    /// Stores a snapshot unless one at a higher version is stored already;
+    /// one at the same version is replaced.
+    ///
+    /// # Errors
+    ///
+    /// [`EventStoreError::Invalid`](crate::EventStoreError::Invalid) for
+    /// version 0, a schema version beyond `i32::MAX` or state that is not
+    /// JSON; nothing is stored then.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
 }
 

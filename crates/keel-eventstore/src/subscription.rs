@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use keel_core::{BoxError, Position};
+use keel_telemetry::KeelMetrics;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -55,6 +56,9 @@ pub struct SubscriptionOptions {
     pub poll_interval: Duration,
     /// How often a follower tries to take over leadership (default 1 s).
     pub leadership_retry: Duration,
+    /// Where `keel.eventstore.subscription.*` is recorded (default
+    /// [`KeelMetrics::global`], taken when the options are made).
+    pub metrics: KeelMetrics,
 }
 
 impl SubscriptionOptions {
@@ -69,7 +73,15 @@ impl SubscriptionOptions {
             checkpoint_interval: Duration::from_secs(1),
             poll_interval: Duration::from_millis(500),
             leadership_retry: Duration::from_secs(1),
+            metrics: KeelMetrics::global(),
         }
+    }
+
+    /// Records the subscription's metrics with these instruments.
+    #[must_use]
+    pub fn metrics(mut self, metrics: KeelMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Receive only events passing this filter.
@@ -346,8 +358,20 @@ where
             () = stopped(stop) => continue,
         };
         let full = read.len() as u64 >= options.batch_size;
+        let mut handled = 0u64;
         for event in &read {
             if let Err(source) = handler.handle(event).await {
+                options
+                    .metrics
+                    .record_subscription(name, handled, lag_of(event));
+                options.metrics.record_subscription_failure(name);
+                tracing::error!(
+                    subscription = %name,
+                    position = %event.position,
+                    event_id = %event.event_id,
+                    error = %source,
+                    "the handler failed; the subscription stops before this event"
+                );
                 if position != saved {
                     store.save_checkpoint(name, position).await?;
                 }
@@ -358,6 +382,7 @@ where
                 });
             }
             position = event.position;
+            handled += 1;
             since_save += 1;
             status.send_modify(|s| {
                 s.position = Some(position);
@@ -372,6 +397,12 @@ where
                 last_save = Instant::now();
             }
         }
+        // Behind while the batch came back full; caught up otherwise.
+        let lag = match read.last() {
+            Some(last) if full => lag_of(last),
+            _ => Duration::ZERO,
+        };
+        options.metrics.record_subscription(name, handled, lag);
         if !full {
             if position != saved && last_save.elapsed() >= options.checkpoint_interval {
                 store.save_checkpoint(name, position).await?;
@@ -393,4 +424,11 @@ where
             return Ok(Exit::LostLeadership);
         }
     }
+}
+
+/// How long ago `event` was recorded (zero if the clocks disagree).
+fn lag_of(event: &RecordedEvent) -> Duration {
+    (chrono::Utc::now() - event.recorded_at)
+        .to_std()
+        .unwrap_or(Duration::ZERO)
 }

@@ -56,6 +56,15 @@ pub mod names {
     /// Counter: audit records the command pipeline could not append
     /// (`{record}`).
     pub const AUDIT_APPEND_FAILURES: &str = "keel.audit.append.failures";
+    /// Gauge: how far an event-store subscription is behind (`s`): the age
+    /// of the last event it handled while more were waiting, zero once it
+    /// has caught up.
+    pub const EVENTSTORE_SUBSCRIPTION_LAG: &str = "keel.eventstore.subscription.lag";
+    /// Counter: events handled by an event-store subscription (`{event}`).
+    pub const EVENTSTORE_SUBSCRIPTION_EVENTS: &str = "keel.eventstore.subscription.events";
+    /// Counter: event-store subscriptions stopped by a handler error
+    /// (`{failure}`).
+    pub const EVENTSTORE_SUBSCRIPTION_FAILURES: &str = "keel.eventstore.subscription.failures";
 
     /// Attribute: the stream category (the aggregate type, e.g. `Order`).
     pub const ATTR_STREAM_CATEGORY: &str = "keel.stream.category";
@@ -77,6 +86,8 @@ pub mod names {
     pub const ATTR_RELAY: &str = "keel.outbox.relay";
     /// Attribute: a command's type name (e.g. `order.place`).
     pub const ATTR_COMMAND_TYPE: &str = "keel.command.type";
+    /// Attribute: an event-store subscription's name (its checkpoint key).
+    pub const ATTR_EVENTSTORE_SUBSCRIPTION: &str = "keel.subscription.name";
 
     /// Outcome: the operation succeeded (the delivery was acked).
     pub const OUTCOME_OK: &str = "ok";
@@ -248,6 +259,9 @@ pub struct KeelMetrics {
     outbox_pending: Gauge<u64>,
     command_duration: Histogram<f64>,
     audit_append_failures: Counter<u64>,
+    subscription_lag: Gauge<f64>,
+    subscription_events: Counter<u64>,
+    subscription_failures: Counter<u64>,
 }
 
 impl fmt::Debug for KeelMetrics {
@@ -338,6 +352,21 @@ impl KeelMetrics {
                 AUDIT_APPEND_FAILURES,
                 "{record}",
                 "Audit records that could not be appended",
+            ),
+            subscription_lag: meter
+                .f64_gauge(EVENTSTORE_SUBSCRIPTION_LAG)
+                .with_unit("s")
+                .with_description("How far an event-store subscription is behind the log")
+                .build(),
+            subscription_events: counter(
+                EVENTSTORE_SUBSCRIPTION_EVENTS,
+                "{event}",
+                "Events handled by event-store subscriptions",
+            ),
+            subscription_failures: counter(
+                EVENTSTORE_SUBSCRIPTION_FAILURES,
+                "{failure}",
+                "Event-store subscriptions stopped by a handler error",
             ),
         }
     }
@@ -494,6 +523,26 @@ impl KeelMetrics {
                 KeyValue::new(ATTR_COMMAND_TYPE, command_type.to_owned()),
                 KeyValue::new(ATTR_OUTCOME, outcome.as_str()),
             ],
+        );
+    }
+
+    /// Records a batch handled by the event-store subscription `name`:
+    /// `events` handled, and its lag (the age of the last of them while
+    /// more wait, zero once caught up).
+    pub fn record_subscription(&self, name: &str, events: u64, lag: Duration) {
+        let attrs = [KeyValue::new(ATTR_EVENTSTORE_SUBSCRIPTION, name.to_owned())];
+        if events > 0 {
+            self.subscription_events.add(events, &attrs);
+        }
+        self.subscription_lag.record(lag.as_secs_f64(), &attrs);
+    }
+
+    /// Records that the event-store subscription `name` stopped because its
+    /// handler failed.
+    pub fn record_subscription_failure(&self, name: &str) {
+        self.subscription_failures.add(
+            1,
+            &[KeyValue::new(ATTR_EVENTSTORE_SUBSCRIPTION, name.to_owned())],
         );
     }
 

@@ -23,7 +23,10 @@ use crate::store::{
 };
 use crate::telemetry::{Appending, StoreMetrics};
 
+mod snapshots;
 mod transaction;
+
+use snapshots::{SnapshotHistory, keep_snapshot, latest_snapshot};
 
 /// An event store held in memory. Cloning shares the same store.
 ///
@@ -52,7 +55,7 @@ impl Default for InMemoryEventStore {
 struct Shared {
     config: StoreConfig,
     log: Arc<MemoryCell<Log>>,
-    snapshots: Arc<MemoryCell<HashMap<StreamId, Snapshot>>>,
+    snapshots: Arc<MemoryCell<SnapshotHistory>>,
     checkpoints: Mutex<HashMap<String, Position>>,
     appended: Arc<watch::Sender<u64>>,
     leaders: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -89,7 +92,7 @@ impl InMemoryEventStore {
                 log: Arc::new(MemoryCell::new(Log::default()).on_commit(move || {
                     wake.send_modify(|n| *n += 1);
                 })),
-                snapshots: Arc::new(MemoryCell::new(HashMap::new())),
+                snapshots: Arc::new(MemoryCell::new(SnapshotHistory::default())),
                 checkpoints: Mutex::default(),
                 appended,
                 leaders: Mutex::default(),
@@ -415,15 +418,6 @@ fn version_of(log: &Log, stream: &StreamId) -> Version {
     Version::new(log.streams.get(stream).map_or(0, |v| v.len() as u64))
 }
 
-fn keep_latest(snapshots: &mut HashMap<StreamId, Snapshot>, snapshot: Snapshot) {
-    match snapshots.get(&snapshot.stream_id) {
-        Some(s) if s.version > snapshot.version => {}
-        _ => {
-            snapshots.insert(snapshot.stream_id.clone(), snapshot);
-        }
-    }
-}
-
 #[async_trait]
 impl StreamReader for InMemoryEventStore {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
@@ -474,12 +468,13 @@ impl GlobalLog for InMemoryEventStore {
 #[async_trait]
 impl SnapshotStore for InMemoryEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
-        Ok(self.inner.snapshots.read(|s| s.get(stream).cloned()))
+        Ok(self.inner.snapshots.read(|s| latest_snapshot(s, stream)))
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        crate::archive::validate_snapshot(&snapshot)?;
         self.inner.snapshots.write(|s| {
-            keep_latest(s, snapshot);
+            keep_snapshot(s, snapshot, Utc::now());
             Ok::<_, EventStoreError>(())
         })
     }

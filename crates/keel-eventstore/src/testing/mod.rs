@@ -33,6 +33,7 @@ use serde_json::json;
 
 mod aggregate;
 mod append;
+mod archive;
 mod input;
 mod read;
 mod subscriptions;
@@ -43,6 +44,7 @@ pub use append::{
     append_and_read_back, expected_version_modes, multi_stream_append_is_atomic,
     open_appends_race_without_loss, racing_writers_exactly_one_wins,
 };
+pub use archive::{snapshot_archive_round_trip, snapshot_retention_policy};
 pub use input::{bad_input_writes_nothing, idempotent_retries, reused_event_ids_are_refused};
 pub use read::{global_log_order_and_filters, read_stream_directions_and_limits, typed_decoding};
 pub use subscriptions::{
@@ -66,7 +68,7 @@ use crate::{
 /// What the suite needs from a store under test: the whole backend, and a
 /// way to begin the kind of transaction it joins.
 #[async_trait::async_trait]
-pub trait Subject: EventStoreBackend + Clone + 'static {
+pub trait Subject: EventStoreBackend + crate::SnapshotArchive + Clone + 'static {
     /// Begins a transaction this store can join with `within`.
     async fn begin(&self) -> Box<dyn Transaction>;
 
@@ -145,6 +147,8 @@ pub const ALL: &[&str] = &[
     "global_log_order_and_filters",
     "typed_decoding",
     "snapshots_keep_the_latest",
+    "snapshot_archive_round_trip",
+    "snapshot_retention_policy",
     "checkpoints_never_move_backwards",
     "subscription_catches_up_then_tails",
     "subscription_redelivers_after_failure_or_crash",
