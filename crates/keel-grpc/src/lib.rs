@@ -47,8 +47,15 @@
 //! feature; the service chooses tonic's transport and TLS features (rustls).
 
 mod health;
+mod server;
 mod status;
 mod trace;
+
+pub use server::{
+    Authorize, DEFAULT_CONCURRENCY_LIMIT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_HEADER_LIST_SIZE,
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_RETRY_AFTER, GrpcServer, GrpcServerHandle, PolicyAuthorizer,
+};
 
 pub use health::{
     DEFAULT_WATCH_INTERVAL, HealthService, LIVENESS_SERVICE, READINESS_SERVICE, WatchStream,
@@ -56,9 +63,9 @@ pub use health::{
 };
 pub use status::{
     ACTUAL_VERSION_KEY, ERROR_CODE_KEY, EXPECTED_VERSION_KEY, FIELD_KEY, IntoStatus, REJECTED_CODE,
-    RETRYABLE_KEY, StatusExt, TRACE_ID_KEY, code_for, code_for_error, error_code,
-    status_from_command_error, status_from_domain, status_from_error,
+    RETRY_PUSHBACK_KEY, RETRYABLE_KEY, StatusExt, TRACE_ID_KEY, code_for, code_for_error,
+    error_code, status_from_command_error, status_from_domain, status_from_error, status_response,
 };
 /// The generated health protocol types, for clients and tests.
 pub use tonic_health::pb as health_proto;
-pub use trace::{TraceLayer, TraceService, propagate_trace};
+pub use trace::{TraceLayer, TraceService, propagate_trace, trace_context_from_headers};
