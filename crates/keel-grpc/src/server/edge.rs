@@ -128,6 +128,56 @@ pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::HealthService;
+    use async_trait::async_trait;
+    use keel_core::{HealthCheck, HealthReport};
+    use keel_telemetry::HealthRegistry;
+    use keel_telemetry::health::CheckOptions;
+
+    struct Hangs;
+
+    #[async_trait]
+    impl HealthCheck for Hangs {
+        fn name(&self) -> &str {
+            "postgres"
+        }
+        async fn check(&self) -> HealthReport {
+            std::future::pending().await
+        }
+    }
+
+    /// The caller's `grpc-timeout` cuts a call short on the server, even
+    /// when the server has no deadline of its own (tonic's client enforces
+    /// the deadline too, so this is checked here, without a client).
+    #[tokio::test]
+    async fn the_callers_grpc_timeout_ends_the_call_on_the_server() {
+        let registry = HealthRegistry::new();
+        registry.register_with(Hangs, CheckOptions::new().timeout(Duration::from_secs(600)));
+        let mut router = Router::default();
+        router.add(HealthService::new(registry).into_server());
+        let (_abort_tx, abort) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            router,
+            auth: None,
+            timeout: None,
+            max_message_size: 1024,
+            abort,
+        });
+        let request = Request::post("/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-timeout", "50m")
+            // An empty HealthCheckRequest: an uncompressed message of 0 bytes.
+            .body(Body::new(http_body_util::Full::new(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]))))
+            .unwrap();
+        let response = shared.handle(request).await;
+        let status = tonic::Status::from_header_map(response.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(
+            status.metadata().get(crate::ERROR_CODE_KEY).unwrap(),
+            "keel.timeout"
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse_and_garbage_is_ignored() {
