@@ -75,17 +75,17 @@ fn scan(
 }
 
 fn too_large(len: usize, limit: usize) -> Status {
-    let mut status = crate::status::render(&Error::invalid_input(
+    let invalid = crate::status::render(&Error::invalid_input(
         "message",
         format!("a message of {len} bytes exceeds the limit of {limit} bytes"),
     ));
-    // The gRPC convention for a message over the receiver's limit.
-    status = Status::with_metadata(
+    // The gRPC convention for a message over the receiver's limit, with
+    // Keel's code for refused input in the metadata.
+    Status::with_metadata(
         tonic::Code::ResourceExhausted,
-        status.message().to_owned(),
-        status.metadata().clone(),
-    );
-    status
+        invalid.message().to_owned(),
+        invalid.metadata().clone(),
+    )
 }
 
 impl HttpBody for LimitedBody {
@@ -127,9 +127,9 @@ impl HttpBody for LimitedBody {
 }
 
 /// Resolves when the server aborts.
-pub(crate) type AbortSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+type AbortSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-pub(crate) fn abort_signal(mut abort: tokio::sync::watch::Receiver<bool>) -> AbortSignal {
+fn abort_signal(mut abort: tokio::sync::watch::Receiver<bool>) -> AbortSignal {
     Box::pin(async move {
         // A closed channel means the handle is gone: abort as well.
         let _ = abort.wait_for(|aborted| *aborted).await;

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tonic::body::Body;
 
 use super::auth::Auth;
-use super::body::{AbortableBody, LimitedBody, abort_signal, aborted_status};
+use super::body::{AbortableBody, LimitedBody, aborted_status};
 use super::router::Router;
 use crate::status::{render, status_from_error};
 
@@ -57,13 +57,17 @@ impl Shared {
             (a, b) => a.or(b),
         };
         let path = request.uri().path().to_owned();
-        let abort = abort_signal(self.abort.clone());
-        let work = Arc::clone(&self).dispatch(request, path.clone());
+        let mut abort_rx = self.abort.clone();
+        // A closed channel means the handle is gone: abort as well.
+        let abort = async move {
+            let _ = abort_rx.wait_for(|aborted| *aborted).await;
+        };
+        let work = self.dispatch(request, &path);
         let response = match deadline {
             Some(after) => tokio::select! {
                 done = tokio::time::timeout(after, work) => done.unwrap_or_else(|_| {
                     tracing::debug!(grpc.method = %path, ?after, "deadline exceeded");
-                    render(&Error::Timeout { operation: path.into(), after }).into_http()
+                    render(&Error::Timeout { operation: path.clone().into(), after }).into_http()
                 }),
                 () = abort => aborted_status().into_http(),
             },
@@ -75,15 +79,15 @@ impl Shared {
         response.map(|body| Body::new(AbortableBody::new(body, self.abort.clone())))
     }
 
-    async fn dispatch(self: Arc<Self>, mut request: Request<Body>, path: String) -> Response<Body> {
+    async fn dispatch(&self, mut request: Request<Body>, path: &str) -> Response<Body> {
         if let Some(auth) = &self.auth
-            && !auth.is_public(&path)
+            && !auth.is_public(path)
         {
-            match auth.check(request.headers(), &path).await {
+            match auth.check(request.headers(), path).await {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                 }
-                Err(refused) => return refusal(&refused, &path),
+                Err(refused) => return refusal(&refused, path),
             }
         }
         let limit = self.max_message_size;

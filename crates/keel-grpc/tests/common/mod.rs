@@ -1,6 +1,11 @@
 //! A test service with hand-written prost messages (no codegen), a client
 //! for it, tokens, and a server helper, shared by the server tests.
-#![allow(dead_code, unreachable_pub, missing_docs)] // each test binary uses a part
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    reason = "shared by several test binaries and a bench, each using a part"
+)]
 
 use std::convert::Infallible;
 use std::sync::Arc;
