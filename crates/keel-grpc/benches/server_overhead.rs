@@ -121,7 +121,9 @@ fn bench(c: &mut Criterion) {
     let t = setup(&rt);
 
     let mut group = c.benchmark_group("unary_call");
-    group.sample_size(60).measurement_time(Duration::from_secs(6));
+    group
+        .sample_size(60)
+        .measurement_time(Duration::from_secs(6));
     // Interleave the targets so drift in the machine's load hits all alike.
     group.bench_function("bare_tonic", |b| {
         b.to_async(&rt).iter(|| one(&t.bare, None));
@@ -130,17 +132,21 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| one(&t.keel, Some(&t.metadata)));
     });
     group.bench_function("keel_without_auth", |b| {
-        b.to_async(&rt).iter(|| one(&t.keel_no_auth, Some(&t.metadata)));
+        b.to_async(&rt)
+            .iter(|| one(&t.keel_no_auth, Some(&t.metadata)));
     });
     group.finish();
 
     let mut group = c.benchmark_group("unary_16_in_flight");
-    group.sample_size(30).measurement_time(Duration::from_secs(6));
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(6));
     group.bench_function("bare_tonic", |b| {
         b.to_async(&rt).iter(|| batch(&t.bare, None, 16));
     });
     group.bench_function("keel_full_stack", |b| {
-        b.to_async(&rt).iter(|| batch(&t.keel, Some(&t.metadata), 16));
+        b.to_async(&rt)
+            .iter(|| batch(&t.keel, Some(&t.metadata), 16));
     });
     group.finish();
 }
@@ -240,6 +246,41 @@ fn paired(c: &mut Criterion) {
         median(full) / median(bare),
     );
     let (cb, cf, cn) = (median(cpu_bare), median(cpu_full), median(cpu_no_auth));
+    // 16 calls in flight: wall and CPU time per call.
+    let batches = |channel: &Channel, metadata: Option<&MetadataMap>| {
+        let (channel, metadata) = (channel.clone(), metadata.cloned());
+        async move {
+            let cpu = cpu_ns();
+            let start = std::time::Instant::now();
+            for _ in 0..40 {
+                batch(&channel, metadata.as_ref(), 16).await;
+            }
+            let us = |n: u64| n as f64 / 1e3 / 640.0;
+            (
+                us(start.elapsed().as_nanos() as u64),
+                us(cpu_ns().saturating_sub(cpu)),
+            )
+        }
+    };
+    let (mut concurrent_bare, mut concurrent_full, mut concurrent_no_auth) =
+        (vec![], vec![], vec![]);
+    rt.block_on(async {
+        for _ in 0..10 {
+            concurrent_bare.push(batches(&t.bare, None).await);
+            concurrent_full.push(batches(&t.keel, Some(&t.metadata)).await);
+            concurrent_no_auth.push(batches(&t.keel_no_auth, Some(&t.metadata)).await);
+        }
+    });
+    let split = |v: Vec<(f64, f64)>| {
+        let (w, c): (Vec<f64>, Vec<f64>) = v.into_iter().unzip();
+        (median(w), median(c))
+    };
+    let (bw, bc) = split(concurrent_bare);
+    let (fw, fc) = split(concurrent_full);
+    let (nw, nc) = split(concurrent_no_auth);
+    eprintln!(
+        "16 in flight, per call (medians of 10 rounds x 640 calls): bare wall {bw:.1} us cpu {bc:.1} us; keel full wall {fw:.1} us cpu {fc:.1} us; keel without auth wall {nw:.1} us cpu {nc:.1} us"
+    );
     eprintln!(
         "CPU per call (client + server, medians): bare {cb:.1} us, keel full stack {cf:.1} us ({:+.1} us), keel without auth {cn:.1} us ({:+.1} us)",
         cf - cb,

@@ -122,7 +122,11 @@ pub(crate) fn render(error: &Error) -> Status {
     match error {
         Error::Conflict(c) => {
             insert(&mut metadata, EXPECTED_VERSION_KEY, &c.expected.to_string());
-            insert(&mut metadata, ACTUAL_VERSION_KEY, &c.actual.get().to_string());
+            insert(
+                &mut metadata,
+                ACTUAL_VERSION_KEY,
+                &c.actual.get().to_string(),
+            );
         }
         Error::Invalid(invalid) => insert(&mut metadata, FIELD_KEY, &invalid.field),
         _ => {}

@@ -60,7 +60,10 @@ async fn calls_without_a_valid_token_are_refused_and_the_principal_reaches_the_h
             "token expired",
         ),
         (
-            with_bearer(echo_req("x"), &format!("{}x", token("alice", &["clerk"], 600))),
+            with_bearer(
+                echo_req("x"),
+                &format!("{}x", token("alice", &["clerk"], 600)),
+            ),
             "invalid token signature",
         ),
     ];
@@ -153,14 +156,10 @@ async fn keel_errors_arrive_as_statuses_with_stable_codes_and_no_internal_text()
     assert_eq!(status.code(), Code::Internal);
     assert_eq!(error_code(&status), Some("keel.internal"));
     assert!(!status.message().contains("hunter2"), "{status:?}");
-    for (_, value) in status
-        .metadata()
-        .iter()
-        .filter_map(|kv| match kv {
-            tonic::metadata::KeyAndValueRef::Ascii(k, v) => Some((k, v)),
-            tonic::metadata::KeyAndValueRef::Binary(..) => None,
-        })
-    {
+    for (_, value) in status.metadata().iter().filter_map(|kv| match kv {
+        tonic::metadata::KeyAndValueRef::Ascii(k, v) => Some((k, v)),
+        tonic::metadata::KeyAndValueRef::Binary(..) => None,
+    }) {
         assert!(!value.to_str().unwrap_or_default().contains("hunter2"));
     }
 
@@ -214,7 +213,9 @@ async fn the_server_deadline_ends_calls_with_deadline_exceeded() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(service.completed.load(Ordering::SeqCst), 0);
 
-    let ok = call(channel, tonic::Request::new(echo("fast"))).await.unwrap();
+    let ok = call(channel, tonic::Request::new(echo("fast")))
+        .await
+        .unwrap();
     assert_eq!(ok.into_inner().text, "fast");
     server.shutdown().await.unwrap();
 }
@@ -260,7 +261,9 @@ async fn calls_over_the_concurrency_limit_are_shed_with_a_retry_hint() {
         assert_eq!(done.unwrap().unwrap().into_inner().text, "slow");
     }
     // Capacity is back once they finished.
-    call(channel, tonic::Request::new(echo("after"))).await.unwrap();
+    call(channel, tonic::Request::new(echo("after")))
+        .await
+        .unwrap();
     server.shutdown().await.unwrap();
 }
 
@@ -296,9 +299,7 @@ async fn health_turns_not_serving_when_postgres_stops_answering() {
             .build()
             .unwrap(),
     );
-    let registry = HealthRegistry::builder()
-        .cache_ttl(Duration::ZERO)
-        .build();
+    let registry = HealthRegistry::builder().cache_ttl(Duration::ZERO).build();
     registry.register_with(
         DatabaseReadiness::new(db),
         CheckOptions::default().timeout(Duration::from_secs(2)),
@@ -374,10 +375,10 @@ async fn a_database_on_a_closed_port_is_not_serving_from_the_start() {
 
 #[tokio::test]
 async fn reflection_lists_the_described_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let server = GrpcServer::builder()
         .health(HealthRegistry::new())
@@ -402,7 +403,10 @@ async fn reflection_lists_the_described_services() {
         panic!("unexpected answer {answer:?}");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -483,7 +487,11 @@ async fn a_drain_timeout_or_abort_cuts_calls_with_unavailable() {
             server.shutdown().await.unwrap();
         }
         let status = stuck.await.unwrap().unwrap_err();
-        assert_eq!(status.code(), Code::Unavailable, "abort={abort}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "abort={abort}: {status:?}"
+        );
         let end = watch.message().await;
         assert!(
             matches!(&end, Err(s) if s.code() == Code::Unavailable),

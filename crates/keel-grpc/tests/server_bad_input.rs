@@ -27,9 +27,12 @@ async fn server() -> GrpcServerHandle {
 
 /// The server still answers a well-formed call on a new connection.
 async fn still_serving(server: &GrpcServerHandle) {
-    let reply = call(channel(server.local_addr()).await, tonic::Request::new(echo("ok")))
-        .await
-        .unwrap();
+    let reply = call(
+        channel(server.local_addr()).await,
+        tonic::Request::new(echo("ok")),
+    )
+    .await
+    .unwrap();
     assert_eq!(reply.into_inner().text, "ok");
 }
 
@@ -44,7 +47,9 @@ async fn a_malformed_protobuf_is_a_typed_status() {
     assert_eq!(status.code(), Code::Internal, "{status:?}");
     assert!(status.message().contains("decode"), "{status:?}");
     // The same connection goes on working.
-    call(channel, tonic::Request::new(echo("again"))).await.unwrap();
+    call(channel, tonic::Request::new(echo("again")))
+        .await
+        .unwrap();
     still_serving(&server).await;
     server.shutdown().await.unwrap();
 }
@@ -53,9 +58,12 @@ async fn a_malformed_protobuf_is_a_typed_status() {
 async fn a_message_over_the_limit_is_refused_before_it_is_read() {
     let server = server().await;
     let channel = channel(server.local_addr()).await;
-    let status = call(channel.clone(), tonic::Request::new(echo(&"x".repeat(4096))))
-        .await
-        .unwrap_err();
+    let status = call(
+        channel.clone(),
+        tonic::Request::new(echo(&"x".repeat(4096))),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(error_code(&status), Some("keel.invalid_input"));
     assert_eq!(status.metadata().get("keel-field").unwrap(), "message");

@@ -62,10 +62,13 @@ async fn the_trace_continues_across_the_call() {
     drop(caller);
 
     // A call without trace context starts a trace of its own.
-    let fresh = call(channel, with_bearer(echo("fresh"), &token("alice", &[], 600)))
-        .await
-        .unwrap()
-        .into_inner();
+    let fresh = call(
+        channel,
+        with_bearer(echo("fresh"), &token("alice", &[], 600)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     assert!(!fresh.trace_id.is_empty());
     assert_ne!(fresh.trace_id, caller_tc.trace_id());
 

@@ -201,7 +201,11 @@ impl IntoResponse for Problem {
             // RFC 9110 requires a challenge with every 401.
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Some(secs) = self.extensions.get(RETRY_AFTER_MEMBER).and_then(Value::as_u64) {
+        if let Some(secs) = self
+            .extensions
+            .get(RETRY_AFTER_MEMBER)
+            .and_then(Value::as_u64)
+        {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response

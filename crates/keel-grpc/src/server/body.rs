@@ -103,13 +103,7 @@ impl HttpBody for LimitedBody {
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
-            && let Err(status) = scan(
-                data,
-                *this.limit,
-                this.prefix,
-                this.filled,
-                this.remaining,
-            )
+            && let Err(status) = scan(data, *this.limit, this.prefix, this.filled, this.remaining)
         {
             *this.failed = true;
             return Poll::Ready(Some(Err(status)));

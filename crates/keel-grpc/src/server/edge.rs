@@ -172,7 +172,9 @@ mod tests {
             .header("te", "trailers")
             .header("grpc-timeout", "50m")
             // An empty HealthCheckRequest: an uncompressed message of 0 bytes.
-            .body(Body::new(http_body_util::Full::new(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]))))
+            .body(Body::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(&[0, 0, 0, 0, 0]),
+            )))
             .unwrap();
         let response = shared.handle(request).await;
         let status = tonic::Status::from_header_map(response.headers()).expect("a status");

@@ -324,9 +324,9 @@ impl GrpcServer {
     /// [`Error::Unavailable`] when the address cannot be bound;
     /// [`Error::Internal`] when a reflection descriptor set cannot be read.
     pub async fn serve(self, addr: SocketAddr) -> Result<GrpcServerHandle, Error> {
-        let listener = TcpListener::bind(addr).await.map_err(|e| {
-            Error::unavailable("grpc", format!("cannot listen on {addr}"), e)
-        })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::unavailable("grpc", format!("cannot listen on {addr}"), e))?;
         self.serve_on(listener)
     }
 
@@ -425,7 +425,10 @@ fn service_name_of<S: NamedService>(_: &S) -> String {
 
 /// The response for a call the limits refused (tower's `Overloaded`) or
 /// any other error of the layers.
-fn overloaded(error: &(dyn std::error::Error + Send + Sync + 'static), retry_after: Duration) -> Response<Body> {
+fn overloaded(
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+    retry_after: Duration,
+) -> Response<Body> {
     if error.is::<tower::load_shed::error::Overloaded>() {
         tracing::debug!("call shed: concurrency limit reached");
         return crate::status::render(&Error::ResourceExhausted {
@@ -434,8 +437,10 @@ fn overloaded(error: &(dyn std::error::Error + Send + Sync + 'static), retry_aft
         })
         .into_http();
     }
-    crate::status_from_error(&Error::internal_msg(format!("server layer failed: {error}")))
-        .into_http()
+    crate::status_from_error(&Error::internal_msg(format!(
+        "server layer failed: {error}"
+    )))
+    .into_http()
 }
 
 /// A running [`GrpcServer`].
@@ -457,7 +462,10 @@ impl fmt::Debug for GrpcServerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrpcServerHandle")
             .field("local_addr", &self.local_addr)
-            .field("running", &self.task.as_ref().is_some_and(|t| !t.is_finished()))
+            .field(
+                "running",
+                &self.task.as_ref().is_some_and(|t| !t.is_finished()),
+            )
             .finish_non_exhaustive()
     }
 }

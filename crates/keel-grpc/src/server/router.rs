@@ -47,11 +47,8 @@ impl Router {
                 Ok(response) => response,
                 Err(never) => match never {},
             },
-            None => Status::unimplemented(format!(
-                "no service answers {}",
-                request.uri().path()
-            ))
-            .into_http(),
+            None => Status::unimplemented(format!("no service answers {}", request.uri().path()))
+                .into_http(),
         }
     }
 }

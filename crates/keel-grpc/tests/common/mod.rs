@@ -143,7 +143,8 @@ impl tower::Service<http::Request<Body>> for EchoServer {
             if request.uri().path() != ECHO_PATH {
                 return Ok(Status::unimplemented("no such method").into_http());
             }
-            let mut grpc = tonic::server::Grpc::new(ProstCodec::<EchoReply, EchoRequest>::default());
+            let mut grpc =
+                tonic::server::Grpc::new(ProstCodec::<EchoReply, EchoRequest>::default());
             Ok(grpc.unary(method, request).await)
         })
     }
