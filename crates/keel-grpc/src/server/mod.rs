@@ -340,6 +340,11 @@ impl GrpcServer {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::internal("the gRPC listener has no address", e))?;
+        if self.authorizer.is_some() && self.verifier.is_none() {
+            tracing::warn!(
+                "an authorization hook without authentication is never asked: call authenticate(..)"
+            );
+        }
         let mut public = std::mem::take(&mut self.public);
         if let Some(health) = self.health.take() {
             public.push(<tonic_health::pb::health_server::HealthServer<HealthService> as NamedService>::NAME.to_owned());
