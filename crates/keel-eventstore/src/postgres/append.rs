@@ -272,9 +272,10 @@ macro_rules! insert_batch {
                 + r#"
         ins AS (
             INSERT INTO keel.events
-                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
-            SELECT n.event_id, $1, s.prev + n.ord, n.event_type, n.schema_version,
-                   n.payload::json, n.metadata::json
+                (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                 metadata)
+            SELECT (SELECT keel.next_commit()), n.event_id, $1, s.prev + n.ord, n.event_type,
+                   n.schema_version, n.payload::json, n.metadata::json
             FROM s, unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
                     WITH ORDINALITY AS n(event_id, event_type, schema_version, payload, metadata, ord)
             RETURNING position, commit, version
@@ -301,8 +302,10 @@ macro_rules! insert_one {
                 + r#"
         ins AS (
             INSERT INTO keel.events
-                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
-            SELECT $2::uuid, $1, s.prev + 1, $3::text, $4::int4, $5::text::json, $6::text::json
+                (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                 metadata)
+            SELECT (SELECT keel.next_commit()), $2::uuid, $1, s.prev + 1, $3::text, $4::int4,
+                   $5::text::json, $6::text::json
             FROM s
             RETURNING position, commit, version
         )
