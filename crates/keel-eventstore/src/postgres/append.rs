@@ -334,6 +334,13 @@ macro_rules! insert_one {
 /// already. Those are the rare paths (a conflict, an idempotent retry, a
 /// reused id) and `keel.append_events` sorts them out. Because the statement
 /// is its own transaction, a failed insert leaves nothing behind.
+///
+/// The commit key comes from `(SELECT keel.next_commit())`, an uncorrelated
+/// subquery the server evaluates once, when the first row is inserted: one
+/// key for the whole batch, taken after the statement's snapshot saw the
+/// head the batch follows (so a later version always gets a larger key), and
+/// none at all when the expectation fails. See docs/event-store.md ("The
+/// read horizon").
 async fn fast_append(
     conn: &mut PgConnection,
     stream: &StreamId,
