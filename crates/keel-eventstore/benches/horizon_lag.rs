@@ -388,7 +388,6 @@ fn report_ab(writers: usize, rounds: usize, rates: &[(f64, f64)]) {
         ratios.iter().copied().fold(f64::MIN, f64::max),
     );
     println!();
-
 }
 
 async fn conns_for_horizon(db: &TestDatabase) -> PgConnection {
