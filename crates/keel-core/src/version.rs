@@ -111,8 +111,8 @@ impl From<Version> for ExpectedVersion {
 ///
 /// Global order must survive concurrent writers whose transactions commit out
 /// of order, so a position has two parts compared in turn: `commit`, an
-/// ordering key of the writing transaction that readers only pass once no
-/// transaction that could sort before it is still running, and `sequence`,
+/// ordering key of the append that wrote the event, which readers only pass
+/// once nothing can be stored below it any more, and `sequence`,
 /// the event's unique, gap-tolerant number. Readers checkpoint the whole
 /// position and resume strictly after it.
 ///
@@ -120,7 +120,8 @@ impl From<Version> for ExpectedVersion {
 /// assume `n + 1` follows `n`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct Position {
-    /// The ordering key of the transaction that wrote the event.
+    /// The ordering key of the append that wrote the event (events of one
+    /// append share it).
     pub commit: u64,
     /// The event's unique sequence number within the log.
     pub sequence: u64,

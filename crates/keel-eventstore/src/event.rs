@@ -605,9 +605,10 @@ pub struct StoreConfig {
     /// Whether appends send a `NOTIFY` so subscriptions wake at once
     /// (default on; without it they wake on their polling interval).
     pub notify_on_append: bool,
-    /// How long a global-log read waits, at its end, for transactions still
-    /// running to finish so that events committed before the read are not
-    /// held back (default 5 s). See `docs/event-store.md`.
+    /// How long a global-log read waits, at its end, for appending
+    /// transactions still running to finish so that events committed before
+    /// the read are not held back (default 5 s). See `docs/event-store.md`
+    /// ("The read horizon").
     pub settle_timeout: std::time::Duration,
 }
 

@@ -147,7 +147,7 @@ pub use event::{
 };
 pub use memory::InMemoryEventStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{NOTIFY_CHANNEL, PostgresEventStore};
+pub use postgres::{HorizonHolder, NOTIFY_CHANNEL, PostgresEventStore, ReadHorizon};
 pub use store::{
     Appender, EventSignal, EventStore, EventStoreBackend, EventStream, GlobalLog, Leadership,
     Snapshot, SnapshotStore, StoreInTransaction, StreamReader, SubscriptionSupport,

@@ -185,11 +185,92 @@ async fn one_event_id_raced_into_two_streams_is_stored_once() {
     }
 }
 
-/// Many writers commit out of sequence order (random pauses inside their
-/// transactions, some roll back) while a reader tails the log with small
-/// batches from its last checkpoint. Afterwards the reader has seen every
-/// committed event exactly once, in strictly increasing positions, and no
-/// rolled-back event — although sequence order and commit order disagreed.
+/// A transaction outside the store that holds a transaction id and stays
+/// open until dropped: the kind of transaction (a batch job, a report, a
+/// migration) that used to hold every reader of the cluster back.
+struct Foreign {
+    conn: sqlx::PgConnection,
+}
+
+impl Foreign {
+    /// Opens it on `url`; with `write` it also writes a row (into a table of
+    /// its own), as a unit of work does before it appends.
+    async fn open(url: &str, write: bool) -> Self {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS foreign_work (x int)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query("SELECT txid_current()")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        if write {
+            sqlx::query("INSERT INTO foreign_work VALUES (1)")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        Self { conn }
+    }
+
+    /// Whether it is still open (the server still counts its transaction).
+    async fn still_open(&mut self) -> bool {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut self.conn)
+                .await
+                .unwrap();
+        // Asking runs a statement, so the session reports itself active;
+        // the transaction is what matters.
+        let in_tx: bool = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+            .fetch_one(&mut self.conn)
+            .await
+            .unwrap();
+        state.is_some() && in_tx
+    }
+
+    async fn end(mut self) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// What one writer's transaction does in the stress test.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    /// A unit of work that appends once.
+    Plain,
+    /// A unit of work that writes a row elsewhere first (so it holds a
+    /// transaction id long before it appends), then appends.
+    WritesFirst,
+    /// A unit of work that appends in a savepoint, rolls the savepoint back,
+    /// then appends again.
+    Savepoint,
+    /// A unit of work that appends to two streams in two statements.
+    TwoAppends,
+    /// A one-statement append outside any unit of work.
+    Autocommit,
+}
+
+/// Many writers (units of work with random pauses before and after their
+/// appends, so their commits land out of key order; rollbacks; savepoint
+/// rollbacks; writes elsewhere before the first append; one-statement
+/// appends) while a reader tails the global log in small batches from its
+/// last checkpoint, and while three foreign transactions stay open for the
+/// whole run: one in another database that appended events there, one in
+/// another database that only holds a transaction id, and one in this
+/// database that holds a transaction id and wrote a row but never appends.
+///
+/// The reader sees every committed event exactly once, no rolled-back
+/// event, positions strictly increasing, each stream's versions in order
+/// and without a hole; and it sees them all while the foreign transactions
+/// are still open (they held the reader back until the read horizon
+/// stopped being cluster-wide).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tailing_reader_sees_every_committed_event_exactly_once() {
     const WRITERS: usize = 12;
@@ -197,13 +278,32 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
     let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .unwrap();
-    // The horizon is cluster-wide: other tests' CREATE/DROP DATABASE hold it
-    // back for a while, so reads wait for it (bounded) rather than end early.
+    let other = TestDatabase::create(&keel_eventstore::MIGRATIONS)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE stress_side (x bigint)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+
+    // The foreign transactions, open before the first append.
+    let other_store = PostgresEventStore::new(other.pool().clone());
+    let mut other_appender = units(&other).begin().await.unwrap();
+    other_store
+        .within(&mut other_appender)
+        .append(&sid("Elsewhere-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    let mut foreign = vec![
+        Foreign::open(&other.url(), false).await,
+        Foreign::open(&db.url(), true).await,
+    ];
+
     let store = PostgresEventStore::with_config(
         db.pool().clone(),
         StoreConfig::default()
             .read_batch_size(7)
-            .settle_timeout(Duration::from_secs(30)),
+            .settle_timeout(Duration::from_secs(5)),
     );
     let committed = Arc::new(Mutex::new(HashSet::<EventId>::new()));
     let rolled_back = Arc::new(Mutex::new(HashSet::<EventId>::new()));
@@ -212,8 +312,9 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
     let reader = {
         let store = store.clone();
         let running = running.clone();
+        let committed = committed.clone();
         tokio::spawn(async move {
-            let mut seen: Vec<(Position, EventId)> = Vec::new();
+            let mut seen: Vec<(Position, EventId, String, u64)> = Vec::new();
             let mut checkpoint = Position::START;
             loop {
                 let finished = running.load(std::sync::atomic::Ordering::SeqCst) == 0;
@@ -223,10 +324,17 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
                     .await
                     .unwrap();
                 for e in batch {
-                    seen.push((e.position, e.event_id));
+                    seen.push((
+                        e.position,
+                        e.event_id,
+                        e.stream_id.to_string(),
+                        e.version.get(),
+                    ));
                     checkpoint = e.position;
                 }
-                if finished {
+                // Done once every committed event is in (or, should one
+                // never come, the test's timeout says so).
+                if finished && seen.len() >= committed.lock().unwrap().len() {
                     return seen;
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -243,32 +351,88 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
         let running = running.clone();
         writers.push(tokio::spawn(async move {
             for t in 0..TXS_PER_WRITER {
-                let (pause_before, pause_after, events, stream, rollback) = {
+                let (pause_before, pause_after, events, stream, rollback, shape) = {
                     let mut rng = rand::rng();
+                    let shape = match rng.random_range(0..6u32) {
+                        0 | 1 => Shape::Plain,
+                        2 => Shape::WritesFirst,
+                        3 => Shape::Savepoint,
+                        4 => Shape::TwoAppends,
+                        _ => Shape::Autocommit,
+                    };
                     (
                         rng.random_range(0..4u64),
                         rng.random_range(0..12u64),
                         rng.random_range(1..4u64),
                         rng.random_range(0..6u32),
                         rng.random_bool(0.2),
+                        shape,
                     )
                 };
-                let batch: Vec<NewEvent> = (0..events)
-                    .map(|i| ev((w * 1000 + t) as u64 * 10 + i))
-                    .collect();
-                let ids: Vec<EventId> = batch.iter().map(NewEvent::event_id).collect();
+                let n = |i: u64| (w * 1000 + t) as u64 * 10 + i;
+                let batch = |from: u64| -> Vec<NewEvent> {
+                    (from..from + events).map(|i| ev(n(i))).collect()
+                };
+                let ids_of =
+                    |b: &[NewEvent]| -> Vec<EventId> { b.iter().map(NewEvent::event_id).collect() };
+                let stream = sid(&format!("Stress-{stream}"));
+                if let Shape::Autocommit = shape {
+                    let b = batch(0);
+                    let ids = ids_of(&b);
+                    store
+                        .append(&stream, ExpectedVersion::Any, b)
+                        .await
+                        .unwrap();
+                    committed.lock().unwrap().extend(ids);
+                    continue;
+                }
                 let mut tx = pool.begin().await.unwrap();
+                let mut ids = Vec::new();
+                if let Shape::WritesFirst = shape {
+                    sqlx::query("INSERT INTO stress_side VALUES ($1)")
+                        .bind(n(0) as i64)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                }
                 tokio::time::sleep(Duration::from_millis(pause_before)).await;
+                if let Shape::Savepoint = shape {
+                    sqlx::query("SAVEPOINT undone")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    let b = batch(5);
+                    let undone = ids_of(&b);
+                    store
+                        .within(&mut tx)
+                        .append(&stream, ExpectedVersion::Any, b)
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(pause_before)).await;
+                    sqlx::query("ROLLBACK TO SAVEPOINT undone")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    rolled_back.lock().unwrap().extend(undone);
+                }
+                let b = batch(0);
+                ids.extend(ids_of(&b));
                 store
                     .within(&mut tx)
-                    .append(
-                        &sid(&format!("Stress-{stream}")),
-                        ExpectedVersion::Any,
-                        batch,
-                    )
+                    .append(&stream, ExpectedVersion::Any, b)
                     .await
                     .unwrap();
-                // The positions are taken; now commit late (or never).
+                if let Shape::TwoAppends = shape {
+                    tokio::time::sleep(Duration::from_millis(pause_before)).await;
+                    let b = batch(5);
+                    ids.extend(ids_of(&b));
+                    store
+                        .within(&mut tx)
+                        .append(&sid(&format!("Stress-x{w}")), ExpectedVersion::Any, b)
+                        .await
+                        .unwrap();
+                }
+                // The keys are taken; now commit late (or never).
                 tokio::time::sleep(Duration::from_millis(pause_after)).await;
                 if rollback {
                     tx.rollback().await.unwrap();
@@ -284,17 +448,24 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
     for w in writers {
         w.await.unwrap();
     }
-    let seen = tokio::time::timeout(Duration::from_secs(30), reader)
+    let seen = tokio::time::timeout(Duration::from_secs(60), reader)
         .await
-        .unwrap()
+        .expect("the reader caught up while the foreign transactions were open")
         .unwrap();
+    // They were open all along.
+    for f in &mut foreign {
+        assert!(
+            f.still_open().await,
+            "the foreign transaction is still open"
+        );
+    }
 
     let committed = committed.lock().unwrap().clone();
     let rolled_back = rolled_back.lock().unwrap().clone();
     assert!(committed.len() > 200, "the test wrote enough events");
     assert!(!rolled_back.is_empty(), "some transactions rolled back");
     let mut counts: HashMap<EventId, usize> = HashMap::new();
-    for (_, id) in &seen {
+    for (_, id, _, _) in &seen {
         *counts.entry(*id).or_default() += 1;
     }
     assert!(counts.values().all(|&c| c == 1), "no event was seen twice");
@@ -313,7 +484,16 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
         seen.windows(2).all(|w| w[0].0 < w[1].0),
         "positions strictly increase"
     );
-    // The hazard was real: sequence order disagreed with commit order, so a
+    // Per-stream order: in the global order, each stream's versions run
+    // 1, 2, 3, ... (a later version never gets a smaller key, even when its
+    // transaction took a transaction id long before the earlier version's).
+    let mut next: HashMap<&str, u64> = HashMap::new();
+    for (_, _, stream, version) in &seen {
+        let expected = next.entry(stream.as_str()).or_insert(1);
+        assert_eq!(version, expected, "stream {stream} read in version order");
+        *expected += 1;
+    }
+    // The hazard was real: sequence order disagreed with key order, so a
     // reader checkpointing by sequence alone would have skipped events.
     let inversions = seen
         .windows(2)
@@ -330,8 +510,32 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
         full.iter()
             .map(|e| (e.position, e.event_id))
             .collect::<Vec<_>>(),
-        seen
+        seen.iter()
+            .map(|(p, id, _, _)| (*p, *id))
+            .collect::<Vec<_>>()
     );
+
+    // The other database's open appender held back only its own database.
+    let quick = PostgresEventStore::with_config(
+        other.pool().clone(),
+        StoreConfig::default().settle_timeout(Duration::from_millis(50)),
+    );
+    let there: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(there.is_empty(), "its own append is not final yet");
+    other_appender.commit().await.unwrap();
+    let there: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(there.len(), 1);
+    for f in foreign {
+        f.end().await;
+    }
 }
 
 #[tokio::test]
@@ -762,4 +966,252 @@ async fn a_snapshot_that_missed_an_append_gets_a_retryable_error() {
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(r.first_version, Version::new(3));
+}
+
+/// A subscription keeps delivering, event by event, while transactions that
+/// never append stay open: one in another database, one in this database
+/// that holds a transaction id and has written a row. Both used to hold
+/// every reader of the cluster back until they ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_keeps_delivering_while_foreign_transactions_stay_open() {
+    let (store, db) = store().await;
+    let other = TestDatabase::create(&keel_eventstore::MIGRATIONS)
+        .await
+        .unwrap();
+    let mut foreign = vec![
+        Foreign::open(&other.url(), false).await,
+        Foreign::open(&db.url(), true).await,
+    ];
+    let store = Arc::new(store);
+    let seen = Numbers::default();
+    let options = SubscriptionOptions::new("undisturbed").poll_interval(Duration::from_millis(50));
+    let mut handle = Subscription::spawn(store.clone(), options, seen.clone());
+    for n in 1..=20u64 {
+        if n % 2 == 0 {
+            store
+                .append(&sid("Live-1"), ExpectedVersion::Any, vec![ev(n)])
+                .await
+                .unwrap();
+        } else {
+            let mut tx = units(&db).begin().await.unwrap();
+            store
+                .within(&mut tx)
+                .append(&sid("Live-1"), ExpectedVersion::Any, vec![ev(n)])
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        until(&mut handle, "the event is delivered", |s| s.handled >= n).await;
+    }
+    for f in &mut foreign {
+        assert!(
+            f.still_open().await,
+            "the foreign transaction is still open"
+        );
+    }
+    handle.shutdown().await.unwrap();
+    assert_eq!(*seen.0.lock().unwrap(), (1..=20).collect::<Vec<_>>());
+    // Nothing holds the horizon: it is one past the last key handed out.
+    let horizon = store.read_horizon().await.unwrap();
+    assert_eq!(horizon.held_by, None);
+    assert_eq!(horizon.held_keys(), Some(0));
+    for f in foreign {
+        f.end().await;
+    }
+}
+
+/// An open unit of work holds readers back only from its first append on:
+/// events stored before that are delivered (even those stored after it took
+/// a transaction id), later ones wait, and once it commits its events and
+/// the later ones arrive, each exactly once, in key order. The store names
+/// the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_appender_holds_back_only_what_follows_its_first_append() {
+    let (store, db) = store().await;
+    sqlx::query("CREATE TABLE side (x int)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let store = Arc::new(store);
+    store
+        .append(&sid("Before-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    let mut long = units(&db).begin().await.unwrap();
+    sqlx::query("INSERT INTO side VALUES (1)")
+        .execute(&mut *long)
+        .await
+        .unwrap();
+    let long_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *long)
+        .await
+        .unwrap();
+    store
+        .append(&sid("Before-2"), ExpectedVersion::Any, vec![ev(2)])
+        .await
+        .unwrap();
+    let seen = Numbers::default();
+    let options = SubscriptionOptions::new("held").poll_interval(Duration::from_millis(50));
+    let mut handle = Subscription::spawn(store.clone(), options, seen.clone());
+    until(&mut handle, "the events before the append", |s| {
+        s.handled >= 2
+    })
+    .await;
+
+    let held = store
+        .within(&mut long)
+        .append(&sid("Slow-1"), ExpectedVersion::Any, vec![ev(3)])
+        .await
+        .unwrap();
+    let first_key = held.positions[0].commit;
+    let horizon = store.read_horizon().await.unwrap();
+    assert_eq!(horizon.horizon, Some(first_key), "held at its first key");
+    let holder = horizon.held_by.expect("a holder");
+    assert_eq!((holder.pid, holder.first_commit), (long_pid, first_key));
+    assert!(holder.open_for.is_some());
+    for n in 4..=5 {
+        store
+            .append(&sid("After-1"), ExpectedVersion::Any, vec![ev(n)])
+            .await
+            .unwrap();
+    }
+    // A second append in the open transaction takes a later key.
+    let again = store
+        .within(&mut long)
+        .append(&sid("Slow-1"), ExpectedVersion::Any, vec![ev(6)])
+        .await
+        .unwrap();
+    assert!(again.positions[0].commit > first_key);
+    let quick = PostgresEventStore::with_config(
+        db.pool().clone(),
+        StoreConfig::default().settle_timeout(Duration::from_millis(50)),
+    );
+    let visible: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    let numbers = |log: &[RecordedEvent]| -> Vec<u64> {
+        log.iter()
+            .map(|e| e.payload_value().unwrap()["n"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        numbers(&visible),
+        vec![1, 2],
+        "only what precedes its append"
+    );
+    assert_eq!(*seen.0.lock().unwrap(), vec![1, 2]);
+
+    long.commit().await.unwrap();
+    until(&mut handle, "everything after the commit", |s| {
+        s.handled >= 6
+    })
+    .await;
+    handle.shutdown().await.unwrap();
+    assert_eq!(*seen.0.lock().unwrap(), vec![1, 2, 3, 4, 5, 6]);
+    let log: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(numbers(&log), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(store.read_horizon().await.unwrap().held_by, None);
+}
+
+/// The commit key's bookkeeping follows savepoints: an append rolled back
+/// with its savepoint publishes nothing that outlives it, and the next
+/// append publishes again; a transaction that only reads or writes other
+/// tables takes no key and holds nobody back.
+#[tokio::test]
+async fn savepoints_and_non_appending_transactions_leave_the_horizon_alone() {
+    let (store, db) = store().await;
+    let mut tx = units(&db).begin().await.unwrap();
+    sqlx::query("CREATE TABLE elsewhere (x int)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(store.read_horizon().await.unwrap().held_by, None);
+    sqlx::query("SAVEPOINT a").execute(&mut *tx).await.unwrap();
+    let undone = store
+        .within(&mut tx)
+        .append(&sid("Sp-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    let held = store.read_horizon().await.unwrap().held_by.unwrap();
+    assert_eq!(held.first_commit, undone.positions[0].commit);
+    sqlx::query("ROLLBACK TO SAVEPOINT a")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(store.read_horizon().await.unwrap().held_by, None);
+    let kept = store
+        .within(&mut tx)
+        .append(&sid("Sp-1"), ExpectedVersion::Any, vec![ev(2)])
+        .await
+        .unwrap();
+    let held = store.read_horizon().await.unwrap().held_by.unwrap();
+    assert_eq!(held.first_commit, kept.positions[0].commit);
+    assert!(kept.positions[0].commit > undone.positions[0].commit);
+    tx.commit().await.unwrap();
+    let horizon = store.read_horizon().await.unwrap();
+    assert_eq!(horizon.held_by, None);
+    assert_eq!(horizon.horizon, Some(horizon.last_commit + 1));
+    let log: Vec<_> = store
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].version, Version::new(1));
+}
+
+/// A writer caught between taking its first key and publishing it (here a
+/// transaction that holds only the gate lock) makes the horizon unknown:
+/// readers get nothing new rather than a horizon that might pass it. A
+/// service's own advisory locks (the `bigint` form, or the two-`int4` form
+/// outside Keel's range) do not count.
+#[tokio::test]
+async fn a_half_published_key_makes_the_horizon_unknown_not_wrong() {
+    let (store, db) = store().await;
+    store
+        .append(&sid("Gate-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    let mut others = units(&db).begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(1262878720), pg_advisory_xact_lock(7, 7)")
+        .execute(&mut *others)
+        .await
+        .unwrap();
+    let horizon = store.read_horizon().await.unwrap();
+    assert_eq!(horizon.horizon, Some(horizon.last_commit + 1));
+    assert_eq!(horizon.held_by, None);
+
+    let mut half = units(&db).begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(1262878720, pg_backend_pid())")
+        .execute(&mut *half)
+        .await
+        .unwrap();
+    assert_eq!(store.read_horizon().await.unwrap().horizon, None);
+    let quick = PostgresEventStore::with_config(
+        db.pool().clone(),
+        StoreConfig::default().settle_timeout(Duration::from_millis(50)),
+    );
+    let log: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        log.is_empty(),
+        "nothing is read while the horizon is unknown"
+    );
+    half.rollback().await.unwrap();
+    let log: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 1);
+    others.rollback().await.unwrap();
 }

@@ -272,9 +272,10 @@ macro_rules! insert_batch {
                 + r#"
         ins AS (
             INSERT INTO keel.events
-                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
-            SELECT n.event_id, $1, s.prev + n.ord, n.event_type, n.schema_version,
-                   n.payload::json, n.metadata::json
+                (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                 metadata)
+            SELECT (SELECT keel.next_commit()), n.event_id, $1, s.prev + n.ord, n.event_type,
+                   n.schema_version, n.payload::json, n.metadata::json
             FROM s, unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
                     WITH ORDINALITY AS n(event_id, event_type, schema_version, payload, metadata, ord)
             RETURNING position, commit, version
@@ -301,8 +302,10 @@ macro_rules! insert_one {
                 + r#"
         ins AS (
             INSERT INTO keel.events
-                (event_id, stream_id, version, event_type, schema_version, payload, metadata)
-            SELECT $2::uuid, $1, s.prev + 1, $3::text, $4::int4, $5::text::json, $6::text::json
+                (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                 metadata)
+            SELECT (SELECT keel.next_commit()), $2::uuid, $1, s.prev + 1, $3::text, $4::int4,
+                   $5::text::json, $6::text::json
             FROM s
             RETURNING position, commit, version
         )
@@ -331,6 +334,13 @@ macro_rules! insert_one {
 /// already. Those are the rare paths (a conflict, an idempotent retry, a
 /// reused id) and `keel.append_events` sorts them out. Because the statement
 /// is its own transaction, a failed insert leaves nothing behind.
+///
+/// The commit key comes from `(SELECT keel.next_commit())`, an uncorrelated
+/// subquery the server evaluates once, when the first row is inserted: one
+/// key for the whole batch, taken after the statement's snapshot saw the
+/// head the batch follows (so a later version always gets a larger key), and
+/// none at all when the expectation fails. See docs/event-store.md ("The
+/// read horizon").
 async fn fast_append(
     conn: &mut PgConnection,
     stream: &StreamId,

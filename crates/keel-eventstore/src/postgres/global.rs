@@ -5,20 +5,34 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 
-use super::{LogRow, PostgresEventStore, clamp};
+use super::{LogRow, PostgresEventStore, clamp, to_u64};
 use crate::error::Result;
 use crate::event::ReadAll;
 use crate::store::{EventStream, GlobalLog};
 
-/// Opens the transaction a global-log batch is read in (see `read_all`).
+/// Opens the transaction a global-log batch is read in (see `read_all`) and
+/// fixes its read horizon.
 ///
 /// Transaction control and settings, not a query: it runs as given (the
 /// checked macros describe single statements with results).
 /// `force_custom_plan` makes the server plan the batch statement for each
 /// execution's values even though the statement is prepared once per
 /// connection.
-const ORDERED_READ: &str = "BEGIN READ ONLY; SET LOCAL enable_sort = off; \
-     SET LOCAL enable_bitmapscan = off; SET LOCAL plan_cache_mode = force_custom_plan";
+///
+/// The horizon is computed here, in a statement of its own, and handed to
+/// the batch statement in the transaction-local setting `keel.read_horizon`.
+/// That order is what makes the read gap-safe: the batch statement takes its
+/// snapshot after the horizon was computed, so every transaction that had
+/// ended when `keel.commit_horizon()` looked at the lock table is visible to
+/// it. READ COMMITTED is spelled out because a server whose default is
+/// REPEATABLE READ would take the transaction's one snapshot at the horizon
+/// statement, before the locks were read. An unknown horizon (NULL, a writer
+/// publishing its key at that very moment) reads as 0: nothing new this
+/// time.
+const ORDERED_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
+     SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; \
+     SET LOCAL plan_cache_mode = force_custom_plan; \
+     SELECT set_config('keel.read_horizon', coalesce(keel.commit_horizon(), 0)::text, true)";
 
 fn horizon_warning_due() -> bool {
     static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
@@ -56,7 +70,7 @@ impl GlobalLog for PostgresEventStore {
                               schema_version, payload::text AS "payload!",
                               metadata::text AS "metadata!", recorded_at
                        FROM keel.events
-                       WHERE (commit, position) > ($1, $2) AND commit < keel.commit_horizon()
+                       WHERE (commit, position) > ($1, $2) AND commit < current_setting('keel.read_horizon', true)::int8
                          AND ($3::text IS NULL OR stream_id = $3
                               OR starts_with(stream_id, $3 || '-'))
                          AND ($4::text IS NULL OR starts_with(stream_id, $4))
@@ -103,47 +117,140 @@ impl PostgresEventStore {
     /// so that one more read returns them all. `read_to` is the commit key
     /// the reader has reached. Returns whether another read is needed.
     async fn settle(&self, read_to: i64) -> Result<bool> {
-        let ends = sqlx::query!(
-            r#"SELECT max(commit) AS target, keel.commit_horizon() AS "horizon!"
-               FROM keel.events"#
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let (target, horizon) = (ends.target, ends.horizon);
+        // Two statements, in this order: the horizon must be computed after
+        // the snapshot that finds the target, or a key published after that
+        // snapshot could be missed in the comparison (it would only make a
+        // reader stop early, never skip, but it costs nothing to avoid).
+        let target = sqlx::query_scalar!("SELECT max(commit) FROM keel.events")
+            .fetch_one(&self.pool)
+            .await?;
         // Nothing stored beyond what was read: the reader is complete (its
         // last row's transaction was below its horizon, and so is all else).
         let Some(target) = target.filter(|&t| t > read_to) else {
             return Ok(false);
         };
-        // The horizon may have passed the target since the last read.
-        if target < horizon {
-            return Ok(true);
-        }
         let deadline = tokio::time::Instant::now() + self.config.settle_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
-            tokio::time::sleep(pause).await;
-            let horizon = sqlx::query_scalar!(r#"SELECT keel.commit_horizon() AS "horizon!""#)
+            let horizon = sqlx::query_scalar!("SELECT keel.commit_horizon()")
                 .fetch_one(&self.pool)
                 .await?;
-            if horizon > target {
+            // The horizon may have passed the target since the last read.
+            if horizon.is_some_and(|h| h > target) {
                 return Ok(true);
             }
             if tokio::time::Instant::now() >= deadline {
                 // Every caught-up reader hits this while the transaction
                 // lasts: warn once a minute, not once per poll.
                 if horizon_warning_due() {
+                    let holder = self.read_horizon().await.ok().and_then(|h| h.held_by);
                     tracing::warn!(
                         waited = ?self.config.settle_timeout,
-                        "a long-running transaction holds back the event log's read horizon; \
-                         events committed after it started stay unread until it ends"
+                        holder_pid = holder.as_ref().map(|h| h.pid),
+                        holder_commit = holder.as_ref().map(|h| h.first_commit),
+                        holder_open_for = ?holder.as_ref().and_then(|h| h.open_for),
+                        "an open transaction that appended events holds back the event log's \
+                         read horizon; events stored after its first append stay unread until \
+                         it ends"
                     );
                 } else {
                     tracing::debug!("the read horizon is still held back");
                 }
                 return Ok(false);
             }
+            tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
+
+    /// The read horizon of the global log now, and what holds it back.
+    ///
+    /// Every event whose commit key is below [`ReadHorizon::horizon`] is
+    /// final: a reader of the global log sees it, and nothing can be stored
+    /// below it any more. Only transactions of this database that have
+    /// appended events and are still open hold the horizon back (from their
+    /// first append on); transactions that never appended, here or in any
+    /// other database of the cluster, do not.
+    ///
+    /// Meant for health checks and metrics: a [`HorizonHolder`] open for
+    /// long means readers (subscriptions, projections, relays) are waiting
+    /// for it.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: keel_eventstore::PostgresEventStore) -> keel_eventstore::Result<()> {
+    /// let horizon = store.read_horizon().await?;
+    /// if let Some(holder) = horizon.held_by {
+    ///     println!("backend {} holds the log back since {:?}", holder.pid, holder.open_for);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Fails when the database cannot be reached.
+    pub async fn read_horizon(&self) -> Result<ReadHorizon> {
+        let row = sqlx::query!(
+            r#"SELECT horizon, last_commit AS "last_commit!", holder_pid, holder_commit,
+                      holder_age_seconds
+               FROM keel.commit_horizon_status()"#
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let held_by = match (row.holder_pid, row.holder_commit) {
+            (Some(pid), Some(first_commit)) => Some(HorizonHolder {
+                pid,
+                first_commit: to_u64(first_commit, "commit")?,
+                open_for: row
+                    .holder_age_seconds
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(Duration::from_secs_f64),
+            }),
+            _ => None,
+        };
+        Ok(ReadHorizon {
+            horizon: row.horizon.map(|h| to_u64(h, "horizon")).transpose()?,
+            last_commit: to_u64(row.last_commit, "commit")?,
+            held_by,
+        })
+    }
+}
+
+/// The global log's read horizon at one moment (see
+/// [`PostgresEventStore::read_horizon`]).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ReadHorizon {
+    /// Every event with a commit key below this is final and readable.
+    /// `None` when a writer was publishing its first key at that very
+    /// instant (a window of microseconds): ask again.
+    pub horizon: Option<u64>,
+    /// The last commit key handed out to an append.
+    pub last_commit: u64,
+    /// The open appending transaction with the lowest first key, if any.
+    pub held_by: Option<HorizonHolder>,
+}
+
+impl ReadHorizon {
+    /// How many commit keys were handed out at or above the horizon: 0 when
+    /// nothing holds readers back (`None` when the horizon is unknown).
+    #[must_use]
+    pub fn held_keys(&self) -> Option<u64> {
+        self.horizon
+            .map(|h| (self.last_commit + 1).saturating_sub(h))
+    }
+}
+
+/// An open transaction that appended events and so holds the read horizon
+/// at its first commit key.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct HorizonHolder {
+    /// The backend process id (`pg_stat_activity.pid`); 0 for a prepared
+    /// (two-phase) transaction, which has no backend.
+    pub pid: i32,
+    /// The commit key of its first append: readers wait at it.
+    pub first_commit: u64,
+    /// How long its transaction has been open (`None` when unknown, e.g. a
+    /// prepared transaction).
+    pub open_for: Option<Duration>,
 }

@@ -43,6 +43,7 @@ mod snapshots;
 mod subscriptions;
 mod transaction;
 
+pub use global::{HorizonHolder, ReadHorizon};
 use subscriptions::Notifier;
 
 /// The channel appends notify on (when [`StoreConfig::notify_on_append`]).
