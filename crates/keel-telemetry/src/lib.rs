@@ -63,7 +63,7 @@
 //! | variable | effect |
 //! |---|---|
 //! | `RUST_LOG` | log filter ([`EnvFilter`](tracing_subscriber::EnvFilter) syntax) |
-//! | `KEEL_LOG_FORMAT` | `json` or `text`, overriding the environment's default |
+//! | `KEEL_LOG_FORMAT` | `json`, `gcp` or `text`, overriding the environment's default |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | OTLP/gRPC collector; unset means no export |
 //! | `OTEL_EXPORTER_OTLP_HEADERS` | headers sent with each export (e.g. an API key) |
 //! | `OTEL_SDK_DISABLED` | `true` turns export off |
@@ -95,6 +95,8 @@ pub mod command;
 mod config;
 #[cfg(feature = "sdk")]
 mod error;
+#[cfg(feature = "sdk")]
+pub mod gcplog;
 pub mod health;
 #[cfg(feature = "sdk")]
 mod init;
@@ -119,7 +121,7 @@ pub use config::{
 pub use error::{Result, TelemetryError};
 pub use health::{CheckOptions, CheckResult, HealthRegistry, ProbeReport};
 #[cfg(feature = "sdk")]
-pub use init::{Telemetry, TelemetryGuard, init};
+pub use init::{Telemetry, TelemetryGuard, check_filter, init};
 pub use metrics::{INSTRUMENTATION_SCOPE, KeelMetrics};
 pub use secret::{REDACTED, Secret};
 #[cfg(feature = "sdk")]
