@@ -293,13 +293,17 @@ impl Resolved {
     pub(crate) fn extract<T: DeserializeOwned>(&self, key: &str) -> Result<T, ConfigErrors> {
         self.figment.extract_inner_lossy::<T>(key).map_err(|error| {
             let mut errors = ConfigErrors::default();
+            let key_parts: Vec<&str> = key.split('.').filter(|p| !p.is_empty()).collect();
             for e in error {
-                let path = if e.path.is_empty() {
+                // figment appends the extracted key to the error's path.
+                let mut inner: Vec<&str> = e.path.iter().map(String::as_str).collect();
+                if inner.ends_with(&key_parts) {
+                    inner.truncate(inner.len() - key_parts.len());
+                }
+                let path = if inner.is_empty() {
                     key.to_owned()
-                } else if e.path.first().is_some_and(|p| p == key.split('.').next().unwrap_or(key)) {
-                    e.path.join(".")
                 } else {
-                    format!("{key}.{}", e.path.join("."))
+                    format!("{key}.{}", inner.join("."))
                 };
                 let source = self.source_of(&path);
                 errors.push(path, source, describe(&e.kind));
@@ -312,6 +316,11 @@ impl Resolved {
 fn source_of(figment: &Figment, secrets: &HashMap<String, Source>, key: &str) -> Source {
     if let Some(source) = secrets.get(key) {
         return source.clone();
+    }
+    // A key whose value is "nothing" (an unset option) is not set, whichever
+    // layer holds the nothing.
+    if matches!(figment.find_value(key), Err(_) | Ok(Value::Empty(..))) {
+        return Source::Unset;
     }
     let Some(metadata) = figment.find_metadata(key) else {
         return Source::Unset;

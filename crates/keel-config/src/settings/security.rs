@@ -86,8 +86,10 @@ impl Section for SecuritySettings {
         for (i, alg) in jwt.algorithms.iter().enumerate() {
             if alg.parse::<keel_security::Algorithm>().is_err() {
                 check.fail(
-                    &format!("jwt.algorithms.{i}"),
-                    "unknown algorithm; expected e.g. RS256, ES256, EdDSA or HS256",
+                    "jwt.algorithms",
+                    format!(
+                        "item {i} is an unknown algorithm; expected e.g. RS256, ES256, EdDSA or HS256"
+                    ),
                 );
             }
         }
