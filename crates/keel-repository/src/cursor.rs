@@ -310,6 +310,36 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_key_signs_apart_from_the_public_key_it_replaces() {
+        let a = CursorCodec::with_key(&CursorKey::new([1u8; 32]).unwrap());
+        let b = CursorCodec::with_key(&CursorKey::new([2u8; 32]).unwrap());
+        let public = CursorCodec::with_key(&CursorKey::insecure_development_key());
+        let c = a.encode(&Q, &key()).unwrap();
+        assert_eq!(a.decode(&c, &Q, &TYPES).unwrap(), key());
+        for other in [&b, &public, &CursorCodec::default()] {
+            assert!(matches!(
+                other.decode(&c, &Q, &TYPES),
+                Err(RepositoryError::TamperedCursor)
+            ));
+        }
+        // The key asked for by name is the one used when none is chosen, so
+        // cursors issued before a service chose one keep decoding.
+        let old = CursorCodec::default().encode(&Q, &key()).unwrap();
+        assert_eq!(public.decode(&old, &Q, &TYPES).unwrap(), key());
+        assert!(!public.fallback && CursorCodec::default().fallback);
+    }
+
+    #[test]
+    fn cursor_keys_refuse_short_secrets_and_never_print_themselves() {
+        assert_eq!(CursorKey::new([7u8; 31]), Err(CursorKeyTooShort));
+        let key = CursorKey::new(b"do-not-print-me-0123456789abcdef").unwrap();
+        assert!(!key.is_public());
+        assert_eq!(format!("{key:?}"), "CursorKey(<redacted>)");
+        assert!(CursorKey::insecure_development_key().is_public());
+        assert!(CursorKeyTooShort.to_string().contains("32 bytes"));
+    }
+
+    #[test]
     fn refuses_tampering_and_replay() {
         let codec = CursorCodec::with_secret(b"s3cret");
         let c = codec.encode(&Q, &key()).unwrap();
