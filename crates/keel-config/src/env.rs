@@ -126,9 +126,26 @@ impl Provider for EnvLayer {
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
         let mut root = Dict::new();
         for (key, value) in &self.pairs {
-            insert(&mut root, key, Value::from(value.clone()));
+            insert(&mut root, key, parse(value));
         }
         Ok(Profile::Default.collect(root))
+    }
+}
+
+/// A variable's value: `[a, b]` is a list of strings, anything else a
+/// string (read as a number or boolean where the key needs one).
+fn parse(value: &str) -> Value {
+    let trimmed = value.trim();
+    match trimmed.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
+        Some(items) => Value::from(
+            items
+                .split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(|i| Value::from(i.trim_matches('"').to_owned()))
+                .collect::<Vec<Value>>(),
+        ),
+        None => Value::from(value.to_owned()),
     }
 }
 

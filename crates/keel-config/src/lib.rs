@@ -243,6 +243,7 @@ fn flatten(dict: &figment::value::Dict, prefix: &str, out: &mut Vec<(String, Str
         match v {
             Value::Dict(_, d) if !d.is_empty() => flatten(d, &key, out),
             Value::Empty(..) => out.push((key, String::new())),
+            Value::String(_, s) if s.is_empty() => out.push((key, "\"\"".to_owned())),
             Value::String(_, s) => out.push((key, s.clone())),
             Value::Array(_, items) => {
                 let items: Vec<String> = items

@@ -166,6 +166,7 @@ async fn telemetry_and_security_settings_reach_their_crates() {
             ("KEEL_LOG_FORMAT", "gcp"),
             ("GOOGLE_CLOUD_PROJECT", "orders-prod"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("KEEL_SECURITY__JWT__AUDIENCES", "[orders-api, \"admin-api\"]"),
         ],
     )
     .await;
@@ -183,7 +184,8 @@ async fn telemetry_and_security_settings_reach_their_crates() {
 
     let jwt = config.security.jwt_config().unwrap().unwrap();
     assert_eq!(jwt.issuers.len(), 2);
-    assert_eq!(jwt.audiences, ["orders-api"]);
+    // A variable holding `[a, b]` is a list.
+    assert_eq!(jwt.audiences, ["orders-api", "admin-api"]);
     assert_eq!(jwt.algorithms.len(), 2);
     assert_eq!(jwt.leeway, Duration::from_secs(30));
     let keys = config.security.audit_keys().unwrap().unwrap();
