@@ -31,11 +31,11 @@ pub(crate) fn format(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0".to_owned()
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -100,7 +100,9 @@ impl<'de> Deserialize<'de> for Text {
                 if v == 0 {
                     Ok(Text("0".to_owned()))
                 } else {
-                    Err(E::custom(format!("expected {EXPECTED} (a number needs a unit)")))
+                    Err(E::custom(format!(
+                        "expected {EXPECTED} (a number needs a unit)"
+                    )))
                 }
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Text, E> {

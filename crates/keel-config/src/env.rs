@@ -32,7 +32,10 @@ pub const LEGACY_VARIABLES: &[(&str, &str)] = &[
     ("KEEL_DB_APPLICATION_NAME", "database.application_name"),
     ("KEEL_DB_TLS_MODE", "database.tls_mode"),
     ("KEEL_DB_TLS_CA_FILE", "database.tls_ca_file"),
-    ("KEEL_DB_TRANSACTION_ATTEMPTS", "database.transaction_attempts"),
+    (
+        "KEEL_DB_TRANSACTION_ATTEMPTS",
+        "database.transaction_attempts",
+    ),
     ("PUBSUB_EMULATOR_HOST", "eventbus.emulator_host"),
     ("GOOGLE_CLOUD_PROJECT", "eventbus.project"),
     ("GOOGLE_CLOUD_PROJECT", "telemetry.gcp_project"),
@@ -185,7 +188,13 @@ mod tests {
             key_for("KEEL_EVENTBUS__SUBSCRIPTION__ACK_DEADLINE").as_deref(),
             Some("eventbus.subscription.ack_deadline")
         );
-        for not_one in ["KEEL_ENV", "KEEL_DB_MAX_CONNECTIONS", "KEEL___X", "KEEL_A__", "PATH"] {
+        for not_one in [
+            "KEEL_ENV",
+            "KEEL_DB_MAX_CONNECTIONS",
+            "KEEL___X",
+            "KEEL_A__",
+            "PATH",
+        ] {
             assert_eq!(key_for(not_one), None, "{not_one}");
         }
         assert_eq!(

@@ -81,7 +81,12 @@ pub struct ConfigErrors {
 }
 
 impl ConfigErrors {
-    pub(crate) fn push(&mut self, key: impl Into<String>, source: Source, message: impl Into<String>) {
+    pub(crate) fn push(
+        &mut self,
+        key: impl Into<String>,
+        source: Source,
+        message: impl Into<String>,
+    ) {
         self.errors.push(ConfigError {
             key: key.into(),
             source,

@@ -189,10 +189,7 @@ impl ConfigLoader {
                 name: SERVICE_DEFAULTS_NAME,
                 dict: self.service_defaults,
             });
-        for file in [
-            dir.join(BASE_FILE),
-            dir.join(format!("{environment}.toml")),
-        ] {
+        for file in [dir.join(BASE_FILE), dir.join(format!("{environment}.toml"))] {
             if !file.is_file() {
                 continue;
             }
@@ -351,7 +348,11 @@ struct Tree {
 
 impl Tree {
     fn report(&mut self, key: String, message: String) {
-        if self.reported.iter().any(|k| key == *k || key.starts_with(&format!("{k}."))) {
+        if self
+            .reported
+            .iter()
+            .any(|k| key == *k || key.starts_with(&format!("{k}.")))
+        {
             return;
         }
         let source = source_of(&self.figment, &self.secret_sources, &key);
@@ -377,10 +378,7 @@ impl Tree {
                 (Ok(_), None) => Err(
                     "refers to a secret, but no SecretProvider was given to the loader".to_owned(),
                 ),
-                (Ok(name), Some(provider)) => provider
-                    .get(name)
-                    .await
-                    .map_err(|e| e.to_string()),
+                (Ok(name), Some(provider)) => provider.get(name).await.map_err(|e| e.to_string()),
             };
             match result {
                 Ok(secret) => {
@@ -403,7 +401,11 @@ impl Tree {
                         .push(reference.key.clone(), referenced_by, message);
                     // Leave the key unset rather than report its table as
                     // the wrong type too.
-                    insert(&mut resolved, &reference.key, Value::Empty(figment::value::Tag::Default, figment::value::Empty::None));
+                    insert(
+                        &mut resolved,
+                        &reference.key,
+                        Value::Empty(figment::value::Tag::Default, figment::value::Empty::None),
+                    );
                     self.reported.insert(reference.key);
                 }
             }
@@ -436,7 +438,7 @@ impl Tree {
                     insert(&mut one, &path, value.clone());
                     match extract::<T>(one) {
                         Ok(_) => insert(&mut good, &path, value),
-                        Err(e) => self.report(format!("{}.{path}", T::KEY), describe(&e.kind)),
+                        Err(kind) => self.report(format!("{}.{path}", T::KEY), describe(&kind)),
                     }
                 }
                 extract::<T>(good).unwrap_or_default()
@@ -454,12 +456,14 @@ impl Tree {
     }
 }
 
-fn extract<T: DeserializeOwned>(dict: Dict) -> Result<T, figment::Error> {
+/// Only what went wrong is kept of the error: the caller renders its kind.
+fn extract<T: DeserializeOwned>(dict: Dict) -> Result<T, figment::error::Kind> {
     Figment::from(DictLayer {
         name: "check",
         dict,
     })
     .extract_lossy()
+    .map_err(|e| e.kind)
 }
 
 /// Every leaf of `dict` (a value that is not a table, or an empty table),

@@ -44,7 +44,9 @@ async fn the_database_variables_mean_what_keel_database_reads_them_as() {
     let config = load(dir.path(), &vars).await;
     let from_config = config.database.to_config().unwrap();
     let from_env = DatabaseConfig::from_lookup(|name| {
-        vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
     })
     .unwrap();
     // Debug shows every setting (the password redacted).
@@ -124,7 +126,10 @@ async fn event_store_bus_and_cache_settings_reach_their_crates() {
     let sub = config.eventbus.subscription_config("billing");
     assert_eq!(sub.consumer(), "billing");
     assert_eq!(sub.max_delivery_attempts(), 12);
-    assert_eq!(sub.backoff(), (Duration::from_secs(1), Duration::from_secs(30)));
+    assert_eq!(
+        sub.backoff(),
+        (Duration::from_secs(1), Duration::from_secs(30))
+    );
     assert_eq!(sub.handler_timeout(), Some(Duration::from_secs(20)));
     sub.validate().unwrap();
 
@@ -132,7 +137,14 @@ async fn event_store_bus_and_cache_settings_reach_their_crates() {
     assert!(format!("{redis:?}").contains("orders:"));
 
     // The in-memory defaults need nothing.
-    let memory = load(dir.path(), &[("KEEL_EVENTBUS__BACKEND", "memory"), ("KEEL_CACHE__BACKEND", "memory")]).await;
+    let memory = load(
+        dir.path(),
+        &[
+            ("KEEL_EVENTBUS__BACKEND", "memory"),
+            ("KEEL_CACHE__BACKEND", "memory"),
+        ],
+    )
+    .await;
     assert!(memory.eventbus.pubsub_config().unwrap().is_none());
     assert!(memory.cache.redis_config().unwrap().is_none());
 }
@@ -166,7 +178,10 @@ async fn telemetry_and_security_settings_reach_their_crates() {
             ("KEEL_LOG_FORMAT", "gcp"),
             ("GOOGLE_CLOUD_PROJECT", "orders-prod"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
-            ("KEEL_SECURITY__JWT__AUDIENCES", "[orders-api, \"admin-api\"]"),
+            (
+                "KEEL_SECURITY__JWT__AUDIENCES",
+                "[orders-api, \"admin-api\"]",
+            ),
         ],
     )
     .await;

@@ -34,7 +34,8 @@ impl Vault {
 #[async_trait]
 impl SecretProvider for Vault {
     async fn get(&self, name: &str) -> keel_security::Result<Secret<String>> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match name {
             "broken" => Err(SecurityError::SecretUnavailable {
                 name: name.to_owned(),
@@ -60,7 +61,9 @@ fn write(dir: &Path, file: &str, text: &str) {
 }
 
 fn loader(dir: &Path) -> ConfigLoader {
-    ConfigLoader::new().dir(dir).vars(Vec::<(String, String)>::new())
+    ConfigLoader::new()
+        .dir(dir)
+        .vars(Vec::<(String, String)>::new())
 }
 
 #[tokio::test]
@@ -70,14 +73,20 @@ async fn with_nothing_configured_every_key_has_its_default() {
     assert_eq!(config.environment, Environment::Development);
     assert_eq!(config.database.max_connections, 100);
     assert_eq!(config.database.min_connections, 10);
-    assert_eq!(config.database.statement_timeout, Some(Duration::from_secs(30)));
+    assert_eq!(
+        config.database.statement_timeout,
+        Some(Duration::from_secs(30))
+    );
     assert_eq!(config.database.lock_timeout, None);
     assert!(config.database.url.is_none());
     assert_eq!(config.eventbus.backend, BusBackend::Memory);
     assert_eq!(config.cache.backend, CacheBackend::Memory);
     assert_eq!(config.telemetry.log_format, LogFormatSetting::Auto);
     assert_eq!(config.grpc.address.port(), 50051);
-    assert_eq!(config.source_of("database.max_connections"), Source::Default);
+    assert_eq!(
+        config.source_of("database.max_connections"),
+        Source::Default
+    );
     // Development may use the public cursor key, asked for by name.
     assert!(config.cursor_key().unwrap().is_public());
     assert!(config.security.audit_keys().unwrap().is_none());
@@ -113,7 +122,11 @@ async fn later_layers_win_and_each_value_names_its_layer() {
         "#,
     );
     // A file for another environment is never read.
-    write(dir.path(), "production.toml", "[database]\nmax_connections = 1\n");
+    write(
+        dir.path(),
+        "production.toml",
+        "[database]\nmax_connections = 1\n",
+    );
     let vault = Vault::with(&[("cursor", CURSOR_KEY), ("audit", AUDIT_KEY)]);
     let config = ConfigLoader::new()
         .dir(dir.path())
@@ -144,7 +157,10 @@ async fn later_layers_win_and_each_value_names_its_layer() {
         config.source_of("database.min_connections"),
         Source::File(dir.path().join("test.toml"))
     );
-    assert_eq!(config.database.application_name.as_deref(), Some("from-legacy-var"));
+    assert_eq!(
+        config.database.application_name.as_deref(),
+        Some("from-legacy-var")
+    );
     assert_eq!(
         config.source_of("database.application_name"),
         Source::EnvVar("KEEL_DB_APPLICATION_NAME".into())
@@ -163,7 +179,12 @@ async fn later_layers_win_and_each_value_names_its_layer() {
     );
     // Secrets are the last layer, and say who referred to them.
     assert_eq!(
-        config.repository.cursor_key.as_ref().unwrap().expose_secret(),
+        config
+            .repository
+            .cursor_key
+            .as_ref()
+            .unwrap()
+            .expose_secret(),
         CURSOR_KEY
     );
     assert_eq!(
@@ -182,7 +203,11 @@ async fn later_layers_win_and_each_value_names_its_layer() {
 #[tokio::test]
 async fn keel_env_chooses_the_file_and_an_unknown_name_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "production.toml", "[grpc]\naddress = \"127.0.0.1:9000\"\n");
+    write(
+        dir.path(),
+        "production.toml",
+        "[grpc]\naddress = \"127.0.0.1:9000\"\n",
+    );
     let errors = loader(dir.path())
         .vars([("KEEL_ENV", "staging")])
         .load()
@@ -191,7 +216,10 @@ async fn keel_env_chooses_the_file_and_an_unknown_name_is_an_error() {
     let e = errors.for_key("KEEL_ENV").expect("the variable is named");
     assert_eq!(e.source, Source::EnvVar("KEEL_ENV".into()));
     // Checked as strictly as production meanwhile.
-    assert!(errors.for_key("repository.cursor_key").is_some(), "{errors}");
+    assert!(
+        errors.for_key("repository.cursor_key").is_some(),
+        "{errors}"
+    );
 
     for name in ["prod", "Production", " production "] {
         let errors = loader(dir.path())
@@ -247,13 +275,25 @@ async fn every_problem_is_reported_at_once_with_key_and_layer_and_never_the_valu
             "expected",
         ),
         ("eventbus.backend", base.clone(), "expected one of"),
-        ("eventbus.subscription.max_delivery_attempts", base.clone(), "5"),
-        ("cache.url", Source::Unset, "required when cache.backend is redis"),
+        (
+            "eventbus.subscription.max_delivery_attempts",
+            base.clone(),
+            "5",
+        ),
+        (
+            "cache.url",
+            Source::Unset,
+            "required when cache.backend is redis",
+        ),
         ("telemetry.sample_ratio", base.clone(), "between 0 and 1"),
         ("telemetry.log_filter", base.clone(), "not a valid filter"),
         ("security.jwt.algorithms", base.clone(), "unknown algorithm"),
         ("security.jwt.audiences", Source::Default, "required"),
-        ("security.audit.key", Source::Unset, "required in the production environment"),
+        (
+            "security.audit.key",
+            Source::Unset,
+            "required in the production environment",
+        ),
         (
             "grpc.address",
             Source::EnvVar("KEEL_GRPC__ADDRESS".into()),
@@ -274,7 +314,14 @@ async fn every_problem_is_reported_at_once_with_key_and_layer_and_never_the_valu
     }
     assert_eq!(errors.len(), expect.len(), "{errors}");
     let text = format!("{errors}\n{errors:?}");
-    for value in [DB_PASSWORD, "hunter2", "tooshort-value", "many", "kafka", "ROT13"] {
+    for value in [
+        DB_PASSWORD,
+        "hunter2",
+        "tooshort-value",
+        "many",
+        "kafka",
+        "ROT13",
+    ] {
         assert!(!text.contains(value), "{value} leaked:\n{text}");
     }
     assert!(text.starts_with("13 configuration errors:"), "{text}");
@@ -284,7 +331,11 @@ async fn every_problem_is_reported_at_once_with_key_and_layer_and_never_the_valu
 async fn secrets_resolve_from_a_real_provider_and_failures_name_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let secrets = tempfile::tempdir().unwrap();
-    std::fs::write(secrets.path().join("db-url"), "postgres://app:s3cr3t@db/orders\n").unwrap();
+    std::fs::write(
+        secrets.path().join("db-url"),
+        "postgres://app:s3cr3t@db/orders\n",
+    )
+    .unwrap();
     write(
         dir.path(),
         "base.toml",
@@ -346,11 +397,19 @@ async fn a_reference_without_a_provider_or_with_extra_keys_is_refused() {
     );
     let errors = loader(dir.path()).load().await.unwrap_err();
     assert!(
-        errors.for_key("database.password").unwrap().message.contains("no SecretProvider"),
+        errors
+            .for_key("database.password")
+            .unwrap()
+            .message
+            .contains("no SecretProvider"),
         "{errors}"
     );
     assert!(
-        errors.for_key("repository.cursor_key").unwrap().message.contains("nothing else"),
+        errors
+            .for_key("repository.cursor_key")
+            .unwrap()
+            .message
+            .contains("nothing else"),
         "{errors}"
     );
     assert_eq!(errors.len(), 2, "{errors}");
@@ -363,7 +422,10 @@ async fn a_reference_without_a_provider_or_with_extra_keys_is_refused() {
         .unwrap_err();
     let e = errors.for_key("database.url").unwrap();
     assert_eq!(e.source, Source::EnvVar("DATABASE_URL".into()));
-    assert!(e.message.contains("broken") && e.message.contains("could not be read"), "{e}");
+    assert!(
+        e.message.contains("broken") && e.message.contains("could not be read"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -382,7 +444,11 @@ async fn production_needs_the_security_keys_and_says_so() {
         assert!(errors.for_key("security.audit.key").is_some(), "{errors}");
     }
     // Opting out of the audit key is explicit; the cursor key has no way out.
-    write(dir.path(), "production.toml", "[security.audit]\nunkeyed = true\n");
+    write(
+        dir.path(),
+        "production.toml",
+        "[security.audit]\nunkeyed = true\n",
+    );
     let config = loader(dir.path())
         .environment(Environment::Production)
         .secrets(Vault::with(&[("c", CURSOR_KEY)]))
@@ -397,7 +463,11 @@ async fn production_needs_the_security_keys_and_says_so() {
 #[tokio::test]
 async fn a_malformed_file_is_named_without_its_content() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "base.toml", "[database]\npassword = \"pw-Zq81!never-in-output\n");
+    write(
+        dir.path(),
+        "base.toml",
+        "[database]\npassword = \"pw-Zq81!never-in-output\n",
+    );
     let errors = loader(dir.path()).load().await.unwrap_err();
     assert_eq!(errors.len(), 1, "{errors}");
     let e = &errors.errors()[0];
@@ -456,7 +526,9 @@ async fn the_service_reads_its_own_sections_from_the_same_layers() {
         .await
         .unwrap();
     let errors = bad.extract::<Orders>("orders").unwrap_err();
-    let e = errors.for_key("orders.max_items").unwrap_or_else(|| panic!("{errors}"));
+    let e = errors
+        .for_key("orders.max_items")
+        .unwrap_or_else(|| panic!("{errors}"));
     assert_eq!(e.source, Source::EnvVar("KEEL_ORDERS__MAX_ITEMS".into()));
     assert!(!errors.to_string().contains("plenty"), "{errors}");
 }

@@ -35,7 +35,9 @@ fn the_reference_page_lists_every_key_default_and_variable() {
     .unwrap();
     // The first three columns of each row of the key table; the fourth is
     // prose.
-    let (_, table) = page.split_once("## Every key").expect("the key table's heading");
+    let (_, table) = page
+        .split_once("## Every key")
+        .expect("the key table's heading");
     let found: Vec<String> = table
         .lines()
         .filter(|l| l.starts_with("| `"))

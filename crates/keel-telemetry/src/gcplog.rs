@@ -220,7 +220,10 @@ where
                 http.insert(to.into(), v.clone());
             }
         }
-        if let Some(version) = fields.get("network.protocol.version").and_then(Value::as_str) {
+        if let Some(version) = fields
+            .get("network.protocol.version")
+            .and_then(Value::as_str)
+        {
             http.insert("protocol".into(), format!("HTTP/{version}").into());
         }
         return Some(http);

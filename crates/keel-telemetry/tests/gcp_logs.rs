@@ -84,7 +84,10 @@ fn levels_become_severities_and_the_trace_is_bare_without_a_project() {
     assert!(trace.chars().all(|c| c.is_ascii_hexdigit()), "{trace}");
     let root = &lines[2];
     assert!(root.get("logging.googleapis.com/trace").is_none(), "{root}");
-    assert!(root.get("logging.googleapis.com/spanId").is_none(), "{root}");
+    assert!(
+        root.get("logging.googleapis.com/spanId").is_none(),
+        "{root}"
+    );
     // An event field named like a special key does not take it.
     assert_eq!(root["severity"], "INFO");
     assert_eq!(root["field.severity"], "fake");

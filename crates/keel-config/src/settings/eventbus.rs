@@ -186,7 +186,10 @@ impl EventBusSettings {
 
     /// The subscription settings of `consumer`, with these defaults.
     #[must_use]
-    pub fn subscription_config(&self, consumer: impl Into<String>) -> keel_eventbus::SubscriptionConfig {
+    pub fn subscription_config(
+        &self,
+        consumer: impl Into<String>,
+    ) -> keel_eventbus::SubscriptionConfig {
         let s = &self.subscription;
         let mut config = keel_eventbus::SubscriptionConfig::new(consumer)
             .with_max_delivery_attempts(s.max_delivery_attempts)

@@ -112,7 +112,10 @@ impl EventStoreSettings {
 
     /// Options for the catch-up subscription `name`, with these defaults.
     #[must_use]
-    pub fn subscription_options(&self, name: impl Into<String>) -> keel_eventstore::SubscriptionOptions {
+    pub fn subscription_options(
+        &self,
+        name: impl Into<String>,
+    ) -> keel_eventstore::SubscriptionOptions {
         let s = &self.subscription;
         keel_eventstore::SubscriptionOptions::new(name)
             .batch_size(s.batch_size)

@@ -60,8 +60,14 @@ impl Section for GrpcSettings {
 
     fn validate(&self, check: &mut Check<'_>) {
         for (key, n) in [
-            ("max_decoding_message_bytes", self.max_decoding_message_bytes),
-            ("max_encoding_message_bytes", self.max_encoding_message_bytes),
+            (
+                "max_decoding_message_bytes",
+                self.max_decoding_message_bytes,
+            ),
+            (
+                "max_encoding_message_bytes",
+                self.max_encoding_message_bytes,
+            ),
             (
                 "concurrency_limit_per_connection",
                 self.concurrency_limit_per_connection,

@@ -112,9 +112,10 @@ impl Section for SecuritySettings {
                     ),
                 ),
             Some(key) => {
-                if let Err(e) =
-                    keel_security::audit::AuditKey::new(audit.key_id.clone(), key.clone().map(String::into_bytes))
-                {
+                if let Err(e) = keel_security::audit::AuditKey::new(
+                    audit.key_id.clone(),
+                    key.clone().map(String::into_bytes),
+                ) {
                     check.fail("audit.key_id", e.to_string());
                 }
             }
@@ -156,9 +157,10 @@ impl SecuritySettings {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut config = keel_security::JwtConfig::new(issuer.clone(), audience.clone(), algorithms)
-            .leeway(jwt.leeway)
-            .max_token_bytes(jwt.max_token_bytes);
+        let mut config =
+            keel_security::JwtConfig::new(issuer.clone(), audience.clone(), algorithms)
+                .leeway(jwt.leeway)
+                .max_token_bytes(jwt.max_token_bytes);
         config.issuers = jwt.issuers.clone();
         config.audiences = jwt.audiences.clone();
         Ok(Some(config))
@@ -171,7 +173,9 @@ impl SecuritySettings {
     ///
     /// A [`ConfigError`](crate::ConfigError) for a short key or an unusable
     /// key id (already reported when the configuration loaded).
-    pub fn audit_keys(&self) -> Result<Option<keel_security::audit::AuditKeys>, crate::ConfigError> {
+    pub fn audit_keys(
+        &self,
+    ) -> Result<Option<keel_security::audit::AuditKeys>, crate::ConfigError> {
         let Some(key) = &self.audit.key else {
             return Ok(None);
         };

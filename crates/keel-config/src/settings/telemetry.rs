@@ -95,9 +95,15 @@ impl Section for TelemetrySettings {
             }
         }
         #[cfg(feature = "telemetry")]
-        for (key, filter) in [("log_filter", &self.log_filter), ("trace_filter", &self.trace_filter)] {
+        for (key, filter) in [
+            ("log_filter", &self.log_filter),
+            ("trace_filter", &self.trace_filter),
+        ] {
             if keel_telemetry::check_filter(filter).is_err() {
-                check.fail(key, "not a valid filter (EnvFilter syntax, e.g. info,sqlx=warn)");
+                check.fail(
+                    key,
+                    "not a valid filter (EnvFilter syntax, e.g. info,sqlx=warn)",
+                );
             }
         }
     }
@@ -114,7 +120,10 @@ impl TelemetrySettings {
         environment: crate::Environment,
     ) -> keel_telemetry::TelemetryConfig {
         use keel_telemetry::LogFormat;
-        let name = self.service_name.clone().unwrap_or_else(|| service.name.clone());
+        let name = self
+            .service_name
+            .clone()
+            .unwrap_or_else(|| service.name.clone());
         let mut config = keel_telemetry::TelemetryConfig::new(name)
             .environment(environment.as_str())
             .log_format(match self.log_format {
