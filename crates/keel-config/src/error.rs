@@ -22,7 +22,8 @@ pub enum Source {
         /// The layer that holds the reference.
         referenced_by: Box<Source>,
     },
-    /// Set in code, with [`ConfigLoader::set`](crate::ConfigLoader::set).
+    /// Set in code by the service ([`ConfigLoader::dir`](crate::ConfigLoader::dir),
+    /// [`ConfigLoader::set_default`](crate::ConfigLoader::set_default)).
     Code,
     /// Not set anywhere, although it is required.
     Unset,

@@ -6,7 +6,7 @@
 //! its own sections beside them ([`KeelConfig::extract`]). The layers, later
 //! ones winning:
 //!
-//! 1. Keel's built-in defaults (and the service's, [`ConfigLoader::default`]);
+//! 1. Keel's built-in defaults (and the service's, [`ConfigLoader::set_default`]);
 //! 2. the base file `config/base.toml`;
 //! 3. the environment's file `config/<environment>.toml`, the environment
 //!    (`development`, `test` or `production`) chosen by `KEEL_ENV`;

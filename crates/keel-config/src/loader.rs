@@ -31,7 +31,7 @@ pub const BASE_FILE: &str = "base.toml";
 /// Builds a [`KeelConfig`] from the layers, later ones winning:
 ///
 /// 1. Keel's built-in defaults (then the service's own,
-///    [`default`](Self::default));
+///    [`set_default`](Self::set_default));
 /// 2. `<dir>/base.toml`;
 /// 3. `<dir>/<environment>.toml`, the environment chosen by `KEEL_ENV`;
 /// 4. environment variables: the names Keel's crates always read
@@ -117,7 +117,7 @@ impl ConfigLoader {
 
     /// A default of the service's own, above Keel's defaults and below
     /// every file and variable (e.g. `("service.name", "orders")`).
-    pub fn default(mut self, key: &str, value: impl Serialize) -> Self {
+    pub fn set_default(mut self, key: &str, value: impl Serialize) -> Self {
         match Value::serialize(value) {
             Ok(value) => insert(&mut self.service_defaults, key, value),
             Err(e) => self.default_errors.push((key.to_owned(), e.to_string())),

@@ -139,7 +139,7 @@ async fn later_layers_win_and_each_value_names_its_layer() {
             ("KEEL_EVENTBUS__SUBSCRIPTION__MAX_DELIVERY_ATTEMPTS", "7"),
             ("UNRELATED", "x"),
         ])
-        .default("service.name", "orders")
+        .set_default("service.name", "orders")
         .secrets(vault.clone())
         .load()
         .await
