@@ -55,7 +55,7 @@
 //!     .unwrap();
 //! assert_eq!(config.service.name, "orders");
 //! assert_eq!(config.database.max_connections, 20);
-//! assert_eq!(config.database.min_connections, 4);
+//! assert_eq!(config.database.min_connections, Some(4));
 //! assert_eq!(config.cache.key_prefix, "orders:");
 //! assert_eq!(config.source_of("database.min_connections"),
 //!            Source::EnvVar("KEEL_DB_MIN_CONNECTIONS".into()));

@@ -72,7 +72,7 @@ async fn with_nothing_configured_every_key_has_its_default() {
     let config = loader(dir.path()).load().await.unwrap();
     assert_eq!(config.environment, Environment::Development);
     assert_eq!(config.database.max_connections, 100);
-    assert_eq!(config.database.min_connections, 10);
+    assert_eq!(config.database.min_connections, None);
     assert_eq!(
         config.database.statement_timeout,
         Some(Duration::from_secs(30))
@@ -152,7 +152,7 @@ async fn later_layers_win_and_each_value_names_its_layer() {
         config.source_of("database.max_connections"),
         Source::File(dir.path().join("base.toml"))
     );
-    assert_eq!(config.database.min_connections, 3);
+    assert_eq!(config.database.min_connections, Some(3));
     assert_eq!(
         config.source_of("database.min_connections"),
         Source::File(dir.path().join("test.toml"))
@@ -556,4 +556,43 @@ fn the_default_keys_cover_every_section() {
     assert_eq!(get("database.lock_timeout"), "0");
     assert_eq!(get("database.url"), "");
     assert_eq!(get("security.jwt.algorithms"), "[RS256]");
+}
+
+#[tokio::test]
+async fn every_bad_pool_setting_is_reported_and_a_small_pool_needs_no_minimum() {
+    let dir = tempfile::tempdir().unwrap();
+    let errors = loader(dir.path())
+        .vars([
+            ("KEEL_DB_MAX_CONNECTIONS", "0"),
+            ("KEEL_DB_ACQUIRE_TIMEOUT", "0"),
+            ("KEEL_DB_APPLICATION_NAME", "bad\u{7}name"),
+            ("KEEL_DB_TLS_MODE", "sometimes"),
+        ])
+        .load()
+        .await
+        .unwrap_err();
+    for key in [
+        "database.max_connections",
+        "database.acquire_timeout",
+        "database.application_name",
+        "database.tls_mode",
+    ] {
+        assert!(
+            errors.for_key(key).is_some(),
+            "{key} missing from:\n{errors}"
+        );
+    }
+    assert_eq!(errors.len(), 4, "{errors}");
+
+    // A pool smaller than the default minimum keeps its size.
+    let config = loader(dir.path())
+        .vars([
+            ("KEEL_DB_MAX_CONNECTIONS", "4"),
+            ("DATABASE_URL", "postgres://db/x"),
+        ])
+        .load()
+        .await
+        .unwrap();
+    let pool = config.database.to_config().unwrap();
+    assert_eq!((pool.min_connections(), pool.max_connections()), (4, 4));
 }

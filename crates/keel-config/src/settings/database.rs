@@ -25,8 +25,9 @@ pub struct DatabaseSettings {
     pub password: Option<Secret<String>>,
     /// Maximum pool size (default 100).
     pub max_connections: u32,
-    /// Connections kept open when idle (default 10).
-    pub min_connections: u32,
+    /// Connections kept open when idle, at most `max_connections` (default
+    /// 10, or `max_connections` when that is smaller).
+    pub min_connections: Option<u32>,
     /// How long an operation waits for a pooled connection (default 5s).
     #[serde(with = "duration::required")]
     pub acquire_timeout: Duration,
@@ -65,7 +66,7 @@ impl Default for DatabaseSettings {
             url: None,
             password: None,
             max_connections: 100,
-            min_connections: 10,
+            min_connections: None,
             acquire_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(600)),
@@ -86,21 +87,37 @@ impl Section for DatabaseSettings {
 
     fn validate(&self, check: &mut Check<'_>) {
         #[cfg(feature = "database")]
-        if let Err((key, message)) = self.build(
+        {
             // The pool settings are checked even without a URL, against a
-            // placeholder that never leaves this function.
-            self.url
+            // placeholder that never leaves this function. The builder
+            // stops at its first complaint: put that setting back to its
+            // default and ask again, so every bad setting is reported.
+            let url = self
+                .url
                 .as_ref()
-                .map_or("postgres://localhost/keel", |u| u.expose_secret()),
-        ) {
-            check.fail(key, message);
+                .map_or("postgres://localhost/keel", |u| u.expose_secret());
+            let mut probe = self.clone();
+            let mut seen = Vec::new();
+            while let Err((key, message)) = probe.build(url) {
+                if seen.contains(&key) {
+                    break;
+                }
+                check.fail(key, message);
+                seen.push(key);
+                if !probe.reset(key) {
+                    break;
+                }
+            }
         }
         #[cfg(not(feature = "database"))]
         {
             if self.max_connections == 0 {
                 check.fail("max_connections", "must be at least 1");
             }
-            if self.min_connections > self.max_connections {
+            if self
+                .min_connections
+                .is_some_and(|min| min > self.max_connections)
+            {
                 check.fail("min_connections", "is more than max_connections");
             }
         }
@@ -133,12 +150,33 @@ impl DatabaseSettings {
             })
     }
 
+    /// Puts `key` back to its default; `false` when that cannot help.
+    fn reset(&mut self, key: &str) -> bool {
+        let d = Self::default();
+        match key {
+            "max_connections" => self.max_connections = d.max_connections,
+            "min_connections" => self.min_connections = d.min_connections,
+            "acquire_timeout" => self.acquire_timeout = d.acquire_timeout,
+            "connect_timeout" => self.connect_timeout = d.connect_timeout,
+            "statement_timeout" => self.statement_timeout = d.statement_timeout,
+            "lock_timeout" => self.lock_timeout = d.lock_timeout,
+            "idle_in_transaction_timeout" => {
+                self.idle_in_transaction_timeout = d.idle_in_transaction_timeout;
+            }
+            "application_name" => self.application_name = d.application_name,
+            "tls_mode" => self.tls_mode = d.tls_mode,
+            "tls_ca_file" => self.tls_ca_file = d.tls_ca_file,
+            "transaction_attempts" => self.transaction_attempts = d.transaction_attempts,
+            _ => return false,
+        }
+        true
+    }
+
     fn build(&self, url: &str) -> Result<keel_database::DatabaseConfig, (&'static str, String)> {
         use keel_database::{DatabaseConfig, DatabaseError, RetryPolicy, TlsMode};
         let mut b = DatabaseConfig::builder()
             .url(url)
             .max_connections(self.max_connections)
-            .min_connections(self.min_connections)
             .acquire_timeout(self.acquire_timeout)
             .connect_timeout(self.connect_timeout)
             .idle_timeout(self.idle_timeout)
@@ -147,6 +185,9 @@ impl DatabaseSettings {
             .lock_timeout(self.lock_timeout)
             .idle_in_transaction_timeout(self.idle_in_transaction_timeout)
             .retry(RetryPolicy::default().max_attempts(self.transaction_attempts));
+        if let Some(min) = self.min_connections {
+            b = b.min_connections(min);
+        }
         if let Some(password) = &self.password {
             b = b.password(password.expose_secret());
         }
