@@ -47,8 +47,10 @@ impl fmt::Display for Source {
 
 /// One problem with one key.
 ///
-/// The message says what is wrong and what was expected; it never repeats
-/// the value, so a secret put under the wrong key does not leak.
+/// The message says what is wrong and what was expected. It never quotes a
+/// value of the configuration (a URL, a key, a string of the wrong type),
+/// so a secret put under the wrong key does not leak; it may name a
+/// secret's name, a missing file's path or a number out of range.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
     /// The key, dotted from the root (`database.max_connections`).
