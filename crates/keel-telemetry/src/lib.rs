@@ -8,8 +8,9 @@
 //! registers each adapter's health check in a [`HealthRegistry`].
 //!
 //! * **Logs**: JSON lines in production (with the current `trace_id` and
-//!   `span_id`), readable text in development, filtered by `RUST_LOG`
-//!   (default `info`); `log` records are captured too.
+//!   `span_id`), readable text in development, or Google Cloud Logging's
+//!   structured JSON ([`LogFormat::Gcp`], see [`gcplog`]), filtered by
+//!   `RUST_LOG` (default `info`); `log` records are captured too.
 //! * **Traces**: `tracing` spans become OpenTelemetry spans, exported over
 //!   OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   [`TelemetryConfig::otlp_endpoint`]) is set. With no endpoint nothing
