@@ -37,6 +37,9 @@ pub mod cache {}
 #[doc = include_str!("../../../docs/command-pipeline.md")]
 pub mod command_pipeline {}
 
+#[doc = include_str!("../../../docs/configuration.md")]
+pub mod configuration {}
+
 #[doc = include_str!("../../../docs/database.md")]
 pub mod database {}
 
