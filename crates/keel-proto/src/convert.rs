@@ -325,7 +325,8 @@ mod tests {
         let good = pb::EventEnvelope::from(
             &Message::new("t", json!({"a": 1})).with_metadata(full_metadata()),
         );
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::EventEnvelope)>)> = vec![
+        type Spoil = Box<dyn Fn(&mut pb::EventEnvelope)>;
+        let cases: Vec<(&str, Spoil)> = vec![
             ("event_id", Box::new(|e| e.event_id.clear())),
             ("event_id", Box::new(|e| e.event_id = "nope".into())),
             ("event_type", Box::new(|e| e.event_type.clear())),
