@@ -46,6 +46,7 @@
 //! `keel-grpc` has no optional features. It needs only tonic's `codegen`
 //! feature; the service chooses tonic's transport and TLS features (rustls).
 
+pub mod client;
 mod health;
 mod status;
 mod trace;
@@ -54,6 +55,10 @@ pub use health::{
     DEFAULT_WATCH_INTERVAL, HealthService, LIVENESS_SERVICE, READINESS_SERVICE, WatchStream,
     health_server,
 };
+/// Keel's protobuf types and the example services' stubs (the
+/// `keel-proto` crate, with its `grpc` feature), including the descriptor
+/// set for reflection ([`proto::FILE_DESCRIPTOR_SET`]).
+pub use keel_proto as proto;
 pub use status::{
     ACTUAL_VERSION_KEY, ERROR_CODE_KEY, EXPECTED_VERSION_KEY, FIELD_KEY, IntoStatus, REJECTED_CODE,
     RETRYABLE_KEY, StatusExt, TRACE_ID_KEY, code_for, code_for_error, error_code,
