@@ -237,7 +237,7 @@ impl Target {
         if endpoints.is_empty() {
             return Err(ClientError::target("", "no endpoints"));
         }
-        endpoints.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+        endpoints.sort_by_key(ToString::to_string);
         endpoints.dedup();
         Ok(Self { endpoints })
     }
