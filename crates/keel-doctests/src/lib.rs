@@ -49,6 +49,9 @@ pub mod event_bus {}
 #[doc = include_str!("../../../docs/event-store.md")]
 pub mod event_store {}
 
+#[doc = include_str!("../../../docs/grpc.md")]
+pub mod grpc {}
+
 #[doc = include_str!("../../../docs/health.md")]
 pub mod health {}
 
