@@ -11,6 +11,12 @@
 //! carry W3C trace context: [`propagate_trace`] on clients, [`TraceLayer`]
 //! on servers.
 //!
+//! The calling side is [`client`]: a [`ChannelFactory`](client::ChannelFactory)
+//! with one shared channel per target (keepalive, timeouts, balancing),
+//! the caller's trace context and bearer token on every call, and retries
+//! for the calls the caller marks idempotent. Keel's protobuf types and the
+//! example services' stubs are [`proto`]; the guide is `docs/grpc.md`.
+//!
 //! # Example
 //!
 //! ```
