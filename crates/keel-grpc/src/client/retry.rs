@@ -437,7 +437,8 @@ mod tests {
     async fn gives_up_when_the_next_attempt_would_start_too_late() {
         let r = Retrier::new(
             RetryPolicy::new()
-                .with_backoff(Duration::from_millis(200), Duration::from_millis(200))
+                // Jitter keeps every wait within 200 ms to 400 ms.
+                .with_backoff(Duration::from_millis(400), Duration::from_millis(400))
                 .with_max_elapsed(Duration::from_millis(150)),
         )
         .unwrap();
