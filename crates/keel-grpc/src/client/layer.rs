@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use http::header::AUTHORIZATION;
+use tokio::time::Instant;
 use tonic::Status;
 
 use super::token::TokenSource;
@@ -18,6 +19,13 @@ use super::token::TokenSource;
 pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+const GRPC_STATUS: &str = "grpc-status";
+const GRPC_MESSAGE: &str = "grpc-message";
+const CANCELLED: HeaderValue = HeaderValue::from_static("1");
+const DEADLINE_EXCEEDED: HeaderValue = HeaderValue::from_static("4");
+// Percent-encoding is not needed: plain ASCII without '%'.
+const DEADLINE_MESSAGE: HeaderValue = HeaderValue::from_static("the call's deadline passed");
 
 /// Puts the caller's context on every outgoing call:
 ///
@@ -29,11 +37,16 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// * a `grpc-timeout` for calls that set no deadline, when a default is
 ///   configured.
 ///
-/// Headers the request already carries are kept. A call whose deadline
-/// passes ends with `DEADLINE_EXCEEDED` (tonic itself reports a client-side
-/// timeout as `CANCELLED`). A token source that fails ends the call before
-/// it is sent: `UNAVAILABLE` for a retryable failure, `UNAUTHENTICATED`
-/// otherwise.
+/// Headers the request already carries are kept. Failures get the codes
+/// gRPC defines for them, which tonic alone does not always give:
+///
+/// * a call whose deadline passes ends with `DEADLINE_EXCEEDED`, whether
+///   the client's timer ended it or the server answered `CANCELLED` after
+///   the deadline (tonic reports both as `CANCELLED`);
+/// * a call that failed in the transport (no connection, the connection
+///   closed under it) ends with `UNAVAILABLE`, the code retries look for;
+/// * a token source that fails ends the call before it is sent:
+///   `UNAVAILABLE` for a retryable failure, `UNAUTHENTICATED` otherwise.
 ///
 /// [`ChannelFactory`](super::ChannelFactory) applies it to every channel;
 /// it also wraps any other tonic channel:
@@ -98,9 +111,9 @@ pub struct CallContext<S> {
     default_timeout: Option<Duration>,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for CallContext<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for CallContext<S>
 where
-    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Send + 'static,
@@ -128,6 +141,11 @@ where
                 .headers_mut()
                 .insert(GRPC_TIMEOUT_HEADER, encode_timeout(timeout));
         }
+        let deadline = request
+            .headers()
+            .get(GRPC_TIMEOUT_HEADER)
+            .and_then(decode_timeout)
+            .map(|timeout| Instant::now() + timeout);
         let token = self.token.clone();
         Box::pin(async move {
             if let Some(source) = token
@@ -136,14 +154,30 @@ where
                 let value = bearer(source.as_ref()).await?;
                 request.headers_mut().insert(AUTHORIZATION, value);
             }
-            inner.call(request).await.map_err(|err| {
-                let err: BoxError = err.into();
-                if timed_out(err.as_ref()) {
-                    Box::new(Status::deadline_exceeded("the call's deadline passed")) as BoxError
-                } else {
-                    err
+            let passed = || deadline.is_some_and(|d| Instant::now() >= d);
+            match inner.call(request).await {
+                Ok(mut response) => {
+                    // A trailers-only answer: the status is in the headers.
+                    if passed() && response.headers().get(GRPC_STATUS) == Some(&CANCELLED) {
+                        let headers = response.headers_mut();
+                        headers.insert(GRPC_STATUS, DEADLINE_EXCEEDED);
+                        headers.insert(GRPC_MESSAGE, DEADLINE_MESSAGE);
+                    }
+                    Ok(response)
                 }
-            })
+                Err(err) => {
+                    let err: BoxError = err.into();
+                    let status = if timed_out(err.as_ref()) || passed() {
+                        Status::deadline_exceeded("the call's deadline passed")
+                    } else {
+                        match err.downcast::<Status>() {
+                            Ok(status) => return Err(status as BoxError),
+                            Err(err) => Status::unavailable(format!("transport failure: {err}")),
+                        }
+                    };
+                    Err(Box::new(status) as BoxError)
+                }
+            }
         })
     }
 }
@@ -209,9 +243,43 @@ pub(crate) fn encode_timeout(timeout: Duration) -> HeaderValue {
     HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("99999999H"))
 }
 
+/// Reads a `grpc-timeout` value (at most eight digits and a unit).
+fn decode_timeout(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_grpc_timeouts_and_refuses_garbage() {
+        let read = |s: &'static str| decode_timeout(&HeaderValue::from_static(s));
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(read("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(read("10u"), Some(Duration::from_micros(10)));
+        for bad in ["", "m", "123456789m", "12x", "-1m", "1.5S"] {
+            assert_eq!(read(bad), None, "{bad}");
+        }
+        for d in [Duration::from_millis(1), Duration::from_secs(200_000)] {
+            assert_eq!(decode_timeout(&encode_timeout(d)), Some(d));
+        }
+    }
 
     #[test]
     fn timeouts_fit_the_grpc_format() {
