@@ -2,14 +2,14 @@
 //! shared connection, reconnection after a restart, deadlines, retries
 //! only where the caller allows them, bearer tokens.
 
-mod common;
+mod client_common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{Recorder, TestServer};
+use client_common::{Recorder, TestServer};
 use keel_grpc::client::{
     ChannelConfig, ChannelFactory, Idempotency, IssuedToken, RefreshingToken, RetryPolicy,
     StaticToken, Target, TokenIssuer,

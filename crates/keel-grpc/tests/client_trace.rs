@@ -2,11 +2,11 @@
 //! context. Telemetry is installed globally, so this binary holds this one
 //! test.
 
-mod common;
+mod client_common;
 
 use std::sync::Arc;
 
-use common::{Recorder, TestServer};
+use client_common::{Recorder, TestServer};
 use keel_grpc::client::{ChannelConfig, ChannelFactory, Target};
 use keel_grpc::proto::examples::ordering::v1 as api;
 use keel_telemetry::{Telemetry, TelemetryConfig};
