@@ -19,6 +19,12 @@
 //! keel-http renders as problem+json; this crate does not depend on
 //! keel-http or axum.
 //!
+//! The calling side is [`client`]: a [`ChannelFactory`](client::ChannelFactory)
+//! with one shared channel per target (keepalive, timeouts, balancing),
+//! the caller's trace context and bearer token on every call, and retries
+//! for the calls the caller marks idempotent. Keel's protobuf types and the
+//! example services' stubs are [`proto`]; the guide is `docs/grpc.md`.
+//!
 //! # Example
 //!
 //! ```
@@ -71,6 +77,7 @@
 //! `server` features (not its axum-based `router`); the service chooses
 //! tonic's TLS features (rustls).
 
+pub mod client;
 mod health;
 mod server;
 mod status;
@@ -86,6 +93,10 @@ pub use health::{
     DEFAULT_WATCH_INTERVAL, HealthService, LIVENESS_SERVICE, READINESS_SERVICE, WatchStream,
     health_server,
 };
+/// Keel's protobuf types and the example services' stubs (the
+/// `keel-proto` crate, with its `grpc` feature), including the descriptor
+/// set for reflection ([`proto::FILE_DESCRIPTOR_SET`]).
+pub use keel_proto as proto;
 pub use status::{
     ACTUAL_VERSION_KEY, ERROR_CODE_KEY, EXPECTED_VERSION_KEY, FIELD_KEY, IntoStatus, REJECTED_CODE,
     RETRY_PUSHBACK_KEY, RETRYABLE_KEY, StatusExt, TRACE_ID_KEY, code_for, code_for_error,
