@@ -18,7 +18,13 @@ const EXPECTED: &[&str] = &["ordering-domain", "shipping-domain"];
 
 fn workspace_metadata() -> Value {
     let output = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
@@ -42,7 +48,10 @@ fn violations(metadata: &Value) -> (Vec<String>, Vec<(String, String)>) {
             continue;
         }
         seen.push(name.to_owned());
-        for dep in package["dependencies"].as_array().expect("a dependency list") {
+        for dep in package["dependencies"]
+            .as_array()
+            .expect("a dependency list")
+        {
             // `kind` is null for normal dependencies, "build" or "dev" otherwise.
             if dep["kind"].as_str() == Some("dev") {
                 continue;
