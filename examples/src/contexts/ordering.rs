@@ -15,7 +15,7 @@ use keel_core::command::{
 use keel_core::uow::Transaction;
 use keel_core::{
     AggregateRef, AggregateRepository, CommandError, Delivery, DomainError, EventHandler,
-    EventPublisher, HandlerError, Metadata, TransactionSource, Version,
+    EventPublisher, HandlerError, Metadata, TransactionSource,
 };
 use keel_eventstore::{
     EventSourcedRepository, EventStoreBackend, ReadAll, SnapshotPolicy, SubscriptionOptions,
@@ -225,19 +225,4 @@ impl EventHandler for ShipmentListener {
             Err(CommandError::Infrastructure(e)) => Err(HandlerError::retry(e)),
         }
     }
-}
-
-/// The version of an order, `None` when it does not exist.
-///
-/// # Errors
-///
-/// When the store fails.
-pub async fn version_of(
-    orders: &dyn AggregateRepository<Order>,
-    id: &str,
-) -> keel_core::Result<Option<Version>> {
-    Ok(orders
-        .load(&id.to_owned())
-        .await?
-        .map(|root| root.version()))
 }

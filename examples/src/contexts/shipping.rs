@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use keel_cache::CacheAside;
 use keel_core::uow::Transaction;
-use keel_core::{Delivery, EntityRepository, EventHandler, HandlerError, Message};
+use keel_core::{Delivery, Entity as _, EntityRepository, EventHandler, HandlerError, Message};
 use keel_outbox::{
     InMemoryInbox, InMemoryOutbox, Inbox, InboxHandler, Outbox, OutboxMessage, PgOutbox, Relay,
     RelayConfig, RelayHandle,
@@ -55,7 +55,7 @@ pub struct ShipmentRecord {
 impl ShipmentRecord {
     fn new(run: &str, shipment: &Shipment) -> Result<Self, HandlerError> {
         Ok(Self {
-            id: shipment.id_str().to_owned(),
+            id: shipment.id().as_str().to_owned(),
             run: run.to_owned(),
             order_id: shipment.order_id().to_owned(),
             shipment: serde_json::to_value(shipment).map_err(HandlerError::retry)?,
@@ -69,16 +69,6 @@ impl ShipmentRecord {
     /// When the stored JSON is not a shipment.
     pub fn shipment(&self) -> serde_json::Result<Shipment> {
         serde_json::from_value(self.shipment.clone())
-    }
-}
-
-trait IdStr {
-    fn id_str(&self) -> &str;
-}
-
-impl IdStr for Shipment {
-    fn id_str(&self) -> &str {
-        keel_core::Entity::id(self).as_str()
     }
 }
 
