@@ -30,3 +30,129 @@ async fn every_paid_order_ships_once_and_the_poison_message_is_dead_lettered_the
         "{summary:?}"
     );
 }
+
+/// Shipping's consumer under concurrent redelivery: many copies of one
+/// `order.paid` (same event id, as a broker redelivers) and of the same
+/// payment re-published under new ids, all at once. The shipment is
+/// updated exactly once: inserted at version 1, dispatched at version 2.
+mod concurrent_redelivery {
+    use std::sync::Arc;
+
+    use futures::future::join_all;
+    use keel_core::{Delivery, EntityRepository, EventHandler, EventPublisher, Message, Version};
+    use keel_database::{Database, DatabaseConfig};
+    use keel_eventbus::InMemoryBus;
+    use keel_examples::Services;
+    use keel_examples::contexts::shipping::{ShipmentRecord, Shipping};
+    use keel_testkit::TestDatabase;
+    use ordering_domain::{Address, Money, OrderEvent, OrderLine};
+    use shipping_domain::{ShipmentId, ShipmentStatus};
+
+    fn delivery(order_id: &str, event: &OrderEvent) -> Message {
+        Message::from_event(event)
+            .expect("an order event encodes")
+            .with_ordering_key(format!("Order-{order_id}"))
+    }
+
+    async fn redeliver_concurrently(services: &Services) {
+        let bus = InMemoryBus::new();
+        let publisher: Arc<dyn EventPublisher> = Arc::new(bus);
+        let shipping = Shipping::start(services, publisher)
+            .await
+            .expect("shipping starts");
+        let order_id = format!("{}-race", services.run());
+        let placed = delivery(
+            &order_id,
+            &OrderEvent::Placed {
+                customer_id: "c".to_owned(),
+                lines: vec![OrderLine::new("SKU", 1, Money::new("EUR", 5))],
+                address: Address::example(),
+                total: Money::new("EUR", 5),
+            },
+        );
+        let paid = delivery(
+            &order_id,
+            &OrderEvent::Paid {
+                amount: Money::new("EUR", 5),
+                payment_reference: "psp".to_owned(),
+            },
+        );
+        shipping
+            .consumer
+            .handle(&Delivery::new(placed, 1, "shipping"))
+            .await
+            .expect("the placement is handled");
+
+        // 16 copies with the same event id and 8 re-published under new ids.
+        let mut copies: Vec<Message> = (0..16).map(|_| paid.clone()).collect();
+        copies.extend((0..8).map(|_| paid.clone().with_event_id(keel_core::EventId::new())));
+        let consumer = &shipping.consumer;
+        let outcomes = join_all(copies.iter().map(|m| async move {
+            consumer
+                .handle(&Delivery::new(m.clone(), 1, "shipping"))
+                .await
+        }))
+        .await;
+        // Losers of a race may ask for a retry; redeliver those until done,
+        // as the bus would.
+        for (message, outcome) in copies.iter().zip(outcomes) {
+            if outcome.is_err() {
+                let mut attempt = 2;
+                while let Err(e) = consumer
+                    .handle(&Delivery::new(message.clone(), attempt, "shipping"))
+                    .await
+                {
+                    assert!(attempt < 20, "a redelivery keeps failing: {e}");
+                    attempt += 1;
+                }
+            }
+        }
+
+        let repo: &Arc<dyn EntityRepository<ShipmentRecord>> = &shipping.shipments;
+        let stored = repo
+            .get(&ShipmentId::for_order(&order_id).as_str().to_owned())
+            .await
+            .expect("the repository answers")
+            .expect("the shipment exists");
+        assert_eq!(
+            stored.version,
+            Version::new(2),
+            "inserted once and dispatched once, however often the payment came"
+        );
+        let shipment = stored.entity.shipment().expect("a readable shipment");
+        assert_eq!(shipment.status(), ShipmentStatus::Dispatched);
+        for message in &copies {
+            assert!(
+                consumer
+                    .inbox
+                    .has_handled(message.event_id)
+                    .await
+                    .expect("the inbox answers"),
+                "every copy is marked handled"
+            );
+        }
+        shipping.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_memory() {
+        redeliver_concurrently(&Services::in_memory()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        let test_database =
+            TestDatabase::create(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
+                .await
+                .expect("a PostgreSQL database from keel-testkit");
+        let config = DatabaseConfig::builder()
+            .url(test_database.url())
+            .min_connections(1)
+            .max_connections(20)
+            .build()
+            .expect("a valid pool configuration");
+        let database = Database::connect(config).await.expect("a pool");
+        redeliver_concurrently(&Services::in_memory().with_database(database.clone())).await;
+        database.close().await;
+    }
+}
