@@ -31,11 +31,11 @@ async fn every_paid_order_ships_once_and_the_poison_message_is_dead_lettered_the
     );
 }
 
-/// Shipping's consumer under concurrent redelivery: many copies of one
+/// Shipping's consumer on its own. Under concurrent redelivery, many copies of one
 /// `order.paid` (same event id, as a broker redelivers) and of the same
 /// payment re-published under new ids, all at once. The shipment is
 /// updated exactly once: inserted at version 1, dispatched at version 2.
-mod concurrent_redelivery {
+mod shipping_consumer {
     use std::sync::Arc;
 
     use futures::future::join_all;
@@ -137,6 +137,81 @@ mod concurrent_redelivery {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn in_memory() {
         redeliver_concurrently(&Services::in_memory()).await;
+    }
+
+    /// Bad input is refused with the right kind of error and writes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_and_early_messages_are_refused_and_write_nothing() {
+        use keel_core::HandlerError;
+
+        let services = Services::in_memory();
+        let publisher: Arc<dyn EventPublisher> = Arc::new(InMemoryBus::new());
+        let shipping = Shipping::start(&services, publisher)
+            .await
+            .expect("shipping starts");
+        let consumer = &shipping.consumer;
+        let handle = |message: Message| async move {
+            consumer
+                .handle(&Delivery::new(message, 1, "shipping"))
+                .await
+        };
+        let paid = OrderEvent::Paid {
+            amount: Money::new("EUR", 5),
+            payment_reference: "psp".to_owned(),
+        };
+
+        // No stream id to tell which order: never handleable.
+        let keyless = Message::from_event(&paid).expect("encodes");
+        assert!(matches!(
+            handle(keyless).await,
+            Err(HandlerError::Reject(_))
+        ));
+        // A payload that is not an order event.
+        let garbage = Message::new(
+            "order.placed",
+            serde_json::json!({ "type": "placed", "lines": "many" }),
+        )
+        .with_ordering_key("Order-x");
+        assert!(matches!(
+            handle(garbage).await,
+            Err(HandlerError::Reject(_))
+        ));
+        // A placement Shipping cannot ship (no lines): a domain rule, rejected.
+        let empty = delivery(
+            "empty",
+            &OrderEvent::Placed {
+                customer_id: "c".to_owned(),
+                lines: vec![],
+                address: Address::example(),
+                total: Money::new("EUR", 0),
+            },
+        );
+        assert!(matches!(handle(empty).await, Err(HandlerError::Reject(_))));
+        // A payment before its placement arrived: retry later, not reject.
+        let early = delivery("early", &paid);
+        let early_id = early.event_id;
+        assert!(matches!(handle(early).await, Err(HandlerError::Retry(_))));
+        assert!(
+            !consumer
+                .inbox
+                .has_handled(early_id)
+                .await
+                .expect("inbox answers"),
+            "a failed delivery is not marked handled"
+        );
+        for order in ["x", "empty", "early"] {
+            let id = ShipmentId::for_order(order).as_str().to_owned();
+            assert!(
+                shipping
+                    .shipments
+                    .get(&id)
+                    .await
+                    .expect("answers")
+                    .is_none(),
+                "nothing was written for {order}"
+            );
+        }
+        shipping.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
