@@ -123,6 +123,7 @@ mod event;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod projection;
 mod store;
 mod subscription;
 mod telemetry;
@@ -145,7 +146,12 @@ pub use store::{
     TransactionalStore,
 };
 pub use subscription::{
-    Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,
+    Delivery, Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,
+};
+pub use projection::{
+    LAG_COUNT_LIMIT, Lag, LogLag, ParkedEvent, PoisonAction, ProgressCheck, Projection,
+    ProjectionHandle, ProjectionId, ProjectionOptions, ProjectionRunner, ProjectionState,
+    ProjectionStatus, ProjectionSupport, RetryBackoff,
 };
 pub use upcast::Upcasters;
 

@@ -126,6 +126,22 @@ pub trait SubscriptionSupport: Send + Sync {
 
     /// A fresh wake-up signal.
     async fn event_signal(&self) -> Result<Box<dyn EventSignal>>;
+
+    /// The furthest position subscription `name` has started delivering
+    /// (saved before a batch is handed to the handler), for
+    /// [`Delivery::is_redelivery`](crate::Delivery::is_redelivery). The
+    /// default remembers nothing: no delivery is flagged.
+    async fn load_delivered(&self, name: &str) -> Result<Option<Position>> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Records that subscription `name` is about to deliver events up to
+    /// `position`; never moves backwards.
+    async fn save_delivered(&self, name: &str, position: Position) -> Result<()> {
+        let _ = (name, position);
+        Ok(())
+    }
 }
 
 /// The store bound to one unit of work, as
@@ -156,17 +172,28 @@ pub trait TransactionalStore: Send + Sync {
 }
 
 /// Everything a complete backend offers: the store, snapshots, units of
-/// work and subscription support. Lets a composition root hold one
+/// work, subscription and projection support. Lets a composition root hold one
 /// `Arc<dyn EventStoreBackend>` and hand it to
 /// [`EventSourcedRepository`](crate::EventSourcedRepository) and
 /// [`Subscription`](crate::Subscription) alike.
 pub trait EventStoreBackend:
-    EventStore + SnapshotStore + SubscriptionSupport + TransactionalStore
+    EventStore
+    + SnapshotStore
+    + SubscriptionSupport
+    + TransactionalStore
+    + crate::ProjectionSupport
+    + crate::LogLag
 {
 }
 
-impl<T: EventStore + SnapshotStore + SubscriptionSupport + TransactionalStore + ?Sized>
-    EventStoreBackend for T
+impl<T> EventStoreBackend for T where
+    T: EventStore
+        + SnapshotStore
+        + SubscriptionSupport
+        + TransactionalStore
+        + crate::ProjectionSupport
+        + crate::LogLag
+        + ?Sized
 {
 }
 

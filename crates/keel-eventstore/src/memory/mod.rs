@@ -23,6 +23,7 @@ use crate::store::{
 };
 use crate::telemetry::{Appending, StoreMetrics};
 
+mod projection;
 mod transaction;
 
 /// An event store held in memory. Cloning shares the same store.
@@ -54,6 +55,8 @@ struct Shared {
     log: Arc<MemoryCell<Log>>,
     snapshots: Arc<MemoryCell<HashMap<StreamId, Snapshot>>>,
     checkpoints: Mutex<HashMap<String, Position>>,
+    delivered: Mutex<HashMap<String, Position>>,
+    projections: Arc<MemoryCell<projection::Book>>,
     appended: Arc<watch::Sender<u64>>,
     leaders: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -91,6 +94,8 @@ impl InMemoryEventStore {
                 })),
                 snapshots: Arc::new(MemoryCell::new(HashMap::new())),
                 checkpoints: Mutex::default(),
+                delivered: Mutex::default(),
+                projections: Arc::new(MemoryCell::new(projection::Book::default())),
                 appended,
                 leaders: Mutex::default(),
             }),
@@ -529,6 +534,35 @@ impl SubscriptionSupport for InMemoryEventStore {
         }
         let mut checkpoints = self.checkpoints();
         let entry = checkpoints.entry(name.to_owned()).or_insert(position);
+        if *entry < position {
+            *entry = position;
+        }
+        Ok(())
+    }
+
+    async fn load_delivered(&self, name: &str) -> Result<Option<Position>> {
+        Ok(self
+            .inner
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied())
+    }
+
+    async fn save_delivered(&self, name: &str, position: Position) -> Result<()> {
+        if name.is_empty() {
+            return Err(EventStoreError::invalid(
+                "subscription",
+                "the name must not be empty",
+            ));
+        }
+        let mut delivered = self
+            .inner
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = delivered.entry(name.to_owned()).or_insert(position);
         if *entry < position {
             *entry = position;
         }
