@@ -144,7 +144,9 @@ pub enum EventStoreError {
     /// A projection's handler kept failing on an event: it was parked and,
     /// under [`PoisonAction::Halt`](crate::PoisonAction::Halt), the runner
     /// stopped with the checkpoint before it.
-    #[error("projection {projection}: the event at {position} was parked after {attempts} attempts")]
+    #[error(
+        "projection {projection}: the event at {position} was parked after {attempts} attempts"
+    )]
     Parked {
         /// The projection (`name@vN`).
         projection: String,

@@ -140,20 +140,69 @@ pub use event::{
 pub use memory::InMemoryEventStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{NOTIFY_CHANNEL, PostgresEventStore};
+pub use projection::{
+    LAG_COUNT_LIMIT, Lag, LogLag, ParkedEvent, PoisonAction, ProgressCheck, Projection,
+    ProjectionHandle, ProjectionId, ProjectionOptions, ProjectionRunner, ProjectionState,
+    ProjectionStatus, ProjectionSupport, RetryBackoff,
+};
 pub use store::{
     Appender, EventSignal, EventStore, EventStoreBackend, EventStream, GlobalLog, Leadership,
     Snapshot, SnapshotStore, StoreInTransaction, StreamReader, SubscriptionSupport,
     TransactionalStore,
 };
 pub use subscription::{
-    Delivery, Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,
-};
-pub use projection::{
-    LAG_COUNT_LIMIT, Lag, LogLag, ParkedEvent, PoisonAction, ProgressCheck, Projection,
-    ProjectionHandle, ProjectionId, ProjectionOptions, ProjectionRunner, ProjectionState,
-    ProjectionStatus, ProjectionSupport, RetryBackoff,
+    Delivery, Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions,
+    SubscriptionStatus,
 };
 pub use upcast::Upcasters;
+
+/// The attribute macro the store's traits are written with, re-exported so
+/// that implementing [`SubscriptionHandler`] or [`Projection`] needs no
+/// dependency besides this crate: `#[keel_eventstore::async_trait]`.
+pub use async_trait::async_trait;
+
+/// What most callers need, in one import: `use keel_eventstore::prelude::*;`.
+///
+/// The store's traits (so their methods resolve), the option and event
+/// types, subscriptions and projections, the `async_trait` macro, and the
+/// keel-core ids they take.
+///
+/// ```
+/// use keel_eventstore::prelude::*;
+///
+/// struct Count(std::sync::atomic::AtomicU64);
+///
+/// #[async_trait]
+/// impl SubscriptionHandler for Count {
+///     async fn handle(&self, _event: &RecordedEvent) -> Result<(), BoxError> {
+///         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let store = InMemoryEventStore::new();
+/// let cart = StreamId::new("Cart-1")?;
+/// store
+///     .append(&cart, ExpectedVersion::NoStream, vec![NewEvent::from_json("cart.opened", &serde_json::json!({}))])
+///     .await?;
+/// assert_eq!(store.stream_version(&cart).await?.get(), 1);
+/// # Ok(()) }
+/// ```
+pub mod prelude {
+    #[cfg(feature = "postgres")]
+    pub use crate::PostgresEventStore;
+    pub use crate::{
+        Appender, Delivery, EventStore, EventStoreBackend, EventStoreError, GlobalLog,
+        InMemoryEventStore, LogLag, NewEvent, PoisonAction, Projection, ProjectionId,
+        ProjectionOptions, ProjectionRunner, ProjectionSupport, ReadAll, ReadStream, RecordedEvent,
+        SnapshotStore, StreamReader, Subscription, SubscriptionHandler, SubscriptionOptions,
+        SubscriptionSupport, TransactionalStore, async_trait,
+    };
+    pub use keel_core::uow::Transaction;
+    pub use keel_core::{BoxError, ExpectedVersion, Position, StreamId, Version};
+}
 
 /// The event store's tables and functions (`keel.events`, `keel.streams`,
 /// snapshots, checkpoints), applied with

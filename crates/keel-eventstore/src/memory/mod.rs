@@ -432,7 +432,7 @@ fn keep_latest(snapshots: &mut HashMap<StreamId, Snapshot>, snapshot: Snapshot) 
 #[async_trait]
 impl StreamReader for InMemoryEventStore {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
-        let batch = self.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut cursor = StreamCursor::new(&options);
             loop {
@@ -450,7 +450,7 @@ impl StreamReader for InMemoryEventStore {
 
 impl GlobalLog for InMemoryEventStore {
     fn read_all(&self, options: ReadAll) -> EventStream<'_> {
-        let batch = self.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut remaining = options.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
             let mut after = options.after;

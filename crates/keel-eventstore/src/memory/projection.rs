@@ -12,7 +12,7 @@ use super::InMemoryEventStore;
 use crate::error::{EventStoreError, Result};
 use crate::event::ReadAll;
 use crate::projection::{
-    Lag, LogLag, ParkedEvent, ProjectionId, ProjectionState, ProjectionSupport, LAG_COUNT_LIMIT,
+    LAG_COUNT_LIMIT, Lag, LogLag, ParkedEvent, ProjectionId, ProjectionState, ProjectionSupport,
     moved, not_caught_up, still_active, unknown,
 };
 

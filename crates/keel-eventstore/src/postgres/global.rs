@@ -34,7 +34,7 @@ fn horizon_warning_due() -> bool {
 
 impl GlobalLog for PostgresEventStore {
     fn read_all(&self, options: ReadAll) -> EventStream<'_> {
-        let batch = i64::from(self.config.read_batch_size);
+        let batch = i64::from(options.page(&self.config));
         Box::pin(async_stream::try_stream! {
             let mut after = (clamp(options.after.commit), clamp(options.after.sequence));
             let mut remaining = options.limit.map_or(i64::MAX, clamp);

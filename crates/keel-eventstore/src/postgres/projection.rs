@@ -80,9 +80,7 @@ impl ProjectionSupport for PostgresEventStore {
         )
         .execute(&self.pool)
         .await?;
-        self.projection_state(id)
-            .await?
-            .ok_or_else(|| unknown(id))
+        self.projection_state(id).await?.ok_or_else(|| unknown(id))
     }
 
     async fn projection_state(&self, id: &ProjectionId) -> Result<Option<ProjectionState>> {
@@ -244,7 +242,10 @@ impl ProjectionSupport for PostgresEventStore {
     }
 
     async fn activate_projection(&self, id: &ProjectionId, newer_only: bool) -> Result<bool> {
-        let state = self.projection_state(id).await?.ok_or_else(|| unknown(id))?;
+        let state = self
+            .projection_state(id)
+            .await?
+            .ok_or_else(|| unknown(id))?;
         if state.caught_up_at.is_none() {
             return Err(not_caught_up(id));
         }
@@ -277,7 +278,9 @@ impl ProjectionSupport for PostgresEventStore {
         .await;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if keel_database::constraint_of(&e) == Some("projection_active_version_fkey") => {
+            Err(e)
+                if keel_database::constraint_of(&e) == Some("projection_active_version_fkey") =>
+            {
                 Err(still_active(id))
             }
             Err(e) => Err(e.into()),

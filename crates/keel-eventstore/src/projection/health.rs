@@ -183,10 +183,11 @@ impl HealthCheck for ProgressCheck {
         if let Some(reason) = progress.ended {
             return HealthReport::unhealthy(latency, format!("stopped: {reason}; {behind}"));
         }
-        if age >= self.stuck_after {
+        let behind_at_all = progress.lag.events > 0;
+        if behind_at_all && age >= self.stuck_after {
             return HealthReport::unhealthy(latency, format!("stuck: {behind}"));
         }
-        if age >= self.degraded_after || progress.parked > 0 {
+        if (behind_at_all && age >= self.degraded_after) || progress.parked > 0 {
             return HealthReport::degraded(latency, behind);
         }
         HealthReport::healthy(latency).with_detail(behind)

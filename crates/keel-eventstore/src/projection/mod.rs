@@ -23,8 +23,8 @@ use crate::event::{ReadAll, RecordedEvent};
 mod health;
 mod runner;
 
-pub use health::{LAG_COUNT_LIMIT, Lag, LogLag, ProgressCheck};
 pub(crate) use health::SubscriptionSource;
+pub use health::{LAG_COUNT_LIMIT, Lag, LogLag, ProgressCheck};
 pub use runner::{ProjectionHandle, ProjectionRunner, ProjectionStatus};
 
 /// Applies events to a read model, inside the runner's unit of work.

@@ -62,10 +62,7 @@ impl ProjectionHandle {
     }
 
     /// Waits until the status satisfies `f` or the runner ends.
-    pub async fn wait_for(
-        &mut self,
-        f: impl Fn(&ProjectionStatus) -> bool,
-    ) -> ProjectionStatus {
+    pub async fn wait_for(&mut self, f: impl Fn(&ProjectionStatus) -> bool) -> ProjectionStatus {
         if let Ok(s) = self.status.wait_for(|s| f(s)).await {
             return *s;
         }
