@@ -538,3 +538,36 @@ async fn a_store_can_be_reset_between_tests_but_truncate_stays_refused() {
         "{refused:?}"
     );
 }
+
+/// Counts applications; writes nothing.
+struct Nothing;
+
+#[async_trait::async_trait]
+impl Projection for Nothing {
+    async fn apply(
+        &self,
+        _event: &RecordedEvent,
+        _tx: &mut dyn Transaction,
+    ) -> Result<(), keel_core::BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_runner_handed_the_wrong_kind_of_transaction_stops_with_a_clear_error() {
+    let (store, _units, _db) = setup().await;
+    append(&store, 0..3).await;
+    let handle = ProjectionRunner::spawn(
+        store.clone(),
+        Arc::new(keel_core::uow::MemoryTransactions::new()),
+        options("miswired", 1),
+        Nothing,
+    );
+    let err = tokio::time::timeout(Duration::from_secs(30), handle.join())
+        .await
+        .expect("the runner stops")
+        .unwrap_err();
+    let err = keel_core::Error::from(err);
+    assert_eq!(err.kind(), keel_core::ErrorKind::Internal, "{err:?}");
+    assert!(err.to_string().contains("cannot join"), "{err}");
+}

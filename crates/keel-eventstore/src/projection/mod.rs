@@ -431,3 +431,42 @@ pub(crate) fn still_active(id: &ProjectionId) -> EventStoreError {
 pub(crate) fn unknown(id: &ProjectionId) -> EventStoreError {
     EventStoreError::Core(keel_core::Error::not_found(format!("projection {id}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_refuse_empty_names_and_version_zero() {
+        assert!(ProjectionId::new("", 1).is_err());
+        assert!(ProjectionId::new("x".repeat(201), 1).is_err());
+        assert!(ProjectionId::new("orders", 0).is_err());
+        assert!(ProjectionId::new("orders", u32::MAX).is_err());
+        let id = ProjectionId::new("orders", 2).unwrap();
+        assert_eq!((id.name(), id.version()), ("orders", 2));
+        assert_eq!(id.to_string(), "orders@v2");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_ceiling() {
+        let b = RetryBackoff {
+            attempts: 10,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let delays: Vec<_> = (1..=6).map(|a| b.delay(a).as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(1));
+        let opts = ProjectionOptions::new(ProjectionId::new("p", 1).unwrap()).retry(
+            0,
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        );
+        assert_eq!(opts.retry.attempts, 1, "at least one attempt");
+        assert_eq!(
+            opts.retry.max,
+            Duration::from_secs(2),
+            "max never below initial"
+        );
+    }
+}

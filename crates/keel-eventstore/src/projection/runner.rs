@@ -285,6 +285,8 @@ struct Runner<S: ?Sized, P> {
 enum Exit {
     Stopped,
     LostLeadership,
+    /// A mistake no retry fixes (a unit of work the store cannot join).
+    Fatal(EventStoreError),
 }
 
 /// Resolves once a stop was requested; never when the handle was dropped.
@@ -330,6 +332,10 @@ where
                 Ok(Exit::LostLeadership) => {
                     tracing::warn!(projection = %id, "lost leadership; queueing again");
                 }
+                Ok(Exit::Fatal(e)) => {
+                    tracing::error!(projection = %id, error = %e, "the projection cannot run");
+                    return Err(e);
+                }
                 Err(e @ EventStoreError::Parked { .. }) => {
                     self.status.send_modify(|s| s.halted = true);
                     tracing::error!(projection = %id, error = %e, "projection halted on a parked event");
@@ -355,6 +361,21 @@ where
         let mut signal = self.store.event_signal().await?;
         let state = self.store.register_projection(id).await?;
         let mut position = state.checkpoint;
+        // Handed units of work of another backend, every batch would fail
+        // to move the checkpoint: say so once and stop instead.
+        let mut probe = self.transactions.begin().await?;
+        let joined = self
+            .store
+            .advance_projection(&mut *probe, id, position, position)
+            .await;
+        let _ = probe.rollback().await;
+        match joined {
+            Err(EventStoreError::Core(e @ keel_core::Error::Internal { .. })) => {
+                return Ok(Exit::Fatal(EventStoreError::Core(e)));
+            }
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
         self.status.send_modify(|s| s.position = Some(position));
         let mut activated = false;
         loop {
