@@ -55,6 +55,9 @@ pub mod health {}
 #[doc = include_str!("../../../docs/outbox.md")]
 pub mod outbox {}
 
+#[doc = include_str!("../../../docs/projections.md")]
+pub mod projections {}
+
 #[doc = include_str!("../../../docs/repository.md")]
 pub mod repository {}
 
