@@ -27,6 +27,12 @@
 //! * [`Subscription`]: catch-up subscriptions over the global log with
 //!   durable checkpoints, live tail (LISTEN/NOTIFY plus polling), at-least-once
 //!   delivery and one active consumer per name across processes;
+//! * [`ProjectionRunner`]: read models written with exactly-once effect
+//!   (the model's rows and the [`Projection`]'s checkpoint commit in one
+//!   unit of work), versioned rebuilds that switch readers over once
+//!   caught up, poison events retried and parked ([`PoisonAction`]), and
+//!   a readiness check with lag and parked counts ([`ProgressCheck`]);
+//!   guide: `docs/projections.md`;
 //! * [`EventSourcedRepository`]: keel-core's aggregate repository port, with
 //!   [`SnapshotPolicy`] snapshots and [`Upcasters`] for schema evolution;
 //! * [`InMemoryEventStore`]: the same behaviour without a server;
@@ -36,7 +42,8 @@
 //!   back) together with its outbox row, read model and inbox mark.
 //!
 //! The guide, including why the global order is safe and what it costs, is
-//! `docs/event-store.md` in the repository.
+//! `docs/event-store.md` in the repository. [`prelude`] imports what most
+//! callers need, the [`async_trait`](macro@async_trait) macro included.
 //!
 //! # Example
 //!
