@@ -557,6 +557,12 @@ impl SubscriptionSupport for InMemoryEventStore {
                 "the name must not be empty",
             ));
         }
+        // As on PostgreSQL, where the mark shares the checkpoint's row: a
+        // subscription that has started delivering has a checkpoint, at the
+        // start of the log until it stores one.
+        self.checkpoints()
+            .entry(name.to_owned())
+            .or_insert(Position::START);
         let mut delivered = self
             .inner
             .delivered

@@ -488,6 +488,11 @@ pub async fn subscription_flags_redeliveries<S: Subject>(store: S) {
         (1..=10).map(|n| (n, false)).collect::<Vec<_>>(),
         "first deliveries are not flagged"
     );
+    assert_eq!(
+        store.load_checkpoint("flags").await.unwrap(),
+        Some(Position::START),
+        "started delivering, never checkpointed: at the start, on both stores"
+    );
     store
         .append(&s, ExpectedVersion::Any, vec![ev(11), ev(12)])
         .await
