@@ -571,3 +571,47 @@ async fn a_runner_handed_the_wrong_kind_of_transaction_stops_with_a_clear_error(
     assert_eq!(err.kind(), keel_core::ErrorKind::Internal, "{err:?}");
     assert!(err.to_string().contains("cannot join"), "{err}");
 }
+
+/// Never finishes handling: a subscription stuck on its first event.
+struct Stuck;
+
+#[async_trait::async_trait]
+impl keel_eventstore::SubscriptionHandler for Stuck {
+    async fn handle(&self, _event: &RecordedEvent) -> Result<(), keel_core::BoxError> {
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_subscription_shows_up_in_the_readiness_report() {
+    use keel_core::{HealthStatus, Probe};
+    use keel_telemetry::health::HealthRegistry;
+    let (store, _units, _db) = setup().await;
+    append(&store, 0..3).await;
+    let mut handle = keel_eventstore::Subscription::spawn(
+        store.clone(),
+        keel_eventstore::SubscriptionOptions::new("stuck"),
+        Stuck,
+    );
+    tokio::time::timeout(Duration::from_secs(30), handle.wait_for(|s| s.leader))
+        .await
+        .unwrap();
+    let health = HealthRegistry::builder()
+        .cache_ttl(Duration::ZERO)
+        .show_details(true)
+        .build();
+    // Stuck past a threshold of zero: any waiting event counts.
+    health.register(
+        handle
+            .progress_check(store.clone())
+            .stuck_after(Duration::ZERO),
+    );
+    let report = health.report(Probe::Readiness).await;
+    assert_eq!(report.status, HealthStatus::Unhealthy, "{report:?}");
+    let check = &report.checks[0];
+    assert_eq!(check.name, "subscription:stuck");
+    let detail = check.detail.as_deref().unwrap_or_default();
+    assert!(detail.starts_with("stuck: 3 events behind"), "{detail}");
+    handle.abort().await;
+}
