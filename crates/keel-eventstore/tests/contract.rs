@@ -35,6 +35,7 @@ macro_rules! all_contract_tests {
                 projection_versions_switch_when_caught_up,
                 progress_checks_report_lag_and_stalls,
                 subscription_flags_redeliveries,
+                page_sizes_per_read_change_nothing_but_the_pages,
             ],
         }
     };
@@ -68,6 +69,7 @@ const RUN: &str = stringify!(
     projection_versions_switch_when_caught_up,
     progress_checks_report_lag_and_stalls,
     subscription_flags_redeliveries,
+    page_sizes_per_read_change_nothing_but_the_pages,
 );
 
 /// Fails when a rule was added to `testing::ALL` but is not run here.

@@ -50,7 +50,10 @@ pub use projections::{
     projection_parks_poison_events, projection_versions_switch_when_caught_up,
     subscription_flags_redeliveries,
 };
-pub use read::{global_log_order_and_filters, read_stream_directions_and_limits, typed_decoding};
+pub use read::{
+    global_log_order_and_filters, page_sizes_per_read_change_nothing_but_the_pages,
+    read_stream_directions_and_limits, typed_decoding,
+};
 pub use subscriptions::{
     checkpoints_never_move_backwards, subscription_catches_up_then_tails,
     subscription_has_one_leader_and_fails_over, subscription_redelivers_after_failure_or_crash,
@@ -188,6 +191,7 @@ pub const ALL: &[&str] = &[
     "projection_versions_switch_when_caught_up",
     "progress_checks_report_lag_and_stalls",
     "subscription_flags_redeliveries",
+    "page_sizes_per_read_change_nothing_but_the_pages",
 ];
 
 fn sid(s: &str) -> StreamId {
