@@ -233,6 +233,18 @@ mod tests {
             Counter,
         );
         handle.shutdown().await.unwrap();
+        let mut projection = crate::ProjectionRunner::spawn(
+            backend.clone(),
+            Arc::new(keel_core::uow::MemoryTransactions::new()),
+            crate::ProjectionOptions::new(crate::ProjectionId::new("dyn", 1).unwrap()),
+            Nothing,
+        );
+        projection.wait_for(|s| s.caught_up).await;
+        projection.shutdown().await.unwrap();
+        assert_eq!(
+            backend.active_projection_version("dyn").await.unwrap(),
+            Some(1)
+        );
         assert!(
             backend
                 .load_snapshot(&StreamId::new("Dyn-1").unwrap())
@@ -243,6 +255,19 @@ mod tests {
     }
 
     struct Counter;
+
+    struct Nothing;
+
+    #[async_trait]
+    impl crate::Projection for Nothing {
+        async fn apply(
+            &self,
+            _: &crate::RecordedEvent,
+            _: &mut dyn Transaction,
+        ) -> Result<(), keel_core::BoxError> {
+            Ok(())
+        }
+    }
 
     #[async_trait]
     impl crate::SubscriptionHandler for Counter {
