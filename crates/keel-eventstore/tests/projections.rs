@@ -615,3 +615,45 @@ async fn a_stuck_subscription_shows_up_in_the_readiness_report() {
     assert!(detail.starts_with("stuck: 3 events behind"), "{detail}");
     handle.abort().await;
 }
+
+/// Runners and subscriptions stop (or crash) in the middle of a global
+/// read. A read cancelled while its read-only transaction was being opened
+/// must not hand the connection back to the pool inside that transaction,
+/// or the next append on it fails ("cannot execute ... in a read-only
+/// transaction").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_global_read_leaves_no_transaction_on_the_pool() {
+    use futures::TryStreamExt;
+    use keel_eventstore::GlobalLog;
+    let (_store, _units, db) = setup().await;
+    // One connection, so every read and append shares it.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(db.connect_options())
+        .await
+        .unwrap();
+    let store = PostgresEventStore::with_config(
+        pool,
+        StoreConfig::default().settle_timeout(Duration::from_secs(30)),
+    );
+    append(&store, 0..20).await;
+    let mut rng = rand::rng();
+    for i in 0..400u64 {
+        let cut = Duration::from_micros(rng.random_range(0..1_500));
+        let _ = tokio::time::timeout(
+            cut,
+            store
+                .read_all(ReadAll::from_start().page_size(5))
+                .try_collect::<Vec<_>>(),
+        )
+        .await;
+        store
+            .append(
+                &StreamId::new("After-1").unwrap(),
+                ExpectedVersion::Any,
+                vec![ev(1_000 + i)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("append after cancelled read {i}: {e:?}"));
+    }
+}
