@@ -67,6 +67,9 @@ pub mod operations {}
 #[doc = include_str!("../../../docs/outbox.md")]
 pub mod outbox {}
 
+#[doc = include_str!("../../../docs/projections.md")]
+pub mod projections {}
+
 #[doc = include_str!("../../../docs/repository.md")]
 pub mod repository {}
 

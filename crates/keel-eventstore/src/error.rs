@@ -141,6 +141,24 @@ pub enum EventStoreError {
         source: BoxError,
     },
 
+    /// A projection's handler kept failing on an event: it was parked and,
+    /// under [`PoisonAction::Halt`](crate::PoisonAction::Halt), the runner
+    /// stopped with the checkpoint before it.
+    #[error(
+        "projection {projection}: the event at {position} was parked after {attempts} attempts"
+    )]
+    Parked {
+        /// The projection (`name@vN`).
+        projection: String,
+        /// The parked event's position.
+        position: keel_core::Position,
+        /// Attempts made in this run.
+        attempts: u32,
+        /// The handler's last error.
+        #[source]
+        source: BoxError,
+    },
+
     /// The database could not be reached or dropped the connection; retrying
     /// later may succeed.
     #[cfg(feature = "postgres")]

@@ -32,6 +32,12 @@ macro_rules! all_contract_tests {
                 racing_transactions_exactly_one_commits,
                 aggregate_repository_within_transaction,
                 concurrent_transactions_keep_the_log_exact,
+                projection_applies_each_event_once,
+                projection_parks_poison_events,
+                projection_versions_switch_when_caught_up,
+                progress_checks_report_lag_and_stalls,
+                subscription_flags_redeliveries,
+                page_sizes_per_read_change_nothing_but_the_pages,
             ],
         }
     };
@@ -62,6 +68,12 @@ const RUN: &str = stringify!(
     racing_transactions_exactly_one_commits,
     aggregate_repository_within_transaction,
     concurrent_transactions_keep_the_log_exact,
+    projection_applies_each_event_once,
+    projection_parks_poison_events,
+    projection_versions_switch_when_caught_up,
+    progress_checks_report_lag_and_stalls,
+    subscription_flags_redeliveries,
+    page_sizes_per_read_change_nothing_but_the_pages,
 );
 
 /// Fails when a rule was added to `testing::ALL` but is not run here.

@@ -325,3 +325,116 @@ async fn postgres_subscription_metrics() {
     let (store, _db) = postgres_store(&probe).await;
     subscription_metrics(store).await;
 }
+
+/// Applies nothing, fails on payload `n == 2`.
+struct SkipTwo;
+
+#[keel_eventstore::async_trait]
+impl keel_eventstore::Projection for SkipTwo {
+    async fn apply(
+        &self,
+        event: &keel_eventstore::RecordedEvent,
+        _tx: &mut dyn keel_core::uow::Transaction,
+    ) -> Result<(), keel_core::BoxError> {
+        if event.payload_value()?["n"] == 2 {
+            return Err("two is poison".into());
+        }
+        Ok(())
+    }
+}
+
+/// A projection's progress check records its lag (events and seconds) and
+/// its parked events as gauges, under `keel.projection`.
+async fn projection_gauges<S>(store: std::sync::Arc<S>, probe: &MetricsProbe)
+where
+    S: keel_eventstore::EventStoreBackend + Units + 'static,
+{
+    use keel_core::HealthCheck;
+    use keel_eventstore::{PoisonAction, ProjectionId, ProjectionOptions, ProjectionRunner};
+    use keel_telemetry::metrics::names::{
+        ATTR_PROJECTION, EVENTSTORE_PROJECTION_LAG, EVENTSTORE_PROJECTION_LAG_EVENTS,
+        EVENTSTORE_PROJECTION_PARKED,
+    };
+    store
+        .append(
+            &sid("Order-1"),
+            ExpectedVersion::NoStream,
+            (1..=4).map(ev).collect(),
+        )
+        .await
+        .unwrap();
+    let options = ProjectionOptions::new(ProjectionId::new("gauges", 1).unwrap())
+        .retry(2, Duration::from_millis(1), Duration::from_millis(1))
+        .on_poison(PoisonAction::SkipAndContinue)
+        .poll_interval(Duration::from_millis(20));
+    let transactions: std::sync::Arc<dyn keel_core::uow::TransactionSource> = if store.pool_backed()
+    {
+        std::sync::Arc::new(store.units())
+    } else {
+        std::sync::Arc::new(keel_core::uow::MemoryTransactions::new())
+    };
+    let mut handle = ProjectionRunner::spawn(store.clone(), transactions, options, SkipTwo);
+    tokio::time::timeout(Duration::from_secs(30), handle.wait_for(|s| s.caught_up))
+        .await
+        .unwrap();
+    let check = handle.progress_check().with_metrics(probe.metrics());
+    handle.shutdown().await.unwrap();
+    store
+        .append(
+            &sid("Order-1"),
+            ExpectedVersion::Any,
+            vec![ev(5), ev(6), ev(7)],
+        )
+        .await
+        .unwrap();
+    let report = check.check().await;
+    assert!(report.detail.contains("3 events behind"), "{report:?}");
+    let attrs = [(ATTR_PROJECTION, "projection:gauges@v1")];
+    assert_eq!(probe.value(EVENTSTORE_PROJECTION_LAG_EVENTS, &attrs), 3.0);
+    assert_eq!(probe.value(EVENTSTORE_PROJECTION_PARKED, &attrs), 1.0);
+    let lag = probe.value(EVENTSTORE_PROJECTION_LAG, &attrs);
+    assert!((0.0..60.0).contains(&lag), "{lag}");
+}
+
+/// How the gauge test gets units of work for each store.
+trait Units {
+    fn pool_backed(&self) -> bool;
+    fn units(&self) -> keel_database::Database;
+}
+
+impl Units for InMemoryEventStore {
+    fn pool_backed(&self) -> bool {
+        false
+    }
+    fn units(&self) -> keel_database::Database {
+        unreachable!("the in-memory store uses memory transactions")
+    }
+}
+
+impl Units for PostgresEventStore {
+    fn pool_backed(&self) -> bool {
+        true
+    }
+    fn units(&self) -> keel_database::Database {
+        let config = keel_database::DatabaseConfig::builder()
+            .connect_options((*self.pool().connect_options()).clone())
+            .min_connections(0)
+            .max_connections(5)
+            .build()
+            .unwrap();
+        keel_database::Database::connect_lazy(config)
+    }
+}
+
+#[tokio::test]
+async fn in_memory_projection_lag_and_parked_are_recorded() {
+    let probe = MetricsProbe::new();
+    projection_gauges(std::sync::Arc::new(InMemoryEventStore::new()), &probe).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_projection_lag_and_parked_are_recorded() {
+    let probe = MetricsProbe::new();
+    let (store, _db) = postgres_store(&probe).await;
+    projection_gauges(std::sync::Arc::new(store), &probe).await;
+}

@@ -50,6 +50,13 @@ pub mod names {
     pub const OUTBOX_LAG: &str = "keel.outbox.lag";
     /// Gauge: outbox entries not yet published (`{message}`).
     pub const OUTBOX_PENDING: &str = "keel.outbox.pending";
+    /// Gauge (s): age of the oldest event a projection or subscription has
+    /// not handled yet (zero when caught up).
+    pub const EVENTSTORE_PROJECTION_LAG: &str = "keel.eventstore.projection.lag";
+    /// Gauge: events a projection or subscription has not handled yet.
+    pub const EVENTSTORE_PROJECTION_LAG_EVENTS: &str = "keel.eventstore.projection.lag.events";
+    /// Gauge: events a projection has parked.
+    pub const EVENTSTORE_PROJECTION_PARKED: &str = "keel.eventstore.projection.parked";
     /// Histogram: time a command took through the command pipeline, by
     /// command type and outcome (`s`).
     pub const COMMAND_DURATION: &str = "keel.command.duration";
@@ -84,6 +91,9 @@ pub mod names {
     pub const ATTR_POOL: &str = "db.client.connection.pool.name";
     /// Attribute: the outbox relay's name.
     pub const ATTR_RELAY: &str = "keel.outbox.relay";
+    /// Attribute: the projection or subscription (`projection:name@v2`,
+    /// `subscription:name`).
+    pub const ATTR_PROJECTION: &str = "keel.projection";
     /// Attribute: a command's type name (e.g. `order.place`).
     pub const ATTR_COMMAND_TYPE: &str = "keel.command.type";
     /// Attribute: an event-store subscription's name (its checkpoint key).
@@ -257,6 +267,9 @@ pub struct KeelMetrics {
     pool_wait: Histogram<f64>,
     outbox_lag: Gauge<f64>,
     outbox_pending: Gauge<u64>,
+    projection_lag: Gauge<f64>,
+    projection_lag_events: Gauge<u64>,
+    projection_parked: Gauge<u64>,
     command_duration: Histogram<f64>,
     audit_append_failures: Counter<u64>,
     subscription_lag: Gauge<f64>,
@@ -343,6 +356,21 @@ impl KeelMetrics {
                 OUTBOX_PENDING,
                 "{message}",
                 "Outbox entries not yet published",
+            ),
+            projection_lag: meter
+                .f64_gauge(EVENTSTORE_PROJECTION_LAG)
+                .with_unit("s")
+                .with_description("Age of the oldest event a projection has not handled")
+                .build(),
+            projection_lag_events: gauge(
+                EVENTSTORE_PROJECTION_LAG_EVENTS,
+                "{event}",
+                "Events a projection has not handled yet",
+            ),
+            projection_parked: gauge(
+                EVENTSTORE_PROJECTION_PARKED,
+                "{event}",
+                "Events a projection parked after its handler kept failing",
             ),
             command_duration: seconds(
                 COMMAND_DURATION,
@@ -512,6 +540,15 @@ impl KeelMetrics {
         let attrs = [KeyValue::new(ATTR_RELAY, relay.to_owned())];
         self.outbox_lag.record(lag.as_secs_f64(), &attrs);
         self.outbox_pending.record(pending, &attrs);
+    }
+
+    /// Records a projection's (or subscription's) lag in time and in
+    /// events, and its parked events.
+    pub fn record_projection(&self, projection: &str, lag: Duration, lag_events: u64, parked: u64) {
+        let attrs = [KeyValue::new(ATTR_PROJECTION, projection.to_owned())];
+        self.projection_lag.record(lag.as_secs_f64(), &attrs);
+        self.projection_lag_events.record(lag_events, &attrs);
+        self.projection_parked.record(parked, &attrs);
     }
 
     /// Records one command through the pipeline: its duration by command

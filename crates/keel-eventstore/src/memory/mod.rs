@@ -23,6 +23,7 @@ use crate::store::{
 };
 use crate::telemetry::{Appending, StoreMetrics};
 
+mod projection;
 mod snapshots;
 mod transaction;
 
@@ -57,6 +58,8 @@ struct Shared {
     log: Arc<MemoryCell<Log>>,
     snapshots: Arc<MemoryCell<SnapshotHistory>>,
     checkpoints: Mutex<HashMap<String, Position>>,
+    delivered: Mutex<HashMap<String, Position>>,
+    projections: Arc<MemoryCell<projection::Book>>,
     appended: Arc<watch::Sender<u64>>,
     leaders: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -94,6 +97,8 @@ impl InMemoryEventStore {
                 })),
                 snapshots: Arc::new(MemoryCell::new(SnapshotHistory::default())),
                 checkpoints: Mutex::default(),
+                delivered: Mutex::default(),
+                projections: Arc::new(MemoryCell::new(projection::Book::default())),
                 appended,
                 leaders: Mutex::default(),
             }),
@@ -421,7 +426,7 @@ fn version_of(log: &Log, stream: &StreamId) -> Version {
 #[async_trait]
 impl StreamReader for InMemoryEventStore {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
-        let batch = self.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut cursor = StreamCursor::new(&options);
             loop {
@@ -439,7 +444,7 @@ impl StreamReader for InMemoryEventStore {
 
 impl GlobalLog for InMemoryEventStore {
     fn read_all(&self, options: ReadAll) -> EventStream<'_> {
-        let batch = self.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut remaining = options.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
             let mut after = options.after;
@@ -524,6 +529,41 @@ impl SubscriptionSupport for InMemoryEventStore {
         }
         let mut checkpoints = self.checkpoints();
         let entry = checkpoints.entry(name.to_owned()).or_insert(position);
+        if *entry < position {
+            *entry = position;
+        }
+        Ok(())
+    }
+
+    async fn load_delivered(&self, name: &str) -> Result<Option<Position>> {
+        Ok(self
+            .inner
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied())
+    }
+
+    async fn save_delivered(&self, name: &str, position: Position) -> Result<()> {
+        if name.is_empty() {
+            return Err(EventStoreError::invalid(
+                "subscription",
+                "the name must not be empty",
+            ));
+        }
+        // As on PostgreSQL, where the mark shares the checkpoint's row: a
+        // subscription that has started delivering has a checkpoint, at the
+        // start of the log until it stores one.
+        self.checkpoints()
+            .entry(name.to_owned())
+            .or_insert(Position::START);
+        let mut delivered = self
+            .inner
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = delivered.entry(name.to_owned()).or_insert(position);
         if *entry < position {
             *entry = position;
         }

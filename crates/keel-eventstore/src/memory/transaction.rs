@@ -115,7 +115,7 @@ impl Appender for InTransaction<'_> {
 #[async_trait]
 impl StreamReader for InTransaction<'_> {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
-        let batch = self.store.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.store.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut cursor = StreamCursor::new(&options);
             loop {

@@ -38,6 +38,7 @@ use crate::telemetry::StoreMetrics;
 
 mod append;
 mod global;
+mod projection;
 mod read;
 mod snapshots;
 mod subscriptions;
