@@ -8,9 +8,13 @@ pub mod engine;
 pub mod error;
 pub mod filter;
 pub mod memory;
+#[cfg(feature = "meilisearch")]
+pub mod meilisearch;
 pub mod names;
 pub mod query;
 pub mod settings;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub mod typed;
 

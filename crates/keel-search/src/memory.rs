@@ -149,7 +149,7 @@ impl IndexAdmin for InMemoryEngine {
         self.lock()
             .indexes
             .get(index)
-            .map(|i| i.settings.clone())
+            .map(|i| i.settings.clone().normalized())
             .ok_or_else(|| not_found(index))
     }
 

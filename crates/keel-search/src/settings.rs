@@ -102,6 +102,39 @@ impl IndexSettings {
         })
     }
 
+    /// The canonical form both engines report: `searchable` `["*"]` as
+    /// `None`, the default ranking rules as `None`, attribute lists sorted
+    /// without duplicates, synonym lists sorted.
+    #[must_use]
+    pub fn normalized(mut self) -> Self {
+        self.normalize();
+        self
+    }
+
+    pub(crate) fn normalize(&mut self) {
+        if self
+            .searchable_attributes
+            .as_ref()
+            .is_some_and(|f| f.len() == 1 && f[0] == "*")
+        {
+            self.searchable_attributes = None;
+        }
+        if self.ranking_rules.as_ref().is_some_and(|r| {
+            r.len() == DEFAULT_RANKING_RULES.len()
+                && r.iter().zip(DEFAULT_RANKING_RULES).all(|(a, b)| a == b)
+        }) {
+            self.ranking_rules = None;
+        }
+        for list in [&mut self.filterable_attributes, &mut self.sortable_attributes] {
+            list.sort();
+            list.dedup();
+        }
+        for synonyms in self.synonyms.values_mut() {
+            synonyms.sort();
+            synonyms.dedup();
+        }
+    }
+
     /// Checks attribute names, ranking rules and synonyms.
     ///
     /// # Errors
