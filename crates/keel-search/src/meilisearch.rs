@@ -24,6 +24,10 @@ use crate::names::{DocumentId, IndexName, Limits};
 use crate::query::{Document, Hit, Pagination, SearchRequest, SearchResults, TotalHits};
 use crate::settings::IndexSettings;
 
+/// The SDK this adapter is built on, for calls the port does not cover
+/// (through [`MeilisearchEngine::client`]).
+pub use meilisearch_sdk as sdk;
+
 /// A [`SearchEngine`] on a Meilisearch server (v1.x).
 ///
 /// Cheap to clone; clones share the HTTP connection pool and the cache of
