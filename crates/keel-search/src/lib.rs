@@ -11,8 +11,11 @@ pub mod memory;
 #[cfg(feature = "meilisearch")]
 pub mod meilisearch;
 pub mod names;
+#[cfg(feature = "projection")]
+pub mod projection;
 pub mod query;
 pub mod settings;
+pub mod sync;
 #[cfg(feature = "testing")]
 pub mod testing;
 
