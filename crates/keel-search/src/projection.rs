@@ -673,7 +673,8 @@ where
     }
 
     async fn measure(&self) -> Result<(u64, Duration)> {
-        let cap = self.options.max_ready_lag.saturating_add(1).max(1);
+        // Exact up to 10 000 (or the readiness threshold, if larger).
+        let cap = self.options.max_ready_lag.saturating_add(1).max(10_000);
         let (events, age) = self.lag_after(self.position(), cap).await?;
         {
             let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
