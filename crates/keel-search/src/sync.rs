@@ -177,8 +177,8 @@ impl SearchSyncHandler {
     }
 
     /// Takes the entity's version from `pointer` in the payload (a
-    /// non-negative integer) and skips upserts that are not newer than the
-    /// stored document.
+    /// non-negative integer, required in every message that upserts) and
+    /// skips upserts that are not newer than the stored document.
     #[must_use]
     pub fn versioned(mut self, pointer: impl Into<String>) -> Self {
         self.version = Some(pointer.into());
@@ -186,9 +186,9 @@ impl SearchSyncHandler {
     }
 
     async fn apply(&self, message: &Message, changes: Vec<Change>) -> Result<(), HandlerError> {
+        let has_upserts = changes.iter().any(|c| matches!(c, Change::Upsert(_)));
         let version = match &self.version {
-            None => None,
-            Some(pointer) => Some(
+            Some(pointer) if has_upserts => Some(
                 at(message, pointer)
                     .ok()
                     .and_then(Value::as_u64)
@@ -199,6 +199,7 @@ impl SearchSyncHandler {
                         ))
                     })?,
             ),
+            _ => None,
         };
         let primary_key = self.engine.primary_key(&self.index).await.map_err(fail)?;
         let mut upserts = Vec::new();
@@ -242,9 +243,10 @@ impl SearchSyncHandler {
     }
 }
 
-/// Engine failures retry; refused input rejects.
+/// Engine failures (and an index not created yet) retry; refused input
+/// rejects.
 fn fail(e: SearchError) -> HandlerError {
-    if e.is_retryable() {
+    if e.is_retryable() || matches!(e, SearchError::IndexNotFound { .. }) {
         HandlerError::retry(e)
     } else {
         HandlerError::reject(e)
