@@ -42,8 +42,22 @@ struct Product {
 }
 
 const WORDS: [&str; 16] = [
-    "kettle", "lamp", "chair", "desk", "steel", "blue", "red", "garden", "hose", "knife", "paper",
-    "mesh", "warm", "light", "porcelain", "plastic",
+    "kettle",
+    "lamp",
+    "chair",
+    "desk",
+    "steel",
+    "blue",
+    "red",
+    "garden",
+    "hose",
+    "knife",
+    "paper",
+    "mesh",
+    "warm",
+    "light",
+    "porcelain",
+    "plastic",
 ];
 const CATEGORIES: [&str; 4] = ["kitchen", "garden", "office", "outdoor"];
 
@@ -102,7 +116,12 @@ async fn index_with_sdk(client: &Client, uid: &str, docs: &[Product]) -> Duratio
     let started = Instant::now();
     let mut last = None;
     for batch in docs.chunks(BATCH) {
-        last = Some(index.add_or_replace(batch, Some("id")).await.expect("sdk add"));
+        last = Some(
+            index
+                .add_or_replace(batch, Some("id"))
+                .await
+                .expect("sdk add"),
+        );
     }
     let task = last.expect("a batch");
     let done = client
@@ -171,7 +190,10 @@ async fn main() {
                 if keel { "keel" } else { "sdk" }
             ))
             .expect("name");
-            engine.create_index(&name, "id", wait).await.expect("create");
+            engine
+                .create_index(&name, "id", wait)
+                .await
+                .expect("create");
             engine
                 .apply_settings(&name, &settings(), wait)
                 .await
@@ -201,7 +223,10 @@ async fn main() {
 
     // Search latency on one loaded index.
     let name = IndexName::new(format!("bench_{run}_search")).expect("name");
-    engine.create_index(&name, "id", wait).await.expect("create");
+    engine
+        .create_index(&name, "id", wait)
+        .await
+        .expect("create");
     engine
         .apply_settings(&name, &settings(), wait)
         .await
@@ -267,8 +292,16 @@ async fn main() {
     let (k50, k99) = (percentile(&keel_lat, 0.5), percentile(&keel_lat, 0.99));
     println!("\n| search ({} each) | p50 µs | p99 µs |", sdk_lat.len());
     println!("|---|---|---|");
-    println!("| SDK `search().execute` | {:.0} | {:.0} |", us(s50), us(s99));
-    println!("| Keel `SearchIndex::search` | {:.0} | {:.0} |", us(k50), us(k99));
+    println!(
+        "| SDK `search().execute` | {:.0} | {:.0} |",
+        us(s50),
+        us(s99)
+    );
+    println!(
+        "| Keel `SearchIndex::search` | {:.0} | {:.0} |",
+        us(k50),
+        us(k99)
+    );
     println!(
         "| added by Keel | {:+.0} | {:+.0} |",
         us(k50) - us(s50),

@@ -109,8 +109,7 @@ pub trait IndexAdmin: Send + Sync {
     /// Swaps the contents (documents and settings) of two indexes in one
     /// atomic step: searches see either the old or the new contents under
     /// each name, never a mixture. Both must exist.
-    async fn swap_indexes(&self, a: &IndexName, b: &IndexName, wait: Wait)
-    -> Result<WriteReceipt>;
+    async fn swap_indexes(&self, a: &IndexName, b: &IndexName, wait: Wait) -> Result<WriteReceipt>;
 
     /// How many documents the index holds.
     async fn document_count(&self, index: &IndexName) -> Result<u64>;
@@ -266,7 +265,10 @@ mod tests {
         let three = [ok[0].clone(), ok[1].clone(), ok[0].clone()];
         assert!(matches!(
             check_batch(&three, "id", &limits),
-            Err(SearchError::BatchTooLarge { unit: "documents", .. })
+            Err(SearchError::BatchTooLarge {
+                unit: "documents",
+                ..
+            })
         ));
         let big = [doc(json!({"id": "a", "text": "x".repeat(50)}))];
         assert!(matches!(

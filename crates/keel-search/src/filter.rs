@@ -511,7 +511,11 @@ mod tests {
         assert!(Filter::eq("a = 1 OR b", 1).to_expression().is_err());
         assert!(Filter::eq("", 1).to_expression().is_err());
         assert!(Filter::gt("price", f64::NAN).to_expression().is_err());
-        assert!(Filter::any_of("t", Vec::<String>::new()).to_expression().is_err());
+        assert!(
+            Filter::any_of("t", Vec::<String>::new())
+                .to_expression()
+                .is_err()
+        );
         assert!(Filter::any([]).to_expression().is_err());
         assert!(Filter::all([]).not().to_expression().is_err());
         assert!(Filter::eq("a", "x\0").to_expression().is_err());

@@ -123,9 +123,9 @@
 pub mod engine;
 pub mod error;
 pub mod filter;
-pub mod memory;
 #[cfg(feature = "meilisearch")]
 pub mod meilisearch;
+pub mod memory;
 pub mod names;
 #[cfg(feature = "projection")]
 pub mod projection;
@@ -136,13 +136,6 @@ pub mod sync;
 pub mod testing;
 
 pub mod typed;
-
-
-
-
-
-
-
 
 pub use engine::{
     DocumentReader, DocumentWriter, IndexAdmin, SearchEngine, Wait, WriteReceipt, check_batch,

@@ -244,8 +244,11 @@ fn to_sdk_settings(s: &IndexSettings) -> Settings {
         .searchable_attributes
         .clone()
         .unwrap_or_else(|| vec!["*".to_owned()]);
-    let synonyms: HashMap<String, Vec<String>> =
-        s.synonyms.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let synonyms: HashMap<String, Vec<String>> = s
+        .synonyms
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     Settings::new()
         .with_searchable_attributes(searchable)
         .with_filterable_attributes(&s.filterable_attributes)
@@ -360,12 +363,7 @@ impl IndexAdmin for MeilisearchEngine {
         Ok(from_sdk_settings(s))
     }
 
-    async fn swap_indexes(
-        &self,
-        a: &IndexName,
-        b: &IndexName,
-        wait: Wait,
-    ) -> Result<WriteReceipt> {
+    async fn swap_indexes(&self, a: &IndexName, b: &IndexName, wait: Wait) -> Result<WriteReceipt> {
         let swap = SwapIndexes {
             indexes: (a.to_string(), b.to_string()),
             rename: None,
@@ -383,7 +381,11 @@ impl IndexAdmin for MeilisearchEngine {
             match self.wait_for(receipt, timeout).await {
                 // The task names only one missing index; say which.
                 Err(SearchError::Rejected { code, message, .. }) if code == "index_not_found" => {
-                    let missing = if message.contains(&format!("`{b}`")) { b } else { a };
+                    let missing = if message.contains(&format!("`{b}`")) {
+                        b
+                    } else {
+                        a
+                    };
                     return Err(SearchError::IndexNotFound {
                         index: missing.to_string(),
                     });
@@ -408,8 +410,9 @@ impl IndexAdmin for MeilisearchEngine {
         let Some(uid) = receipt.task else {
             return Ok(());
         };
-        let task_uid = u32::try_from(uid)
-            .map_err(|_| SearchError::invalid("task", format!("{uid} is not a Meilisearch task id")))?;
+        let task_uid = u32::try_from(uid).map_err(|_| {
+            SearchError::invalid("task", format!("{uid} is not a Meilisearch task id"))
+        })?;
         let deadline = tokio::time::Instant::now() + timeout;
         // Poll soon at first (most small tasks finish in a few
         // milliseconds), then back off to the configured interval.
@@ -430,11 +433,9 @@ impl IndexAdmin for MeilisearchEngine {
                         .and_then(|i| IndexName::new(i).ok());
                     let err = from_meili(&content.error, None, Some(uid));
                     return Err(match (&content.error.error_code, index) {
-                        (ErrorCode::IndexNotFound, Some(i)) => {
-                            SearchError::IndexNotFound {
-                                index: i.to_string(),
-                            }
-                        }
+                        (ErrorCode::IndexNotFound, Some(i)) => SearchError::IndexNotFound {
+                            index: i.to_string(),
+                        },
                         (ErrorCode::IndexAlreadyExists, Some(i)) => {
                             SearchError::IndexAlreadyExists {
                                 index: i.to_string(),
@@ -721,7 +722,12 @@ impl TenantRules {
         }
         let mut out = Map::new();
         for (index, filter) in &self.rules {
-            let rule = match filter.as_ref().map(Filter::to_expression).transpose()?.flatten() {
+            let rule = match filter
+                .as_ref()
+                .map(Filter::to_expression)
+                .transpose()?
+                .flatten()
+            {
                 Some(expr) => serde_json::json!({ "filter": expr }),
                 None => serde_json::json!({}),
             };
@@ -803,7 +809,10 @@ impl TenantTokenSigner {
     /// zero `ttl`.
     pub fn sign(&self, rules: &TenantRules, ttl: Duration) -> Result<Secret<String>> {
         if ttl.is_zero() {
-            return Err(SearchError::invalid("ttl", "a tenant token must live a while"));
+            return Err(SearchError::invalid(
+                "ttl",
+                "a tenant token must live a while",
+            ));
         }
         let exp = SystemTime::now()
             .checked_add(ttl)

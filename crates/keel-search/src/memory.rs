@@ -140,7 +140,10 @@ impl IndexAdmin for InMemoryEngine {
     ) -> Result<WriteReceipt> {
         settings.validate()?;
         let mut state = self.lock();
-        let idx = state.indexes.get_mut(index).ok_or_else(|| not_found(index))?;
+        let idx = state
+            .indexes
+            .get_mut(index)
+            .ok_or_else(|| not_found(index))?;
         idx.settings = settings.clone();
         Ok(WriteReceipt::applied())
     }
@@ -206,7 +209,10 @@ impl DocumentWriter for InMemoryEngine {
             .clone();
         let ids = check_batch(&documents, &primary_key, &self.limits)?;
         let mut seq = state.next_seq;
-        let idx = state.indexes.get_mut(index).ok_or_else(|| not_found(index))?;
+        let idx = state
+            .indexes
+            .get_mut(index)
+            .ok_or_else(|| not_found(index))?;
         for (id, doc) in ids.into_iter().zip(documents) {
             match idx.docs.get_mut(&id) {
                 Some(entry) => entry.1 = doc,
@@ -234,7 +240,10 @@ impl DocumentWriter for InMemoryEngine {
             });
         }
         let mut state = self.lock();
-        let idx = state.indexes.get_mut(index).ok_or_else(|| not_found(index))?;
+        let idx = state
+            .indexes
+            .get_mut(index)
+            .ok_or_else(|| not_found(index))?;
         for id in ids {
             idx.docs.remove(id);
         }
@@ -243,7 +252,10 @@ impl DocumentWriter for InMemoryEngine {
 
     async fn delete_all_documents(&self, index: &IndexName, _wait: Wait) -> Result<WriteReceipt> {
         let mut state = self.lock();
-        let idx = state.indexes.get_mut(index).ok_or_else(|| not_found(index))?;
+        let idx = state
+            .indexes
+            .get_mut(index)
+            .ok_or_else(|| not_found(index))?;
         idx.docs.clear();
         Ok(WriteReceipt::applied())
     }
@@ -482,13 +494,16 @@ fn eval(node: &Node, doc: &Document) -> bool {
             let Some(bound) = number_of(v) else {
                 return false;
             };
-            values_at(doc, field).iter().filter_map(|x| x.as_f64()).any(|x| match op {
-                Op::Gt => x > bound,
-                Op::Gte => x >= bound,
-                Op::Lt => x < bound,
-                Op::Lte => x <= bound,
-                Op::Eq | Op::Ne => false,
-            })
+            values_at(doc, field)
+                .iter()
+                .filter_map(|x| x.as_f64())
+                .any(|x| match op {
+                    Op::Gt => x > bound,
+                    Op::Gte => x >= bound,
+                    Op::Lt => x < bound,
+                    Op::Lte => x <= bound,
+                    Op::Eq | Op::Ne => false,
+                })
         }
         Node::Between(field, low, high) => {
             let (Some(low), Some(high)) = (number_of(low), number_of(high)) else {
@@ -624,7 +639,10 @@ impl Query {
         if best.iter().any(Option::is_none) {
             return None;
         }
-        Some((best.iter().filter(|b| **b == Some(true)).count(), first_attribute))
+        Some((
+            best.iter().filter(|b| **b == Some(true)).count(),
+            first_attribute,
+        ))
     }
 
     fn highlight(&self, doc: &Document, fields: &[String], pre: &str, post: &str) -> Document {
@@ -674,7 +692,10 @@ impl Query {
                     .filter(|t| lower.starts_with(t.as_str()))
                     .map(|t| t.chars().count())
                     .max()?;
-                word.char_indices().nth(len).map(|(b, _)| b).or(Some(word.len()))
+                word.char_indices()
+                    .nth(len)
+                    .map(|(b, _)| b)
+                    .or(Some(word.len()))
             });
             match matched {
                 Some(len) if len > 0 => {

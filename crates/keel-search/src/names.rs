@@ -53,9 +53,7 @@ impl IndexName {
             return Err(bad("the name is longer than 400 bytes"));
         }
         if !name.chars().all(allowed) {
-            return Err(bad(
-                "only ASCII letters, digits, '-' and '_' are allowed",
-            ));
+            return Err(bad("only ASCII letters, digits, '-' and '_' are allowed"));
         }
         Ok(Self(name))
     }
@@ -142,7 +140,9 @@ impl DocumentId {
             Some(Value::Number(n)) if n.is_u64() => Self::new(n.to_string()),
             Some(other) => Err(SearchError::InvalidDocumentId {
                 id: truncate(&other.to_string(), 64),
-                reason: format!("the {primary_key} field must be a string or a non-negative integer"),
+                reason: format!(
+                    "the {primary_key} field must be a string or a non-negative integer"
+                ),
             }),
             None => Err(SearchError::InvalidDocumentId {
                 id: String::new(),
@@ -287,7 +287,14 @@ mod tests {
                 .as_str(),
             "42"
         );
-        for bad in [json!(-1), json!(1.5), json!(true), json!(null), json!("a b"), json!({})] {
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!(true),
+            json!(null),
+            json!("a b"),
+            json!({}),
+        ] {
             assert!(DocumentId::from_value("id", Some(&bad)).is_err(), "{bad}");
         }
         assert!(DocumentId::from_value("id", None).is_err());

@@ -534,13 +534,22 @@ where
     /// reports while creating the index.
     pub async fn start(self) -> Result<ProjectionHandle<S>> {
         if self.options.name.is_empty() {
-            return Err(SearchError::invalid("projection", "the name must not be empty"));
+            return Err(SearchError::invalid(
+                "projection",
+                "the name must not be empty",
+            ));
         }
         crate::engine::check_primary_key(&self.primary_key)?;
         let wait = Wait::applied(self.options.write_timeout);
         if !self.engine.index_exists(&self.index).await? {
-            create_with_settings(&*self.engine, &self.index, &self.primary_key, &self.settings, wait)
-                .await?;
+            create_with_settings(
+                &*self.engine,
+                &self.index,
+                &self.primary_key,
+                &self.settings,
+                wait,
+            )
+            .await?;
         }
         let meter = self
             .meter
@@ -652,15 +661,15 @@ where
             .filter
             .read_all(position.unwrap_or(Position::START))
             .limit(cap);
-        let events: Vec<RecordedEvent> = self
-            .store
-            .read_all(filter)
-            .try_collect()
-            .await
-            .map_err(|e| SearchError::Unavailable {
-                message: "cannot read the event log".to_owned(),
-                source: Some(Box::new(e)),
-            })?;
+        let events: Vec<RecordedEvent> =
+            self.store
+                .read_all(filter)
+                .try_collect()
+                .await
+                .map_err(|e| SearchError::Unavailable {
+                    message: "cannot read the event log".to_owned(),
+                    source: Some(Box::new(e)),
+                })?;
         let age = events
             .first()
             .map(|e| {
@@ -820,8 +829,14 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .rebuilding = true;
-        create_with_settings(&*shared.engine, &shadow, &shared.primary_key, &shared.settings, wait)
-            .await?;
+        create_with_settings(
+            &*shared.engine,
+            &shadow,
+            &shared.primary_key,
+            &shared.settings,
+            wait,
+        )
+        .await?;
         let rebuild_status = Arc::new(Mutex::new(ProjectionStatus::default()));
         let rebuild = Subscription::spawn(
             Arc::clone(&shared.store),
@@ -829,7 +844,14 @@ where
             shared.handler(shadow.clone(), Arc::clone(&rebuild_status)),
         );
         let outcome = self
-            .finish_rebuild(&shadow, &rebuild_name, rebuild, &rebuild_status, started, timeout)
+            .finish_rebuild(
+                &shadow,
+                &rebuild_name,
+                rebuild,
+                &rebuild_status,
+                started,
+                timeout,
+            )
             .await;
         shared
             .status
@@ -856,8 +878,12 @@ where
     ) -> Result<RebuildReport> {
         let shared = Arc::clone(&self.shared);
         let deadline = started + timeout;
-        let rebuild_position =
-            || rebuild_status.lock().unwrap_or_else(PoisonError::into_inner).position;
+        let rebuild_position = || {
+            rebuild_status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .position
+        };
         let store_err = |e: keel_eventstore::EventStoreError| SearchError::Unavailable {
             message: "the event store failed during a rebuild".to_owned(),
             source: Some(Box::new(e)),
@@ -865,7 +891,9 @@ where
         // 1. Let the new index catch up with the live one's neighbourhood.
         let mut live_stopped = false;
         loop {
-            let (waiting, _) = shared.lag_after(rebuild_position(), shared.options.max_ready_lag.max(1) + 1).await?;
+            let (waiting, _) = shared
+                .lag_after(rebuild_position(), shared.options.max_ready_lag.max(1) + 1)
+                .await?;
             if !live_stopped && waiting <= shared.options.max_ready_lag {
                 // 2. Stop the live projection: from here only the rebuild
                 //    moves, so it can reach the head of the log.
@@ -877,9 +905,17 @@ where
             if live_stopped && waiting == 0 {
                 break;
             }
-            if let Some(why) = rebuild_status.lock().unwrap_or_else(PoisonError::into_inner).failed.clone() {
+            if let Some(why) = rebuild_status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .failed
+                .clone()
+            {
                 rebuild.abort().await;
-                return Err(SearchError::Unavailable { message: why, source: None });
+                return Err(SearchError::Unavailable {
+                    message: why,
+                    source: None,
+                });
             }
             if Instant::now() >= deadline {
                 rebuild.abort().await;
@@ -895,7 +931,10 @@ where
         rebuild.shutdown().await.map_err(store_err)?;
         let position = rebuild_position();
         let wait = Wait::applied(shared.options.write_timeout);
-        shared.engine.swap_indexes(&shared.index, shadow, wait).await?;
+        shared
+            .engine
+            .swap_indexes(&shared.index, shadow, wait)
+            .await?;
         if let Some(p) = position {
             shared
                 .store
@@ -1010,15 +1049,23 @@ impl HealthCheck for Readiness {
     async fn check(&self) -> HealthReport {
         let started = Instant::now();
         if let Some(why) = self.shared.failed() {
-            return HealthReport::unhealthy(started.elapsed(), format!("projection stopped: {why}"));
+            return HealthReport::unhealthy(
+                started.elapsed(),
+                format!("projection stopped: {why}"),
+            );
         }
         let max = self.shared.max_ready_lag();
         match tokio::time::timeout(Duration::from_secs(5), self.shared.measure_now()).await {
             Err(_) => HealthReport::unhealthy(started.elapsed(), "no lag measurement within 5s"),
-            Ok(Err(e)) => HealthReport::unhealthy(started.elapsed(), format!("cannot measure lag: {e}")),
+            Ok(Err(e)) => {
+                HealthReport::unhealthy(started.elapsed(), format!("cannot measure lag: {e}"))
+            }
             Ok(Ok((events, age))) if events > max => HealthReport::unhealthy(
                 started.elapsed(),
-                format!("more than {max} events behind (oldest waiting {:.1}s)", age.as_secs_f64()),
+                format!(
+                    "more than {max} events behind (oldest waiting {:.1}s)",
+                    age.as_secs_f64()
+                ),
             ),
             Ok(Ok((0, _))) => HealthReport::healthy(started.elapsed()),
             Ok(Ok((events, age))) => HealthReport::healthy(started.elapsed()).with_detail(format!(

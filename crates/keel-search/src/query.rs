@@ -240,7 +240,9 @@ impl SearchRequest {
             Pagination::Page { page: 0, .. } => {
                 Err(SearchError::invalid("page", "pages are numbered from 1"))
             }
-            Pagination::Page { hits_per_page, .. } if hits_per_page == 0 || hits_per_page > MAX_LIMIT => {
+            Pagination::Page { hits_per_page, .. }
+                if hits_per_page == 0 || hits_per_page > MAX_LIMIT =>
+            {
                 Err(SearchError::invalid(
                     "hits_per_page",
                     format!("between 1 and {MAX_LIMIT}"),
@@ -337,7 +339,12 @@ mod tests {
         assert!(SearchRequest::new("x").page(0, 10).validate().is_err());
         assert!(SearchRequest::new("x").page(1, 0).validate().is_err());
         assert!(SearchRequest::new("x").offset(0, 1001).validate().is_err());
-        assert!(SearchRequest::new("x").sort(SortBy::asc("a b")).validate().is_err());
+        assert!(
+            SearchRequest::new("x")
+                .sort(SortBy::asc("a b"))
+                .validate()
+                .is_err()
+        );
         assert!(SearchRequest::new("x").facets(["a,b"]).validate().is_err());
         assert!(
             SearchRequest::new("x")

@@ -6,8 +6,14 @@ use crate::error::{Result, SearchError};
 use crate::names::check_field;
 
 /// Meilisearch's default ranking rules, in order.
-pub const DEFAULT_RANKING_RULES: [&str; 6] =
-    ["words", "typo", "proximity", "attribute", "sort", "exactness"];
+pub const DEFAULT_RANKING_RULES: [&str; 6] = [
+    "words",
+    "typo",
+    "proximity",
+    "attribute",
+    "sort",
+    "exactness",
+];
 
 /// How an index searches, filters and sorts.
 ///
@@ -125,7 +131,10 @@ impl IndexSettings {
         }) {
             self.ranking_rules = None;
         }
-        for list in [&mut self.filterable_attributes, &mut self.sortable_attributes] {
+        for list in [
+            &mut self.filterable_attributes,
+            &mut self.sortable_attributes,
+        ] {
             list.sort();
             list.dedup();
         }
@@ -158,9 +167,9 @@ impl IndexSettings {
         if let Some(rules) = &self.ranking_rules {
             for rule in rules {
                 let ok = DEFAULT_RANKING_RULES.contains(&rule.as_str())
-                    || rule
-                        .rsplit_once(':')
-                        .is_some_and(|(f, d)| check_field(f).is_ok() && matches!(d, "asc" | "desc"));
+                    || rule.rsplit_once(':').is_some_and(|(f, d)| {
+                        check_field(f).is_ok() && matches!(d, "asc" | "desc")
+                    });
                 if !ok {
                     return Err(SearchError::invalid(
                         "ranking_rules",
@@ -171,7 +180,10 @@ impl IndexSettings {
         }
         for (word, synonyms) in &self.synonyms {
             if word.trim().is_empty() || synonyms.iter().any(|s| s.trim().is_empty()) {
-                return Err(SearchError::invalid("synonyms", "synonyms must not be empty"));
+                return Err(SearchError::invalid(
+                    "synonyms",
+                    "synonyms must not be empty",
+                ));
             }
         }
         Ok(())

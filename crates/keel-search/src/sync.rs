@@ -157,7 +157,8 @@ impl SearchSyncHandler {
     pub fn delete_on(self, event_type: impl Into<String>, pointer: impl Into<String>) -> Self {
         let pointer = pointer.into();
         self.on(event_type, move |m| {
-            let id = DocumentId::from_value("id", Some(at(m, &pointer)?)).map_err(|e| e.to_string())?;
+            let id =
+                DocumentId::from_value("id", Some(at(m, &pointer)?)).map_err(|e| e.to_string())?;
             Ok(vec![Change::Delete(id)])
         })
     }

@@ -114,7 +114,8 @@ impl Subject {
 
     /// Deletes every index this subject created (best effort).
     pub async fn cleanup(&self) {
-        let created = std::mem::take(&mut *self.created.lock().unwrap_or_else(PoisonError::into_inner));
+        let created =
+            std::mem::take(&mut *self.created.lock().unwrap_or_else(PoisonError::into_inner));
         for index in created {
             let _ = self.engine.delete_index(&index, WAIT).await;
         }
@@ -225,9 +226,18 @@ pub async fn create_and_delete_indexes(s: Subject) {
     s.engine.delete_index(&index, WAIT).await.unwrap();
     assert!(!s.engine.index_exists(&index).await.unwrap());
     let gone = s.engine.delete_index(&index, WAIT).await;
-    assert!(matches!(gone, Err(SearchError::IndexNotFound { .. })), "{gone:?}");
-    let bad_key = s.engine.create_index(&s.index("pk"), "id field", WAIT).await;
-    assert!(matches!(bad_key, Err(SearchError::InvalidField { .. })), "{bad_key:?}");
+    assert!(
+        matches!(gone, Err(SearchError::IndexNotFound { .. })),
+        "{gone:?}"
+    );
+    let bad_key = s
+        .engine
+        .create_index(&s.index("pk"), "id field", WAIT)
+        .await;
+    assert!(
+        matches!(bad_key, Err(SearchError::InvalidField { .. })),
+        "{bad_key:?}"
+    );
     s.cleanup().await;
 }
 
@@ -238,12 +248,18 @@ pub async fn missing_index_is_refused(s: Subject) {
         .engine
         .upsert_documents(&index, vec![doc(json!({"id": "a"}))], WAIT)
         .await;
-    assert!(matches!(up, Err(SearchError::IndexNotFound { .. })), "{up:?}");
+    assert!(
+        matches!(up, Err(SearchError::IndexNotFound { .. })),
+        "{up:?}"
+    );
     let get = s
         .engine
         .get_document(&index, &DocumentId::new("a").unwrap())
         .await;
-    assert!(matches!(get, Err(SearchError::IndexNotFound { .. })), "{get:?}");
+    assert!(
+        matches!(get, Err(SearchError::IndexNotFound { .. })),
+        "{get:?}"
+    );
     let search = s.engine.search(&index, &SearchRequest::new("")).await;
     assert!(
         matches!(search, Err(SearchError::IndexNotFound { .. })),
@@ -268,7 +284,10 @@ pub async fn bad_documents_write_nothing(s: Subject) {
         vec![doc(json!({"id": "ok-1"})), doc(json!({"id": "a/../b"}))],
         vec![doc(json!({"id": "ok-1"})), doc(json!({"sku": "no-id"}))],
         vec![doc(json!({"id": "ok-1"})), doc(json!({"id": -3}))],
-        vec![doc(json!({"id": "ok-1"})), doc(json!({"id": "x".repeat(600)}))],
+        vec![
+            doc(json!({"id": "ok-1"})),
+            doc(json!({"id": "x".repeat(600)})),
+        ],
         vec![doc(json!({"id": "ok-1"})), doc(json!({"id": ""}))],
     ];
     for batch in batches {
@@ -300,7 +319,13 @@ pub async fn oversize_writes_are_refused(s: Subject) {
         .collect();
     let r = s.engine.upsert_documents(&index, many, WAIT).await;
     assert!(
-        matches!(r, Err(SearchError::BatchTooLarge { unit: "documents", .. })),
+        matches!(
+            r,
+            Err(SearchError::BatchTooLarge {
+                unit: "documents",
+                ..
+            })
+        ),
         "{r:?}"
     );
     let ids: Vec<DocumentId> = (0..=limits.max_batch_documents)
@@ -317,7 +342,11 @@ pub async fn upsert_replaces_documents(s: Subject) {
     let index = s.create("upsert").await;
     let a = DocumentId::new("a").unwrap();
     s.engine
-        .upsert_documents(&index, vec![doc(json!({"id": "a", "v": 1, "old": true}))], WAIT)
+        .upsert_documents(
+            &index,
+            vec![doc(json!({"id": "a", "v": 1, "old": true}))],
+            WAIT,
+        )
         .await
         .unwrap();
     s.engine
@@ -364,7 +393,10 @@ pub async fn deletes_single_batched_and_all(s: Subject) {
         .await
         .unwrap();
     assert_eq!(s.engine.document_count(&index).await.unwrap(), 9);
-    assert_eq!(s.engine.get_document(&index, &id("p02")).await.unwrap(), None);
+    assert_eq!(
+        s.engine.get_document(&index, &id("p02")).await.unwrap(),
+        None
+    );
     let kitchen = s.filtered(&index, Filter::eq("category", "kitchen")).await;
     assert_eq!(kitchen, set(&["p09", "p11"]));
     s.engine.delete_all_documents(&index, WAIT).await.unwrap();
@@ -393,8 +425,14 @@ pub async fn settings_round_trip(s: Subject) {
         "exactness",
         "rating:desc",
     ]);
-    s.engine.apply_settings(&index, &custom, WAIT).await.unwrap();
-    assert_eq!(s.engine.settings(&index).await.unwrap(), custom.normalized());
+    s.engine
+        .apply_settings(&index, &custom, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.engine.settings(&index).await.unwrap(),
+        custom.normalized()
+    );
     let bad = IndexSettings::new().filterable(["a b"]);
     assert!(matches!(
         s.engine.apply_settings(&index, &bad, WAIT).await,
@@ -422,7 +460,10 @@ pub async fn filters_select_the_same_documents(s: Subject) {
         (Filter::gte("price", 55), &["p03", "p06", "p12"]),
         (Filter::lt("price", 10), &["p05", "p07"]),
         (Filter::lte("price", 11), &["p05", "p07", "p11"]),
-        (Filter::between("price", 25, 40), &["p01", "p02", "p04", "p09"]),
+        (
+            Filter::between("price", 25, 40),
+            &["p01", "p02", "p04", "p09"],
+        ),
         (Filter::gt("rating", 4.5), &["p03", "p07", "p12"]),
         (Filter::eq("price", 35), &["p02"]),
         (Filter::eq("tags", "tea"), &["p01", "p02", "p09"]),
@@ -432,9 +473,12 @@ pub async fn filters_select_the_same_documents(s: Subject) {
         ),
         (Filter::eq("in_stock", false), &["p02", "p06", "p10"]),
         (Filter::eq("maker.name", "acme"), &["p01", "p03", "p08"]),
-        (Filter::exists("maker"), &[
-            "p01", "p02", "p03", "p04", "p05", "p07", "p08", "p09", "p10", "p12",
-        ]),
+        (
+            Filter::exists("maker"),
+            &[
+                "p01", "p02", "p03", "p04", "p05", "p07", "p08", "p09", "p10", "p12",
+            ],
+        ),
         (Filter::is_null("maker"), &["p05"]),
         (Filter::is_empty("tags"), &["p04"]),
         (
@@ -456,9 +500,12 @@ pub async fn filters_select_the_same_documents(s: Subject) {
                 .and(Filter::any_of("maker.name", ["verde", "brava"])),
             &["p02", "p09"],
         ),
-        (Filter::all([]), &[
-            "p01", "p02", "p03", "p04", "p05", "p06", "p07", "p08", "p09", "p10", "p11", "p12",
-        ]),
+        (
+            Filter::all([]),
+            &[
+                "p01", "p02", "p03", "p04", "p05", "p06", "p07", "p08", "p09", "p10", "p11", "p12",
+            ],
+        ),
     ];
     for (filter, expected) in cases {
         let got = s.filtered(&index, filter.clone()).await;
@@ -491,7 +538,10 @@ pub async fn filter_values_cannot_inject(s: Subject) {
         set(&["p11"])
     );
     let not = s
-        .filtered(&index, Filter::ne("category", r#"x" OR category = "office"#))
+        .filtered(
+            &index,
+            Filter::ne("category", r#"x" OR category = "office"#),
+        )
         .await;
     assert_eq!(not.len(), 12);
     s.cleanup().await;
@@ -503,11 +553,17 @@ pub async fn undeclared_attributes_are_refused(s: Subject) {
     let index = s.catalog("undeclared").await;
     let code = |r: crate::Result<_>| match r {
         Err(SearchError::Rejected { code, .. }) => code,
-        other => panic!("expected a rejection, got {:?}", other.map(|_: crate::SearchResults<Document>| ())),
+        other => panic!(
+            "expected a rejection, got {:?}",
+            other.map(|_: crate::SearchResults<Document>| ())
+        ),
     };
     let r = s
         .engine
-        .search(&index, &SearchRequest::new("").filter(Filter::eq("title", "x")))
+        .search(
+            &index,
+            &SearchRequest::new("").filter(Filter::eq("title", "x")),
+        )
         .await;
     assert_eq!(code(r), "invalid_search_filter");
     let r = s
@@ -533,11 +589,15 @@ pub async fn sorts_order_hits(s: Subject) {
     };
     assert_eq!(
         s.ids(&index, &all(vec![SortBy::asc("price")])).await,
-        ["p05", "p07", "p11", "p10", "p08", "p01", "p09", "p02", "p04", "p06", "p03", "p12"]
+        [
+            "p05", "p07", "p11", "p10", "p08", "p01", "p09", "p02", "p04", "p06", "p03", "p12"
+        ]
     );
     assert_eq!(
         s.ids(&index, &all(vec![SortBy::desc("rating")])).await,
-        ["p03", "p07", "p12", "p01", "p06", "p04", "p09", "p02", "p10", "p05", "p11", "p08"]
+        [
+            "p03", "p07", "p12", "p01", "p06", "p04", "p09", "p02", "p10", "p05", "p11", "p08"
+        ]
     );
     assert_eq!(
         s.ids(
@@ -545,7 +605,9 @@ pub async fn sorts_order_hits(s: Subject) {
             &all(vec![SortBy::asc("category"), SortBy::desc("price")])
         )
         .await,
-        ["p04", "p10", "p05", "p03", "p02", "p09", "p01", "p11", "p12", "p06", "p08", "p07"]
+        [
+            "p04", "p10", "p05", "p03", "p02", "p09", "p01", "p11", "p12", "p06", "p08", "p07"
+        ]
     );
     let cheap_kitchen = all(vec![SortBy::desc("price")])
         .filter(Filter::eq("category", "kitchen").and(Filter::lt("price", 50)));
@@ -567,16 +629,30 @@ pub async fn pagination_slices_results(s: Subject) {
         .unwrap();
     assert_eq!(r.total, TotalHits::Estimated(12));
     assert_eq!(
-        r.hits.iter().map(|h| id_of(&h.document)).collect::<Vec<_>>(),
+        r.hits
+            .iter()
+            .map(|h| id_of(&h.document))
+            .collect::<Vec<_>>(),
         ["p10", "p08", "p01", "p09"]
     );
-    let r = s.engine.search(&index, &by_price().page(3, 5)).await.unwrap();
+    let r = s
+        .engine
+        .search(&index, &by_price().page(3, 5))
+        .await
+        .unwrap();
     assert_eq!(r.total, TotalHits::Exact { hits: 12, pages: 3 });
     assert_eq!(
-        r.hits.iter().map(|h| id_of(&h.document)).collect::<Vec<_>>(),
+        r.hits
+            .iter()
+            .map(|h| id_of(&h.document))
+            .collect::<Vec<_>>(),
         ["p03", "p12"]
     );
-    let r = s.engine.search(&index, &by_price().page(4, 5)).await.unwrap();
+    let r = s
+        .engine
+        .search(&index, &by_price().page(4, 5))
+        .await
+        .unwrap();
     assert!(r.hits.is_empty());
     assert_eq!(r.total, TotalHits::Exact { hits: 12, pages: 3 });
     let r = s
@@ -645,14 +721,14 @@ pub async fn queries_match_words(s: Subject) {
         s.id_set(&index, &q("tea")).await,
         set(&["p01", "p02", "p09"])
     );
-    assert_eq!(s.id_set(&index, &q("teakettle")).await, set(&["p01", "p02"]));
+    assert_eq!(
+        s.id_set(&index, &q("teakettle")).await,
+        set(&["p01", "p02"])
+    );
     assert!(s.id_set(&index, &q("xylophone")).await.is_empty());
     assert_eq!(
-        s.id_set(
-            &index,
-            &q("kettle").filter(Filter::eq("in_stock", true))
-        )
-        .await,
+        s.id_set(&index, &q("kettle").filter(Filter::eq("in_stock", true)))
+            .await,
         set(&["p01"])
     );
     assert_eq!(s.id_set(&index, &q("")).await.len(), 12);
@@ -691,8 +767,12 @@ pub async fn highlighting_marks_matches(s: Subject) {
 pub async fn swap_is_atomic(s: Subject) {
     let live = s.create("live").await;
     let next = s.create("next").await;
-    let old: Vec<Document> = (0..30).map(|i| doc(json!({"id": format!("old{i}"), "gen": "old"}))).collect();
-    let new: Vec<Document> = (0..40).map(|i| doc(json!({"id": format!("new{i}"), "gen": "new"}))).collect();
+    let old: Vec<Document> = (0..30)
+        .map(|i| doc(json!({"id": format!("old{i}"), "gen": "old"})))
+        .collect();
+    let new: Vec<Document> = (0..40)
+        .map(|i| doc(json!({"id": format!("new{i}"), "gen": "new"})))
+        .collect();
     s.engine.upsert_documents(&live, old, WAIT).await.unwrap();
     s.engine
         .apply_settings(&next, &IndexSettings::new().filterable(["gen"]), WAIT)
@@ -729,18 +809,22 @@ pub async fn swap_is_atomic(s: Subject) {
     tokio::time::sleep(Duration::from_millis(20)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = reader.await.expect("reader");
-    assert!(seen.contains("new"), "the reader never saw the new contents");
+    assert!(
+        seen.contains("new"),
+        "the reader never saw the new contents"
+    );
 
     assert_eq!(s.engine.document_count(&live).await.unwrap(), 40);
     assert_eq!(s.engine.document_count(&next).await.unwrap(), 30);
     assert_eq!(
-        s.engine.settings(&live).await.unwrap().filterable_attributes,
+        s.engine
+            .settings(&live)
+            .await
+            .unwrap()
+            .filterable_attributes,
         vec!["gen".to_owned()]
     );
-    assert_eq!(
-        s.filtered(&live, Filter::eq("gen", "new")).await.len(),
-        40
-    );
+    assert_eq!(s.filtered(&live, Filter::eq("gen", "new")).await.len(), 40);
     let missing = s.index("never_created");
     let r = s.engine.swap_indexes(&live, &missing, WAIT).await;
     assert!(matches!(r, Err(SearchError::IndexNotFound { .. })), "{r:?}");
@@ -759,7 +843,9 @@ pub async fn concurrent_writers_all_land(s: Subject) {
             let mut receipts = Vec::new();
             for batch in 0..5 {
                 let docs = (0..5)
-                    .map(|i| doc(json!({"id": format!("w{writer}-b{batch}-{i}"), "writer": writer})))
+                    .map(|i| {
+                        doc(json!({"id": format!("w{writer}-b{batch}-{i}"), "writer": writer}))
+                    })
                     .collect();
                 receipts.push(
                     engine

@@ -71,7 +71,10 @@ pub fn to_document<T: Serialize + ?Sized>(value: &T) -> Result<Document> {
         Value::Object(map) => Ok(map),
         other => Err(SearchError::invalid(
             "document",
-            format!("a document must be a JSON object, not {}", json_kind(&other)),
+            format!(
+                "a document must be a JSON object, not {}",
+                json_kind(&other)
+            ),
         )),
     }
 }
@@ -125,7 +128,9 @@ impl<T: Serialize + DeserializeOwned + Send + Sync> SearchIndex<T> {
     ///
     /// As [`IndexAdmin::create_index`](crate::IndexAdmin::create_index).
     pub async fn create(&self, primary_key: &str, wait: Wait) -> Result<WriteReceipt> {
-        self.engine.create_index(&self.name, primary_key, wait).await
+        self.engine
+            .create_index(&self.name, primary_key, wait)
+            .await
     }
 
     /// Replaces the index's settings.
@@ -133,7 +138,11 @@ impl<T: Serialize + DeserializeOwned + Send + Sync> SearchIndex<T> {
     /// # Errors
     ///
     /// As [`IndexAdmin::apply_settings`](crate::IndexAdmin::apply_settings).
-    pub async fn apply_settings(&self, settings: &IndexSettings, wait: Wait) -> Result<WriteReceipt> {
+    pub async fn apply_settings(
+        &self,
+        settings: &IndexSettings,
+        wait: Wait,
+    ) -> Result<WriteReceipt> {
         self.engine.apply_settings(&self.name, settings, wait).await
     }
 

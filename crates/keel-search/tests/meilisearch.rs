@@ -15,8 +15,8 @@ use keel_core::ErrorKind;
 use keel_search::meilisearch::{MeilisearchEngine, TenantRules, TenantTokenSigner};
 use keel_search::testing::{Subject, WAIT, catalog};
 use keel_search::{
-    DocumentReader, DocumentWriter, Filter, IndexAdmin, IndexSettings, SearchError,
-    SearchRequest, Wait,
+    DocumentReader, DocumentWriter, Filter, IndexAdmin, IndexSettings, SearchError, SearchRequest,
+    Wait,
 };
 use keel_security::{FileSecrets, Secret};
 use serde_json::json;
@@ -30,13 +30,18 @@ mod contract {
     });
 }
 
-async fn engine() -> Option<(MeilisearchEngine, keel_testkit::services::MeilisearchEndpoint)> {
+async fn engine() -> Option<(
+    MeilisearchEngine,
+    keel_testkit::services::MeilisearchEndpoint,
+)> {
     common::meilisearch("Meilisearch-only tests").await
 }
 
 #[tokio::test]
 async fn a_failed_task_carries_the_meilisearch_code() {
-    let Some((engine, _)) = engine().await else { return };
+    let Some((engine, _)) = engine().await else {
+        return;
+    };
     let s = Subject::new(Arc::new(engine.clone()));
     let index = s.create("failed_task").await;
     engine
@@ -64,14 +69,19 @@ async fn a_failed_task_carries_the_meilisearch_code() {
         .await
         .unwrap();
     let waited = engine.wait_for(receipt, Duration::from_secs(60)).await;
-    assert_eq!(waited.unwrap_err().code(), Some("invalid_document_geo_field"));
+    assert_eq!(
+        waited.unwrap_err().code(),
+        Some("invalid_document_geo_field")
+    );
     assert_eq!(engine.document_count(&index).await.unwrap(), 0);
     s.cleanup().await;
 }
 
 #[tokio::test]
 async fn waiting_times_out_with_a_typed_error() {
-    let Some((engine, _)) = engine().await else { return };
+    let Some((engine, _)) = engine().await else {
+        return;
+    };
     let s = Subject::new(Arc::new(engine.clone()));
     let index = s.create("timeout").await;
     let docs: Vec<_> = (0..5000)
@@ -94,16 +104,23 @@ async fn waiting_times_out_with_a_typed_error() {
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
-    engine.wait_for(receipt, Duration::from_secs(120)).await.unwrap();
+    engine
+        .wait_for(receipt, Duration::from_secs(120))
+        .await
+        .unwrap();
     assert_eq!(engine.document_count(&index).await.unwrap(), 5000);
     s.cleanup().await;
 }
 
 #[tokio::test]
 async fn the_api_key_comes_from_a_secret_provider() {
-    let Some((_, endpoint)) = engine().await else { return };
+    let Some((_, endpoint)) = engine().await else {
+        return;
+    };
     let Some(key) = endpoint.key.clone() else {
-        common::notice("keel-search: this server has no API key; skipping the secret-provider test");
+        common::notice(
+            "keel-search: this server has no API key; skipping the secret-provider test",
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -126,8 +143,11 @@ async fn the_api_key_comes_from_a_secret_provider() {
         other => panic!("expected a configuration error, got {other:?}"),
     }
 
-    let wrong = MeilisearchEngine::new(&endpoint.url, Some(Secret::from("a-wrong-key-of-some-length")))
-        .unwrap();
+    let wrong = MeilisearchEngine::new(
+        &endpoint.url,
+        Some(Secret::from("a-wrong-key-of-some-length")),
+    )
+    .unwrap();
     let r = wrong.index_exists(&index).await;
     match r {
         Err(e @ SearchError::Rejected { .. }) => {
@@ -142,7 +162,9 @@ async fn the_api_key_comes_from_a_secret_provider() {
 async fn tenant_tokens_restrict_searches() {
     use meilisearch_sdk::key::{Action, KeyBuilder};
 
-    let Some((engine, endpoint)) = engine().await else { return };
+    let Some((engine, endpoint)) = engine().await else {
+        return;
+    };
     if endpoint.key.is_none() {
         common::notice("keel-search: this server has no API key; skipping the tenant-token test");
         return;
@@ -151,7 +173,9 @@ async fn tenant_tokens_restrict_searches() {
     let shop = s.catalog("tenant").await;
     let other = s.catalog("tenant_other").await;
     let mut builder = KeyBuilder::new();
-    builder.with_action(Action::Search).with_index(shop.as_str());
+    builder
+        .with_action(Action::Search)
+        .with_index(shop.as_str());
     let key = engine.client().create_key(&builder).await.unwrap();
 
     let signer = TenantTokenSigner::new(&key.uid, Secret::from(key.key.clone())).unwrap();
@@ -187,14 +211,15 @@ async fn tenant_tokens_restrict_searches() {
         matches!(&r, Err(SearchError::Rejected { error_type, .. }) if error_type == "auth"),
         "{r:?}"
     );
-    let r = tenant
-        .delete_all_documents(&shop, WAIT)
-        .await;
+    let r = tenant.delete_all_documents(&shop, WAIT).await;
     assert!(
         matches!(&r, Err(SearchError::Rejected { error_type, .. }) if error_type == "auth"),
         "{r:?}"
     );
-    assert_eq!(engine.document_count(&shop).await.unwrap(), catalog().len() as u64);
+    assert_eq!(
+        engine.document_count(&shop).await.unwrap(),
+        catalog().len() as u64
+    );
     engine.client().delete_key(&key.key).await.unwrap();
     s.cleanup().await;
 }

@@ -18,8 +18,8 @@ use keel_search::projection::{
     EventFilter, LAG_EVENTS, POSITION_FIELD, ProjectionOptions, SearchProjection, SearchProjector,
 };
 use keel_search::{
-    Document, DocumentId, Filter, IndexName, IndexSettings,
-    InMemoryEngine, SearchEngine, SearchRequest, Wait,
+    Document, DocumentId, Filter, InMemoryEngine, IndexName, IndexSettings, SearchEngine,
+    SearchRequest, Wait,
 };
 use keel_testkit::TestDatabase;
 use serde_json::{Value, json};
@@ -74,7 +74,11 @@ impl SearchProjector for Orders {
             "order.cancelled" => return Ok(None),
             other => return Err(format!("unexpected event {other}").into()),
         }
-        let schema = if self.v2.load(Ordering::Relaxed) { 2 } else { 1 };
+        let schema = if self.v2.load(Ordering::Relaxed) {
+            2
+        } else {
+            1
+        };
         doc.insert("schema".into(), schema.into());
         Ok(Some(doc))
     }
@@ -122,25 +126,42 @@ where
     let id = unique("p");
     // Streams of this run only: other tests may share the log.
     let order = |n: &str| format!("Order-{id}{n}");
-    append(&*store, &order("o1"), &[
-        ("order.placed", json!({"customer": "alice"})),
-        ("order.item_added", json!({"qty": 2})),
-        ("order.item_added", json!({"qty": 3})),
-        ("order.shipped", json!({})),
-    ])
+    append(
+        &*store,
+        &order("o1"),
+        &[
+            ("order.placed", json!({"customer": "alice"})),
+            ("order.item_added", json!({"qty": 2})),
+            ("order.item_added", json!({"qty": 3})),
+            ("order.shipped", json!({})),
+        ],
+    )
     .await;
-    append(&*store, &order("o2"), &[
-        ("order.placed", json!({"customer": "bob"})),
-        ("order.item_added", json!({"qty": 1})),
-        ("order.cancelled", json!({})),
-    ])
+    append(
+        &*store,
+        &order("o2"),
+        &[
+            ("order.placed", json!({"customer": "bob"})),
+            ("order.item_added", json!({"qty": 1})),
+            ("order.cancelled", json!({})),
+        ],
+    )
     .await;
-    append(&*store, &order("o3"), &[
-        ("order.placed", json!({"customer": "carol"})),
-        ("order.item_added", json!({"qty": 5})),
-    ])
+    append(
+        &*store,
+        &order("o3"),
+        &[
+            ("order.placed", json!({"customer": "carol"})),
+            ("order.item_added", json!({"qty": 5})),
+        ],
+    )
     .await;
-    append(&*store, &format!("Invoice-{id}"), &[("invoice.sent", json!({}))]).await;
+    append(
+        &*store,
+        &format!("Invoice-{id}"),
+        &[("invoice.sent", json!({}))],
+    )
+    .await;
 
     let index = IndexName::new(unique("keel_projection")).unwrap();
     let projector = Orders::default();
@@ -192,7 +213,12 @@ where
     assert_eq!(shipped.total.hits(), 1);
 
     // Live: new events keep flowing.
-    append(&*store, &order("o3"), &[("order.item_added", json!({"qty": 1}))]).await;
+    append(
+        &*store,
+        &order("o3"),
+        &[("order.item_added", json!({"qty": 1}))],
+    )
+    .await;
     handle.wait_caught_up(WAIT).await.unwrap();
     assert_eq!(doc(&*engine, &index, &o3).await.unwrap()["items"], 6);
     let before: Vec<Option<Document>> = vec![
@@ -216,7 +242,12 @@ where
     // A crash (no final checkpoint) and a restart: events since the last
     // checkpoint come again and change nothing.
     handle.abort().await;
-    append(&*store, &order("o1"), &[("order.item_added", json!({"qty": 10}))]).await;
+    append(
+        &*store,
+        &order("o1"),
+        &[("order.item_added", json!({"qty": 10}))],
+    )
+    .await;
     let mut handle = start(projector.clone(), options()).await.unwrap();
     handle.wait_caught_up(WAIT).await.unwrap();
     assert_eq!(doc(&*engine, &index, &o1).await.unwrap()["items"], 15);
@@ -265,10 +296,18 @@ where
     );
 
     // The live projection resumed after the rebuild, on the new index.
-    append(&*store, &order("o4"), &[("order.placed", json!({"customer": "dan"}))]).await;
+    append(
+        &*store,
+        &order("o4"),
+        &[("order.placed", json!({"customer": "dan"}))],
+    )
+    .await;
     append(&*store, &order("o3"), &[("order.shipped", json!({}))]).await;
     handle.wait_caught_up(WAIT).await.unwrap();
-    assert_eq!(doc(&*engine, &index, &format!("{id}o4")).await.unwrap()["schema"], 2);
+    assert_eq!(
+        doc(&*engine, &index, &format!("{id}o4")).await.unwrap()["schema"],
+        2
+    );
     let d3 = doc(&*engine, &index, &o3).await.unwrap();
     assert_eq!(d3["status"], "shipped");
     assert_eq!(d3["items"], 6);
@@ -319,10 +358,11 @@ async fn lag_is_a_metric_and_a_readiness_check() {
     probe.install_global();
     let store = Arc::new(InMemoryEventStore::new());
     for i in 0..100 {
-        append(&*store, &format!("Order-lag{i}"), &[(
-            "order.placed",
-            json!({"customer": "x"}),
-        )])
+        append(
+            &*store,
+            &format!("Order-lag{i}"),
+            &[("order.placed", json!({"customer": "x"}))],
+        )
         .await;
     }
     let engine: Arc<dyn SearchEngine> = Arc::new(InMemoryEngine::new());
@@ -380,7 +420,11 @@ async fn a_failing_projector_stops_and_turns_unready() {
         fn document_id(&self, event: &RecordedEvent) -> Option<String> {
             Some(event.stream_id.as_str().replace("Order-", ""))
         }
-        fn apply(&self, _: Option<Document>, _: &RecordedEvent) -> Result<Option<Document>, BoxError> {
+        fn apply(
+            &self,
+            _: Option<Document>,
+            _: &RecordedEvent,
+        ) -> Result<Option<Document>, BoxError> {
             Err("the read model cannot handle this event".into())
         }
     }

@@ -11,7 +11,7 @@ use keel_eventbus::{EventBus, InMemoryBus, SubscriptionConfig};
 use keel_outbox::{InMemoryOutbox, Outbox, OutboxMessage, Relay, RelayConfig};
 use keel_search::sync::{Change, SearchSyncHandler, VERSION_FIELD};
 use keel_search::{
-    DocumentId, DocumentReader, IndexAdmin, IndexName, InMemoryEngine, SearchEngine, Wait,
+    DocumentId, DocumentReader, InMemoryEngine, IndexAdmin, IndexName, SearchEngine, Wait,
 };
 use serde_json::json;
 
@@ -79,10 +79,31 @@ async fn documents_follow_committed_writes_through_the_outbox() {
         .unwrap()
         .spawn();
 
-    write(&transactions, &outbox, "o-1", saved("o-1", "placed", 1), true).await;
+    write(
+        &transactions,
+        &outbox,
+        "o-1",
+        saved("o-1", "placed", 1),
+        true,
+    )
+    .await;
     write(&transactions, &outbox, "o-1", saved("o-1", "paid", 2), true).await;
-    write(&transactions, &outbox, "o-1", saved("o-1", "refunded", 3), false).await;
-    write(&transactions, &outbox, "o-2", saved("o-2", "placed", 1), true).await;
+    write(
+        &transactions,
+        &outbox,
+        "o-1",
+        saved("o-1", "refunded", 3),
+        false,
+    )
+    .await;
+    write(
+        &transactions,
+        &outbox,
+        "o-2",
+        saved("o-2", "placed", 1),
+        true,
+    )
+    .await;
     write(
         &transactions,
         &outbox,
@@ -91,27 +112,54 @@ async fn documents_follow_committed_writes_through_the_outbox() {
         true,
     )
     .await;
-    write(&transactions, &outbox, "o-3", saved("o-3", "placed", 1), true).await;
+    write(
+        &transactions,
+        &outbox,
+        "o-3",
+        saved("o-3", "placed", 1),
+        true,
+    )
+    .await;
 
     let id = |s: &str| DocumentId::new(s).unwrap();
     eventually("o-3 to be indexed", async || {
-        engine.get_document(&index, &id("o-3")).await.unwrap().is_some()
+        engine
+            .get_document(&index, &id("o-3"))
+            .await
+            .unwrap()
+            .is_some()
     })
     .await;
     eventually("o-2 to be deleted", async || {
-        engine.get_document(&index, &id("o-2")).await.unwrap().is_none()
+        engine
+            .get_document(&index, &id("o-2"))
+            .await
+            .unwrap()
+            .is_none()
     })
     .await;
-    let o1 = engine.get_document(&index, &id("o-1")).await.unwrap().unwrap();
+    let o1 = engine
+        .get_document(&index, &id("o-1"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(o1["status"], "paid", "the rolled-back write must not show");
     assert_eq!(o1[VERSION_FIELD], 2);
 
     // A redelivered old message changes nothing.
     handler
-        .handle(&Delivery::new(saved("o-1", "placed", 1), 2, "orders-search"))
+        .handle(&Delivery::new(
+            saved("o-1", "placed", 1),
+            2,
+            "orders-search",
+        ))
         .await
         .unwrap();
-    let o1 = engine.get_document(&index, &id("o-1")).await.unwrap().unwrap();
+    let o1 = engine
+        .get_document(&index, &id("o-1"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(o1["status"], "paid");
     assert_eq!(engine.document_count(&index).await.unwrap(), 2);
 
@@ -139,7 +187,10 @@ async fn malformed_messages_are_rejected_and_write_nothing() {
         });
     let cases = [
         Message::new("order.saved", json!({"version": 1})),
-        Message::new("order.saved", json!({"order": "not an object", "version": 1})),
+        Message::new(
+            "order.saved",
+            json!({"order": "not an object", "version": 1}),
+        ),
         Message::new("order.saved", json!({"order": {"id": "a b"}, "version": 1})),
         Message::new("order.saved", json!({"order": {"id": "ok"}})),
         Message::new("order.deleted", json!({"order_id": "../etc"})),

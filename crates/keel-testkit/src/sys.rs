@@ -86,8 +86,7 @@ pub(crate) fn http_ok_at(addr: &str, path: &str) -> bool {
     let Some(mut stream) = connect(addr, Duration::from_millis(1000)) else {
         return false;
     };
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).is_err() {
         return false;
     }

@@ -1,10 +1,14 @@
 //! Finding a Meilisearch server for the tests, and saying so when there is
 //! none.
 
-#![allow(dead_code, unreachable_pub, reason = "each test binary uses part of it")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "each test binary uses part of it"
+)]
 
-use std::io::Write as _;
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::sync::Mutex;
 
 use keel_search::meilisearch::MeilisearchEngine;
@@ -18,7 +22,12 @@ pub fn notice(text: &str) {
 
 /// The Meilisearch engine the tests use, or `None` (after printing why,
 /// once per test binary) when no server is available.
-pub async fn meilisearch(suite: &str) -> Option<(MeilisearchEngine, keel_testkit::services::MeilisearchEndpoint)> {
+pub async fn meilisearch(
+    suite: &str,
+) -> Option<(
+    MeilisearchEngine,
+    keel_testkit::services::MeilisearchEndpoint,
+)> {
     static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     let first = SAID
         .lock()
@@ -32,8 +41,9 @@ pub async fn meilisearch(suite: &str) -> Option<(MeilisearchEngine, keel_testkit
                     endpoint.url, endpoint.source
                 ));
             }
-            let engine = MeilisearchEngine::new(&endpoint.url, endpoint.key.clone().map(Secret::from))
-                .expect("engine");
+            let engine =
+                MeilisearchEngine::new(&endpoint.url, endpoint.key.clone().map(Secret::from))
+                    .expect("engine");
             Some((engine, endpoint))
         }
         Err(e) => {
