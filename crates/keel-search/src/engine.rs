@@ -249,7 +249,10 @@ mod tests {
     use super::*;
 
     fn doc(v: serde_json::Value) -> Document {
-        v.as_object().cloned().unwrap()
+        match v {
+            serde_json::Value::Object(map) => map,
+            other => panic!("not an object: {other}"),
+        }
     }
 
     #[test]

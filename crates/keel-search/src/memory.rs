@@ -340,10 +340,10 @@ fn run_search(idx: &MemIndex, request: &SearchRequest) -> Result<SearchResults<D
     let query = Query::parse(&request.query, &idx.settings);
     let mut matches: Vec<Candidate<'_>> = Vec::new();
     for (seq, doc) in idx.docs.values() {
-        if let Some(node) = &filter {
-            if !eval(node, doc) {
-                continue;
-            }
+        if let Some(node) = &filter
+            && !eval(node, doc)
+        {
+            continue;
         }
         let Some((exact, attribute)) = query.score(doc, &idx.settings) else {
             continue;
@@ -763,7 +763,10 @@ mod tests {
     use super::*;
 
     fn doc(v: Value) -> Document {
-        v.as_object().cloned().unwrap()
+        match v {
+            Value::Object(map) => map,
+            other => panic!("not an object: {other}"),
+        }
     }
 
     #[test]

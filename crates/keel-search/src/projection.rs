@@ -905,12 +905,12 @@ where
             if live_stopped && waiting == 0 {
                 break;
             }
-            if let Some(why) = rebuild_status
+            let failed = rebuild_status
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .failed
-                .clone()
-            {
+                .clone();
+            if let Some(why) = failed {
                 rebuild.abort().await;
                 return Err(SearchError::Unavailable {
                     message: why,

@@ -149,7 +149,10 @@ fn id_of(doc: &Document) -> String {
 }
 
 fn doc(v: Value) -> Document {
-    v.as_object().cloned().expect("object")
+    match v {
+        Value::Object(map) => map,
+        other => panic!("not a JSON object: {other}"),
+    }
 }
 
 fn set(ids: &[&str]) -> BTreeSet<String> {
