@@ -149,6 +149,16 @@ impl MeilisearchEngine {
         self.client.is_healthy().await
     }
 
+    /// A readiness check for the service's health registry: healthy when
+    /// the server answers `/health` within `timeout`.
+    #[must_use]
+    pub fn health_check(&self, timeout: Duration) -> Arc<dyn keel_core::HealthCheck> {
+        Arc::new(MeilisearchHealth {
+            engine: self.clone(),
+            timeout,
+        })
+    }
+
     async fn finish(&self, task: TaskInfo, wait: Wait) -> Result<WriteReceipt> {
         let receipt = WriteReceipt {
             task: Some(u64::from(task.task_uid)),
@@ -183,6 +193,39 @@ impl MeilisearchEngine {
             .unwrap_or_else(PoisonError::into_inner);
         for i in indexes {
             keys.remove(*i);
+        }
+    }
+}
+
+struct MeilisearchHealth {
+    engine: MeilisearchEngine,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl keel_core::HealthCheck for MeilisearchHealth {
+    fn name(&self) -> &str {
+        "meilisearch"
+    }
+
+    async fn check(&self) -> keel_core::HealthReport {
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(self.timeout, self.engine.client.health()).await {
+            Ok(Ok(h)) if h.status == "available" => {
+                keel_core::HealthReport::healthy(started.elapsed())
+            }
+            Ok(Ok(h)) => keel_core::HealthReport::unhealthy(
+                started.elapsed(),
+                format!("Meilisearch reports {:?}", h.status),
+            ),
+            Ok(Err(e)) => keel_core::HealthReport::unhealthy(
+                started.elapsed(),
+                format!("Meilisearch does not answer: {}", map_err(e, None)),
+            ),
+            Err(_) => keel_core::HealthReport::unhealthy(
+                started.elapsed(),
+                format!("no answer from Meilisearch within {:?}", self.timeout),
+            ),
         }
     }
 }

@@ -238,4 +238,20 @@ async fn a_dead_server_is_unavailable_and_retryable() {
         other => panic!("expected unavailable, got {other:?}"),
     }
     assert!(!engine.is_healthy().await);
+    let report = engine.health_check(Duration::from_secs(2)).check().await;
+    assert_eq!(report.status, keel_core::HealthStatus::Unhealthy);
+}
+
+#[tokio::test]
+async fn a_live_server_is_healthy() {
+    let Some((engine, _)) = engine().await else {
+        return;
+    };
+    assert!(engine.is_healthy().await);
+    let report = engine.health_check(Duration::from_secs(5)).check().await;
+    assert_eq!(
+        report.status,
+        keel_core::HealthStatus::Healthy,
+        "{report:?}"
+    );
 }
