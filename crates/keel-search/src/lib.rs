@@ -23,7 +23,7 @@
 //!   document writes nothing.
 //! * [`InMemoryEngine`] behaves like Meilisearch for filters, sorts, facets
 //!   and pagination (its relevance ranking is simpler; see its docs);
-//!   [`testing`] (feature `testing`) is the contract suite both pass.
+//!   `testing` (feature `testing`) is the contract suite both pass.
 //! * `meilisearch::MeilisearchEngine` (feature `meilisearch`): the API key
 //!   comes from a `keel_security::SecretProvider`; `TenantTokenSigner`
 //!   issues tenant tokens for multi-tenant search.
@@ -115,7 +115,7 @@
 //! |---|---|---|
 //! | `meilisearch` | yes | `meilisearch::MeilisearchEngine`, `TenantTokenSigner` (`meilisearch-sdk` on reqwest with rustls; no OpenSSL) |
 //! | `projection` | yes | `projection::SearchProjection` on keel-eventstore subscriptions |
-//! | `testing` | no | the contract suite [`testing`] and [`contract_suite!`] |
+//! | `testing` | no | the contract suite `testing` and `contract_suite!` |
 //!
 //! The in-memory engine, the port, the filter builder and the sync handler
 //! are always built.
