@@ -805,7 +805,8 @@ where
     }
 
     /// Replays the whole log (from position 0) into a new index with the
-    /// same settings, then swaps it in for the live one once it has caught
+    /// projection's settings (so a rebuild also rolls out changed
+    /// settings), then swaps it in for the live one once it has caught
     /// up, and resumes the live projection from there. The old contents
     /// are deleted afterwards. Searches keep using the old index until the
     /// atomic swap.
@@ -824,11 +825,6 @@ where
         let shadow = IndexName::new(format!("{}__rebuild_{}", shared.index, &suffix[..8]))?;
         let rebuild_name = format!("{}-rebuild-{}", shared.options.name, &suffix[..8]);
         let wait = Wait::applied(shared.options.write_timeout);
-        shared
-            .status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .rebuilding = true;
         create_with_settings(
             &*shared.engine,
             &shadow,
@@ -837,6 +833,11 @@ where
             wait,
         )
         .await?;
+        shared
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .rebuilding = true;
         let rebuild_status = Arc::new(Mutex::new(ProjectionStatus::default()));
         let rebuild = Subscription::spawn(
             Arc::clone(&shared.store),
