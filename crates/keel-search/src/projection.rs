@@ -825,14 +825,18 @@ where
         let shadow = IndexName::new(format!("{}__rebuild_{}", shared.index, &suffix[..8]))?;
         let rebuild_name = format!("{}-rebuild-{}", shared.options.name, &suffix[..8]);
         let wait = Wait::applied(shared.options.write_timeout);
-        create_with_settings(
+        if let Err(e) = create_with_settings(
             &*shared.engine,
             &shadow,
             &shared.primary_key,
             &shared.settings,
             wait,
         )
-        .await?;
+        .await
+        {
+            let _ = shared.engine.delete_index(&shadow, wait).await;
+            return Err(e);
+        }
         shared
             .status
             .lock()
