@@ -1,15 +1,14 @@
 //! The Meilisearch adapter, on the official `meilisearch-sdk`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_security::{Secret, SecretProvider};
 use meilisearch_sdk::client::{Client, SwapIndexes};
-use meilisearch_sdk::errors::{Error as SdkError, ErrorCode, MeilisearchError};
+use meilisearch_sdk::errors::{Error as SdkError, ErrorCode};
 use meilisearch_sdk::search::{MatchingStrategies, Selectors};
-use meilisearch_sdk::settings::{FilterableAttribute, Settings};
 use meilisearch_sdk::task_info::TaskInfo;
 use meilisearch_sdk::tasks::Task;
 use serde_json::{Map, Value};
@@ -27,6 +26,13 @@ use crate::settings::IndexSettings;
 /// The SDK this adapter is built on, for calls the port does not cover
 /// (through [`MeilisearchEngine::client`]).
 pub use meilisearch_sdk as sdk;
+
+mod convert;
+mod tenant;
+
+use convert::{from_meili, from_sdk_settings, futures_io_cursor, map_err, to_sdk_settings};
+
+pub use tenant::{TenantRules, TenantTokenSigner};
 
 /// A [`SearchEngine`] on a Meilisearch server (v1.x).
 ///
@@ -228,101 +234,6 @@ impl keel_core::HealthCheck for MeilisearchHealth {
             ),
         }
     }
-}
-
-/// The code of a Meilisearch error as Meilisearch spells it.
-fn code_text(code: &ErrorCode) -> String {
-    code.to_string()
-}
-
-fn from_meili(e: &MeilisearchError, index: Option<&IndexName>, task: Option<u64>) -> SearchError {
-    match (&e.error_code, index) {
-        (ErrorCode::IndexNotFound, Some(i)) => SearchError::IndexNotFound {
-            index: i.to_string(),
-        },
-        (ErrorCode::IndexAlreadyExists, Some(i)) => SearchError::IndexAlreadyExists {
-            index: i.to_string(),
-        },
-        _ => SearchError::Rejected {
-            code: code_text(&e.error_code),
-            error_type: e.error_type.to_string(),
-            message: e.error_message.clone(),
-            task,
-        },
-    }
-}
-
-/// Turns an SDK error into a [`SearchError`]; `index` names the index the
-/// call was about, for `index_not_found`.
-fn map_err(e: SdkError, index: Option<&IndexName>) -> SearchError {
-    match e {
-        SdkError::Meilisearch(m) => from_meili(&m, index, None),
-        SdkError::MeilisearchCommunication(c) if c.status_code == 413 => SearchError::Rejected {
-            code: "payload_too_large".to_owned(),
-            error_type: "invalid_request".to_owned(),
-            message: "the request is larger than the server accepts".to_owned(),
-            task: None,
-        },
-        SdkError::MeilisearchCommunication(c) => SearchError::Unavailable {
-            message: format!("Meilisearch answered HTTP {}", c.status_code),
-            source: None,
-        },
-        SdkError::Timeout => SearchError::Timeout {
-            operation: "task".to_owned(),
-            after: Duration::ZERO,
-        },
-        SdkError::ParseError(p) => SearchError::Unavailable {
-            message: "Meilisearch answered something unexpected".to_owned(),
-            source: Some(Box::new(p)),
-        },
-        other => SearchError::Unavailable {
-            message: "the request to Meilisearch failed".to_owned(),
-            source: Some(Box::new(other)),
-        },
-    }
-}
-
-fn to_sdk_settings(s: &IndexSettings) -> Settings {
-    let searchable = s
-        .searchable_attributes
-        .clone()
-        .unwrap_or_else(|| vec!["*".to_owned()]);
-    let synonyms: HashMap<String, Vec<String>> = s
-        .synonyms
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    Settings::new()
-        .with_searchable_attributes(searchable)
-        .with_filterable_attributes(&s.filterable_attributes)
-        .with_sortable_attributes(&s.sortable_attributes)
-        .with_ranking_rules(s.effective_ranking_rules())
-        .with_synonyms(synonyms)
-}
-
-fn from_sdk_settings(s: Settings) -> IndexSettings {
-    let filterable = s
-        .filterable_attributes
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|f| match f {
-            FilterableAttribute::Attribute(a) => vec![a],
-            FilterableAttribute::Settings(s) => s.attribute_patterns,
-        })
-        .collect();
-    let mut out = IndexSettings {
-        searchable_attributes: s.searchable_attributes,
-        filterable_attributes: filterable,
-        sortable_attributes: s.sortable_attributes.unwrap_or_default(),
-        ranking_rules: s.ranking_rules,
-        synonyms: s
-            .synonyms
-            .unwrap_or_default()
-            .into_iter()
-            .collect::<BTreeMap<_, _>>(),
-    };
-    out.normalize();
-    out
 }
 
 #[async_trait]
@@ -569,42 +480,6 @@ impl DocumentWriter for MeilisearchEngine {
     }
 }
 
-fn futures_io_cursor(bytes: Vec<u8>) -> futures_util_cursor::Cursor {
-    futures_util_cursor::Cursor::new(bytes)
-}
-
-/// A minimal `futures_io::AsyncRead` over owned bytes, so the SDK streams
-/// the NDJSON batch Keel has already encoded and checked.
-mod futures_util_cursor {
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    pub(super) struct Cursor {
-        bytes: Vec<u8>,
-        at: usize,
-    }
-
-    impl Cursor {
-        pub(super) fn new(bytes: Vec<u8>) -> Self {
-            Self { bytes, at: 0 }
-        }
-    }
-
-    impl futures::io::AsyncRead for Cursor {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = buf.len().min(self.bytes.len() - self.at);
-            let at = self.at;
-            buf[..n].copy_from_slice(&self.bytes[at..at + n]);
-            self.at += n;
-            Poll::Ready(Ok(n))
-        }
-    }
-}
-
 #[async_trait]
 impl DocumentReader for MeilisearchEngine {
     async fn get_document(&self, index: &IndexName, id: &DocumentId) -> Result<Option<Document>> {
@@ -716,167 +591,6 @@ impl SearchEngine for MeilisearchEngine {
     }
 }
 
-/// What a tenant token lets its holder search: per index, an optional
-/// filter every search of that index is forced through.
-///
-/// ```
-/// use keel_search::Filter;
-/// use keel_search::meilisearch::TenantRules;
-///
-/// let rules = TenantRules::new()
-///     .index("orders", Some(Filter::eq("tenant_id", "acme")))
-///     .unwrap();
-/// assert_eq!(rules.to_json().unwrap()["orders"]["filter"], r#"tenant_id = "acme""#);
-/// ```
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct TenantRules {
-    rules: BTreeMap<IndexName, Option<Filter>>,
-}
-
-impl TenantRules {
-    /// No index at all.
-    #[must_use]
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Allows searching `index`, through `filter` when given.
-    ///
-    /// # Errors
-    ///
-    /// [`SearchError::InvalidIndexName`].
-    pub fn index(mut self, index: &str, filter: Option<Filter>) -> Result<Self> {
-        self.rules.insert(IndexName::new(index)?, filter);
-        Ok(self)
-    }
-
-    /// The `searchRules` claim.
-    ///
-    /// # Errors
-    ///
-    /// As [`Filter::to_expression`], and [`SearchError::InvalidArgument`]
-    /// when no index is allowed.
-    pub fn to_json(&self) -> Result<Value> {
-        if self.rules.is_empty() {
-            return Err(SearchError::invalid(
-                "search_rules",
-                "a tenant token must allow at least one index",
-            ));
-        }
-        let mut out = Map::new();
-        for (index, filter) in &self.rules {
-            let rule = match filter
-                .as_ref()
-                .map(Filter::to_expression)
-                .transpose()?
-                .flatten()
-            {
-                Some(expr) => serde_json::json!({ "filter": expr }),
-                None => serde_json::json!({}),
-            };
-            out.insert(index.to_string(), rule);
-        }
-        Ok(Value::Object(out))
-    }
-}
-
-/// Signs Meilisearch tenant tokens: short-lived JWTs (HS256) that let a
-/// client search only what [`TenantRules`] allow, signed with a search API
-/// key that never leaves the server.
-///
-/// Signing uses the workspace's one JWT crate (`jsonwebtoken`).
-#[derive(Clone)]
-pub struct TenantTokenSigner {
-    api_key_uid: String,
-    api_key: Secret<String>,
-}
-
-impl std::fmt::Debug for TenantTokenSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantTokenSigner")
-            .field("api_key_uid", &self.api_key_uid)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TenantTokenSigner {
-    /// A signer for the API key `api_key` whose uid is `api_key_uid` (both
-    /// as Meilisearch's `/keys` lists them; the key needs the `search`
-    /// action on the indexes the tokens allow).
-    ///
-    /// # Errors
-    ///
-    /// [`SearchError::Config`] when the uid is not a UUID or the key is
-    /// shorter than 8 characters.
-    pub fn new(api_key_uid: &str, api_key: Secret<String>) -> Result<Self> {
-        if uuid::Uuid::parse_str(api_key_uid).is_err() {
-            return Err(SearchError::Config(format!(
-                "the API key uid {api_key_uid:?} is not a UUID"
-            )));
-        }
-        if api_key.expose_secret().len() < 8 {
-            return Err(SearchError::Config(
-                "the API key is too short to sign tenant tokens".to_owned(),
-            ));
-        }
-        Ok(Self {
-            api_key_uid: api_key_uid.to_owned(),
-            api_key,
-        })
-    }
-
-    /// A signer whose key is the secret `secret_name` of `secrets`.
-    ///
-    /// # Errors
-    ///
-    /// [`SearchError::Config`] when the secret cannot be read, or as
-    /// [`new`](Self::new).
-    pub async fn from_secret(
-        api_key_uid: &str,
-        secrets: &dyn SecretProvider,
-        secret_name: &str,
-    ) -> Result<Self> {
-        let key = secrets.get(secret_name).await.map_err(|e| {
-            SearchError::Config(format!(
-                "cannot read the tenant-token signing key from secret {secret_name:?}: {e}"
-            ))
-        })?;
-        Self::new(api_key_uid, key)
-    }
-
-    /// A token allowing `rules`, valid for `ttl`.
-    ///
-    /// # Errors
-    ///
-    /// As [`TenantRules::to_json`]; [`SearchError::InvalidArgument`] for a
-    /// zero `ttl`.
-    pub fn sign(&self, rules: &TenantRules, ttl: Duration) -> Result<Secret<String>> {
-        if ttl.is_zero() {
-            return Err(SearchError::invalid(
-                "ttl",
-                "a tenant token must live a while",
-            ));
-        }
-        let exp = SystemTime::now()
-            .checked_add(ttl)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_secs())
-            .ok_or_else(|| SearchError::invalid("ttl", "the expiry is out of range"))?;
-        let claims = serde_json::json!({
-            "searchRules": rules.to_json()?,
-            "apiKeyUid": self.api_key_uid,
-            "exp": exp,
-        });
-        let token = jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(self.api_key.expose_secret().as_bytes()),
-        )
-        .map_err(|e| SearchError::Config(format!("cannot sign the tenant token: {e}")))?;
-        Ok(Secret::from(token))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -885,39 +599,5 @@ mod tests {
     fn urls_and_keys_are_checked() {
         assert!(MeilisearchEngine::new("127.0.0.1:7700", None).is_err());
         assert!(MeilisearchEngine::new("http://127.0.0.1:7700/", None).is_ok());
-        assert!(TenantTokenSigner::new("not-a-uuid", Secret::from("0123456789")).is_err());
-        assert!(
-            TenantTokenSigner::new(
-                "2f2d1b9e-1f43-4b1e-9a3f-8d0f7f3f6a10",
-                Secret::from("short")
-            )
-            .is_err()
-        );
-    }
-
-    #[test]
-    fn tokens_carry_the_rules() {
-        let signer = TenantTokenSigner::new(
-            "2f2d1b9e-1f43-4b1e-9a3f-8d0f7f3f6a10",
-            Secret::from("a-long-enough-key"),
-        )
-        .unwrap();
-        let rules = TenantRules::new()
-            .index("orders", Some(Filter::eq("tenant", "a\"b")))
-            .unwrap();
-        let token = signer.sign(&rules, Duration::from_secs(60)).unwrap();
-        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-        validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<Value>(
-            token.expose_secret(),
-            &jsonwebtoken::DecodingKey::from_secret(b"a-long-enough-key"),
-            &validation,
-        )
-        .unwrap();
-        assert_eq!(
-            data.claims["searchRules"]["orders"]["filter"],
-            r#"tenant = "a\"b""#
-        );
-        assert!(TenantRules::new().to_json().is_err());
     }
 }
