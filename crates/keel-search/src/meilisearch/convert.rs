@@ -16,7 +16,11 @@ pub(super) fn code_text(code: &ErrorCode) -> String {
     code.to_string()
 }
 
-pub(super) fn from_meili(e: &MeilisearchError, index: Option<&IndexName>, task: Option<u64>) -> SearchError {
+pub(super) fn from_meili(
+    e: &MeilisearchError,
+    index: Option<&IndexName>,
+    task: Option<u64>,
+) -> SearchError {
     match (&e.error_code, index) {
         (ErrorCode::IndexNotFound, Some(i)) => SearchError::IndexNotFound {
             index: i.to_string(),
@@ -141,4 +145,3 @@ mod futures_util_cursor {
         }
     }
 }
-

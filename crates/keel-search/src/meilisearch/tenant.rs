@@ -180,8 +180,11 @@ mod tests {
     fn keys_and_uids_are_checked() {
         assert!(TenantTokenSigner::new("not-a-uuid", Secret::from("0123456789")).is_err());
         assert!(
-            TenantTokenSigner::new("2f2d1b9e-1f43-4b1e-9a3f-8d0f7f3f6a10", Secret::from("short"))
-                .is_err()
+            TenantTokenSigner::new(
+                "2f2d1b9e-1f43-4b1e-9a3f-8d0f7f3f6a10",
+                Secret::from("short")
+            )
+            .is_err()
         );
     }
 
