@@ -243,6 +243,40 @@ async fn a_dead_server_is_unavailable_and_retryable() {
 }
 
 #[tokio::test]
+async fn a_server_that_never_answers_times_out() {
+    // Accepts connections, reads nothing, answers nothing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let engine = MeilisearchEngine::new(&format!("http://{address}"), None)
+        .unwrap()
+        .with_request_timeout(Duration::from_millis(300));
+    let index = keel_search::IndexName::new("anything").unwrap();
+    let r = engine.search(&index, &SearchRequest::new("x")).await;
+    match r {
+        Err(e @ SearchError::Timeout { .. }) => {
+            assert!(e.is_retryable());
+            assert_eq!(keel_core::Error::from(e).kind(), ErrorKind::Timeout);
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let r = engine
+        .upsert_documents(
+            &index,
+            vec![json!({"id": "a"}).as_object().cloned().unwrap()],
+            WAIT,
+        )
+        .await;
+    assert!(matches!(r, Err(SearchError::Timeout { .. })), "{r:?}");
+    hold.abort();
+}
+
+#[tokio::test]
 async fn a_live_server_is_healthy() {
     let Some((engine, _)) = engine().await else {
         return;

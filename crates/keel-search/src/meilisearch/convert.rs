@@ -2,7 +2,6 @@
 //! the byte reader the SDK streams a checked batch from.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use meilisearch_sdk::errors::{Error as SdkError, ErrorCode, MeilisearchError};
 use meilisearch_sdk::settings::{FilterableAttribute, Settings};
@@ -52,9 +51,15 @@ pub(super) fn map_err(e: SdkError, index: Option<&IndexName>) -> SearchError {
             message: format!("Meilisearch answered HTTP {}", c.status_code),
             source: None,
         },
-        SdkError::Timeout => SearchError::Timeout {
-            operation: "task".to_owned(),
-            after: Duration::ZERO,
+        SdkError::Other(other) => match other.downcast::<super::http::RequestTimedOut>() {
+            Ok(timed_out) => SearchError::Timeout {
+                operation: "a request to Meilisearch".to_owned(),
+                after: timed_out.0,
+            },
+            Err(other) => SearchError::Unavailable {
+                message: "the request to Meilisearch failed".to_owned(),
+                source: Some(other),
+            },
         },
         SdkError::ParseError(p) => SearchError::Unavailable {
             message: "Meilisearch answered something unexpected".to_owned(),

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use keel_security::{Secret, SecretProvider};
 use meilisearch_sdk::client::{Client, SwapIndexes};
 use meilisearch_sdk::errors::{Error as SdkError, ErrorCode};
+use meilisearch_sdk::reqwest::ReqwestClient;
 use meilisearch_sdk::search::{MatchingStrategies, Selectors};
 use meilisearch_sdk::task_info::TaskInfo;
 use meilisearch_sdk::tasks::Task;
@@ -28,7 +29,10 @@ use crate::settings::IndexSettings;
 pub use meilisearch_sdk as sdk;
 
 mod convert;
+mod http;
 mod tenant;
+
+pub use http::{RequestTimedOut, TimedClient};
 
 use convert::{from_meili, from_sdk_settings, futures_io_cursor, map_err, to_sdk_settings};
 
@@ -58,18 +62,24 @@ pub use tenant::{TenantRules, TenantTokenSigner};
 /// ```
 #[derive(Clone)]
 pub struct MeilisearchEngine {
-    client: Client,
+    client: Client<TimedClient>,
     url: String,
     limits: Limits,
     poll: Duration,
+    request_timeout: Duration,
     primary_keys: Arc<RwLock<HashMap<IndexName, String>>>,
 }
+
+/// The time limit of one HTTP request to Meilisearch unless
+/// [`MeilisearchEngine::with_request_timeout`] says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for MeilisearchEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeilisearchEngine")
             .field("url", &self.url)
             .field("limits", &self.limits)
+            .field("request_timeout", &self.request_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -91,14 +101,17 @@ impl MeilisearchEngine {
             )));
         }
         let key = api_key.map(Secret::into_inner);
-        let client = Client::new(url, key).map_err(|e| {
+        let http = ReqwestClient::new(key.as_deref()).map_err(|e| {
             SearchError::Config(format!("cannot build the Meilisearch client: {e}"))
         })?;
+        let client =
+            Client::new_with_client(url, key, TimedClient::new(http, DEFAULT_REQUEST_TIMEOUT));
         Ok(Self {
             client,
             url: url.to_owned(),
             limits: Limits::default(),
             poll: Duration::from_millis(50),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             primary_keys: Arc::default(),
         })
     }
@@ -120,6 +133,21 @@ impl MeilisearchEngine {
             ))
         })?;
         Self::new(url, Some(key))
+    }
+
+    /// Bounds every HTTP request to `timeout` (default
+    /// [`DEFAULT_REQUEST_TIMEOUT`]); a request that runs out of time is
+    /// [`SearchError::Timeout`]. Waiting for a task is bounded separately,
+    /// by the [`Wait`] of the write.
+    #[must_use]
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        let key = self.client.get_api_key().map(str::to_owned);
+        if let Ok(http) = ReqwestClient::new(key.as_deref()) {
+            self.client =
+                Client::new_with_client(self.url.clone(), key, TimedClient::new(http, timeout));
+            self.request_timeout = timeout;
+        }
+        self
     }
 
     /// Uses other write limits.
@@ -146,7 +174,7 @@ impl MeilisearchEngine {
     /// The SDK client, for what the port does not cover (keys, dumps,
     /// embedders).
     #[must_use]
-    pub fn client(&self) -> &Client {
+    pub fn client(&self) -> &Client<TimedClient> {
         &self.client
     }
 
