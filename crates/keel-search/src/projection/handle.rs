@@ -96,7 +96,7 @@ where
     }
 
     /// A readiness check for the service's health registry: unhealthy when
-    /// more than [`ProjectionOptions::max_ready_lag`] events wait, the log
+    /// more than [`ProjectionOptions::max_ready_lag`](super::ProjectionOptions::max_ready_lag) events wait, the log
     /// cannot be read, or the projection stopped with an error.
     #[must_use]
     pub fn readiness(&self) -> Arc<dyn HealthCheck> {

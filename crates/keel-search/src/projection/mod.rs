@@ -25,7 +25,7 @@
 //!   projection from the rebuild's position.
 //! * **Observable**: lag (events not yet applied, and the age of the oldest
 //!   one) is published as the gauges [`LAG_EVENTS`] and [`LAG_SECONDS`] and
-//!   checked by a readiness [`HealthCheck`] ([`ProjectionHandle::readiness`]).
+//!   checked by a readiness [`HealthCheck`](keel_core::HealthCheck) ([`ProjectionHandle::readiness`]).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
