@@ -25,6 +25,9 @@ pub mod benchmarks_outbox {}
 #[doc = include_str!("../../../docs/benchmarks-repository.md")]
 pub mod benchmarks_repository {}
 
+#[doc = include_str!("../../../docs/benchmarks-search.md")]
+pub mod benchmarks_search {}
+
 #[doc = include_str!("../../../docs/benchmarks-security.md")]
 pub mod benchmarks_security {}
 
@@ -72,6 +75,9 @@ pub mod projections {}
 
 #[doc = include_str!("../../../docs/repository.md")]
 pub mod repository {}
+
+#[doc = include_str!("../../../docs/search.md")]
+pub mod search {}
 
 #[doc = include_str!("../../../docs/security.md")]
 pub mod security {}
