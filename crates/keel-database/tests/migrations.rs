@@ -174,11 +174,13 @@ async fn an_old_shared_history_is_carried_over() {
     .unwrap();
     assert_eq!(installed_before.len(), 6);
 
-    // Linking only the event store still carries over every Keel row.
+    // Linking only the event store still carries over every Keel row (its
+    // migrations written since the carry-over are applied after them).
     migrate(pool, &[&EVENTSTORE]).await.unwrap();
     assert_eq!(sqlx_history(pool).await, versions(&SERVICE));
     let adopted: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT version, installed_on::text FROM keel.schema_history ORDER BY version",
+        "SELECT version, installed_on::text FROM keel.schema_history \
+         WHERE version < 20261124000000 ORDER BY version",
     )
     .fetch_all(pool)
     .await
