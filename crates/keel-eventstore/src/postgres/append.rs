@@ -414,6 +414,12 @@ async fn fast_append(
     }))
 }
 
+/// Whether `e` broke the connection an append ran on (not a pool that is
+/// closed or timed out, which a second try would meet again).
+fn is_lost_connection(e: &sqlx::Error) -> bool {
+    keel_database::is_connection_error(e) && !matches!(e, sqlx::Error::PoolClosed)
+}
+
 /// An event's metadata as the JSON text the `metadata` column stores.
 fn metadata_json(event: &NewEvent) -> Result<String> {
     serde_json::to_string(event.metadata()).map_err(|source| EventStoreError::Serialize {
@@ -534,14 +540,38 @@ impl Appender for PostgresEventStore {
         let appending = Appending::start([(stream, &mut events)]);
         let result = async {
             validate_batch(expected, &events, self.config.max_payload_bytes)?;
-            let mut conn = self.pool.acquire().await?;
-            let result = match fast_append(&mut conn, stream, expected, &events).await? {
-                Some(result) => result,
-                // A conflict, a retry or a reused id: let the full procedure
-                // tell which (it is slower, and only runs on these paths).
-                None => append_once(&mut conn, stream, expected, &events, false, true).await?,
+            // The pool hands connections out without a ping (one round trip
+            // less per append), so a connection that broke while idle is
+            // found here. The append is then sent once more on a fresh
+            // connection: whether or not the first statement committed, the
+            // event ids make the second one either store the events or
+            // report them as already stored (`was_retry`).
+            let mut lost_connection = false;
+            let result = loop {
+                let mut conn = self.pool.acquire().await?;
+                let attempt = async {
+                    match fast_append(&mut conn, stream, expected, &events).await? {
+                        Some(result) => Ok(result),
+                        // A conflict, a retry or a reused id: let the full
+                        // procedure tell which (it is slower, and only runs
+                        // on these paths).
+                        None => append_once(&mut conn, stream, expected, &events, false, true).await,
+                    }
+                }
+                .await;
+                match attempt {
+                    Err(EventStoreError::Unavailable(e))
+                        if !lost_connection && is_lost_connection(&e) =>
+                    {
+                        tracing::debug!(error = %e, stream = %stream, "append lost its connection; sending it again");
+                        lost_connection = true;
+                    }
+                    other => break other?,
+                }
             };
-            if !result.was_retry {
+            // After a lost connection the events may have been stored by the
+            // first attempt: wake subscribers either way.
+            if !result.was_retry || lost_connection {
                 self.committed();
             }
             Ok(result)
