@@ -6,12 +6,14 @@
 //! append, old scheme against new, in the same run.
 //!
 //! Run with `cargo bench -p keel-eventstore --bench horizon_lag`.
-//! `KEEL_LAG_SECS` (default 20) is how long each phase appends
+//! `KEEL_LAG_SECS` (default 20; 0 skips the lag phases) is how long each
+//! phase appends
 //! (`KEEL_LAG_HELD_SECS` overrides it for the phase with the foreign
 //! transactions open),
 //! `KEEL_LAG_RATE` (default 50) how many single-event appends a second,
 //! `KEEL_LAG_AB_APPENDS` (default 2000) how many appends each side of the
-//! append comparison makes per round. The server is the test kit's
+//! append comparison makes per round, `KEEL_LAG_AB_ROUNDS` (default 5) how
+//! many rounds. The server is the test kit's
 //! (`DATABASE_URL` chooses another). Results are printed as Markdown;
 //! docs/benchmarks-eventstore.md records them.
 
@@ -155,6 +157,14 @@ async fn main() {
     let secs: u64 = env_or("KEEL_LAG_SECS", 20);
     let held_secs: u64 = env_or("KEEL_LAG_HELD_SECS", secs);
     let rate: u64 = env_or("KEEL_LAG_RATE", 50);
+    if secs > 0 {
+        lag(secs, held_secs, rate).await;
+    }
+    append_cost().await;
+}
+
+/// The lag phases: without, then with, the foreign transactions open.
+async fn lag(secs: u64, held_secs: u64, rate: u64) {
     let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .expect("a test database");
@@ -256,8 +266,6 @@ async fn main() {
         (held.p99.as_secs_f64() - quiet.p99.as_secs_f64()) * 1e3,
     );
     println!();
-
-    append_cost().await;
 }
 
 /// Single-event append statements of the fast path's shape, the commit key
@@ -266,13 +274,10 @@ async fn main() {
 /// each; plus the cost of reading each horizon.
 async fn append_cost() {
     let appends: usize = env_or("KEEL_LAG_AB_APPENDS", 2000);
-    let rounds = 5;
+    let rounds: usize = env_or("KEEL_LAG_AB_ROUNDS", 5);
     let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .expect("a test database");
-    let mut conn = PgConnection::connect_with(&db.connect_options())
-        .await
-        .unwrap();
     let statement = |key: &str| {
         format!(
             "WITH s AS (SELECT coalesce(max(version), 0) AS prev FROM keel.events \
@@ -285,41 +290,86 @@ async fn append_cost() {
              SELECT array_agg(position), array_agg(commit) FROM ins"
         )
     };
-    let old = statement("keel.current_commit()");
-    let new = statement("(SELECT keel.next_commit())");
-    let payload = json!({ "order_id": "0190a6f2-7c1e-7d3a-9b1f-000000000001", "sku": "SKU-12345",
-                          "quantity": 3, "price_cents": 1999, "note": "leave at the door" })
-    .to_string();
-    let metadata = json!({ "actor": "bench" }).to_string();
-    let mut rates: Vec<(f64, f64)> = Vec::new();
-    for round in 0..=rounds {
-        let mut pair = [0.0f64; 2];
-        for (side, sql) in [(0usize, &old), (1, &new)] {
-            let stream = format!("Ab-{round}-{side}");
-            let started = Instant::now();
-            for _ in 0..appends {
-                sqlx::query(sql)
-                    .bind(&stream)
-                    .bind(uuid::Uuid::now_v7())
-                    .bind(&payload)
-                    .bind(&metadata)
-                    .execute(&mut conn)
+    let old = Arc::new(statement("keel.current_commit()"));
+    let new = Arc::new(statement("(SELECT keel.next_commit())"));
+    let payload = Arc::new(
+        json!({ "order_id": "0190a6f2-7c1e-7d3a-9b1f-000000000001", "sku": "SKU-12345",
+                "quantity": 3, "price_cents": 1999, "note": "leave at the door" })
+        .to_string(),
+    );
+    let metadata = Arc::new(json!({ "actor": "bench" }).to_string());
+    for writers in [1usize, 8] {
+        let mut conns = Vec::new();
+        for _ in 0..writers {
+            conns.push(
+                PgConnection::connect_with(&db.connect_options())
                     .await
-                    .unwrap();
+                    .unwrap(),
+            );
+        }
+        let mut rates: Vec<(f64, f64)> = Vec::new();
+        for round in 0..=rounds {
+            let mut pair = [0.0f64; 2];
+            for (side, sql) in [(0usize, &old), (1, &new)] {
+                let started = Instant::now();
+                let mut tasks = Vec::new();
+                for (w, mut conn) in conns.drain(..).enumerate() {
+                    let (sql, payload, metadata) = (sql.clone(), payload.clone(), metadata.clone());
+                    let stream = format!("Ab-{writers}-{round}-{side}-{w}");
+                    let per_writer = appends / writers;
+                    tasks.push(tokio::spawn(async move {
+                        for _ in 0..per_writer {
+                            sqlx::query(&sql)
+                                .bind(&stream)
+                                .bind(uuid::Uuid::now_v7())
+                                .bind(payload.as_str())
+                                .bind(metadata.as_str())
+                                .execute(&mut conn)
+                                .await
+                                .unwrap();
+                        }
+                        conn
+                    }));
+                }
+                for t in tasks {
+                    conns.push(t.await.unwrap());
+                }
+                pair[side] = (appends / writers * writers) as f64 / started.elapsed().as_secs_f64();
             }
-            pair[side] = appends as f64 / started.elapsed().as_secs_f64();
+            // Round 0 warms up.
+            if round > 0 {
+                rates.push((pair[0], pair[1]));
+            }
         }
-        // Round 0 warms up.
-        if round > 0 {
-            rates.push((pair[0], pair[1]));
-        }
+        report_ab(writers, rounds, &rates);
     }
+    let mut conn = conns_for_horizon(&db).await;
+    let calls = 2000;
+    let mut per_call = Vec::new();
+    for sql in [
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+        "SELECT keel.commit_horizon()",
+    ] {
+        let started = Instant::now();
+        for _ in 0..calls {
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+        }
+        per_call.push(started.elapsed().as_secs_f64() * 1e6 / calls as f64);
+    }
+    println!(
+        "Horizon read, one round trip each: old {:.0} µs, new {:.0} µs per call.",
+        per_call[0], per_call[1]
+    );
+}
+
+/// One table of an append comparison: median rates and ratio of the rounds.
+fn report_ab(writers: usize, rounds: usize, rates: &[(f64, f64)]) {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let ratios: Vec<f64> = rates.iter().map(|(o, n)| n / o).collect();
-    println!("## Single-event append, commit key old way vs new way (1 connection)");
+    println!("## Single-event append, commit key old way vs new way ({writers} connections)");
     println!();
     println!("| key | appends/s (median of {rounds} rounds) |");
     println!("|---|---|");
@@ -338,21 +388,10 @@ async fn append_cost() {
         ratios.iter().copied().fold(f64::MIN, f64::max),
     );
     println!();
+}
 
-    let calls = 2000;
-    let mut per_call = Vec::new();
-    for sql in [
-        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-        "SELECT keel.commit_horizon()",
-    ] {
-        let started = Instant::now();
-        for _ in 0..calls {
-            sqlx::query(sql).execute(&mut conn).await.unwrap();
-        }
-        per_call.push(started.elapsed().as_secs_f64() * 1e6 / calls as f64);
-    }
-    println!(
-        "Horizon read, one round trip each: old {:.0} µs, new {:.0} µs per call.",
-        per_call[0], per_call[1]
-    );
+async fn conns_for_horizon(db: &TestDatabase) -> PgConnection {
+    PgConnection::connect_with(&db.connect_options())
+        .await
+        .unwrap()
 }

@@ -110,6 +110,13 @@ DECLARE
     v_low     bigint;
     v_unknown boolean;
 BEGIN
+    -- A standby sees neither the primary's advisory locks nor its exact
+    -- sequence position (only the value logged ahead): a horizon computed
+    -- there could pass a transaction still in flight on the primary.
+    IF pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'the event log''s read horizon can only be computed on the primary'
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
     FOR attempt IN 1..20 LOOP
         SELECT CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END
             INTO v_last FROM keel.commit_seq s;

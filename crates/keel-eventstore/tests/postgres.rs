@@ -1236,3 +1236,53 @@ async fn an_append_on_a_connection_killed_while_idle_is_sent_again() {
     let versions: Vec<u64> = stored.iter().map(|e| e.version.get()).collect();
     assert_eq!(versions, vec![1, 2, 3]);
 }
+
+/// A writer caught between taking its first key and publishing it (here a
+/// transaction that holds only the gate lock) makes the horizon unknown:
+/// readers get nothing new rather than a horizon that might pass it. A
+/// service's own advisory locks (the `bigint` form, or the two-`int4` form
+/// outside Keel's range) do not count.
+#[tokio::test]
+async fn a_half_published_key_makes_the_horizon_unknown_not_wrong() {
+    let (store, db) = store().await;
+    store
+        .append(&sid("Gate-1"), ExpectedVersion::Any, vec![ev(1)])
+        .await
+        .unwrap();
+    let mut others = units(&db).begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(1262878720), pg_advisory_xact_lock(7, 7)")
+        .execute(&mut *others)
+        .await
+        .unwrap();
+    let horizon = store.read_horizon().await.unwrap();
+    assert_eq!(horizon.horizon, Some(horizon.last_commit + 1));
+    assert_eq!(horizon.held_by, None);
+
+    let mut half = units(&db).begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(1262878720, pg_backend_pid())")
+        .execute(&mut *half)
+        .await
+        .unwrap();
+    assert_eq!(store.read_horizon().await.unwrap().horizon, None);
+    let quick = PostgresEventStore::with_config(
+        db.pool().clone(),
+        StoreConfig::default().settle_timeout(Duration::from_millis(50)),
+    );
+    let log: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        log.is_empty(),
+        "nothing is read while the horizon is unknown"
+    );
+    half.rollback().await.unwrap();
+    let log: Vec<_> = quick
+        .read_all(ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 1);
+    others.rollback().await.unwrap();
+}
