@@ -549,7 +549,10 @@ async fn statements_sent_with_the_commit_share_its_fate() {
     let mut sp = uow.savepoint().await.unwrap();
     sp.send_with_commit("INSERT INTO items (id) VALUES (4)");
     sp.rollback().await.unwrap();
-    assert!(item_ids(&db).await.is_empty(), "nothing runs before the commit");
+    assert!(
+        item_ids(&db).await.is_empty(),
+        "nothing runs before the commit"
+    );
     uow.commit().await.unwrap();
     assert_eq!(item_ids(&db).await, vec![1, 2, 3]);
 
@@ -624,10 +627,7 @@ async fn sql_literals_round_trip_hostile_text() {
     for value in values {
         let literal = keel_database::sql_literal(value).unwrap();
         let sql = format!("SELECT {literal}");
-        let back: String = sqlx::query_scalar(&sql)
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+        let back: String = sqlx::query_scalar(&sql).fetch_one(db.pool()).await.unwrap();
         assert_eq!(back, value, "{literal}");
     }
     assert!(keel_database::sql_literal("a\0b").is_err());

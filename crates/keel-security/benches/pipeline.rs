@@ -355,7 +355,10 @@ fn main() {
         // end (then seals them all), to tell what sealing in the background
         // takes from the commands.
         let chainer_on = std::env::var("PIPELINE_BENCH_CHAINER").map_or(true, |v| v != "off");
-        println!("chainer during the measurements: {}", if chainer_on { "on" } else { "off" });
+        println!(
+            "chainer during the measurements: {}",
+            if chainer_on { "on" } else { "off" }
+        );
         let chainer = chainer_on.then(|| pg_log.chainer());
         let pg_audit: Arc<dyn AuditLog> = Arc::new(pg_log.clone());
         let handler = || TransactionalService::new(db.clone(), Insert);

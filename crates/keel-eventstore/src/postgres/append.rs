@@ -7,12 +7,12 @@ use keel_core::{EventId, ExpectedVersion, Position, StreamId, Version, VersionCo
 use keel_database::is_unique_violation;
 use sqlx::PgConnection;
 
+use super::fast::fast_append;
 use super::{PostgresEventStore, to_u64};
 use crate::error::{EventStoreError, Result};
 use crate::event::{AppendResult, NewEvent, StreamAppend, validate_batch};
 use crate::store::Appender;
 use crate::telemetry::Appending;
-use super::fast::fast_append;
 
 pub(super) const EVENT_ID_CONSTRAINT: &str = "events_event_id_key";
 /// The unique index that lets one writer, and only one, store a version.

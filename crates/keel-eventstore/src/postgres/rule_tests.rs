@@ -93,13 +93,12 @@ async fn fast_path_and_procedure_follow_one_table() {
 
         let s = stream(pool, format!("Proc-{i}"), stored).await;
         let mut conn = pool.acquire().await.unwrap();
-        let outcome = match call_append_function(&mut conn, &s, expected, &events(batch), false)
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(CallError::Raced) => panic!("no race here: {case}"),
-            Err(CallError::Other(e)) => panic!("procedure failed: {case}: {e}"),
-        };
+        let outcome =
+            match call_append_function(&mut conn, &s, expected, &events(batch), false).await {
+                Ok(outcome) => outcome,
+                Err(CallError::Raced) => panic!("no race here: {case}"),
+                Err(CallError::Other(e)) => panic!("procedure failed: {case}: {e}"),
+            };
         let got = match outcome.outcome {
             0 => Ok(u64::try_from(outcome.first_version.unwrap()).unwrap()),
             2 => Err(u64::try_from(outcome.actual_version).unwrap()),

@@ -534,9 +534,13 @@ mod tests {
         for e in [&entry, &plain] {
             let hash = crate::audit::chain::content_hash(e);
             let sql = rows::insert_unsealed_text(e, &hash).expect("text");
-            sqlx::Executor::execute(&pool, sql.as_str()).await.expect("insert");
+            sqlx::Executor::execute(&pool, sql.as_str())
+                .await
+                .expect("insert");
             // Sent again (a retried commit): the attempt key keeps one row.
-            sqlx::Executor::execute(&pool, sql.as_str()).await.expect("retry");
+            sqlx::Executor::execute(&pool, sql.as_str())
+                .await
+                .expect("retry");
         }
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM keel.audit_log ORDER BY id")
             .fetch_all(&pool)

@@ -187,7 +187,7 @@ where
 pub(super) fn insert_unsealed_text(entry: &AuditEntry, content_hash: &str) -> Result<String> {
     let text = |v: &str| keel_database::sql_literal(v);
     let opt = |v: Option<&str>| -> Result<String> {
-        v.map_or_else(|| Ok("NULL".to_owned()), |v| keel_database::sql_literal(v))
+        v.map_or_else(|| Ok("NULL".to_owned()), keel_database::sql_literal)
     };
     let uuid = |v: Option<Uuid>| v.map_or_else(|| "NULL".to_owned(), |v| format!("'{v}'::uuid"));
     let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
