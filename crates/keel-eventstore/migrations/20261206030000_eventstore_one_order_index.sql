@@ -14,8 +14,9 @@
 -- Upgrading builds the unique index while keel.events is locked against
 -- writes: on a large store, run it in a maintenance window.
 
-CREATE UNIQUE INDEX events_commit_position_key ON keel.events (commit, position);
-ALTER TABLE keel.events
-    DROP CONSTRAINT events_pkey,
-    ADD CONSTRAINT events_pkey PRIMARY KEY USING INDEX events_commit_position_key;
+-- The table stays locked from the first statement to the commit: no row
+-- can be written while the old key is gone and the new one not yet built.
+ALTER TABLE keel.events DROP CONSTRAINT events_pkey;
+CREATE UNIQUE INDEX events_pkey ON keel.events (commit, position);
+ALTER TABLE keel.events ADD CONSTRAINT events_pkey PRIMARY KEY USING INDEX events_pkey;
 DROP INDEX keel.events_global_order_idx;
