@@ -19,11 +19,13 @@
 //! | `repository` | a state-based entity: CRUD, optimistic locking, soft delete, keyset and offset pagination |
 //! | `cache` | cache-aside in front of a repository read: hits, invalidation, one load for a stampede |
 //! | `outbox` | the transactional outbox and inbox on PostgreSQL: entity and event commit together, a rollback publishes nothing, a redelivery does nothing |
+//! | `contexts` | two bounded contexts ([`contexts`]): event-sourced Ordering and state-based Shipping, talking through the bus, with a dead letter replayed |
 //!
 //! [`Services`] decides what runs underneath: in memory by default,
 //! PostgreSQL, Redis and the Pub/Sub emulator when their environment
 //! variables are set ([`services::ENVIRONMENT`]).
 
+pub mod contexts;
 pub mod domain;
 pub mod examples;
 pub mod services;
@@ -96,6 +98,11 @@ pub const EXAMPLES: &[Example] = &[
         name: "outbox",
         about: "a command through a transactional service: entity row and outbox event in one unit of work, relay, inbox",
         run: |s| Box::pin(examples::outbox::run(s)),
+    },
+    Example {
+        name: "contexts",
+        about: "two bounded contexts end to end: orders placed, paid and shipped, a poison message dead-lettered and replayed",
+        run: |s| Box::pin(async move { contexts::run(s).await.map(drop) }),
     },
 ];
 

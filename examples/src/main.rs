@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use keel_examples::services::ENVIRONMENT;
 use keel_examples::{EXAMPLES, Example, Services};
-use keel_telemetry::TelemetryConfig;
 use tracing::Instrument as _;
 
 #[tokio::main]
@@ -39,19 +38,32 @@ async fn main() -> ExitCode {
         },
     };
 
-    // Readable text logs in development (KEEL_LOG_FORMAT=json for JSON); no OTLP
-    // export unless OTEL_EXPORTER_OTLP_ENDPOINT is set. Dropping the guard
-    // at the end of main flushes whatever was buffered.
-    let telemetry = match keel_telemetry::init(
-        TelemetryConfig::new("keel-examples")
-            .environment("development")
-            .version(env!("CARGO_PKG_VERSION"))
-            // The OpenTelemetry SDK announces itself at info, and PostgreSQL
-            // reports "already exists, skipping" as a notice: keep both quiet.
-            .default_log_filter(
-                "info,opentelemetry=warn,opentelemetry_sdk=warn,sqlx::postgres::notice=warn",
-            ),
-    ) {
+    // One configuration for the binary (keel-config): Keel's defaults and
+    // these, then config/base.toml and config/<KEEL_ENV>.toml when present,
+    // then the variables (KEEL_LOG_FORMAT=json, OTEL_EXPORTER_OTLP_ENDPOINT,
+    // KEEL_TELEMETRY__LOG_FILTER, ...). With none of them it runs as is.
+    let config = match keel_config::ConfigLoader::new()
+        .set_default("service.name", "keel-examples")
+        .set_default("service.version", env!("CARGO_PKG_VERSION"))
+        // The OpenTelemetry SDK announces itself at info, and PostgreSQL
+        // reports "already exists, skipping" as a notice: keep both quiet.
+        .set_default(
+            "telemetry.log_filter",
+            "info,opentelemetry=warn,opentelemetry_sdk=warn,sqlx::postgres::notice=warn",
+        )
+        .load()
+        .await
+    {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Readable text logs in development; no OTLP export unless an endpoint
+    // is configured. Dropping the guard at the end of main flushes whatever
+    // was buffered.
+    let telemetry = match keel_telemetry::init(config.telemetry_config()) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("cannot start telemetry: {e}");

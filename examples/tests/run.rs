@@ -18,6 +18,7 @@ const TESTED: &[&str] = &[
     "repository",
     "cache",
     "outbox",
+    "contexts",
 ];
 
 #[test]
@@ -74,6 +75,11 @@ mod in_memory {
     async fn outbox() {
         // Without PostgreSQL it explains itself and succeeds.
         in_memory("outbox").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn contexts() {
+        in_memory("contexts").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,6 +168,11 @@ mod real_services {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn outbox_on_postgres_and_pubsub() {
         on_real_services("outbox").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn contexts_on_postgres_redis_and_pubsub() {
+        on_real_services("contexts").await;
     }
 
     /// What `cargo run -p keel-examples` does with every variable set: all

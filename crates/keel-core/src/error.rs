@@ -100,6 +100,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// The service refused the request because it is at capacity (too
+    /// many calls in flight, a rate limit). Nothing was done; retrying
+    /// after `retry_after` may succeed.
+    #[error("{resource} exhausted")]
+    ResourceExhausted {
+        /// What ran out, e.g. `concurrent calls`.
+        resource: Cow<'static, str>,
+        /// When the caller may try again, when the service can tell.
+        retry_after: Option<Duration>,
+    },
+
     /// A bug or an unexpected state: stored data that cannot be read, a
     /// broken invariant, a misconfiguration.
     #[error("internal error: {message}")]
@@ -131,6 +142,8 @@ pub enum ErrorKind {
     Unauthorized,
     /// Authorization denied the request.
     Forbidden,
+    /// The service is at capacity; retry later.
+    ResourceExhausted,
     /// Anything else: a bug or corrupted data.
     Internal,
 }
@@ -147,7 +160,59 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Forbidden => "forbidden",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
             ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status code for errors of this kind; `keel-http` answers
+    /// with it. This table and [`grpc_code`](Self::grpc_code) are the one
+    /// place the transports' codes are chosen.
+    ///
+    /// | kind | HTTP | gRPC |
+    /// |---|---|---|
+    /// | conflict | 409 Conflict | `ABORTED` (10); a duplicate is `ALREADY_EXISTS` (6) |
+    /// | not found | 404 Not Found | `NOT_FOUND` (5) |
+    /// | invalid input | 400 Bad Request | `INVALID_ARGUMENT` (3) |
+    /// | unauthorized | 401 Unauthorized | `UNAUTHENTICATED` (16) |
+    /// | forbidden | 403 Forbidden | `PERMISSION_DENIED` (7) |
+    /// | resource exhausted | 429 Too Many Requests | `RESOURCE_EXHAUSTED` (8) |
+    /// | unavailable | 503 Service Unavailable | `UNAVAILABLE` (14) |
+    /// | timeout | 504 Gateway Timeout | `DEADLINE_EXCEEDED` (4) |
+    /// | internal | 500 Internal Server Error | `INTERNAL` (13) |
+    ///
+    /// A rejected command (a [`DomainError`]) is
+    /// [`DomainError::HTTP_STATUS`] / [`DomainError::GRPC_CODE`].
+    #[must_use]
+    pub const fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::Conflict => 409,
+            ErrorKind::NotFound => 404,
+            ErrorKind::InvalidInput => 400,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::ResourceExhausted => 429,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Timeout => 504,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The numeric gRPC status code for errors of this kind (see the
+    /// table at [`http_status`](Self::http_status)); `keel-grpc` answers
+    /// with it. [`Error::describe`] refines it for duplicates.
+    #[must_use]
+    pub const fn grpc_code(self) -> i32 {
+        match self {
+            ErrorKind::Conflict => 10,
+            ErrorKind::NotFound => 5,
+            ErrorKind::InvalidInput => 3,
+            ErrorKind::Unauthorized => 16,
+            ErrorKind::Forbidden => 7,
+            ErrorKind::ResourceExhausted => 8,
+            ErrorKind::Unavailable => 14,
+            ErrorKind::Timeout => 4,
+            ErrorKind::Internal => 13,
         }
     }
 }
@@ -167,17 +232,21 @@ impl ErrorKind {
             | ErrorKind::NotFound
             | ErrorKind::InvalidInput
             | ErrorKind::Unauthorized
-            | ErrorKind::Forbidden => false,
+            | ErrorKind::Forbidden
+            | ErrorKind::ResourceExhausted => false,
         }
     }
 }
 
-/// What a caller may be told about an [`Error`], whatever the transport.
+/// What a caller may be told about an [`Error`], whatever the transport:
+/// the one description both edges render.
 ///
-/// `keel-http` turns it into problem details and `keel-grpc` into a status,
-/// so both show the same code, title and text; each maps the
-/// [`kind`](Self::kind) to its own status code. Built by
-/// [`Error::describe`].
+/// `keel-http` turns it into problem details (status
+/// [`http_status`](Self::http_status), `Retry-After` from
+/// [`retry_after`](Self::retry_after)) and `keel-grpc` into a status (code
+/// [`grpc_code`](Self::grpc_code), the stable code in `keel-error-code`
+/// metadata, the retry hint in `grpc-retry-pushback-ms`), so both show the
+/// same code, title and text. Built by [`Error::describe`].
 ///
 /// ```
 /// use keel_core::Error;
@@ -206,6 +275,14 @@ pub struct ErrorDescription {
     pub detail: Cow<'static, str>,
     /// As [`Error::is_retryable`].
     pub retryable: bool,
+    /// The HTTP status code: [`ErrorKind::http_status`].
+    pub http_status: u16,
+    /// The numeric gRPC status code: [`ErrorKind::grpc_code`], except
+    /// `ALREADY_EXISTS` (6) for [`Error::AlreadyExists`].
+    pub grpc_code: i32,
+    /// How long the caller should wait before retrying, when the error
+    /// says ([`Error::ResourceExhausted`]).
+    pub retry_after: Option<Duration>,
 }
 
 impl fmt::Display for ErrorKind {
@@ -228,6 +305,7 @@ impl Error {
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Unauthorized { .. } => ErrorKind::Unauthorized,
             Error::Forbidden { .. } => ErrorKind::Forbidden,
+            Error::ResourceExhausted { .. } => ErrorKind::ResourceExhausted,
             Error::Internal { .. } => ErrorKind::Internal,
         }
     }
@@ -246,18 +324,23 @@ impl Error {
             Error::Timeout { .. } => "keel.timeout",
             Error::Unauthorized { .. } => "keel.unauthorized",
             Error::Forbidden { .. } => "keel.forbidden",
+            Error::ResourceExhausted { .. } => "keel.resource_exhausted",
             Error::Internal { .. } => "keel.internal",
         }
     }
 
     /// Whether repeating the same operation unchanged may succeed (the
-    /// dependency was down or slow). A version conflict is not retryable as
-    /// such: the caller must reload and decide again.
+    /// dependency was down or slow, the service was at capacity). A version
+    /// conflict is not retryable as such: the caller must reload and decide
+    /// again.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Unavailable { .. } | Error::Timeout { .. } | Error::TransactionConflict { .. }
+            Error::Unavailable { .. }
+                | Error::Timeout { .. }
+                | Error::TransactionConflict { .. }
+                | Error::ResourceExhausted { .. }
         )
     }
 
@@ -283,6 +366,10 @@ impl Error {
             Error::Invalid(_) => ("Invalid input", self.to_string().into()),
             Error::Unauthorized { reason } => ("Unauthorized", reason.clone().into()),
             Error::Forbidden { reason } => ("Forbidden", reason.clone().into()),
+            Error::ResourceExhausted { .. } => (
+                "Too many requests",
+                "The service is at capacity. Try again later.".into(),
+            ),
             // Server faults: the text names hosts, statements or
             // credentials, so the caller gets a fixed sentence.
             Error::Unavailable { .. } => (
@@ -295,12 +382,24 @@ impl Error {
             ),
             Error::Internal { .. } => ("Internal error", "An unexpected error occurred.".into()),
         };
+        let kind = self.kind();
+        let grpc_code = match self {
+            Error::AlreadyExists { .. } => 6,
+            _ => kind.grpc_code(),
+        };
+        let retry_after = match self {
+            Error::ResourceExhausted { retry_after, .. } => *retry_after,
+            _ => None,
+        };
         ErrorDescription {
-            kind: self.kind(),
+            kind,
             code: self.code(),
             title,
             detail,
             retryable: self.is_retryable(),
+            http_status: kind.http_status(),
+            grpc_code,
+            retry_after,
         }
     }
 
@@ -434,6 +533,13 @@ pub struct DomainError {
 }
 
 impl DomainError {
+    /// The HTTP status of a rejected command: 422 Unprocessable Content.
+    pub const HTTP_STATUS: u16 = 422;
+
+    /// The gRPC status code of a rejected command: `FAILED_PRECONDITION`
+    /// (9), the system is not in a state the command accepts.
+    pub const GRPC_CODE: i32 = 9;
+
     /// Builds a domain error from a stable code and a message.
     pub fn new(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         Self {
@@ -605,6 +711,57 @@ mod tests {
             assert_eq!((d.title, d.detail.as_ref()), (title, detail));
             assert!(!d.retryable);
         }
+    }
+
+    #[test]
+    fn one_table_gives_http_and_grpc_codes() {
+        let busy = Error::ResourceExhausted {
+            resource: "concurrent calls".into(),
+            retry_after: Some(Duration::from_millis(250)),
+        };
+        let d = busy.describe();
+        assert_eq!((d.http_status, d.grpc_code), (429, 8));
+        assert_eq!(d.code, "keel.resource_exhausted");
+        assert_eq!(d.retry_after, Some(Duration::from_millis(250)));
+        assert!(d.retryable && !busy.kind().is_server_fault());
+
+        let dup = Error::AlreadyExists {
+            subject: "order 1".into(),
+        }
+        .describe();
+        assert_eq!((dup.http_status, dup.grpc_code), (409, 6));
+        let conflict = Error::from(VersionConflict {
+            subject: "Order-1".into(),
+            expected: ExpectedVersion::Exact(Version::new(1)),
+            actual: Version::new(2),
+        })
+        .describe();
+        assert_eq!((conflict.http_status, conflict.grpc_code), (409, 10));
+        assert_eq!(conflict.retry_after, None);
+        for (error, http, grpc) in [
+            (Error::not_found("x"), 404, 5),
+            (Error::invalid_input("f", "bad"), 400, 3),
+            (Error::Unauthorized { reason: "r".into() }, 401, 16),
+            (Error::Forbidden { reason: "r".into() }, 403, 7),
+            (Error::internal_msg("boom"), 500, 13),
+            (
+                Error::Timeout {
+                    operation: "op".into(),
+                    after: Duration::from_secs(1),
+                },
+                504,
+                4,
+            ),
+            (
+                Error::unavailable("pg", "down", std::io::Error::other("x")),
+                503,
+                14,
+            ),
+        ] {
+            let d = error.describe();
+            assert_eq!((d.http_status, d.grpc_code), (http, grpc), "{error:?}");
+        }
+        assert_eq!((DomainError::HTTP_STATUS, DomainError::GRPC_CODE), (422, 9));
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub mod benchmarks_outbox {}
 #[doc = include_str!("../../../docs/benchmarks-repository.md")]
 pub mod benchmarks_repository {}
 
+#[doc = include_str!("../../../docs/benchmarks-search.md")]
+pub mod benchmarks_search {}
+
 #[doc = include_str!("../../../docs/benchmarks-security.md")]
 pub mod benchmarks_security {}
 
@@ -36,6 +39,9 @@ pub mod cache {}
 
 #[doc = include_str!("../../../docs/command-pipeline.md")]
 pub mod command_pipeline {}
+
+#[doc = include_str!("../../../docs/configuration.md")]
+pub mod configuration {}
 
 #[doc = include_str!("../../../docs/database.md")]
 pub mod database {}
@@ -49,14 +55,29 @@ pub mod event_bus {}
 #[doc = include_str!("../../../docs/event-store.md")]
 pub mod event_store {}
 
+#[doc = include_str!("../../../docs/grpc.md")]
+pub mod grpc {}
+
 #[doc = include_str!("../../../docs/health.md")]
 pub mod health {}
+
+#[doc = include_str!("../../../docs/infrastructure.md")]
+pub mod infrastructure {}
+
+#[doc = include_str!("../../../docs/operations.md")]
+pub mod operations {}
 
 #[doc = include_str!("../../../docs/outbox.md")]
 pub mod outbox {}
 
+#[doc = include_str!("../../../docs/projections.md")]
+pub mod projections {}
+
 #[doc = include_str!("../../../docs/repository.md")]
 pub mod repository {}
+
+#[doc = include_str!("../../../docs/search.md")]
+pub mod search {}
 
 #[doc = include_str!("../../../docs/security.md")]
 pub mod security {}

@@ -1,8 +1,22 @@
-//! How a [`Message`] travels on the wire: JSON data plus attributes.
+//! How a [`Message`] travels on the wire: data plus attributes.
 //!
-//! The payload is the message data, serialized as JSON. Everything else is an
-//! attribute, so a consumer can route, deduplicate and trace without parsing
-//! the payload:
+//! The data is written in the topic's [`WireFormat`]:
+//!
+//! * [`WireFormat::Json`] (the default): the payload itself, as JSON.
+//! * [`WireFormat::Protobuf`]: the whole message as a protobuf
+//!   `keel.v1.EventEnvelope` (see `proto/keel/v1/envelope.proto` and
+//!   [`keel_proto`]), the JSON payload inside it as bytes. Consumers in any
+//!   language can read it with the generated types.
+//!
+//! A [`WireFormats`] value given to the bus chooses the format per topic.
+//! The `content-type` attribute says which one a message uses, so every
+//! consumer reads both, whatever its own topics publish. Messages without a
+//! `content-type` (published by older producers) are read as JSON.
+//!
+//! In both formats everything but the payload is also an attribute, so a
+//! consumer can route, deduplicate and trace without parsing the data (for
+//! protobuf messages the envelope is the source of truth, and an event id
+//! attribute that contradicts it makes the message malformed):
 //!
 //! | attribute | value |
 //! |---|---|
@@ -13,7 +27,7 @@
 //! | `traceparent`, `tracestate` | W3C trace context, when set |
 //! | `keel-actor`, `keel-tenant` | when set |
 //! | `keel-x-{key}` | each free metadata pair |
-//! | `content-type` | always `application/json` |
+//! | `content-type` | `application/json`, or [`PROTOBUF_CONTENT_TYPE`] |
 //!
 //! Dead-lettered copies also carry [`DEAD_LETTER_REASON`],
 //! [`DEAD_LETTER_ATTEMPTS`] and [`DEAD_LETTER_SUBSCRIPTION`].
@@ -21,6 +35,7 @@
 use std::collections::BTreeMap;
 
 use keel_core::{CausationId, CorrelationId, EventId, Message, Metadata, TenantId, TraceContext};
+use prost::Message as _;
 
 use crate::error::{EventBusError, Result};
 
@@ -56,6 +71,76 @@ pub const DEAD_LETTER_SUBSCRIPTION: &str = "keel-dead-letter-subscription";
 pub(crate) const PUBSUB_DELIVERY_COUNT: &str = "CloudPubSubDeadLetterSourceDeliveryCount";
 
 const JSON: &str = "application/json";
+/// The `content-type` of messages whose data is a protobuf
+/// `keel.v1.EventEnvelope`.
+pub const PROTOBUF_CONTENT_TYPE: &str = keel_proto::ENVELOPE_CONTENT_TYPE;
+
+/// How a topic's messages are written. Consumers read every format.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+#[non_exhaustive]
+pub enum WireFormat {
+    /// The payload as JSON data (the default, and the format of every
+    /// message published before formats existed).
+    #[default]
+    Json,
+    /// The message as a protobuf `keel.v1.EventEnvelope`.
+    Protobuf,
+}
+
+impl WireFormat {
+    /// The `content-type` attribute of messages in this format.
+    #[must_use]
+    pub fn content_type(self) -> &'static str {
+        match self {
+            WireFormat::Json => JSON,
+            WireFormat::Protobuf => PROTOBUF_CONTENT_TYPE,
+        }
+    }
+}
+
+/// Which [`WireFormat`] each topic is published in: a default (JSON unless
+/// changed) and overrides by logical topic name.
+///
+/// ```
+/// use keel_eventbus::codec::{WireFormat, WireFormats};
+///
+/// let formats = WireFormats::new().with_topic("orders", WireFormat::Protobuf);
+/// assert_eq!(formats.for_topic("orders"), WireFormat::Protobuf);
+/// assert_eq!(formats.for_topic("billing"), WireFormat::Json);
+/// ```
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct WireFormats {
+    default: WireFormat,
+    topics: BTreeMap<String, WireFormat>,
+}
+
+impl WireFormats {
+    /// JSON everywhere.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Topics without an override use `format`.
+    #[must_use]
+    pub fn with_default(mut self, format: WireFormat) -> Self {
+        self.default = format;
+        self
+    }
+
+    /// `topic` (its logical name, as given to `publish`) uses `format`.
+    #[must_use]
+    pub fn with_topic(mut self, topic: impl Into<String>, format: WireFormat) -> Self {
+        self.topics.insert(topic.into(), format);
+        self
+    }
+
+    /// The format `topic` is published in.
+    #[must_use]
+    pub fn for_topic(&self, topic: &str) -> WireFormat {
+        self.topics.get(topic).copied().unwrap_or(self.default)
+    }
+}
 /// Pub/Sub's limits, enforced here so the in-memory bus refuses the same
 /// messages the real one would.
 const MAX_ATTRIBUTE_KEY: usize = 256;
@@ -125,13 +210,35 @@ impl RawMessage {
         }
     }
 
-    /// Encodes a Keel message.
+    /// Encodes a Keel message as JSON ([`WireFormat::Json`]).
+    ///
+    /// # Errors
+    ///
+    /// [`EventBusError::Encode`] for a message Pub/Sub would refuse (an
+    /// empty event type, schema version 0, too many or too long
+    /// attributes, an empty or too long ordering key).
     pub fn encode(message: &Message) -> Result<Self> {
+        Self::encode_as(message, WireFormat::Json)
+    }
+
+    /// Encodes a Keel message in `format`.
+    ///
+    /// # Errors
+    ///
+    /// As [`encode`](Self::encode).
+    pub fn encode_as(message: &Message, format: WireFormat) -> Result<Self> {
         let bad = |reason: String| EventBusError::Encode {
             event_id: message.event_id,
             reason,
         };
-        let data = serde_json::to_vec(&message.payload).map_err(|e| bad(e.to_string()))?;
+        let data = match format {
+            WireFormat::Json => {
+                serde_json::to_vec(&message.payload).map_err(|e| bad(e.to_string()))?
+            }
+            WireFormat::Protobuf => {
+                keel_proto::keel::v1::EventEnvelope::from(message).encode_to_vec()
+            }
+        };
         let mut attributes = BTreeMap::new();
         attributes.insert(EVENT_ID.to_owned(), message.event_id.to_string());
         attributes.insert(EVENT_TYPE.to_owned(), message.event_type.clone());
@@ -139,7 +246,7 @@ impl RawMessage {
             SCHEMA_VERSION.to_owned(),
             message.schema_version.to_string(),
         );
-        attributes.insert(CONTENT_TYPE.to_owned(), JSON.to_owned());
+        attributes.insert(CONTENT_TYPE.to_owned(), format.content_type().to_owned());
         let m = &message.metadata;
         if let Some(id) = m.correlation_id {
             attributes.insert(CORRELATION_ID.to_owned(), id.to_string());
@@ -203,8 +310,47 @@ impl RawMessage {
         })
     }
 
-    /// Decodes a Keel message, refusing anything that is not one.
+    /// Decodes a Keel message in either format (by its `content-type`),
+    /// refusing anything that is not one.
+    ///
+    /// # Errors
+    ///
+    /// [`MalformedMessage`] saying what is wrong: a missing or invalid
+    /// attribute, data that is not JSON or not an envelope, an unknown
+    /// content type.
     pub fn decode(&self) -> Result<Message, MalformedMessage> {
+        match self.attributes.get(CONTENT_TYPE).map(String::as_str) {
+            None => self.decode_json(),
+            Some(ct) if ct == JSON => self.decode_json(),
+            Some(ct) if ct == PROTOBUF_CONTENT_TYPE => self.decode_protobuf(),
+            Some(ct) => Err(MalformedMessage::new(format!(
+                "content type {ct:?} is neither {JSON} nor {PROTOBUF_CONTENT_TYPE}"
+            ))),
+        }
+    }
+
+    fn decode_protobuf(&self) -> Result<Message, MalformedMessage> {
+        let envelope =
+            keel_proto::keel::v1::EventEnvelope::decode(self.data.as_slice()).map_err(|e| {
+                MalformedMessage::new(format!("the data is not a keel.v1.EventEnvelope: {e}"))
+            })?;
+        let mut message = Message::try_from(envelope)
+            .map_err(|e| MalformedMessage::new(format!("invalid envelope: {e}")))?;
+        if let Some(id) = self.attributes.get(EVENT_ID)
+            && *id != message.event_id.to_string()
+        {
+            return Err(MalformedMessage::new(format!(
+                "{EVENT_ID} {id:?} contradicts the envelope's event id {}",
+                message.event_id
+            )));
+        }
+        if let Some(key) = self.ordering_key.as_ref().filter(|k| !k.is_empty()) {
+            message = message.with_ordering_key(key.clone());
+        }
+        Ok(message)
+    }
+
+    fn decode_json(&self) -> Result<Message, MalformedMessage> {
         let attr = |name: &str| self.attributes.get(name).map(String::as_str);
         let required = |name: &str| {
             attr(name)
@@ -222,13 +368,6 @@ impl RawMessage {
             .ok_or_else(|| {
                 MalformedMessage::new(format!("{SCHEMA_VERSION} is not a positive integer"))
             })?;
-        if let Some(ct) = attr(CONTENT_TYPE)
-            && ct != JSON
-        {
-            return Err(MalformedMessage::new(format!(
-                "content type {ct:?} is not {JSON}"
-            )));
-        }
         let payload: serde_json::Value = serde_json::from_slice(&self.data)
             .map_err(|e| MalformedMessage::new(format!("the data is not JSON: {e}")))?;
 
@@ -312,23 +451,34 @@ impl RawMessage {
     }
 }
 
-/// Encodes a batch for publishing. A message without a trace context gets
-/// the current span's (looked up once per batch, and only when needed), so
-/// the consumer's span continues the producer's trace without the caller
-/// writing it. Messages that carry one (relayed from an outbox) keep it.
-pub(crate) fn encode_batch(messages: &[Message]) -> Result<Vec<RawMessage>> {
+/// Encodes a batch for publishing in `format`. A message without a trace
+/// context gets the current span's (looked up once per batch, and only when
+/// needed), so the consumer's span continues the producer's trace without
+/// the caller writing it. Messages that carry one (relayed from an outbox)
+/// keep it.
+pub(crate) fn encode_batch(messages: &[Message], format: WireFormat) -> Result<Vec<RawMessage>> {
     let mut current: Option<Option<TraceContext>> = None;
     messages
         .iter()
         .map(|m| {
-            let mut raw = RawMessage::encode(m)?;
-            if m.metadata.trace_context.is_none()
-                && let Some(tc) =
-                    current.get_or_insert_with(keel_telemetry::propagation::current_trace_context)
-            {
-                raw.set_trace_context(tc);
+            if m.metadata.trace_context.is_some() {
+                return RawMessage::encode_as(m, format);
             }
-            Ok(raw)
+            let tc = current.get_or_insert_with(keel_telemetry::propagation::current_trace_context);
+            match (tc, format) {
+                (None, _) => RawMessage::encode_as(m, format),
+                (Some(tc), WireFormat::Json) => {
+                    let mut raw = RawMessage::encode(m)?;
+                    raw.set_trace_context(tc);
+                    Ok(raw)
+                }
+                // The envelope carries the metadata too: put it in there.
+                (Some(tc), _) => {
+                    let mut m = m.clone();
+                    m.metadata.trace_context = Some(tc.clone());
+                    RawMessage::encode_as(&m, format)
+                }
+            }
         })
         .collect()
 }
@@ -399,6 +549,81 @@ mod tests {
             m.attributes.insert(attr.to_owned(), value.to_owned());
             assert!(m.decode().is_err(), "{attr}={value}");
         }
+    }
+
+    #[test]
+    fn protobuf_round_trips_every_field_and_keeps_the_attributes() {
+        let m = full_message();
+        let raw = RawMessage::encode_as(&m, WireFormat::Protobuf).unwrap();
+        assert_eq!(raw.attributes[CONTENT_TYPE], PROTOBUF_CONTENT_TYPE);
+        assert_eq!(raw.attributes[EVENT_TYPE], "order.placed");
+        assert_eq!(raw.attributes["keel-x-source"], "import");
+        assert_eq!(raw.event_id(), Some(m.event_id));
+        let envelope = keel_proto::keel::v1::EventEnvelope::decode(raw.data.as_slice()).unwrap();
+        assert_eq!(envelope.event_type, "order.placed");
+        assert_eq!(raw.decode().unwrap(), m);
+
+        // Both formats decode to the same message.
+        let json = RawMessage::encode(&m).unwrap();
+        assert_eq!(json.attributes[CONTENT_TYPE], JSON);
+        assert_eq!(json.decode().unwrap(), raw.decode().unwrap());
+    }
+
+    #[test]
+    fn json_without_a_content_type_is_still_read() {
+        let m = full_message();
+        let mut raw = RawMessage::encode(&m).unwrap();
+        raw.attributes.remove(CONTENT_TYPE);
+        assert_eq!(raw.decode().unwrap(), m);
+    }
+
+    #[test]
+    fn refuses_broken_protobuf_messages() {
+        let good = RawMessage::encode_as(&full_message(), WireFormat::Protobuf).unwrap();
+
+        let mut garbage = good.clone();
+        garbage.data = vec![0xff; 7];
+        let reason = garbage.decode().unwrap_err().reason;
+        assert!(reason.contains("not a keel.v1.EventEnvelope"), "{reason}");
+
+        let mut truncated = good.clone();
+        truncated.data.truncate(truncated.data.len() / 2);
+        assert!(truncated.decode().is_err());
+
+        let mut liar = good.clone();
+        liar.attributes
+            .insert(EVENT_ID.to_owned(), EventId::new().to_string());
+        assert!(liar.decode().unwrap_err().reason.contains("contradicts"));
+
+        // A valid envelope with an invalid content: named in the reason.
+        let mut envelope = keel_proto::keel::v1::EventEnvelope::from(&full_message());
+        envelope.payload_content_type = "text/plain".into();
+        let mut wrong_payload = good.clone();
+        wrong_payload.data = envelope.encode_to_vec();
+        let reason = wrong_payload.decode().unwrap_err().reason;
+        assert!(reason.contains("payload_content_type"), "{reason}");
+
+        // JSON data labelled as protobuf, and an unknown content type.
+        let mut mislabelled = RawMessage::encode(&full_message()).unwrap();
+        mislabelled
+            .attributes
+            .insert(CONTENT_TYPE.to_owned(), PROTOBUF_CONTENT_TYPE.to_owned());
+        assert!(mislabelled.decode().is_err());
+        let mut unknown = good;
+        unknown
+            .attributes
+            .insert(CONTENT_TYPE.to_owned(), "application/avro".to_owned());
+        assert!(unknown.decode().unwrap_err().reason.contains("neither"));
+    }
+
+    #[test]
+    fn formats_are_chosen_per_topic() {
+        let formats = WireFormats::new()
+            .with_default(WireFormat::Protobuf)
+            .with_topic("legacy", WireFormat::Json);
+        assert_eq!(formats.for_topic("legacy"), WireFormat::Json);
+        assert_eq!(formats.for_topic("orders"), WireFormat::Protobuf);
+        assert_eq!(WireFormats::new().for_topic("orders"), WireFormat::Json);
     }
 
     #[test]

@@ -35,9 +35,12 @@
 //!   trace context into every published message that carries none. With
 //!   Pub/Sub, `PubSubBus::readiness_check` is the health check.
 //!
-//! Messages travel as JSON data with attributes for the event type, id,
-//! schema version, correlation and causation ids, trace context, actor and
-//! tenant; see [`codec`].
+//! Messages travel as JSON data, or per topic as a protobuf
+//! `keel.v1.EventEnvelope` ([`WireFormats`], on
+//! [`InMemoryBus::with_wire_formats`] and `PubSubConfig::with_wire_formats`),
+//! with attributes for the content type, event type, id, schema version,
+//! correlation and causation ids, trace context, actor and tenant.
+//! Consumers read both formats; see [`codec`].
 //!
 //! The guide is `docs/event-bus.md` in the repository.
 //!
@@ -119,7 +122,7 @@ mod router;
 pub mod testing;
 
 pub use bus::{DeadLetter, EventBus, Subscription};
-pub use codec::{MalformedMessage, RawMessage};
+pub use codec::{MalformedMessage, PROTOBUF_CONTENT_TYPE, RawMessage, WireFormat, WireFormats};
 pub use config::{ACK_DEADLINE, DELIVERY_ATTEMPTS, MAX_BACKOFF, SubscriptionConfig};
 pub use error::{EventBusError, Result};
 pub use memory::InMemoryBus;

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::bus::{DeadLetter, EventBus, StopSignal, Subscription};
-use crate::codec::{RawMessage, encode_batch};
+use crate::codec::{RawMessage, WireFormats, encode_batch};
 use crate::config::SubscriptionConfig;
 use crate::dispatch::{Outcome, Recorder, invoke};
 use crate::error::{EventBusError, Result};
@@ -48,6 +48,7 @@ pub struct InMemoryBus {
     naming: Naming,
     auto_create: bool,
     metrics: KeelMetrics,
+    formats: WireFormats,
 }
 
 impl Default for InMemoryBus {
@@ -263,6 +264,7 @@ impl InMemoryBus {
             naming: Naming::new(),
             auto_create: true,
             metrics: KeelMetrics::global(),
+            formats: WireFormats::new(),
         }
     }
 
@@ -284,6 +286,17 @@ impl InMemoryBus {
     pub fn with_auto_create(&self, on: bool) -> Self {
         Self {
             auto_create: on,
+            ..self.clone()
+        }
+    }
+
+    /// The same broker, publishing from this handle in the formats
+    /// `formats` gives each topic (JSON unless told otherwise). Consumers
+    /// read every format, whichever handle they subscribed through.
+    #[must_use]
+    pub fn with_wire_formats(&self, formats: WireFormats) -> Self {
+        Self {
+            formats,
             ..self.clone()
         }
     }
@@ -344,7 +357,7 @@ impl EventPublisher for InMemoryBus {
     async fn publish(&self, topic: &str, messages: &[Message]) -> keel_core::Result<()> {
         // Encode everything first: a batch with one bad message publishes
         // nothing.
-        let raw = encode_batch(messages)?;
+        let raw = encode_batch(messages, self.formats.for_topic(topic))?;
         self.publish_encoded(topic, &raw)?;
         Ok(())
     }

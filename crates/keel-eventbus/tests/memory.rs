@@ -15,6 +15,7 @@ bus_contract_tests! {
     factory: || async { (InMemoryBus::new(), ()) },
     tests: [
         round_trip_keeps_every_field,
+        both_wire_formats_are_read,
         failed_handler_is_retried_with_attempts,
         poison_message_is_dead_lettered_after_max_attempts,
         rejected_message_is_dead_lettered_at_once,

@@ -141,6 +141,24 @@ pub enum EventStoreError {
         source: BoxError,
     },
 
+    /// A projection's handler kept failing on an event: it was parked and,
+    /// under [`PoisonAction::Halt`](crate::PoisonAction::Halt), the runner
+    /// stopped with the checkpoint before it.
+    #[error(
+        "projection {projection}: the event at {position} was parked after {attempts} attempts"
+    )]
+    Parked {
+        /// The projection (`name@vN`).
+        projection: String,
+        /// The parked event's position.
+        position: keel_core::Position,
+        /// Attempts made in this run.
+        attempts: u32,
+        /// The handler's last error.
+        #[source]
+        source: BoxError,
+    },
+
     /// The database could not be reached or dropped the connection; retrying
     /// later may succeed.
     #[cfg(feature = "postgres")]
@@ -158,6 +176,18 @@ pub enum EventStoreError {
     #[error(transparent)]
     Core(keel_core::Error),
 
+    /// Reading or writing a snapshot export failed (see
+    /// [`export_ndjson`](crate::export_ndjson) and
+    /// [`import_ndjson`](crate::import_ndjson)).
+    #[error("{context}: {source}")]
+    Io {
+        /// What the store was doing.
+        context: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Stored data breaks an invariant of the store (a bug or tampering).
     #[error("corrupt event store data: {0}")]
     Corrupt(String),
@@ -167,6 +197,11 @@ impl EventStoreError {
     /// Shorthand for [`EventStoreError::Invalid`].
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Self::Invalid(InvalidInput::new(field, reason))
+    }
+
+    /// Shorthand for [`EventStoreError::Io`].
+    pub(crate) fn io(context: &'static str, source: std::io::Error) -> Self {
+        Self::Io { context, source }
     }
 
     /// Whether retrying the same operation unchanged may succeed: the

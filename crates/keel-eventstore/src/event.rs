@@ -451,6 +451,7 @@ pub struct ReadStream {
     pub(crate) direction: ReadDirection,
     pub(crate) from: Option<Version>,
     pub(crate) limit: Option<u64>,
+    pub(crate) page_size: Option<u32>,
 }
 
 impl ReadStream {
@@ -484,10 +485,23 @@ impl ReadStream {
         self
     }
 
+    /// Fetches this many events per round trip for this read, instead of
+    /// the store's [`StoreConfig::read_batch_size`] (at least 1).
+    #[must_use]
+    pub fn page_size(mut self, rows: u32) -> Self {
+        self.page_size = Some(rows.max(1));
+        self
+    }
+
     /// The direction.
     #[must_use]
     pub fn direction(&self) -> ReadDirection {
         self.direction
+    }
+
+    /// The page size for this read on a store configured with `config`.
+    pub(crate) fn page(&self, config: &StoreConfig) -> u32 {
+        self.page_size.unwrap_or(config.read_batch_size)
     }
 
     pub(crate) fn bounds(&self) -> (i64, i64) {
@@ -513,6 +527,7 @@ pub struct ReadAll {
     pub(crate) stream_prefix: Option<String>,
     pub(crate) event_types: Option<Vec<String>>,
     pub(crate) limit: Option<u64>,
+    pub(crate) page_size: Option<u32>,
 }
 
 impl ReadAll {
@@ -563,10 +578,23 @@ impl ReadAll {
         self
     }
 
+    /// Fetches this many events per round trip for this read, instead of
+    /// the store's [`StoreConfig::read_batch_size`] (at least 1).
+    #[must_use]
+    pub fn page_size(mut self, rows: u32) -> Self {
+        self.page_size = Some(rows.max(1));
+        self
+    }
+
     /// The position reading starts after.
     #[must_use]
     pub fn start(&self) -> Position {
         self.after
+    }
+
+    /// The page size for this read on a store configured with `config`.
+    pub(crate) fn page(&self, config: &StoreConfig) -> u32 {
+        self.page_size.unwrap_or(config.read_batch_size)
     }
 
     /// Whether an event passes the filters (the in-memory store's check and

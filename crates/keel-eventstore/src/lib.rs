@@ -27,8 +27,17 @@
 //! * [`Subscription`]: catch-up subscriptions over the global log with
 //!   durable checkpoints, live tail (LISTEN/NOTIFY plus polling), at-least-once
 //!   delivery and one active consumer per name across processes;
+//! * [`ProjectionRunner`]: read models written with exactly-once effect
+//!   (the model's rows and the [`Projection`]'s checkpoint commit in one
+//!   unit of work), versioned rebuilds that switch readers over once
+//!   caught up, poison events retried and parked ([`PoisonAction`]), and
+//!   a readiness check with lag and parked counts ([`ProgressCheck`]);
+//!   guide: `docs/projections.md`;
 //! * [`EventSourcedRepository`]: keel-core's aggregate repository port, with
 //!   [`SnapshotPolicy`] snapshots and [`Upcasters`] for schema evolution;
+//! * [`SnapshotArchive`]: long-term retention of snapshots: export and
+//!   import as NDJSON with their schema versions ([`export_ndjson`],
+//!   [`import_ndjson`]), and pruning by a [`SnapshotRetention`] policy;
 //! * [`InMemoryEventStore`]: the same behaviour without a server;
 //! * units of work: `store.within(tx)` ([`TransactionalStore`]) and
 //!   `repository.within(tx)` bind the store and the aggregate repository to
@@ -36,7 +45,8 @@
 //!   back) together with its outbox row, read model and inbox mark.
 //!
 //! The guide, including why the global order is safe and what it costs, is
-//! `docs/event-store.md` in the repository.
+//! `docs/event-store.md` in the repository. [`prelude`] imports what most
+//! callers need, the [`async_trait`](macro@async_trait) macro included.
 //!
 //! # Example
 //!
@@ -118,11 +128,13 @@
 //! The in-memory store needs no feature and no server.
 
 mod aggregate;
+mod archive;
 mod error;
 mod event;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod projection;
 mod store;
 mod subscription;
 mod telemetry;
@@ -131,6 +143,11 @@ pub mod testing;
 mod upcast;
 
 pub use aggregate::{EventSourcedRepository, SnapshotPolicy};
+pub use archive::{
+    ImportReport, MAX_SNAPSHOT_LINE_BYTES, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_VERSION,
+    SnapshotArchive, SnapshotRecord, SnapshotRetention, SnapshotSelection, export_ndjson,
+    import_ndjson,
+};
 pub use error::{EventStoreError, Result};
 pub use event::{
     AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, MAX_EVENT_TYPE_LEN, MAX_METADATA_BYTES, NewEvent,
@@ -139,15 +156,69 @@ pub use event::{
 pub use memory::InMemoryEventStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{HorizonHolder, NOTIFY_CHANNEL, PostgresEventStore, ReadHorizon};
+pub use projection::{
+    LAG_COUNT_LIMIT, Lag, LogLag, ParkedEvent, PoisonAction, ProgressCheck, Projection,
+    ProjectionHandle, ProjectionId, ProjectionOptions, ProjectionRunner, ProjectionState,
+    ProjectionStatus, ProjectionSupport, RetryBackoff,
+};
 pub use store::{
     Appender, EventSignal, EventStore, EventStoreBackend, EventStream, GlobalLog, Leadership,
     Snapshot, SnapshotStore, StoreInTransaction, StreamReader, SubscriptionSupport,
     TransactionalStore,
 };
 pub use subscription::{
-    Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions, SubscriptionStatus,
+    Delivery, Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions,
+    SubscriptionStatus,
 };
 pub use upcast::Upcasters;
+
+/// The attribute macro the store's traits are written with, re-exported so
+/// that implementing [`SubscriptionHandler`] or [`Projection`] needs no
+/// dependency besides this crate: `#[keel_eventstore::async_trait]`.
+pub use async_trait::async_trait;
+
+/// What most callers need, in one import: `use keel_eventstore::prelude::*;`.
+///
+/// The store's traits (so their methods resolve), the option and event
+/// types, subscriptions and projections, the `async_trait` macro, and the
+/// keel-core ids they take.
+///
+/// ```
+/// use keel_eventstore::prelude::*;
+///
+/// struct Count(std::sync::atomic::AtomicU64);
+///
+/// #[async_trait]
+/// impl SubscriptionHandler for Count {
+///     async fn handle(&self, _event: &RecordedEvent) -> Result<(), BoxError> {
+///         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let store = InMemoryEventStore::new();
+/// let cart = StreamId::new("Cart-1")?;
+/// store
+///     .append(&cart, ExpectedVersion::NoStream, vec![NewEvent::from_json("cart.opened", &serde_json::json!({}))])
+///     .await?;
+/// assert_eq!(store.stream_version(&cart).await?.get(), 1);
+/// # Ok(()) }
+/// ```
+pub mod prelude {
+    #[cfg(feature = "postgres")]
+    pub use crate::PostgresEventStore;
+    pub use crate::{
+        Appender, Delivery, EventStore, EventStoreBackend, EventStoreError, GlobalLog,
+        InMemoryEventStore, LogLag, NewEvent, PoisonAction, Projection, ProjectionId,
+        ProjectionOptions, ProjectionRunner, ProjectionSupport, ReadAll, ReadStream, RecordedEvent,
+        SnapshotStore, StreamReader, Subscription, SubscriptionHandler, SubscriptionOptions,
+        SubscriptionSupport, TransactionalStore, async_trait,
+    };
+    pub use keel_core::uow::Transaction;
+    pub use keel_core::{BoxError, ExpectedVersion, Position, StreamId, Version};
+}
 
 /// The event store's tables and functions (`keel.events`, `keel.streams`,
 /// snapshots, checkpoints), applied with

@@ -85,13 +85,25 @@ impl Snapshot {
     }
 }
 
-/// Stores the latest snapshot per stream.
+/// Stores snapshots and loads the latest per stream.
+///
+/// Every saved snapshot is kept (one per stream version) until a
+/// [`SnapshotRetention`](crate::SnapshotRetention) policy prunes it; see
+/// [`SnapshotArchive`](crate::SnapshotArchive).
 #[async_trait]
 pub trait SnapshotStore: Send + Sync {
-    /// The latest snapshot of a stream, if any.
+    /// The latest snapshot of a stream (the one at its highest version), if
+    /// any.
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>>;
 
-    /// Stores a snapshot unless one at a higher version is stored already.
+    /// Stores a snapshot unless one at a higher version is stored already;
+    /// one at the same version is replaced.
+    ///
+    /// # Errors
+    ///
+    /// [`EventStoreError::Invalid`](crate::EventStoreError::Invalid) for
+    /// version 0, a schema version beyond `i32::MAX` or state that is not
+    /// JSON; nothing is stored then.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
 }
 
@@ -126,6 +138,22 @@ pub trait SubscriptionSupport: Send + Sync {
 
     /// A fresh wake-up signal.
     async fn event_signal(&self) -> Result<Box<dyn EventSignal>>;
+
+    /// The furthest position subscription `name` has started delivering
+    /// (saved before a batch is handed to the handler), for
+    /// [`Delivery::is_redelivery`](crate::Delivery::is_redelivery). The
+    /// default remembers nothing: no delivery is flagged.
+    async fn load_delivered(&self, name: &str) -> Result<Option<Position>> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Records that subscription `name` is about to deliver events up to
+    /// `position`; never moves backwards.
+    async fn save_delivered(&self, name: &str, position: Position) -> Result<()> {
+        let _ = (name, position);
+        Ok(())
+    }
 }
 
 /// The store bound to one unit of work, as
@@ -156,17 +184,28 @@ pub trait TransactionalStore: Send + Sync {
 }
 
 /// Everything a complete backend offers: the store, snapshots, units of
-/// work and subscription support. Lets a composition root hold one
+/// work, subscription and projection support. Lets a composition root hold one
 /// `Arc<dyn EventStoreBackend>` and hand it to
 /// [`EventSourcedRepository`](crate::EventSourcedRepository) and
 /// [`Subscription`](crate::Subscription) alike.
 pub trait EventStoreBackend:
-    EventStore + SnapshotStore + SubscriptionSupport + TransactionalStore
+    EventStore
+    + SnapshotStore
+    + SubscriptionSupport
+    + TransactionalStore
+    + crate::ProjectionSupport
+    + crate::LogLag
 {
 }
 
-impl<T: EventStore + SnapshotStore + SubscriptionSupport + TransactionalStore + ?Sized>
-    EventStoreBackend for T
+impl<T> EventStoreBackend for T where
+    T: EventStore
+        + SnapshotStore
+        + SubscriptionSupport
+        + TransactionalStore
+        + crate::ProjectionSupport
+        + crate::LogLag
+        + ?Sized
 {
 }
 
@@ -206,6 +245,18 @@ mod tests {
             Counter,
         );
         handle.shutdown().await.unwrap();
+        let mut projection = crate::ProjectionRunner::spawn(
+            backend.clone(),
+            Arc::new(keel_core::uow::MemoryTransactions::new()),
+            crate::ProjectionOptions::new(crate::ProjectionId::new("dyn", 1).unwrap()),
+            Nothing,
+        );
+        projection.wait_for(|s| s.caught_up).await;
+        projection.shutdown().await.unwrap();
+        assert_eq!(
+            backend.active_projection_version("dyn").await.unwrap(),
+            Some(1)
+        );
         assert!(
             backend
                 .load_snapshot(&StreamId::new("Dyn-1").unwrap())
@@ -216,6 +267,19 @@ mod tests {
     }
 
     struct Counter;
+
+    struct Nothing;
+
+    #[async_trait]
+    impl crate::Projection for Nothing {
+        async fn apply(
+            &self,
+            _: &crate::RecordedEvent,
+            _: &mut dyn Transaction,
+        ) -> Result<(), keel_core::BoxError> {
+            Ok(())
+        }
+    }
 
     #[async_trait]
     impl crate::SubscriptionHandler for Counter {

@@ -1,36 +1,95 @@
 //! Catch-up subscriptions over the global log: durable checkpoints, live
 //! tail, one active consumer per name.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use keel_core::{BoxError, Position};
+use keel_telemetry::KeelMetrics;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::{EventStoreError, Result};
 use crate::event::{ReadAll, RecordedEvent};
+use crate::projection::{LogLag, ProgressCheck, SubscriptionSource};
 use crate::store::{EventStore, SubscriptionSupport};
+
+/// One event handed to a [`SubscriptionHandler`], with what the
+/// subscription knows about earlier deliveries of it.
+#[derive(Clone, Copy, Debug)]
+pub struct Delivery<'a> {
+    event: &'a RecordedEvent,
+    redelivery: bool,
+}
+
+impl<'a> Delivery<'a> {
+    /// A delivery of `event`; `redelivery` as [`is_redelivery`](Self::is_redelivery)
+    /// reports it (for testing handlers).
+    #[must_use]
+    pub fn new(event: &'a RecordedEvent, redelivery: bool) -> Self {
+        Self { event, redelivery }
+    }
+
+    /// The event.
+    #[must_use]
+    pub fn event(&self) -> &'a RecordedEvent {
+        self.event
+    }
+
+    /// Whether this event may have been handed to a handler of this
+    /// subscription before: it is at or before the furthest position an
+    /// earlier run of the subscription had started delivering (that run
+    /// crashed, failed or lost leadership before storing a checkpoint past
+    /// it). `false` means this is certainly the first delivery.
+    #[must_use]
+    pub fn is_redelivery(&self) -> bool {
+        self.redelivery
+    }
+}
+
+impl std::ops::Deref for Delivery<'_> {
+    type Target = RecordedEvent;
+
+    fn deref(&self) -> &RecordedEvent {
+        self.event
+    }
+}
 
 /// Handles the events a subscription delivers.
 ///
 /// Delivery is at least once: after a crash or a leadership change, events
 /// after the last stored checkpoint are delivered again, so handlers must be
 /// idempotent (for example by remembering the last position they applied).
+/// A handler that wants to know whether an event may be such a repeat
+/// overrides [`handle_delivery`](Self::handle_delivery) as well, which the
+/// subscription calls (by default it forwards to [`handle`](Self::handle)).
+/// For read models in PostgreSQL, a [`Projection`](crate::Projection) run by
+/// a [`ProjectionRunner`](crate::ProjectionRunner) needs no idempotence:
+/// its effects commit exactly once.
 #[async_trait]
 pub trait SubscriptionHandler: Send + Sync {
     /// Handles one event. An error stops the subscription; the checkpoint
     /// stays before this event, so it is delivered again on restart.
     async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError>;
+
+    /// Handles one delivery; the subscription calls this. The default
+    /// forwards the event to [`handle`](Self::handle).
+    async fn handle_delivery(&self, delivery: Delivery<'_>) -> std::result::Result<(), BoxError> {
+        self.handle(delivery.event()).await
+    }
 }
 
 #[async_trait]
 impl<T: SubscriptionHandler + ?Sized> SubscriptionHandler for Arc<T> {
     async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
         (**self).handle(event).await
+    }
+
+    async fn handle_delivery(&self, delivery: Delivery<'_>) -> std::result::Result<(), BoxError> {
+        (**self).handle_delivery(delivery).await
     }
 }
 
@@ -55,6 +114,9 @@ pub struct SubscriptionOptions {
     pub poll_interval: Duration,
     /// How often a follower tries to take over leadership (default 1 s).
     pub leadership_retry: Duration,
+    /// Where `keel.eventstore.subscription.*` is recorded (default
+    /// [`KeelMetrics::global`], taken when the options are made).
+    pub metrics: KeelMetrics,
 }
 
 impl SubscriptionOptions {
@@ -69,7 +131,15 @@ impl SubscriptionOptions {
             checkpoint_interval: Duration::from_secs(1),
             poll_interval: Duration::from_millis(500),
             leadership_retry: Duration::from_secs(1),
+            metrics: KeelMetrics::global(),
         }
+    }
+
+    /// Records the subscription's metrics with these instruments.
+    #[must_use]
+    pub fn metrics(mut self, metrics: KeelMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Receive only events passing this filter.
@@ -134,6 +204,9 @@ pub struct SubscriptionHandle {
     stop: watch::Sender<bool>,
     status: watch::Receiver<SubscriptionStatus>,
     task: Option<JoinHandle<Result<()>>>,
+    name: String,
+    filter: ReadAll,
+    ended: Arc<Mutex<Option<String>>>,
 }
 
 impl SubscriptionHandle {
@@ -152,6 +225,23 @@ impl SubscriptionHandle {
             return *s;
         }
         *self.status.borrow()
+    }
+
+    /// A health check reporting this subscription's lag behind `store`'s
+    /// log and whether it ended with an error (see [`ProgressCheck`]);
+    /// register it with the service's health registry.
+    #[must_use]
+    pub fn progress_check<S>(&self, store: Arc<S>) -> ProgressCheck
+    where
+        S: SubscriptionSupport + LogLag + ?Sized + 'static,
+    {
+        ProgressCheck::new(Arc::new(SubscriptionSource {
+            store,
+            name: self.name.clone(),
+            filter: self.filter.clone(),
+            status: self.status.clone(),
+            ended: Arc::clone(&self.ended),
+        }))
     }
 
     /// Stops gracefully: finishes the event in hand, stores the checkpoint,
@@ -224,11 +314,23 @@ impl Subscription {
     {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (status_tx, status_rx) = watch::channel(SubscriptionStatus::default());
-        let task = tokio::spawn(run(store, options, handler, stop_rx, status_tx));
+        let ended = Arc::new(Mutex::new(None));
+        let (name, filter) = (options.name.clone(), options.filter.clone());
+        let outcome = Arc::clone(&ended);
+        let task = tokio::spawn(async move {
+            let r = run(store, options, handler, stop_rx, status_tx).await;
+            if let Err(e) = &r {
+                *outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+            }
+            r
+        });
         SubscriptionHandle {
             stop: stop_tx,
             status: status_rx,
             task: Some(task),
+            name,
+            filter,
+            ended,
         }
     }
 }
@@ -327,6 +429,10 @@ where
         .await?
         .unwrap_or(Position::START);
     let mut saved = position;
+    // Where an earlier run had started delivering: events up to there may
+    // have been handled before.
+    let resumed_from = store.load_delivered(name).await?;
+    let mut delivering = resumed_from;
     let mut since_save = 0u64;
     let mut last_save = Instant::now();
     loop {
@@ -346,8 +452,30 @@ where
             () = stopped(stop) => continue,
         };
         let full = read.len() as u64 >= options.batch_size;
+        if let Some(last) = read.last()
+            && delivering.is_none_or(|d| d < last.position)
+        {
+            store.save_delivered(name, last.position).await?;
+            delivering = Some(last.position);
+        }
+        let mut handled = 0u64;
         for event in &read {
-            if let Err(source) = handler.handle(event).await {
+            let redelivery = resumed_from.is_some_and(|d| event.position <= d);
+            if let Err(source) = handler
+                .handle_delivery(Delivery::new(event, redelivery))
+                .await
+            {
+                options
+                    .metrics
+                    .record_subscription(name, handled, lag_of(event));
+                options.metrics.record_subscription_failure(name);
+                tracing::error!(
+                    subscription = %name,
+                    position = %event.position,
+                    event_id = %event.event_id,
+                    error = %source,
+                    "the handler failed; the subscription stops before this event"
+                );
                 if position != saved {
                     store.save_checkpoint(name, position).await?;
                 }
@@ -358,6 +486,7 @@ where
                 });
             }
             position = event.position;
+            handled += 1;
             since_save += 1;
             status.send_modify(|s| {
                 s.position = Some(position);
@@ -372,6 +501,12 @@ where
                 last_save = Instant::now();
             }
         }
+        // Behind while the batch came back full; caught up otherwise.
+        let lag = match read.last() {
+            Some(last) if full => lag_of(last),
+            _ => Duration::ZERO,
+        };
+        options.metrics.record_subscription(name, handled, lag);
         if !full {
             if position != saved && last_save.elapsed() >= options.checkpoint_interval {
                 store.save_checkpoint(name, position).await?;
@@ -393,4 +528,11 @@ where
             return Ok(Exit::LostLeadership);
         }
     }
+}
+
+/// How long ago `event` was recorded (zero if the clocks disagree).
+fn lag_of(event: &RecordedEvent) -> Duration {
+    (chrono::Utc::now() - event.recorded_at)
+        .to_std()
+        .unwrap_or(Duration::ZERO)
 }

@@ -20,6 +20,8 @@ macro_rules! all_contract_tests {
                 global_log_order_and_filters,
                 typed_decoding,
                 snapshots_keep_the_latest,
+                snapshot_archive_round_trip,
+                snapshot_retention_policy,
                 checkpoints_never_move_backwards,
                 subscription_catches_up_then_tails,
                 subscription_redelivers_after_failure_or_crash,
@@ -30,6 +32,12 @@ macro_rules! all_contract_tests {
                 racing_transactions_exactly_one_commits,
                 aggregate_repository_within_transaction,
                 concurrent_transactions_keep_the_log_exact,
+                projection_applies_each_event_once,
+                projection_parks_poison_events,
+                projection_versions_switch_when_caught_up,
+                progress_checks_report_lag_and_stalls,
+                subscription_flags_redeliveries,
+                page_sizes_per_read_change_nothing_but_the_pages,
             ],
         }
     };
@@ -48,6 +56,8 @@ const RUN: &str = stringify!(
     global_log_order_and_filters,
     typed_decoding,
     snapshots_keep_the_latest,
+    snapshot_archive_round_trip,
+    snapshot_retention_policy,
     checkpoints_never_move_backwards,
     subscription_catches_up_then_tails,
     subscription_redelivers_after_failure_or_crash,
@@ -58,6 +68,12 @@ const RUN: &str = stringify!(
     racing_transactions_exactly_one_commits,
     aggregate_repository_within_transaction,
     concurrent_transactions_keep_the_log_exact,
+    projection_applies_each_event_once,
+    projection_parks_poison_events,
+    projection_versions_switch_when_caught_up,
+    progress_checks_report_lag_and_stalls,
+    subscription_flags_redeliveries,
+    page_sizes_per_read_change_nothing_but_the_pages,
 );
 
 /// Fails when a rule was added to `testing::ALL` but is not run here.

@@ -1,7 +1,7 @@
-//! Keel errors as `tonic::Status`, with the stable code in metadata.
+//! Keel errors as `tonic::Status`, rendered from keel-core's error
+//! description, with the stable code in metadata.
 
 use keel_core::{CommandError, DomainError, Error, ErrorKind};
-use keel_http::Problem;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
@@ -18,7 +18,13 @@ pub const FIELD_KEY: &str = "keel-field";
 /// Metadata key carrying the trace id of the failed call, when traced.
 pub const TRACE_ID_KEY: &str = "keel-trace-id";
 
-/// The gRPC code for an error kind.
+/// Metadata key carrying the retry hint in milliseconds, read by gRPC
+/// clients' retry policies (gRFC A6).
+pub const RETRY_PUSHBACK_KEY: &str = "grpc-retry-pushback-ms";
+
+/// The gRPC code for an error kind: keel-core's table
+/// ([`ErrorKind::grpc_code`]), the same one keel-http reads its statuses
+/// from.
 ///
 /// | kind | code |
 /// |---|---|
@@ -28,6 +34,7 @@ pub const TRACE_ID_KEY: &str = "keel-trace-id";
 /// | invalid input | `INVALID_ARGUMENT` |
 /// | unauthorized | `UNAUTHENTICATED` |
 /// | forbidden | `PERMISSION_DENIED` |
+/// | resource exhausted | `RESOURCE_EXHAUSTED` |
 /// | unavailable | `UNAVAILABLE` |
 /// | timeout | `DEADLINE_EXCEEDED` |
 /// | internal, and any kind added later | `INTERNAL` |
@@ -38,29 +45,18 @@ pub const TRACE_ID_KEY: &str = "keel-trace-id";
 /// them apart.
 #[must_use]
 pub fn code_for(kind: ErrorKind) -> Code {
-    match kind {
-        ErrorKind::Conflict => Code::Aborted,
-        ErrorKind::NotFound => Code::NotFound,
-        ErrorKind::InvalidInput => Code::InvalidArgument,
-        ErrorKind::Unauthorized => Code::Unauthenticated,
-        ErrorKind::Forbidden => Code::PermissionDenied,
-        ErrorKind::Unavailable => Code::Unavailable,
-        ErrorKind::Timeout => Code::DeadlineExceeded,
-        _ => Code::Internal,
-    }
+    Code::from_i32(kind.grpc_code())
 }
 
 /// The gRPC code for an error, distinguishing duplicates from version
-/// conflicts.
+/// conflicts ([`Error::describe`]'s `grpc_code`).
 #[must_use]
 pub fn code_for_error(error: &Error) -> Code {
-    match error {
-        Error::AlreadyExists { .. } => Code::AlreadyExists,
-        other => code_for(other.kind()),
-    }
+    Code::from_i32(error.describe().grpc_code)
 }
 
-/// The gRPC code for a rejected command.
+/// The gRPC code for a rejected command: `FAILED_PRECONDITION`
+/// ([`DomainError::GRPC_CODE`]).
 pub const REJECTED_CODE: Code = Code::FailedPrecondition;
 
 fn insert(metadata: &mut MetadataMap, key: &'static str, value: &str) {
@@ -69,41 +65,19 @@ fn insert(metadata: &mut MetadataMap, key: &'static str, value: &str) {
     }
 }
 
-fn status_from_problem(code: Code, problem: &Problem) -> Status {
-    let mut metadata = MetadataMap::new();
-    insert(&mut metadata, ERROR_CODE_KEY, &problem.code);
-    insert(
-        &mut metadata,
-        RETRYABLE_KEY,
-        if problem.retryable { "true" } else { "false" },
-    );
-    for (member, key) in [
-        ("expected", EXPECTED_VERSION_KEY),
-        ("actual", ACTUAL_VERSION_KEY),
-        ("field", FIELD_KEY),
-    ] {
-        match problem.extensions.get(member) {
-            Some(serde_value) if serde_value.is_string() => {
-                insert(&mut metadata, key, serde_value.as_str().unwrap_or_default());
-            }
-            Some(other) => insert(&mut metadata, key, &other.to_string()),
-            None => {}
-        }
-    }
+fn with_trace_id(metadata: &mut MetadataMap) {
     if let Some(tc) = keel_telemetry::propagation::current_trace_context() {
-        insert(&mut metadata, TRACE_ID_KEY, tc.trace_id());
+        insert(metadata, TRACE_ID_KEY, tc.trace_id());
     }
-    let message = problem
-        .detail
-        .clone()
-        .unwrap_or_else(|| problem.title.clone());
-    Status::with_metadata(code, message, metadata)
 }
 
-/// The caller-safe status for an infrastructure error: the message is the
-/// same safe detail as the HTTP problem (internal and dependency failures
-/// get a fixed sentence), the stable code and conflict details travel in
-/// metadata. Server-side failures are logged with their full chain.
+/// The caller-safe status for an infrastructure error, rendered from
+/// keel-core's [`ErrorDescription`](keel_core::ErrorDescription): its
+/// gRPC code and safe detail as the message (internal and dependency
+/// failures get a fixed sentence), and in metadata the stable code
+/// (`keel-error-code`), `keel-retryable`, the retry hint
+/// (`grpc-retry-pushback-ms`), conflict versions or the refused field, and
+/// the trace id. Server-side failures are logged with their full chain.
 ///
 /// ```
 /// use keel_core::Error;
@@ -115,23 +89,65 @@ fn status_from_problem(code: Code, problem: &Problem) -> Status {
 /// ```
 #[must_use]
 pub fn status_from_error(error: &Error) -> Status {
-    let code = code_for_error(error);
     if error.kind().is_server_fault() {
         tracing::error!(
-            grpc.code = ?code,
+            grpc.code = ?Code::from_i32(error.describe().grpc_code),
             code = error.code(),
             error = %error.full_message(),
             "call failed"
         );
     }
-    status_from_problem(code, &Problem::from_error(error))
+    render(error)
+}
+
+/// The status for `error`, without logging it (for refusals the server
+/// itself decides on: shed load, an expired deadline).
+pub(crate) fn render(error: &Error) -> Status {
+    let shown = error.describe();
+    let code = Code::from_i32(shown.grpc_code);
+    let mut metadata = MetadataMap::new();
+    insert(&mut metadata, ERROR_CODE_KEY, shown.code);
+    insert(
+        &mut metadata,
+        RETRYABLE_KEY,
+        if shown.retryable { "true" } else { "false" },
+    );
+    if let Some(after) = shown.retry_after {
+        insert(
+            &mut metadata,
+            RETRY_PUSHBACK_KEY,
+            &after.as_millis().max(1).to_string(),
+        );
+    }
+    match error {
+        Error::Conflict(c) => {
+            insert(&mut metadata, EXPECTED_VERSION_KEY, &c.expected.to_string());
+            insert(
+                &mut metadata,
+                ACTUAL_VERSION_KEY,
+                &c.actual.get().to_string(),
+            );
+        }
+        Error::Invalid(invalid) => insert(&mut metadata, FIELD_KEY, &invalid.field),
+        _ => {}
+    }
+    with_trace_id(&mut metadata);
+    Status::with_metadata(code, shown.detail, metadata)
 }
 
 /// The status for a rejected command: `FAILED_PRECONDITION` with the
 /// domain error's code and message.
 #[must_use]
 pub fn status_from_domain(error: &DomainError) -> Status {
-    status_from_problem(REJECTED_CODE, &Problem::from_domain(error))
+    let mut metadata = MetadataMap::new();
+    insert(&mut metadata, ERROR_CODE_KEY, error.code());
+    insert(&mut metadata, RETRYABLE_KEY, "false");
+    with_trace_id(&mut metadata);
+    Status::with_metadata(
+        Code::from_i32(DomainError::GRPC_CODE),
+        error.message(),
+        metadata,
+    )
 }
 
 /// The status for a command's outcome.
@@ -140,6 +156,31 @@ pub fn status_from_command_error<E: Into<DomainError>>(error: CommandError<E>) -
         CommandError::Rejected(e) => status_from_domain(&e.into()),
         CommandError::Infrastructure(e) => status_from_error(&e),
     }
+}
+
+/// A complete gRPC response for `error` (HTTP 200, the status in the
+/// headers, no body), as tonic sends a status returned before a handler
+/// runs.
+///
+/// It is the rejection to give `keel_security::pipeline::BearerAuthLayer`
+/// when a tonic server is put together by hand (the [`GrpcServer`]
+/// builder authenticates by itself): `UNAUTHENTICATED` for a missing or
+/// refused token, `UNAVAILABLE` when the key set could not be fetched,
+/// with the stable code in `keel-error-code`.
+///
+/// ```
+/// use keel_core::Error;
+///
+/// let refused = Error::Unauthorized { reason: "token expired".into() };
+/// let response: http::Response<tonic::body::Body> = keel_grpc::status_response(&refused);
+/// assert_eq!(response.headers()["grpc-status"], "16");
+/// assert_eq!(response.headers()["keel-error-code"], "keel.unauthorized");
+/// ```
+///
+/// [`GrpcServer`]: crate::GrpcServer
+#[must_use]
+pub fn status_response<B: Default>(error: &Error) -> http::Response<B> {
+    status_from_error(error).into_http()
 }
 
 /// The stable Keel error code a status carries, if any (for clients).

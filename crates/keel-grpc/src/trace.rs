@@ -3,7 +3,7 @@
 
 use std::task::{Context, Poll};
 
-use keel_core::Metadata;
+use keel_core::{Metadata, TraceContext};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};
 use tracing::Instrument as _;
@@ -88,9 +88,23 @@ where
             rpc.service = %service,
             rpc.method = %method,
         );
-        if let Some(tc) = keel_http::trace_context_from_headers(request.headers()) {
+        if let Some(tc) = trace_context_from_headers(request.headers()) {
             keel_telemetry::propagation::set_parent(&span, &Metadata::new().with_trace_context(tc));
         }
         self.inner.call(request).instrument(span)
     }
+}
+
+/// The caller's W3C trace context from the `traceparent` / `tracestate`
+/// metadata of a call, if present and valid. A malformed `traceparent` is
+/// ignored: the call starts a new trace instead of failing.
+#[must_use]
+pub fn trace_context_from_headers(headers: &http::HeaderMap) -> Option<TraceContext> {
+    let traceparent = headers.get("traceparent")?.to_str().ok()?;
+    let tracestate = headers
+        .get("tracestate")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
+    TraceContext::new(traceparent, tracestate).ok()
 }

@@ -32,8 +32,13 @@
 //!     .merge(health_router(registry));
 //! ```
 //!
-//! The mapping from error kinds to status codes is in [`status_for`] and in
-//! `docs/errors.md`; the health endpoints are described in `docs/health.md`.
+//! The mapping from error kinds to status codes is keel-core's
+//! ([`ErrorKind::http_status`](keel_core::ErrorKind::http_status), read by
+//! [`status_for`]) and is listed in `docs/errors.md`; keel-grpc renders the
+//! same description as a gRPC status and does not depend on this crate.
+//! [`problem_response`] is the rejection for
+//! `keel_security::pipeline::BearerAuthLayer`. The health endpoints are
+//! described in `docs/health.md`.
 //!
 //! # Feature flags
 //!
@@ -45,6 +50,7 @@ mod trace;
 
 pub use health::{LIVENESS_PATH, READINESS_PATH, health_router};
 pub use problem::{
-    ApiError, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, REJECTED_STATUS, status_for,
+    ApiError, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, REJECTED_STATUS, problem_response,
+    status_for,
 };
 pub use trace::{trace_context_from_headers, trace_requests};

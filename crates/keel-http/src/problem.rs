@@ -15,7 +15,9 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// e.g. `urn:keel:problem:keel.conflict.version`.
 pub const PROBLEM_TYPE_PREFIX: &str = "urn:keel:problem:";
 
-/// The HTTP status for an error kind.
+/// The HTTP status for an error kind: keel-core's table
+/// ([`ErrorKind::http_status`]), the same one keel-grpc reads its codes
+/// from.
 ///
 /// | kind | status |
 /// |---|---|
@@ -24,24 +26,17 @@ pub const PROBLEM_TYPE_PREFIX: &str = "urn:keel:problem:";
 /// | invalid input | 400 Bad Request |
 /// | unauthorized | 401 Unauthorized |
 /// | forbidden | 403 Forbidden |
+/// | resource exhausted | 429 Too Many Requests |
 /// | unavailable | 503 Service Unavailable |
 /// | timeout | 504 Gateway Timeout |
 /// | internal, and any kind added later | 500 Internal Server Error |
 #[must_use]
 pub fn status_for(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
-        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
+    StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-/// The status for a rejected command (a broken business rule).
+/// The status for a rejected command (a broken business rule):
+/// [`DomainError::HTTP_STATUS`], 422.
 pub const REJECTED_STATUS: StatusCode = StatusCode::UNPROCESSABLE_ENTITY;
 
 /// RFC 9457 problem details, with Keel's `code` and `retryable` members.
@@ -86,7 +81,8 @@ pub struct Problem {
     /// Whether repeating the request unchanged may succeed.
     pub retryable: bool,
     /// Further members: `expected`/`actual` for conflicts, `field` for
-    /// invalid input, `trace_id` when the request was traced.
+    /// invalid input, `retry_after` (whole seconds) when the error carries
+    /// a retry hint, `trace_id` when the request was traced.
     #[serde(flatten)]
     pub extensions: Map<String, Value>,
 }
@@ -143,16 +139,21 @@ impl Problem {
     }
 
     /// The caller-safe problem for an infrastructure error: the code,
-    /// title, detail and retryability of
+    /// title, detail, HTTP status, retryability and retry hint of
     /// [`Error::describe`](keel_core::Error::describe) (so server faults
-    /// carry a fixed sentence), the status of [`status_for`], and the
-    /// `expected`/`actual` or `field` members.
+    /// carry a fixed sentence), and the `expected`/`actual` or `field`
+    /// members.
     #[must_use]
     pub fn from_error(error: &Error) -> Self {
         let shown = error.describe();
-        let problem = Problem::new(status_for(shown.kind), shown.code, shown.title)
+        let status =
+            StatusCode::from_u16(shown.http_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut problem = Problem::new(status, shown.code, shown.title)
             .with_detail(shown.detail)
             .with_retryable(shown.retryable);
+        if let Some(after) = shown.retry_after {
+            problem = problem.with_extension(RETRY_AFTER_MEMBER, retry_after_secs(after));
+        }
         match error {
             Error::Conflict(c) => problem
                 .with_extension("expected", c.expected.to_string())
@@ -166,7 +167,8 @@ impl Problem {
     /// and message (domain messages are written for people).
     #[must_use]
     pub fn from_domain(error: &DomainError) -> Self {
-        Problem::new(REJECTED_STATUS, error.code(), "Request rejected").with_detail(error.message())
+        let status = StatusCode::from_u16(DomainError::HTTP_STATUS).unwrap_or(REJECTED_STATUS);
+        Problem::new(status, error.code(), "Request rejected").with_detail(error.message())
     }
 
     /// The problem for a command's outcome: a rejection or an
@@ -199,8 +201,50 @@ impl IntoResponse for Problem {
             // RFC 9110 requires a challenge with every 401.
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(secs) = self
+            .extensions
+            .get(RETRY_AFTER_MEMBER)
+            .and_then(Value::as_u64)
+        {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         response
     }
+}
+
+/// The problem member carrying the retry hint, in whole seconds (also sent
+/// as the `Retry-After` header).
+const RETRY_AFTER_MEMBER: &str = "retry_after";
+
+/// A retry hint in whole seconds, rounded up so the caller never comes
+/// back early.
+fn retry_after_secs(after: std::time::Duration) -> u64 {
+    after.as_secs() + u64::from(after.subsec_nanos() > 0)
+}
+
+/// The problem+json response for a refused or failed request: what
+/// [`ApiError`] answers for `error`, as a plain function.
+///
+/// It is the rejection to give `keel_security::pipeline::BearerAuthLayer`
+/// in an axum service: 401 with `WWW-Authenticate: Bearer` for a missing or
+/// refused token, 503 (retryable) when the key set could not be fetched,
+/// never the internal text of a server-side failure.
+///
+/// ```
+/// use keel_core::Error;
+///
+/// let response = keel_http::problem_response(&Error::Unauthorized { reason: "token expired".into() });
+/// assert_eq!(response.status(), 401);
+/// assert_eq!(response.headers()["www-authenticate"], "Bearer");
+/// assert_eq!(response.headers()["content-type"], keel_http::PROBLEM_JSON);
+/// ```
+#[must_use]
+pub fn problem_response(error: &Error) -> Response {
+    ApiError {
+        problem: Problem::from_error(error),
+        internal: error.kind().is_server_fault().then(|| error.full_message()),
+    }
+    .into_response()
 }
 
 /// The error type for axum handlers: anything Keel returns converts into it

@@ -46,6 +46,19 @@ pub async fn trace_requests(request: Request, next: Next) -> Response {
         Some(route) => format!("{method} {route}"),
         None => method.to_string(),
     };
+    let user_agent = request
+        .headers()
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    let protocol = match request.version() {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    // OpenTelemetry's semantic-convention names, which keel-telemetry's
+    // `gcp` log format turns into Cloud Logging's `httpRequest`.
     let span = tracing::info_span!(
         "keel.http.request",
         otel.name = %name,
@@ -54,6 +67,9 @@ pub async fn trace_requests(request: Request, next: Next) -> Response {
         http.request.method = %method,
         http.route = route.as_deref(),
         url.path = %request.uri().path(),
+        url.query = request.uri().query(),
+        user_agent.original = user_agent,
+        network.protocol.version = protocol,
         http.response.status_code = tracing::field::Empty,
     );
     if let Some(tc) = trace_context_from_headers(request.headers()) {

@@ -16,6 +16,7 @@ use hmac::{Hmac, Mac};
 use keel_core::Cursor;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::sync::atomic::{AtomicBool, Ordering};
 use uuid::Uuid;
 
 use crate::error::{RepositoryError, Result};
@@ -28,10 +29,89 @@ const MAX_CURSOR_LEN: usize = 16 * 1024;
 /// (tamper-evident) but anyone who reads this source can forge one.
 const PUBLIC_KEY: &[u8] = b"keel-repository/cursor/v1";
 
+/// Set once a cursor has been signed with [`PUBLIC_KEY`] and said so.
+static PUBLIC_KEY_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// The key that signs pagination cursors (HMAC-SHA256).
+///
+/// Give every instance of a service the same key, from a secret store
+/// (`keel-config` reads it from `repository.cursor_key` through a
+/// `SecretProvider`). A repository built without one signs with a public
+/// key written in Keel's source, so anyone can forge a cursor; that key has
+/// to be asked for by name, [`CursorKey::insecure_development_key`], and a
+/// repository that falls back to it logs a warning the first time it signs
+/// a cursor.
+///
+/// ```
+/// use keel_repository::CursorKey;
+///
+/// let key = CursorKey::new(b"0123456789abcdef0123456789abcdef")?;
+/// assert!(!key.is_public());
+/// assert!(CursorKey::new(b"short").is_err());
+/// assert!(CursorKey::insecure_development_key().is_public());
+/// # Ok::<_, keel_repository::CursorKeyTooShort>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct CursorKey {
+    key: Vec<u8>,
+}
+
+impl CursorKey {
+    /// The shortest key accepted, in bytes.
+    pub const MIN_BYTES: usize = 32;
+
+    /// A secret key of at least [`MIN_BYTES`](Self::MIN_BYTES) bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`CursorKeyTooShort`] for a shorter key.
+    pub fn new(secret: impl AsRef<[u8]>) -> std::result::Result<Self, CursorKeyTooShort> {
+        let key = secret.as_ref();
+        if key.len() < Self::MIN_BYTES {
+            return Err(CursorKeyTooShort);
+        }
+        Ok(Self { key: key.to_vec() })
+    }
+
+    /// The public key written in Keel's source. Cursors signed with it are
+    /// tamper-evident against accidents only: anyone can forge them. For
+    /// development and tests, never production.
+    #[must_use]
+    pub fn insecure_development_key() -> Self {
+        Self {
+            key: PUBLIC_KEY.to_vec(),
+        }
+    }
+
+    /// Whether this is the public development key.
+    #[must_use]
+    pub fn is_public(&self) -> bool {
+        self.key == PUBLIC_KEY
+    }
+}
+
+impl std::fmt::Debug for CursorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_public() {
+            "CursorKey(<public development key>)"
+        } else {
+            "CursorKey(<redacted>)"
+        })
+    }
+}
+
+/// [`CursorKey::new`] was given fewer than [`CursorKey::MIN_BYTES`] bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a cursor key must be at least {} bytes", CursorKey::MIN_BYTES)]
+pub struct CursorKeyTooShort;
+
 /// Signs and checks cursors with one key.
 #[derive(Clone)]
 pub(crate) struct CursorCodec {
     key: Vec<u8>,
+    /// Whether the key is the public one because nobody chose a key (as
+    /// opposed to asking for it by name): signing then warns once.
+    fallback: bool,
 }
 
 impl std::fmt::Debug for CursorCodec {
@@ -41,9 +121,11 @@ impl std::fmt::Debug for CursorCodec {
 }
 
 impl Default for CursorCodec {
+    /// The public key, because no key was configured.
     fn default() -> Self {
         Self {
             key: PUBLIC_KEY.to_vec(),
+            fallback: true,
         }
     }
 }
@@ -71,6 +153,26 @@ impl CursorCodec {
     pub(crate) fn with_secret(secret: &[u8]) -> Self {
         Self {
             key: secret.to_vec(),
+            fallback: false,
+        }
+    }
+
+    pub(crate) fn with_key(key: &CursorKey) -> Self {
+        Self {
+            key: key.key.clone(),
+            fallback: false,
+        }
+    }
+
+    /// Says, once per process, that cursors are signed with the public key
+    /// because none was configured.
+    fn warn_if_fallback(&self) {
+        if self.fallback && !PUBLIC_KEY_WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "keel-repository signs pagination cursors with the public development key, \
+                 so clients can forge them: configure a key (with_cursor_key, or \
+                 repository.cursor_key in keel-config)"
+            );
         }
     }
 
@@ -79,6 +181,7 @@ impl CursorCodec {
     }
 
     pub(crate) fn encode(&self, fingerprint: &[u8; 16], key: &[Value]) -> Result<Cursor> {
+        self.warn_if_fallback();
         let parts = key
             .iter()
             .map(|v| {
@@ -204,6 +307,36 @@ mod tests {
         let codec = CursorCodec::default();
         let c = codec.encode(&Q, &key()).unwrap();
         assert_eq!(codec.decode(&c, &Q, &TYPES).unwrap(), key());
+    }
+
+    #[test]
+    fn a_cursor_key_signs_apart_from_the_public_key_it_replaces() {
+        let a = CursorCodec::with_key(&CursorKey::new([1u8; 32]).unwrap());
+        let b = CursorCodec::with_key(&CursorKey::new([2u8; 32]).unwrap());
+        let public = CursorCodec::with_key(&CursorKey::insecure_development_key());
+        let c = a.encode(&Q, &key()).unwrap();
+        assert_eq!(a.decode(&c, &Q, &TYPES).unwrap(), key());
+        for other in [&b, &public, &CursorCodec::default()] {
+            assert!(matches!(
+                other.decode(&c, &Q, &TYPES),
+                Err(RepositoryError::TamperedCursor)
+            ));
+        }
+        // The key asked for by name is the one used when none is chosen, so
+        // cursors issued before a service chose one keep decoding.
+        let old = CursorCodec::default().encode(&Q, &key()).unwrap();
+        assert_eq!(public.decode(&old, &Q, &TYPES).unwrap(), key());
+        assert!(!public.fallback && CursorCodec::default().fallback);
+    }
+
+    #[test]
+    fn cursor_keys_refuse_short_secrets_and_never_print_themselves() {
+        assert_eq!(CursorKey::new([7u8; 31]), Err(CursorKeyTooShort));
+        let key = CursorKey::new(b"do-not-print-me-0123456789abcdef").unwrap();
+        assert!(!key.is_public());
+        assert_eq!(format!("{key:?}"), "CursorKey(<redacted>)");
+        assert!(CursorKey::insecure_development_key().is_public());
+        assert!(CursorKeyTooShort.to_string().contains("32 bytes"));
     }
 
     #[test]

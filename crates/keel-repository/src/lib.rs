@@ -168,6 +168,7 @@ mod query;
 pub mod testing;
 mod value;
 
+pub use cursor::{CursorKey, CursorKeyTooShort};
 pub use error::{RepositoryError, Result};
 /// Derives [`keel_core::Entity`] and [`Mapped`] from attributes (feature
 /// `derive`).

@@ -19,7 +19,7 @@ use keel_core::{
     ListQuery, Page, Stored, SystemClock, Version, VersionConflict,
 };
 
-use crate::cursor::CursorCodec;
+use crate::cursor::{CursorCodec, CursorKey};
 use crate::error::{RepositoryError, Result};
 use crate::mapping::{Mapped, Record, Schema};
 use crate::query::{DEFAULT_MAX_PAGE_SIZE, PagePlan, Plan, plan_filters, scope_matches};
@@ -140,10 +140,19 @@ impl<E: Mapped> InMemoryRepository<E> {
     }
 
     /// Signs cursors with `secret` (HMAC-SHA256) instead of the public
-    /// default key, so that clients cannot forge them.
+    /// default key, so that clients cannot forge them. Prefer
+    /// [`with_cursor_key`](Self::with_cursor_key), which refuses short keys.
     #[must_use]
     pub fn with_cursor_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
         self.codec = CursorCodec::with_secret(secret.as_ref());
+        self
+    }
+
+    /// Signs cursors with `key`. Without a key, cursors are signed with the
+    /// public development key and the first one signed logs a warning.
+    #[must_use]
+    pub fn with_cursor_key(mut self, key: &CursorKey) -> Self {
+        self.codec = CursorCodec::with_key(key);
         self
     }
 

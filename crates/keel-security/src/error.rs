@@ -11,11 +11,17 @@ pub type Result<T, E = SecurityError> = std::result::Result<T, E>;
 /// Messages never contain the token or any key material: they are safe to
 /// log and, for the token variants, to show the caller. Token variants map
 /// to [`keel_core::Error::Unauthorized`]; a key endpoint that cannot be
-/// reached maps to [`keel_core::Error::Unavailable`] (retryable); bad
-/// a policy denial maps to [`keel_core::Error::Forbidden`]; bad
-/// configuration and missing or invalid secrets map to
-/// [`keel_core::Error::Internal`]; a failing secret backend maps to
-/// `Unavailable`.
+/// reached maps to [`keel_core::Error::Unavailable`] (retryable); a policy
+/// denial maps to [`keel_core::Error::Forbidden`]; bad configuration and
+/// invalid secrets map to [`keel_core::Error::Internal`].
+///
+/// Secret failures keep their kind (and so their stable
+/// [code](keel_core::Error::code)): a missing secret, or a version that is
+/// disabled or destroyed, is `NotFound` (`keel.not_found`); a denied read is
+/// `Forbidden` (`keel.forbidden`); a backend that did not answer in time is
+/// `Timeout` (`keel.timeout`, retryable); a failing backend is `Unavailable`
+/// (`keel.unavailable`, retryable). Their messages name the secret, never
+/// its value.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SecurityError {
@@ -124,7 +130,8 @@ pub enum SecurityError {
         reason: String,
     },
 
-    /// The verifier's configuration is unusable.
+    /// A configuration is unusable: the verifier's, or a secret provider's
+    /// (a bad project id, a client that cannot be built).
     #[error("invalid security configuration: {0}")]
     Config(String),
 
@@ -162,6 +169,35 @@ pub enum SecurityError {
         #[source]
         source: BoxError,
     },
+
+    /// The backend refused to give this service the secret: its identity
+    /// lacks the permission (e.g. `secretmanager.versions.access`) or its
+    /// credentials were rejected. Not retryable as such: fix the grant.
+    #[error("permission to read secret {name:?} was denied")]
+    SecretPermissionDenied {
+        /// The secret's name.
+        name: String,
+    },
+
+    /// The secret exists but the requested version cannot be read because
+    /// it was disabled or destroyed (Secret Manager's `FAILED_PRECONDITION`).
+    /// Not retryable: enable the version or point at another one.
+    #[error("secret {name:?} version {version} is disabled or destroyed")]
+    SecretVersionDisabled {
+        /// The secret's name.
+        name: String,
+        /// The version asked for (`latest`, a number or an alias).
+        version: String,
+    },
+
+    /// The backend did not answer within the time limit. Retryable.
+    #[error("reading secret {name:?} timed out after {after:?}")]
+    SecretTimeout {
+        /// The secret's name.
+        name: String,
+        /// The time limit that was exceeded.
+        after: std::time::Duration,
+    },
 }
 
 /// A key id as messages show it: `kid key-1` (control characters escaped,
@@ -188,6 +224,22 @@ impl SecurityError {
                 | SecurityError::SecretNotFound { .. }
                 | SecurityError::SecretInvalid { .. }
                 | SecurityError::SecretUnavailable { .. }
+                | SecurityError::SecretPermissionDenied { .. }
+                | SecurityError::SecretVersionDisabled { .. }
+                | SecurityError::SecretTimeout { .. }
+        )
+    }
+
+    /// Whether this is a secret backend failure that may pass on its own
+    /// (the backend was down or slow), as opposed to an answer (not found,
+    /// denied, disabled, invalid) that repeating the read will not change.
+    /// [`CachedSecrets`](crate::CachedSecrets) keeps serving a previous
+    /// value only through transient failures.
+    #[must_use]
+    pub fn is_transient_secret_failure(&self) -> bool {
+        matches!(
+            self,
+            SecurityError::SecretUnavailable { .. } | SecurityError::SecretTimeout { .. }
         )
     }
 
@@ -221,6 +273,19 @@ impl From<SecurityError> for keel_core::Error {
                 service: "secrets".into(),
                 message: err.to_string(),
                 source: Some(Box::new(err)),
+            },
+            SecurityError::SecretNotFound { name } => keel_core::Error::NotFound {
+                subject: format!("secret {name:?}"),
+            },
+            SecurityError::SecretVersionDisabled { name, version } => keel_core::Error::NotFound {
+                subject: format!("an enabled version {version} of secret {name:?}"),
+            },
+            SecurityError::SecretPermissionDenied { .. } => keel_core::Error::Forbidden {
+                reason: err.to_string(),
+            },
+            SecurityError::SecretTimeout { name, after } => keel_core::Error::Timeout {
+                operation: format!("reading secret {name:?}").into(),
+                after,
             },
             SecurityError::KeyFetch { .. } => keel_core::Error::Unavailable {
                 service: "jwks".into(),
@@ -274,6 +339,63 @@ mod tests {
                 core.to_string().contains(&text),
                 "{core} should explain {text}"
             );
+        }
+    }
+
+    #[test]
+    fn secret_failures_keep_their_kind_and_code() {
+        let name = || "db-password".to_owned();
+        let cases = [
+            (
+                SecurityError::SecretNotFound { name: name() },
+                "keel.not_found",
+                false,
+            ),
+            (
+                SecurityError::SecretVersionDisabled {
+                    name: name(),
+                    version: "7".into(),
+                },
+                "keel.not_found",
+                false,
+            ),
+            (
+                SecurityError::SecretPermissionDenied { name: name() },
+                "keel.forbidden",
+                false,
+            ),
+            (
+                SecurityError::SecretTimeout {
+                    name: name(),
+                    after: std::time::Duration::from_secs(10),
+                },
+                "keel.timeout",
+                true,
+            ),
+            (
+                SecurityError::SecretUnavailable {
+                    name: name(),
+                    source: "connection refused".into(),
+                },
+                "keel.unavailable",
+                true,
+            ),
+            (
+                SecurityError::SecretInvalid {
+                    name: name(),
+                    reason: "the value is not UTF-8",
+                },
+                "keel.internal",
+                false,
+            ),
+        ];
+        for (err, code, transient) in cases {
+            assert_eq!(err.is_transient_secret_failure(), transient, "{err}");
+            assert!(!err.is_unauthorized(), "{err}");
+            let core = keel_core::Error::from(err);
+            assert_eq!(core.code(), code, "{core}");
+            assert_eq!(core.is_retryable(), transient, "{core}");
+            assert!(core.to_string().contains("db-password"), "{core}");
         }
     }
 

@@ -85,12 +85,42 @@
 //!
 //! # Secrets
 //!
-//! [`SecretProvider`] is the object-safe port; [`EnvSecrets`] and
+//! [`SecretProvider`] is the object-safe port; [`EnvSecrets`],
 //! [`FileSecrets`] (a mounted directory, as Kubernetes and Cloud Run
-//! provide) implement it, and [`CachedSecrets`] wraps any of them with a
-//! time to live and keeps the last good value when a refresh fails. Values
-//! are [`Secret<String>`](Secret) (re-exported from keel-telemetry), which
+//! provide) and, with the `gcp-secret-manager` feature, `GcpSecretManager`
+//! (Google Cloud Secret Manager, `latest`, pinned or aliased versions)
+//! implement it. [`CachedSecrets`] wraps any of them with a time to live:
+//! a rotated value is read after the TTL, concurrent reads of one name
+//! share a single backend call, [`SecretProvider::invalidate`] forces a
+//! reread when a consumer finds a value refused, and a transient backend
+//! failure keeps serving the last good value while a revocation (not
+//! found, denied, disabled) does not. Values are
+//! [`Secret<String>`](Secret) (re-exported from keel-telemetry), which
 //! prints and serializes as `[REDACTED]`.
+//!
+//! ```
+//! use std::{sync::Arc, time::Duration};
+//! use keel_security::{CachedSecrets, FileSecrets, SecretProvider};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?; // a secret volume, as Kubernetes mounts one
+//! std::fs::write(dir.path().join("db-password"), "hunter2-but-longer\n")?;
+//!
+//! let secrets: Arc<dyn SecretProvider> = Arc::new(CachedSecrets::new(
+//!     Arc::new(FileSecrets::new(dir.path())),
+//!     Duration::from_secs(300),
+//! ));
+//! let password = secrets.get("db-password").await?;
+//! assert_eq!(password.expose_secret(), "hunter2-but-longer");
+//! assert_eq!(format!("{password:?}"), "[REDACTED]");
+//!
+//! // The database refused it after a rotation: reread on next use.
+//! std::fs::write(dir.path().join("db-password"), "rotated")?;
+//! secrets.invalidate("db-password").await;
+//! assert_eq!(secrets.get("db-password").await?.expose_secret(), "rotated");
+//! # Ok(()) }
+//! ```
 //!
 //! # Command pipeline
 //!
@@ -136,6 +166,12 @@
 //!   of `keel_core::AuditLog`, and the `audit_contract_suite!` macro.
 //! - `http`: `pipeline::BearerAuthLayer`, a tower layer over
 //!   `http::Request` for axum and tonic servers (adds the `http` crate).
+//! - `gcp-secret-manager`: `GcpSecretManager`, `GcpSecretManagerConfig`,
+//!   `SecretRef`, `SecretVersion` and `AccessedSecret`, a secret provider
+//!   on Google Cloud Secret Manager through the official
+//!   `google-cloud-secretmanager-v1` client (REST/JSON over reqwest, rustls
+//!   with the ring provider, never OpenSSL). Off by default: it pulls in
+//!   the Google Cloud client stack.
 //!
 //! Signature verification uses the pure-Rust RustCrypto backend of
 //! `jsonwebtoken`.
@@ -165,4 +201,8 @@ pub use keel_telemetry::Secret;
 #[cfg(feature = "postgres")]
 pub static MIGRATIONS: keel_database::Migrations =
     keel_database::Migrations::new("keel-security", sqlx::migrate!("./migrations"));
+#[cfg(feature = "gcp-secret-manager")]
+pub use secrets::{
+    AccessedSecret, GcpSecretManager, GcpSecretManagerConfig, SecretRef, SecretVersion,
+};
 pub use secrets::{CachedSecrets, EnvSecrets, FileSecrets, SecretProvider};

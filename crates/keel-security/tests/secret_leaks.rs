@@ -6,6 +6,8 @@
 //! process, and a test running at the same time without a subscriber could
 //! make the callsites it shares with this one look uninteresting.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,13 +56,16 @@ async fn secret_values_never_reach_logs_errors_or_panics() {
     let cache = CachedSecrets::new(provider, Duration::ZERO);
     let secret = cache.get("db-password").await.unwrap();
 
-    // Rotate to a value that cannot be read, so the cache logs a failed
-    // refresh while still holding the secret.
-    std::fs::write(dir.path().join("db-password"), [0xff, 0xfe]).unwrap();
+    // Make the file unreadable (a directory in its place: a transient I/O
+    // failure), so the cache logs a failed refresh while still holding the
+    // secret.
+    std::fs::remove_file(dir.path().join("db-password")).unwrap();
+    std::fs::create_dir(dir.path().join("db-password")).unwrap();
     let served = cache.get("db-password").await.unwrap();
     tracing::info!(?secret, %served, cache = ?cache, "logging the secret by accident");
+    std::fs::write(dir.path().join("binary"), [0xff, 0xfe]).unwrap();
     let invalid = FileSecrets::new(dir.path())
-        .get("db-password")
+        .get("binary")
         .await
         .unwrap_err();
     let unavailable = FileSecrets::new(dir.path().join("db-password"))
@@ -68,6 +73,21 @@ async fn secret_values_never_reach_logs_errors_or_panics() {
         .await
         .unwrap_err();
     let core: keel_core::Error = invalid.into();
+
+    // The same through Secret Manager: a read, a refresh that fails while
+    // the value is held (logged), and a payload refused for its checksum.
+    let server = common::secret_manager::FakeSecretManager::start().await;
+    server.add_version("api-key", VALUE);
+    let gcp = CachedSecrets::new(
+        Arc::new(server.provider_with(|c| c.with_attempts(1)).await),
+        Duration::ZERO,
+    );
+    let from_gcp = gcp.get("api-key").await.unwrap();
+    server.store().failures.insert("api-key".into(), 1);
+    let served_by_gcp = gcp.get("api-key").await.unwrap();
+    server.store().corrupt.insert("api-key".into());
+    let corrupt = server.provider().await.get("api-key").await.unwrap_err();
+    tracing::info!(?from_gcp, %served_by_gcp, gcp = ?gcp, "logging the secret by accident");
 
     // A panic formats its payload with Debug: make one that carries the
     // secret (a successful read met by `expect_err`).
@@ -85,6 +105,7 @@ async fn secret_values_never_reach_logs_errors_or_panics() {
         format!("{secret} {secret:?} {served:#?}"),
         serde_json::to_string(&secret).unwrap(),
         panic_message.clone(),
+        format!("{corrupt} {corrupt:?} {from_gcp:?} {served_by_gcp:#?}"),
     ];
     assert!(
         texts[0].contains("secret refresh failed"),
@@ -92,6 +113,7 @@ async fn secret_values_never_reach_logs_errors_or_panics() {
         texts[0]
     );
     assert!(texts[0].contains("db-password"), "by name: {}", texts[0]);
+    assert!(texts[0].contains("api-key"), "by name: {}", texts[0]);
     assert!(panic_message.contains("[REDACTED]"), "{panic_message}");
     for text in &texts {
         assert!(!text.contains(VALUE), "secret leaked: {text}");

@@ -117,22 +117,42 @@ async fn the_cache_serves_until_the_ttl_then_rereads() {
 }
 
 #[tokio::test]
-async fn the_cache_keeps_the_last_good_value_when_a_refresh_fails() {
+async fn the_cache_keeps_the_last_good_value_through_a_transient_failure() {
     let dir = tempfile::tempdir().unwrap();
     write(&dir, "token", VALUE);
     let cache = CachedSecrets::new(Arc::new(FileSecrets::new(dir.path())), Duration::ZERO);
     cache.get("token").await.unwrap();
 
+    // A directory in the file's place: reading fails with an I/O error.
     std::fs::remove_file(dir.path().join("token")).unwrap();
+    std::fs::create_dir(dir.path().join("token")).unwrap();
     assert_eq!(cache.get("token").await.unwrap().expose_secret(), VALUE);
     assert_eq!(cache.refresh_all().await, 0);
+    assert_eq!(cache.get("token").await.unwrap().expose_secret(), VALUE);
 
     cache.invalidate("token").await;
+    let err = cache.get("token").await.unwrap_err();
+    assert!(
+        matches!(err, SecurityError::SecretUnavailable { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_cache_drops_a_value_the_backend_no_longer_has() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "token", VALUE);
+    let cache = CachedSecrets::new(Arc::new(FileSecrets::new(dir.path())), Duration::ZERO);
+    cache.get("token").await.unwrap();
+
+    // Removing the secret is an answer (often a revocation), not an outage.
+    std::fs::remove_file(dir.path().join("token")).unwrap();
     let err = cache.get("token").await.unwrap_err();
     assert!(
         matches!(err, SecurityError::SecretNotFound { .. }),
         "{err:?}"
     );
+    assert_eq!(cache.refresh_all().await, 0, "nothing left to refresh");
 }
 
 #[tokio::test]

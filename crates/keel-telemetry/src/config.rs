@@ -9,7 +9,8 @@ use opentelemetry_sdk::trace::TracerProviderBuilder;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-/// The environment variable that chooses the log format (`json` or `text`),
+/// The environment variable that chooses the log format (`json`, `gcp` or
+/// `text`),
 /// overriding the choice made from the environment name.
 pub const LOG_FORMAT_ENV: &str = "KEEL_LOG_FORMAT";
 /// The standard OpenTelemetry variable naming the OTLP collector endpoint.
@@ -63,6 +64,11 @@ pub enum LogFormat {
     Auto,
     /// One JSON object per line, with the current span's fields.
     Json,
+    /// Google Cloud Logging's structured JSON (`severity`, `message`,
+    /// `logging.googleapis.com/trace`, `sourceLocation`, `httpRequest`); see
+    /// [`gcplog`](crate::gcplog) and
+    /// [`TelemetryConfig::gcp_project`].
+    Gcp,
     /// Readable text, coloured when writing to a terminal.
     Text,
 }
@@ -103,6 +109,7 @@ pub struct TelemetryConfig {
     pub(crate) metrics_interval: Duration,
     /// `None` until set, so the environment may choose.
     pub(crate) sample_ratio: Option<f64>,
+    pub(crate) gcp_project: Option<String>,
     pub(crate) writer: Option<BoxMakeWriter>,
     pub(crate) tracer_hook: Option<TracerHook>,
     pub(crate) meter_hook: Option<MeterHook>,
@@ -122,6 +129,7 @@ impl fmt::Debug for TelemetryConfig {
             .field("otlp_timeout", &self.otlp_timeout)
             .field("metrics_interval", &self.metrics_interval)
             .field("sample_ratio", &self.sample_ratio)
+            .field("gcp_project", &self.gcp_project)
             .field("custom_writer", &self.writer.is_some())
             .finish_non_exhaustive()
     }
@@ -144,6 +152,7 @@ impl TelemetryConfig {
             otlp_timeout: Duration::from_secs(10),
             metrics_interval: Duration::from_secs(60),
             sample_ratio: None,
+            gcp_project: None,
             writer: None,
             tracer_hook: None,
             meter_hook: None,
@@ -236,6 +245,16 @@ impl TelemetryConfig {
         self
     }
 
+    /// The Google Cloud project the service's traces belong to. The `gcp`
+    /// log format then links each line to its trace as
+    /// `projects/<project>/traces/<trace-id>`; without it, the line carries
+    /// the bare trace id.
+    #[must_use]
+    pub fn gcp_project(mut self, project: impl Into<String>) -> Self {
+        self.gcp_project = Some(project.into());
+        self
+    }
+
     /// Where log lines go (default standard output). Useful to capture logs
     /// in tests or to write to a file appender.
     #[must_use]
@@ -289,6 +308,7 @@ impl TelemetryConfig {
                 .as_deref()
             {
                 Some("json") => LogFormat::Json,
+                Some("gcp") => LogFormat::Gcp,
                 Some("text") => LogFormat::Text,
                 _ if DEVELOPMENT_ENVIRONMENTS
                     .iter()

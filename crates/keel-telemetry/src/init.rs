@@ -19,6 +19,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{LOG_FILTER_ENV, LogFormat, Sampling, TelemetryConfig};
 use crate::error::{Result, TelemetryError};
+use crate::gcplog::GcpLines;
 use crate::logfmt::JsonLines;
 use crate::metrics::{INSTRUMENTATION_SCOPE, KeelMetrics};
 
@@ -166,6 +167,15 @@ impl Telemetry {
                 .with_writer(writer)
                 .with_filter(log_filter)
                 .boxed(),
+            LogFormat::Gcp => tracing_subscriber::fmt::layer()
+                .fmt_fields(JsonFields::new())
+                .event_format(GcpLines::new(
+                    Arc::clone(&dispatch_slot),
+                    config.gcp_project.clone(),
+                ))
+                .with_writer(writer)
+                .with_filter(log_filter)
+                .boxed(),
             _ => tracing_subscriber::fmt::layer()
                 .with_ansi(default_writer && std::io::stdout().is_terminal())
                 .with_writer(writer)
@@ -248,6 +258,17 @@ fn sampler(sampling: Sampling) -> Sampler {
     } else {
         root
     }
+}
+
+/// Checks that `directives` parse as a log or trace filter
+/// ([`EnvFilter`] syntax, e.g. `info,sqlx=warn`), as
+/// [`Telemetry::build`] will parse them.
+///
+/// # Errors
+///
+/// [`TelemetryError::InvalidFilter`] when they do not.
+pub fn check_filter(directives: &str) -> Result<()> {
+    parse_filter(directives).map(drop)
 }
 
 fn parse_filter(directives: &str) -> Result<EnvFilter> {

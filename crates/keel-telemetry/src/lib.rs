@@ -8,8 +8,9 @@
 //! registers each adapter's health check in a [`HealthRegistry`].
 //!
 //! * **Logs**: JSON lines in production (with the current `trace_id` and
-//!   `span_id`), readable text in development, filtered by `RUST_LOG`
-//!   (default `info`); `log` records are captured too.
+//!   `span_id`), readable text in development, or Google Cloud Logging's
+//!   structured JSON ([`LogFormat::Gcp`], see [`gcplog`]), filtered by
+//!   `RUST_LOG` (default `info`); `log` records are captured too.
 //! * **Traces**: `tracing` spans become OpenTelemetry spans, exported over
 //!   OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   [`TelemetryConfig::otlp_endpoint`]) is set. With no endpoint nothing
@@ -63,7 +64,7 @@
 //! | variable | effect |
 //! |---|---|
 //! | `RUST_LOG` | log filter ([`EnvFilter`](tracing_subscriber::EnvFilter) syntax) |
-//! | `KEEL_LOG_FORMAT` | `json` or `text`, overriding the environment's default |
+//! | `KEEL_LOG_FORMAT` | `json`, `gcp` or `text`, overriding the environment's default |
 //! | `OTEL_EXPORTER_OTLP_ENDPOINT` | OTLP/gRPC collector; unset means no export |
 //! | `OTEL_EXPORTER_OTLP_HEADERS` | headers sent with each export (e.g. an API key) |
 //! | `OTEL_SDK_DISABLED` | `true` turns export off |
@@ -95,6 +96,8 @@ pub mod command;
 mod config;
 #[cfg(feature = "sdk")]
 mod error;
+#[cfg(feature = "sdk")]
+pub mod gcplog;
 pub mod health;
 #[cfg(feature = "sdk")]
 mod init;
@@ -119,7 +122,7 @@ pub use config::{
 pub use error::{Result, TelemetryError};
 pub use health::{CheckOptions, CheckResult, HealthRegistry, ProbeReport};
 #[cfg(feature = "sdk")]
-pub use init::{Telemetry, TelemetryGuard, init};
+pub use init::{Telemetry, TelemetryGuard, check_filter, init};
 pub use metrics::{INSTRUMENTATION_SCOPE, KeelMetrics};
 pub use secret::{REDACTED, Secret};
 #[cfg(feature = "sdk")]

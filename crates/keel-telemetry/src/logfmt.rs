@@ -39,7 +39,7 @@ const SPAN_KEYS: &[&str] = &["name"];
 const RENAMED_PREFIX: &str = "field.";
 /// The target `tracing-log` gives the events it makes from `log` records;
 /// their real target is in the `log.target` field.
-const LOG_RECORD_TARGET: &str = "log";
+pub(crate) const LOG_RECORD_TARGET: &str = "log";
 
 /// The JSON event formatter of the `json` log format; span fields are
 /// recorded by [`JsonFields`].
@@ -117,16 +117,16 @@ where
 }
 
 /// The names in use on one JSON object.
-struct Keys(Vec<String>);
+pub(crate) struct Keys(Vec<String>);
 
 impl Keys {
-    fn new(reserved: &[&str]) -> Self {
+    pub(crate) fn new(reserved: &[&str]) -> Self {
         Self(reserved.iter().map(|k| (*k).to_owned()).collect())
     }
 
     /// `name` if it is free, else `name` prefixed with [`RENAMED_PREFIX`]
     /// as many times as it takes to be free; marks the result as taken.
-    fn claim(&mut self, name: &str) -> String {
+    pub(crate) fn claim(&mut self, name: &str) -> String {
         let mut key = name.to_owned();
         while self.0.contains(&key) {
             key.insert_str(0, RENAMED_PREFIX);
@@ -138,10 +138,10 @@ impl Keys {
 
 /// An event's fields in the order they were recorded, as JSON values.
 #[derive(Default)]
-struct EventFields {
-    values: Vec<(&'static str, Value)>,
+pub(crate) struct EventFields {
+    pub(crate) values: Vec<(&'static str, Value)>,
     /// `log.target`, set on events made from `log` records.
-    log_target: Option<String>,
+    pub(crate) log_target: Option<String>,
 }
 
 impl EventFields {
@@ -183,13 +183,13 @@ impl Visit for EventFields {
 }
 
 /// The `span` member: the span's name, then its fields.
-struct SpanObject {
+pub(crate) struct SpanObject {
     name: &'static str,
     fields: Result<Map<String, Value>, String>,
 }
 
 impl SpanObject {
-    fn of<S>(span: &SpanRef<'_, S>) -> Self
+    pub(crate) fn of<S>(span: &SpanRef<'_, S>) -> Self
     where
         S: for<'a> LookupSpan<'a>,
     {

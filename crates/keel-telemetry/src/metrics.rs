@@ -50,12 +50,28 @@ pub mod names {
     pub const OUTBOX_LAG: &str = "keel.outbox.lag";
     /// Gauge: outbox entries not yet published (`{message}`).
     pub const OUTBOX_PENDING: &str = "keel.outbox.pending";
+    /// Gauge (s): age of the oldest event a projection or subscription has
+    /// not handled yet (zero when caught up).
+    pub const EVENTSTORE_PROJECTION_LAG: &str = "keel.eventstore.projection.lag";
+    /// Gauge: events a projection or subscription has not handled yet.
+    pub const EVENTSTORE_PROJECTION_LAG_EVENTS: &str = "keel.eventstore.projection.lag.events";
+    /// Gauge: events a projection has parked.
+    pub const EVENTSTORE_PROJECTION_PARKED: &str = "keel.eventstore.projection.parked";
     /// Histogram: time a command took through the command pipeline, by
     /// command type and outcome (`s`).
     pub const COMMAND_DURATION: &str = "keel.command.duration";
     /// Counter: audit records the command pipeline could not append
     /// (`{record}`).
     pub const AUDIT_APPEND_FAILURES: &str = "keel.audit.append.failures";
+    /// Gauge: how far an event-store subscription is behind (`s`): the age
+    /// of the last event it handled while more were waiting, zero once it
+    /// has caught up.
+    pub const EVENTSTORE_SUBSCRIPTION_LAG: &str = "keel.eventstore.subscription.lag";
+    /// Counter: events handled by an event-store subscription (`{event}`).
+    pub const EVENTSTORE_SUBSCRIPTION_EVENTS: &str = "keel.eventstore.subscription.events";
+    /// Counter: event-store subscriptions stopped by a handler error
+    /// (`{failure}`).
+    pub const EVENTSTORE_SUBSCRIPTION_FAILURES: &str = "keel.eventstore.subscription.failures";
 
     /// Attribute: the stream category (the aggregate type, e.g. `Order`).
     pub const ATTR_STREAM_CATEGORY: &str = "keel.stream.category";
@@ -75,8 +91,13 @@ pub mod names {
     pub const ATTR_POOL: &str = "db.client.connection.pool.name";
     /// Attribute: the outbox relay's name.
     pub const ATTR_RELAY: &str = "keel.outbox.relay";
+    /// Attribute: the projection or subscription (`projection:name@v2`,
+    /// `subscription:name`).
+    pub const ATTR_PROJECTION: &str = "keel.projection";
     /// Attribute: a command's type name (e.g. `order.place`).
     pub const ATTR_COMMAND_TYPE: &str = "keel.command.type";
+    /// Attribute: an event-store subscription's name (its checkpoint key).
+    pub const ATTR_EVENTSTORE_SUBSCRIPTION: &str = "keel.subscription.name";
 
     /// Outcome: the operation succeeded (the delivery was acked).
     pub const OUTCOME_OK: &str = "ok";
@@ -246,8 +267,14 @@ pub struct KeelMetrics {
     pool_wait: Histogram<f64>,
     outbox_lag: Gauge<f64>,
     outbox_pending: Gauge<u64>,
+    projection_lag: Gauge<f64>,
+    projection_lag_events: Gauge<u64>,
+    projection_parked: Gauge<u64>,
     command_duration: Histogram<f64>,
     audit_append_failures: Counter<u64>,
+    subscription_lag: Gauge<f64>,
+    subscription_events: Counter<u64>,
+    subscription_failures: Counter<u64>,
 }
 
 impl fmt::Debug for KeelMetrics {
@@ -330,6 +357,21 @@ impl KeelMetrics {
                 "{message}",
                 "Outbox entries not yet published",
             ),
+            projection_lag: meter
+                .f64_gauge(EVENTSTORE_PROJECTION_LAG)
+                .with_unit("s")
+                .with_description("Age of the oldest event a projection has not handled")
+                .build(),
+            projection_lag_events: gauge(
+                EVENTSTORE_PROJECTION_LAG_EVENTS,
+                "{event}",
+                "Events a projection has not handled yet",
+            ),
+            projection_parked: gauge(
+                EVENTSTORE_PROJECTION_PARKED,
+                "{event}",
+                "Events a projection parked after its handler kept failing",
+            ),
             command_duration: seconds(
                 COMMAND_DURATION,
                 "Duration of commands through the command pipeline",
@@ -338,6 +380,21 @@ impl KeelMetrics {
                 AUDIT_APPEND_FAILURES,
                 "{record}",
                 "Audit records that could not be appended",
+            ),
+            subscription_lag: meter
+                .f64_gauge(EVENTSTORE_SUBSCRIPTION_LAG)
+                .with_unit("s")
+                .with_description("How far an event-store subscription is behind the log")
+                .build(),
+            subscription_events: counter(
+                EVENTSTORE_SUBSCRIPTION_EVENTS,
+                "{event}",
+                "Events handled by event-store subscriptions",
+            ),
+            subscription_failures: counter(
+                EVENTSTORE_SUBSCRIPTION_FAILURES,
+                "{failure}",
+                "Event-store subscriptions stopped by a handler error",
             ),
         }
     }
@@ -485,6 +542,15 @@ impl KeelMetrics {
         self.outbox_pending.record(pending, &attrs);
     }
 
+    /// Records a projection's (or subscription's) lag in time and in
+    /// events, and its parked events.
+    pub fn record_projection(&self, projection: &str, lag: Duration, lag_events: u64, parked: u64) {
+        let attrs = [KeyValue::new(ATTR_PROJECTION, projection.to_owned())];
+        self.projection_lag.record(lag.as_secs_f64(), &attrs);
+        self.projection_lag_events.record(lag_events, &attrs);
+        self.projection_parked.record(parked, &attrs);
+    }
+
     /// Records one command through the pipeline: its duration by command
     /// type and outcome.
     pub fn record_command(&self, command_type: &str, duration: Duration, outcome: CommandOutcome) {
@@ -494,6 +560,26 @@ impl KeelMetrics {
                 KeyValue::new(ATTR_COMMAND_TYPE, command_type.to_owned()),
                 KeyValue::new(ATTR_OUTCOME, outcome.as_str()),
             ],
+        );
+    }
+
+    /// Records a batch handled by the event-store subscription `name`:
+    /// `events` handled, and its lag (the age of the last of them while
+    /// more wait, zero once caught up).
+    pub fn record_subscription(&self, name: &str, events: u64, lag: Duration) {
+        let attrs = [KeyValue::new(ATTR_EVENTSTORE_SUBSCRIPTION, name.to_owned())];
+        if events > 0 {
+            self.subscription_events.add(events, &attrs);
+        }
+        self.subscription_lag.record(lag.as_secs_f64(), &attrs);
+    }
+
+    /// Records that the event-store subscription `name` stopped because its
+    /// handler failed.
+    pub fn record_subscription_failure(&self, name: &str) {
+        self.subscription_failures.add(
+            1,
+            &[KeyValue::new(ATTR_EVENTSTORE_SUBSCRIPTION, name.to_owned())],
         );
     }
 

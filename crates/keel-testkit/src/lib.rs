@@ -16,7 +16,10 @@
 //!   or local binaries it starts once per test run and stops afterwards), or
 //!   fails with a message saying exactly what is missing;
 //! * [`ThrowawayPostgres`]: a private PostgreSQL cluster a fault-injection
-//!   test may stop, start, restart or crash;
+//!   test may stop, start, restart or crash, and, made with
+//!   [`ThrowawayPostgres::with_wal_archive`], back up with `pg_basebackup`,
+//!   recover to a point in time ([`RecoveryTarget`]) into a new cluster, or
+//!   dump and restore with `pg_dump` / `pg_restore`;
 //! * [`contract_tests!`]: runs one contract suite against every
 //!   implementation of a port (see [its docs](contract_tests!) for how a
 //!   crate lays out its suite).
@@ -99,6 +102,7 @@
 //! | `testcontainers` | off | Start PostgreSQL, Redis and the Pub/Sub emulator in Docker containers (testcontainers) when no environment variable or default local service provides them and a Docker engine is reachable. |
 
 mod aggregate;
+mod backup;
 mod contract;
 mod database;
 mod error;
@@ -109,6 +113,7 @@ mod sys;
 mod throwaway;
 
 pub use aggregate::{AggregateTest, Outcome, RejectionCheck, Verified};
+pub use backup::{BaseBackup, RecoveryTarget};
 pub use database::{TEMPLATE_PREFIX, TestDatabase};
 pub use error::{Error, Result};
 pub use schema::{ApplyFuture, BoxError, Schema};

@@ -78,10 +78,15 @@ pub(crate) fn redis_answers(addr: &str) -> bool {
 /// Whether an HTTP server at `addr` answers `GET /` with status 200 (the
 /// Pub/Sub emulator answers `Ok` once it is ready).
 pub(crate) fn http_ok(addr: &str) -> bool {
+    http_ok_at(addr, "/")
+}
+
+/// Whether `GET path` on `addr` answers `200`.
+pub(crate) fn http_ok_at(addr: &str, path: &str) -> bool {
     let Some(mut stream) = connect(addr, Duration::from_millis(1000)) else {
         return false;
     };
-    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).is_err() {
         return false;
     }

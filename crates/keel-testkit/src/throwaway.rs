@@ -49,13 +49,13 @@ pub struct ThrowawayPostgres {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    bin: PgBin,
-    dir: PathBuf,
-    data: PathBuf,
-    log: PathBuf,
-    port: u16,
-    password: String,
+pub(crate) struct Inner {
+    pub(crate) bin: PgBin,
+    pub(crate) dir: PathBuf,
+    pub(crate) data: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) port: u16,
+    pub(crate) password: String,
     /// Whether the server is running; the lock also serializes start/stop.
     running: Mutex<bool>,
 }
@@ -71,7 +71,7 @@ impl fmt::Debug for ThrowawayPostgres {
 }
 
 /// The role the cluster is created with; it is a superuser.
-const USER: &str = "postgres";
+pub(crate) const USER: &str = "postgres";
 
 // Runs detached: waits until the owning test process is gone (or the
 // directory was removed by `Drop`), then stops the server and deletes it.
@@ -91,10 +91,34 @@ impl ThrowawayPostgres {
     /// binaries are not installed, and [`Error::StartFailed`] (with the
     /// server's log) when the server does not come up.
     pub async fn new() -> Result<Self> {
-        let inner = blocking(Inner::create).await?;
+        let inner = blocking(|| Inner::create(false)).await?;
         Ok(Self {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Creates and starts a new cluster that archives its write-ahead log,
+    /// for backup and point-in-time-recovery tests: `wal_level = replica`,
+    /// `archive_mode = on`, and an `archive_command` that copies every
+    /// finished WAL segment into [`wal_archive`](Self::wal_archive).
+    ///
+    /// Durability settings are those of a real server here (`fsync`,
+    /// `full_page_writes` on), since recovery replays this WAL.
+    pub async fn with_wal_archive() -> Result<Self> {
+        let inner = blocking(|| Inner::create(true)).await?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    pub(crate) fn from_inner(inner: Inner) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// The URL to connect as the `postgres` role to the `postgres` database,
@@ -193,21 +217,37 @@ impl ThrowawayPostgres {
 }
 
 impl Inner {
-    fn create() -> Result<Self> {
+    fn create(archive: bool) -> Result<Self> {
         let bin = PgBin::find()?;
-        let dir = state_root()
-            .join("throwaway")
-            .join(uuid::Uuid::new_v4().simple().to_string());
+        let dir = new_cluster_dir();
         let password = format!("tp-{}", uuid::Uuid::new_v4().simple());
         let port = sys::free_port()?;
-        let data = match pg::init_cluster(&bin, &dir, port, &Auth::Password(password.clone()), 100)
-        {
+        let created = pg::init_cluster(&bin, &dir, port, &Auth::Password(password.clone()), 100)
+            .and_then(|data| {
+                if archive {
+                    crate::backup::enable_wal_archive(&dir, &data)?;
+                }
+                Ok(data)
+            });
+        let data = match created {
             Ok(data) => data,
             Err(e) => {
                 let _ = sys::remove_dir(&dir);
                 return Err(e);
             }
         };
+        Self::launch(bin, dir, data, port, password)
+    }
+
+    /// Wraps an initialised data directory `data` below `dir`: starts its
+    /// watchdog, then the server. On failure the directory is removed.
+    pub(crate) fn launch(
+        bin: PgBin,
+        dir: PathBuf,
+        data: PathBuf,
+        port: u16,
+        password: String,
+    ) -> Result<Self> {
         let inner = Self {
             log: dir.join("postgres.log"),
             bin,
@@ -217,8 +257,14 @@ impl Inner {
             password,
             running: Mutex::new(false),
         };
-        inner.spawn_watchdog()?;
-        inner.start()?;
+        // From here on, dropping `inner` does not clean up (it is not a
+        // `ThrowawayPostgres` yet): do it by hand on failure.
+        let started = inner.spawn_watchdog().and_then(|()| inner.start());
+        if let Err(e) = started {
+            let _ = inner.stop("immediate");
+            let _ = sys::remove_dir(&inner.dir);
+            return Err(e);
+        }
         Ok(inner)
     }
 
@@ -237,7 +283,7 @@ impl Inner {
         sys::spawn_detached(WATCHDOG, &args, &self.dir.join("watchdog.log"))
     }
 
-    fn start(&self) -> Result<()> {
+    pub(crate) fn start(&self) -> Result<()> {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if *running {
             return Ok(());
@@ -247,7 +293,7 @@ impl Inner {
         Ok(())
     }
 
-    fn stop(&self, mode: &str) -> Result<()> {
+    pub(crate) fn stop(&self, mode: &str) -> Result<()> {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if !*running {
             return Ok(());
@@ -268,8 +314,17 @@ impl Drop for ThrowawayPostgres {
     }
 }
 
+/// A fresh directory for one cluster below the test kit's state directory.
+pub(crate) fn new_cluster_dir() -> PathBuf {
+    state_root()
+        .join("throwaway")
+        .join(uuid::Uuid::new_v4().simple().to_string())
+}
+
 /// Runs blocking process work off the async worker threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(e) => Err(Error::StartFailed {

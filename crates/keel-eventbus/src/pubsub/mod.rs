@@ -25,6 +25,7 @@ pub use self::health::{
 };
 use crate::bus::{DeadLetter, EventBus, Subscription};
 use crate::codec::RawMessage;
+use crate::codec::WireFormats;
 use crate::config::SubscriptionConfig;
 use crate::error::{EventBusError, Result};
 use crate::naming::Naming;
@@ -55,6 +56,7 @@ pub struct PubSubConfig {
     listing_first_wait: Duration,
     listing_idle_wait: Duration,
     connect_timeout: Duration,
+    formats: WireFormats,
 }
 
 /// How long [`PubSubBus::connect`] waits for Pub/Sub's first answer by
@@ -80,6 +82,7 @@ impl PubSubConfig {
             listing_first_wait: Duration::from_secs(3),
             listing_idle_wait: Duration::from_millis(500),
             connect_timeout: DEFAULT_PUBSUB_CONNECT_TIMEOUT,
+            formats: WireFormats::new(),
         })
     }
 
@@ -154,6 +157,14 @@ impl PubSubConfig {
         self
     }
 
+    /// Publishes each topic in the format `formats` gives it (JSON unless
+    /// told otherwise). Subscribers read every format.
+    #[must_use]
+    pub fn with_wire_formats(mut self, formats: WireFormats) -> Self {
+        self.formats = formats;
+        self
+    }
+
     /// The project id.
     #[must_use]
     pub fn project(&self) -> &str {
@@ -208,6 +219,7 @@ pub struct PubSubBus {
     naming: Naming,
     auto_create: bool,
     metrics: KeelMetrics,
+    formats: WireFormats,
 }
 
 struct Inner {
@@ -346,6 +358,7 @@ impl PubSubBus {
             .map_err(|e| connect_error("publisher", e))?;
         Ok(Self {
             naming: config.naming.clone(),
+            formats: config.formats.clone(),
             auto_create: config.auto_create,
             metrics: KeelMetrics::global(),
             inner: Arc::new(Inner {
@@ -359,6 +372,16 @@ impl PubSubBus {
                 stop_readers: tokio::sync::watch::channel(()).0,
             }),
         })
+    }
+
+    /// The same connections, publishing each topic in the format
+    /// `formats` gives it. Subscribers read every format.
+    #[must_use]
+    pub fn with_wire_formats(&self, formats: WireFormats) -> Self {
+        Self {
+            formats,
+            ..self.clone()
+        }
     }
 
     /// The same connections with auto-creation on or off.
@@ -577,7 +600,7 @@ pub(crate) async fn publish_to(
 #[async_trait]
 impl EventPublisher for PubSubBus {
     async fn publish(&self, topic: &str, messages: &[Message]) -> keel_core::Result<()> {
-        let raw = crate::codec::encode_batch(messages)?;
+        let raw = crate::codec::encode_batch(messages, self.formats.for_topic(topic))?;
         self.publish_owned(topic, raw).await?;
         Ok(())
     }

@@ -28,14 +28,16 @@ use keel_core::{
 };
 use serde_json::json;
 
-use crate::{EventBus, EventBusError, InMemoryBus, RawMessage, SubscriptionConfig};
+use crate::{EventBus, EventBusError, InMemoryBus, RawMessage, SubscriptionConfig, WireFormats};
 
 mod admin;
 mod delivery;
+mod formats;
 mod lifecycle;
 
 pub use admin::*;
 pub use delivery::*;
+pub use formats::*;
 pub use lifecycle::*;
 
 /// How long a test waits for something that must happen.
@@ -51,11 +53,19 @@ pub const PATIENCE: Duration = Duration::from_secs(120);
 pub trait TestBus: EventBus + Clone + 'static {
     /// The same broker, with topic and subscription auto-creation off.
     fn without_auto_create(&self) -> Self;
+
+    /// The same broker, publishing in the formats `formats` gives each
+    /// topic.
+    fn with_formats(&self, formats: WireFormats) -> Self;
 }
 
 impl TestBus for InMemoryBus {
     fn without_auto_create(&self) -> Self {
         self.with_auto_create(false)
+    }
+
+    fn with_formats(&self, formats: WireFormats) -> Self {
+        self.with_wire_formats(formats)
     }
 }
 
@@ -63,6 +73,10 @@ impl TestBus for InMemoryBus {
 impl TestBus for crate::PubSubBus {
     fn without_auto_create(&self) -> Self {
         self.with_auto_create(false)
+    }
+
+    fn with_formats(&self, formats: WireFormats) -> Self {
+        self.with_wire_formats(formats)
     }
 }
 

@@ -23,7 +23,11 @@ use crate::store::{
 };
 use crate::telemetry::{Appending, StoreMetrics};
 
+mod projection;
+mod snapshots;
 mod transaction;
+
+use snapshots::{SnapshotHistory, keep_snapshot, latest_snapshot};
 
 /// An event store held in memory. Cloning shares the same store.
 ///
@@ -52,8 +56,10 @@ impl Default for InMemoryEventStore {
 struct Shared {
     config: StoreConfig,
     log: Arc<MemoryCell<Log>>,
-    snapshots: Arc<MemoryCell<HashMap<StreamId, Snapshot>>>,
+    snapshots: Arc<MemoryCell<SnapshotHistory>>,
     checkpoints: Mutex<HashMap<String, Position>>,
+    delivered: Mutex<HashMap<String, Position>>,
+    projections: Arc<MemoryCell<projection::Book>>,
     appended: Arc<watch::Sender<u64>>,
     leaders: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -89,8 +95,10 @@ impl InMemoryEventStore {
                 log: Arc::new(MemoryCell::new(Log::default()).on_commit(move || {
                     wake.send_modify(|n| *n += 1);
                 })),
-                snapshots: Arc::new(MemoryCell::new(HashMap::new())),
+                snapshots: Arc::new(MemoryCell::new(SnapshotHistory::default())),
                 checkpoints: Mutex::default(),
+                delivered: Mutex::default(),
+                projections: Arc::new(MemoryCell::new(projection::Book::default())),
                 appended,
                 leaders: Mutex::default(),
             }),
@@ -415,19 +423,10 @@ fn version_of(log: &Log, stream: &StreamId) -> Version {
     Version::new(log.streams.get(stream).map_or(0, |v| v.len() as u64))
 }
 
-fn keep_latest(snapshots: &mut HashMap<StreamId, Snapshot>, snapshot: Snapshot) {
-    match snapshots.get(&snapshot.stream_id) {
-        Some(s) if s.version > snapshot.version => {}
-        _ => {
-            snapshots.insert(snapshot.stream_id.clone(), snapshot);
-        }
-    }
-}
-
 #[async_trait]
 impl StreamReader for InMemoryEventStore {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
-        let batch = self.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut cursor = StreamCursor::new(&options);
             loop {
@@ -445,7 +444,7 @@ impl StreamReader for InMemoryEventStore {
 
 impl GlobalLog for InMemoryEventStore {
     fn read_all(&self, options: ReadAll) -> EventStream<'_> {
-        let batch = self.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut remaining = options.limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
             let mut after = options.after;
@@ -474,12 +473,13 @@ impl GlobalLog for InMemoryEventStore {
 #[async_trait]
 impl SnapshotStore for InMemoryEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
-        Ok(self.inner.snapshots.read(|s| s.get(stream).cloned()))
+        Ok(self.inner.snapshots.read(|s| latest_snapshot(s, stream)))
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        crate::archive::validate_snapshot(&snapshot)?;
         self.inner.snapshots.write(|s| {
-            keep_latest(s, snapshot);
+            keep_snapshot(s, snapshot, Utc::now());
             Ok::<_, EventStoreError>(())
         })
     }
@@ -529,6 +529,41 @@ impl SubscriptionSupport for InMemoryEventStore {
         }
         let mut checkpoints = self.checkpoints();
         let entry = checkpoints.entry(name.to_owned()).or_insert(position);
+        if *entry < position {
+            *entry = position;
+        }
+        Ok(())
+    }
+
+    async fn load_delivered(&self, name: &str) -> Result<Option<Position>> {
+        Ok(self
+            .inner
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied())
+    }
+
+    async fn save_delivered(&self, name: &str, position: Position) -> Result<()> {
+        if name.is_empty() {
+            return Err(EventStoreError::invalid(
+                "subscription",
+                "the name must not be empty",
+            ));
+        }
+        // As on PostgreSQL, where the mark shares the checkpoint's row: a
+        // subscription that has started delivering has a checkpoint, at the
+        // start of the log until it stores one.
+        self.checkpoints()
+            .entry(name.to_owned())
+            .or_insert(Position::START);
+        let mut delivered = self
+            .inner
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = delivered.entry(name.to_owned()).or_insert(position);
         if *entry < position {
             *entry = position;
         }

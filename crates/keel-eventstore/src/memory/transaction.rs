@@ -6,8 +6,7 @@ use keel_core::{StreamId, Version};
 use tokio::sync::Mutex;
 
 use super::{
-    InMemoryEventStore, Plan, StreamCursor, append_all, check_multi, keep_latest, plan_all,
-    version_of,
+    InMemoryEventStore, Plan, StreamCursor, append_all, check_multi, plan_all, version_of,
 };
 use crate::error::{EventStoreError, Result};
 use crate::event::{AppendResult, NewEvent, ReadStream, StreamAppend};
@@ -116,7 +115,7 @@ impl Appender for InTransaction<'_> {
 #[async_trait]
 impl StreamReader for InTransaction<'_> {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
-        let batch = self.store.inner.config.read_batch_size as usize;
+        let batch = options.page(&self.store.inner.config) as usize;
         Box::pin(async_stream::try_stream! {
             let mut cursor = StreamCursor::new(&options);
             loop {
@@ -151,14 +150,16 @@ impl SnapshotStore for InTransaction<'_> {
             .store
             .inner
             .snapshots
-            .read_in(tx, |s| s.get(stream).cloned()))
+            .read_in(tx, |s| super::latest_snapshot(s, stream)))
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        crate::archive::validate_snapshot(&snapshot)?;
         let mut guard = self.tx.lock().await;
         let tx = join::<MemoryTransaction>(&mut **guard)?;
+        let now = chrono::Utc::now();
         self.store.inner.snapshots.write_in(tx, move |s| {
-            keep_latest(s, snapshot.clone());
+            super::keep_snapshot(s, snapshot.clone(), now);
             Ok::<_, EventStoreError>(())
         })
     }

@@ -4,6 +4,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 
 use super::{LogRow, PostgresEventStore, clamp, to_u64};
 use crate::error::Result;
@@ -34,6 +36,37 @@ const ORDERED_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
      SET LOCAL plan_cache_mode = force_custom_plan; \
      SELECT set_config('keel.read_horizon', coalesce(keel.commit_horizon(), 0)::text, true)";
 
+/// The connection a global-read batch runs its transaction on.
+///
+/// The transaction is opened and committed here rather than with sqlx's
+/// `Transaction`: sqlx counts a transaction as open only once the server has
+/// answered its `BEGIN`, so a read cancelled while waiting for that answer
+/// (a stopping subscription or projection, an aborted task, a caller's
+/// timeout) would hand the connection back to the pool inside the
+/// read-only transaction, and the next append on it would fail. A lease
+/// dropped before its `COMMIT` completed closes the connection instead.
+struct ReadLease {
+    conn: PoolConnection<Postgres>,
+    finished: bool,
+}
+
+impl Drop for ReadLease {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Runs transaction-control text (no result to describe) on a read's
+/// connection.
+/// Text without parameters goes out as one simple query, several
+/// statements included.
+async fn control(conn: &mut sqlx::PgConnection, sql: &'static str) -> Result<()> {
+    sqlx::Executor::execute(conn, sql).await?;
+    Ok(())
+}
+
 fn horizon_warning_due() -> bool {
     static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
     let mut last = LAST
@@ -48,7 +81,7 @@ fn horizon_warning_due() -> bool {
 
 impl GlobalLog for PostgresEventStore {
     fn read_all(&self, options: ReadAll) -> EventStream<'_> {
-        let batch = i64::from(self.config.read_batch_size);
+        let batch = i64::from(options.page(&self.config));
         Box::pin(async_stream::try_stream! {
             let mut after = (clamp(options.after.commit), clamp(options.after.sequence));
             let mut remaining = options.limit.map_or(i64::MAX, clamp);
@@ -63,7 +96,11 @@ impl GlobalLog for PostgresEventStore {
                 // a freshly filled table has no statistics. So each batch runs
                 // in a short read-only transaction that rules sorts and bitmap
                 // scans out, with a plan made for the actual values.
-                let mut tx = self.pool.begin_with(ORDERED_READ).await?;
+                let mut lease = ReadLease {
+                    conn: self.pool.acquire().await?,
+                    finished: false,
+                };
+                control(&mut lease.conn, ORDERED_READ).await?;
                 let mut rows = sqlx::query_as!(
                     LogRow,
                     r#"SELECT commit, position, event_id, stream_id, version, event_type,
@@ -83,7 +120,7 @@ impl GlobalLog for PostgresEventStore {
                     options.event_types.as_deref(),
                     take,
                 )
-                .fetch(&mut *tx);
+                .fetch(&mut *lease.conn);
                 let mut n = 0i64;
                 while let Some(row) = rows.try_next().await? {
                     n += 1;
@@ -92,7 +129,9 @@ impl GlobalLog for PostgresEventStore {
                     yield e;
                 }
                 drop(rows);
-                tx.commit().await?;
+                control(&mut lease.conn, "COMMIT").await?;
+                lease.finished = true;
+                drop(lease);
                 remaining -= n;
                 if n < take {
                     if settled {

@@ -40,6 +40,7 @@ use crate::telemetry::StoreMetrics;
 mod append;
 mod fast;
 mod global;
+mod projection;
 mod read;
 #[cfg(test)]
 mod rule_tests;

@@ -64,7 +64,7 @@ pub(super) async fn stream_version_on<'e>(
 #[async_trait]
 impl StreamReader for PostgresEventStore {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
-        let batch = i64::from(self.config.read_batch_size);
+        let batch = i64::from(options.page(&self.config));
         Box::pin(async_stream::try_stream! {
             let (mut from, mut remaining) = options.bounds();
             while remaining > 0 {

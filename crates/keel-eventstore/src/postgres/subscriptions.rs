@@ -178,6 +178,51 @@ impl SubscriptionSupport for PostgresEventStore {
         Ok(())
     }
 
+    async fn load_delivered(&self, name: &str) -> Result<Option<Position>> {
+        let row = sqlx::query!(
+            "SELECT delivered_commit, delivered_sequence FROM keel.subscription_checkpoints \
+             WHERE name = $1",
+            name
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        match row.and_then(|r| r.delivered_commit.zip(r.delivered_sequence)) {
+            Some((c, s)) => Ok(Some(Position::new(
+                to_u64(c, "commit")?,
+                to_u64(s, "sequence")?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    async fn save_delivered(&self, name: &str, position: Position) -> Result<()> {
+        if name.is_empty() {
+            return Err(EventStoreError::invalid(
+                "subscription",
+                "the name must not be empty",
+            ));
+        }
+        // A subscription without a checkpoint yet starts at the beginning.
+        sqlx::query!(
+            "INSERT INTO keel.subscription_checkpoints \
+                 (name, commit, sequence, delivered_commit, delivered_sequence) \
+             VALUES ($1, 0, 0, $2, $3) \
+             ON CONFLICT (name) DO UPDATE \
+                SET delivered_commit = EXCLUDED.delivered_commit, \
+                    delivered_sequence = EXCLUDED.delivered_sequence \
+              WHERE keel.subscription_checkpoints.delivered_commit IS NULL \
+                 OR (keel.subscription_checkpoints.delivered_commit, \
+                     keel.subscription_checkpoints.delivered_sequence) \
+                    < (EXCLUDED.delivered_commit, EXCLUDED.delivered_sequence)",
+            name,
+            clamp(position.commit),
+            clamp(position.sequence),
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn acquire_leadership(&self, name: &str, retry: Duration) -> Result<Box<dyn Leadership>> {
         let options = self.pool.connect_options();
         let mut conn = PgConnection::connect_with(&options).await?;

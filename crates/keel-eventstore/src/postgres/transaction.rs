@@ -104,7 +104,7 @@ impl Appender for InTransaction<'_> {
 #[async_trait]
 impl StreamReader for InTransaction<'_> {
     fn read_stream<'a>(&'a self, stream: &'a StreamId, options: ReadStream) -> EventStream<'a> {
-        let batch = i64::from(self.store.config.read_batch_size);
+        let batch = i64::from(options.page(&self.store.config));
         Box::pin(async_stream::try_stream! {
             let mut guard = self.tx.lock().await;
             let uow = UnitOfWork::join(&mut **guard).map_err(EventStoreError::from)?;

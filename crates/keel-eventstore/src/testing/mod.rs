@@ -33,7 +33,9 @@ use serde_json::json;
 
 mod aggregate;
 mod append;
+mod archive;
 mod input;
+mod projections;
 mod read;
 mod subscriptions;
 mod transactions;
@@ -43,8 +45,17 @@ pub use append::{
     append_and_read_back, expected_version_modes, multi_stream_append_is_atomic,
     open_appends_race_without_loss, racing_writers_exactly_one_wins,
 };
+pub use archive::{snapshot_archive_round_trip, snapshot_retention_policy};
 pub use input::{bad_input_writes_nothing, idempotent_retries, reused_event_ids_are_refused};
-pub use read::{global_log_order_and_filters, read_stream_directions_and_limits, typed_decoding};
+pub use projections::{
+    progress_checks_report_lag_and_stalls, projection_applies_each_event_once,
+    projection_parks_poison_events, projection_versions_switch_when_caught_up,
+    subscription_flags_redeliveries,
+};
+pub use read::{
+    global_log_order_and_filters, page_sizes_per_read_change_nothing_but_the_pages,
+    read_stream_directions_and_limits, typed_decoding,
+};
 pub use subscriptions::{
     checkpoints_never_move_backwards, subscription_catches_up_then_tails,
     subscription_has_one_leader_and_fails_over, subscription_redelivers_after_failure_or_crash,
@@ -66,12 +77,15 @@ use crate::{
 /// What the suite needs from a store under test: the whole backend, and a
 /// way to begin the kind of transaction it joins.
 #[async_trait::async_trait]
-pub trait Subject: EventStoreBackend + Clone + 'static {
+pub trait Subject: EventStoreBackend + crate::SnapshotArchive + Clone + 'static {
     /// Begins a transaction this store can join with `within`.
     async fn begin(&self) -> Box<dyn Transaction>;
 
     /// Begins a transaction of another backend, which this store must refuse.
     fn foreign_transaction(&self) -> Box<dyn Transaction>;
+
+    /// Begins the transactions a projection runner on this store uses.
+    fn transactions(&self) -> Arc<dyn keel_core::uow::TransactionSource>;
 }
 
 #[async_trait::async_trait]
@@ -83,6 +97,10 @@ impl Subject for crate::InMemoryEventStore {
     fn foreign_transaction(&self) -> Box<dyn Transaction> {
         Box::new(Foreign)
     }
+
+    fn transactions(&self) -> Arc<dyn keel_core::uow::TransactionSource> {
+        Arc::new(keel_core::uow::MemoryTransactions::new())
+    }
 }
 
 #[cfg(feature = "postgres")]
@@ -91,19 +109,34 @@ impl Subject for crate::PostgresEventStore {
     async fn begin(&self) -> Box<dyn Transaction> {
         // A unit of work as a service's composition root begins it, on the
         // store's database.
-        let config = keel_database::DatabaseConfig::builder()
-            .connect_options((*self.pool().connect_options()).clone())
-            .min_connections(0)
-            .max_connections(1)
-            .build()
-            .expect("database config");
-        let db = keel_database::Database::connect_lazy(config);
-        Box::new(db.begin().await.expect("begin a unit of work"))
+        Box::new(
+            units_on(self, 1)
+                .begin()
+                .await
+                .expect("begin a unit of work"),
+        )
     }
 
     fn foreign_transaction(&self) -> Box<dyn Transaction> {
         Box::new(keel_core::uow::MemoryTransaction::new())
     }
+
+    fn transactions(&self) -> Arc<dyn keel_core::uow::TransactionSource> {
+        Arc::new(units_on(self, 10))
+    }
+}
+
+/// A `keel_database::Database` on the store's database, as a service's
+/// composition root would have it.
+#[cfg(feature = "postgres")]
+fn units_on(store: &crate::PostgresEventStore, max: u32) -> keel_database::Database {
+    let config = keel_database::DatabaseConfig::builder()
+        .connect_options((*store.pool().connect_options()).clone())
+        .min_connections(0)
+        .max_connections(max)
+        .build()
+        .expect("database config");
+    keel_database::Database::connect_lazy(config)
 }
 
 /// A transaction of a backend no store joins.
@@ -145,6 +178,8 @@ pub const ALL: &[&str] = &[
     "global_log_order_and_filters",
     "typed_decoding",
     "snapshots_keep_the_latest",
+    "snapshot_archive_round_trip",
+    "snapshot_retention_policy",
     "checkpoints_never_move_backwards",
     "subscription_catches_up_then_tails",
     "subscription_redelivers_after_failure_or_crash",
@@ -155,6 +190,12 @@ pub const ALL: &[&str] = &[
     "racing_transactions_exactly_one_commits",
     "aggregate_repository_within_transaction",
     "concurrent_transactions_keep_the_log_exact",
+    "projection_applies_each_event_once",
+    "projection_parks_poison_events",
+    "projection_versions_switch_when_caught_up",
+    "progress_checks_report_lag_and_stalls",
+    "subscription_flags_redeliveries",
+    "page_sizes_per_read_change_nothing_but_the_pages",
 ];
 
 fn sid(s: &str) -> StreamId {
@@ -207,4 +248,47 @@ fn invalid_field(e: &EventStoreError) -> &str {
         EventStoreError::Invalid(inv) => &inv.field,
         other => panic!("expected Invalid, got {other:?}"),
     }
+}
+
+/// Starts a PostgreSQL test over with an empty event store: drops schema
+/// `keel` (the event log, checkpoints, projections, and every other Keel
+/// table and migration record in it) and applies `sets` again.
+///
+/// The supported replacement for `TRUNCATE`, which the log refuses: use it
+/// on a database the test owns (a `keel_testkit::TestDatabase`, say) when
+/// one test needs several fresh stores in turn. Read models of your own
+/// outside schema `keel` are left alone. A fresh
+/// [`InMemoryEventStore`](crate::InMemoryEventStore) needs nothing of the
+/// kind: `InMemoryEventStore::new()` is empty.
+///
+/// # Errors
+///
+/// [`EventStoreError::Invalid`] on the cluster's `postgres` database or a
+/// template (never a test's own); database and migration failures.
+#[cfg(feature = "postgres")]
+pub async fn reset_postgres(
+    pool: &sqlx::PgPool,
+    sets: &[&keel_database::Migrations],
+) -> Result<(), EventStoreError> {
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await?;
+    let template: bool = sqlx::query_scalar(
+        "SELECT datistemplate FROM pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?;
+    if database == "postgres" || template {
+        return Err(EventStoreError::Invalid(keel_core::InvalidInput::new(
+            "database",
+            format!("refusing to reset {database:?}: reset only a test's own database"),
+        )));
+    }
+    sqlx::query("DROP SCHEMA IF EXISTS keel CASCADE")
+        .execute(pool)
+        .await?;
+    keel_database::migrate(pool, sets)
+        .await
+        .map_err(|e| EventStoreError::Core(e.into()))?;
+    Ok(())
 }

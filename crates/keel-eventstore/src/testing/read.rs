@@ -234,3 +234,65 @@ pub async fn typed_decoding<S: Subject>(store: S) {
     }
     assert_eq!(read[2].payload_value().unwrap()["Triangle"]["a"], 1);
 }
+
+/// A page size chosen per read changes how many events each round trip
+/// fetches, never what the read returns: stream reads both ways, with
+/// starts and limits, global reads with filters and limits, inside a
+/// transaction too.
+pub async fn page_sizes_per_read_change_nothing_but_the_pages<S: Subject>(store: S) {
+    let s = sid("Paged-1");
+    store
+        .append(&s, ExpectedVersion::NoStream, (1..=23).map(ev).collect())
+        .await
+        .unwrap();
+    store
+        .append(
+            &sid("Other-1"),
+            ExpectedVersion::Any,
+            vec![ev(100), ev(101)],
+        )
+        .await
+        .unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, vec![ev(24)])
+        .await
+        .unwrap();
+    let reads = [
+        ReadStream::forward(),
+        ReadStream::backward(),
+        ReadStream::forward().from(Version::new(5)).limit(11),
+        ReadStream::backward().from(Version::new(20)).limit(7),
+    ];
+    for read in reads {
+        let whole = numbers(&stream_of(&store, &s, read).await);
+        for page in [1, 2, 3, 7, 24, 1_000] {
+            let paged = numbers(&stream_of(&store, &s, read.page_size(page)).await);
+            assert_eq!(paged, whole, "{read:?} in pages of {page}");
+        }
+    }
+    let logs = [
+        ReadAll::from_start(),
+        ReadAll::from_start().category("Paged"),
+        ReadAll::from_start().limit(10),
+        ReadAll::from_start().category("Other").limit(1),
+    ];
+    for read in logs {
+        let whole = numbers(&log_of(&store, read.clone()).await);
+        for page in [1, 2, 5, 1_000] {
+            let paged = numbers(&log_of(&store, read.clone().page_size(page)).await);
+            assert_eq!(paged, whole, "{read:?} in pages of {page}");
+        }
+    }
+    // Zero is taken as one.
+    let ones = numbers(&log_of(&store, ReadAll::from_start().page_size(0)).await);
+    assert_eq!(ones.len(), 26);
+    let mut tx = store.begin().await;
+    let inside: Vec<RecordedEvent> = store
+        .within(&mut *tx)
+        .read_stream(&s, ReadStream::forward().page_size(4))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(numbers(&inside), (1..=24).collect::<Vec<_>>());
+    tx.rollback().await.unwrap();
+}

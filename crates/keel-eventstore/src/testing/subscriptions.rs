@@ -39,14 +39,14 @@ pub async fn checkpoints_never_move_backwards<S: Subject>(store: S) {
 /// Collects what a subscription delivers; optionally fails once on the
 /// event whose payload `n` equals `fail_on`.
 #[derive(Clone, Debug, Default)]
-struct Collect {
+pub(super) struct Collect {
     seen: Arc<Mutex<Vec<RecordedEvent>>>,
     fail_on: Option<u64>,
     failed: Arc<AtomicBool>,
 }
 
 impl Collect {
-    fn failing_once_on(n: u64) -> Self {
+    pub(super) fn failing_once_on(n: u64) -> Self {
         Self {
             fail_on: Some(n),
             ..Self::default()
@@ -79,7 +79,7 @@ impl SubscriptionHandler for Collect {
     }
 }
 
-fn quick(name: &str) -> SubscriptionOptions {
+pub(super) fn quick(name: &str) -> SubscriptionOptions {
     SubscriptionOptions::new(name)
         .batch_size(8)
         .checkpoint(10, Duration::from_millis(100))
@@ -87,7 +87,7 @@ fn quick(name: &str) -> SubscriptionOptions {
         .leadership_retry(Duration::from_millis(50))
 }
 
-async fn until(
+pub(super) async fn until(
     handle: &mut SubscriptionHandle,
     what: &str,
     f: impl Fn(&SubscriptionStatus) -> bool,

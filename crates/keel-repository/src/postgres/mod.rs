@@ -20,7 +20,7 @@ use sqlx::{PgPool, Postgres};
 
 use self::sql::Statements;
 use self::write::Transition;
-use crate::cursor::CursorCodec;
+use crate::cursor::{CursorCodec, CursorKey};
 use crate::error::Result;
 use crate::mapping::{EntityOf, Mapped, Schema};
 use crate::query::DEFAULT_MAX_PAGE_SIZE;
@@ -125,10 +125,18 @@ impl<E: Mapped> PgRepository<E> {
 
     /// Signs cursors with `secret` (HMAC-SHA256) instead of the public
     /// default key, so that clients cannot forge them. Give every instance
-    /// of a service the same secret.
+    /// of a service the same secret. Prefer
+    /// [`with_cursor_key`](Self::with_cursor_key), which refuses short keys.
     #[must_use]
     pub fn with_cursor_secret(self, secret: impl AsRef<[u8]>) -> Self {
         self.configure(|i| i.codec = CursorCodec::with_secret(secret.as_ref()))
+    }
+
+    /// Signs cursors with `key`. Without a key, cursors are signed with the
+    /// public development key and the first one signed logs a warning.
+    #[must_use]
+    pub fn with_cursor_key(self, key: &CursorKey) -> Self {
+        self.configure(|i| i.codec = CursorCodec::with_key(key))
     }
 
     /// The pool this repository uses.

@@ -4,8 +4,8 @@
 use std::fmt;
 use std::task::{Context, Poll};
 
-use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
 use keel_core::command::BoxFuture;
 use keel_core::{Error, ErrorKind};
 use tower::{Layer, Service};
@@ -14,7 +14,14 @@ use crate::authn::JwtVerifier;
 use crate::error::SecurityError;
 
 /// How [`BearerAuth`] answers a request it refuses, for a response body
-/// type `B`. [`ProblemJson`] suits HTTP APIs, [`GrpcStatus`] gRPC services.
+/// type `B`.
+///
+/// keel-security stays transport-agnostic: the transports render the
+/// refusal. `keel_http::problem_response` answers with problem+json (401
+/// or 503), `keel_grpc::status_response` with a gRPC status
+/// (`UNAUTHENTICATED` or `UNAVAILABLE`). Any
+/// `Fn(&Error) -> Response<B> + Clone + Send + Sync + 'static` is a
+/// rejection, so a plain function does.
 pub trait Rejection<B>: Clone + Send + Sync + 'static {
     /// The response for a request refused with `error` (an
     /// [`Error::Unauthorized`], or an [`Error::Unavailable`] when the key
@@ -22,87 +29,13 @@ pub trait Rejection<B>: Clone + Send + Sync + 'static {
     fn reject(&self, error: &Error) -> Response<B>;
 }
 
-/// Refuses with an RFC 9457 `application/problem+json` body (the shape
-/// `keel-http` uses for every error) and a `WWW-Authenticate: Bearer`
-/// challenge: 401 for a missing or refused token, 503 when the key set
-/// could not be fetched. Works with any body that can be built from a
-/// `String`, such as `axum::body::Body`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ProblemJson;
-
-/// Refuses the way gRPC expects: HTTP 200 with no body and the status in
-/// the headers (`grpc-status: 16`, UNAUTHENTICATED; `14`, UNAVAILABLE, when
-/// the key set could not be fetched), as tonic does for a status returned
-/// before the handler runs. Works with any body that has a `Default`, such
-/// as `tonic::body::Body`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GrpcStatus;
-
-impl<B: From<String>> Rejection<B> for ProblemJson {
+impl<B, F> Rejection<B> for F
+where
+    F: Fn(&Error) -> Response<B> + Clone + Send + Sync + 'static,
+{
     fn reject(&self, error: &Error) -> Response<B> {
-        let (status, title, detail) = match error {
-            Error::Unauthorized { reason } => {
-                (StatusCode::UNAUTHORIZED, "Unauthorized", reason.as_str())
-            }
-            // Whatever failed on our side stays in our logs.
-            _ => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Service Unavailable",
-                "the service cannot verify credentials right now",
-            ),
-        };
-        let code = error.code();
-        let body = serde_json::json!({
-            "type": format!("urn:keel:problem:{code}"),
-            "title": title,
-            "status": status.as_u16(),
-            "detail": detail,
-            "code": code,
-            "retryable": error.is_retryable(),
-        });
-        let mut response = Response::new(B::from(body.to_string()));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if status == StatusCode::UNAUTHORIZED {
-            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
+        self(error)
     }
-}
-
-impl<B: Default> Rejection<B> for GrpcStatus {
-    fn reject(&self, error: &Error) -> Response<B> {
-        let (code, message) = match error {
-            Error::Unauthorized { reason } => ("16", reason.as_str()),
-            _ => ("14", "the service cannot verify credentials right now"),
-        };
-        let mut response = Response::new(B::default());
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from_static(code));
-        if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
-            headers.insert("grpc-message", value);
-        }
-        response
-    }
-}
-
-/// gRPC's `grpc-message` encoding: printable ASCII except `%` as is,
-/// everything else as `%XX` of its UTF-8 bytes.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 /// A [`Layer`] for HTTP and gRPC servers that requires a valid bearer token
@@ -113,8 +46,10 @@ fn percent_encode(text: &str) -> String {
 /// [`Principal`](keel_core::Principal) into the request's extensions
 /// (axum: `Extension<Principal>`; tonic: `request.extensions()`). A request
 /// without a valid token never reaches the inner service: it is answered by
-/// the [`Rejection`] (problem+json by default, [`grpc`](Self::grpc) for
-/// tonic).
+/// the [`Rejection`] the transport supplies (`keel_http::problem_response`
+/// for axum, `keel_grpc::status_response` for tonic; `keel_grpc`'s server
+/// builder has its own authentication with per-method exemptions and
+/// authorization).
 ///
 /// A handler that then dispatches a command passes the principal on with
 /// [`CommandEnvelope::with_principal`](keel_core::command::CommandEnvelope::with_principal)
@@ -123,6 +58,7 @@ fn percent_encode(text: &str) -> String {
 /// principals, so the token is verified once.
 ///
 /// ```no_run
+/// use axum::response::IntoResponse;
 /// use axum::{Extension, Router, routing::get};
 /// use keel_security::pipeline::BearerAuthLayer;
 /// use keel_security::{JwtVerifier, Principal};
@@ -131,53 +67,36 @@ fn percent_encode(text: &str) -> String {
 ///     principal.subject
 /// }
 ///
+/// // keel_http::problem_response does this with a problem+json body.
+/// fn refuse(error: &keel_core::Error) -> axum::response::Response {
+///     (http::StatusCode::UNAUTHORIZED, error.describe().detail.into_owned()).into_response()
+/// }
+///
 /// fn routes(verifier: JwtVerifier) -> Router {
-///     Router::new().route("/me", get(me)).layer(BearerAuthLayer::new(verifier))
+///     Router::new().route("/me", get(me)).layer(BearerAuthLayer::new(verifier, refuse))
 /// }
 /// ```
 #[derive(Clone)]
-pub struct BearerAuthLayer<R = ProblemJson> {
+pub struct BearerAuthLayer<R> {
     verifier: JwtVerifier,
     rejection: R,
 }
 
-impl<R: fmt::Debug> fmt::Debug for BearerAuthLayer<R> {
+impl<R> fmt::Debug for BearerAuthLayer<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BearerAuthLayer")
             .field("verifier", &self.verifier)
-            .field("rejection", &self.rejection)
-            .finish()
-    }
-}
-
-impl BearerAuthLayer<ProblemJson> {
-    /// A layer answering refused requests with problem+json.
-    #[must_use]
-    pub fn new(verifier: JwtVerifier) -> Self {
-        Self {
-            verifier,
-            rejection: ProblemJson,
-        }
-    }
-}
-
-impl BearerAuthLayer<GrpcStatus> {
-    /// A layer answering refused requests with a gRPC status.
-    #[must_use]
-    pub fn grpc(verifier: JwtVerifier) -> Self {
-        Self {
-            verifier,
-            rejection: GrpcStatus,
-        }
+            .finish_non_exhaustive()
     }
 }
 
 impl<R> BearerAuthLayer<R> {
-    /// A layer answering refused requests with `rejection`.
+    /// A layer verifying tokens with `verifier` and answering refused
+    /// requests with `rejection`.
     #[must_use]
-    pub fn with_rejection<R2>(self, rejection: R2) -> BearerAuthLayer<R2> {
-        BearerAuthLayer {
-            verifier: self.verifier,
+    pub fn new(verifier: JwtVerifier, rejection: R) -> Self {
+        Self {
+            verifier,
             rejection,
         }
     }
@@ -196,11 +115,20 @@ impl<S, R: Clone> Layer<S> for BearerAuthLayer<R> {
 }
 
 /// The [`Service`] made by [`BearerAuthLayer`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BearerAuth<S, R> {
     inner: S,
     verifier: JwtVerifier,
     rejection: R,
+}
+
+impl<S: fmt::Debug, R> fmt::Debug for BearerAuth<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BearerAuth")
+            .field("inner", &self.inner)
+            .field("verifier", &self.verifier)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S, R, ReqB, ResB> Service<Request<ReqB>> for BearerAuth<S, R>
@@ -259,39 +187,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_messages_are_percent_encoded() {
-        assert_eq!(percent_encode("no bearer token"), "no bearer token");
-        assert_eq!(percent_encode("50% é\n"), "50%25 %C3%A9%0A");
-    }
-
-    #[test]
-    fn problem_and_grpc_rejections() {
+    fn a_function_is_a_rejection() {
+        fn refuse(error: &Error) -> Response<String> {
+            Response::new(error.code().to_owned())
+        }
         let refused = Error::Unauthorized {
             reason: "token expired".into(),
         };
-        let problem: Response<String> = ProblemJson.reject(&refused);
-        assert_eq!(problem.status(), StatusCode::UNAUTHORIZED);
-        assert_eq!(problem.headers()[WWW_AUTHENTICATE], "Bearer");
-        let body: serde_json::Value = serde_json::from_str(problem.body()).unwrap();
-        assert_eq!(body["code"], "keel.unauthorized");
-        assert_eq!(body["detail"], "token expired");
-        assert_eq!(body["type"], "urn:keel:problem:keel.unauthorized");
-
-        let grpc: Response<String> = GrpcStatus.reject(&refused);
-        assert_eq!(grpc.status(), StatusCode::OK);
-        assert_eq!(grpc.headers()["grpc-status"], "16");
-        assert_eq!(grpc.headers()["grpc-message"], "token expired");
-        assert!(grpc.body().is_empty());
-
-        let down = Error::from(SecurityError::key_fetch(
-            "https://idp.example/jwks",
-            "HTTP status 503",
-            None,
-        ));
-        let problem: Response<String> = ProblemJson.reject(&down);
-        assert_eq!(problem.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(!problem.body().contains("idp.example"));
-        let grpc: Response<String> = GrpcStatus.reject(&down);
-        assert_eq!(grpc.headers()["grpc-status"], "14");
+        assert_eq!(refuse.reject(&refused).body(), "keel.unauthorized");
     }
 }

@@ -41,7 +41,7 @@ pub use authn::{Authentication, AuthenticationLayer};
 pub use authz::{Authorization, AuthorizationLayer, Authorized, Guard};
 pub use builder::{CommandPipeline, CommandService};
 #[cfg(feature = "http")]
-pub use http::{BearerAuth, BearerAuthLayer, GrpcStatus, ProblemJson, Rejection};
+pub use http::{BearerAuth, BearerAuthLayer, Rejection};
 
 /// Where the authentication layer leaves the principal it verified, for a
 /// layer above it (the audit layer) that cannot see the envelope any more.

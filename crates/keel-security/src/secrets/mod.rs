@@ -1,5 +1,5 @@
-//! Secrets: a provider port, environment and mounted-file providers, and a
-//! caching wrapper.
+//! Secrets: a provider port, environment, mounted-file and Google Cloud
+//! Secret Manager providers, and a caching wrapper.
 //!
 //! Values travel as [`Secret<String>`](crate::Secret) from the moment they
 //! are read: `Debug`, `Display` and `Serialize` print `[REDACTED]`, and
@@ -8,6 +8,8 @@
 mod cache;
 mod env;
 mod file;
+#[cfg(feature = "gcp-secret-manager")]
+mod gcp;
 
 use std::fmt::Debug;
 
@@ -16,6 +18,8 @@ use async_trait::async_trait;
 pub use cache::CachedSecrets;
 pub use env::EnvSecrets;
 pub use file::FileSecrets;
+#[cfg(feature = "gcp-secret-manager")]
+pub use gcp::{AccessedSecret, GcpSecretManager, GcpSecretManagerConfig, SecretRef, SecretVersion};
 
 use crate::Secret;
 use crate::error::{Result, SecurityError};
@@ -38,6 +42,15 @@ pub trait SecretProvider: Send + Sync + Debug {
     /// cannot hold or a value that is not UTF-8;
     /// [`SecurityError::SecretUnavailable`] when the backend failed.
     async fn get(&self, name: &str) -> Result<Secret<String>>;
+
+    /// Reports that the value last read for `name` was refused where it
+    /// was used (a database rejected the password, an API the key), so the
+    /// next [`get`](Self::get) reads it from the backend again instead of a
+    /// cache. Providers that do not cache (the default) have nothing to do;
+    /// [`CachedSecrets`] drops its copy.
+    async fn invalidate(&self, name: &str) {
+        let _ = name;
+    }
 }
 
 /// Refuses names that are empty, absurdly long or contain characters no

@@ -107,6 +107,15 @@ fn request(service: Service) -> (ContainerRequest<GenericImage>, u16) {
             ]),
             8085,
         ),
+        Service::Meilisearch => (
+            GenericImage::new("getmeili/meilisearch", "v1.30.1")
+                .with_exposed_port(7700.tcp())
+                .with_wait_for(WaitFor::message_on_either_std("Server listening"))
+                .with_env_var("MEILI_MASTER_KEY", super::MEILISEARCH_TEST_KEY)
+                .with_env_var("MEILI_NO_ANALYTICS", "true")
+                .with_env_var("MEILI_ENV", "development"),
+            7700,
+        ),
     }
 }
 

@@ -1,5 +1,5 @@
-//! Finding, or starting, the services tests need: PostgreSQL, Redis and the
-//! Google Cloud Pub/Sub emulator.
+//! Finding, or starting, the services tests need: PostgreSQL, Redis, the
+//! Google Cloud Pub/Sub emulator and Meilisearch.
 //!
 //! # Where a service comes from
 //!
@@ -8,10 +8,10 @@
 //! first that works:
 //!
 //! 1. **The environment variable** ([`Service::env_var`]: `DATABASE_URL`,
-//!    `REDIS_URL`, `PUBSUB_EMULATOR_HOST`), taken as is when set and not
-//!    empty.
+//!    `REDIS_URL`, `PUBSUB_EMULATOR_HOST`, `MEILISEARCH_URL`), taken as is
+//!    when set and not empty.
 //! 2. **The default local service**, if it answers: `127.0.0.1:5432`,
-//!    `127.0.0.1:6379`, `127.0.0.1:8085`. PostgreSQL is probed with a real
+//!    `127.0.0.1:6379`, `127.0.0.1:8085`, `127.0.0.1:7700`. PostgreSQL is probed with a real
 //!    login as user `postgres` without a password (trust authentication);
 //!    a server that asks for a password (a stock Ubuntu or Homebrew
 //!    install) or refuses the role is passed over, and the kit prints why
@@ -21,7 +21,11 @@
 //! 4. **Local binaries** started on a free port: PostgreSQL from
 //!    `/usr/lib/postgresql/*/bin` (`initdb`, then `postgres`, run as the
 //!    `postgres` user when the tests run as root), `redis-server`, and
-//!    the emulator from `/usr/lib/google-cloud-sdk` or next to `gcloud`.
+//!    the emulator from `/usr/lib/google-cloud-sdk` or next to `gcloud`,
+//!    and Meilisearch from the binary `MEILISEARCH_BIN` names (or
+//!    `meilisearch` on `PATH`; there is no system package for it: build it
+//!    from Meilisearch's public source or download a release). A started
+//!    Meilisearch uses the master key [`MEILISEARCH_TEST_KEY`].
 //! 5. Otherwise an [`Error::ServiceUnavailable`] that lists what was tried
 //!    and how to provide the service.
 //!
@@ -50,7 +54,9 @@
 //!
 //! | variable | effect |
 //! |---|---|
-//! | `DATABASE_URL`, `REDIS_URL`, `PUBSUB_EMULATOR_HOST` | use this service |
+//! | `DATABASE_URL`, `REDIS_URL`, `PUBSUB_EMULATOR_HOST`, `MEILISEARCH_URL` | use this service |
+//! | `MEILISEARCH_KEY` | the API key for `MEILISEARCH_URL` (see [`meilisearch`]) |
+//! | `MEILISEARCH_BIN` | the Meilisearch binary to start |
 //! | `KEEL_TESTKIT_IGNORE_DEFAULTS=1` | skip the default local ports |
 //! | `KEEL_TESTKIT_NO_CONTAINERS=1` | never use testcontainers |
 //! | `KEEL_TESTKIT_NO_START=1` | never start local binaries |
@@ -91,11 +97,22 @@ pub enum Service {
     Redis,
     /// The Google Cloud Pub/Sub emulator.
     PubSubEmulator,
+    /// Meilisearch (v1.x).
+    Meilisearch,
 }
+
+/// The master key of a Meilisearch the test kit starts (a test-only value;
+/// never use it for a real server).
+pub const MEILISEARCH_TEST_KEY: &str = "keel-testkit-meilisearch-master-key";
 
 impl Service {
     /// Every service, in a stable order.
-    pub const ALL: [Service; 3] = [Service::Postgres, Service::Redis, Service::PubSubEmulator];
+    pub const ALL: [Service; 4] = [
+        Service::Postgres,
+        Service::Redis,
+        Service::PubSubEmulator,
+        Service::Meilisearch,
+    ];
 
     /// The environment variable that, when set, names the instance to use.
     pub fn env_var(self) -> &'static str {
@@ -103,6 +120,7 @@ impl Service {
             Service::Postgres => "DATABASE_URL",
             Service::Redis => "REDIS_URL",
             Service::PubSubEmulator => "PUBSUB_EMULATOR_HOST",
+            Service::Meilisearch => "MEILISEARCH_URL",
         }
     }
 
@@ -112,6 +130,7 @@ impl Service {
             Service::Postgres => "127.0.0.1:5432",
             Service::Redis => "127.0.0.1:6379",
             Service::PubSubEmulator => "127.0.0.1:8085",
+            Service::Meilisearch => "127.0.0.1:7700",
         }
     }
 
@@ -121,28 +140,31 @@ impl Service {
             Service::Postgres => "postgres",
             Service::Redis => "redis",
             Service::PubSubEmulator => "pubsub-emulator",
+            Service::Meilisearch => "meilisearch",
         }
     }
 
     /// The connection string tests use for an instance at `host:port`: a
-    /// URL for PostgreSQL and Redis, `host:port` for the emulator (the form
-    /// `PUBSUB_EMULATOR_HOST` takes).
+    /// URL for PostgreSQL, Redis and Meilisearch, `host:port` for the
+    /// emulator (the form `PUBSUB_EMULATOR_HOST` takes).
     pub fn connection_string(self, address: &str) -> String {
         match self {
             Service::Postgres => format!("postgres://postgres@{address}/postgres"),
             Service::Redis => format!("redis://{address}"),
             Service::PubSubEmulator => address.to_owned(),
+            Service::Meilisearch => format!("http://{address}"),
         }
     }
 
     /// Whether an instance at `address` (`ip:port`) answers as this service
     /// would: a session start-up for PostgreSQL, `PONG` for Redis, `200` for the
-    /// emulator.
+    /// emulator and for Meilisearch's `/health`.
     fn ready(self, address: &str) -> bool {
         match self {
             Service::Postgres => sys::postgres_accepts(address),
             Service::Redis => sys::redis_answers(address),
             Service::PubSubEmulator => sys::http_ok(address),
+            Service::Meilisearch => sys::http_ok_at(address, "/health"),
         }
     }
 
@@ -175,6 +197,11 @@ impl Service {
                  Google Cloud SDK's pubsub-emulator component and a Java runtime so the test \
                  kit can start one, or run `docker compose up -d pubsub`"
             }
+            Service::Meilisearch => {
+                "set MEILISEARCH_URL (and MEILISEARCH_KEY) to a Meilisearch v1.x server, start \
+                 one on 127.0.0.1:7700, set MEILISEARCH_BIN to a meilisearch binary so the \
+                 test kit can start one, or run `docker compose up -d meilisearch`"
+            }
         }
     }
 }
@@ -185,6 +212,7 @@ impl fmt::Display for Service {
             Service::Postgres => "PostgreSQL",
             Service::Redis => "Redis",
             Service::PubSubEmulator => "the Pub/Sub emulator",
+            Service::Meilisearch => "Meilisearch",
         })
     }
 }
@@ -297,6 +325,7 @@ impl Discovery {
         let programs = [
             (Service::Redis, "KEEL_TESTKIT_REDIS_SERVER"),
             (Service::PubSubEmulator, "KEEL_TESTKIT_PUBSUB_EMULATOR"),
+            (Service::Meilisearch, "MEILISEARCH_BIN"),
         ]
         .into_iter()
         .filter_map(|(s, k)| Some((s, PathBuf::from(get(k)?))))
@@ -365,8 +394,8 @@ impl Discovery {
         self
     }
 
-    /// Uses this program to start `service` (`redis-server`, or the
-    /// emulator's `cloud-pubsub-emulator` script).
+    /// Uses this program to start `service` (`redis-server`, the
+    /// emulator's `cloud-pubsub-emulator` script, or `meilisearch`).
     #[must_use]
     pub fn program(mut self, service: Service, path: impl Into<PathBuf>) -> Self {
         self.programs.insert(service, path.into());
@@ -565,6 +594,35 @@ impl Discovery {
                     })
                 })?
             }
+            Service::Meilisearch => {
+                let program = self.meilisearch_program()?;
+                shared::ensure(&dir, service, self.idle_timeout, |work, port| {
+                    let mut argv: Vec<OsString> = vec![program.into()];
+                    argv.extend(
+                        [
+                            "--http-addr",
+                            &format!("127.0.0.1:{port}"),
+                            "--master-key",
+                            MEILISEARCH_TEST_KEY,
+                            "--env",
+                            "development",
+                            "--no-analytics",
+                        ]
+                        .map(OsString::from),
+                    );
+                    argv.extend(["--db-path".into(), work.join("data.ms").into_os_string()]);
+                    argv.extend(["--dump-dir".into(), work.join("dumps").into_os_string()]);
+                    argv.extend([
+                        "--snapshot-dir".into(),
+                        work.join("snapshots").into_os_string(),
+                    ]);
+                    Ok(shared::Launch {
+                        argv,
+                        stop: shared::STOP_TERM,
+                        startup: Duration::from_secs(60),
+                    })
+                })?
+            }
         };
         Ok(Endpoint {
             service,
@@ -589,6 +647,21 @@ impl Discovery {
                     "  - local binaries: no `redis-server` on PATH (or KEEL_TESTKIT_REDIS_SERVER)"
                         .to_owned(),
                 hint: Service::Redis.hint(),
+            })
+    }
+
+    fn meilisearch_program(&self) -> Result<PathBuf> {
+        self.programs
+            .get(&Service::Meilisearch)
+            .cloned()
+            .or_else(|| sys::which("meilisearch"))
+            .filter(|p| p.is_file())
+            .ok_or(Error::ServiceUnavailable {
+                service: Service::Meilisearch,
+                tried: "  - local binaries: MEILISEARCH_BIN is not set and there is no \
+                        `meilisearch` on PATH"
+                    .to_owned(),
+                hint: Service::Meilisearch.hint(),
             })
     }
 
@@ -677,6 +750,13 @@ fn check_override(service: Service, value: &str) -> Result<()> {
                 Err(invalid("expected redis://host:port".to_owned()))
             }
         }
+        Service::Meilisearch => {
+            if value.starts_with("http://") || value.starts_with("https://") {
+                Ok(())
+            } else {
+                Err(invalid("expected http://host:port".to_owned()))
+            }
+        }
         Service::PubSubEmulator => match value.rsplit_once(':') {
             Some((host, port))
                 if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() =>
@@ -729,9 +809,82 @@ pub async fn pubsub_emulator_host() -> Result<String> {
         .connection)
 }
 
+/// A Meilisearch server for tests, as [`meilisearch`] finds it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MeilisearchEndpoint {
+    /// The server's URL, e.g. `http://127.0.0.1:7700`.
+    pub url: String,
+    /// The API key to use (`MEILISEARCH_KEY`, or [`MEILISEARCH_TEST_KEY`]
+    /// for an instance the kit started; `None` for a server without keys).
+    pub key: Option<String>,
+    /// Where it came from.
+    pub source: Source,
+}
+
+impl fmt::Debug for MeilisearchEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeilisearchEndpoint")
+            .field("url", &self.url)
+            .field("key", &self.key.as_ref().map(|_| "***"))
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Meilisearch, found as [`Discovery::from_env`] would: `MEILISEARCH_URL`
+/// (with `MEILISEARCH_KEY`), a server answering on `127.0.0.1:7700` (with
+/// `MEILISEARCH_KEY`), or one started from `MEILISEARCH_BIN` (with
+/// [`MEILISEARCH_TEST_KEY`]). Give each test its own index names: the
+/// server is shared. The error says what was tried, for a test to print
+/// when it skips.
+pub async fn meilisearch() -> Result<MeilisearchEndpoint> {
+    let found = Discovery::from_env().find(Service::Meilisearch).await?;
+    let key = match found.source {
+        Source::Started => Some(MEILISEARCH_TEST_KEY.to_owned()),
+        Source::Container => Some(MEILISEARCH_TEST_KEY.to_owned()),
+        Source::Environment | Source::DefaultLocal => std::env::var("MEILISEARCH_KEY")
+            .ok()
+            .filter(|k| !k.trim().is_empty()),
+    };
+    Ok(MeilisearchEndpoint {
+        url: found.connection,
+        key,
+        source: found.source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meilisearch_urls_must_be_http() {
+        let d = Discovery::from_vars([("MEILISEARCH_URL", "127.0.0.1:7700")]);
+        assert!(matches!(
+            d.find_blocking(Service::Meilisearch),
+            Err(Error::InvalidUrl { .. })
+        ));
+        let d = Discovery::from_vars([("MEILISEARCH_URL", "http://127.0.0.1:7700")]);
+        let found = d.find_blocking(Service::Meilisearch).unwrap();
+        assert_eq!(found.source(), Source::Environment);
+        assert_eq!(found.connection_string(), "http://127.0.0.1:7700");
+    }
+
+    #[test]
+    fn meilisearch_without_a_binary_says_what_to_set() {
+        let d = Discovery::from_vars(Vec::<(String, String)>::new())
+            .ignore_defaults(true)
+            .containers(false)
+            .state_dir(std::env::temp_dir().join("keel-testkit-meili-unit"))
+            .program(Service::Meilisearch, "/nonexistent/meilisearch");
+        match d.find_blocking(Service::Meilisearch) {
+            Err(Error::ServiceUnavailable { tried, hint, .. }) => {
+                assert!(tried.contains("MEILISEARCH_BIN"), "{tried}");
+                assert!(hint.contains("MEILISEARCH_URL"), "{hint}");
+            }
+            other => panic!("expected ServiceUnavailable, got {other:?}"),
+        }
+    }
 
     #[test]
     fn redact_hides_only_the_password() {

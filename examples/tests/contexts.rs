@@ -1,0 +1,233 @@
+//! The two-context run (Ordering and Shipping) on in-memory adapters,
+//! checked from the outside through the summary it returns. The run checks
+//! its own invariants too (it reads both contexts' state); this test pins
+//! the numbers a reader of the summary relies on.
+
+use keel_examples::Services;
+use keel_examples::contexts::{self, ORDERS};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_paid_order_ships_once_and_the_poison_message_is_dead_lettered_then_replayed() {
+    let summary = contexts::run(&Services::in_memory())
+        .await
+        .unwrap_or_else(|e| panic!("the contexts run failed: {e}"));
+    let paid = ORDERS - 1;
+    assert_eq!(summary.placed, ORDERS);
+    assert_eq!(summary.paid, paid);
+    assert_eq!(summary.cancelled, 1);
+    // Shipped in both contexts, and dispatched exactly once each although
+    // the replayed dead letter paid the first order a second time.
+    assert_eq!(summary.shipped, paid);
+    assert_eq!(summary.dispatches, paid as u64);
+    assert_eq!(summary.dead_letters, 1);
+    assert_eq!(summary.replayed, 1);
+    // placed, paid and shipped events, plus one cancellation.
+    assert_eq!(summary.events, ORDERS + 2 * paid + 1);
+    // Every stored order event reached Shipping, and the poison message at
+    // least twice (rejected, then replayed).
+    assert!(
+        summary.deliveries >= summary.events as u64 + 2,
+        "{summary:?}"
+    );
+}
+
+/// Shipping's consumer on its own. Under concurrent redelivery, many copies of one
+/// `order.paid` (same event id, as a broker redelivers) and of the same
+/// payment re-published under new ids, all at once. The shipment is
+/// updated exactly once: inserted at version 1, dispatched at version 2.
+mod shipping_consumer {
+    use std::sync::Arc;
+
+    use futures::future::join_all;
+    use keel_core::{Delivery, EntityRepository, EventHandler, EventPublisher, Message, Version};
+    use keel_database::{Database, DatabaseConfig};
+    use keel_eventbus::InMemoryBus;
+    use keel_examples::Services;
+    use keel_examples::contexts::shipping::{ShipmentRecord, Shipping};
+    use keel_testkit::TestDatabase;
+    use ordering_domain::{Address, Money, OrderEvent, OrderLine};
+    use shipping_domain::{ShipmentId, ShipmentStatus};
+
+    fn delivery(order_id: &str, event: &OrderEvent) -> Message {
+        Message::from_event(event)
+            .expect("an order event encodes")
+            .with_ordering_key(format!("Order-{order_id}"))
+    }
+
+    async fn redeliver_concurrently(services: &Services) {
+        let bus = InMemoryBus::new();
+        let publisher: Arc<dyn EventPublisher> = Arc::new(bus);
+        let shipping = Shipping::start(services, publisher)
+            .await
+            .expect("shipping starts");
+        let order_id = format!("{}-race", services.run());
+        let placed = delivery(
+            &order_id,
+            &OrderEvent::Placed {
+                customer_id: "c".to_owned(),
+                lines: vec![OrderLine::new("SKU", 1, Money::new("EUR", 5))],
+                address: Address::example(),
+                total: Money::new("EUR", 5),
+            },
+        );
+        let paid = delivery(
+            &order_id,
+            &OrderEvent::Paid {
+                amount: Money::new("EUR", 5),
+                payment_reference: "psp".to_owned(),
+            },
+        );
+        shipping
+            .consumer
+            .handle(&Delivery::new(placed, 1, "shipping"))
+            .await
+            .expect("the placement is handled");
+
+        // 16 copies with the same event id and 8 re-published under new ids.
+        let mut copies: Vec<Message> = (0..16).map(|_| paid.clone()).collect();
+        copies.extend((0..8).map(|_| paid.clone().with_event_id(keel_core::EventId::new())));
+        let consumer = &shipping.consumer;
+        let outcomes = join_all(copies.iter().map(|m| async move {
+            consumer
+                .handle(&Delivery::new(m.clone(), 1, "shipping"))
+                .await
+        }))
+        .await;
+        // Losers of a race may ask for a retry; redeliver those until done,
+        // as the bus would.
+        for (message, outcome) in copies.iter().zip(outcomes) {
+            if outcome.is_err() {
+                let mut attempt = 2;
+                while let Err(e) = consumer
+                    .handle(&Delivery::new(message.clone(), attempt, "shipping"))
+                    .await
+                {
+                    assert!(attempt < 20, "a redelivery keeps failing: {e}");
+                    attempt += 1;
+                }
+            }
+        }
+
+        let repo: &Arc<dyn EntityRepository<ShipmentRecord>> = &shipping.shipments;
+        let stored = repo
+            .get(&ShipmentId::for_order(&order_id).as_str().to_owned())
+            .await
+            .expect("the repository answers")
+            .expect("the shipment exists");
+        assert_eq!(
+            stored.version,
+            Version::new(2),
+            "inserted once and dispatched once, however often the payment came"
+        );
+        let shipment = stored.entity.shipment().expect("a readable shipment");
+        assert_eq!(shipment.status(), ShipmentStatus::Dispatched);
+        for message in &copies {
+            assert!(
+                consumer
+                    .inbox
+                    .has_handled(message.event_id)
+                    .await
+                    .expect("the inbox answers"),
+                "every copy is marked handled"
+            );
+        }
+        shipping.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_memory() {
+        redeliver_concurrently(&Services::in_memory()).await;
+    }
+
+    /// Bad input is refused with the right kind of error and writes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_and_early_messages_are_refused_and_write_nothing() {
+        use keel_core::HandlerError;
+
+        let services = Services::in_memory();
+        let publisher: Arc<dyn EventPublisher> = Arc::new(InMemoryBus::new());
+        let shipping = Shipping::start(&services, publisher)
+            .await
+            .expect("shipping starts");
+        let consumer = &shipping.consumer;
+        let handle = |message: Message| async move {
+            consumer
+                .handle(&Delivery::new(message, 1, "shipping"))
+                .await
+        };
+        let paid = OrderEvent::Paid {
+            amount: Money::new("EUR", 5),
+            payment_reference: "psp".to_owned(),
+        };
+
+        // No stream id to tell which order: never handleable.
+        let keyless = Message::from_event(&paid).expect("encodes");
+        assert!(matches!(
+            handle(keyless).await,
+            Err(HandlerError::Reject(_))
+        ));
+        // A payload that is not an order event.
+        let garbage = Message::new(
+            "order.placed",
+            serde_json::json!({ "type": "placed", "lines": "many" }),
+        )
+        .with_ordering_key("Order-x");
+        assert!(matches!(
+            handle(garbage).await,
+            Err(HandlerError::Reject(_))
+        ));
+        // A placement Shipping cannot ship (no lines): a domain rule, rejected.
+        let empty = delivery(
+            "empty",
+            &OrderEvent::Placed {
+                customer_id: "c".to_owned(),
+                lines: vec![],
+                address: Address::example(),
+                total: Money::new("EUR", 0),
+            },
+        );
+        assert!(matches!(handle(empty).await, Err(HandlerError::Reject(_))));
+        // A payment before its placement arrived: retry later, not reject.
+        let early = delivery("early", &paid);
+        let early_id = early.event_id;
+        assert!(matches!(handle(early).await, Err(HandlerError::Retry(_))));
+        assert!(
+            !consumer
+                .inbox
+                .has_handled(early_id)
+                .await
+                .expect("inbox answers"),
+            "a failed delivery is not marked handled"
+        );
+        for order in ["x", "empty", "early"] {
+            let id = ShipmentId::for_order(order).as_str().to_owned();
+            assert!(
+                shipping
+                    .shipments
+                    .get(&id)
+                    .await
+                    .expect("answers")
+                    .is_none(),
+                "nothing was written for {order}"
+            );
+        }
+        shipping.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres() {
+        let test_database =
+            TestDatabase::create(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
+                .await
+                .expect("a PostgreSQL database from keel-testkit");
+        let config = DatabaseConfig::builder()
+            .url(test_database.url())
+            .min_connections(1)
+            .max_connections(20)
+            .build()
+            .expect("a valid pool configuration");
+        let database = Database::connect(config).await.expect("a pool");
+        redeliver_concurrently(&Services::in_memory().with_database(database.clone())).await;
+        database.close().await;
+    }
+}
