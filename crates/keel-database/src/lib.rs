@@ -104,4 +104,4 @@ pub use health::{
 pub use migrate::{MIGRATIONS, MigrateError, MigrationId, Migrations, migrate, migrate_connection};
 pub use pool::{DEFAULT_POOL_METRICS_INTERVAL, Database, PoolStats, TransactionFuture};
 pub use retry::{RetryPolicy, TransactionError};
-pub use uow::{IsolationLevel, TransactionOptions, UnitOfWork};
+pub use uow::{IsolationLevel, TransactionOptions, UnitOfWork, sql_literal};

@@ -179,6 +179,9 @@ pub struct UnitOfWork<'c> {
     tx: Transaction<'c, Postgres>,
     hooks: Vec<Hook>,
     parent_hooks: Option<&'c mut Vec<Hook>>,
+    /// Statements sent in the `COMMIT`'s round trip ([`Self::send_with_commit`]).
+    deferred: Vec<String>,
+    parent_deferred: Option<&'c mut Vec<String>>,
     depth: u32,
     attempt: u32,
     isolation: IsolationLevel,
@@ -207,6 +210,8 @@ impl UnitOfWork<'static> {
             tx,
             hooks: Vec::new(),
             parent_hooks: None,
+            deferred: Vec::new(),
+            parent_deferred: None,
             depth: 0,
             attempt,
             isolation,
@@ -261,11 +266,29 @@ impl<'c> UnitOfWork<'c> {
             tx: inner,
             hooks: Vec::new(),
             parent_hooks: Some(&mut self.hooks),
+            deferred: Vec::new(),
+            parent_deferred: Some(&mut self.deferred),
             depth: self.depth + 1,
             attempt: self.attempt,
             isolation: self.isolation,
             statement_timeout,
         })
+    }
+
+    /// Sends `statement` to the server together with the `COMMIT`, in the
+    /// same round trip, instead of on its own now: work that must commit
+    /// with this unit of work but whose result nobody waits for (an audit
+    /// record, say) then costs no round trip of its own.
+    ///
+    /// `statement` is sent as text through the simple query protocol, so it
+    /// takes no parameters: build its values with [`sql_literal`] (never by
+    /// pasting text into quotes). It runs after everything else in the
+    /// transaction, just before `COMMIT`; if it fails, nothing commits and
+    /// [`commit`](Self::commit) returns its error. Registered in a
+    /// savepoint, it moves to the enclosing transaction when the savepoint
+    /// is released, and is dropped with it when it is rolled back.
+    pub fn send_with_commit(&mut self, statement: impl Into<String>) {
+        self.deferred.push(statement.into());
     }
 
     /// Commits the transaction (or releases the savepoint).
@@ -277,32 +300,56 @@ impl<'c> UnitOfWork<'c> {
     ///
     /// If a statement failed earlier and its error was not propagated, the
     /// transaction is aborted: PostgreSQL would answer `COMMIT` with a
-    /// silent `ROLLBACK`. `commit` checks for that first (one extra round
-    /// trip for the outermost transaction) and fails with
+    /// silent `ROLLBACK`. `commit` therefore sends a probe statement first,
+    /// which fails in an aborted transaction, and fails with
     /// [`DatabaseError::TransactionAborted`], rolling back; a savepoint's
     /// release fails the same way by itself.
+    ///
+    /// The outermost commit is one round trip: the statements registered
+    /// with [`send_with_commit`](Self::send_with_commit), the probe and
+    /// `COMMIT` go out as one batch (PostgreSQL skips the rest of a batch
+    /// after a failed statement, so nothing commits if any of them fails).
+    /// The batch ends with a `BEGIN` that the connection rolls back, empty,
+    /// when it goes back to the pool, outside the caller's wait.
     pub async fn commit(self) -> Result<()> {
         let UnitOfWork {
             mut tx,
             hooks,
             parent_hooks,
+            deferred,
+            parent_deferred,
             statement_timeout,
             ..
         } = self;
-        if parent_hooks.is_none() {
-            // Fails with 25P02 in an aborted transaction; `tx` is dropped on
-            // the error path, which rolls it back.
-            sqlx::query!("SELECT 1 AS probe")
-                .fetch_one(&mut *tx)
+        let Some(parent_hooks) = parent_hooks else {
+            let mut batch = String::new();
+            for statement in &deferred {
+                batch.push_str(statement);
+                batch.push_str(";\n");
+            }
+            // The probe fails with 25P02 in an aborted transaction (then
+            // the server skips the COMMIT and `tx`, dropped on the error
+            // path, rolls back). The trailing BEGIN leaves sqlx's view of
+            // the connection true (a transaction is open); dropping `tx`
+            // queues its ROLLBACK, which the pool sends when it takes the
+            // connection back.
+            batch.push_str("SELECT 1; COMMIT; BEGIN");
+            // Without arguments sqlx sends the text as one simple query,
+            // which may hold several statements.
+            let conn: &mut PgConnection = &mut tx;
+            sqlx::Executor::execute(conn, batch.as_str())
                 .await
                 .map_err(|e| classify(e, statement_timeout))?;
-        }
+            drop(tx);
+            run_hooks(hooks);
+            return Ok(());
+        };
         tx.commit()
             .await
             .map_err(|e| classify(e, statement_timeout))?;
-        match parent_hooks {
-            Some(parent) => parent.extend(hooks),
-            None => run_hooks(hooks),
+        parent_hooks.extend(hooks);
+        if let Some(parent) = parent_deferred {
+            parent.extend(deferred);
         }
         Ok(())
     }
@@ -315,6 +362,43 @@ impl<'c> UnitOfWork<'c> {
             .rollback()
             .await
             .map_err(|e| classify(e, statement_timeout))
+    }
+}
+
+/// `value` as a PostgreSQL string constant, for statements sent as text
+/// (such as [`UnitOfWork::send_with_commit`]'s): dollar-quoted with a tag
+/// that does not occur in `value`, so no character of `value` (quotes,
+/// backslashes, dollar signs) can end the constant early, whatever the
+/// server's `standard_conforming_strings`. Cast it as needed
+/// (`{}::uuid`, `{}::jsonb`).
+///
+/// Fails with an `Invalid` error when `value` holds a NUL byte, which no
+/// PostgreSQL text can store (and which would cut a statement sent as
+/// text short).
+///
+/// ```
+/// let quoted = keel_database::sql_literal("it's $1 \\ $q$").unwrap();
+/// assert_eq!(quoted, "$q0$it's $1 \\ $q$$q0$");
+/// assert!(keel_database::sql_literal("nul\0byte").is_err());
+/// ```
+pub fn sql_literal(value: &str) -> keel_core::Result<String> {
+    if value.contains('\0') {
+        return Err(keel_core::Error::invalid_input(
+            "value",
+            "text holds a NUL byte, which PostgreSQL cannot store",
+        ));
+    }
+    let mut n = 0_u32;
+    loop {
+        let tag = format!("$q{n}$");
+        // The constant ends at the first occurrence of the tag after the
+        // opening one: it must be the closing tag itself, also where the
+        // end of `value` and the tag overlap.
+        let body = format!("{value}{tag}");
+        if body.find(&tag) == Some(value.len()) {
+            return Ok(format!("{tag}{body}"));
+        }
+        n += 1;
     }
 }
 

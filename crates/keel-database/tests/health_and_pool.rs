@@ -183,3 +183,60 @@ async fn migrate_is_idempotent() {
         .unwrap();
     assert_eq!(applied, i64::try_from(MIGRATIONS.iter().count()).unwrap());
 }
+
+/// Pooled connections are not pinged before they are handed out, so a
+/// connection the server killed while it sat idle is only found when used:
+/// `begin` (and so `transaction`) then takes another one by itself, and the
+/// broken one never comes back.
+#[tokio::test]
+async fn begin_skips_connections_killed_while_idle() {
+    let (t, db) = small_pool(2, |b| b).await;
+    // Two idle connections, both killed behind the pool's back.
+    let mut pids = Vec::new();
+    {
+        let mut a = db.acquire().await.unwrap();
+        let mut b = db.acquire().await.unwrap();
+        for c in [&mut a, &mut b] {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+            pids.push(pid);
+        }
+    }
+    // Released connections come back to the idle set from a spawned task.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while db.stats().idle < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("both connections back in the pool");
+    for pid in &pids {
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+        assert!(killed);
+    }
+    let mut uow = db.begin().await.expect("begin takes a live connection");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(uow.conn())
+        .await
+        .unwrap();
+    assert!(!pids.contains(&pid), "a killed connection was handed out");
+    uow.commit().await.unwrap();
+    let n = db
+        .transaction(|uow| {
+            Box::pin(async move {
+                sqlx::query_scalar::<_, i32>("SELECT 1")
+                    .fetch_one(uow.conn())
+                    .await
+                    .map_err(DatabaseError::from)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}

@@ -178,6 +178,8 @@ async fn an_old_shared_history_is_carried_over() {
     // migrations written since the carry-over are applied after them).
     migrate(pool, &[&EVENTSTORE]).await.unwrap();
     assert_eq!(sqlx_history(pool).await, versions(&SERVICE));
+    // The rows carried over (migrations added since the old layout are
+    // applied now, after them).
     let adopted: Vec<(i64, String)> = sqlx::query_as(
         "SELECT version, installed_on::text FROM keel.schema_history \
          WHERE version < 20261124000000 ORDER BY version",

@@ -531,3 +531,105 @@ async fn commit_after_a_swallowed_error_fails_loudly() {
     drop(uow);
     assert!(item_ids(&db).await.is_empty());
 }
+
+/// A statement sent with the commit commits with the unit of work; one that
+/// fails takes the whole unit of work with it, and `commit` reports its
+/// error.
+#[tokio::test]
+async fn statements_sent_with_the_commit_share_its_fate() {
+    let (_t, db) = database_with_items().await;
+    let mut uow = db.begin().await.unwrap();
+    insert_item(uow.conn(), 1).await.unwrap();
+    uow.send_with_commit("INSERT INTO items (id) VALUES (2)");
+    // Registered in a savepoint that is released: moves to the transaction.
+    let mut sp = uow.savepoint().await.unwrap();
+    sp.send_with_commit("INSERT INTO items (id) VALUES (3)");
+    sp.commit().await.unwrap();
+    // Registered in a savepoint that is rolled back: dropped with it.
+    let mut sp = uow.savepoint().await.unwrap();
+    sp.send_with_commit("INSERT INTO items (id) VALUES (4)");
+    sp.rollback().await.unwrap();
+    assert!(
+        item_ids(&db).await.is_empty(),
+        "nothing runs before the commit"
+    );
+    uow.commit().await.unwrap();
+    assert_eq!(item_ids(&db).await, vec![1, 2, 3]);
+
+    let mut uow = db.begin().await.unwrap();
+    insert_item(uow.conn(), 10).await.unwrap();
+    // A duplicate key: the batch stops there and nothing commits.
+    uow.send_with_commit("INSERT INTO items (id) VALUES (1)");
+    let e = uow.commit().await.unwrap_err();
+    assert!(e.is_unique_violation(None), "{e:?}");
+    assert_eq!(item_ids(&db).await, vec![1, 2, 3]);
+}
+
+/// The one-round-trip commit leaves its connection clean: on a pool of one
+/// connection, autocommit statements and new units of work that follow a
+/// commit are not caught in a transaction left open.
+#[tokio::test]
+async fn a_committed_connection_goes_back_to_the_pool_clean() {
+    let (t, _) = database_with_items().await;
+    let db = keel_database::Database::connect(
+        keel_database::DatabaseConfig::builder()
+            .connect_options(t.connect_options())
+            .min_connections(0)
+            .max_connections(1)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    for id in 0..20 {
+        let mut uow = db.begin().await.unwrap();
+        insert_item(uow.conn(), id * 2).await.unwrap();
+        uow.commit().await.unwrap();
+        sqlx::query("INSERT INTO items (id) VALUES ($1)")
+            .bind(id * 2 + 1)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        // Seen from another connection: both are committed.
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM items")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, i64::from(id * 2 + 2));
+    }
+    let open: bool = sqlx::query_scalar("SELECT txid_current_if_assigned() IS NOT NULL")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(!open);
+}
+
+/// Hostile text survives `sql_literal` unchanged and cannot end the
+/// constant early.
+#[tokio::test]
+async fn sql_literals_round_trip_hostile_text() {
+    let (_t, db) = database_with_items().await;
+    let values = [
+        "",
+        "plain",
+        "it's",
+        "'); DROP TABLE items; --",
+        "$$",
+        "$q0$",
+        "$q0",
+        "x$q0$; DROP TABLE items; --",
+        "$q0$$q1$$q2$",
+        "back\\slash\\",
+        "new\nline\ttab",
+        "ünïcødé ✓ 🚀",
+        "E'\\x41'",
+    ];
+    for value in values {
+        let literal = keel_database::sql_literal(value).unwrap();
+        let sql = format!("SELECT {literal}");
+        let back: String = sqlx::query_scalar(&sql).fetch_one(db.pool()).await.unwrap();
+        assert_eq!(back, value, "{literal}");
+    }
+    assert!(keel_database::sql_literal("a\0b").is_err());
+    assert!(item_ids(&db).await.is_empty());
+}

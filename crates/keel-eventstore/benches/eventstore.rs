@@ -65,14 +65,25 @@ fn report_median(name: &str, rates: &[(f64, f64)]) {
     );
 }
 
-async fn raw_insert(pool: &PgPool, rows: &[RawRow]) {
+/// Which baseline table a raw INSERT writes.
+#[derive(Clone, Copy)]
+enum Baseline {
+    /// `bench_events`: Keel's own row, columns and indexes.
+    KeelTable,
+    /// `bench_minimal`: a bigserial key, the stream, the version and the
+    /// payload, with `UNIQUE (stream_id, version)`: the least an event
+    /// store with exact versions can write.
+    Minimal,
+}
+
+async fn raw_insert(pool: &PgPool, rows: &[RawRow], table: Baseline) {
     let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
     let streams: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
     let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
     let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
     let metas: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
-    if rows.len() == 1 {
-        sqlx::query(
+    match (table, rows.len()) {
+        (Baseline::KeelTable, 1) => sqlx::query(
             "INSERT INTO bench_events (event_id, stream_id, version, event_type, schema_version, payload, metadata) \
              VALUES ($1, $2, $3, 'order.line_added', 1, $4::json, $5::json)",
         )
@@ -83,9 +94,8 @@ async fn raw_insert(pool: &PgPool, rows: &[RawRow]) {
         .bind(metas[0])
         .execute(pool)
         .await
-        .unwrap();
-    } else {
-        sqlx::query(
+        .unwrap(),
+        (Baseline::KeelTable, _) => sqlx::query(
             "INSERT INTO bench_events (event_id, stream_id, version, event_type, schema_version, payload, metadata) \
              SELECT i, s, v, 'order.line_added', 1, p::json, m::json \
              FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[]) AS t(i, s, v, p, m)",
@@ -97,16 +107,36 @@ async fn raw_insert(pool: &PgPool, rows: &[RawRow]) {
         .bind(&metas)
         .execute(pool)
         .await
-        .unwrap();
-    }
+        .unwrap(),
+        (Baseline::Minimal, 1) => sqlx::query(
+            "INSERT INTO bench_minimal (stream_id, version, payload) VALUES ($1, $2, $3::json)",
+        )
+        .bind(streams[0])
+        .bind(versions[0])
+        .bind(payloads[0])
+        .execute(pool)
+        .await
+        .unwrap(),
+        (Baseline::Minimal, _) => sqlx::query(
+            "INSERT INTO bench_minimal (stream_id, version, payload) \
+             SELECT s, v, p::json FROM unnest($1::text[], $2::bigint[], $3::text[]) AS t(s, v, p)",
+        )
+        .bind(&streams)
+        .bind(&versions)
+        .bind(&payloads)
+        .execute(pool)
+        .await
+        .unwrap(),
+    };
 }
 
 /// How many alternating rounds each append workload is cut into.
 const APPEND_ROUNDS: usize = 6;
 
 /// Appends `per_writer` batches of `batch` events per writer, Keel and the
-/// raw INSERT taking turns in [`APPEND_ROUNDS`] rounds (the side that goes
-/// first alternating), so load that drifts during the run reaches both.
+/// two raw INSERTs taking turns in [`APPEND_ROUNDS`] rounds (the order
+/// rotating every round), so load that drifts during the run reaches all
+/// three.
 async fn append_bench(
     name: &str,
     store: &PostgresEventStore,
@@ -116,7 +146,7 @@ async fn append_bench(
     batch: usize,
 ) {
     let tag = uuid::Uuid::now_v7().simple().to_string();
-    // Writer `w`'s `i`th batch: the same events and versions on both sides.
+    // Writer `w`'s `i`th batch: the same events and versions on every side.
     let keel_op = Arc::new({
         let (store, tag) = (store.clone(), tag.clone());
         move |w: usize, i: usize| {
@@ -129,36 +159,52 @@ async fn append_bench(
             }
         }
     });
-    let raw_op = Arc::new({
+    let raw_op = |table: Baseline| {
         let pool = pool.clone();
-        move |w: usize, i: usize| {
+        let tag = tag.clone();
+        Arc::new(move |w: usize, i: usize| {
             let pool = pool.clone();
             let stream = format!("Raw{tag}-{w}");
             async move {
                 let rows: Vec<RawRow> = (0..batch)
                     .map(|k| raw_row(&stream, (i * batch + k + 1) as i64, i * batch + k))
                     .collect();
-                raw_insert(&pool, &rows).await;
+                raw_insert(&pool, &rows, table).await;
             }
-        }
-    });
+        })
+    };
+    let (table_op, minimal_op) = (raw_op(Baseline::KeelTable), raw_op(Baseline::Minimal));
     let per_round = per_writer.div_ceil(APPEND_ROUNDS);
-    let mut keel = Stats::default();
-    let mut raw = Stats::default();
+    let mut sides = [Stats::default(), Stats::default(), Stats::default()];
     for round in 0..APPEND_ROUNDS {
         let ops = (round * per_round).min(per_writer)..((round + 1) * per_round).min(per_writer);
         if ops.is_empty() {
             break;
         }
-        for keel_side in [round % 2 == 0, round % 2 == 1] {
-            if keel_side {
-                keel.merge(run_writers(writers, ops.clone(), batch, keel_op.clone()).await);
-            } else {
-                raw.merge(run_writers(writers, ops.clone(), batch, raw_op.clone()).await);
-            }
+        for k in 0..3 {
+            let side = (round + k) % 3;
+            let stats = match side {
+                0 => run_writers(writers, ops.clone(), batch, keel_op.clone()).await,
+                1 => run_writers(writers, ops.clone(), batch, table_op.clone()).await,
+                _ => run_writers(writers, ops.clone(), batch, minimal_op.clone()).await,
+            };
+            sides[side].merge(stats);
         }
     }
-    report(name, keel, raw);
+    let [mut keel, table, mut minimal] = sides;
+    let ms = |d: std::time::Duration| format!("{:.2}", d.as_secs_f64() * 1000.0);
+    println!(
+        "| {name} | {:.0} | {} / {} | {:.0} | {:.2}x | {:.0} | {} / {} | **{:.2}x** |",
+        keel.rate(),
+        ms(keel.pct(0.5)),
+        ms(keel.pct(0.99)),
+        table.rate(),
+        keel.rate() / table.rate(),
+        minimal.rate(),
+        ms(minimal.pct(0.5)),
+        ms(minimal.pct(0.99)),
+        keel.rate() / minimal.rate(),
+    );
 }
 
 const RAW_COLUMNS: &str = "commit, position, event_id, stream_id, version, event_type, \
@@ -213,14 +259,29 @@ async fn main() {
     let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .connect_with(db.connect_options())
-        .await
-        .unwrap();
+    // Keel's own pool (keel_database's settings: no ping before a
+    // connection is handed out), shared by Keel and the baselines.
+    let units = keel_database::Database::connect(
+        keel_database::DatabaseConfig::builder()
+            .connect_options(db.connect_options())
+            .min_connections(16)
+            .max_connections(16)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let pool = units.pool().clone();
     sqlx::query(
         "CREATE TABLE bench_events (LIKE keel.events INCLUDING DEFAULTS INCLUDING IDENTITY \
          INCLUDING CONSTRAINTS INCLUDING INDEXES)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TABLE bench_minimal (id bigserial PRIMARY KEY, stream_id text NOT NULL, \
+         version bigint NOT NULL, payload json NOT NULL, UNIQUE (stream_id, version))",
     )
     .execute(&pool)
     .await
@@ -237,16 +298,24 @@ async fn main() {
     println!("PostgreSQL {version}, scale {}", scale());
     println!();
     println!(
-        "| workload | keel events/s | keel p50 / p99 ms | raw SQL events/s | raw p50 / p99 ms | ratio |"
+        "| workload | keel events/s | keel p50 / p99 ms | INSERT into Keel's table events/s | ratio | minimal INSERT events/s | minimal p50 / p99 ms | ratio to minimal |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
 
     let only_reads = std::env::var("KEEL_BENCH_ONLY").is_ok_and(|v| v == "reads");
     if !only_reads {
         append_benches(&store, &quiet, &pool).await;
+        println!();
+        println!(
+            "| workload | keel events/s | keel p50 / p99 ms | raw SQL events/s | raw p50 / p99 ms | ratio |"
+        );
+        println!("|---|---|---|---|---|---|");
     }
-    read_benches(&store, &pool).await;
+    if !std::env::var("KEEL_BENCH_ONLY").is_ok_and(|v| v == "appends") {
+        read_benches(&store, &pool).await;
+    }
     pool.close().await;
+    units.close().await;
     drop(db);
 }
 

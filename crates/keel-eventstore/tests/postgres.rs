@@ -1166,6 +1166,77 @@ async fn savepoints_and_non_appending_transactions_leave_the_horizon_alone() {
     assert_eq!(log[0].version, Version::new(1));
 }
 
+/// Keel's pool hands connections out without a ping, so an append can meet
+/// a connection the server killed while it sat idle. The append is sent
+/// again on a fresh connection and succeeds; nothing is stored twice.
+#[tokio::test]
+async fn an_append_on_a_connection_killed_while_idle_is_sent_again() {
+    let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
+        .await
+        .expect("test database");
+    let config = keel_database::DatabaseConfig::builder()
+        .connect_options(db.connect_options())
+        .min_connections(0)
+        .max_connections(1)
+        .build()
+        .expect("database config");
+    let units = keel_database::Database::connect(config).await.unwrap();
+    let store = PostgresEventStore::with_config(units.pool().clone(), patient());
+    let stream = sid("Revived-1");
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![ev(1)])
+        .await
+        .unwrap();
+    // The pool's only connection, idle again once released.
+    let pid: i32 = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut conn = units.acquire().await.unwrap();
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            if units.stats().size == 1 {
+                break pid;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while units.stats().idle < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(killed);
+
+    for (n, expected) in [(2, 1), (3, 2)] {
+        let appended = store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(Version::new(expected)),
+                vec![ev(n)],
+            )
+            .await
+            .expect("the append survives the dead connection");
+        assert_eq!(appended.first_version, Version::new(n));
+        assert!(!appended.was_retry);
+    }
+    let stored: Vec<RecordedEvent> = store
+        .read_stream(&stream, keel_eventstore::ReadStream::forward())
+        .try_collect()
+        .await
+        .unwrap();
+    let versions: Vec<u64> = stored.iter().map(|e| e.version.get()).collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+}
+
 /// A writer caught between taking its first key and publishing it (here a
 /// transaction that holds only the gate lock) makes the horizon unknown:
 /// readers get nothing new rather than a horizon that might pass it. A

@@ -87,6 +87,35 @@ impl TransactionalHandler<AddItem> for Insert {
     }
 }
 
+/// Inserts the same row, then a narrow row of its own: what one more
+/// statement in the command's transaction costs, whatever it writes (the
+/// audit layer's record is one more statement too).
+struct InsertTwice;
+
+#[async_trait]
+impl TransactionalHandler<AddItem> for InsertTwice {
+    type Output = ();
+    async fn handle(
+        &self,
+        tx: &mut dyn Transaction,
+        envelope: &CommandEnvelope<AddItem>,
+    ) -> Result<Handled<()>, PipelineError> {
+        let uow = UnitOfWork::join(tx)?;
+        sqlx::query("INSERT INTO items (id, actor) VALUES ($1, $2)")
+            .bind(&envelope.command.id)
+            .bind(envelope.metadata.actor.as_deref())
+            .execute(uow.conn())
+            .await
+            .map_err(keel_database::to_keel)?;
+        sqlx::query("INSERT INTO extra (id) VALUES ($1)")
+            .bind(&envelope.command.id)
+            .execute(uow.conn())
+            .await
+            .map_err(keel_database::to_keel)?;
+        Ok(Handled::new(()).with_events(["item.added"]))
+    }
+}
+
 /// Does nothing: the layers' own cost.
 struct Noop;
 
@@ -317,8 +346,20 @@ fn main() {
             .execute("CREATE TABLE items (id text PRIMARY KEY, actor text)")
             .await
             .unwrap();
+        db.pool()
+            .execute("CREATE TABLE extra (id text PRIMARY KEY)")
+            .await
+            .unwrap();
         let pg_log = PgAuditLog::new(db.pool().clone());
-        let chainer = pg_log.chainer();
+        // `PIPELINE_BENCH_CHAINER=off` leaves the records unsealed until the
+        // end (then seals them all), to tell what sealing in the background
+        // takes from the commands.
+        let chainer_on = std::env::var("PIPELINE_BENCH_CHAINER").map_or(true, |v| v != "off");
+        println!(
+            "chainer during the measurements: {}",
+            if chainer_on { "on" } else { "off" }
+        );
+        let chainer = chainer_on.then(|| pg_log.chainer());
         let pg_audit: Arc<dyn AuditLog> = Arc::new(pg_log.clone());
         let handler = || TransactionalService::new(db.clone(), Insert);
 
@@ -336,6 +377,11 @@ fn main() {
                 with_audit(pg_audit.clone(), handler()),
                 commands,
             ),
+            Variant::new(
+                "pipeline without audit, handler with a second INSERT",
+                without_audit(TransactionalService::new(db.clone(), InsertTwice)),
+                commands,
+            ),
         ];
         run(rounds, &mut pg).await;
         report(
@@ -344,6 +390,7 @@ fn main() {
             &[
                 (1, 0, "tracing + authn + authz"),
                 (2, 1, "audit layer (PostgreSQL)"),
+                (3, 1, "one more plain INSERT in the transaction"),
                 (2, 0, "whole pipeline"),
             ],
         );
@@ -363,7 +410,12 @@ fn main() {
                 );
             }
         }
-        chainer.shutdown().await;
+        match chainer {
+            Some(chainer) => chainer.shutdown().await,
+            None => {
+                pg_log.seal().await.unwrap();
+            }
+        }
         let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM keel.audit_log")
             .fetch_one(db.pool())
             .await

@@ -1,7 +1,8 @@
 //! The PostgreSQL event store.
 //!
-//! One file per seam: [`append`] (the single-statement fast path and the
-//! `keel.append_events` procedure), [`read`] (stream reads), [`global`] (the
+//! One file per seam: [`append`] (the `keel.append_events` procedure and
+//! appends in a caller's transaction), [`fast`] (the one-statement fast
+//! path), [`read`] (stream reads), [`global`] (the
 //! gap-safe global log), [`snapshots`] and [`subscriptions`] (checkpoints,
 //! leadership, the wake-up notifier).
 //!
@@ -37,9 +38,12 @@ use crate::event::{RecordedEvent, StoreConfig, StoredMetadata};
 use crate::telemetry::StoreMetrics;
 
 mod append;
+mod fast;
 mod global;
 mod projection;
 mod read;
+#[cfg(test)]
+mod rule_tests;
 mod snapshots;
 mod subscriptions;
 mod transaction;

@@ -34,7 +34,11 @@ const VERIFY_PAGE: i64 = 500;
 /// * **Append.** [`within(tx)`](AuditLog::within)`.append(entry)` inserts
 ///   the record's content in the caller's transaction (the command's, in
 ///   the command pipeline), with no lock on the chain: it commits or rolls
-///   back with the transaction. [`append`](AuditLog::append) does the same
+///   back with the transaction. The `INSERT` travels with the transaction's
+///   `COMMIT`, in the same round trip
+///   ([`UnitOfWork::send_with_commit`](keel_database::UnitOfWork::send_with_commit)),
+///   so it costs the command no round trip of its own; until then the row
+///   is not visible, not even to the transaction itself. [`append`](AuditLog::append) does the same
 ///   in a statement of its own, then seals (below) until its record is in
 ///   the chain, and returns it.
 /// * **Seal.** In a short transaction of its own, holding the one row of
@@ -392,9 +396,14 @@ struct PgAppender<'t> {
 impl AuditAppender for PgAppender<'_> {
     async fn append(&self, entry: AuditEntry) -> Result<()> {
         let entry = super::validate(entry)?;
+        // Built before anything is registered: a value that cannot be
+        // written fails the append, not the commit.
+        let insert = rows::insert_unsealed_text(&entry, &super::chain::content_hash(&entry))?;
         let mut tx = self.tx.lock().await;
         let uow = keel_database::UnitOfWork::join(&mut **tx)?;
-        rows::insert_unsealed(uow.conn(), &entry, &super::chain::content_hash(&entry)).await?;
+        // Sent with the COMMIT, in its round trip: the record commits with
+        // the command's effects, or neither does.
+        uow.send_with_commit(insert);
         let shared = Arc::clone(&self.log.shared);
         uow.after_commit(move || shared.wake.notify_one());
         Ok(())
@@ -494,6 +503,78 @@ mod tests {
         assert_eq!(
             log.verify().await.expect("verify"),
             ChainVerification::Intact { records: 4 }
+        );
+    }
+
+    // The inline INSERT a command's commit carries stores exactly what the
+    // checked one does, hostile text included: the row reads back as the
+    // entry, with its content hash, and seals into an intact chain.
+    #[tokio::test]
+    async fn inline_insert_matches_the_checked_one() {
+        let db = TestDatabase::create(&keel_security::MIGRATIONS)
+            .await
+            .expect("test database");
+        let pool = db.pool().clone();
+        let hostile = "x$q0$'); DROP TABLE keel.audit_log; -- \\ $$ ünï 🚀";
+        let mut entry = attempt(
+            CommandId::new(),
+            AuditOutcome::Rejected {
+                code: "keel.forbidden".into(),
+                reason: hostile.into(),
+            },
+            3,
+        );
+        entry.tenant = Some(format!("t-{hostile}"));
+        entry.event_types = vec!["a.b".into(), hostile.into()];
+        entry.aggregate = Some(keel_core::AggregateRef::new("Order", hostile));
+        entry.correlation_id = Some(keel_core::CorrelationId::new());
+        entry.details = serde_json::json!({ "note": hostile, "n": [1, 2.5, null], "k'$": true });
+        let entry = super::super::validate(entry).expect("valid");
+        let plain = attempt(CommandId::new(), AuditOutcome::Accepted, 4);
+        for e in [&entry, &plain] {
+            let hash = crate::audit::chain::content_hash(e);
+            let sql = rows::insert_unsealed_text(e, &hash).expect("text");
+            sqlx::Executor::execute(&pool, sql.as_str())
+                .await
+                .expect("insert");
+            // Sent again (a retried commit): the attempt key keeps one row.
+            sqlx::Executor::execute(&pool, sql.as_str())
+                .await
+                .expect("retry");
+        }
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM keel.audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("ids");
+        let mut stored = Vec::new();
+        for id in ids {
+            stored.push(
+                select_audit_rows!("WHERE id = $1", id)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("row"),
+            );
+        }
+        assert_eq!(stored.len(), 2);
+        assert_eq!(&stored[0].entry().expect("entry"), &entry);
+        assert_eq!(&stored[1].entry().expect("entry"), &plain);
+        let hashes: Vec<String> =
+            sqlx::query_scalar("SELECT content_hash FROM keel.audit_log ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .expect("hashes");
+        assert_eq!(
+            hashes,
+            [
+                crate::audit::chain::content_hash(&entry),
+                crate::audit::chain::content_hash(&plain)
+            ]
+        );
+        let log = PgAuditLog::new(pool.clone());
+        assert_eq!(log.seal().await.expect("seal"), 2);
+        assert_eq!(
+            log.verify().await.expect("verify"),
+            ChainVerification::Intact { records: 2 }
         );
     }
 }
