@@ -158,73 +158,122 @@ enum Head {
     Exact,
 }
 
-/// Runs the fast append statement `$insert` (`insert_batch`)
-/// after the head that `$head` selects: a CTE `s` holding the version the
-/// batch follows, or no row when the expectation fails. The arguments are
-/// $1 the stream and $2..$6 the event columns; the exact head adds $7, the
-/// expected version.
+/// One row a batch's fast append returns: a stored event's position,
+/// commit key and version.
+struct BatchRow {
+    position: i64,
+    commit: i64,
+    version: i64,
+}
+
+/// Runs the fast append statement of a batch after the head that `$head`
+/// selects. The arguments are $1 the stream and $2..$6 the event columns as
+/// arrays (inserted with `UNNEST … WITH ORDINALITY`); the exact head adds
+/// $7, the expected version.
 ///
-/// The statements differ only in their head; each is spelled out (and so
-/// checked) as its own literal, which a planner sees as its own statement.
-macro_rules! fast_append_after {
-    ($insert:ident, $head:expr, $conn:expr, ($($arg:expr),+), $expected:expr) => {
+/// Each statement is a plain `INSERT … SELECT … RETURNING`, one row back per
+/// stored event and none when the expectation fails: no CTE, no
+/// aggregation (measured: the CTE that gathered the rows into arrays cost
+/// about 1.3 microseconds of server time per event more than this). The
+/// statements differ only in the head; each is spelled out (and so checked)
+/// as its own literal.
+macro_rules! insert_batch {
+    ($conn:expr, $head:expr, ($($arg:expr),+), $expected:expr) => {
         match $head {
             // any: after whatever is stored
-            Head::Any => $insert!(
-                $conn,
-                "WITH s AS (SELECT coalesce(max(version), 0) AS prev \
-                 FROM keel.events WHERE stream_id = $1),",
+            Head::Any => sqlx::query_as!(
+                BatchRow,
+                r#"INSERT INTO keel.events
+                       (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                        metadata)
+                   SELECT (SELECT keel.take_commit()), n.event_id, $1, h.prev + n.ord,
+                          n.event_type, n.schema_version, n.payload::json, n.metadata::json
+                   FROM (SELECT coalesce(max(version), 0) AS prev
+                         FROM keel.events WHERE stream_id = $1) h,
+                        unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                          WITH ORDINALITY AS n(event_id, event_type, schema_version, payload,
+                                               metadata, ord)
+                   RETURNING position, commit, version"#,
                 $($arg),+
-            ),
+            )
+            .fetch_all($conn)
+            .await,
             // no stream: from the start (the index refuses version 1 if stored)
-            Head::NoStream => $insert!($conn, "WITH s AS (SELECT 0::int8 AS prev),", $($arg),+),
-            // stream exists: after the newest stored version, if there is one
-            Head::StreamExists => $insert!(
-                $conn,
-                "WITH s AS (SELECT max(version) AS prev FROM keel.events WHERE stream_id = $1 \
-                 HAVING max(version) IS NOT NULL),",
+            Head::NoStream => sqlx::query_as!(
+                BatchRow,
+                r#"INSERT INTO keel.events
+                       (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                        metadata)
+                   SELECT (SELECT keel.take_commit()), n.event_id, $1, n.ord, n.event_type,
+                          n.schema_version, n.payload::json, n.metadata::json
+                   FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                          WITH ORDINALITY AS n(event_id, event_type, schema_version, payload,
+                                               metadata, ord)
+                   RETURNING position, commit, version"#,
                 $($arg),+
-            ),
+            )
+            .fetch_all($conn)
+            .await,
+            // stream exists: after the newest stored version, if there is one
+            Head::StreamExists => sqlx::query_as!(
+                BatchRow,
+                r#"INSERT INTO keel.events
+                       (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                        metadata)
+                   SELECT (SELECT keel.take_commit()), n.event_id, $1, h.prev + n.ord,
+                          n.event_type, n.schema_version, n.payload::json, n.metadata::json
+                   FROM (SELECT max(version) AS prev FROM keel.events WHERE stream_id = $1
+                         HAVING max(version) IS NOT NULL) h,
+                        unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                          WITH ORDINALITY AS n(event_id, event_type, schema_version, payload,
+                                               metadata, ord)
+                   RETURNING position, commit, version"#,
+                $($arg),+
+            )
+            .fetch_all($conn)
+            .await,
             // exact: after the expected version, if it is stored (the index
             // refuses the insert if a later one is)
-            Head::Exact => $insert!(
-                $conn,
-                "WITH s AS (SELECT $7::int8 AS prev WHERE EXISTS \
-                 (SELECT 1 FROM keel.events WHERE stream_id = $1 AND version = $7)),",
+            Head::Exact => sqlx::query_as!(
+                BatchRow,
+                r#"INSERT INTO keel.events
+                       (commit, event_id, stream_id, version, event_type, schema_version, payload,
+                        metadata)
+                   SELECT (SELECT keel.take_commit()), n.event_id, $1, $7::int8 + n.ord,
+                          n.event_type, n.schema_version, n.payload::json, n.metadata::json
+                   FROM unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
+                          WITH ORDINALITY AS n(event_id, event_type, schema_version, payload,
+                                               metadata, ord)
+                   WHERE EXISTS (SELECT 1 FROM keel.events WHERE stream_id = $1 AND version = $7)
+                   RETURNING position, commit, version"#,
                 $($arg),+,
                 $expected
-            ),
+            )
+            .fetch_all($conn)
+            .await,
         }
     };
 }
 
-/// The fast append of a batch after `$head`: the columns arrive as arrays
-/// and are inserted with UNNEST.
-macro_rules! insert_batch {
-    ($conn:expr, $head:literal, $($arg:expr),+) => {
-        sqlx::query_as!(
-            FastAppended,
-            $head
-                + r#"
-        ins AS (
-            INSERT INTO keel.events
-                (commit, event_id, stream_id, version, event_type, schema_version, payload,
-                 metadata)
-            SELECT (SELECT keel.take_commit()), n.event_id, $1, s.prev + n.ord, n.event_type,
-                   n.schema_version, n.payload::json, n.metadata::json
-            FROM s, unnest($2::uuid[], $3::text[], $4::int4[], $5::text[], $6::text[])
-                    WITH ORDINALITY AS n(event_id, event_type, schema_version, payload, metadata, ord)
-            RETURNING position, commit, version
-        )
-        SELECT (SELECT prev FROM s) AS "prev?",
-               array_agg(position ORDER BY version) AS "positions?",
-               array_agg(commit ORDER BY version) AS "commits?"
-        FROM ins"#,
-            $($arg),+
-        )
-        .fetch_one($conn)
-        .await
+/// The rows of a batch's fast append as the version the batch follows and
+/// its positions in version order (`prev` is `None` when nothing was
+/// stored).
+fn batch_appended(mut rows: Vec<BatchRow>) -> FastAppended {
+    // Rows come back in insertion order, which is version order; sorting
+    // makes that an explicit step rather than an assumption.
+    rows.sort_unstable_by_key(|r| r.version);
+    let Some(first) = rows.first() else {
+        return FastAppended {
+            prev: None,
+            positions: None,
+            commits: None,
+        };
     };
+    FastAppended {
+        prev: Some(first.version - 1),
+        positions: Some(rows.iter().map(|r| r.position).collect()),
+        commits: Some(rows.iter().map(|r| r.commit).collect()),
+    }
 }
 
 /// The common path of an autocommit append, in one statement: check the
@@ -289,10 +338,9 @@ pub(super) async fn fast_append(
         .await
     } else {
         let columns = EventColumns::new(events)?;
-        fast_append_after!(
-            insert_batch,
-            head,
+        insert_batch!(
             &mut *conn,
+            head,
             (
                 stream.as_str(),
                 columns.ids.as_slice(),
@@ -305,6 +353,7 @@ pub(super) async fn fast_append(
             ),
             expected_at
         )
+        .map(batch_appended)
     };
     let row = match appended {
         Ok(row) => row,
