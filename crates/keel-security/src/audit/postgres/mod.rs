@@ -33,7 +33,8 @@ const VERIFY_PAGE: i64 = 500;
 /// each other:
 ///
 /// * **Append.** [`within(tx)`](AuditLog::within)`.append(entry)` inserts
-///   the record's content in the caller's transaction (the command's, in
+///   the record's content, one `jsonb` document in the narrow table
+///   `keel.audit_pending`, in the caller's transaction (the command's, in
 ///   the command pipeline), with no lock on the chain: it commits or rolls
 ///   back with the transaction. The `INSERT` travels with the transaction's
 ///   `COMMIT`, in the same round trip
@@ -43,8 +44,9 @@ const VERIFY_PAGE: i64 = 500;
 ///   in a statement of its own, then seals (below) until its record is in
 ///   the chain, and returns it.
 /// * **Seal.** In a short transaction of its own, holding the one row of
-///   `keel.audit_head`, [`seal`](Self::seal) takes the committed rows not
-///   yet in the chain (oldest row first), gives each the next sequence,
+///   `keel.audit_head`, [`seal`](Self::seal) takes the committed pending
+///   rows (oldest row first), moves them into `keel.audit_log` (the sealed,
+///   indexed table queries read) and gives each the next sequence,
 ///   `recorded_at` (the server's `clock_timestamp()`, never earlier than
 ///   the previous record's), `prev_hash`, `hash` and, in keyed mode, its
 ///   MAC, and moves the head. Rows of transactions still open are
@@ -61,10 +63,11 @@ const VERIFY_PAGE: i64 = 500;
 /// next chainer, query or append on the database: none is lost.
 ///
 /// Appends are idempotent on the entry's command id: each row keeps the
-/// hash of its content (`content_hash`), and a unique index holds each
-/// content once per command id, so an entry identical to a stored one
-/// writes nothing ([`append`](AuditLog::append) returns the stored record),
-/// even when retries race from several processes. An entry whose command
+/// hash of its content (`content_hash`), and sealing, which alone writes
+/// the chain, drops a pending row whose command id and content are stored
+/// already, so an entry identical to a stored one leaves no second record
+/// ([`append`](AuditLog::append) returns the stored one), even when
+/// retries race from several processes. An entry whose command
 /// id is stored only with other content (the command ran again: another
 /// receipt time, perhaps another outcome) is a new attempt and gets a
 /// record of its own, so several records may share a command id.
@@ -73,8 +76,9 @@ const VERIFY_PAGE: i64 = 500;
 /// sealed with the current key's id and an HMAC-SHA256 (`mac_key_id`,
 /// `mac`), and verification checks them ([`AuditKeys`]). The tables come
 /// from Keel's migrations (`keel_security::MIGRATIONS`); the database refuses
-/// `DELETE`, `TRUNCATE` and every `UPDATE` except sealing an unsealed row
-/// once, at the position after the head (SQLSTATE `KL003`).
+/// (SQLSTATE `KL003`) changing or removing a sealed record, adding one
+/// anywhere but right after the chain's last, and changing a pending row
+/// or removing it before it is sealed.
 ///
 /// Failures map onto [`keel_core::Error`] through keel-database's
 /// classification: a lost connection is `Unavailable` (retryable), a pool
