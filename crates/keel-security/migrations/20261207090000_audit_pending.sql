@@ -46,61 +46,70 @@ $$;
 -- A pending record is evidence too: it may not change, and it may leave
 -- the table only once it is in the chain (a sealed row with its id), or
 -- when the attempt it repeats is stored already (same command_id and
--- content_hash, sealed or not). TRUNCATE is refused.
-CREATE FUNCTION keel.guard_audit_pending() RETURNS trigger
+-- content_hash, sealed or not). TRUNCATE is refused. The check runs once
+-- per statement over the deleted rows (a transition table), not once per
+-- row, so a sealing call pays one set-based query for its whole batch.
+CREATE FUNCTION keel.guard_audit_pending_delete() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'DELETE'
-       AND (EXISTS (SELECT 1 FROM keel.audit_log l
-                    WHERE l.id = OLD.id AND l.sequence IS NOT NULL)
-            OR EXISTS (SELECT 1 FROM keel.audit_log l
-                       WHERE l.command_id = (OLD.entry->>'command_id')::uuid
-                         AND l.content_hash = OLD.entry->>'content_hash'
-                         AND l.id <> OLD.id)) THEN
-        RETURN OLD;
+    IF EXISTS (SELECT 1 FROM gone o
+               WHERE NOT EXISTS (SELECT 1 FROM keel.audit_log l
+                                 WHERE l.id = o.id AND l.sequence IS NOT NULL)
+                 AND NOT EXISTS (SELECT 1 FROM keel.audit_log l
+                                 WHERE l.command_id = (o.entry->>'command_id')::uuid
+                                   AND l.content_hash = o.entry->>'content_hash'
+                                   AND l.id <> o.id)) THEN
+        RAISE EXCEPTION '% is append-only: only records in the chain may leave it', TG_TABLE_NAME
+            USING ERRCODE = 'KL003', SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME;
     END IF;
-    RAISE EXCEPTION '% is append-only: % is not allowed', TG_TABLE_NAME, TG_OP
-        USING ERRCODE = 'KL003', SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME;
+    RETURN NULL;
 END
 $$;
 
-CREATE TRIGGER audit_pending_guard
-    BEFORE UPDATE OR DELETE ON keel.audit_pending
-    FOR EACH ROW EXECUTE FUNCTION keel.guard_audit_pending();
+CREATE TRIGGER audit_pending_delete_guard
+    AFTER DELETE ON keel.audit_pending
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION keel.guard_audit_pending_delete();
+
+CREATE TRIGGER audit_pending_no_update
+    BEFORE UPDATE ON keel.audit_pending
+    FOR EACH STATEMENT EXECUTE FUNCTION keel.refuse_audit_mutation();
 
 CREATE TRIGGER audit_pending_no_truncate
     BEFORE TRUNCATE ON keel.audit_pending
     FOR EACH STATEMENT EXECUTE FUNCTION keel.refuse_audit_mutation();
 
--- A row inserted into keel.audit_log sealed must sit right after the
--- chain's last record and link to it: the head's record, or, while a
--- sealing call is under way (the head moves at its end), the row sealed
--- just before it in the same call. Unsealed inserts (the old layout) are
--- still allowed; the UPDATE guard checks their sealing.
+-- A row inserted into keel.audit_log sealed must sit past the head and
+-- link to the record right before it: the head's record, or another row
+-- sealed past the head (in the same sealing call: the head moves at its
+-- end, and only whoever holds the head's lock seals). Checked once per
+-- statement, after it, over the inserted rows: each row's predecessor is
+-- then in the table, whether it came before or with the statement.
+-- Unsealed inserts (the old layout) are still allowed; the UPDATE guard
+-- checks their sealing.
 CREATE FUNCTION keel.guard_audit_log_insert() RETURNS trigger
     LANGUAGE plpgsql AS $$
-DECLARE
-    head keel.audit_head;
 BEGIN
-    IF NEW.sequence IS NULL THEN
-        RETURN NEW;
+    IF EXISTS (SELECT 1
+               FROM added n
+               CROSS JOIN keel.audit_head h
+               LEFT JOIN keel.audit_log p ON p.sequence = n.sequence - 1
+               WHERE h.singleton AND n.sequence IS NOT NULL
+                 -- COALESCE: a missing predecessor (NULL) fails the row.
+                 AND NOT COALESCE((n.sequence = h.sequence + 1 AND n.prev_hash = h.hash)
+                                  OR (n.sequence > h.sequence + 1 AND p.hash = n.prev_hash),
+                                  false)) THEN
+        RAISE EXCEPTION '% is append-only: a record may only be added right after the chain''s last', TG_TABLE_NAME
+            USING ERRCODE = 'KL003', SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME;
     END IF;
-    SELECT * INTO head FROM keel.audit_head h WHERE h.singleton;
-    IF (NEW.sequence = head.sequence + 1 AND NEW.prev_hash = head.hash)
-       OR (NEW.sequence > head.sequence + 1
-           AND EXISTS (SELECT 1 FROM keel.audit_log l
-                       WHERE l.sequence = NEW.sequence - 1
-                         AND l.hash = NEW.prev_hash)) THEN
-        RETURN NEW;
-    END IF;
-    RAISE EXCEPTION '% is append-only: a record may only be added right after the chain''s last', TG_TABLE_NAME
-        USING ERRCODE = 'KL003', SCHEMA = TG_TABLE_SCHEMA, TABLE = TG_TABLE_NAME;
+    RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER audit_log_insert_guard
-    BEFORE INSERT ON keel.audit_log
-    FOR EACH ROW EXECUTE FUNCTION keel.guard_audit_log_insert();
+    AFTER INSERT ON keel.audit_log
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION keel.guard_audit_log_insert();
 
 -- Seals pending rows: p_seals holds, in chain order, the chain columns of
 -- each row to seal ({id, sequence, recorded_at, prev_hash, hash,

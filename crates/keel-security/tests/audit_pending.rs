@@ -115,7 +115,6 @@ async fn the_database_guards_pending_and_sealed_rows() {
         "TRUNCATE keel.audit_pending".to_owned(),
         insert_sealed(5, h3),
         insert_sealed(4, &"b".repeat(64)),
-        insert_sealed(3, h3),
     ];
     for sql in refused {
         let err = in_rolled_back_tx(&db, std::slice::from_ref(&sql))
@@ -123,6 +122,31 @@ async fn the_database_guards_pending_and_sealed_rows() {
             .expect_err(&sql);
         assert_eq!(sqlstate(&err).as_deref(), Some("KL003"), "{sql}: {err}");
     }
+    // A position taken already: the unique sequence index refuses it
+    // before the guard looks.
+    let err = in_rolled_back_tx(&db, &[insert_sealed(3, h3)])
+        .await
+        .expect_err("a taken position");
+    assert_eq!(sqlstate(&err).as_deref(), Some("23505"), "{err}");
+    // Behind the head, at a free position (as if records were cut and the
+    // head kept): refused by the guard.
+    let behind = format!(
+        "{}; {}",
+        "ALTER TABLE keel.audit_log DISABLE TRIGGER audit_log_append_only",
+        "DELETE FROM keel.audit_log WHERE sequence = 3"
+    );
+    let err = in_rolled_back_tx(
+        &db,
+        &[
+            "ALTER TABLE keel.audit_log DISABLE TRIGGER audit_log_append_only".to_owned(),
+            "DELETE FROM keel.audit_log WHERE sequence = 3".to_owned(),
+            "ALTER TABLE keel.audit_log ENABLE TRIGGER audit_log_append_only".to_owned(),
+            insert_sealed(3, h3),
+        ],
+    )
+    .await
+    .expect_err(&behind);
+    assert_eq!(sqlstate(&err).as_deref(), Some("KL003"), "{err}");
     let not_pending = format!(
         "SELECT FROM keel.seal_pending_audit_records('[{{\"id\": -1, \"sequence\": 4, \
          \"recorded_at\": \"2026-01-01T00:00:00Z\", \"prev_hash\": \"{h3}\", \
