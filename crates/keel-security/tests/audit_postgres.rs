@@ -733,10 +733,10 @@ async fn in_rolled_back_tx(db: &TestDatabase, statements: &[String]) -> Result<(
 
 // Sealing by hand the way releases before the pending table did (an
 // unsealed row of keel.audit_log updated in place), as anyone allowed to
-// UPDATE the table could try (the triggers on): only an unsealed row's chain columns, once, at the
-// position right after the chain's last record and linked to it; within
-// one transaction several rows in a row, then the head moved once onto the
-// last of them.
+// UPDATE the table could try (the triggers on): only an unsealed row's
+// chain columns, once, at the position right after the chain's last record
+// and linked to it; within one transaction several rows in a row, then the
+// head moved once onto the last of them.
 #[tokio::test]
 async fn the_database_seals_a_row_only_right_after_the_chain() {
     let db = database().await;
