@@ -19,7 +19,10 @@
 //! Run: `cargo bench -p keel-security --bench pipeline` (needs PostgreSQL,
 //! found by keel-testkit). `PIPELINE_BENCH_ROUNDS` and
 //! `PIPELINE_BENCH_COMMANDS` override the defaults (15 rounds; 200 commands
-//! per variant and round on PostgreSQL, 20 times as many in memory).
+//! per variant and round on PostgreSQL, 20 times as many in memory);
+//! `PIPELINE_BENCH_CHAINER=off` seals only at the end, and
+//! `PIPELINE_BENCH_SYNCHRONOUS_COMMIT=off` takes the WAL flush out of every
+//! commit (both to tell where the time goes).
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 #![allow(missing_docs, reason = "a benchmark binary")]
@@ -202,6 +205,10 @@ struct Variant {
     commands: usize,
     /// Mean latency per command, one sample per round.
     samples: Vec<Duration>,
+    /// Every command's own latency, all rounds: its median shrugs off the
+    /// few commands that wait for a slow WAL flush on a loaded machine,
+    /// which drag a round's mean up.
+    latencies: Vec<Duration>,
 }
 
 impl Variant {
@@ -211,6 +218,7 @@ impl Variant {
             service,
             commands,
             samples: Vec::new(),
+            latencies: Vec::new(),
         }
     }
 
@@ -222,7 +230,9 @@ impl Variant {
                 id: format!("i-{next_id}"),
             })
             .with_bearer_token(token.clone());
+            let one = Instant::now();
             self.service.clone().oneshot(envelope).await.unwrap();
+            self.latencies.push(one.elapsed());
         }
         self.samples
             .push(started.elapsed() / u32::try_from(self.commands).unwrap());
@@ -232,6 +242,14 @@ impl Variant {
         let mut sorted = self.samples.clone();
         sorted.sort();
         sorted[sorted.len() / 2]
+    }
+
+    /// The `q` quantile (0..=1) of the single commands' latencies.
+    fn quantile(&self, q: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let at = ((sorted.len() - 1) as f64 * q).round() as usize;
+        sorted[at]
     }
 }
 
@@ -283,6 +301,7 @@ async fn run(rounds: usize, variants: &mut [Variant]) {
     for v in variants.iter_mut() {
         v.round(&token, &mut next_id).await;
         v.samples.clear();
+        v.latencies.clear();
     }
     for round in 0..rounds {
         let n = variants.len();
@@ -293,29 +312,51 @@ async fn run(rounds: usize, variants: &mut [Variant]) {
 }
 
 fn report(title: &str, variants: &[Variant], pairs: &[(usize, usize, &str)]) {
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("\n{title}");
-    println!("| variant | commands/round | median µs/command | min µs | max µs |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| variant | commands/round | median of round means µs | min µs | max µs \
+         | per-command p50 µs | p90 µs |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for v in variants {
         let min = v.samples.iter().min().unwrap();
         let max = v.samples.iter().max().unwrap();
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             v.name,
             v.commands,
-            v.median().as_secs_f64() * 1e6,
-            min.as_secs_f64() * 1e6,
-            max.as_secs_f64() * 1e6,
+            us(v.median()),
+            us(*min),
+            us(*max),
+            us(v.quantile(0.5)),
+            us(v.quantile(0.9)),
         );
     }
     for (a, b, label) in pairs {
         let (a, b) = (&variants[*a], &variants[*b]);
+        // Each round runs both variants close together in time: the ratio
+        // within a round is less exposed to the machine's load swings.
+        let mut per_round: Vec<f64> = a
+            .samples
+            .iter()
+            .zip(&b.samples)
+            .map(|(x, y)| x.as_secs_f64() / y.as_secs_f64())
+            .collect();
+        per_round.sort_by(f64::total_cmp);
         println!(
-            "{label}: {} / {} = {:.2}x (+{:.1} µs/command)",
+            "{label}: {} / {} = {:.2}x (+{:.1} µs/command) on round means; \
+             per-command p50 {:.2}x (+{:.1} µs); per-round ratios min {:.2}x, \
+             median {:.2}x, max {:.2}x",
             a.name,
             b.name,
             a.median().as_secs_f64() / b.median().as_secs_f64(),
-            (a.median().as_secs_f64() - b.median().as_secs_f64()) * 1e6,
+            us(a.median()) - us(b.median()),
+            a.quantile(0.5).as_secs_f64() / b.quantile(0.5).as_secs_f64(),
+            us(a.quantile(0.5)) - us(b.quantile(0.5)),
+            per_round[0],
+            per_round[per_round.len() / 2],
+            per_round[per_round.len() - 1],
         );
     }
 }
@@ -332,9 +373,20 @@ fn main() {
         let test_db = TestDatabase::create(&keel_security::MIGRATIONS)
             .await
             .unwrap();
+        // `PIPELINE_BENCH_SYNCHRONOUS_COMMIT=off` lets commits return before
+        // their WAL flush: what is left is CPU and round trips, without the
+        // flush stalls that dominate (and swing) every figure on a machine
+        // whose disk is shared with other busy processes.
+        let sync =
+            std::env::var("PIPELINE_BENCH_SYNCHRONOUS_COMMIT").unwrap_or_else(|_| "on".to_owned());
+        println!("synchronous_commit: {sync}");
         let db = Database::connect(
             DatabaseConfig::builder()
-                .connect_options(test_db.connect_options())
+                .connect_options(
+                    test_db
+                        .connect_options()
+                        .options([("synchronous_commit", sync.as_str())]),
+                )
                 .min_connections(2)
                 .max_connections(12)
                 .build()

@@ -15,6 +15,7 @@ use super::chain::{ChainHead, ChainWalk};
 use super::keys::{AuditKeys, KeySlot, RecordMac};
 use super::{AuditHead, ChainCheck, Filters};
 
+mod pending;
 mod rows;
 mod seal;
 
@@ -32,7 +33,8 @@ const VERIFY_PAGE: i64 = 500;
 /// each other:
 ///
 /// * **Append.** [`within(tx)`](AuditLog::within)`.append(entry)` inserts
-///   the record's content in the caller's transaction (the command's, in
+///   the record's content, one `jsonb` document in the narrow table
+///   `keel.audit_pending`, in the caller's transaction (the command's, in
 ///   the command pipeline), with no lock on the chain: it commits or rolls
 ///   back with the transaction. The `INSERT` travels with the transaction's
 ///   `COMMIT`, in the same round trip
@@ -42,8 +44,9 @@ const VERIFY_PAGE: i64 = 500;
 ///   in a statement of its own, then seals (below) until its record is in
 ///   the chain, and returns it.
 /// * **Seal.** In a short transaction of its own, holding the one row of
-///   `keel.audit_head`, [`seal`](Self::seal) takes the committed rows not
-///   yet in the chain (oldest row first), gives each the next sequence,
+///   `keel.audit_head`, [`seal`](Self::seal) takes the committed pending
+///   rows (oldest row first), moves them into `keel.audit_log` (the sealed,
+///   indexed table queries read) and gives each the next sequence,
 ///   `recorded_at` (the server's `clock_timestamp()`, never earlier than
 ///   the previous record's), `prev_hash`, `hash` and, in keyed mode, its
 ///   MAC, and moves the head. Rows of transactions still open are
@@ -60,10 +63,11 @@ const VERIFY_PAGE: i64 = 500;
 /// next chainer, query or append on the database: none is lost.
 ///
 /// Appends are idempotent on the entry's command id: each row keeps the
-/// hash of its content (`content_hash`), and a unique index holds each
-/// content once per command id, so an entry identical to a stored one
-/// writes nothing ([`append`](AuditLog::append) returns the stored record),
-/// even when retries race from several processes. An entry whose command
+/// hash of its content (`content_hash`), and sealing, which alone writes
+/// the chain, drops a pending row whose command id and content are stored
+/// already, so an entry identical to a stored one leaves no second record
+/// ([`append`](AuditLog::append) returns the stored one), even when
+/// retries race from several processes. An entry whose command
 /// id is stored only with other content (the command ran again: another
 /// receipt time, perhaps another outcome) is a new attempt and gets a
 /// record of its own, so several records may share a command id.
@@ -72,8 +76,9 @@ const VERIFY_PAGE: i64 = 500;
 /// sealed with the current key's id and an HMAC-SHA256 (`mac_key_id`,
 /// `mac`), and verification checks them ([`AuditKeys`]). The tables come
 /// from Keel's migrations (`keel_security::MIGRATIONS`); the database refuses
-/// `DELETE`, `TRUNCATE` and every `UPDATE` except sealing an unsealed row
-/// once, at the position after the head (SQLSTATE `KL003`).
+/// (SQLSTATE `KL003`) changing or removing a sealed record, adding one
+/// anywhere but right after the chain's last, and changing a pending row
+/// or removing it before it is sealed.
 ///
 /// Failures map onto [`keel_core::Error`] through keel-database's
 /// classification: a lost connection is `Unavailable` (retryable), a pool
@@ -170,9 +175,9 @@ impl PgAuditLog {
         let _sealer = self.shared.sealer.lock().await;
         let mut sealed = 0;
         loop {
-            let n = seal::seal_batch(&self.pool, self.keys.get()).await?;
-            sealed += n as u64;
-            if (n as i64) < seal::SEAL_BATCH {
+            let batch = seal::seal_batch(&self.pool, self.keys.get()).await?;
+            sealed += batch.sealed as u64;
+            if (batch.consumed as i64) < seal::SEAL_BATCH {
                 return Ok(sealed);
             }
         }
@@ -201,18 +206,31 @@ impl PgAuditLog {
         &self.pool
     }
 
-    /// The sealed record of row `id`, if it is sealed.
-    async fn sealed_row(&self, id: i64) -> Result<Option<AuditRecord>> {
-        let row = select_audit_rows!("WHERE id = $1", id)
+    /// The sealed record of the pending row `id`, once it is sealed: the
+    /// row itself, or, when sealing dropped it as a repeat, the earliest
+    /// record of the same attempt (`entry`'s command id and content hash).
+    async fn record_of(
+        &self,
+        id: i64,
+        entry: &AuditEntry,
+        content_hash: &str,
+    ) -> Result<Option<AuditRecord>> {
+        let row = match entry.command_id {
+            Some(command_id) => select_audit_rows!(
+                "WHERE command_id = $1 AND content_hash = $2 AND sequence > 0 \
+                 ORDER BY sequence LIMIT 1",
+                *command_id.as_uuid(),
+                content_hash,
+            )
             .fetch_optional(&self.pool)
             .await
-            .map_err(keel_database::to_keel)?;
-        match row {
-            Some(row) => row.record(),
-            None => Err(keel_core::Error::internal_msg(
-                "an appended audit record vanished",
-            )),
-        }
+            .map_err(keel_database::to_keel)?,
+            None => select_audit_rows!("WHERE id = $1 AND sequence > 0", id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(keel_database::to_keel)?,
+        };
+        row.map(|row| row.sealed_record()).transpose()
     }
 
     async fn stored_head(&self) -> Result<Option<ChainHead>> {
@@ -258,22 +276,19 @@ impl PgAuditLog {
 impl AuditLog for PgAuditLog {
     async fn append(&self, entry: AuditEntry) -> Result<AuditRecord> {
         let entry = super::validate(entry)?;
-        let mut conn = self.pool.acquire().await.map_err(keel_database::to_keel)?;
         let content_hash = super::chain::content_hash(&entry);
-        let id = match rows::insert_unsealed(&mut *conn, &entry, &content_hash).await? {
-            Some(id) => id,
-            None => rows::existing_id(&mut conn, &entry, &content_hash).await?,
-        };
-        drop(conn);
+        let id = pending::insert(&self.pool, &entry, &content_hash).await?;
         // The row is committed: from here on, dropping this future loses
         // nothing (the next chainer, query or append seals it).
         loop {
-            if let Some(record) = self.sealed_row(id).await? {
+            if let Some(record) = self.record_of(id, &entry, &content_hash).await? {
                 return Ok(record);
             }
-            if self.seal().await? == 0 && self.sealed_row(id).await?.is_none() {
-                // Nothing to seal yet our row is unsealed: another process
-                // is sealing it right now; its commit releases the head.
+            if self.seal().await? == 0 && self.record_of(id, &entry, &content_hash).await?.is_none()
+            {
+                // Nothing to seal yet our row is not in the chain: another
+                // process is sealing it right now; its commit releases the
+                // head.
                 tokio::task::yield_now().await;
             }
         }
@@ -398,7 +413,7 @@ impl AuditAppender for PgAppender<'_> {
         let entry = super::validate(entry)?;
         // Built before anything is registered: a value that cannot be
         // written fails the append, not the commit.
-        let insert = rows::insert_unsealed_text(&entry, &super::chain::content_hash(&entry))?;
+        let insert = pending::insert_text(&entry)?;
         let mut tx = self.tx.lock().await;
         let uow = keel_database::UnitOfWork::join(&mut **tx)?;
         // Sent with the COMMIT, in its round trip: the record commits with
@@ -431,12 +446,10 @@ impl AuditHead for PgAuditLog {
     }
 
     async fn pending(&self) -> Result<u64> {
-        let n = sqlx::query_scalar!(
-            r#"SELECT count(*) AS "n!" FROM keel.audit_log WHERE sequence IS NULL"#
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(keel_database::to_keel)?;
+        let n = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM keel.audit_pending"#)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(keel_database::to_keel)?;
         to_u64(n)
     }
 }
@@ -444,7 +457,7 @@ impl AuditHead for PgAuditLog {
 #[cfg(test)]
 mod tests {
     use chrono::{DateTime, Utc};
-    use keel_core::{AuditOutcome, CommandId};
+    use keel_core::{AuditOutcome, AuditQuery, CommandId};
     use keel_testkit::TestDatabase;
 
     use super::*;
@@ -458,8 +471,8 @@ mod tests {
         super::super::validate(e).expect("a valid entry")
     }
 
-    // Unsealed rows written in one transaction, sealed together: each
-    // attempt once, in the order written.
+    // Pending rows written in one transaction, sealed together: each
+    // attempt once (repeats dropped at sealing), in the order written.
     #[tokio::test]
     async fn one_transaction_stores_each_attempt_once() {
         let db = TestDatabase::create(&keel_security::MIGRATIONS)
@@ -477,24 +490,27 @@ mod tests {
         );
         let later = attempt(id, AuditOutcome::Accepted, 1);
         let mut tx = pool.begin().await.expect("begin");
-        let mut written = Vec::new();
         for e in [&accepted, &accepted, &failed, &later, &failed] {
-            written.push(
-                rows::insert_unsealed(&mut *tx, e, &crate::audit::chain::content_hash(e))
-                    .await
-                    .expect("insert")
-                    .is_some(),
-            );
+            pending::insert(&mut *tx, e, &crate::audit::chain::content_hash(e))
+                .await
+                .expect("insert");
         }
-        assert_eq!(written, [true, false, true, true, false]);
         tx.commit().await.expect("commit");
 
         let log = PgAuditLog::new(pool.clone());
-        assert_eq!(log.pending().await.expect("pending"), 3);
-        assert_eq!(log.seal().await.expect("seal"), 3);
+        assert_eq!(log.pending().await.expect("pending"), 5);
+        assert_eq!(log.seal().await.expect("seal"), 3, "repeats dropped");
         assert_eq!(log.pending().await.expect("pending"), 0);
+        let page = log.query(&AuditQuery::new()).await.expect("query");
+        let stored: Vec<&AuditEntry> = page.records.iter().map(|r| &r.entry).collect();
+        assert_eq!(stored, [&accepted, &failed, &later]);
         let again = log.append(failed.clone()).await.expect("retry");
         assert_eq!((again.sequence, &again.entry), (2, &failed));
+        // The retry found its record; its own row is dropped when sealing
+        // comes to it.
+        assert_eq!(log.pending().await.expect("pending"), 1);
+        assert_eq!(log.seal().await.expect("seal"), 0, "the retry dropped");
+        assert_eq!(log.pending().await.expect("pending"), 0);
         let newest = log
             .append(attempt(id, AuditOutcome::Accepted, 2))
             .await
@@ -506,11 +522,12 @@ mod tests {
         );
     }
 
-    // The inline INSERT a command's commit carries stores exactly what the
-    // checked one does, hostile text included: the row reads back as the
-    // entry, with its content hash, and seals into an intact chain.
+    // The inline INSERT a command's commit carries stores exactly the
+    // entry, hostile text included: the sealed row reads back as the
+    // entry, with its content hash, in an intact chain; sent twice (a
+    // retried commit), it is sealed once.
     #[tokio::test]
-    async fn inline_insert_matches_the_checked_one() {
+    async fn inline_insert_stores_the_entry() {
         let db = TestDatabase::create(&keel_security::MIGRATIONS)
             .await
             .expect("test database");
@@ -531,50 +548,47 @@ mod tests {
         entry.details = serde_json::json!({ "note": hostile, "n": [1, 2.5, null], "k'$": true });
         let entry = super::super::validate(entry).expect("valid");
         let plain = attempt(CommandId::new(), AuditOutcome::Accepted, 4);
-        for e in [&entry, &plain] {
-            let hash = crate::audit::chain::content_hash(e);
-            let sql = rows::insert_unsealed_text(e, &hash).expect("text");
+        let mut bare = AuditEntry::new("order.bare", AuditOutcome::Accepted);
+        bare.details = serde_json::Value::Null;
+        let bare = super::super::validate(bare).expect("valid");
+        for e in [&entry, &plain, &bare] {
+            let sql = pending::insert_text(e).expect("text");
             sqlx::Executor::execute(&pool, sql.as_str())
                 .await
                 .expect("insert");
-            // Sent again (a retried commit): the attempt key keeps one row.
-            sqlx::Executor::execute(&pool, sql.as_str())
-                .await
-                .expect("retry");
-        }
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM keel.audit_log ORDER BY id")
-            .fetch_all(&pool)
-            .await
-            .expect("ids");
-        let mut stored = Vec::new();
-        for id in ids {
-            stored.push(
-                select_audit_rows!("WHERE id = $1", id)
-                    .fetch_one(&pool)
+            if e.command_id.is_some() {
+                sqlx::Executor::execute(&pool, sql.as_str())
                     .await
-                    .expect("row"),
-            );
+                    .expect("retry");
+            }
         }
-        assert_eq!(stored.len(), 2);
-        assert_eq!(&stored[0].entry().expect("entry"), &entry);
-        assert_eq!(&stored[1].entry().expect("entry"), &plain);
+        let log = PgAuditLog::new(pool.clone());
+        assert_eq!(log.seal().await.expect("seal"), 3);
+        let rows = select_audit_rows!(
+            "WHERE sequence > $1 ORDER BY sequence LIMIT $2",
+            0_i64,
+            VERIFY_PAGE,
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+        let stored: Vec<AuditEntry> = rows.iter().map(|r| r.entry().expect("entry")).collect();
+        assert_eq!(stored, [entry.clone(), plain.clone(), bare]);
         let hashes: Vec<String> =
-            sqlx::query_scalar("SELECT content_hash FROM keel.audit_log ORDER BY id")
+            sqlx::query_scalar("SELECT content_hash FROM keel.audit_log ORDER BY sequence")
                 .fetch_all(&pool)
                 .await
                 .expect("hashes");
         assert_eq!(
-            hashes,
+            hashes[..2],
             [
                 crate::audit::chain::content_hash(&entry),
                 crate::audit::chain::content_hash(&plain)
             ]
         );
-        let log = PgAuditLog::new(pool.clone());
-        assert_eq!(log.seal().await.expect("seal"), 2);
         assert_eq!(
             log.verify().await.expect("verify"),
-            ChainVerification::Intact { records: 2 }
+            ChainVerification::Intact { records: 3 }
         );
     }
 }

@@ -1,4 +1,5 @@
-//! Rows of `keel.audit_log`: writing an unsealed one, reading sealed ones.
+//! Rows of `keel.audit_log`: reading records (written by sealing, see
+//! `seal.rs`).
 //!
 //! Every statement here and in the rest of this module is checked against
 //! the schema at compile time (sqlx's `query!` macros, offline data in the
@@ -9,9 +10,7 @@ use keel_core::{
     AggregateRef, AuditEntry, AuditOutcome, AuditRecord, CommandId, CorrelationId, Error, Result,
 };
 use sqlx::types::Uuid;
-use sqlx::{Executor, PgConnection, Postgres};
 
-use super::super::chain;
 use super::super::keys::RecordMac;
 
 /// `sqlx::query_as!(AuditRow, …)` reading every column of
@@ -22,7 +21,7 @@ macro_rules! select_audit_rows {
     ($tail:tt $(, $arg:expr)* $(,)?) => {
         sqlx::query_as!(
             $crate::audit::postgres::rows::AuditRow,
-            "SELECT id, sequence, occurred_at, recorded_at, principal, tenant, command_id, \
+            "SELECT sequence, occurred_at, recorded_at, principal, tenant, command_id, \
              command_type, event_types, aggregate_kind, aggregate_id, outcome, outcome_code, \
              outcome_reason, correlation_id, details, prev_hash, hash, mac_key_id, mac \
              FROM keel.audit_log " + $tail
@@ -36,7 +35,6 @@ pub(super) use select_audit_rows;
 /// until the row is sealed).
 #[derive(Debug)]
 pub(super) struct AuditRow {
-    pub(super) id: i64,
     pub(super) sequence: Option<i64>,
     pub(super) occurred_at: DateTime<Utc>,
     pub(super) recorded_at: Option<DateTime<Utc>>,
@@ -129,119 +127,6 @@ pub(super) fn mac_of(key_id: Option<String>, mac: Option<String>) -> Option<Reco
     key_id
         .zip(mac)
         .map(|(key_id, mac)| RecordMac { key_id, mac })
-}
-
-/// Writes `entry` (validated) as an unsealed row through `conn`, in
-/// whatever transaction it runs. Returns the new row's id, or `None` when
-/// a row with the same command id and content exists already (the append
-/// is a retry; nothing is written).
-pub(super) async fn insert_unsealed<'e, E>(
-    conn: E,
-    entry: &AuditEntry,
-    content_hash: &str,
-) -> Result<Option<i64>>
-where
-    E: Executor<'e, Database = Postgres>,
-{
-    let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
-    sqlx::query_scalar!(
-        "INSERT INTO keel.audit_log \
-           (occurred_at, principal, tenant, command_id, command_type, event_types, \
-            aggregate_kind, aggregate_id, outcome, outcome_code, outcome_reason, \
-            correlation_id, details, content_hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-         ON CONFLICT (command_id, content_hash) WHERE content_hash IS NOT NULL DO NOTHING \
-         RETURNING id",
-        entry.occurred_at,
-        entry.principal.as_deref(),
-        entry.tenant.as_deref(),
-        entry.command_id.map(|id| *id.as_uuid()),
-        &entry.command_type,
-        &entry.event_types,
-        entry.aggregate.as_ref().map(|a| a.kind.as_str()),
-        entry.aggregate.as_ref().map(|a| a.id.as_str()),
-        outcome,
-        code,
-        reason,
-        entry.correlation_id.map(|id| *id.as_uuid()),
-        &entry.details,
-        content_hash,
-    )
-    .fetch_optional(conn)
-    .await
-    .map_err(keel_database::to_keel)
-}
-
-/// The same `INSERT` as [`insert_unsealed`], as text with its values in
-/// line, for a unit of work to send in its `COMMIT`'s round trip
-/// ([`keel_database::UnitOfWork::send_with_commit`]): the record then costs
-/// the command no round trip of its own.
-///
-/// Every text value goes through [`keel_database::sql_literal`]
-/// (dollar-quoted with a tag the value does not contain), so no value can
-/// end its constant early; the rest are UUIDs, a timestamp in RFC 3339 and
-/// the content hash, which `Display` spells without quotes. The column
-/// list and conflict target are those of the checked statement above;
-/// `inline_insert_matches_the_checked_one` (tests) stores one entry each
-/// way and compares the rows.
-pub(super) fn insert_unsealed_text(entry: &AuditEntry, content_hash: &str) -> Result<String> {
-    let text = |v: &str| keel_database::sql_literal(v);
-    let opt = |v: Option<&str>| -> Result<String> {
-        v.map_or_else(|| Ok("NULL".to_owned()), keel_database::sql_literal)
-    };
-    let uuid = |v: Option<Uuid>| v.map_or_else(|| "NULL".to_owned(), |v| format!("'{v}'::uuid"));
-    let (outcome, code, reason) = chain::outcome_parts(&entry.outcome);
-    let event_types = entry
-        .event_types
-        .iter()
-        .map(|t| text(t))
-        .collect::<Result<Vec<_>>>()?
-        .join(", ");
-    let details = serde_json::to_string(&entry.details)
-        .map_err(|e| Error::internal_msg(format!("audit details are not JSON: {e}")))?;
-    Ok(format!(
-        "INSERT INTO keel.audit_log \
-           (occurred_at, principal, tenant, command_id, command_type, event_types, \
-            aggregate_kind, aggregate_id, outcome, outcome_code, outcome_reason, \
-            correlation_id, details, content_hash) \
-         VALUES ('{occurred_at}'::timestamptz, {principal}, {tenant}, {command_id}, \
-                 {command_type}, ARRAY[{event_types}]::text[], {aggregate_kind}, \
-                 {aggregate_id}, {outcome}, {code}, {reason}, {correlation_id}, \
-                 {details}::jsonb, {content_hash}) \
-         ON CONFLICT (command_id, content_hash) WHERE content_hash IS NOT NULL DO NOTHING",
-        occurred_at = entry
-            .occurred_at
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        principal = opt(entry.principal.as_deref())?,
-        tenant = opt(entry.tenant.as_deref())?,
-        command_id = uuid(entry.command_id.map(|id| *id.as_uuid())),
-        command_type = text(&entry.command_type)?,
-        aggregate_kind = opt(entry.aggregate.as_ref().map(|a| a.kind.as_str()))?,
-        aggregate_id = opt(entry.aggregate.as_ref().map(|a| a.id.as_str()))?,
-        outcome = text(outcome)?,
-        code = opt(code)?,
-        reason = opt(reason)?,
-        correlation_id = uuid(entry.correlation_id.map(|id| *id.as_uuid())),
-        details = text(&details)?,
-        content_hash = text(content_hash)?,
-    ))
-}
-
-/// The id of the stored row an identical append found.
-pub(super) async fn existing_id(
-    conn: &mut PgConnection,
-    entry: &AuditEntry,
-    content_hash: &str,
-) -> Result<i64> {
-    sqlx::query_scalar!(
-        "SELECT id FROM keel.audit_log WHERE command_id = $1 AND content_hash = $2",
-        entry.command_id.map(|id| *id.as_uuid()),
-        content_hash,
-    )
-    .fetch_optional(conn)
-    .await
-    .map_err(keel_database::to_keel)?
-    .ok_or_else(|| Error::internal_msg("the audit record this append repeats vanished"))
 }
 
 pub(super) fn to_u64(n: i64) -> Result<u64> {

@@ -1,6 +1,7 @@
 //! Sealing committed rows into the chain, and the chainer that does it in
 //! the background.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,29 +13,39 @@ use tokio::task::JoinHandle;
 use super::super::chain;
 use super::super::keys::AuditKeys;
 use super::PgAuditLog;
-use super::rows::{select_audit_rows, to_u64};
+use super::pending;
+use super::rows::to_u64;
 
 /// The most rows one sealing transaction seals.
 pub(super) const SEAL_BATCH: i64 = 500;
 
-/// Seals up to [`SEAL_BATCH`] committed unsealed rows, oldest row first,
-/// in one short transaction holding the head's lock. Returns how many it
-/// sealed.
+/// What one sealing transaction did.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// Rows sealed into the chain.
+    pub(super) sealed: usize,
+    /// Pending rows it took: the sealed ones and the repeats it dropped.
+    pub(super) consumed: usize,
+}
+
+/// Seals up to [`SEAL_BATCH`] committed pending rows, oldest row first,
+/// in one short transaction holding the head's lock.
 ///
 /// Rows of transactions that have not committed are invisible here and
 /// get later sequences once they have: a sequence is given when a row is
-/// sealed, so commit order never opens a gap.
-pub(super) async fn seal_batch(pool: &PgPool, keys: Option<Arc<AuditKeys>>) -> Result<usize> {
-    // Cheap look first (a partial index): an idle chainer or a query with
-    // nothing pending takes no lock.
-    let pending = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM keel.audit_log WHERE sequence IS NULL) AS "pending!""#
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(keel_database::to_keel)?;
+/// sealed, so commit order never opens a gap. A row repeating an attempt
+/// already stored (same command id and content hash: a retried append),
+/// or one earlier in the same batch, is dropped instead of sealed.
+pub(super) async fn seal_batch(pool: &PgPool, keys: Option<Arc<AuditKeys>>) -> Result<Batch> {
+    // Cheap look first: an idle chainer or a query with nothing pending
+    // takes no lock.
+    let pending =
+        sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM keel.audit_pending) AS "pending!""#)
+            .fetch_one(pool)
+            .await
+            .map_err(keel_database::to_keel)?;
     if !pending {
-        return Ok(0);
+        return Ok(Batch::default());
     }
     let mut tx = pool.begin().await.map_err(keel_database::to_keel)?;
     let head = sqlx::query!(
@@ -50,23 +61,37 @@ pub(super) async fn seal_batch(pool: &PgPool, keys: Option<Arc<AuditKeys>>) -> R
         ));
     };
     // Read under the lock: rows another chainer sealed meanwhile are gone
-    // from this list.
-    let rows = select_audit_rows!("WHERE sequence IS NULL ORDER BY id LIMIT $1", SEAL_BATCH)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(keel_database::to_keel)?;
+    // from this table, and the attempts it stored are seen.
+    let rows = sqlx::query!(
+        r#"SELECT p.id, p.entry,
+                  EXISTS (SELECT 1 FROM keel.audit_log l
+                          WHERE l.command_id = (p.entry->>'command_id')::uuid
+                            AND l.content_hash = p.entry->>'content_hash') AS "stored!"
+           FROM keel.audit_pending p ORDER BY p.id LIMIT $1"#,
+        SEAL_BATCH
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(keel_database::to_keel)?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Batch::default());
     }
     let mut sequence = to_u64(head.sequence)?;
     let mut prev_hash = head.hash;
     let recorded_at = head.recorded_at.map_or(head.now, |last| head.now.max(last));
     let time = recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let mut seals = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let entry = row.entry()?;
+    let mut done = Vec::with_capacity(rows.len());
+    let mut attempts = HashSet::new();
+    for row in rows {
+        done.push(row.id);
+        let pending = pending::read(row.id, row.entry)?;
+        let attempt = pending.entry.command_id.zip(pending.content_hash.clone());
+        if row.stored || attempt.is_some_and(|key| !attempts.insert(key)) {
+            continue;
+        }
         sequence += 1;
-        let hash = chain::compute_hash(sequence, &entry, recorded_at, &prev_hash);
+        let hash = chain::compute_hash(sequence, &pending.entry, recorded_at, &prev_hash);
         let mac = keys.as_ref().map(|k| k.current().seal(sequence, &hash));
         seals.push(serde_json::json!({
             "id": row.id,
@@ -82,14 +107,18 @@ pub(super) async fn seal_batch(pool: &PgPool, keys: Option<Arc<AuditKeys>>) -> R
     let sealed = seals.len();
     // A void function called in FROM: the statement returns no column.
     sqlx::query!(
-        "SELECT FROM keel.seal_audit_records($1)",
-        serde_json::Value::Array(seals)
+        "SELECT FROM keel.seal_pending_audit_records($1, $2)",
+        serde_json::Value::Array(seals),
+        &done,
     )
     .execute(&mut *tx)
     .await
     .map_err(keel_database::to_keel)?;
     tx.commit().await.map_err(keel_database::to_keel)?;
-    Ok(sealed)
+    Ok(Batch {
+        sealed,
+        consumed: done.len(),
+    })
 }
 
 /// How often a chainer looks for rows committed by other processes (rows
