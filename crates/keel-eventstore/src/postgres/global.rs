@@ -4,8 +4,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use sqlx::Postgres;
-use sqlx::pool::PoolConnection;
 
 use super::{LogRow, PostgresEventStore, clamp, to_u64};
 use crate::error::Result;
@@ -35,28 +33,6 @@ const ORDERED_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
      SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; \
      SET LOCAL plan_cache_mode = force_custom_plan; \
      SELECT set_config('keel.read_horizon', coalesce(keel.commit_horizon(), 0)::text, true)";
-
-/// The connection a global-read batch runs its transaction on.
-///
-/// The transaction is opened and committed here rather than with sqlx's
-/// `Transaction`: sqlx counts a transaction as open only once the server has
-/// answered its `BEGIN`, so a read cancelled while waiting for that answer
-/// (a stopping subscription or projection, an aborted task, a caller's
-/// timeout) would hand the connection back to the pool inside the
-/// read-only transaction, and the next append on it would fail. A lease
-/// dropped before its `COMMIT` completed closes the connection instead.
-struct ReadLease {
-    conn: PoolConnection<Postgres>,
-    finished: bool,
-}
-
-impl Drop for ReadLease {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.conn.close_on_drop();
-        }
-    }
-}
 
 /// Runs transaction-control text (no result to describe) on a read's
 /// connection.
@@ -96,11 +72,14 @@ impl GlobalLog for PostgresEventStore {
                 // a freshly filled table has no statistics. So each batch runs
                 // in a short read-only transaction that rules sorts and bitmap
                 // scans out, with a plan made for the actual values.
-                let mut lease = ReadLease {
-                    conn: self.pool.acquire().await?,
-                    finished: false,
-                };
-                control(&mut lease.conn, ORDERED_READ).await?;
+                // A read dropped anywhere in here (a stopping subscription, an
+                // aborted task, a caller's timeout) gives the connection back
+                // inside this transaction, possibly with its `BEGIN` still
+                // unanswered. The pool's release check (keel-database's
+                // `close_unclean_connections`) closes such a connection
+                // rather than handing it to the next append.
+                let mut conn = self.pool.acquire().await?;
+                control(&mut conn, ORDERED_READ).await?;
                 let mut rows = sqlx::query_as!(
                     LogRow,
                     r#"SELECT commit, position, event_id, stream_id, version, event_type,
@@ -120,7 +99,7 @@ impl GlobalLog for PostgresEventStore {
                     options.event_types.as_deref(),
                     take,
                 )
-                .fetch(&mut *lease.conn);
+                .fetch(&mut *conn);
                 let mut n = 0i64;
                 while let Some(row) = rows.try_next().await? {
                     n += 1;
@@ -129,9 +108,8 @@ impl GlobalLog for PostgresEventStore {
                     yield e;
                 }
                 drop(rows);
-                control(&mut lease.conn, "COMMIT").await?;
-                lease.finished = true;
-                drop(lease);
+                control(&mut conn, "COMMIT").await?;
+                drop(conn);
                 remaining -= n;
                 if n < take {
                     if settled {

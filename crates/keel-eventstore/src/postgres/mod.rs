@@ -57,7 +57,11 @@ pub const NOTIFY_CHANNEL: &str = "keel_events";
 /// The event store on PostgreSQL (tables in schema `keel`, created by
 /// `keel_eventstore::MIGRATIONS` (applied with `keel_database::migrate`)).
 ///
-/// Cheap to clone: it holds a connection pool.
+/// Cheap to clone: it holds a connection pool. Give it a pool from
+/// `keel_database::Database::pool()`, or one built with
+/// `keel_database::close_unclean_connections`: a global read dropped while
+/// its read transaction is open hands its connection back inside that
+/// transaction, and such a pool closes it instead of reusing it.
 #[derive(Clone, Debug)]
 pub struct PostgresEventStore {
     pool: PgPool,
