@@ -10,35 +10,52 @@ use crate::error::Result;
 use crate::event::ReadAll;
 use crate::store::{EventStream, GlobalLog};
 
-/// Opens the transaction a global-log batch is read in (see `read_all`) and
-/// fixes its read horizon.
+/// Opens the transaction a global-log batch is read in, with the planner
+/// settings every batch needs (see `read_all`).
 ///
 /// Transaction control and settings, not a query: it runs as given (the
 /// checked macros describe single statements with results).
 /// `force_custom_plan` makes the server plan the batch statement for each
 /// execution's values even though the statement is prepared once per
-/// connection.
-///
-/// The horizon is computed here, in a statement of its own, and handed to
-/// the batch statement in the transaction-local setting `keel.read_horizon`.
+/// connection. READ COMMITTED is spelled out because a server whose default
+/// is REPEATABLE READ would take the transaction's one snapshot at its first
+/// statement, before the read horizon was known.
+const ORDERED_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
+     SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; \
+     SET LOCAL plan_cache_mode = force_custom_plan";
+
+/// The rest of a batch's opening text when the batch computes its own read
+/// horizon ([`StoreConfig::horizon_max_age`](crate::StoreConfig) zero): in a
+/// statement of its own, before the batch statement, into the
+/// transaction-local setting `keel.read_horizon` the batch statement reads.
 /// That order is what makes the read gap-safe: the batch statement takes its
 /// snapshot after the horizon was computed, so every transaction that had
 /// ended when `keel.commit_horizon()` looked at the lock table is visible to
-/// it. READ COMMITTED is spelled out because a server whose default is
-/// REPEATABLE READ would take the transaction's one snapshot at the horizon
-/// statement, before the locks were read. An unknown horizon (NULL, a writer
-/// publishing its key at that very moment) reads as 0: nothing new this
-/// time.
-const ORDERED_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
-     SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; \
-     SET LOCAL plan_cache_mode = force_custom_plan; \
-     SELECT set_config('keel.read_horizon', coalesce(keel.commit_horizon(), 0)::text, true)";
+/// it. An unknown horizon (NULL, a writer publishing its key at that very
+/// moment) reads as 0: nothing new this time.
+const OWN_HORIZON: &str =
+    "; SELECT set_config('keel.read_horizon', coalesce(keel.commit_horizon(), 0)::text, true)";
+
+/// The opening text of one batch: [`ORDERED_READ`], then its horizon,
+/// computed in the batch's own transaction (`None`) or a shared one the
+/// server computed before this text is sent (a number, so the same
+/// ordering holds).
+fn opening(shared: Option<Option<i64>>) -> std::borrow::Cow<'static, str> {
+    match shared {
+        None => format!("{ORDERED_READ}{OWN_HORIZON}").into(),
+        Some(horizon) => format!(
+            "{ORDERED_READ}; SET LOCAL keel.read_horizon = {}",
+            horizon.unwrap_or(0)
+        )
+        .into(),
+    }
+}
 
 /// Runs transaction-control text (no result to describe) on a read's
 /// connection.
 /// Text without parameters goes out as one simple query, several
 /// statements included.
-async fn control(conn: &mut sqlx::PgConnection, sql: &'static str) -> Result<()> {
+async fn control(conn: &mut sqlx::PgConnection, sql: &str) -> Result<()> {
     sqlx::Executor::execute(conn, sql).await?;
     Ok(())
 }
@@ -78,8 +95,17 @@ impl GlobalLog for PostgresEventStore {
                 // unanswered. The pool's release check (keel-database's
                 // `close_unclean_connections`) closes such a connection
                 // rather than handing it to the next append.
+                // The horizon first (shared by this store's readers, never
+                // newer than a fresh one), then the connection: the batch
+                // statement's snapshot comes after the horizon either way.
+                let shared = if self.config.horizon_max_age.is_zero() {
+                    self.horizon.count_scan();
+                    None
+                } else {
+                    Some(self.horizon.within(&self.pool, self.config.horizon_max_age).await?)
+                };
                 let mut conn = self.pool.acquire().await?;
-                control(&mut conn, ORDERED_READ).await?;
+                control(&mut conn, &opening(shared)).await?;
                 let mut rows = sqlx::query_as!(
                     LogRow,
                     r#"SELECT commit, position, event_id, stream_id, version, event_type,
@@ -149,9 +175,20 @@ impl PostgresEventStore {
         let deadline = tokio::time::Instant::now() + self.config.settle_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
-            let horizon = sqlx::query_scalar!("SELECT keel.commit_horizon()")
-                .fetch_one(&self.pool)
-                .await?;
+            // Computed after the target was found (and after the last try):
+            // a shared one only if its query was sent since then. Readers
+            // settling together share one computation; the value also
+            // serves their next batch.
+            let horizon = if self.config.horizon_max_age.is_zero() {
+                self.horizon.count_scan();
+                sqlx::query_scalar!("SELECT keel.commit_horizon()")
+                    .fetch_one(&self.pool)
+                    .await?
+            } else {
+                self.horizon
+                    .at_least_since(&self.pool, std::time::Instant::now())
+                    .await?
+            };
             // The horizon may have passed the target since the last read.
             if horizon.is_some_and(|h| h > target) {
                 return Ok(true);
