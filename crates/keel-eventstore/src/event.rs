@@ -644,9 +644,10 @@ pub struct StoreConfig {
     /// How old a read horizon the PostgreSQL store's global reads may reuse
     /// (default 5 ms). The store's readers (global reads, subscriptions,
     /// projections, relays on one `PostgresEventStore` and its clones)
-    /// share one horizon value; a batch computes it afresh only when the
-    /// shared one is older than this, one reader at a time, so N readers
-    /// polling together pay one lock-table scan per round, not N. A reused
+    /// share one horizon value, computed one reader at a time while the
+    /// others wait for it. A read's first batch takes one computed since
+    /// the read began (so readers woken together share it); its later
+    /// batches reuse one up to this age. A reused
     /// horizon is never newer than a fresh one: it can delay an event by up
     /// to this age, never skip it (see `docs/event-store.md`, "The read
     /// horizon"). Zero computes it in every batch's own transaction, as

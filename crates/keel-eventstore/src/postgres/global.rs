@@ -79,6 +79,12 @@ impl GlobalLog for PostgresEventStore {
             let mut after = (clamp(options.after.commit), clamp(options.after.sequence));
             let mut remaining = options.limit.map_or(i64::MAX, clamp);
             let mut settled = false;
+            // The first batch wants a horizon computed since this read began
+            // (a reader woken by an append's notification must not start
+            // from one computed before that append); readers woken together
+            // still share it. Later batches of the same read may reuse one
+            // up to `horizon_max_age` old.
+            let mut fresh_since = Some(std::time::Instant::now());
             while remaining > 0 {
                 let take = remaining.min(batch);
                 // Each batch must be an ordered index scan that stops at the
@@ -101,6 +107,8 @@ impl GlobalLog for PostgresEventStore {
                 let shared = if self.config.horizon_max_age.is_zero() {
                     self.horizon.count_scan();
                     None
+                } else if let Some(since) = fresh_since.take() {
+                    Some(self.horizon.at_least_since(&self.pool, since).await?)
                 } else {
                     Some(self.horizon.within(&self.pool, self.config.horizon_max_age).await?)
                 };
