@@ -95,12 +95,14 @@ impl GlobalLog for PostgresEventStore {
                 // a freshly filled table has no statistics. So each batch runs
                 // in a short read-only transaction that rules sorts and bitmap
                 // scans out, with a plan made for the actual values.
+                //
                 // A read dropped anywhere in here (a stopping subscription, an
                 // aborted task, a caller's timeout) gives the connection back
                 // inside this transaction, possibly with its `BEGIN` still
                 // unanswered. The pool's release check (keel-database's
                 // `close_unclean_connections`) closes such a connection
                 // rather than handing it to the next append.
+                //
                 // The horizon first (shared by this store's readers, never
                 // newer than a fresh one), then the connection: the batch
                 // statement's snapshot comes after the horizon either way.
