@@ -4,6 +4,11 @@
 //! Run with `cargo bench -p keel-database --bench database` (needs the
 //! PostgreSQL the test kit finds). `KEEL_BENCH_SCALE` (default 1.0) shrinks
 //! or grows every workload. Results are printed as a Markdown table.
+//!
+//! The last part prices the pool's release check (a connection given back
+//! inside a transaction is closed): the same autocommit statements on a
+//! plain sqlx pool and on a pool with the check, one caller and then many,
+//! interleaved round by round.
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 #![allow(missing_docs, reason = "a benchmark binary")]
@@ -289,5 +294,91 @@ async fn run() {
         (tasks * per_task) as f64 / elapsed.as_secs_f64(),
         waited.as_secs_f64() * 1e6 / acquires.max(1) as f64,
         after.acquire_wait_max.as_secs_f64() * 1e6,
+    );
+    release_check_cost(&test_db).await;
+}
+
+/// Autocommit statements on a plain sqlx pool against the same on a pool
+/// with the release check, both with 8 connections.
+async fn release_check_cost(test_db: &TestDatabase) {
+    let plain = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .min_connections(8)
+        .connect_with(test_db.connect_options())
+        .await
+        .expect("plain pool");
+    let checked = keel_database::close_unclean_connections(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .min_connections(8),
+    )
+    .connect_with(test_db.connect_options())
+    .await
+    .expect("checked pool");
+    let n = iterations(2_000);
+    let mut reports = Vec::new();
+    reports.extend(
+        compare(
+            "plain sqlx pool: autocommit SELECT, one caller",
+            |_| {
+                let pool = plain.clone();
+                async move {
+                    sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+                }
+            },
+            "pool with the release check: the same",
+            |_| {
+                let pool = checked.clone();
+                async move {
+                    sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+                }
+            },
+            n,
+        )
+        .await,
+    );
+    println!();
+    println!("| operation | iterations | mean µs | p50 µs | p99 µs |");
+    println!("|---|---|---|---|---|");
+    for mut r in reports {
+        println!("{}", r.row());
+    }
+
+    // Many callers on 8 connections: the check keeps each connection away
+    // from the pool for one more round trip.
+    let tasks = 32;
+    let per_task = iterations(200);
+    let throughput = |pool: sqlx::PgPool| async move {
+        let started = Instant::now();
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_task {
+                        sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.unwrap();
+        }
+        (tasks * per_task) as f64 / started.elapsed().as_secs_f64()
+    };
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for round in 0..6 {
+        if round % 2 == 0 {
+            a.push(throughput(plain.clone()).await);
+            b.push(throughput(checked.clone()).await);
+        } else {
+            b.push(throughput(checked.clone()).await);
+            a.push(throughput(plain.clone()).await);
+        }
+    }
+    let ratios: Vec<f64> = b.iter().zip(&a).map(|(b, a)| b / a).collect();
+    println!();
+    println!(
+        "{tasks} callers x {per_task} autocommit SELECTs on 8 connections, 6 rounds alternating: \
+         plain {a:.0?} statements/s, with the release check {b:.0?}; checked/plain per round {ratios:.2?}"
     );
 }

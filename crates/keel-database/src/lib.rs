@@ -13,7 +13,10 @@
 //!   through rustls.
 //! * [`Database`]: the pool. [`Database::connect`] fails fast on a wrong
 //!   host, password or database; broken connections are replaced by
-//!   themselves after a server restart.
+//!   themselves after a server restart; a connection given back inside a
+//!   transaction (a `BEGIN` cancelled in flight) is closed, never reused
+//!   ([`close_unclean_connections`] adds the same check to a pool you
+//!   build yourself).
 //! * [`UnitOfWork`]: a transaction with savepoints, rollback on drop and
 //!   after-commit hooks; [`Database::transaction`] runs a closure in one and
 //!   retries serialization failures and deadlocks with jittered backoff.
@@ -88,6 +91,7 @@ mod error;
 mod health;
 pub mod migrate;
 mod pool;
+mod release;
 mod retry;
 mod uow;
 
@@ -103,5 +107,6 @@ pub use health::{
 };
 pub use migrate::{MIGRATIONS, MigrateError, MigrationId, Migrations, migrate, migrate_connection};
 pub use pool::{DEFAULT_POOL_METRICS_INTERVAL, Database, PoolStats, TransactionFuture};
+pub use release::close_unclean_connections;
 pub use retry::{RetryPolicy, TransactionError};
 pub use uow::{IsolationLevel, TransactionOptions, UnitOfWork, sql_literal};

@@ -58,6 +58,7 @@ struct Inner {
     metrics: RwLock<KeelMetrics>,
     pool_name: String,
     metrics_interval_ms: AtomicU64,
+    closed_on_release: Arc<AtomicU64>,
 }
 
 /// How many broken pooled connections one `begin` skips before it reports
@@ -130,6 +131,11 @@ pub struct PoolStats {
     pub acquire_wait_total: Duration,
     /// The longest single wait so far.
     pub acquire_wait_max: Duration,
+    /// Connections closed as they came back to the pool because they were
+    /// still inside a transaction, in a failed one, or could not answer
+    /// (see [`close_unclean_connections`](crate::close_unclean_connections)).
+    /// Counts every connection of the pool, however it was taken.
+    pub closed_on_release: u64,
 }
 
 impl PoolStats {
@@ -178,7 +184,12 @@ impl Database {
     /// retryable errors. Must be called inside a Tokio runtime.
     #[must_use]
     pub fn connect_lazy(config: DatabaseConfig) -> Self {
-        let pool = PgPoolOptions::new()
+        let closed_on_release = Arc::new(AtomicU64::new(0));
+        // A connection given back inside a transaction (a `BEGIN` cancelled
+        // in flight, plain-text `BEGIN` whose owner was dropped) is closed,
+        // never handed to the next user.
+        let options = crate::release::with_counter(PgPoolOptions::new(), closed_on_release.clone());
+        let pool = options
             .max_connections(config.max_connections())
             .min_connections(config.min_connections())
             .acquire_timeout(config.acquire_timeout())
@@ -208,6 +219,7 @@ impl Database {
             metrics: RwLock::new(KeelMetrics::global()),
             pool_name,
             metrics_interval_ms: AtomicU64::new(millis(DEFAULT_POOL_METRICS_INTERVAL)),
+            closed_on_release,
         });
         tokio::spawn(sample_pool(Arc::downgrade(&inner)));
         Self { inner }
@@ -316,6 +328,7 @@ impl Database {
             acquire_wait_max: Duration::from_nanos(
                 self.inner.acquire_wait_max_nanos.load(Ordering::Relaxed),
             ),
+            closed_on_release: self.inner.closed_on_release.load(Ordering::Relaxed),
         }
     }
 

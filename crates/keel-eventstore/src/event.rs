@@ -619,6 +619,9 @@ impl ReadAll {
     }
 }
 
+/// The default of [`StoreConfig::horizon_max_age`].
+pub const DEFAULT_HORIZON_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Settings shared by both stores.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -638,6 +641,18 @@ pub struct StoreConfig {
     /// the read are not held back (default 5 s). See `docs/event-store.md`
     /// ("The read horizon").
     pub settle_timeout: std::time::Duration,
+    /// How old a read horizon the PostgreSQL store's global reads may reuse
+    /// (default 5 ms). The store's readers (global reads, subscriptions,
+    /// projections, relays on one `PostgresEventStore` and its clones)
+    /// share one horizon value, computed one reader at a time while the
+    /// others wait for it. A read's first batch takes one computed since
+    /// the read began (so readers woken together share it); its later
+    /// batches reuse one up to this age. A reused
+    /// horizon is never newer than a fresh one: it can delay an event by up
+    /// to this age, never skip it (see `docs/event-store.md`, "The read
+    /// horizon"). Zero computes it in every batch's own transaction, as
+    /// before the cache existed. The in-memory store ignores it.
+    pub horizon_max_age: std::time::Duration,
 }
 
 impl Default for StoreConfig {
@@ -647,6 +662,7 @@ impl Default for StoreConfig {
             read_batch_size: 5_000,
             notify_on_append: true,
             settle_timeout: std::time::Duration::from_secs(5),
+            horizon_max_age: DEFAULT_HORIZON_MAX_AGE,
         }
     }
 }
@@ -670,6 +686,14 @@ impl StoreConfig {
     #[must_use]
     pub fn settle_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.settle_timeout = timeout;
+        self
+    }
+
+    /// Sets how old a shared read horizon a global-read batch may reuse
+    /// (`Duration::ZERO`: compute it in every batch).
+    #[must_use]
+    pub fn horizon_max_age(mut self, age: std::time::Duration) -> Self {
+        self.horizon_max_age = age;
         self
     }
 

@@ -150,8 +150,9 @@ pub use archive::{
 };
 pub use error::{EventStoreError, Result};
 pub use event::{
-    AppendResult, DEFAULT_MAX_PAYLOAD_BYTES, MAX_EVENT_TYPE_LEN, MAX_METADATA_BYTES, NewEvent,
-    ReadAll, ReadDirection, ReadStream, RecordedEvent, StoreConfig, StoredMetadata, StreamAppend,
+    AppendResult, DEFAULT_HORIZON_MAX_AGE, DEFAULT_MAX_PAYLOAD_BYTES, MAX_EVENT_TYPE_LEN,
+    MAX_METADATA_BYTES, NewEvent, ReadAll, ReadDirection, ReadStream, RecordedEvent, StoreConfig,
+    StoredMetadata, StreamAppend,
 };
 pub use memory::InMemoryEventStore;
 #[cfg(feature = "postgres")]

@@ -275,6 +275,7 @@ enum Shape {
 async fn tailing_reader_sees_every_committed_event_exactly_once() {
     const WRITERS: usize = 12;
     const TXS_PER_WRITER: usize = 25;
+    const READERS: usize = 4;
     let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
         .await
         .unwrap();
@@ -309,38 +310,43 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
     let rolled_back = Arc::new(Mutex::new(HashSet::<EventId>::new()));
     let running = Arc::new(std::sync::atomic::AtomicUsize::new(WRITERS));
 
-    let reader = {
-        let store = store.clone();
-        let running = running.clone();
-        let committed = committed.clone();
-        tokio::spawn(async move {
-            let mut seen: Vec<(Position, EventId, String, u64)> = Vec::new();
-            let mut checkpoint = Position::START;
-            loop {
-                let finished = running.load(std::sync::atomic::Ordering::SeqCst) == 0;
-                let batch: Vec<_> = store
-                    .read_all(ReadAll::after(checkpoint))
-                    .try_collect()
-                    .await
-                    .unwrap();
-                for e in batch {
-                    seen.push((
-                        e.position,
-                        e.event_id,
-                        e.stream_id.to_string(),
-                        e.version.get(),
-                    ));
-                    checkpoint = e.position;
+    // Several tailing readers on clones of one store: they share its read
+    // horizon (a value one of them computed up to `horizon_max_age` ago),
+    // and each must still see every committed event once, in one order.
+    let readers: Vec<_> = (0..READERS)
+        .map(|_| {
+            let store = store.clone();
+            let running = running.clone();
+            let committed = committed.clone();
+            tokio::spawn(async move {
+                let mut seen: Vec<(Position, EventId, String, u64)> = Vec::new();
+                let mut checkpoint = Position::START;
+                loop {
+                    let finished = running.load(std::sync::atomic::Ordering::SeqCst) == 0;
+                    let batch: Vec<_> = store
+                        .read_all(ReadAll::after(checkpoint))
+                        .try_collect()
+                        .await
+                        .unwrap();
+                    for e in batch {
+                        seen.push((
+                            e.position,
+                            e.event_id,
+                            e.stream_id.to_string(),
+                            e.version.get(),
+                        ));
+                        checkpoint = e.position;
+                    }
+                    // Done once every committed event is in (or, should one
+                    // never come, the test's timeout says so).
+                    if finished && seen.len() >= committed.lock().unwrap().len() {
+                        return seen;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                // Done once every committed event is in (or, should one
-                // never come, the test's timeout says so).
-                if finished && seen.len() >= committed.lock().unwrap().len() {
-                    return seen;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            })
         })
-    };
+        .collect();
 
     let mut writers = Vec::new();
     for w in 0..WRITERS {
@@ -448,10 +454,19 @@ async fn tailing_reader_sees_every_committed_event_exactly_once() {
     for w in writers {
         w.await.unwrap();
     }
-    let seen = tokio::time::timeout(Duration::from_secs(60), reader)
-        .await
-        .expect("the reader caught up while the foreign transactions were open")
-        .unwrap();
+    let mut seens = Vec::new();
+    for reader in readers {
+        seens.push(
+            tokio::time::timeout(Duration::from_secs(60), reader)
+                .await
+                .expect("the reader caught up while the foreign transactions were open")
+                .unwrap(),
+        );
+    }
+    for other in &seens[1..] {
+        assert_eq!(other, &seens[0], "every reader saw the same log");
+    }
+    let seen = seens.swap_remove(0);
     // They were open all along.
     for f in &mut foreign {
         assert!(
@@ -1285,4 +1300,81 @@ async fn a_half_published_key_makes_the_horizon_unknown_not_wrong() {
         .unwrap();
     assert_eq!(log.len(), 1);
     others.rollback().await.unwrap();
+}
+
+/// Readers of one store share its read horizon. Eight reads at once, each
+/// of ten one-row batches, on a store that may reuse a horizon for an hour:
+/// a read's first batch takes a horizon computed since that read began (at
+/// most one computation per read, fewer when reads start together), its
+/// other batches reuse the shared one. With sharing off, every batch
+/// computes its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_of_one_store_share_one_horizon_scan() {
+    const READS: u64 = 8;
+    let db = TestDatabase::create(&keel_eventstore::MIGRATIONS)
+        .await
+        .unwrap();
+    PostgresEventStore::new(db.pool().clone())
+        .append(
+            &sid("Shared-1"),
+            ExpectedVersion::Any,
+            (0..10).map(ev).collect(),
+        )
+        .await
+        .unwrap();
+    for max_age in [Duration::from_secs(3600), Duration::ZERO] {
+        let store =
+            PostgresEventStore::with_config(db.pool().clone(), patient().horizon_max_age(max_age));
+        let reads: Vec<_> = (0..READS)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .read_all(ReadAll::from_start().page_size(1))
+                        .try_collect::<Vec<_>>()
+                        .await
+                        .unwrap()
+                        .len()
+                })
+            })
+            .collect();
+        for read in reads {
+            assert_eq!(read.await.unwrap(), 10, "max_age {max_age:?}");
+        }
+        // Ten full batches and an empty one per read; every read ended at
+        // the end of the log, so none waited for the horizon to settle.
+        let scans = store.horizon_scans();
+        if max_age.is_zero() {
+            assert_eq!(scans, READS * 11);
+        } else {
+            assert!((1..=READS).contains(&scans), "{scans} scans");
+        }
+    }
+}
+
+/// A horizon reused from before an append never hides that append from the
+/// appender's next read: the read finds committed events above the shared
+/// horizon at its end and computes a fresh one (the read-your-writes wait).
+#[tokio::test]
+async fn a_reused_horizon_delays_nothing_a_reader_wrote() {
+    let (_, db) = store().await;
+    let store = PostgresEventStore::with_config(
+        db.pool().clone(),
+        patient().horizon_max_age(Duration::from_secs(3600)),
+    );
+    let mut checkpoint = Position::START;
+    for round in 0..20u64 {
+        store
+            .append(&sid("Mine-1"), ExpectedVersion::Any, vec![ev(round)])
+            .await
+            .unwrap();
+        let read: Vec<_> = store
+            .read_all(ReadAll::after(checkpoint))
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 1, "round {round}");
+        assert_eq!(read[0].payload_value().unwrap()["n"], round);
+        checkpoint = read[0].position;
+    }
 }

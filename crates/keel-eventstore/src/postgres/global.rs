@@ -4,57 +4,50 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use sqlx::Postgres;
-use sqlx::pool::PoolConnection;
 
 use super::{LogRow, PostgresEventStore, clamp, to_u64};
 use crate::error::Result;
 use crate::event::ReadAll;
 use crate::store::{EventStream, GlobalLog};
 
-/// Opens the transaction a global-log batch is read in (see `read_all`) and
-/// fixes its read horizon.
+/// Opens the transaction a global-log batch is read in, with the planner
+/// settings every batch needs (see `read_all`).
 ///
 /// Transaction control and settings, not a query: it runs as given (the
 /// checked macros describe single statements with results).
 /// `force_custom_plan` makes the server plan the batch statement for each
 /// execution's values even though the statement is prepared once per
-/// connection.
-///
-/// The horizon is computed here, in a statement of its own, and handed to
-/// the batch statement in the transaction-local setting `keel.read_horizon`.
+/// connection. READ COMMITTED is spelled out because a server whose default
+/// is REPEATABLE READ would take the transaction's one snapshot at its first
+/// statement, before the read horizon was known.
+const ORDERED_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
+     SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; \
+     SET LOCAL plan_cache_mode = force_custom_plan";
+
+/// The rest of a batch's opening text when the batch computes its own read
+/// horizon ([`StoreConfig::horizon_max_age`](crate::StoreConfig) zero): in a
+/// statement of its own, before the batch statement, into the
+/// transaction-local setting `keel.read_horizon` the batch statement reads.
 /// That order is what makes the read gap-safe: the batch statement takes its
 /// snapshot after the horizon was computed, so every transaction that had
 /// ended when `keel.commit_horizon()` looked at the lock table is visible to
-/// it. READ COMMITTED is spelled out because a server whose default is
-/// REPEATABLE READ would take the transaction's one snapshot at the horizon
-/// statement, before the locks were read. An unknown horizon (NULL, a writer
-/// publishing its key at that very moment) reads as 0: nothing new this
-/// time.
-const ORDERED_READ: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
-     SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; \
-     SET LOCAL plan_cache_mode = force_custom_plan; \
-     SELECT set_config('keel.read_horizon', coalesce(keel.commit_horizon(), 0)::text, true)";
+/// it. An unknown horizon (NULL, a writer publishing its key at that very
+/// moment) reads as 0: nothing new this time.
+const OWN_HORIZON: &str =
+    "; SELECT set_config('keel.read_horizon', coalesce(keel.commit_horizon(), 0)::text, true)";
 
-/// The connection a global-read batch runs its transaction on.
-///
-/// The transaction is opened and committed here rather than with sqlx's
-/// `Transaction`: sqlx counts a transaction as open only once the server has
-/// answered its `BEGIN`, so a read cancelled while waiting for that answer
-/// (a stopping subscription or projection, an aborted task, a caller's
-/// timeout) would hand the connection back to the pool inside the
-/// read-only transaction, and the next append on it would fail. A lease
-/// dropped before its `COMMIT` completed closes the connection instead.
-struct ReadLease {
-    conn: PoolConnection<Postgres>,
-    finished: bool,
-}
-
-impl Drop for ReadLease {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.conn.close_on_drop();
-        }
+/// The opening text of one batch: [`ORDERED_READ`], then its horizon,
+/// computed in the batch's own transaction (`None`) or a shared one the
+/// server computed before this text is sent (a number, so the same
+/// ordering holds).
+fn opening(shared: Option<Option<i64>>) -> std::borrow::Cow<'static, str> {
+    match shared {
+        None => format!("{ORDERED_READ}{OWN_HORIZON}").into(),
+        Some(horizon) => format!(
+            "{ORDERED_READ}; SET LOCAL keel.read_horizon = {}",
+            horizon.unwrap_or(0)
+        )
+        .into(),
     }
 }
 
@@ -62,7 +55,7 @@ impl Drop for ReadLease {
 /// connection.
 /// Text without parameters goes out as one simple query, several
 /// statements included.
-async fn control(conn: &mut sqlx::PgConnection, sql: &'static str) -> Result<()> {
+async fn control(conn: &mut sqlx::PgConnection, sql: &str) -> Result<()> {
     sqlx::Executor::execute(conn, sql).await?;
     Ok(())
 }
@@ -86,6 +79,12 @@ impl GlobalLog for PostgresEventStore {
             let mut after = (clamp(options.after.commit), clamp(options.after.sequence));
             let mut remaining = options.limit.map_or(i64::MAX, clamp);
             let mut settled = false;
+            // The first batch wants a horizon computed since this read began
+            // (a reader woken by an append's notification must not start
+            // from one computed before that append); readers woken together
+            // still share it. Later batches of the same read may reuse one
+            // up to `horizon_max_age` old.
+            let mut fresh_since = Some(std::time::Instant::now());
             while remaining > 0 {
                 let take = remaining.min(batch);
                 // Each batch must be an ordered index scan that stops at the
@@ -96,11 +95,27 @@ impl GlobalLog for PostgresEventStore {
                 // a freshly filled table has no statistics. So each batch runs
                 // in a short read-only transaction that rules sorts and bitmap
                 // scans out, with a plan made for the actual values.
-                let mut lease = ReadLease {
-                    conn: self.pool.acquire().await?,
-                    finished: false,
+                //
+                // A read dropped anywhere in here (a stopping subscription, an
+                // aborted task, a caller's timeout) gives the connection back
+                // inside this transaction, possibly with its `BEGIN` still
+                // unanswered. The pool's release check (keel-database's
+                // `close_unclean_connections`) closes such a connection
+                // rather than handing it to the next append.
+                //
+                // The horizon first (shared by this store's readers, never
+                // newer than a fresh one), then the connection: the batch
+                // statement's snapshot comes after the horizon either way.
+                let shared = if self.config.horizon_max_age.is_zero() {
+                    self.horizon.count_scan();
+                    None
+                } else if let Some(since) = fresh_since.take() {
+                    Some(self.horizon.at_least_since(&self.pool, since).await?)
+                } else {
+                    Some(self.horizon.within(&self.pool, self.config.horizon_max_age).await?)
                 };
-                control(&mut lease.conn, ORDERED_READ).await?;
+                let mut conn = self.pool.acquire().await?;
+                control(&mut conn, &opening(shared)).await?;
                 let mut rows = sqlx::query_as!(
                     LogRow,
                     r#"SELECT commit, position, event_id, stream_id, version, event_type,
@@ -120,7 +135,7 @@ impl GlobalLog for PostgresEventStore {
                     options.event_types.as_deref(),
                     take,
                 )
-                .fetch(&mut *lease.conn);
+                .fetch(&mut *conn);
                 let mut n = 0i64;
                 while let Some(row) = rows.try_next().await? {
                     n += 1;
@@ -129,9 +144,8 @@ impl GlobalLog for PostgresEventStore {
                     yield e;
                 }
                 drop(rows);
-                control(&mut lease.conn, "COMMIT").await?;
-                lease.finished = true;
-                drop(lease);
+                control(&mut conn, "COMMIT").await?;
+                drop(conn);
                 remaining -= n;
                 if n < take {
                     if settled {
@@ -171,9 +185,20 @@ impl PostgresEventStore {
         let deadline = tokio::time::Instant::now() + self.config.settle_timeout;
         let mut pause = Duration::from_millis(1);
         loop {
-            let horizon = sqlx::query_scalar!("SELECT keel.commit_horizon()")
-                .fetch_one(&self.pool)
-                .await?;
+            // Computed after the target was found (and after the last try):
+            // a shared one only if its query was sent since then. Readers
+            // settling together share one computation; the value also
+            // serves their next batch.
+            let horizon = if self.config.horizon_max_age.is_zero() {
+                self.horizon.count_scan();
+                sqlx::query_scalar!("SELECT keel.commit_horizon()")
+                    .fetch_one(&self.pool)
+                    .await?
+            } else {
+                self.horizon
+                    .at_least_since(&self.pool, std::time::Instant::now())
+                    .await?
+            };
             // The horizon may have passed the target since the last read.
             if horizon.is_some_and(|h| h > target) {
                 return Ok(true);

@@ -3,7 +3,8 @@
 //! One file per seam: [`append`] (the `keel.append_events` procedure and
 //! appends in a caller's transaction), [`fast`] (the one-statement fast
 //! path), [`read`] (stream reads), [`global`] (the
-//! gap-safe global log), [`snapshots`] and [`subscriptions`] (checkpoints,
+//! gap-safe global log), [`horizon`] (the read horizon its readers share),
+//! [`snapshots`] and [`subscriptions`] (checkpoints,
 //! leadership, the wake-up notifier).
 //!
 //! # Checked SQL
@@ -40,6 +41,7 @@ use crate::telemetry::StoreMetrics;
 mod append;
 mod fast;
 mod global;
+mod horizon;
 mod projection;
 mod read;
 #[cfg(test)]
@@ -57,12 +59,17 @@ pub const NOTIFY_CHANNEL: &str = "keel_events";
 /// The event store on PostgreSQL (tables in schema `keel`, created by
 /// `keel_eventstore::MIGRATIONS` (applied with `keel_database::migrate`)).
 ///
-/// Cheap to clone: it holds a connection pool.
+/// Cheap to clone: it holds a connection pool. Give it a pool from
+/// `keel_database::Database::pool()`, or one built with
+/// `keel_database::close_unclean_connections`: a global read dropped while
+/// its read transaction is open hands its connection back inside that
+/// transaction, and such a pool closes it instead of reusing it.
 #[derive(Clone, Debug)]
 pub struct PostgresEventStore {
     pool: PgPool,
     config: StoreConfig,
     notifier: Arc<Notifier>,
+    horizon: Arc<horizon::HorizonCache>,
     pub(crate) metrics: StoreMetrics,
 }
 
@@ -80,6 +87,7 @@ impl PostgresEventStore {
             pool,
             config,
             notifier: Arc::default(),
+            horizon: Arc::default(),
             metrics: StoreMetrics::default(),
         }
     }
@@ -94,6 +102,17 @@ impl PostgresEventStore {
     #[must_use]
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// How many times this store (with its clones) had the server compute
+    /// the global log's read horizon for its reads, a scan of the lock
+    /// table each. With the shared horizon on
+    /// ([`StoreConfig::horizon_max_age`]) readers polling together share
+    /// one; for metrics and benchmarks. [`read_horizon`](Self::read_horizon)
+    /// calls are not counted.
+    #[must_use]
+    pub fn horizon_scans(&self) -> u64 {
+        self.horizon.scans()
     }
 }
 

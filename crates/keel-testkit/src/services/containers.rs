@@ -62,9 +62,11 @@ fn docker_reachable() -> Result<(), String> {
 }
 
 fn request(service: Service) -> (ContainerRequest<GenericImage>, u16) {
+    let (name, tag) = service.container_image();
+    let image = GenericImage::new(name, tag);
     match service {
         Service::Postgres => (
-            GenericImage::new("postgres", "15-alpine")
+            image
                 .with_exposed_port(5432.tcp())
                 .with_wait_for(WaitFor::message_on_stderr(
                     "database system is ready to accept connections",
@@ -84,31 +86,28 @@ fn request(service: Service) -> (ContainerRequest<GenericImage>, u16) {
             5432,
         ),
         Service::Redis => (
-            GenericImage::new("redis", "7-alpine")
+            image
                 .with_exposed_port(6379.tcp())
                 .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
                 .with_cmd(["redis-server", "--save", "", "--appendonly", "no"]),
             6379,
         ),
         Service::PubSubEmulator => (
-            GenericImage::new(
-                "gcr.io/google.com/cloudsdktool/google-cloud-cli",
-                "emulators",
-            )
-            .with_exposed_port(8085.tcp())
-            .with_wait_for(WaitFor::message_on_either_std("Server started"))
-            .with_cmd([
-                "gcloud",
-                "beta",
-                "emulators",
-                "pubsub",
-                "start",
-                "--host-port=0.0.0.0:8085",
-            ]),
+            image
+                .with_exposed_port(8085.tcp())
+                .with_wait_for(WaitFor::message_on_either_std("Server started"))
+                .with_cmd([
+                    "gcloud",
+                    "beta",
+                    "emulators",
+                    "pubsub",
+                    "start",
+                    "--host-port=0.0.0.0:8085",
+                ]),
             8085,
         ),
         Service::Meilisearch => (
-            GenericImage::new("getmeili/meilisearch", "v1.30.1")
+            image
                 .with_exposed_port(7700.tcp())
                 .with_wait_for(WaitFor::message_on_either_std("Server listening"))
                 .with_env_var("MEILI_MASTER_KEY", super::MEILISEARCH_TEST_KEY)

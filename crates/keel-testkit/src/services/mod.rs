@@ -125,6 +125,29 @@ impl Service {
         }
     }
 
+    /// The container image (name, tag) the kit starts for this service
+    /// when it uses testcontainers (feature `testcontainers`).
+    ///
+    /// Every tag names one exact release, so a run a year from now pulls
+    /// the same server as today: PostgreSQL 15.20 and Redis 7.0.15 (the
+    /// versions the suite runs against on Keel's CI machines), the Cloud
+    /// SDK's emulator image of release 573.0.0, Meilisearch v1.30.1 (the
+    /// release keel-search's contract suite passed on). Google deletes
+    /// Cloud SDK images a year after their release: bump that tag at least
+    /// once a year. `docker-compose.yml` and `docs/testing.md` name the
+    /// same images; a test (`tests/images.rs`) fails when they disagree.
+    pub fn container_image(self) -> (&'static str, &'static str) {
+        match self {
+            Service::Postgres => ("postgres", "15.20-alpine"),
+            Service::Redis => ("redis", "7.0.15-alpine"),
+            Service::PubSubEmulator => (
+                "gcr.io/google.com/cloudsdktool/google-cloud-cli",
+                "573.0.0-emulators",
+            ),
+            Service::Meilisearch => ("getmeili/meilisearch", "v1.30.1"),
+        }
+    }
+
     /// Where the service listens on a developer machine by default.
     pub fn default_address(self) -> &'static str {
         match self {
