@@ -19,13 +19,12 @@
 //!
 //! What [`ServiceStack::start`] does:
 //!
-//! 1. Finds the two binaries next to the running test executable (the
-//!    `deps/` directory's parent in the cargo target dir). When one is
-//!    missing or older than the test executable, it runs
-//!    `cargo build -p keel-examples --bins` once per process first
-//!    (`KEEL_SERVICES_BUILD=always` or `never` overrides that;
-//!    `KEEL_SERVICES_BIN_DIR` points elsewhere). Building them beforehand
-//!    saves the wait: `cargo build -p keel-examples --bins`.
+//! 1. Builds the two binaries once per process with
+//!    `cargo build -p keel-examples --bins --target-dir <target>/keel-services`
+//!    (`<target>` is the test executable's cargo target dir): the first
+//!    build takes minutes, later ones are a no-op of a second or two, and
+//!    the binaries are never stale. `KEEL_SERVICES_BUILD=never` skips the
+//!    build; `KEEL_SERVICES_BIN_DIR=<dir>` uses binaries from elsewhere.
 //! 2. Finds or starts PostgreSQL, Redis and the emulator through
 //!    keel-testkit, and gives each service its own fresh database
 //!    ([`TestDatabase`], already migrated with the crates' migrations).
@@ -187,7 +186,6 @@ impl ServiceStack {
                 ("KEEL_REPOSITORY__CURSOR_KEY", format!("cursor-{key}")),
                 ("KEEL_LOG_FORMAT", "text".to_owned()),
                 ("RUST_LOG", "info".to_owned()),
-                ("OTEL_SDK_DISABLED", "true".to_owned()),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
@@ -606,6 +604,11 @@ fn free_port() -> std::io::Result<SocketAddr> {
 
 /// The directory holding the service binaries, built once per process.
 ///
+/// They are built into their own target directory (`<target>/keel-services`)
+/// rather than the test's: `cargo build -p keel-examples` resolves
+/// dependency features differently from `cargo test -p keel-tests`, and
+/// sharing one directory would make each rebuild what the other built.
+///
 /// # Errors
 ///
 /// A failing `cargo build`, or binaries still missing after it.
@@ -615,42 +618,35 @@ pub async fn binaries() -> Result<PathBuf, Error> {
         if let Some(dir) = std::env::var_os("KEEL_SERVICES_BIN_DIR") {
             return Ok(PathBuf::from(dir));
         }
-        // target/<profile>/deps/<test binary>: the binaries are in <profile>.
+        // target/<profile>/deps/<test binary>.
         let exe = std::env::current_exe()?;
         let profile_dir = exe
             .parent()
             .and_then(Path::parent)
+            .ok_or("cannot locate the cargo target directory")?;
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let target_dir = profile_dir
+            .parent()
             .ok_or("cannot locate the cargo target directory")?
-            .to_path_buf();
-        // A binary older than this test executable may miss a change the
-        // test was built with (the test links the same library).
-        let built = std::fs::metadata(&exe)?.modified()?;
-        let stale = ["ordering-service", "shipping-service"].iter().any(|b| {
-            std::fs::metadata(profile_dir.join(b))
-                .and_then(|m| m.modified())
-                .map_or(true, |t| t < built)
-        });
-        match std::env::var("KEEL_SERVICES_BUILD").as_deref() {
-            Ok("never") => {}
-            Ok("always") => build(&profile_dir).await?,
-            _ if stale => build(&profile_dir).await?,
-            _ => {}
+            .join("keel-services");
+        let bin_dir = target_dir.join(if release { "release" } else { "debug" });
+        if std::env::var("KEEL_SERVICES_BUILD").as_deref() != Ok("never") {
+            build(&target_dir, release).await?;
         }
         for b in ["ordering-service", "shipping-service"] {
-            if !profile_dir.join(b).exists() {
-                return Err(format!("{b} is not in {}", profile_dir.display()).into());
+            if !bin_dir.join(b).exists() {
+                return Err(format!("{b} is not in {}", bin_dir.display()).into());
             }
         }
-        Ok::<_, Error>(profile_dir)
+        Ok::<_, Error>(bin_dir)
     })
     .await
     .cloned()
 }
 
-async fn build(profile_dir: &Path) -> Result<(), Error> {
-    let target_dir = profile_dir
-        .parent()
-        .ok_or("cannot locate the cargo target directory")?;
+/// `cargo build -p keel-examples --bins` into `target_dir`: a no-op of a
+/// second or two when nothing changed.
+async fn build(target_dir: &Path, release: bool) -> Result<(), Error> {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(cargo);
@@ -660,8 +656,14 @@ async fn build(profile_dir: &Path) -> Result<(), Error> {
         .arg(&manifest)
         .args(["-p", "keel-examples", "--bins"])
         .arg("--target-dir")
-        .arg(target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        .arg(target_dir)
+        // What cargo set for this test run is not for the inner build.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_MANIFEST_DIR")
+        .env_remove("CARGO_PKG_NAME")
+        .env_remove("CARGO_CRATE_NAME")
+        .env_remove("CARGO_PRIMARY_PACKAGE");
+    if release {
         command.arg("--release");
     }
     let output = command.output().await?;

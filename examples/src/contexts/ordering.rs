@@ -74,15 +74,9 @@ pub struct OrderOutcome {
 
 /// Executes order commands on the event-sourced repository joined to the
 /// command's transaction. It never begins, commits or rolls back itself.
-///
-/// A command whose id already caused events in the order's stream is a
-/// retry: it is answered from the stored events and records nothing. The
-/// gRPC edge uses the caller's `request_id` as the command id, which makes
-/// every command idempotent by it.
 #[derive(Clone)]
 pub struct OrderHandler {
     orders: Arc<dyn AggregateRepository<Order>>,
-    store: Arc<dyn EventStoreBackend>,
 }
 
 impl std::fmt::Debug for OrderHandler {
@@ -101,13 +95,6 @@ impl TransactionalHandler<OrderRequest> for OrderHandler {
         envelope: &CommandEnvelope<OrderRequest>,
     ) -> Result<Handled<OrderOutcome>, PipelineError> {
         let request = &envelope.command;
-        if let Some(version) = self.handled_before(envelope).await? {
-            return Ok(Handled::new(OrderOutcome {
-                events: Vec::new(),
-                version,
-                replayed: true,
-            }));
-        }
         let metadata = envelope.event_metadata();
         let orders = self.orders.within(tx);
         let mut root = match orders.load(&request.order_id).await? {
@@ -146,28 +133,6 @@ impl TransactionalHandler<OrderRequest> for OrderHandler {
     }
 }
 
-impl OrderHandler {
-    /// The stream version of the last event this envelope's command id
-    /// caused, when it caused any: the command is then a retry.
-    async fn handled_before(
-        &self,
-        envelope: &CommandEnvelope<OrderRequest>,
-    ) -> keel_core::Result<Option<u64>> {
-        let stream = Order::stream_id(&envelope.command.order_id)?;
-        let causation = CausationId::from(envelope.command_id);
-        let events: Vec<_> = self
-            .store
-            .read_stream(&stream, ReadStream::forward())
-            .try_collect()
-            .await?;
-        Ok(events
-            .iter()
-            .rev()
-            .find(|e| e.metadata.get().causation_id == Some(causation))
-            .map(|e| e.version.get()))
-    }
-}
-
 fn domain_error(e: CommandError<OrderError>) -> PipelineError {
     match e {
         CommandError::Rejected(rule) => CommandError::Rejected(DomainError::from(rule)),
@@ -182,7 +147,8 @@ pub struct Ordering {
     pub commands: TransactionalService<OrderHandler>,
     /// Loads orders, for reads and checks.
     pub orders: Arc<dyn AggregateRepository<Order>>,
-    relay: EventStoreRelayHandle,
+    history: Arc<dyn EventStoreBackend>,
+    relay: std::sync::Mutex<Option<EventStoreRelayHandle>>,
 }
 
 impl std::fmt::Debug for Ordering {
@@ -208,7 +174,7 @@ impl Ordering {
         stream_prefix: &str,
         snapshot_every: u64,
     ) -> crate::Result<Self> {
-        let store_for_handler = Arc::clone(&store);
+        let history = Arc::clone(&store);
         let orders: Arc<dyn AggregateRepository<Order>> = Arc::new(
             EventSourcedRepository::<Order, dyn EventStoreBackend>::new(store.clone())
                 .with_snapshots(SnapshotPolicy::every(snapshot_every), 1),
@@ -227,21 +193,61 @@ impl Ordering {
                 transactions,
                 OrderHandler {
                     orders: Arc::clone(&orders),
-                    store: store_for_handler,
                 },
             ),
             orders,
-            relay,
+            history,
+            relay: std::sync::Mutex::new(Some(relay)),
         })
     }
 
-    /// Stops the relay after what it is publishing.
+    /// Whether the command `command_id` already caused events in the
+    /// stream of `order_id`: then it is a retry, and this is the stream
+    /// version after its last event. The gRPC edge uses the caller's
+    /// `request_id` as the command id and asks this before running a
+    /// command (outside any transaction, so it holds no pooled connection
+    /// while it reads), which makes every command idempotent by it. Two
+    /// copies of one command racing past the check meet at the stream's
+    /// optimistic version check: one commits, the other is refused with a
+    /// conflict and finds the first on its next retry.
+    ///
+    /// # Errors
+    ///
+    /// An invalid order id or a failing store.
+    pub async fn handled_before(
+        &self,
+        order_id: &str,
+        command_id: keel_core::CommandId,
+    ) -> keel_core::Result<Option<u64>> {
+        let stream = Order::stream_id(&order_id.to_owned())?;
+        let causation = CausationId::from(command_id);
+        let events: Vec<_> = self
+            .history
+            .read_stream(&stream, ReadStream::forward())
+            .try_collect()
+            .await?;
+        Ok(events
+            .iter()
+            .rev()
+            .find(|e| e.metadata.get().causation_id == Some(causation))
+            .map(|e| e.version.get()))
+    }
+
+    /// Stops the relay after what it is publishing; a second call does
+    /// nothing.
     ///
     /// # Errors
     ///
     /// When the relay ended with an error.
-    pub async fn shutdown(self) -> crate::Result {
-        self.relay.shutdown().await?;
+    pub async fn shutdown(&self) -> crate::Result {
+        let relay = self
+            .relay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(relay) = relay {
+            relay.shutdown().await?;
+        }
         Ok(())
     }
 }

@@ -256,7 +256,7 @@ pub struct Shipping {
     pub cache: CacheAside,
     /// The search read model, when configured.
     pub search: Option<ShipmentSearch>,
-    relay: RelayHandle,
+    relay: std::sync::Mutex<Option<RelayHandle>>,
 }
 
 impl std::fmt::Debug for Shipping {
@@ -441,7 +441,7 @@ impl Shipping {
             shipments,
             cache,
             search,
-            relay,
+            relay: std::sync::Mutex::new(Some(relay)),
         })
     }
 
@@ -497,9 +497,17 @@ impl Shipping {
         }
     }
 
-    /// Stops the outbox relay.
-    pub async fn shutdown(self) {
-        self.relay.shutdown().await;
+    /// Stops the outbox relay after what it is publishing; a second call
+    /// does nothing.
+    pub async fn shutdown(&self) {
+        let relay = self
+            .relay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(relay) = relay {
+            relay.shutdown().await;
+        }
     }
 }
 

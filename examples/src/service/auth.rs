@@ -123,7 +123,6 @@ impl ScopePolicy {
 
     /// The edge authorizer: methods in the table need their scope, other
     /// methods pass (the command pipeline decides them).
-    #[must_use]
     pub fn edge(self) -> impl Fn(&Principal, &str) -> Result<(), keel_core::Error> + Send + Sync {
         move |principal, method| {
             if self.scope_for(method).is_none() {

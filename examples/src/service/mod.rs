@@ -53,6 +53,7 @@ mod backends;
 pub mod ordering;
 pub mod shipping;
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -224,7 +225,8 @@ where
                 key.expose_secret().as_bytes(),
                 &TokenRequest::new(&issuer, &audience, "user:cli").scopes(scopes),
             )?;
-            println!("{token}");
+            // The token is the subcommand's output, for `$(...)` in a shell.
+            writeln!(std::io::stdout(), "{token}")?;
             Ok(())
         }
         Some(other) => {

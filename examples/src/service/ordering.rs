@@ -75,6 +75,7 @@ pub fn policy() -> ScopePolicy {
 /// # Errors
 ///
 /// A configuration or backend problem at start, or a failing shutdown.
+#[allow(clippy::needless_pass_by_value)] // the process hands its configuration over for good
 pub async fn run(config: KeelConfig) -> crate::Result {
     let telemetry = keel_telemetry::init(config.telemetry_config())?;
     let settings: OrderingSettings = section(&config, "ordering")?;
@@ -123,6 +124,7 @@ pub async fn run(config: KeelConfig) -> crate::Result {
         &format!("{}-", ordering_domain::AGGREGATE_TYPE),
         settings.snapshot_every,
     )?;
+    let ordering = Arc::new(ordering);
     let listener = Arc::new(ShipmentListener::new(&ordering));
     let subscription = backends
         .bus
@@ -178,6 +180,7 @@ pub async fn run(config: KeelConfig) -> crate::Result {
 pub struct OrderingApi {
     commands: CommandService<OrderRequest, OrderOutcome>,
     orders: Arc<dyn AggregateRepository<Order>>,
+    ordering: Arc<Ordering>,
 }
 
 impl std::fmt::Debug for OrderingApi {
@@ -190,7 +193,7 @@ impl OrderingApi {
     /// The API over `ordering`, its commands audited in `audit`.
     #[must_use]
     pub fn new(
-        ordering: &Ordering,
+        ordering: &Arc<Ordering>,
         audit: Arc<dyn keel_core::AuditLog>,
         verifier: JwtVerifier,
     ) -> Self {
@@ -206,6 +209,7 @@ impl OrderingApi {
         Self {
             commands: pipeline.service(ordering.commands.clone()),
             orders: Arc::clone(&ordering.orders),
+            ordering: Arc::clone(ordering),
         }
     }
 
@@ -220,6 +224,20 @@ impl OrderingApi {
         let command_id: CommandId = request_id
             .parse()
             .map_err(|_| Status::invalid_argument("request_id must be a UUID"))?;
+        // A retry of a command that succeeded: answered from its events,
+        // nothing recorded again.
+        if let Some(version) = self
+            .ordering
+            .handled_before(&order_id, command_id)
+            .await
+            .map_err(|e| status_from_error(&e))?
+        {
+            return Ok(OrderOutcome {
+                events: Vec::new(),
+                version,
+                replayed: true,
+            });
+        }
         let mut envelope = CommandEnvelope::new(OrderRequest {
             order_id,
             command,

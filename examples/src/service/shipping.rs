@@ -65,6 +65,7 @@ pub fn policy() -> ScopePolicy {
 /// # Errors
 ///
 /// A configuration or backend problem at start, or a failing shutdown.
+#[allow(clippy::needless_pass_by_value)] // the process hands its configuration over for good
 pub async fn run(config: KeelConfig) -> crate::Result {
     let telemetry = keel_telemetry::init(config.telemetry_config())?;
     let settings: ShippingSettings = section(&config, "shipping")?;
@@ -173,10 +174,7 @@ pub async fn run(config: KeelConfig) -> crate::Result {
     lifecycle.set_ready(false);
     server.shutdown().await?;
     subscription.shutdown().await;
-    match Arc::try_unwrap(shipping) {
-        Ok(shipping) => shipping.shutdown().await,
-        Err(_) => tracing::warn!("the API still holds Shipping; its relay stops with the process"),
-    }
+    shipping.shutdown().await;
     backends.close().await;
     info!("{SERVICE} stopped");
     telemetry.shutdown()?;
