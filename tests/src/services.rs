@@ -69,6 +69,8 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub const ISSUER: &str = "keel-tests";
 /// The audience both services are configured with.
 pub const AUDIENCE: &str = keel_examples::service::DEFAULT_AUDIENCE;
+/// The Pub/Sub project the services use on the emulator.
+pub const PUBSUB_PROJECT: &str = "keel-tests";
 /// A client of the Ordering service.
 pub type OrderingClient = OrderingServiceClient<KeelChannel>;
 /// A client of the Shipping service.
@@ -166,7 +168,7 @@ impl ServiceStack {
                 ("DATABASE_URL", db.url()),
                 ("KEEL_DATABASE__MAX_CONNECTIONS", "20".to_owned()),
                 ("PUBSUB_EMULATOR_HOST", pubsub_host.clone()),
-                ("GOOGLE_CLOUD_PROJECT", "keel-tests".to_owned()),
+                ("GOOGLE_CLOUD_PROJECT", PUBSUB_PROJECT.to_owned()),
                 ("KEEL_EVENTBUS__NAME_PREFIX", prefix.clone()),
                 (
                     "KEEL_EVENTBUS__SUBSCRIPTION__MIN_BACKOFF",
@@ -235,6 +237,21 @@ impl ServiceStack {
     #[must_use]
     pub fn pubsub_host(&self) -> &str {
         &self.pubsub_host
+    }
+
+    /// A Pub/Sub bus on the emulator with this stack's naming: the topics
+    /// and subscriptions the services use (`ordering.orders` with
+    /// Shipping's consumer `shipping`, `shipping.shipments` with
+    /// Ordering's consumer `ordering`), so a test can publish to them, list
+    /// dead letters and replay them. Close it when done.
+    ///
+    /// # Errors
+    ///
+    /// When the emulator does not answer.
+    pub async fn pubsub_bus(&self) -> Result<keel_eventbus::PubSubBus, Error> {
+        let config = keel_eventbus::PubSubConfig::emulator(PUBSUB_PROJECT, &self.pubsub_host)?
+            .with_naming(keel_eventbus::Naming::with_prefix(self.prefix.clone())?);
+        Ok(keel_eventbus::PubSubBus::connect(config).await?)
     }
 
     /// The Redis URL.
