@@ -9,16 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use keel_core::command::{
     Command, CommandEnvelope, Handled, PipelineError, TransactionalHandler, TransactionalService,
 };
 use keel_core::uow::Transaction;
 use keel_core::{
-    AggregateRef, AggregateRepository, CommandError, Delivery, DomainError, EventHandler,
-    EventPublisher, HandlerError, Metadata, TransactionSource,
+    Aggregate, AggregateRef, AggregateRepository, AggregateRoot, CausationId, CommandError,
+    Delivery, DomainError, EventHandler, EventPublisher, ExpectedVersion, HandlerError, Metadata,
+    TransactionSource, Version, VersionConflict,
 };
 use keel_eventstore::{
-    EventSourcedRepository, EventStoreBackend, ReadAll, SnapshotPolicy, SubscriptionOptions,
+    EventSourcedRepository, EventStoreBackend, ReadAll, ReadStream, SnapshotPolicy,
+    SubscriptionOptions,
 };
 use keel_outbox::{EventStoreRelay, EventStoreRelayHandle};
 use ordering_domain::{Order, OrderCommand, OrderError, OrderEvent};
@@ -34,6 +37,9 @@ pub struct OrderRequest {
     pub order_id: String,
     /// What to do with it.
     pub command: OrderCommand,
+    /// The version the caller last saw; a different current version
+    /// refuses the command with a version conflict.
+    pub expected_version: Option<u64>,
 }
 
 impl Command for OrderRequest {
@@ -54,6 +60,18 @@ impl Command for OrderRequest {
     }
 }
 
+/// What an accepted order command did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderOutcome {
+    /// The events it recorded (none when it was a retry).
+    pub events: Vec<OrderEvent>,
+    /// The order stream's version after it.
+    pub version: u64,
+    /// Whether this command id had already been handled, so nothing new
+    /// was recorded: the caller retried a command that succeeded.
+    pub replayed: bool,
+}
+
 /// Executes order commands on the event-sourced repository joined to the
 /// command's transaction. It never begins, commits or rolls back itself.
 #[derive(Clone)]
@@ -69,26 +87,49 @@ impl std::fmt::Debug for OrderHandler {
 
 #[async_trait]
 impl TransactionalHandler<OrderRequest> for OrderHandler {
-    type Output = Vec<OrderEvent>;
+    type Output = OrderOutcome;
 
     async fn handle(
         &self,
         tx: &mut dyn Transaction,
         envelope: &CommandEnvelope<OrderRequest>,
-    ) -> Result<Handled<Vec<OrderEvent>>, PipelineError> {
+    ) -> Result<Handled<OrderOutcome>, PipelineError> {
         let request = &envelope.command;
         let metadata = envelope.event_metadata();
-        let events = self
-            .orders
-            .within(tx)
-            .execute(&request.order_id, request.command.clone(), &metadata)
-            .await
-            .map_err(domain_error)?;
+        let orders = self.orders.within(tx);
+        let mut root = match orders.load(&request.order_id).await? {
+            Some(root) => root,
+            None => AggregateRoot::new(request.order_id.clone()),
+        };
+        if let Some(expected) = request.expected_version
+            && expected != root.version().get()
+        {
+            return Err(CommandError::Infrastructure(keel_core::Error::Conflict(
+                VersionConflict {
+                    subject: Order::stream_id(&request.order_id)?.as_str().to_owned(),
+                    expected: ExpectedVersion::Exact(Version::new(expected)),
+                    actual: root.version(),
+                },
+            )));
+        }
+        let events = root
+            .execute(request.command.clone())
+            .map_err(|rule| domain_error(CommandError::Rejected(rule)))?;
+        let version = if events.is_empty() {
+            root.version()
+        } else {
+            orders.save(&mut root, &metadata).await?
+        };
         let types: Vec<&'static str> = events
             .iter()
             .map(keel_core::DomainEvent::event_type)
             .collect();
-        Ok(Handled::new(events).with_events(types))
+        Ok(Handled::new(OrderOutcome {
+            events,
+            version: version.get(),
+            replayed: false,
+        })
+        .with_events(types))
     }
 }
 
@@ -106,7 +147,8 @@ pub struct Ordering {
     pub commands: TransactionalService<OrderHandler>,
     /// Loads orders, for reads and checks.
     pub orders: Arc<dyn AggregateRepository<Order>>,
-    relay: EventStoreRelayHandle,
+    history: Arc<dyn EventStoreBackend>,
+    relay: std::sync::Mutex<Option<EventStoreRelayHandle>>,
 }
 
 impl std::fmt::Debug for Ordering {
@@ -132,6 +174,7 @@ impl Ordering {
         stream_prefix: &str,
         snapshot_every: u64,
     ) -> crate::Result<Self> {
+        let history = Arc::clone(&store);
         let orders: Arc<dyn AggregateRepository<Order>> = Arc::new(
             EventSourcedRepository::<Order, dyn EventStoreBackend>::new(store.clone())
                 .with_snapshots(SnapshotPolicy::every(snapshot_every), 1),
@@ -153,17 +196,58 @@ impl Ordering {
                 },
             ),
             orders,
-            relay,
+            history,
+            relay: std::sync::Mutex::new(Some(relay)),
         })
     }
 
-    /// Stops the relay after what it is publishing.
+    /// Whether the command `command_id` already caused events in the
+    /// stream of `order_id`: then it is a retry, and this is the stream
+    /// version after its last event. The gRPC edge uses the caller's
+    /// `request_id` as the command id and asks this before running a
+    /// command (outside any transaction, so it holds no pooled connection
+    /// while it reads), which makes every command idempotent by it. Two
+    /// copies of one command racing past the check meet at the stream's
+    /// optimistic version check: one commits, the other is refused with a
+    /// conflict and finds the first on its next retry.
+    ///
+    /// # Errors
+    ///
+    /// An invalid order id or a failing store.
+    pub async fn handled_before(
+        &self,
+        order_id: &str,
+        command_id: keel_core::CommandId,
+    ) -> keel_core::Result<Option<u64>> {
+        let stream = Order::stream_id(&order_id.to_owned())?;
+        let causation = CausationId::from(command_id);
+        let events: Vec<_> = self
+            .history
+            .read_stream(&stream, ReadStream::forward())
+            .try_collect()
+            .await?;
+        Ok(events
+            .iter()
+            .rev()
+            .find(|e| e.metadata.get().causation_id == Some(causation))
+            .map(|e| e.version.get()))
+    }
+
+    /// Stops the relay after what it is publishing; a second call does
+    /// nothing.
     ///
     /// # Errors
     ///
     /// When the relay ended with an error.
-    pub async fn shutdown(self) -> crate::Result {
-        self.relay.shutdown().await?;
+    pub async fn shutdown(&self) -> crate::Result {
+        let relay = self
+            .relay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(relay) = relay {
+            relay.shutdown().await?;
+        }
         Ok(())
     }
 }
@@ -207,7 +291,11 @@ impl EventHandler for ShipmentListener {
         }
         let event: Dispatched = serde_json::from_value(message.payload.clone())
             .map_err(|e| HandlerError::reject(format!("unreadable shipment.dispatched: {e}")))?;
-        let metadata = Metadata::new().with_actor("service:ordering");
+        // The dispatch continues the trace and correlation of the order
+        // that caused it.
+        let mut metadata = Metadata::new().with_actor("service:ordering");
+        metadata.correlation_id = message.metadata.correlation_id;
+        metadata.trace_context = message.metadata.trace_context.clone();
         match self
             .orders
             .execute(
