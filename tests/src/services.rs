@@ -19,12 +19,16 @@
 //!
 //! What [`ServiceStack::start`] does:
 //!
-//! 1. Builds the two binaries once per process with
+//! 1. Uses the two binaries that `cargo test --workspace` builds beside
+//!    the test executables, when they are newer than every source file of
+//!    the workspace. Otherwise (e.g. `cargo test -p keel-tests` alone) it
+//!    builds them once per process with
 //!    `cargo build -p keel-examples --bins --target-dir <target>/keel-services`
 //!    (`<target>` is the test executable's cargo target dir): the first
-//!    build takes minutes, later ones are a no-op of a second or two, and
-//!    the binaries are never stale. `KEEL_SERVICES_BUILD=never` skips the
-//!    build; `KEEL_SERVICES_BIN_DIR=<dir>` uses binaries from elsewhere.
+//!    such build takes minutes, later ones are a no-op of a second or two.
+//!    `KEEL_SERVICES_BUILD=always` always takes that route,
+//!    `KEEL_SERVICES_BUILD=never` skips the build, and
+//!    `KEEL_SERVICES_BIN_DIR=<dir>` uses binaries from elsewhere.
 //! 2. Finds or starts PostgreSQL, Redis and the emulator through
 //!    keel-testkit, and gives each service its own fresh database
 //!    ([`TestDatabase`], already migrated with the crates' migrations).
@@ -642,6 +646,15 @@ pub async fn binaries() -> Result<PathBuf, Error> {
             .and_then(Path::parent)
             .ok_or("cannot locate the cargo target directory")?;
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        // `cargo test --workspace` builds keel-examples' binaries beside the
+        // test executables (that package has integration tests): use them
+        // when they are newer than every source file, and spare a second
+        // build of the whole dependency tree.
+        if std::env::var("KEEL_SERVICES_BUILD").as_deref() != Ok("always")
+            && built_after_sources(profile_dir)
+        {
+            return Ok(profile_dir.to_path_buf());
+        }
         let target_dir = profile_dir
             .parent()
             .ok_or("cannot locate the cargo target directory")?
@@ -659,6 +672,52 @@ pub async fn binaries() -> Result<PathBuf, Error> {
     })
     .await
     .cloned()
+}
+
+/// Whether both service binaries in `dir` are newer than every file the
+/// build reads (manifests, lock file, Rust, proto and SQL sources of the
+/// workspace).
+fn built_after_sources(dir: &Path) -> bool {
+    let built = ["ordering-service", "shipping-service"].map(|b| {
+        std::fs::metadata(dir.join(b))
+            .and_then(|m| m.modified())
+            .ok()
+    });
+    let [Some(a), Some(b)] = built else {
+        return false;
+    };
+    let oldest = a.min(b);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    newest_source(&root).is_some_and(|newest| newest <= oldest)
+}
+
+/// The newest modification time among the workspace's build inputs under
+/// `dir`, skipping build output and version control.
+fn newest_source(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let found = if kind.is_dir() {
+            if (name.starts_with('.') && name != ".sqlx") || name == "target" {
+                continue;
+            }
+            newest_source(&path)
+        } else if ["rs", "toml", "lock", "proto", "sql", "json"]
+            .iter()
+            .any(|ext| path.extension().is_some_and(|e| e == *ext))
+        {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        } else {
+            None
+        };
+        newest = newest.max(found);
+    }
+    newest
 }
 
 /// `cargo build -p keel-examples --bins` into `target_dir`: a no-op of a
