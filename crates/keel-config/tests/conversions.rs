@@ -86,6 +86,7 @@ async fn event_store_bus_and_cache_settings_reach_their_crates() {
         read_batch_size = 100
         notify_on_append = false
         settle_timeout = "2s"
+        horizon_max_age = "0s"
         [eventstore.subscription]
         batch_size = 50
         checkpoint_every_events = 10
@@ -114,6 +115,7 @@ async fn event_store_bus_and_cache_settings_reach_their_crates() {
     assert_eq!(store.read_batch_size, 100);
     assert!(!store.notify_on_append);
     assert_eq!(store.settle_timeout, Duration::from_secs(2));
+    assert_eq!(store.horizon_max_age, Duration::ZERO);
     let sub = config.eventstore.subscription_options("projector");
     assert_eq!(sub.name, "projector");
     assert_eq!(sub.batch_size, 50);

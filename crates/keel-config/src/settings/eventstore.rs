@@ -20,6 +20,11 @@ pub struct EventStoreSettings {
     /// How long a global-log read waits for running transactions (default 5s).
     #[serde(with = "duration::required")]
     pub settle_timeout: Duration,
+    /// How old a read horizon shared by the store's readers may be when a
+    /// later batch of a read reuses it (default 5ms; `0s` computes one per
+    /// batch). A reused horizon can only delay events, never skip one.
+    #[serde(with = "duration::required")]
+    pub horizon_max_age: Duration,
     /// Defaults for every catch-up subscription.
     pub subscription: StoreSubscriptionSettings,
 }
@@ -52,6 +57,7 @@ impl Default for EventStoreSettings {
             read_batch_size: 5000,
             notify_on_append: true,
             settle_timeout: Duration::from_secs(5),
+            horizon_max_age: Duration::from_millis(5),
             subscription: StoreSubscriptionSettings::default(),
         }
     }
@@ -108,6 +114,7 @@ impl EventStoreSettings {
             .read_batch_size(self.read_batch_size)
             .notify_on_append(self.notify_on_append)
             .settle_timeout(self.settle_timeout)
+            .horizon_max_age(self.horizon_max_age)
     }
 
     /// Options for the catch-up subscription `name`, with these defaults.
