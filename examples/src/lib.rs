@@ -29,6 +29,7 @@ pub mod contexts;
 pub mod domain;
 pub mod examples;
 pub mod progress;
+pub mod service;
 pub mod services;
 
 use std::future::Future;

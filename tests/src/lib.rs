@@ -7,6 +7,11 @@
 //! caused it commit together or not at all. Each rule runs against
 //! [`Ports`] built on PostgreSQL and on the in-memory variants
 //! (`tests/unit_of_work.rs`), and both must keep it.
+//!
+//! [`services`] runs the example services as real processes for the
+//! process tests (`tests/services_*.rs`) and the load bench.
+
+pub mod services;
 
 use std::fmt;
 use std::future::Future;

@@ -21,6 +21,7 @@
 
 pub mod ordering;
 pub mod projection;
+pub mod search;
 pub mod shipping;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -485,6 +486,7 @@ async fn command(ordering: &mut Ordering, id: &str, command: OrderCommand) -> Re
     let request = OrderRequest {
         order_id: id.to_owned(),
         command,
+        expected_version: None,
     };
     ordering
         .commands
