@@ -49,9 +49,15 @@ async fn orders(ordering: &OrderingClient, batch: &str, n: usize) -> Result<Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_either_service_mid_run_loses_no_order_and_ships_each_once() -> Result<(), Error> {
     let _one = ONE_STACK_AT_A_TIME.lock().await;
-    let mut stack = ServiceStack::start(StackOptions::default()).await?;
+    // A short ack deadline: should the emulator lease a message to the
+    // killed process's stream before it notices the stream is gone, the
+    // lease runs out soon.
+    let mut stack = ServiceStack::start(
+        StackOptions::default().shipping_env("KEEL_EVENTBUS__SUBSCRIPTION__ACK_DEADLINE", "10s"),
+    )
+    .await?;
     let ordering = stack.ordering_client()?;
-    let patience = Duration::from_secs(90);
+    let patience = Duration::from_secs(120);
 
     // 1. Both up: orders flow end to end.
     let mut all = orders(&ordering, "a", 8).await?;
@@ -61,7 +67,9 @@ async fn killing_either_service_mid_run_loses_no_order_and_ships_each_once() -> 
     //    emulator); Ordering keeps taking orders, its relay publishes them,
     //    and they wait in Shipping's subscription.
     stack.shipping.kill().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Give the emulator time to notice the ended stream: messages it leases
+    // to that stream in the meantime are lost there (see the module docs).
+    tokio::time::sleep(Duration::from_secs(5)).await;
     all.extend(orders(&ordering, "b", 8).await?);
 
     // 3. Ordering is killed while a client is placing and paying orders
