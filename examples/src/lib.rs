@@ -19,7 +19,7 @@
 //! | `repository` | a state-based entity: CRUD, optimistic locking, soft delete, keyset and offset pagination |
 //! | `cache` | cache-aside in front of a repository read: hits, invalidation, one load for a stampede |
 //! | `outbox` | the transactional outbox and inbox on PostgreSQL: entity and event commit together, a rollback publishes nothing, a redelivery does nothing |
-//! | `contexts` | two bounded contexts ([`contexts`]): event-sourced Ordering and state-based Shipping, talking through the bus, with a dead letter replayed |
+//! | `contexts` | two bounded contexts ([`contexts`]): event-sourced Ordering and state-based Shipping, talking through the bus, with a dead letter replayed and Ordering's read model rebuilt as version 2 |
 //!
 //! [`Services`] decides what runs underneath: in memory by default,
 //! PostgreSQL, Redis and the Pub/Sub emulator when their environment
@@ -28,6 +28,7 @@
 pub mod contexts;
 pub mod domain;
 pub mod examples;
+pub mod progress;
 pub mod service;
 pub mod services;
 
@@ -102,7 +103,7 @@ pub const EXAMPLES: &[Example] = &[
     },
     Example {
         name: "contexts",
-        about: "two bounded contexts end to end: orders placed, paid and shipped, a poison message dead-lettered and replayed",
+        about: "two bounded contexts end to end: orders placed, paid and shipped, a poison message dead-lettered and replayed, a projection rebuilt",
         run: |s| Box::pin(async move { contexts::run(s).await.map(drop) }),
     },
 ];

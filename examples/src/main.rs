@@ -5,6 +5,7 @@
 // stdout; everything else goes through `tracing`.
 #![allow(clippy::print_stdout, reason = "help and headers are meant for stdout")]
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -63,7 +64,13 @@ async fn main() -> ExitCode {
     // Readable text logs in development; no OTLP export unless an endpoint
     // is configured. Dropping the guard at the end of main flushes whatever
     // was buffered.
-    let telemetry = match keel_telemetry::init(config.telemetry_config()) {
+    let mut telemetry_config = config.telemetry_config();
+    if keel_examples::progress::is_live() && std::io::stdout().is_terminal() {
+        // Log lines and the live progress line share the terminal: route
+        // the logs past the line instead of through it.
+        telemetry_config = telemetry_config.log_writer(|| keel_examples::progress::LogWriter);
+    }
+    let telemetry = match keel_telemetry::init(telemetry_config) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("cannot start telemetry: {e}");

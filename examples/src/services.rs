@@ -51,6 +51,10 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
         "run one example by name, `all` (default) or `list`",
     ),
     (
+        crate::contexts::ORDERS_VAR,
+        "orders in the contexts run (default 6); thousands make a long run with a live progress line",
+    ),
+    (
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "export the run's traces and metrics over OTLP/gRPC (keel-telemetry)",
     ),

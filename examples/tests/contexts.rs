@@ -4,15 +4,20 @@
 //! the numbers a reader of the summary relies on.
 
 use keel_examples::Services;
-use keel_examples::contexts::{self, ORDERS};
+use keel_examples::contexts::{self, ORDERS, Summary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_paid_order_ships_once_and_the_poison_message_is_dead_lettered_then_replayed() {
     let summary = contexts::run(&Services::in_memory())
         .await
         .unwrap_or_else(|e| panic!("the contexts run failed: {e}"));
-    let paid = ORDERS - 1;
-    assert_eq!(summary.placed, ORDERS);
+    assert_counts(&summary, ORDERS);
+}
+
+/// The numbers every run's summary must show for `orders` orders.
+fn assert_counts(summary: &Summary, orders: usize) {
+    let paid = orders - 1;
+    assert_eq!(summary.placed, orders);
     assert_eq!(summary.paid, paid);
     assert_eq!(summary.cancelled, 1);
     // Shipped in both contexts, and dispatched exactly once each although
@@ -22,12 +27,147 @@ async fn every_paid_order_ships_once_and_the_poison_message_is_dead_lettered_the
     assert_eq!(summary.dead_letters, 1);
     assert_eq!(summary.replayed, 1);
     // placed, paid and shipped events, plus one cancellation.
-    assert_eq!(summary.events, ORDERS + 2 * paid + 1);
+    assert_eq!(summary.events, orders + 2 * paid + 1);
     // Every stored order event reached Shipping, and the poison message at
     // least twice (rejected, then replayed).
     assert!(
         summary.deliveries >= summary.events as u64 + 2,
         "{summary:?}"
+    );
+    // The order summary was rebuilt: readers read version 1 during the
+    // rebuild and version 2 after it (every read complete, or the run
+    // fails), and version 2 is not behind the log.
+    assert_eq!(summary.projection_version, 2);
+    let (reads_v1, reads_v2) = summary.projection_reads;
+    assert!(reads_v1 >= 1 && reads_v2 >= 3, "{summary:?}");
+    assert_eq!(summary.projection_lag, 0);
+    // The relay published everything before it stopped.
+    assert_eq!(summary.relay_lag, 0);
+    // A dispatch follows its payment; Ordering hears of it later still.
+    assert!(
+        summary.max_payment_to_dispatch > std::time::Duration::ZERO
+            && summary.max_payment_to_dispatch <= summary.max_payment_to_shipped,
+        "{summary:?}"
+    );
+}
+
+/// A longer run, as `KEEL_CONTEXTS_ORDERS` asks for: the same invariants
+/// hold for every order, and the rebuild reads many more events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_run_keeps_every_invariant() {
+    let summary = contexts::run_orders(&Services::in_memory(), 60)
+        .await
+        .unwrap_or_else(|e| panic!("the contexts run failed: {e}"));
+    assert_counts(&summary, 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_fewer_than_two_orders_is_refused() {
+    for orders in [0, 1] {
+        let refused = contexts::run_orders(&Services::in_memory(), orders).await;
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("at least 2 orders")),
+            "{orders} orders"
+        );
+    }
+}
+
+/// The whole run on PostgreSQL, Redis and the Pub/Sub emulator, the order
+/// summary's two versions in tables; the same numbers as in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_holds_on_real_services() {
+    use keel_database::{Database, DatabaseConfig};
+    use keel_testkit::TestDatabase;
+
+    let test_database =
+        TestDatabase::create(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
+            .await
+            .expect("a PostgreSQL database from keel-testkit");
+    let config = DatabaseConfig::builder()
+        .url(test_database.url())
+        .min_connections(1)
+        .max_connections(20)
+        .build()
+        .expect("a valid pool configuration");
+    let database = Database::connect(config).await.expect("a pool");
+    let services = Services::in_memory()
+        .with_database(database.clone())
+        .with_redis(
+            keel_testkit::services::redis_url()
+                .await
+                .expect("Redis from keel-testkit"),
+        )
+        .with_pubsub_emulator(
+            keel_testkit::services::pubsub_emulator_host()
+                .await
+                .expect("the Pub/Sub emulator from keel-testkit"),
+        );
+    let summary = contexts::run(&services)
+        .await
+        .unwrap_or_else(|e| panic!("the contexts run failed: {e}"));
+    assert_counts(&summary, ORDERS);
+
+    // Version 1's rows are gone with it; version 2's table holds the run.
+    let count = |table: &'static str| {
+        let pool = database.pool().clone();
+        let run = services.run().to_owned();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table} WHERE run = $1"))
+                .bind(run)
+                .fetch_one(&pool)
+                .await
+                .expect("the table answers")
+        }
+    };
+    assert_eq!(count("keel_examples_order_summary_v1").await, 0);
+    assert_eq!(count("keel_examples_order_summary_v2").await, ORDERS as i64);
+    database.close().await;
+}
+
+/// Version 2's answer per customer, from a hand-made model.
+#[test]
+fn per_customer_counts_orders_shipments_and_totals() {
+    use contexts::projection::{CustomerSummary, OrderRow, per_customer};
+
+    let row = |customer: &str, status: &str, total: i64| OrderRow {
+        status: status.to_owned(),
+        customer_id: Some(customer.to_owned()),
+        total_minor: Some(total),
+    };
+    let rows = [
+        ("a", row("c1", "shipped", 100)),
+        ("b", row("c1", "cancelled", 50)),
+        ("c", row("c1", "paid", 7)),
+        ("d", row("c2", "shipped", 9)),
+        // A version-1 row has no customer: not counted.
+        (
+            "e",
+            OrderRow {
+                status: "shipped".to_owned(),
+                ..OrderRow::default()
+            },
+        ),
+    ]
+    .into_iter()
+    .map(|(id, row)| (id.to_owned(), row))
+    .collect();
+    let customers = per_customer(&rows);
+    assert_eq!(customers.len(), 2);
+    assert_eq!(
+        customers["c1"],
+        CustomerSummary {
+            orders: 3,
+            shipped: 1,
+            total_minor: 107
+        }
+    );
+    assert_eq!(
+        customers["c2"],
+        CustomerSummary {
+            orders: 1,
+            shipped: 1,
+            total_minor: 9
+        }
     );
 }
 

@@ -11,15 +11,22 @@
 //! dead-lettered, Shipping "deploys" the upgrade, and the dead letter is
 //! replayed. Shipping must not ship that order twice.
 //!
+//! Meanwhile Ordering's read model, an order summary ([`projection`]), is
+//! kept by a projection runner; at the end it is rebuilt as version 2 beside
+//! version 1 and readers switch over once it has caught up, never seeing a
+//! half-built model.
+//!
 //! The domain rules live in the `ordering-domain` and `shipping-domain`
 //! crates, which depend on `keel-core` alone.
 
 pub mod ordering;
+pub mod projection;
 pub mod search;
 pub mod shipping;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -31,13 +38,18 @@ use ordering_domain::{Address, Money, OrderCommand, OrderLine, OrderStatus};
 use tower::{Service, ServiceExt};
 use tracing::info;
 
-use crate::examples::{wait_until, within};
+use crate::examples::{PATIENCE, within};
+use crate::progress::Reporter;
 use crate::{Result, Services, ensure};
 use ordering::{ORDERS_TOPIC, OrderRequest, Ordering, ShipmentListener};
 use shipping::{CONSUMER, SHIPMENTS_TOPIC, Shipping};
 
-/// How many orders the run places.
+/// How many orders the run places unless told otherwise.
 pub const ORDERS: usize = 6;
+
+/// The variable that sets how many orders the run places (at least 2; the
+/// default is [`ORDERS`]): a few thousand make a long run to watch.
+pub const ORDERS_VAR: &str = "KEEL_CONTEXTS_ORDERS";
 
 /// What the run did, for the summary line and for tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -62,6 +74,21 @@ pub struct Summary {
     pub dead_letters: usize,
     /// Dead letters replayed and then handled.
     pub replayed: usize,
+    /// The order summary's version readers use at the end (2: rebuilt).
+    pub projection_version: u32,
+    /// Reads of the order summary during its rebuild, every one of them
+    /// complete: of version 1, then of version 2.
+    pub projection_reads: (usize, usize),
+    /// Events the order summary is behind Ordering's log at the end.
+    pub projection_lag: u64,
+    /// Events Ordering's relay had not published at the end.
+    pub relay_lag: u64,
+    /// The longest a paid order waited for its shipment to be dispatched
+    /// (payment recorded in Ordering to dispatch recorded in Shipping).
+    pub max_payment_to_dispatch: Duration,
+    /// The longest from payment to Ordering showing the order shipped: the
+    /// round trip through both contexts and the bus, twice.
+    pub max_payment_to_shipped: Duration,
 }
 
 /// Runs both contexts and checks the outcome.
@@ -73,6 +100,26 @@ pub struct Summary {
 /// shipped, the poison message not dead-lettered or not handled after its
 /// replay.
 pub async fn run(services: &Services) -> Result<Summary> {
+    let orders = match std::env::var(ORDERS_VAR) {
+        Ok(n) => n
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 2)
+            .ok_or_else(|| format!("{ORDERS_VAR}={n:?}: expected a whole number of at least 2"))?,
+        Err(_) => ORDERS,
+    };
+    run_orders(services, orders).await
+}
+
+/// [`run`] with `orders` orders (at least 2): all paid but the last, which
+/// is cancelled.
+///
+/// # Errors
+///
+/// As [`run`]; fewer than 2 orders is refused.
+pub async fn run_orders(services: &Services, orders: usize) -> Result<Summary> {
+    ensure(orders >= 2, "the run needs at least 2 orders")?;
     let scope = services.scope("contexts");
     let bus = services.event_bus().await?;
     let publisher: Arc<dyn EventPublisher> = bus.port.clone();
@@ -91,14 +138,28 @@ pub async fn run(services: &Services) -> Result<Summary> {
         .subscribe(ORDERS_TOPIC, &config, shipping.consumer.clone())
         .await?;
 
+    let stream_prefix = format!("Order-{scope}-");
+    let relay_name = format!("ordering-{scope}");
+    let transactions = services.transactions();
     let mut ordering = Ordering::start(
         store.clone(),
-        services.transactions(),
+        Arc::clone(&transactions),
         publisher,
-        &format!("ordering-{scope}"),
-        &format!("Order-{scope}-"),
+        &relay_name,
+        &stream_prefix,
         3,
     )?;
+    // Ordering's read model, version 1, follows the log from the start.
+    let (summary_v1, summary_handle, summary_id) = projection::start(
+        services,
+        store.clone(),
+        Arc::clone(&transactions),
+        &projection::projection_name(&scope),
+        &stream_prefix,
+        1,
+        100,
+    )
+    .await?;
     let listener = Arc::new(ShipmentListener::new(&ordering));
     let ordering_sub = bus
         .port
@@ -111,8 +172,27 @@ pub async fn run(services: &Services) -> Result<Summary> {
         )
         .await?;
 
+    // What a person watching a long run sees.
+    let counts = Arc::new(Counts::default());
+    let reporter = {
+        let (counts, consumer) = (Arc::clone(&counts), Arc::clone(&shipping.consumer));
+        Reporter::spawn(
+            move || {
+                format!(
+                    "orders {} placed, {} paid, {} shipped | {} messages | {} dead letters",
+                    counts.placed.load(AtomicOrdering::Relaxed),
+                    counts.paid.load(AtomicOrdering::Relaxed),
+                    consumer.inbox.handler().dispatched(),
+                    consumer.delivered(),
+                    counts.dead_letters.load(AtomicOrdering::Relaxed),
+                )
+            },
+            Duration::from_secs(2),
+        )
+    };
+
     // Place every order, pay all but the last, cancel the last.
-    let ids: Vec<String> = (1..=ORDERS).map(|n| format!("{scope}-{n}")).collect();
+    let ids: Vec<String> = (1..=orders).map(|n| format!("{scope}-{n}")).collect();
     let mut summary = Summary::default();
     for (n, id) in ids.iter().enumerate() {
         let quantity = u32::try_from(n + 1)?;
@@ -123,6 +203,7 @@ pub async fn run(services: &Services) -> Result<Summary> {
         };
         command(&mut ordering, id, place).await?;
         summary.placed += 1;
+        counts.placed.fetch_add(1, AtomicOrdering::Relaxed);
     }
     let (last, to_pay) = ids.split_last().ok_or("no orders")?;
     for (n, id) in to_pay.iter().enumerate() {
@@ -133,6 +214,7 @@ pub async fn run(services: &Services) -> Result<Summary> {
         };
         command(&mut ordering, id, pay).await?;
         summary.paid += 1;
+        counts.paid.fetch_add(1, AtomicOrdering::Relaxed);
     }
     // A rule broken on purpose: paying the wrong amount is refused and
     // changes nothing.
@@ -165,8 +247,9 @@ pub async fn run(services: &Services) -> Result<Summary> {
     bus.port.publish(ORDERS_TOPIC, &[poison]).await?;
 
     // Every paid order ends up shipped in both contexts.
-    wait_until("every paid order shipped", || {
-        shipping.consumer.inbox.handler().dispatched() >= to_pay.len() as u64
+    // A long run may take minutes: fail only when nothing moves for a while.
+    wait_moving("every paid order shipped", to_pay.len() as u64, || {
+        shipping.consumer.inbox.handler().dispatched()
     })
     .await?;
     let mut dead = Vec::new();
@@ -182,6 +265,9 @@ pub async fn run(services: &Services) -> Result<Summary> {
     .await??;
     let dead_ids: HashSet<EventId> = dead.iter().filter_map(|d| d.event_id()).collect();
     summary.dead_letters = dead_ids.len();
+    counts
+        .dead_letters
+        .store(summary.dead_letters, AtomicOrdering::Relaxed);
     ensure(
         dead_ids == HashSet::from([poison_id]),
         "the poison message, and only it, was dead-lettered",
@@ -207,23 +293,35 @@ pub async fn run(services: &Services) -> Result<Summary> {
     summary.replayed = replayed;
 
     // Ordering learns of every dispatch.
-    within("every order marked shipped", async {
-        loop {
-            let mut shipped = 0;
-            for id in to_pay {
-                if let Some(root) = ordering.orders.load(id).await?
-                    && root.state().status() == OrderStatus::Shipped
-                {
-                    shipped += 1;
-                }
+    let mut waiting: Vec<&String> = to_pay.iter().collect();
+    let mut since = tokio::time::Instant::now();
+    while !waiting.is_empty() {
+        let before = waiting.len();
+        let mut still = Vec::with_capacity(before);
+        for id in waiting {
+            let shipped = ordering
+                .orders
+                .load(id)
+                .await?
+                .is_some_and(|root| root.state().status() == OrderStatus::Shipped);
+            if !shipped {
+                still.push(id);
             }
-            if shipped == to_pay.len() {
-                return Ok::<_, keel_core::Error>(());
-            }
+        }
+        waiting = still;
+        if waiting.len() < before {
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() > PATIENCE {
+            return Err(format!(
+                "{} orders not marked shipped after {PATIENCE:?}",
+                waiting.len()
+            )
+            .into());
+        }
+        if !waiting.is_empty() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    })
-    .await??;
+    }
 
     // The checks, by reading both contexts' own state.
     for id in to_pay {
@@ -260,18 +358,85 @@ pub async fn run(services: &Services) -> Result<Summary> {
         .try_collect()
         .await?;
     summary.events = events.len();
-    // placed x6, paid x5, cancelled x1, shipped x5.
+    // Each order placed, each paid one paid and shipped, the last cancelled.
     ensure(
-        summary.events == ORDERS + 2 * to_pay.len() + 1,
+        summary.events == orders + 2 * to_pay.len() + 1,
         format!("{} events in Ordering's store", summary.events),
     )?;
     summary.deliveries = shipping.consumer.delivered();
+    reporter.finish().await;
+
+    // Lag: how long payments waited for their dispatch.
+    let paid_at: HashMap<&str, _> = events
+        .iter()
+        .filter(|e| e.event_type == "order.paid")
+        .map(|e| (e.stream_id.as_str(), e.recorded_at))
+        .collect();
+    for event in events.iter().filter(|e| e.event_type == "order.shipped") {
+        let stream = event.stream_id.as_str();
+        let Some(paid) = paid_at.get(stream) else {
+            return Err(format!("{stream} shipped without a payment").into());
+        };
+        let id = stream.strip_prefix("Order-").unwrap_or(stream);
+        let dispatched = shipping
+            .shipment(id)
+            .await?
+            .and_then(|s| s.dispatched_at())
+            .ok_or("a shipped order has no dispatch time")?;
+        let delay =
+            |later: chrono::DateTime<chrono::Utc>| (later - *paid).to_std().unwrap_or_default();
+        summary.max_payment_to_dispatch = summary.max_payment_to_dispatch.max(delay(dispatched));
+        summary.max_payment_to_shipped =
+            summary.max_payment_to_shipped.max(delay(event.recorded_at));
+    }
+
+    // The order summary rebuilt as version 2 while it is being read.
+    let expected: BTreeMap<String, String> = ids
+        .iter()
+        .map(|id| {
+            let status = if id == last { "cancelled" } else { "shipped" };
+            (id.clone(), status.to_owned())
+        })
+        .collect();
+    let current = projection::Current {
+        summary: summary_v1,
+        handle: summary_handle,
+        id: summary_id,
+    };
+    let rebuilt = projection::rebuild(
+        services,
+        store.clone(),
+        transactions,
+        current,
+        &stream_prefix,
+        &expected,
+    )
+    .await?;
+    ensure(
+        rebuilt.active == 2,
+        "readers use version 2 of the order summary",
+    )?;
+    ensure(
+        rebuilt.customers.len() == orders
+            && rebuilt.customers.values().map(|c| c.shipped).sum::<usize>() == to_pay.len(),
+        "version 2 knows every customer's orders",
+    )?;
+    summary.projection_version = rebuilt.active;
+    summary.projection_reads = (rebuilt.reads_v1, rebuilt.reads_v2);
+    summary.projection_lag = rebuilt.lag_events;
 
     shipping_sub.shutdown().await;
     ordering_sub.shutdown().await;
     ordering.shutdown().await?;
     shipping.shutdown().await;
     bus.close().await;
+    // The relay saved its checkpoint as it stopped: what it left unpublished.
+    let relayed = store
+        .load_checkpoint(&relay_name)
+        .await?
+        .unwrap_or_default();
+    let filter = ReadAll::from_start().stream_prefix(stream_prefix.clone());
+    summary.relay_lag = store.lag_after(relayed, &filter).await?.events;
 
     info!(
         orders = summary.placed,
@@ -282,9 +447,38 @@ pub async fn run(services: &Services) -> Result<Summary> {
         messages = summary.deliveries,
         dead_letters = summary.dead_letters,
         replayed = summary.replayed,
+        projection_version = summary.projection_version,
+        projection_lag = summary.projection_lag,
+        relay_lag = summary.relay_lag,
+        max_payment_to_dispatch = ?summary.max_payment_to_dispatch,
+        max_payment_to_shipped = ?summary.max_payment_to_shipped,
         "summary"
     );
     Ok(summary)
+}
+
+/// Polls `count` until it reaches `target`, failing with `what` when it
+/// stays put for [`PATIENCE`].
+async fn wait_moving(what: &str, target: u64, count: impl Fn() -> u64) -> Result {
+    let (mut last, mut since) = (count(), tokio::time::Instant::now());
+    while last < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = count();
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() > PATIENCE {
+            return Err(format!("{what}: stuck at {last} of {target} for {PATIENCE:?}").into());
+        }
+    }
+    Ok(())
+}
+
+/// What the run has done so far, for the progress line.
+#[derive(Debug, Default)]
+struct Counts {
+    placed: AtomicUsize,
+    paid: AtomicUsize,
+    dead_letters: AtomicUsize,
 }
 
 /// Sends one command through Ordering's transactional service.

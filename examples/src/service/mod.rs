@@ -234,3 +234,26 @@ where
         }
     }
 }
+
+/// A shared handler as a handler of its own, so that a decorator such as
+/// `keel_telemetry::TracedHandler` can wrap it while the service keeps its
+/// `Arc` (for reads and shutdown).
+pub(crate) struct Shared<H: ?Sized>(pub(crate) Arc<H>);
+
+#[async_trait]
+impl<H: keel_core::EventHandler + ?Sized> keel_core::EventHandler for Shared<H> {
+    async fn handle(&self, delivery: &keel_core::Delivery) -> Result<(), keel_core::HandlerError> {
+        self.0.handle(delivery).await
+    }
+}
+
+/// A consumer span per delivery, child of the producer's span carried in
+/// the message: the trace of the command that caused an event continues
+/// in the service that handles it.
+pub(crate) fn traced<H: keel_core::EventHandler + ?Sized + 'static>(
+    handler: Arc<H>,
+) -> Arc<dyn keel_core::EventHandler> {
+    Arc::new(keel_telemetry::TracedHandler::without_metrics(Shared(
+        handler,
+    )))
+}

@@ -131,7 +131,7 @@ pub async fn run(config: KeelConfig) -> crate::Result {
         .subscribe(
             SHIPMENTS_TOPIC,
             &config.eventbus.subscription_config(CONSUMER),
-            listener,
+            super::traced(listener),
         )
         .await?;
 

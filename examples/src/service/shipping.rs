@@ -132,7 +132,7 @@ pub async fn run(config: KeelConfig) -> crate::Result {
                 .eventbus
                 .subscription_config(CONSUMER)
                 .with_ordered(true),
-            shipping.consumer.clone(),
+            super::traced(shipping.consumer.clone()),
         )
         .await?;
 
