@@ -7,6 +7,11 @@
 //! caused it commit together or not at all. Each rule runs against
 //! [`Ports`] built on PostgreSQL and on the in-memory variants
 //! (`tests/unit_of_work.rs`), and both must keep it.
+//!
+//! Module [`load`] holds the measuring pieces of the load run
+//! (`benches/load.rs`).
+
+pub mod load;
 
 use std::fmt;
 use std::future::Future;
