@@ -112,7 +112,7 @@ impl LoadConfig {
     /// run of fewer orders than `cancel_every` pays them all.
     #[must_use]
     pub fn cancels(&self, n: usize) -> bool {
-        self.cancel_every != 0 && (n + 1) % self.cancel_every == 0
+        self.cancel_every != 0 && (n + 1).is_multiple_of(self.cancel_every)
     }
 
     /// How many orders the run pays.
@@ -124,11 +124,7 @@ impl LoadConfig {
     /// How many orders the run cancels.
     #[must_use]
     pub fn cancelled(&self) -> usize {
-        if self.cancel_every == 0 {
-            0
-        } else {
-            self.orders / self.cancel_every
-        }
+        self.orders.checked_div(self.cancel_every).unwrap_or(0)
     }
 }
 
