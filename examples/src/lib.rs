@@ -28,6 +28,7 @@
 pub mod contexts;
 pub mod domain;
 pub mod examples;
+pub mod service;
 pub mod services;
 
 use std::future::Future;

@@ -8,10 +8,12 @@
 //! [`Ports`] built on PostgreSQL and on the in-memory variants
 //! (`tests/unit_of_work.rs`), and both must keep it.
 //!
-//! Module [`load`] holds the measuring pieces of the load run
-//! (`benches/load.rs`).
+//! [`services`] runs the example services as real processes for the
+//! process tests (`tests/services_*.rs`) and the load bench
+//! (`benches/load/`), whose measuring pieces are in [`load`].
 
 pub mod load;
+pub mod services;
 
 use std::fmt;
 use std::future::Future;

@@ -15,6 +15,7 @@
 //! crates, which depend on `keel-core` alone.
 
 pub mod ordering;
+pub mod search;
 pub mod shipping;
 
 use std::collections::HashSet;
@@ -291,6 +292,7 @@ async fn command(ordering: &mut Ordering, id: &str, command: OrderCommand) -> Re
     let request = OrderRequest {
         order_id: id.to_owned(),
         command,
+        expected_version: None,
     };
     ordering
         .commands

@@ -9,16 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use keel_core::command::{
     Command, CommandEnvelope, Handled, PipelineError, TransactionalHandler, TransactionalService,
 };
 use keel_core::uow::Transaction;
 use keel_core::{
-    AggregateRef, AggregateRepository, CommandError, Delivery, DomainError, EventHandler,
-    EventPublisher, HandlerError, Metadata, TransactionSource,
+    Aggregate, AggregateRef, AggregateRepository, AggregateRoot, CausationId, CommandError,
+    Delivery, DomainError, EventHandler, EventPublisher, ExpectedVersion, HandlerError, Metadata,
+    TransactionSource, Version, VersionConflict,
 };
 use keel_eventstore::{
-    EventSourcedRepository, EventStoreBackend, ReadAll, SnapshotPolicy, SubscriptionOptions,
+    EventSourcedRepository, EventStoreBackend, ReadAll, ReadStream, SnapshotPolicy,
+    SubscriptionOptions,
 };
 use keel_outbox::{EventStoreRelay, EventStoreRelayHandle};
 use ordering_domain::{Order, OrderCommand, OrderError, OrderEvent};
@@ -34,6 +37,9 @@ pub struct OrderRequest {
     pub order_id: String,
     /// What to do with it.
     pub command: OrderCommand,
+    /// The version the caller last saw; a different current version
+    /// refuses the command with a version conflict.
+    pub expected_version: Option<u64>,
 }
 
 impl Command for OrderRequest {
@@ -54,11 +60,29 @@ impl Command for OrderRequest {
     }
 }
 
+/// What an accepted order command did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderOutcome {
+    /// The events it recorded (none when it was a retry).
+    pub events: Vec<OrderEvent>,
+    /// The order stream's version after it.
+    pub version: u64,
+    /// Whether this command id had already been handled, so nothing new
+    /// was recorded: the caller retried a command that succeeded.
+    pub replayed: bool,
+}
+
 /// Executes order commands on the event-sourced repository joined to the
 /// command's transaction. It never begins, commits or rolls back itself.
+///
+/// A command whose id already caused events in the order's stream is a
+/// retry: it is answered from the stored events and records nothing. The
+/// gRPC edge uses the caller's `request_id` as the command id, which makes
+/// every command idempotent by it.
 #[derive(Clone)]
 pub struct OrderHandler {
     orders: Arc<dyn AggregateRepository<Order>>,
+    store: Arc<dyn EventStoreBackend>,
 }
 
 impl std::fmt::Debug for OrderHandler {
@@ -69,26 +93,78 @@ impl std::fmt::Debug for OrderHandler {
 
 #[async_trait]
 impl TransactionalHandler<OrderRequest> for OrderHandler {
-    type Output = Vec<OrderEvent>;
+    type Output = OrderOutcome;
 
     async fn handle(
         &self,
         tx: &mut dyn Transaction,
         envelope: &CommandEnvelope<OrderRequest>,
-    ) -> Result<Handled<Vec<OrderEvent>>, PipelineError> {
+    ) -> Result<Handled<OrderOutcome>, PipelineError> {
         let request = &envelope.command;
+        if let Some(version) = self.handled_before(envelope).await? {
+            return Ok(Handled::new(OrderOutcome {
+                events: Vec::new(),
+                version,
+                replayed: true,
+            }));
+        }
         let metadata = envelope.event_metadata();
-        let events = self
-            .orders
-            .within(tx)
-            .execute(&request.order_id, request.command.clone(), &metadata)
-            .await
-            .map_err(domain_error)?;
+        let orders = self.orders.within(tx);
+        let mut root = match orders.load(&request.order_id).await? {
+            Some(root) => root,
+            None => AggregateRoot::new(request.order_id.clone()),
+        };
+        if let Some(expected) = request.expected_version
+            && expected != root.version().get()
+        {
+            return Err(CommandError::Infrastructure(keel_core::Error::Conflict(
+                VersionConflict {
+                    subject: Order::stream_id(&request.order_id)?.as_str().to_owned(),
+                    expected: ExpectedVersion::Exact(Version::new(expected)),
+                    actual: root.version(),
+                },
+            )));
+        }
+        let events = root
+            .execute(request.command.clone())
+            .map_err(|rule| domain_error(CommandError::Rejected(rule)))?;
+        let version = if events.is_empty() {
+            root.version()
+        } else {
+            orders.save(&mut root, &metadata).await?
+        };
         let types: Vec<&'static str> = events
             .iter()
             .map(keel_core::DomainEvent::event_type)
             .collect();
-        Ok(Handled::new(events).with_events(types))
+        Ok(Handled::new(OrderOutcome {
+            events,
+            version: version.get(),
+            replayed: false,
+        })
+        .with_events(types))
+    }
+}
+
+impl OrderHandler {
+    /// The stream version of the last event this envelope's command id
+    /// caused, when it caused any: the command is then a retry.
+    async fn handled_before(
+        &self,
+        envelope: &CommandEnvelope<OrderRequest>,
+    ) -> keel_core::Result<Option<u64>> {
+        let stream = Order::stream_id(&envelope.command.order_id)?;
+        let causation = CausationId::from(envelope.command_id);
+        let events: Vec<_> = self
+            .store
+            .read_stream(&stream, ReadStream::forward())
+            .try_collect()
+            .await?;
+        Ok(events
+            .iter()
+            .rev()
+            .find(|e| e.metadata.get().causation_id == Some(causation))
+            .map(|e| e.version.get()))
     }
 }
 
@@ -132,6 +208,7 @@ impl Ordering {
         stream_prefix: &str,
         snapshot_every: u64,
     ) -> crate::Result<Self> {
+        let store_for_handler = Arc::clone(&store);
         let orders: Arc<dyn AggregateRepository<Order>> = Arc::new(
             EventSourcedRepository::<Order, dyn EventStoreBackend>::new(store.clone())
                 .with_snapshots(SnapshotPolicy::every(snapshot_every), 1),
@@ -150,6 +227,7 @@ impl Ordering {
                 transactions,
                 OrderHandler {
                     orders: Arc::clone(&orders),
+                    store: store_for_handler,
                 },
             ),
             orders,
@@ -207,7 +285,11 @@ impl EventHandler for ShipmentListener {
         }
         let event: Dispatched = serde_json::from_value(message.payload.clone())
             .map_err(|e| HandlerError::reject(format!("unreadable shipment.dispatched: {e}")))?;
-        let metadata = Metadata::new().with_actor("service:ordering");
+        // The dispatch continues the trace and correlation of the order
+        // that caused it.
+        let mut metadata = Metadata::new().with_actor("service:ordering");
+        metadata.correlation_id = message.metadata.correlation_id;
+        metadata.trace_context = message.metadata.trace_context.clone();
         match self
             .orders
             .execute(

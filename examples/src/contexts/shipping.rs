@@ -26,6 +26,7 @@ use shipping_domain::{Address, Shipment, ShipmentId, ShipmentLine, ShipmentStatu
 use tracing::info;
 
 use crate::Services;
+use crate::contexts::search::ShipmentSearch;
 
 /// The topic Shipping publishes its events to.
 pub const SHIPMENTS_TOPIC: &str = "shipping.shipments";
@@ -126,12 +127,23 @@ impl OrderEventsHandler {
         self.dispatched.load(Ordering::SeqCst)
     }
 
-    fn publish(&self, event: &ShippingEvent) -> Result<OutboxMessage, HandlerError> {
+    fn publish(
+        &self,
+        event: &ShippingEvent,
+        cause: &Message,
+    ) -> Result<OutboxMessage, HandlerError> {
         let (ShippingEvent::Dispatched { shipment_id, .. }
         | ShippingEvent::Cancelled { shipment_id, .. }) = event;
-        let message = Message::from_event(event)
+        let mut message = Message::from_event(event)
             .map_err(HandlerError::retry)?
             .with_ordering_key(shipment_id.as_str());
+        // The event continues the correlation and trace of the order event
+        // that caused it, so one trace runs through both services.
+        message.metadata.correlation_id = cause.metadata.correlation_id;
+        message.metadata.trace_context = cause.metadata.trace_context.clone();
+        message.metadata.causation_id = Some(keel_core::CausationId::from(uuid::Uuid::from(
+            cause.event_id,
+        )));
         Ok(OutboxMessage::new(
             SHIPMENTS_TOPIC,
             "Shipment",
@@ -224,7 +236,7 @@ impl InboxHandler for OrderEventsHandler {
         for event in &outgoing {
             self.outbox
                 .within(tx)
-                .write(&self.publish(event)?)
+                .write(&self.publish(event, message)?)
                 .await
                 .map_err(HandlerError::retry)?;
         }
@@ -242,6 +254,8 @@ pub struct Shipping {
     pub shipments: Arc<dyn EntityRepository<ShipmentRecord>>,
     /// Cached shipment reads.
     pub cache: CacheAside,
+    /// The search read model, when configured.
+    pub search: Option<ShipmentSearch>,
     relay: RelayHandle,
 }
 
@@ -257,6 +271,8 @@ pub struct ShippingConsumer {
     /// The inbox around [`OrderEventsHandler`].
     pub inbox: Inbox<OrderEventsHandler>,
     cache: CacheAside,
+    shipments: Arc<dyn EntityRepository<ShipmentRecord>>,
+    search: Option<ShipmentSearch>,
     delivered: AtomicU64,
 }
 
@@ -290,13 +306,56 @@ impl EventHandler for ShippingConsumer {
                 .invalidate(order_id)
                 .await
                 .map_err(HandlerError::retry)?;
+            if let Some(search) = &self.search {
+                // The read model follows what was committed; a failure here
+                // redelivers the message, which the inbox then skips and
+                // this step repeats.
+                let id = ShipmentId::for_order(order_id).as_str().to_owned();
+                if let Some(stored) = self.shipments.get(&id).await.map_err(HandlerError::retry)? {
+                    let shipment = stored.entity.shipment().map_err(HandlerError::retry)?;
+                    search.index(&shipment).await.map_err(HandlerError::retry)?;
+                }
+            }
         }
         Ok(())
     }
 }
 
+/// What Shipping is wired from: its backends and settings. The tour builds
+/// it from [`Services`]; the `shipping-service` binary from its
+/// configuration.
+pub struct ShippingWiring {
+    /// Names this deployment's rows (`run` column), the relay and the cache
+    /// prefix.
+    pub run: String,
+    /// PostgreSQL for shipments, inbox and outbox; in memory when `None`.
+    pub database: Option<keel_database::Database>,
+    /// The cache backend for shipment reads.
+    pub cache: Arc<dyn keel_cache::Backend>,
+    /// Where the outbox relay publishes.
+    pub publisher: Arc<dyn keel_core::EventPublisher>,
+    /// The search read model, when the deployment keeps one.
+    pub search: Option<ShipmentSearch>,
+    /// Whether order events of schema version 2 are understood from the
+    /// start (the fix deployed).
+    pub accept_schema_v2: bool,
+    /// How often the outbox relay polls when idle.
+    pub relay_poll_interval: Duration,
+}
+
+impl std::fmt::Debug for ShippingWiring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShippingWiring")
+            .field("run", &self.run)
+            .field("postgres", &self.database.is_some())
+            .field("search", &self.search.is_some())
+            .field("accept_schema_v2", &self.accept_schema_v2)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Shipping {
-    /// Wires Shipping for this run and starts its outbox relay.
+    /// Wires Shipping for this run of the tour and starts its outbox relay.
     ///
     /// # Errors
     ///
@@ -305,11 +364,38 @@ impl Shipping {
         services: &Services,
         publisher: Arc<dyn keel_core::EventPublisher>,
     ) -> crate::Result<Self> {
-        let run = services.scope("contexts");
+        Self::wire(ShippingWiring {
+            run: services.scope("contexts"),
+            database: services.database().cloned(),
+            cache: services.cache_backend().await?,
+            publisher,
+            search: None,
+            accept_schema_v2: false,
+            relay_poll_interval: Duration::from_millis(50),
+        })
+        .await
+    }
+
+    /// Wires Shipping on `wiring` and starts its outbox relay. On
+    /// PostgreSQL the shipments table is created when missing (Keel's own
+    /// tables come from the crates' migrations, applied beforehand).
+    ///
+    /// # Errors
+    ///
+    /// When a backend cannot be reached or a table cannot be created.
+    pub async fn wire(wiring: ShippingWiring) -> crate::Result<Self> {
+        let ShippingWiring {
+            run,
+            database,
+            cache: backend,
+            publisher,
+            search,
+            accept_schema_v2,
+            relay_poll_interval,
+        } = wiring;
         let config = RelayConfig::default()
             .with_name(format!("shipping-{run}"))
-            .with_poll_interval(Duration::from_millis(50));
-        let backend = services.cache_backend().await?;
+            .with_poll_interval(relay_poll_interval);
         let cache = CacheAside::builder_shared(backend, format!("shipments-{run}"))
             .ttl(Duration::from_secs(60))
             .negative_ttl(Duration::from_secs(1))
@@ -320,14 +406,14 @@ impl Shipping {
             Arc<dyn Outbox>,
             _,
             _,
-        ) = match services.database() {
+        ) = match &database {
             Some(db) => {
                 let create = ShipmentRecord::mapping().create_table_if_not_exists_sql();
                 sqlx::query(&create).execute(db.pool()).await?;
                 let shipments: Arc<dyn EntityRepository<ShipmentRecord>> =
                     Arc::new(PgRepository::<ShipmentRecord>::new(db.pool().clone())?);
                 let outbox: Arc<dyn Outbox> = Arc::new(PgOutbox::new());
-                let handler = handler(&run, &shipments, &outbox);
+                let handler = handler(&run, &shipments, &outbox, accept_schema_v2);
                 let inbox = Inbox::postgres(db, CONSUMER, handler)?;
                 let relay = Relay::new(db.pool().clone(), publisher, config)?.spawn();
                 (shipments, outbox, inbox, relay)
@@ -337,7 +423,7 @@ impl Shipping {
                 let shipments: Arc<dyn EntityRepository<ShipmentRecord>> =
                     Arc::new(InMemoryRepository::<ShipmentRecord>::new()?);
                 let outbox: Arc<dyn Outbox> = Arc::new(memory.clone());
-                let handler = handler(&run, &shipments, &outbox);
+                let handler = handler(&run, &shipments, &outbox, accept_schema_v2);
                 let inbox = Inbox::in_memory(&InMemoryInbox::new(), CONSUMER, handler)?;
                 let relay = Relay::in_memory(&memory, publisher, config)?.spawn();
                 (shipments, outbox, inbox, relay)
@@ -348,10 +434,13 @@ impl Shipping {
             consumer: Arc::new(ShippingConsumer {
                 inbox,
                 cache: cache.clone(),
+                shipments: Arc::clone(&shipments),
+                search: search.clone(),
                 delivered: AtomicU64::new(0),
             }),
             shipments,
             cache,
+            search,
             relay,
         })
     }
@@ -376,6 +465,38 @@ impl Shipping {
             .await
     }
 
+    /// Writes every stored shipment of this run into the search read
+    /// model (nothing without one) and returns how many: what a start does
+    /// so that a crash between a commit and its index write heals.
+    ///
+    /// # Errors
+    ///
+    /// When the repository or the search engine fails.
+    pub async fn reindex(&self) -> crate::Result<usize> {
+        let Some(search) = &self.search else {
+            return Ok(0);
+        };
+        let mut page = keel_core::PageRequest::first(500);
+        let mut count = 0;
+        loop {
+            let found = self
+                .shipments
+                .list(&keel_core::ListQuery::new(page))
+                .await?;
+            let shipments = found
+                .items
+                .iter()
+                .map(|stored| stored.entity.shipment())
+                .collect::<Result<Vec<_>, _>>()?;
+            search.index_many(&shipments).await?;
+            count += shipments.len();
+            match found.next {
+                Some(cursor) => page = keel_core::PageRequest::after(cursor, 500),
+                None => return Ok(count),
+            }
+        }
+    }
+
     /// Stops the outbox relay.
     pub async fn shutdown(self) {
         self.relay.shutdown().await;
@@ -386,12 +507,13 @@ fn handler(
     run: &str,
     shipments: &Arc<dyn EntityRepository<ShipmentRecord>>,
     outbox: &Arc<dyn Outbox>,
+    accept_schema_v2: bool,
 ) -> OrderEventsHandler {
     OrderEventsHandler {
         run: run.to_owned(),
         shipments: Arc::clone(shipments),
         outbox: Arc::clone(outbox),
-        understands_v2: AtomicBool::new(false),
+        understands_v2: AtomicBool::new(accept_schema_v2),
         dispatched: AtomicU64::new(0),
     }
 }

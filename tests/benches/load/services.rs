@@ -1,75 +1,91 @@
-//! The two services under test, as separate processes, and what the
-//! bench needs of them. (Wired to the `tests` crate's process harness.)
+//! The two services under test, as separate processes (the `tests`
+//! crate's [`ServiceStack`]), and what the bench needs of them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use keel_eventbus::{Naming, PubSubBus, PubSubConfig};
-use keel_proto::examples::ordering::v1::ordering_service_client::OrderingServiceClient;
 use keel_proto::examples::shipping::v1 as shipping;
 use keel_proto::examples::shipping::v1::shipping_service_client::ShippingServiceClient;
 use keel_tests::load::{LoadConfig, UsageTracker, find_processes};
+use keel_tests::services::{ServiceStack, StackOptions};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::BoxError;
-use crate::driver::{SKUS, quantity};
+use crate::driver::{SKUS, quantity, sku};
 
-/// An Ordering client that sends the bench's bearer token.
-pub(crate) type OrderingClient = OrderingServiceClient<Channel>;
-/// A Shipping client that sends the bench's bearer token.
-pub(crate) type ShippingClient = ShippingServiceClient<Channel>;
+pub(crate) use keel_tests::services::{OrderingClient, ShippingClient};
+
+/// The Pub/Sub project the harness gives both services.
+const PROJECT: &str = "keel-tests";
+/// The topic Shipping publishes `shipment.dispatched` on.
+const SHIPMENTS_TOPIC: &str = keel_examples::contexts::shipping::SHIPMENTS_TOPIC;
 
 /// Both services, running.
 pub(crate) struct Running {
-    ordering_channel: Channel,
-    shipping_channel: Channel,
-    ordering_pid: u32,
-    shipping_pid: u32,
-    emulator_host: String,
-    project: String,
+    stack: ServiceStack,
+    ordering: OrderingClient,
+    shipping: ShippingClient,
+    health: Channel,
     naming: Naming,
-    shipments_topic: String,
-    databases: Vec<String>,
-    postgres_url: String,
 }
 
-/// Starts both services on fresh databases.
+/// Starts both services on fresh databases (release builds: the harness
+/// builds the binaries in the bench's own profile).
 pub(crate) async fn start() -> Result<Running, BoxError> {
-    Err("the process harness is not wired in yet".into())
+    let stack = ServiceStack::start(StackOptions::default()).await?;
+    let ordering = stack.ordering_client()?;
+    // Restocking needs the write scope, which the stack's default
+    // Shipping client does not hold.
+    let token = stack.token("user:load", &["shipments:read", "shipments:write"])?;
+    let shipping = ShippingServiceClient::new(ServiceStack::channel(&stack.shipping, Some(token))?);
+    let health = Endpoint::from_shared(stack.ordering.endpoint())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let naming = Naming::with_prefix(stack.prefix().to_owned())?;
+    Ok(Running {
+        stack,
+        ordering,
+        shipping,
+        health,
+        naming,
+    })
 }
 
 impl Running {
     pub(crate) fn ordering_client(&self) -> OrderingClient {
-        OrderingServiceClient::new(self.ordering_channel.clone())
+        self.ordering.clone()
     }
 
     pub(crate) fn shipping_client(&self) -> ShippingClient {
-        ShippingServiceClient::new(self.shipping_channel.clone())
+        self.shipping.clone()
     }
 
-    /// A channel to Ordering without credentials (for health checks).
+    /// A plain tonic channel to Ordering, without credentials (for the
+    /// health-check reference).
     pub(crate) fn ordering_channel(&self) -> Channel {
-        self.ordering_channel.clone()
+        self.health.clone()
     }
 
     pub(crate) fn emulator_host(&self) -> &str {
-        &self.emulator_host
+        self.stack.pubsub_host()
     }
 
     pub(crate) fn project(&self) -> &str {
-        &self.project
+        PROJECT
     }
 
     /// The topic Shipping publishes `shipment.dispatched` on.
     pub(crate) fn shipments_topic(&self) -> &str {
-        &self.shipments_topic
+        SHIPMENTS_TOPIC
     }
 
     /// A bus on the services' project and naming, for the observer.
     pub(crate) async fn bus(&self) -> Result<Arc<PubSubBus>, BoxError> {
-        let config = PubSubConfig::emulator(self.project.clone(), &self.emulator_host)?
+        let config = PubSubConfig::emulator(PROJECT, self.stack.pubsub_host())?
             .with_naming(self.naming.clone());
         Ok(Arc::new(PubSubBus::connect(config).await?))
     }
@@ -85,7 +101,7 @@ impl Running {
             client
                 .restock_item(shipping::RestockItemRequest {
                     request_id: uuid::Uuid::now_v7().to_string(),
-                    sku: crate::driver::sku(n),
+                    sku: sku(n),
                     quantity: needed.max(1),
                 })
                 .await?;
@@ -93,7 +109,13 @@ impl Running {
         Ok(())
     }
 
-    pub(crate) async fn stop(self) {}
+    /// Stops both services with SIGTERM; a service that does not exit
+    /// cleanly is reported (the run's figures stand).
+    pub(crate) async fn stop(mut self) {
+        if let Err(e) = self.stack.terminate().await {
+            eprintln!("load: stopping the services: {e}");
+        }
+    }
 }
 
 /// A background task reading the CPU and memory of the services, the
@@ -117,17 +139,28 @@ pub(crate) async fn sample_usage(
     usage: Arc<Mutex<UsageTracker>>,
     every: Duration,
 ) -> Result<UsageSampler, BoxError> {
-    let admin = sqlx::PgPool::connect(&running.postgres_url).await?;
-    let databases = running.databases.clone();
+    // pg_stat_activity shows every database's backends: any pool will do.
+    let admin = running.stack.ordering_db.pool().clone();
+    let databases = vec![
+        running.stack.ordering_db.name().to_owned(),
+        running.stack.shipping_db.name().to_owned(),
+    ];
     let port = running
-        .emulator_host
+        .emulator_host()
         .rsplit(':')
         .next()
         .unwrap_or("8085")
         .to_owned();
+    let pid = |p: Option<u32>, name: &str| p.ok_or_else(|| format!("{name} is not running"));
     let services = [
-        ("ordering service", running.ordering_pid),
-        ("shipping service", running.shipping_pid),
+        (
+            "ordering service",
+            pid(running.stack.ordering.pid(), "ordering")?,
+        ),
+        (
+            "shipping service",
+            pid(running.stack.shipping.pid(), "shipping")?,
+        ),
         ("bench (client)", std::process::id()),
     ];
     let (stop, mut stopped) = watch::channel(false);
@@ -136,9 +169,8 @@ pub(crate) async fn sample_usage(
             usage.observe(name, &[pid]);
         }
         usage.observe("postgres backends", backends);
-        let emulator = find_processes(|line| {
-            line.contains("pubsub-emulator") && line.contains(&format!("--port={port}"))
-        });
+        let emulator =
+            find_processes(|line| line.contains("pubsub-emulator") && line.contains(&port));
         usage.observe("pub/sub emulator", &emulator);
     };
     // The first reading before returning, so that the start mark has
@@ -157,7 +189,6 @@ pub(crate) async fn sample_usage(
                 break;
             }
         }
-        admin.close().await;
     });
     Ok(UsageSampler { stop, task })
 }
@@ -165,11 +196,13 @@ pub(crate) async fn sample_usage(
 /// The pids of the PostgreSQL backends connected to `databases`.
 async fn backends(admin: &sqlx::PgPool, databases: &[String]) -> Result<Vec<u32>, BoxError> {
     // A catalog view, not a fixed schema of Keel's: checked at run time.
-    let pids: Vec<i32> =
-        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = ANY($1)")
-            .bind(databases)
-            .fetch_all(admin)
-            .await?;
+    // The bench's own connection does not count.
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()",
+    )
+    .bind(databases)
+    .fetch_all(admin)
+    .await?;
     Ok(pids
         .into_iter()
         .filter_map(|p| u32::try_from(p).ok())
