@@ -11,17 +11,16 @@ use keel_tests::load::{LatencyRecorder, LoadConfig};
 
 use crate::services::OrderingClient;
 
-/// How many distinct products the orders use (stock is added for each
-/// before the run).
-pub(crate) const SKUS: usize = 20;
+/// How many distinct products the orders use.
+const SKUS: usize = 20;
 
 /// The product of order `n`.
-pub(crate) fn sku(n: usize) -> String {
+fn sku(n: usize) -> String {
     format!("LOAD-SKU-{:02}", n % SKUS)
 }
 
 /// The quantity of order `n`'s single line (1 to 3).
-pub(crate) fn quantity(n: usize) -> u32 {
+fn quantity(n: usize) -> u32 {
     u32::try_from(n % 3 + 1).unwrap_or(1)
 }
 

@@ -109,8 +109,6 @@ async fn measure(config: &LoadConfig, running: &services::Running) -> Result<(),
         )
         .await?;
 
-    running.restock(config).await?;
-
     // Resource use, sampled every half second from here on.
     let usage = Arc::new(Mutex::new(UsageTracker::new()));
     let sampler =

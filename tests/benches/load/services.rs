@@ -5,16 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_eventbus::{Naming, PubSubBus, PubSubConfig};
-use keel_proto::examples::shipping::v1 as shipping;
-use keel_proto::examples::shipping::v1::shipping_service_client::ShippingServiceClient;
-use keel_tests::load::{LoadConfig, UsageTracker, find_processes};
+use keel_tests::load::{UsageTracker, find_processes};
 use keel_tests::services::{ServiceStack, StackOptions};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::BoxError;
-use crate::driver::{SKUS, quantity, sku};
 
 pub(crate) use keel_tests::services::{OrderingClient, ShippingClient};
 
@@ -37,10 +34,7 @@ pub(crate) struct Running {
 pub(crate) async fn start() -> Result<Running, BoxError> {
     let stack = ServiceStack::start(StackOptions::default()).await?;
     let ordering = stack.ordering_client()?;
-    // Restocking needs the write scope, which the stack's default
-    // Shipping client does not hold.
-    let token = stack.token("user:load", &["shipments:read", "shipments:write"])?;
-    let shipping = ShippingServiceClient::new(ServiceStack::channel(&stack.shipping, Some(token))?);
+    let shipping = stack.shipping_client()?;
     let health = Endpoint::from_shared(stack.ordering.endpoint())?
         .tcp_nodelay(true)
         .connect()
@@ -88,25 +82,6 @@ impl Running {
         let config = PubSubConfig::emulator(PROJECT, self.stack.pubsub_host())?
             .with_naming(self.naming.clone());
         Ok(Arc::new(PubSubBus::connect(config).await?))
-    }
-
-    /// Adds enough stock of every product the run orders.
-    pub(crate) async fn restock(&self, config: &LoadConfig) -> Result<(), BoxError> {
-        let mut client = self.shipping_client();
-        for n in 0..SKUS {
-            let needed: u32 = (0..config.orders)
-                .filter(|i| i % SKUS == n)
-                .map(quantity)
-                .sum();
-            client
-                .restock_item(shipping::RestockItemRequest {
-                    request_id: uuid::Uuid::now_v7().to_string(),
-                    sku: sku(n),
-                    quantity: needed.max(1),
-                })
-                .await?;
-        }
-        Ok(())
     }
 
     /// Stops both services with SIGTERM; a service that does not exit
