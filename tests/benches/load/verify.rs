@@ -93,9 +93,10 @@ pub(crate) async fn check(
         Ok(found)
     } else {
         Err(format!(
-            "the run lost or duplicated work: {} failed commands; {} paid orders never dispatched {:?}; \
+            "the run lost or duplicated work: {} failed commands (first: {:?}); {} paid orders never dispatched {:?}; \
              {} dispatched twice {:?}; {} cancelled but dispatched {:?}; {} in the wrong state {:?}",
             found.failed_commands,
+            lock(&driven.errors).first(),
             found.missing.len(),
             first(&found.missing),
             found.duplicates.len(),
