@@ -9,8 +9,10 @@
 //! (`tests/unit_of_work.rs`), and both must keep it.
 //!
 //! [`services`] runs the example services as real processes for the
-//! process tests (`tests/services_*.rs`) and the load bench.
+//! process tests (`tests/services_*.rs`) and the load bench
+//! (`benches/load/`), whose measuring pieces are in [`load`].
 
+pub mod load;
 pub mod services;
 
 use std::fmt;
