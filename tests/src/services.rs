@@ -3,7 +3,7 @@
 //! PostgreSQL, Redis and the Pub/Sub emulator, for tests and benchmarks.
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn example() -> Result<(), keel_tests::services::Error> {
 //! use keel_tests::services::{ServiceStack, StackOptions};
 //!
 //! let mut stack = ServiceStack::start(StackOptions::default()).await?;
