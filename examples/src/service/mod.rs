@@ -257,3 +257,28 @@ pub(crate) fn traced<H: keel_core::EventHandler + ?Sized + 'static>(
         handler,
     )))
 }
+
+/// The gRPC server both services start from: health and reflection, bearer
+/// tokens checked by `verifier`, `policy`'s scope rules at the edge, the
+/// configured request timeout (30 s when unset) and 10 s to drain on
+/// shutdown. The caller adds its API and serves.
+#[must_use]
+pub fn grpc_server(
+    config: &KeelConfig,
+    backends: &Backends,
+    verifier: keel_security::JwtVerifier,
+    policy: ScopePolicy,
+) -> keel_grpc::GrpcServer {
+    keel_grpc::GrpcServer::builder()
+        .health(backends.health.clone())
+        .reflection(keel_grpc::proto::FILE_DESCRIPTOR_SET)
+        .authenticate(verifier)
+        .authorize(policy.edge())
+        .timeout(
+            config
+                .grpc
+                .request_timeout
+                .unwrap_or(Duration::from_secs(30)),
+        )
+        .drain_timeout(Duration::from_secs(10))
+}

@@ -10,14 +10,13 @@
 //! `shipment.dispatched` marks orders shipped.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use keel_config::KeelConfig;
 use keel_core::command::{CommandEnvelope, PipelineError};
 use keel_core::{AggregateRepository, CommandId, Metadata, Principal};
 use keel_eventstore::{EventStoreBackend, PostgresEventStore};
 use keel_grpc::proto::examples::ordering::v1 as api;
-use keel_grpc::{GrpcServer, status_from_command_error, status_from_error};
+use keel_grpc::{status_from_command_error, status_from_error};
 use keel_security::pipeline::{
     AuditLayer, AuthenticationLayer, AuthorizationLayer, CommandPipeline, CommandService,
 };
@@ -137,18 +136,7 @@ pub async fn run(config: KeelConfig) -> crate::Result {
 
     let api = OrderingApi::new(&ordering, audit, verifier.clone());
     let address = config.grpc.address;
-    let server = GrpcServer::builder()
-        .health(backends.health.clone())
-        .reflection(keel_grpc::proto::FILE_DESCRIPTOR_SET)
-        .authenticate(verifier)
-        .authorize(policy().edge())
-        .timeout(
-            config
-                .grpc
-                .request_timeout
-                .unwrap_or(Duration::from_secs(30)),
-        )
-        .drain_timeout(Duration::from_secs(10))
+    let server = super::grpc_server(&config, &backends, verifier, policy())
         .add_service(api::ordering_service_server::OrderingServiceServer::new(
             api,
         ))

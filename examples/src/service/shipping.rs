@@ -15,7 +15,7 @@ use std::time::Duration;
 use keel_config::KeelConfig;
 use keel_grpc::proto::examples::ordering::v1 as ordering_api;
 use keel_grpc::proto::examples::shipping::v1 as api;
-use keel_grpc::{GrpcServer, status_from_error};
+use keel_grpc::status_from_error;
 use keel_search::{InMemoryEngine, SearchEngine};
 use serde::Deserialize;
 use shipping_domain::{Shipment, ShipmentStatus};
@@ -141,18 +141,7 @@ pub async fn run(config: KeelConfig) -> crate::Result {
         shipping: Arc::clone(&shipping),
         search,
     };
-    let server = GrpcServer::builder()
-        .health(backends.health.clone())
-        .reflection(keel_grpc::proto::FILE_DESCRIPTOR_SET)
-        .authenticate(verifier)
-        .authorize(policy().edge())
-        .timeout(
-            config
-                .grpc
-                .request_timeout
-                .unwrap_or(Duration::from_secs(30)),
-        )
-        .drain_timeout(Duration::from_secs(10))
+    let server = super::grpc_server(&config, &backends, verifier, policy())
         .add_service(api::shipping_service_server::ShippingServiceServer::new(
             api,
         ))
