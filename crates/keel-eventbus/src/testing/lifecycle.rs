@@ -42,11 +42,32 @@ pub async fn graceful_shutdown_finishes_in_flight<B: TestBus>(bus: B) {
 
     let rec = Recorder::accepting();
     let next = bus.subscribe(&topic, &config, rec.clone()).await.unwrap();
-    let sentinel = msg(2);
-    bus.publish(&topic, std::slice::from_ref(&sentinel))
-        .await
-        .unwrap();
-    wait_until("sentinel handled", || rec.was_handled(sentinel.event_id)).await;
+    // A sentinel proves the new subscriber is live before the check below.
+    // The Pub/Sub emulator can still hand a message published right after
+    // a shutdown to the stream that just closed and then never redeliver it
+    // (real Pub/Sub does after the ack deadline), so a fresh sentinel goes
+    // out every few seconds until one arrives.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut sentinels = Vec::new();
+    'live: loop {
+        let sentinel = msg(2 + sentinels.len() as u64);
+        bus.publish(&topic, std::slice::from_ref(&sentinel))
+            .await
+            .unwrap();
+        sentinels.push(sentinel.event_id);
+        let resend_at = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < resend_at {
+            if sentinels.iter().any(|id| rec.was_handled(*id)) {
+                break 'live;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {PATIENCE:?} waiting for any of {} sentinels",
+                sentinels.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         rec.attempts_of(m.event_id).is_empty(),
