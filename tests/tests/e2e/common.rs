@@ -196,6 +196,42 @@ pub(crate) async fn wait_all_shipped(
     }
 }
 
+/// Waits until Shipping reports every order in `orders` dispatched (asked
+/// through its own API, so it does not depend on Ordering hearing back).
+pub(crate) async fn wait_all_dispatched(
+    shipping: &ShippingClient,
+    orders: &[String],
+    limit: Duration,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + limit;
+    let mut waiting: Vec<&String> = orders.iter().collect();
+    loop {
+        let mut still = Vec::new();
+        for id in waiting {
+            let dispatched = shipment(shipping, id)
+                .await?
+                .is_some_and(|s| s.status() == shipping_api::ShipmentStatus::Dispatched);
+            if !dispatched {
+                still.push(id);
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} of {} orders not dispatched by Shipping after {limit:?}, e.g. {}",
+                waiting.len(),
+                orders.len(),
+                waiting[0]
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A pool on `url` (a test database of the stack).
 pub(crate) async fn pool(url: &str) -> Result<sqlx::PgPool, Error> {
     Ok(sqlx::postgres::PgPoolOptions::new()
