@@ -196,26 +196,33 @@ pub(crate) async fn wait_all_shipped(
     }
 }
 
-/// Waits until Shipping reports every order in `orders` dispatched (asked
-/// through its own API, so it does not depend on Ordering hearing back).
+/// Waits until Shipping's database holds a dispatched shipment for every
+/// order in `orders`.
+///
+/// It reads the table, not `GetShipment`: that call reads through
+/// Shipping's cache, and a read that loads a shipment while the dispatch
+/// commits can put the old state back after the dispatch's eviction, where
+/// it stays for the cache's TTL (a minute), so polling the API can wait a
+/// minute after the fact. Ask the API once everything is dispatched.
 pub(crate) async fn wait_all_dispatched(
-    shipping: &ShippingClient,
+    shipping_db: &sqlx::PgPool,
     orders: &[String],
     limit: Duration,
 ) -> Result<(), Error> {
     let deadline = Instant::now() + limit;
-    let mut waiting: Vec<&String> = orders.iter().collect();
     loop {
-        let mut still = Vec::new();
-        for id in waiting {
-            let dispatched = shipment(shipping, id)
-                .await?
-                .is_some_and(|s| s.status() == shipping_api::ShipmentStatus::Dispatched);
-            if !dispatched {
-                still.push(id);
-            }
-        }
-        waiting = still;
+        let dispatched: std::collections::HashSet<String> = sqlx::query_scalar(
+            "SELECT order_id FROM keel_examples_shipments \
+             WHERE shipment->>'status' = 'dispatched'",
+        )
+        .fetch_all(shipping_db)
+        .await?
+        .into_iter()
+        .collect();
+        let waiting: Vec<&String> = orders
+            .iter()
+            .filter(|id| !dispatched.contains(*id))
+            .collect();
         if waiting.is_empty() {
             return Ok(());
         }
@@ -228,7 +235,7 @@ pub(crate) async fn wait_all_dispatched(
             )
             .into());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
