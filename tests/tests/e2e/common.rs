@@ -196,6 +196,49 @@ pub(crate) async fn wait_all_shipped(
     }
 }
 
+/// Waits until Shipping's database holds a dispatched shipment for every
+/// order in `orders`.
+///
+/// It reads the table, not `GetShipment`: that call reads through
+/// Shipping's cache, and a read that loads a shipment while the dispatch
+/// commits can put the old state back after the dispatch's eviction, where
+/// it stays for the cache's TTL (a minute), so polling the API can wait a
+/// minute after the fact. Ask the API once everything is dispatched.
+pub(crate) async fn wait_all_dispatched(
+    shipping_db: &sqlx::PgPool,
+    orders: &[String],
+    limit: Duration,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let dispatched: std::collections::HashSet<String> = sqlx::query_scalar(
+            "SELECT order_id FROM keel_examples_shipments \
+             WHERE shipment->>'status' = 'dispatched'",
+        )
+        .fetch_all(shipping_db)
+        .await?
+        .into_iter()
+        .collect();
+        let waiting: Vec<&String> = orders
+            .iter()
+            .filter(|id| !dispatched.contains(*id))
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} of {} orders not dispatched by Shipping after {limit:?}, e.g. {}",
+                waiting.len(),
+                orders.len(),
+                waiting[0]
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A pool on `url` (a test database of the stack).
 pub(crate) async fn pool(url: &str) -> Result<sqlx::PgPool, Error> {
     Ok(sqlx::postgres::PgPoolOptions::new()

@@ -6,7 +6,7 @@
 //!
 //! | module | checks |
 //! |---|---|
-//! | [`restart`] | SIGKILL of Shipping and of Ordering mid-run: no order lost, each paid order shipped exactly once in effect (ignored: the emulator loses messages after a SIGKILL, see the test) |
+//! | [`restart`] | Ordering SIGKILLed twice mid-run (clients retrying, the relay holding unpublished events) while Shipping stays up: no order lost, each paid order shipped exactly once in effect; SIGKILL of Shipping too is a second test, ignored on the emulator (it loses messages of a killed subscriber) |
 //! | [`dead_letter`] | a schema-v2 `order.paid` is dead-lettered, replayed after the fix, handled once |
 //! | [`trace`] | one gRPC call's trace reaches Shipping through the bus |
 //! | [`search`] | `SearchShipments` finds the shipped order |
