@@ -29,9 +29,13 @@ use crate::names::IndexName;
 use crate::query::{Document, SearchRequest};
 use crate::settings::IndexSettings;
 
-mod rules;
+mod concurrency;
+mod queries;
+mod writes;
 
-pub use rules::*;
+pub use concurrency::*;
+pub use queries::*;
+pub use writes::*;
 
 /// How long contract rules wait for a write.
 pub const WAIT: Wait = Wait::Applied {
