@@ -70,6 +70,11 @@ pub struct MemoryCache {
     /// One publish/subscribe channel per key prefix, like Redis.
     channels: Arc<Mutex<HashMap<Arc<str>, broadcast::Sender<Notice>>>>,
     ready: watch::Sender<bool>,
+    /// Held through every multi-key step (`read_or_insert`,
+    /// `write_guarded`, `write_batch`), which makes each one atomic with
+    /// respect to the others, like a Lua script or `MULTI` on Redis. Shared
+    /// by clones (they share entries).
+    atomic: Arc<Mutex<()>>,
 }
 
 impl fmt::Debug for MemoryCache {
@@ -113,6 +118,7 @@ impl MemoryCache {
             limits: Limits::default(),
             channels: Arc::default(),
             ready,
+            atomic: Arc::default(),
         }
     }
 
@@ -226,6 +232,92 @@ impl Backend for MemoryCache {
                 _ => Op::Nop,
             });
         Ok(matches!(result, moka::ops::compute::CompResult::Removed(_)))
+    }
+
+    async fn read_or_insert(&self, key: &str, value: &[u8], ttl: Duration) -> Result<Vec<u8>> {
+        let key = self.full_key(key)?;
+        self.limits.check_value(value)?;
+        check_ttl(Some(ttl))?;
+        let _atomic = self.atomic.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.entries.get(&key);
+        let entry = match current {
+            // Re-inserting restarts its life at `ttl` (entries of this kind
+            // all use one TTL, so that never shortens it).
+            Some(e) if e.ttl.is_some() => Entry {
+                value: e.value,
+                ttl: Some(ttl),
+            },
+            Some(e) => return Ok(e.value.to_vec()),
+            None => Entry {
+                value: Arc::from(value),
+                ttl: Some(ttl),
+            },
+        };
+        let found = entry.value.to_vec();
+        self.entries.insert(key, entry);
+        Ok(found)
+    }
+
+    async fn write_guarded(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        guards: &[(&str, Option<&[u8]>)],
+    ) -> Result<bool> {
+        let key = self.full_key(key)?;
+        self.limits.check_value(value)?;
+        check_ttl(ttl)?;
+        let guards = guards
+            .iter()
+            .map(|(k, expected)| Ok((self.full_key(k)?, *expected)))
+            .collect::<Result<Vec<_>>>()?;
+        let _atomic = self.atomic.lock().unwrap_or_else(|p| p.into_inner());
+        let holds = guards.iter().all(|(k, expected)| {
+            let current = self.entries.get(k);
+            current.as_ref().map(|e| &*e.value) == *expected
+        });
+        if holds {
+            self.entries.insert(
+                key,
+                Entry {
+                    value: Arc::from(value),
+                    ttl,
+                },
+            );
+        }
+        Ok(holds)
+    }
+
+    async fn write_batch(
+        &self,
+        writes: &[(&str, &[u8], Option<Duration>)],
+        removes: &[&str],
+    ) -> Result<()> {
+        let mut entries = Vec::with_capacity(writes.len());
+        for (key, value, ttl) in writes {
+            self.limits.check_value(value)?;
+            check_ttl(*ttl)?;
+            entries.push((
+                self.full_key(key)?,
+                Entry {
+                    value: Arc::from(*value),
+                    ttl: *ttl,
+                },
+            ));
+        }
+        let removes = removes
+            .iter()
+            .map(|k| self.full_key(k))
+            .collect::<Result<Vec<_>>>()?;
+        let _atomic = self.atomic.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, entry) in entries {
+            self.entries.insert(key, entry);
+        }
+        for key in removes {
+            self.entries.remove(&key);
+        }
+        Ok(())
     }
 
     async fn publish(&self, message: &[u8]) -> Result<()> {

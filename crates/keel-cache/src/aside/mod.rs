@@ -11,7 +11,7 @@ mod versions;
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,12 @@ struct Inner {
     /// lookups go back to comparing `checked_at` with the clock.
     ticking: AtomicBool,
     refreshing: AtomicBool,
+    /// Bumped (after the backend changed) by every eviction or write that
+    /// may make local copies stale. A local copy of a value read or loaded
+    /// from the backend is kept only if no bump happened since just before
+    /// that read or load, so a value read before an eviction is not kept
+    /// locally after it.
+    local_epoch: AtomicU64,
     local: Option<moka::sync::Cache<String, Arc<[u8]>>>,
     flights: Flights,
     counters: Counters,
@@ -332,9 +338,23 @@ impl CacheAside {
         }
         let data_key = inner.data_key(&inner.current_token().await, key);
         let ttl = inner.policy.ttl.map(|t| jittered(t, inner.policy.jitter));
+        // The fence moves with the write, so a load that began before it
+        // cannot overwrite it with an older value.
+        let fence_key = inner.fence_key(key);
+        let fence = Inner::new_fence();
+        let writes = [
+            (data_key.as_str(), envelope.as_slice(), ttl),
+            (
+                fence_key.as_str(),
+                fence.as_bytes(),
+                Some(inner.policy.max_load_time),
+            ),
+        ];
         inner
-            .call("set", inner.backend.write(&data_key, &envelope, ttl))
+            .call("set", inner.backend.write_batch(&writes, &[]))
             .await?;
+        inner.flights.detach(&data_key);
+        inner.evict_local(std::slice::from_ref(&data_key));
         if let Some(local) = &inner.local {
             local.insert(data_key, Arc::from(envelope));
         }
@@ -363,12 +383,29 @@ impl CacheAside {
             .map(|k| inner.data_key(&token, k.as_ref()))
             .collect();
         let refs: Vec<&str> = data_keys.iter().map(String::as_str).collect();
-        if let Some(local) = &inner.local {
-            for key in &data_keys {
-                local.invalidate(key);
-            }
+        // Each key's fence moves in the same atomic step as its removal: a
+        // load that began before it can no longer fill the key.
+        let fence = Inner::new_fence();
+        let fence_keys: Vec<String> = keys.iter().map(|k| inner.fence_key(k.as_ref())).collect();
+        let fences: Vec<(&str, &[u8], Option<Duration>)> = fence_keys
+            .iter()
+            .map(|k| {
+                (
+                    k.as_str(),
+                    fence.as_bytes(),
+                    Some(inner.policy.max_load_time),
+                )
+            })
+            .collect();
+        inner
+            .call("delete", inner.backend.write_batch(&fences, &refs))
+            .await?;
+        // New callers in this process must not join a load that began
+        // before the eviction.
+        for key in &data_keys {
+            inner.flights.detach(key);
         }
-        inner.call("delete", inner.backend.remove(&refs)).await?;
+        inner.evict_local(&data_keys);
         inner
             .broadcast(keys.iter().map(|k| k.as_ref().to_owned()).collect(), None)
             .await;
@@ -387,9 +424,11 @@ impl CacheAside {
         inner
             .call(
                 "set version",
+                // A batch, so the bump is atomic with respect to fills,
+                // which check the version.
                 inner
                     .backend
-                    .write(&inner.version_key, token.as_bytes(), None),
+                    .write_batch(&[(&inner.version_key, token.as_bytes(), None)], &[]),
             )
             .await?;
         inner.set_token(&token);
