@@ -19,6 +19,24 @@ pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 256 * 1024 * 1024;
 struct Entry {
     value: Arc<[u8]>,
     ttl: Option<Duration>,
+    /// When it was written: its life ends `ttl` after.
+    written: Instant,
+}
+
+impl Entry {
+    fn new(value: Arc<[u8]>, ttl: Option<Duration>) -> Self {
+        Self {
+            value,
+            ttl,
+            written: Instant::now(),
+        }
+    }
+
+    /// Whether it expires within `ttl` from now.
+    fn expires_within(&self, ttl: Duration) -> bool {
+        self.ttl
+            .is_some_and(|life| life.saturating_sub(self.written.elapsed()) < ttl)
+    }
 }
 
 /// Per-entry expiry: each entry lives for the TTL it was written with.
@@ -187,13 +205,7 @@ impl Backend for MemoryCache {
         let key = self.full_key(key)?;
         self.limits.check_value(value)?;
         check_ttl(ttl)?;
-        self.entries.insert(
-            key,
-            Entry {
-                value: Arc::from(value),
-                ttl,
-            },
-        );
+        self.entries.insert(key, Entry::new(Arc::from(value), ttl));
         Ok(())
     }
 
@@ -215,10 +227,10 @@ impl Backend for MemoryCache {
         let key = self.full_key(key)?;
         self.limits.check_value(value)?;
         check_ttl(Some(ttl))?;
-        let entry = self.entries.entry(key).or_insert_with(|| Entry {
-            value: Arc::from(value),
-            ttl: Some(ttl),
-        });
+        let entry = self
+            .entries
+            .entry(key)
+            .or_insert_with(|| Entry::new(Arc::from(value), Some(ttl)));
         Ok(entry.is_fresh())
     }
 
@@ -239,19 +251,11 @@ impl Backend for MemoryCache {
         self.limits.check_value(value)?;
         check_ttl(Some(ttl))?;
         let _atomic = self.atomic.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.entries.get(&key);
-        let entry = match current {
-            // Re-inserting restarts its life at `ttl` (entries of this kind
-            // all use one TTL, so that never shortens it).
-            Some(e) if e.ttl.is_some() => Entry {
-                value: e.value,
-                ttl: Some(ttl),
-            },
-            Some(e) => return Ok(e.value.to_vec()),
-            None => Entry {
-                value: Arc::from(value),
-                ttl: Some(ttl),
-            },
+        let entry = match self.entries.get(&key) {
+            Some(e) if !e.expires_within(ttl) => return Ok(e.value.to_vec()),
+            // Re-written to live `ttl` from now.
+            Some(e) => Entry::new(e.value, Some(ttl)),
+            None => Entry::new(Arc::from(value), Some(ttl)),
         };
         let found = entry.value.to_vec();
         self.entries.insert(key, entry);
@@ -278,13 +282,7 @@ impl Backend for MemoryCache {
             current.as_ref().map(|e| &*e.value) == *expected
         });
         if holds {
-            self.entries.insert(
-                key,
-                Entry {
-                    value: Arc::from(value),
-                    ttl,
-                },
-            );
+            self.entries.insert(key, Entry::new(Arc::from(value), ttl));
         }
         Ok(holds)
     }
@@ -298,13 +296,7 @@ impl Backend for MemoryCache {
         for (key, value, ttl) in writes {
             self.limits.check_value(value)?;
             check_ttl(*ttl)?;
-            entries.push((
-                self.full_key(key)?,
-                Entry {
-                    value: Arc::from(*value),
-                    ttl: *ttl,
-                },
-            ));
+            entries.push((self.full_key(key)?, Entry::new(Arc::from(*value), *ttl)));
         }
         let removes = removes
             .iter()

@@ -243,6 +243,21 @@ pub async fn read_or_insert(s: Subject) {
         Some(b"v".to_vec()),
         "the life was not extended"
     );
+    // A longer remaining life is not shortened.
+    s.cache
+        .write("long", b"v", Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    s.cache
+        .read_or_insert("long", b"other", Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.cache.read("long").await.unwrap(),
+        Some(b"v".to_vec()),
+        "the life was shortened"
+    );
     // A new entry expires after the TTL.
     s.cache
         .read_or_insert("brief", b"v", Duration::from_millis(150))
