@@ -452,8 +452,12 @@ impl CacheAside {
         inner
             .call("delete", inner.backend.write_batch(&fences, &refs))
             .await?;
-        // Again: a copy read from the backend just before the removal may
-        // have been stored locally meanwhile.
+        // Again: a flight that began meanwhile may have found the old value
+        // on its second look, and a copy read from the backend just before
+        // the removal may have been stored locally.
+        for key in &data_keys {
+            inner.flights.detach(key);
+        }
         inner.evict_local(&data_keys);
         inner
             .broadcast(keys.iter().map(|k| k.as_ref().to_owned()).collect(), None)
