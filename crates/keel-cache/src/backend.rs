@@ -61,6 +61,44 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// holder's.
     async fn remove_if_equals(&self, key: &str, expected: &[u8]) -> Result<bool>;
 
+    /// The value under `key`; when `key` is absent, stores `value` there
+    /// (expiring after `ttl`) and returns it, in one atomic step. Either way
+    /// the key then lives at least `ttl` from now: a shorter remaining life
+    /// is extended, a key without expiry keeps none.
+    ///
+    /// [`CacheAside`](crate::CacheAside) reads a key's eviction fence with
+    /// it before each load.
+    async fn read_or_insert(&self, key: &str, value: &[u8], ttl: Duration) -> Result<Vec<u8>>;
+
+    /// Stores `value` under `key` with `ttl` (as [`write`](Self::write)
+    /// does) only if every guard `(guard_key, expected)` holds: the guard
+    /// key holds exactly `expected`, or is absent when `expected` is
+    /// `None`. The checks and the write are one atomic step: no
+    /// [`write_batch`](Self::write_batch) (nor other write) falls between
+    /// them. Returns whether it stored.
+    ///
+    /// [`CacheAside`](crate::CacheAside) fills the cache with it, guarded by
+    /// the key's eviction fence and the namespace version.
+    async fn write_guarded(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        guards: &[(&str, Option<&[u8]>)],
+    ) -> Result<bool>;
+
+    /// Applies `writes` (`(key, value, ttl)`, as [`write`](Self::write))
+    /// and then removes `removes`, as one atomic step: a
+    /// [`write_guarded`](Self::write_guarded) sees all of it or none.
+    ///
+    /// [`CacheAside`](crate::CacheAside) evicts and writes through with it,
+    /// moving the key's eviction fence in the same step.
+    async fn write_batch(
+        &self,
+        writes: &[(&str, &[u8], Option<Duration>)],
+        removes: &[&str],
+    ) -> Result<()>;
+
     /// Sends `message` to every [`subscribe`](Self::subscribe)r of this
     /// backend's key space (fire-and-forget: a subscriber that is
     /// disconnected misses it, and learns so through [`Notice::Lost`]).

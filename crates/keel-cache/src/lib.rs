@@ -12,6 +12,12 @@
 //!   runs the loader and caches its answer. Concurrent misses for a key run
 //!   the loader once per process and, with a short Redis lock, once across
 //!   processes.
+//! * **Evictions win over loads in progress.** A value loaded before an
+//!   [`invalidate`](CacheAside::invalidate) (or `invalidate_many`, `set`,
+//!   `invalidate_all`) of its key is never cached after it, in any process:
+//!   each key has an *eviction fence* that evictions move and that the
+//!   fill checks atomically. See "Evictions during a load" on
+//!   [`CacheAside`].
 //! * **Strategies per cache.** TTL with jitter, negative caching of "not
 //!   found", namespaced and versioned keys
 //!   ([`invalidate_all`](CacheAside::invalidate_all) drops a namespace

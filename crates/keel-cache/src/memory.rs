@@ -19,6 +19,24 @@ pub const DEFAULT_MEMORY_CAPACITY_BYTES: u64 = 256 * 1024 * 1024;
 struct Entry {
     value: Arc<[u8]>,
     ttl: Option<Duration>,
+    /// When it was written: its life ends `ttl` after.
+    written: Instant,
+}
+
+impl Entry {
+    fn new(value: Arc<[u8]>, ttl: Option<Duration>) -> Self {
+        Self {
+            value,
+            ttl,
+            written: Instant::now(),
+        }
+    }
+
+    /// Whether it expires within `ttl` from now.
+    fn expires_within(&self, ttl: Duration) -> bool {
+        self.ttl
+            .is_some_and(|life| life.saturating_sub(self.written.elapsed()) < ttl)
+    }
 }
 
 /// Per-entry expiry: each entry lives for the TTL it was written with.
@@ -70,6 +88,11 @@ pub struct MemoryCache {
     /// One publish/subscribe channel per key prefix, like Redis.
     channels: Arc<Mutex<HashMap<Arc<str>, broadcast::Sender<Notice>>>>,
     ready: watch::Sender<bool>,
+    /// Held through every multi-key step (`read_or_insert`,
+    /// `write_guarded`, `write_batch`), which makes each one atomic with
+    /// respect to the others, like a Lua script or `MULTI` on Redis. Shared
+    /// by clones (they share entries).
+    atomic: Arc<Mutex<()>>,
 }
 
 impl fmt::Debug for MemoryCache {
@@ -113,6 +136,7 @@ impl MemoryCache {
             limits: Limits::default(),
             channels: Arc::default(),
             ready,
+            atomic: Arc::default(),
         }
     }
 
@@ -181,13 +205,7 @@ impl Backend for MemoryCache {
         let key = self.full_key(key)?;
         self.limits.check_value(value)?;
         check_ttl(ttl)?;
-        self.entries.insert(
-            key,
-            Entry {
-                value: Arc::from(value),
-                ttl,
-            },
-        );
+        self.entries.insert(key, Entry::new(Arc::from(value), ttl));
         Ok(())
     }
 
@@ -209,10 +227,10 @@ impl Backend for MemoryCache {
         let key = self.full_key(key)?;
         self.limits.check_value(value)?;
         check_ttl(Some(ttl))?;
-        let entry = self.entries.entry(key).or_insert_with(|| Entry {
-            value: Arc::from(value),
-            ttl: Some(ttl),
-        });
+        let entry = self
+            .entries
+            .entry(key)
+            .or_insert_with(|| Entry::new(Arc::from(value), Some(ttl)));
         Ok(entry.is_fresh())
     }
 
@@ -226,6 +244,72 @@ impl Backend for MemoryCache {
                 _ => Op::Nop,
             });
         Ok(matches!(result, moka::ops::compute::CompResult::Removed(_)))
+    }
+
+    async fn read_or_insert(&self, key: &str, value: &[u8], ttl: Duration) -> Result<Vec<u8>> {
+        let key = self.full_key(key)?;
+        self.limits.check_value(value)?;
+        check_ttl(Some(ttl))?;
+        let _atomic = self.atomic.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = match self.entries.get(&key) {
+            Some(e) if !e.expires_within(ttl) => return Ok(e.value.to_vec()),
+            // Re-written to live `ttl` from now.
+            Some(e) => Entry::new(e.value, Some(ttl)),
+            None => Entry::new(Arc::from(value), Some(ttl)),
+        };
+        let found = entry.value.to_vec();
+        self.entries.insert(key, entry);
+        Ok(found)
+    }
+
+    async fn write_guarded(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        guards: &[(&str, Option<&[u8]>)],
+    ) -> Result<bool> {
+        let key = self.full_key(key)?;
+        self.limits.check_value(value)?;
+        check_ttl(ttl)?;
+        let guards = guards
+            .iter()
+            .map(|(k, expected)| Ok((self.full_key(k)?, *expected)))
+            .collect::<Result<Vec<_>>>()?;
+        let _atomic = self.atomic.lock().unwrap_or_else(|p| p.into_inner());
+        let holds = guards.iter().all(|(k, expected)| {
+            let current = self.entries.get(k);
+            current.as_ref().map(|e| &*e.value) == *expected
+        });
+        if holds {
+            self.entries.insert(key, Entry::new(Arc::from(value), ttl));
+        }
+        Ok(holds)
+    }
+
+    async fn write_batch(
+        &self,
+        writes: &[(&str, &[u8], Option<Duration>)],
+        removes: &[&str],
+    ) -> Result<()> {
+        let mut entries = Vec::with_capacity(writes.len());
+        for (key, value, ttl) in writes {
+            self.limits.check_value(value)?;
+            check_ttl(*ttl)?;
+            entries.push((self.full_key(key)?, Entry::new(Arc::from(*value), *ttl)));
+        }
+        let removes = removes
+            .iter()
+            .map(|k| self.full_key(k))
+            .collect::<Result<Vec<_>>>()?;
+        let _atomic = self.atomic.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, entry) in entries {
+            self.entries.insert(key, entry);
+        }
+        for key in removes {
+            self.entries.remove(&key);
+        }
+        Ok(())
     }
 
     async fn publish(&self, message: &[u8]) -> Result<()> {

@@ -25,6 +25,48 @@ static REMOVE_IF_EQUALS: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+/// Returns the value under `KEYS[1]`, storing `ARGV[1]` there first when
+/// absent; either way the key then lives at least `ARGV[2]` ms (a key
+/// without expiry keeps none).
+static READ_OR_INSERT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"local value = redis.call('GET', KEYS[1])
+          if not value then
+              redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+              return ARGV[1]
+          end
+          local left = redis.call('PTTL', KEYS[1])
+          if left >= 0 and left < tonumber(ARGV[2]) then
+              redis.call('PEXPIRE', KEYS[1], ARGV[2])
+          end
+          return value",
+    )
+});
+
+/// Sets `KEYS[1]` to `ARGV[1]` (expiring after `ARGV[2]` ms, or never when
+/// `0`) only if each further key `KEYS[i]` holds what `ARGV[i + 1]` says:
+/// absent when it is empty, else the rest of it after a one-byte marker.
+/// Returns 1 when it stored, 0 when a guard failed.
+static WRITE_GUARDED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"for i = 2, #KEYS do
+              local current = redis.call('GET', KEYS[i])
+              local expected = ARGV[i + 1]
+              if expected == '' then
+                  if current then return 0 end
+              elseif current ~= string.sub(expected, 2) then
+                  return 0
+              end
+          end
+          if ARGV[2] == '0' then
+              redis.call('SET', KEYS[1], ARGV[1])
+          else
+              redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+          end
+          return 1",
+    )
+});
+
 /// How to reach Redis and what to accept, for [`RedisCache`].
 ///
 /// ```
@@ -491,6 +533,81 @@ impl Backend for RedisCache {
             .await
             .map_err(|e| self.error("delete if equals", e))?;
         Ok(removed > 0)
+    }
+
+    async fn read_or_insert(&self, key: &str, value: &[u8], ttl: Duration) -> Result<Vec<u8>> {
+        let key = self.key(key)?;
+        self.shared.config.limits.check_value(value)?;
+        check_ttl(Some(ttl))?;
+        let mut conn = self.conn.clone();
+        READ_OR_INSERT
+            .key(key)
+            .arg(value)
+            .arg(millis(ttl))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error("read or insert", e))
+    }
+
+    async fn write_guarded(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+        guards: &[(&str, Option<&[u8]>)],
+    ) -> Result<bool> {
+        let key = self.key(key)?;
+        self.shared.config.limits.check_value(value)?;
+        check_ttl(ttl)?;
+        let mut invocation = WRITE_GUARDED.key(key);
+        invocation.arg(value).arg(ttl.map_or(0, millis));
+        for (guard, expected) in guards {
+            invocation.key(self.key(guard)?);
+            match expected {
+                None => invocation.arg(&b""[..]),
+                Some(expected) => {
+                    let mut marked = Vec::with_capacity(expected.len() + 1);
+                    marked.push(b'=');
+                    marked.extend_from_slice(expected);
+                    invocation.arg(marked)
+                }
+            };
+        }
+        let mut conn = self.conn.clone();
+        let stored: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.error("guarded set", e))?;
+        Ok(stored > 0)
+    }
+
+    async fn write_batch(
+        &self,
+        writes: &[(&str, &[u8], Option<Duration>)],
+        removes: &[&str],
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (key, value, ttl) in writes {
+            self.shared.config.limits.check_value(value)?;
+            check_ttl(*ttl)?;
+            let set = pipe.cmd("SET").arg(self.key(key)?).arg(*value);
+            if let Some(ttl) = ttl {
+                set.arg("PX").arg(millis(*ttl));
+            }
+            set.ignore();
+        }
+        if !removes.is_empty() {
+            let del = pipe.cmd("DEL");
+            for key in removes {
+                del.arg(self.key(key)?);
+            }
+            del.ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error("batch", e))
     }
 
     async fn publish(&self, message: &[u8]) -> Result<()> {

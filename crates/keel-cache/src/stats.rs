@@ -42,6 +42,10 @@ pub struct CacheStats {
     /// Cached values that no longer decoded; each was removed and treated as
     /// a miss.
     pub invalid_values: u64,
+    /// Loaded values that were not cached because their key was evicted
+    /// (or rewritten, or its namespace bumped) while they loaded: the
+    /// caller got the loaded value, but it was too old to keep.
+    pub stale_fills: u64,
 }
 
 impl CacheStats {
@@ -65,6 +69,7 @@ pub(crate) struct Counters {
     pub(crate) load_errors: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) invalid_values: AtomicU64,
+    pub(crate) stale_fills: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -83,6 +88,7 @@ impl Counters {
             load_errors: get(&self.load_errors),
             errors: get(&self.errors),
             invalid_values: get(&self.invalid_values),
+            stale_fills: get(&self.stale_fills),
         }
     }
 }

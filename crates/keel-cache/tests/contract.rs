@@ -39,6 +39,9 @@ macro_rules! suite {
                 bad_input,
                 write_if_absent_has_one_winner,
                 remove_if_equals,
+                read_or_insert,
+                write_guarded_checks_every_guard,
+                write_batch_is_atomic_for_guarded_writes,
                 delete_many,
                 publish_reaches_other_processes,
                 get_or_load_caches,
@@ -53,6 +56,9 @@ macro_rules! suite {
                 load_errors_are_shared_and_not_cached,
                 cache_aside_bad_input,
                 invalidation_handler_evicts_on_events,
+                eviction_during_a_load_wins,
+                eviction_by_another_process_during_a_load_wins,
+                concurrent_reads_and_invalidations_converge,
             ],
         }
     };

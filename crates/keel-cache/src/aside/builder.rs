@@ -25,6 +25,9 @@ pub(super) struct Policy {
     pub(super) lock: Option<LockPolicy>,
     pub(super) local: Option<LocalPolicy>,
     pub(super) version_refresh: Duration,
+    /// How long eviction fences live: the longest load whose value is
+    /// still cached.
+    pub(super) max_load_time: Duration,
 }
 
 impl Default for Policy {
@@ -42,6 +45,7 @@ impl Default for Policy {
             }),
             local: None,
             version_refresh: Duration::from_secs(1),
+            max_load_time: Duration::from_secs(30),
         }
     }
 }
@@ -167,6 +171,19 @@ impl CacheAsideBuilder {
         self
     }
 
+    /// The longest a load may take for its value to be cached (default
+    /// 30 s); a slower load's value is returned but not cached.
+    ///
+    /// This is also how long the small marker (the key's *eviction
+    /// fence*, `{namespace}:_fence:{key}`) that every miss, `set` and
+    /// invalidation of a key leaves in the backend lives. A fill is refused
+    /// when the fence moved during its load, so a value loaded before an
+    /// invalidation is never cached after it; see the crate docs.
+    pub fn max_load_time(mut self, limit: Duration) -> Self {
+        self.policy.max_load_time = limit;
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let ns = &self.namespace;
         let config = |reason: String| Err(CacheError::Config(reason));
@@ -191,6 +208,7 @@ impl CacheAsideBuilder {
         if zero(p.ttl)
             || zero(p.negative_ttl)
             || p.timeout.is_zero()
+            || p.max_load_time.is_zero()
             || zero(p.lock.as_ref().map(|l| l.ttl))
             || zero(p.lock.as_ref().map(|l| l.poll))
             || zero(p.local.as_ref().map(|l| l.ttl))
@@ -238,6 +256,7 @@ impl CacheAsideBuilder {
                 generation: 0,
             }),
             version_fresh: AtomicBool::new(false),
+            local_epoch: AtomicU64::new(0),
             ticking: AtomicBool::new(true),
             refreshing: AtomicBool::new(false),
             local,

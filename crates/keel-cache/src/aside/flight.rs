@@ -1,6 +1,7 @@
 //! In-process single flight: concurrent misses for one key share one load.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -11,10 +12,11 @@ pub(super) type Outcome = Result<Arc<[u8]>, Arc<str>>;
 
 type Slot = watch::Receiver<Option<Outcome>>;
 
-/// The loads in progress, by full key.
+/// The loads in progress, by full key, each with the id of its flight.
 #[derive(Default, Debug)]
 pub(super) struct Flights {
-    in_progress: Mutex<HashMap<String, Slot>>,
+    in_progress: Mutex<HashMap<String, (u64, Slot)>>,
+    next_id: AtomicU64,
 }
 
 /// A caller's part in a flight.
@@ -30,16 +32,29 @@ impl Flights {
     /// progress.
     pub(super) fn join(&self, key: &str) -> Role<'_> {
         let mut in_progress = self.in_progress.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = in_progress.get(key) {
+        if let Some((_, slot)) = in_progress.get(key) {
             return Role::Follower(slot.clone());
         }
         let (tx, rx) = watch::channel(None);
-        in_progress.insert(key.to_owned(), rx);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        in_progress.insert(key.to_owned(), (id, rx));
         Role::Leader(Lead {
             flights: self,
             key: key.to_owned(),
+            id,
             tx,
         })
+    }
+
+    /// Stops new callers from joining the flight in progress for `key`
+    /// (its key was evicted: what it loads may be older than the
+    /// eviction). They start a new flight; callers that already joined
+    /// still get the old flight's outcome.
+    pub(super) fn detach(&self, key: &str) {
+        self.in_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     #[cfg(test)]
@@ -54,6 +69,7 @@ impl Flights {
 pub(super) struct Lead<'a> {
     flights: &'a Flights,
     key: String,
+    id: u64,
     tx: watch::Sender<Option<Outcome>>,
 }
 
@@ -66,13 +82,19 @@ impl Lead<'_> {
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
-        // Only the leader inserts or removes its key, and a new leader can
-        // only start after this removal: the entry is ours.
-        self.flights
+        // The entry may already be gone (detached), and even replaced by a
+        // newer flight's: remove it only while it is ours.
+        let mut in_progress = self
+            .flights
             .in_progress
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+            .unwrap_or_else(|p| p.into_inner());
+        if in_progress
+            .get(&self.key)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            in_progress.remove(&self.key);
+        }
     }
 }
 
@@ -114,6 +136,31 @@ mod tests {
         };
         drop(lead);
         assert_eq!(wait(slot).await, None);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_detached_flight_takes_no_new_followers_and_leaves_the_next_alone() {
+        let flights = Flights::default();
+        let Role::Leader(old) = flights.join("k") else {
+            panic!("first caller leads");
+        };
+        let Role::Follower(early) = flights.join("k") else {
+            panic!("second caller follows");
+        };
+        flights.detach("k");
+        let Role::Leader(new) = flights.join("k") else {
+            panic!("after a detach, the next caller leads a new flight");
+        };
+        // The old leader ends after the new one started: the new flight
+        // must stay joinable.
+        old.finish(Ok(Arc::from(&b"old"[..])));
+        assert_eq!(wait(early).await, Some(Ok(Arc::from(&b"old"[..]))));
+        let Role::Follower(late) = flights.join("k") else {
+            panic!("the new flight was removed by the old leader");
+        };
+        new.finish(Ok(Arc::from(&b"new"[..])));
+        assert_eq!(wait(late).await, Some(Ok(Arc::from(&b"new"[..]))));
         assert_eq!(flights.len(), 0);
     }
 }

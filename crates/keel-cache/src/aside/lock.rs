@@ -94,6 +94,15 @@ impl CacheAside {
             }
         }
 
+        // Before loading: the local epoch, then the eviction fence. An
+        // eviction that moves the fence after this read makes the fill
+        // below a no-op, whatever the loader read.
+        let epoch = inner.local_epoch.load(Ordering::SeqCst);
+        let fence = if backend_up {
+            inner.open_fence(key).await.ok()
+        } else {
+            None
+        };
         bump(&inner.counters.loads);
         let loaded = load().await;
         let result = match loaded {
@@ -105,8 +114,10 @@ impl CacheAside {
                         } else {
                             inner.policy.negative_ttl.map(Some)
                         };
-                        if backend_up && let Some(ttl) = ttl {
-                            inner.fill(data_key, &envelope, ttl).await;
+                        if let (Some(fence), Some(ttl)) = (&fence, ttl) {
+                            inner
+                                .fill(key, data_key, &envelope, ttl, fence, epoch)
+                                .await;
                         }
                         lead.finish(Ok(Arc::from(envelope)));
                     }

@@ -11,7 +11,7 @@ mod versions;
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,43 @@ const TAG_VALUE: u8 = 1;
 ///   failure is counted in [`stats`](Self::stats) and logged.
 ///
 /// Cheap to clone; clones share everything.
+///
+/// # Evictions during a load
+///
+/// A load can read the database just before a write commits and finish
+/// just after the writer's [`invalidate`](Self::invalidate); storing its
+/// value then would keep the old state cached for a whole TTL. So each key
+/// has an *eviction fence* in the backend (`{namespace}:_fence:{key}`, a
+/// random token living [`max_load_time`](CacheAsideBuilder::max_load_time)):
+///
+/// * the caller that loads reads the fence before calling the loader
+///   (creating it when absent);
+/// * [`invalidate`](Self::invalidate), [`invalidate_many`](Self::invalidate_many)
+///   and [`set`](Self::set) give the fence a new token in the same atomic
+///   step as the removal or write; [`invalidate_all`](Self::invalidate_all)
+///   changes the namespace version;
+/// * the fill stores the loaded value only if the fence still holds the
+///   token read before the load and the namespace version is unchanged,
+///   checked and written in one atomic step (a Lua script on Redis).
+///
+/// The guarantee: once an eviction of a key has returned `Ok`, no value
+/// whose load began before it is stored under the key, by any process
+/// sharing the backend, nor kept in this process's local tier. A refused
+/// fill is counted in [`CacheStats::stale_fills`]; its caller still gets
+/// the loaded value. Callers arriving after an eviction in this process do
+/// not join a load that began before it (other processes stop joining
+/// theirs when the eviction's broadcast arrives). Loads taking longer than
+/// `max_load_time` may not be cached (their fence may have expired), and a
+/// fill refused without an eviction (the fence expired) only costs a later
+/// miss. Other processes' local tiers and namespace versions still follow
+/// pub/sub, as before (bounded by the local TTL and
+/// [`version_refresh`](CacheAsideBuilder::version_refresh)).
+///
+/// Cost: hits are unchanged (one `GET`, or none from the local tier). A
+/// miss that loads costs one more round trip (reading the fence, a small
+/// script) and fills with a script that checks two keys instead of a plain
+/// `SET`; `set` and the invalidations are one `MULTI`/`EXEC` round trip
+/// instead of one command.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -125,6 +162,12 @@ struct Inner {
     /// lookups go back to comparing `checked_at` with the clock.
     ticking: AtomicBool,
     refreshing: AtomicBool,
+    /// Bumped (after the backend changed) by every eviction or write that
+    /// may make local copies stale. A local copy of a value read or loaded
+    /// from the backend is kept only if no bump happened since just before
+    /// that read or load, so a value read before an eviction is not kept
+    /// locally after it.
+    local_epoch: AtomicU64,
     local: Option<moka::sync::Cache<String, Arc<[u8]>>>,
     flights: Flights,
     counters: Counters,
@@ -227,7 +270,9 @@ impl CacheAside {
     /// cached with the policy's TTL.
     ///
     /// Concurrent calls for one key in this process share one `load` (single
-    /// flight); with the distributed lock, processes share it too. If the
+    /// flight); with the distributed lock, processes share it too. A value
+    /// whose key is evicted while it loads is returned but not cached (see
+    /// "Evictions during a load" above). If the
     /// backend fails or is slow, `load` answers after at most the timeout,
     /// and nothing fails. A `load` error is returned (to the other waiting
     /// callers as [`CacheError::LoadFailed`]) and nothing is cached.
@@ -315,7 +360,9 @@ impl CacheAside {
 
 impl CacheAside {
     /// Stores `value` under `key` with the policy's TTL (write-through after
-    /// a change). Other processes' local copies of the key are evicted (one
+    /// a change), and moves the key's eviction fence in the same step, so a
+    /// load that began earlier cannot overwrite it with an older value.
+    /// Other processes' local copies of the key are evicted (one
     /// `PUBLISH`).
     ///
     /// Unlike reads, a failing backend is reported
@@ -332,9 +379,23 @@ impl CacheAside {
         }
         let data_key = inner.data_key(&inner.current_token().await, key);
         let ttl = inner.policy.ttl.map(|t| jittered(t, inner.policy.jitter));
+        // The fence moves with the write, so a load that began before it
+        // cannot overwrite it with an older value.
+        let fence_key = inner.fence_key(key);
+        let fence = Inner::new_fence();
+        let writes = [
+            (data_key.as_str(), envelope.as_slice(), ttl),
+            (
+                fence_key.as_str(),
+                fence.as_bytes(),
+                Some(inner.policy.max_load_time),
+            ),
+        ];
         inner
-            .call("set", inner.backend.write(&data_key, &envelope, ttl))
+            .call("set", inner.backend.write_batch(&writes, &[]))
             .await?;
+        inner.flights.detach(&data_key);
+        inner.evict_local(std::slice::from_ref(&data_key));
         if let Some(local) = &inner.local {
             local.insert(data_key, Arc::from(envelope));
         }
@@ -344,11 +405,15 @@ impl CacheAside {
     }
 
     /// Removes `key`, from the backend and from every process's local tier.
+    /// A load of `key` that began before this call (in any process) is not
+    /// cached after it returns `Ok`.
     pub async fn invalidate(&self, key: &str) -> Result<()> {
         self.invalidate_many(&[key]).await
     }
 
-    /// Removes every key in `keys`, in one backend round trip.
+    /// Removes every key in `keys`, in one backend round trip, moving each
+    /// key's eviction fence in the same atomic step: a load of one of them
+    /// that began before this call is not cached after it returns `Ok`.
     pub async fn invalidate_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<()> {
         let inner = &self.inner;
         for key in keys {
@@ -363,12 +428,37 @@ impl CacheAside {
             .map(|k| inner.data_key(&token, k.as_ref()))
             .collect();
         let refs: Vec<&str> = data_keys.iter().map(String::as_str).collect();
-        if let Some(local) = &inner.local {
-            for key in &data_keys {
-                local.invalidate(key);
-            }
+        // New callers in this process must not join a load that began
+        // before the eviction (safe to do before it: a load that begins now
+        // reads its fence before the eviction moves it, so it cannot fill).
+        for key in &data_keys {
+            inner.flights.detach(key);
         }
-        inner.call("delete", inner.backend.remove(&refs)).await?;
+        inner.evict_local(&data_keys);
+        // Each key's fence moves in the same atomic step as its removal: a
+        // load that began before it can no longer fill the key.
+        let fence = Inner::new_fence();
+        let fence_keys: Vec<String> = keys.iter().map(|k| inner.fence_key(k.as_ref())).collect();
+        let fences: Vec<(&str, &[u8], Option<Duration>)> = fence_keys
+            .iter()
+            .map(|k| {
+                (
+                    k.as_str(),
+                    fence.as_bytes(),
+                    Some(inner.policy.max_load_time),
+                )
+            })
+            .collect();
+        inner
+            .call("delete", inner.backend.write_batch(&fences, &refs))
+            .await?;
+        // Again: a flight that began meanwhile may have found the old value
+        // on its second look, and a copy read from the backend just before
+        // the removal may have been stored locally.
+        for key in &data_keys {
+            inner.flights.detach(key);
+        }
+        inner.evict_local(&data_keys);
         inner
             .broadcast(keys.iter().map(|k| k.as_ref().to_owned()).collect(), None)
             .await;
@@ -377,7 +467,8 @@ impl CacheAside {
 
     /// Invalidates every key in the namespace at once by bumping its
     /// version: later reads, in every process, use new keys. The old entries
-    /// are not deleted; they expire by their TTL.
+    /// are not deleted; they expire by their TTL. Loads that began before
+    /// the bump are not cached (their fill checks the version).
     ///
     /// Other processes learn of the bump over pub/sub, or at the latest
     /// after [`version_refresh`](CacheAsideBuilder::version_refresh).
@@ -387,9 +478,11 @@ impl CacheAside {
         inner
             .call(
                 "set version",
+                // A batch, so the bump is atomic with respect to fills,
+                // which check the version.
                 inner
                     .backend
-                    .write(&inner.version_key, token.as_bytes(), None),
+                    .write_batch(&[(&inner.version_key, token.as_bytes(), None)], &[]),
             )
             .await?;
         inner.set_token(&token);

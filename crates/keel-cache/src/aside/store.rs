@@ -113,6 +113,73 @@ impl Inner {
         )
     }
 
+    /// The key's eviction fence: `{ns}:_fence:{key}`, never a data, lock or
+    /// version key, and the same under every namespace version.
+    pub(super) fn fence_key(&self, key: &str) -> String {
+        let mut fence_key = String::with_capacity(self.namespace.len() + key.len() + 8);
+        fence_key.push_str(&self.namespace);
+        fence_key.push_str(":_fence:");
+        fence_key.push_str(key);
+        fence_key
+    }
+
+    /// The namespace version token inside `data_key` (the key of `key`).
+    pub(super) fn token_of<'a>(&self, data_key: &'a str, key: &str) -> &'a str {
+        &data_key[self.namespace.len() + 2..data_key.len() - key.len() - 1]
+    }
+
+    /// What the version key holds while `token` is current: nothing for the
+    /// initial version `0`, else the token.
+    pub(super) fn version_guard(token: &str) -> Option<&[u8]> {
+        (token != "0").then_some(token.as_bytes())
+    }
+
+    /// A fresh value for fences: never used before.
+    pub(super) fn new_fence() -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+
+    /// Reads the key's eviction fence before a load (creating it when
+    /// absent). `Err`: the backend failed, so the load must not be cached.
+    pub(super) async fn open_fence(&self, key: &str) -> Result<Vec<u8>> {
+        let fence_key = self.fence_key(key);
+        let fresh = Self::new_fence();
+        self.call(
+            "read fence",
+            self.backend
+                .read_or_insert(&fence_key, fresh.as_bytes(), self.policy.max_load_time),
+        )
+        .await
+    }
+
+    /// Invalidates this process's local copies of `data_keys` after the
+    /// backend changed: first bumps the local epoch, so a copy read before
+    /// the change and stored locally meanwhile is dropped by its reader.
+    pub(super) fn evict_local(&self, data_keys: &[String]) {
+        self.local_epoch.fetch_add(1, Ordering::SeqCst);
+        if let Some(local) = &self.local {
+            for key in data_keys {
+                local.invalidate(key);
+            }
+        }
+    }
+
+    /// Keeps a local copy of what the backend returned, unless an eviction
+    /// (`local_epoch` moved from `epoch`) may have made it stale since the
+    /// read began.
+    pub(super) fn keep_local(&self, epoch: u64, data_key: &str, envelope: Arc<[u8]>) {
+        let Some(local) = &self.local else {
+            return;
+        };
+        local.insert(data_key.to_owned(), envelope);
+        // Checked after the insert: an eviction bumps the epoch before it
+        // invalidates local copies, so either it sees our copy or we see
+        // its bump.
+        if self.local_epoch.load(Ordering::SeqCst) != epoch {
+            local.invalidate(data_key);
+        }
+    }
+
     /// Counts a hit, in the stats and in `keel.cache.hits`.
     pub(super) fn hit(&self, local: bool) {
         bump(&self.counters.hits);
@@ -211,15 +278,15 @@ impl Inner {
                 local: true,
             };
         }
+        let epoch = self.local_epoch.load(Ordering::SeqCst);
         match self.call_read("get", data_key).await {
             Ok(Some(bytes)) => {
-                let envelope = match &self.local {
-                    Some(local) => {
-                        let shared: Arc<[u8]> = Arc::from(bytes);
-                        local.insert(data_key.to_owned(), shared.clone());
-                        Bytes::Shared(shared)
-                    }
-                    None => Bytes::Owned(bytes),
+                let envelope = if self.local.is_some() {
+                    let shared: Arc<[u8]> = Arc::from(bytes);
+                    self.keep_local(epoch, data_key, shared.clone());
+                    Bytes::Shared(shared)
+                } else {
+                    Bytes::Owned(bytes)
                 };
                 Lookup::Hit {
                     envelope,
@@ -241,9 +308,21 @@ impl Inner {
         let _ = self.call("delete", self.backend.remove(&[data_key])).await;
     }
 
-    /// Writes an envelope to the backend (and the local tier), with the
-    /// policy's TTL. Failures are counted and logged, never returned.
-    pub(super) async fn fill(&self, data_key: &str, envelope: &[u8], ttl: Option<Duration>) {
+    /// Writes a loaded envelope to the backend (and the local tier), with
+    /// the policy's TTL, unless the key's eviction fence no longer holds
+    /// `fence` (read before the load) or the namespace version moved: then
+    /// the key was evicted, written or bumped during the load, and the
+    /// value may predate that. `epoch`: the local epoch before the load.
+    /// Failures are counted and logged, never returned.
+    pub(super) async fn fill(
+        &self,
+        key: &str,
+        data_key: &str,
+        envelope: &[u8],
+        ttl: Option<Duration>,
+        fence: &[u8],
+        epoch: u64,
+    ) {
         if envelope.len() > self.policy.max_value_len {
             tracing::warn!(
                 namespace = %self.namespace,
@@ -255,13 +334,29 @@ impl Inner {
             return;
         }
         let ttl = ttl.map(|t| jittered(t, self.policy.jitter));
-        if self
-            .call("set", self.backend.write(data_key, envelope, ttl))
+        let fence_key = self.fence_key(key);
+        let token = self.token_of(data_key, key);
+        let guards = [
+            (fence_key.as_str(), Some(fence)),
+            (self.version_key.as_str(), Self::version_guard(token)),
+        ];
+        match self
+            .call(
+                "set",
+                self.backend.write_guarded(data_key, envelope, ttl, &guards),
+            )
             .await
-            .is_ok()
-            && let Some(local) = &self.local
         {
-            local.insert(data_key.to_owned(), Arc::from(envelope));
+            Ok(true) => self.keep_local(epoch, data_key, Arc::from(envelope)),
+            Ok(false) => {
+                bump(&self.counters.stale_fills);
+                tracing::debug!(
+                    namespace = %self.namespace,
+                    key = data_key,
+                    "the key was evicted or rewritten during the load; not cached"
+                );
+            }
+            Err(_) => {}
         }
     }
 }

@@ -69,6 +69,7 @@ impl Inner {
         };
         if token != version.token {
             version.token = token;
+            self.local_epoch.fetch_add(1, Ordering::SeqCst);
             if let Some(local) = &self.local {
                 local.invalidate_all();
             }
@@ -82,6 +83,7 @@ impl Inner {
         if *version.token != *token {
             version.token = Arc::from(token);
         }
+        self.local_epoch.fetch_add(1, Ordering::SeqCst);
         if let Some(local) = &self.local {
             local.invalidate_all();
         }
@@ -89,6 +91,7 @@ impl Inner {
 
     /// Drops everything derived from messages that may have been missed.
     pub(super) fn resync(&self) {
+        self.local_epoch.fetch_add(1, Ordering::SeqCst);
         if let Some(local) = &self.local {
             local.invalidate_all();
         }
@@ -109,18 +112,24 @@ impl Inner {
         if let Some(token) = &message.version {
             self.set_token(token);
         }
-        if let Some(local) = &self.local
-            && !message.keys.is_empty()
-        {
+        if !message.keys.is_empty() {
             let token = self
                 .version
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .token
                 .clone();
-            for key in &message.keys {
-                local.invalidate(&self.data_key(&token, key));
+            let data_keys: Vec<String> = message
+                .keys
+                .iter()
+                .map(|key| self.data_key(&token, key))
+                .collect();
+            // Best effort, like the local tier: callers that arrive after
+            // the message start a load of their own.
+            for key in &data_keys {
+                self.flights.detach(key);
             }
+            self.evict_local(&data_keys);
         }
     }
 

@@ -585,3 +585,243 @@ pub async fn invalidation_handler_evicts_on_events(s: Subject) {
         .unwrap();
     assert_eq!(catalog.get::<u32>("sku-1").await.unwrap(), None);
 }
+
+/// A loader that reports when it has read its value and then waits to be
+/// let go: the test changes the cache in between, deterministically.
+struct Gate {
+    read: Arc<tokio::sync::Notify>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self {
+            read: Arc::new(tokio::sync::Notify::new()),
+            release: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// Starts `get_or_load_optional(key)` on `cache` in a task, with a
+    /// loader that returns `value` once released; returns after the
+    /// loader has produced `value` (and before it returns it).
+    async fn blocked_load(
+        &self,
+        cache: &crate::CacheAside,
+        key: &'static str,
+        value: &'static str,
+    ) -> tokio::task::JoinHandle<Option<String>> {
+        let (cache, read, release) = (cache.clone(), self.read.clone(), self.release.clone());
+        let task = tokio::spawn(async move {
+            cache
+                .get_or_load_optional(key, || async move {
+                    let loaded = value.to_owned();
+                    read.notify_one();
+                    release.notified().await;
+                    Ok::<_, keel_core::Error>(Some(loaded))
+                })
+                .await
+                .unwrap()
+        });
+        self.read.notified().await;
+        task
+    }
+
+    /// Lets the blocked load return and waits for its caller's answer.
+    async fn finish(&self, task: tokio::task::JoinHandle<Option<String>>) -> Option<String> {
+        self.release.notify_one();
+        task.await.unwrap()
+    }
+}
+
+/// Loads "new" (counting nothing): what the database says after a write.
+async fn read_now(cache: &crate::CacheAside, key: &str, now: &'static str) -> Option<String> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        cache.get_or_load_optional(key, || async move {
+            Ok::<_, keel_core::Error>(Some(now.to_owned()))
+        }),
+    )
+    .await
+    .expect("the read hung: it joined a load that began before the eviction")
+    .unwrap()
+}
+
+/// A value loaded before an eviction of its key is not cached after it:
+/// a load reads "old", the key is invalidated (`invalidate`,
+/// `invalidate_many`, `set` or `invalidate_all`) while the load is still
+/// running, and after the load ends the cache answers with the new state,
+/// with or without a local tier. A caller arriving after the eviction does
+/// not join the old load either.
+pub async fn eviction_during_a_load_wins(s: Subject) {
+    for local in [false, true] {
+        let mut builder = s.aside(if local { "race-local" } else { "race" });
+        if local {
+            builder = builder.local_tier(Duration::from_secs(60), 100);
+        }
+        let cache = builder.ttl(Duration::from_secs(60)).build().await.unwrap();
+        let gate = Gate::new();
+
+        let reader = gate.blocked_load(&cache, "k1", "old").await;
+        cache.invalidate("k1").await.unwrap();
+        // Joining the load in flight would hang (it is blocked) and
+        // return "old".
+        assert_eq!(read_now(&cache, "k1", "new").await.as_deref(), Some("new"));
+        assert_eq!(gate.finish(reader).await.as_deref(), Some("old"));
+        assert_eq!(
+            read_now(&cache, "k1", "newer").await.as_deref(),
+            Some("new"),
+            "local: {local}: the post-eviction load's value must be the cached one"
+        );
+
+        let reader = gate.blocked_load(&cache, "k2", "old").await;
+        cache.invalidate_many(&["other", "k2"]).await.unwrap();
+        assert_eq!(gate.finish(reader).await.as_deref(), Some("old"));
+        assert_eq!(read_now(&cache, "k2", "new").await.as_deref(), Some("new"));
+
+        let reader = gate.blocked_load(&cache, "k3", "old").await;
+        cache.set("k3", "written").await.unwrap();
+        assert_eq!(gate.finish(reader).await.as_deref(), Some("old"));
+        assert_eq!(
+            read_now(&cache, "k3", "new").await.as_deref(),
+            Some("written"),
+            "local: {local}: a stale fill overwrote a write-through"
+        );
+
+        let reader = gate.blocked_load(&cache, "k4", "old").await;
+        cache.invalidate_all().await.unwrap();
+        assert_eq!(gate.finish(reader).await.as_deref(), Some("old"));
+        assert_eq!(read_now(&cache, "k4", "new").await.as_deref(), Some("new"));
+
+        assert_eq!(cache.stats().stale_fills, 4, "local: {local}");
+        // Without an eviction, a load is cached as before.
+        assert_eq!(read_now(&cache, "k5", "v").await.as_deref(), Some("v"));
+        assert_eq!(read_now(&cache, "k5", "w").await.as_deref(), Some("v"));
+        assert_eq!(cache.stats().stale_fills, 4);
+    }
+}
+
+/// The same across processes: one process loads "old", the other evicts
+/// (or writes, or bumps the namespace) meanwhile, and afterwards both
+/// processes see the new state.
+pub async fn eviction_by_another_process_during_a_load_wins(s: Subject) {
+    let one = s
+        .aside("race-shared")
+        .ttl(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let two = s
+        .peer_aside("race-shared")
+        .ttl(Duration::from_secs(60))
+        .build()
+        .await
+        .unwrap();
+    let gate = Gate::new();
+
+    let reader = gate.blocked_load(&one, "k1", "old").await;
+    two.invalidate("k1").await.unwrap();
+    assert_eq!(gate.finish(reader).await.as_deref(), Some("old"));
+    assert_eq!(read_now(&two, "k1", "new").await.as_deref(), Some("new"));
+    assert_eq!(read_now(&one, "k1", "newer").await.as_deref(), Some("new"));
+
+    let reader = gate.blocked_load(&one, "k2", "old").await;
+    two.set("k2", "written").await.unwrap();
+    assert_eq!(gate.finish(reader).await.as_deref(), Some("old"));
+    assert_eq!(
+        read_now(&one, "k2", "new").await.as_deref(),
+        Some("written")
+    );
+    assert_eq!(
+        read_now(&two, "k2", "new").await.as_deref(),
+        Some("written")
+    );
+
+    let reader = gate.blocked_load(&one, "k3", "old").await;
+    two.invalidate_all().await.unwrap();
+    assert_eq!(gate.finish(reader).await.as_deref(), Some("old"));
+    // `one` may still use the old version for a moment (pub/sub), but the
+    // old version's key never got the stale value either.
+    assert_eq!(read_now(&one, "k3", "new").await.as_deref(), Some("new"));
+    assert_eq!(read_now(&two, "k3", "new").await.as_deref(), Some("new"));
+
+    // At least the three refused fills; a fill by `one` still on the old
+    // version after the bump is refused too.
+    assert!(one.stats().stale_fills >= 3, "{:?}", one.stats());
+}
+
+/// Many tasks in two processes read a key through the cache while others
+/// change the "database" and invalidate it; once everything has stopped,
+/// a read through either process returns the last value written.
+pub async fn concurrent_reads_and_invalidations_converge(s: Subject) {
+    use std::sync::atomic::AtomicU64;
+    let one = s
+        .aside("churn")
+        .ttl(Duration::from_secs(60))
+        .local_tier(Duration::from_secs(60), 100)
+        .build()
+        .await
+        .unwrap();
+    let two = s
+        .peer_aside("churn")
+        .ttl(Duration::from_secs(60))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let database = Arc::new(AtomicU64::new(0));
+    let load = |database: Arc<AtomicU64>| {
+        move || async move {
+            let value = database.load(Ordering::SeqCst);
+            // Give writers room to commit and evict before this returns.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            Ok::<_, keel_core::Error>(value)
+        }
+    };
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let cache = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let database = database.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..30 {
+                    if i % 4 == 3 {
+                        database.fetch_add(1, Ordering::SeqCst);
+                        cache.invalidate("k").await.unwrap();
+                    } else {
+                        let _: u64 = cache
+                            .get_or_load("k", load(database.clone()))
+                            .await
+                            .unwrap();
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let last = database.load(Ordering::SeqCst);
+        for (name, cache) in [("one", &one), ("two", &two)] {
+            let ours = eventually(Duration::from_secs(5), || async {
+                cache
+                    .get_or_load::<u64, _, _, _>("k", load(database.clone()))
+                    .await
+                    .unwrap()
+                    == last
+            })
+            .await;
+            // The local tier of `one` hears of `two`'s evictions over
+            // pub/sub; the backend itself must be right at once.
+            assert!(ours, "round {round}: {name} never returned the last write");
+        }
+        assert_eq!(
+            two.get_or_load::<u64, _, _, _>("k", load(database.clone()))
+                .await
+                .unwrap(),
+            last,
+            "round {round}: the backend keeps a value older than the last write"
+        );
+    }
+}

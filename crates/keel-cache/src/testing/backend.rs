@@ -202,6 +202,167 @@ pub async fn remove_if_equals(s: Subject) {
     assert!(!s.cache.remove_if_equals("lock", b"token-a").await.unwrap());
 }
 
+/// `read_or_insert` returns what is there, or stores and returns the
+/// given value; either way the key then lives at least the TTL.
+pub async fn read_or_insert(s: Subject) {
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        s.cache
+            .read_or_insert("fence", b"first", ttl)
+            .await
+            .unwrap(),
+        b"first"
+    );
+    assert_eq!(
+        s.peer
+            .read_or_insert("fence", b"second", ttl)
+            .await
+            .unwrap(),
+        b"first",
+        "a present value must win"
+    );
+    assert_eq!(
+        s.cache.read("fence").await.unwrap(),
+        Some(b"first".to_vec())
+    );
+    // A short remaining life is extended to the TTL.
+    s.cache
+        .write("short", b"v", Some(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.cache
+            .read_or_insert("short", b"other", ttl)
+            .await
+            .unwrap(),
+        b"v"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        s.cache.read("short").await.unwrap(),
+        Some(b"v".to_vec()),
+        "the life was not extended"
+    );
+    // A longer remaining life is not shortened.
+    s.cache
+        .write("long", b"v", Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    s.cache
+        .read_or_insert("long", b"other", Duration::from_millis(100))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.cache.read("long").await.unwrap(),
+        Some(b"v".to_vec()),
+        "the life was shortened"
+    );
+    // A new entry expires after the TTL.
+    s.cache
+        .read_or_insert("brief", b"v", Duration::from_millis(150))
+        .await
+        .unwrap();
+    let gone = eventually(Duration::from_secs(3), || async {
+        s.cache.read("brief").await.unwrap().is_none()
+    })
+    .await;
+    assert!(gone, "an entry inserted with a 150 ms TTL did not expire");
+}
+
+/// `write_guarded` stores only while every guard holds, absent guards
+/// included.
+pub async fn write_guarded_checks_every_guard(s: Subject) {
+    s.cache.write("g1", b"a", None).await.unwrap();
+    let ttl = Some(Duration::from_secs(60));
+    assert!(
+        s.cache
+            .write_guarded("k", b"1", ttl, &[("g1", Some(b"a")), ("g2", None)])
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.cache.read("k").await.unwrap(), Some(b"1".to_vec()));
+    for (guards, what) in [
+        (vec![("g1", Some(&b"b"[..]))], "a wrong value"),
+        (vec![("g1", None)], "a present key expected absent"),
+        (
+            vec![("g2", Some(&b"a"[..]))],
+            "an absent key expected present",
+        ),
+        (
+            vec![("g1", Some(&b""[..]))],
+            "an empty value is not absence",
+        ),
+        (
+            vec![("g1", Some(&b"a"[..])), ("g2", Some(&b"x"[..]))],
+            "one failing guard of two",
+        ),
+    ] {
+        assert!(
+            !s.peer.write_guarded("k", b"2", ttl, &guards).await.unwrap(),
+            "{what}"
+        );
+        assert_eq!(
+            s.cache.read("k").await.unwrap(),
+            Some(b"1".to_vec()),
+            "{what}"
+        );
+    }
+    // No guards: a plain write; no TTL: no expiry.
+    assert!(s.cache.write_guarded("k", b"3", None, &[]).await.unwrap());
+    assert_eq!(s.cache.read("k").await.unwrap(), Some(b"3".to_vec()));
+    assert!(matches!(
+        s.cache.write_guarded("", b"x", None, &[]).await,
+        Err(CacheError::EmptyKey)
+    ));
+}
+
+/// `write_batch` writes, then removes, as one step that no guarded write
+/// can fall inside: a guarded write racing a batch that moves its guard
+/// and removes its key never leaves its value behind.
+pub async fn write_batch_is_atomic_for_guarded_writes(s: Subject) {
+    s.cache.write("gone", b"x", None).await.unwrap();
+    s.cache
+        .write_batch(
+            &[
+                ("a", b"1", None),
+                ("b", b"2", Some(Duration::from_secs(60))),
+            ],
+            &["gone"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.cache.read("a").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(s.cache.read("b").await.unwrap(), Some(b"2".to_vec()));
+    assert_eq!(s.cache.read("gone").await.unwrap(), None);
+    s.cache.write_batch(&[], &[]).await.unwrap();
+
+    for round in 0..100u32 {
+        let old = format!("fence-{round}");
+        let new = format!("fence-{round}-moved");
+        s.cache.write("fence", old.as_bytes(), None).await.unwrap();
+        let (cache, peer) = (s.cache.clone(), s.peer.clone());
+        let fill = tokio::spawn(async move {
+            cache
+                .write_guarded("data", b"stale", None, &[("fence", Some(old.as_bytes()))])
+                .await
+                .unwrap()
+        });
+        let evict = tokio::spawn(async move {
+            peer.write_batch(&[("fence", new.as_bytes(), None)], &["data"])
+                .await
+                .unwrap();
+        });
+        let filled = fill.await.unwrap();
+        evict.await.unwrap();
+        assert_eq!(
+            s.cache.read("data").await.unwrap(),
+            None,
+            "round {round}: a guarded write (stored: {filled}) outlived the batch that moved its guard"
+        );
+    }
+}
+
 /// Many keys go in one call, counting only those present.
 pub async fn delete_many(s: Subject) {
     for k in ["a", "b", "c"] {
