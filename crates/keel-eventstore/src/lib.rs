@@ -168,8 +168,8 @@ pub use store::{
     TransactionalStore,
 };
 pub use subscription::{
-    Delivery, Subscription, SubscriptionHandle, SubscriptionHandler, SubscriptionOptions,
-    SubscriptionStatus,
+    BatchFailure, Delivery, Subscription, SubscriptionHandle, SubscriptionHandler,
+    SubscriptionOptions, SubscriptionStatus,
 };
 pub use upcast::Upcasters;
 

@@ -80,6 +80,63 @@ pub trait SubscriptionHandler: Send + Sync {
     async fn handle_delivery(&self, delivery: Delivery<'_>) -> std::result::Result<(), BoxError> {
         self.handle(delivery.event()).await
     }
+
+    /// The most deliveries the subscription hands to one
+    /// [`handle_batch`](Self::handle_batch) call. The default, 1, keeps
+    /// one event per call; a handler whose work is cheaper in groups
+    /// (publishing, bulk writes) returns more and overrides
+    /// `handle_batch`. The subscription also cuts batches at its
+    /// checkpoint boundaries
+    /// ([`checkpoint_every_events`](SubscriptionOptions::checkpoint_every_events)).
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Handles consecutive deliveries, in log order (at most
+    /// [`max_batch`](Self::max_batch) of them); the subscription calls
+    /// this. The default hands them to
+    /// [`handle_delivery`](Self::handle_delivery) one by one.
+    ///
+    /// On failure, [`BatchFailure::handled`] says how many deliveries at
+    /// the start of the batch were handled: the subscription moves past
+    /// those and stops before the next one, which is delivered again on
+    /// restart (with every later one).
+    async fn handle_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> std::result::Result<(), BatchFailure> {
+        for (handled, delivery) in deliveries.iter().enumerate() {
+            self.handle_delivery(*delivery)
+                .await
+                .map_err(|source| BatchFailure { handled, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Why [`SubscriptionHandler::handle_batch`] stopped: how many deliveries
+/// at the start of the batch it handled, and the error of the next one.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct BatchFailure {
+    /// Deliveries at the start of the batch that were handled (their
+    /// effects are done; the subscription will not deliver them again
+    /// unless it crashes before its next checkpoint).
+    pub handled: usize,
+    /// What went wrong with the delivery right after them.
+    pub source: BoxError,
+}
+
+impl BatchFailure {
+    /// The first `handled` deliveries were handled; the next failed with
+    /// `source`.
+    #[must_use]
+    pub fn new(handled: usize, source: impl Into<BoxError>) -> Self {
+        Self {
+            handled,
+            source: source.into(),
+        }
+    }
 }
 
 #[async_trait]
@@ -90,6 +147,17 @@ impl<T: SubscriptionHandler + ?Sized> SubscriptionHandler for Arc<T> {
 
     async fn handle_delivery(&self, delivery: Delivery<'_>) -> std::result::Result<(), BoxError> {
         (**self).handle_delivery(delivery).await
+    }
+
+    fn max_batch(&self) -> usize {
+        (**self).max_batch()
+    }
+
+    async fn handle_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> std::result::Result<(), BatchFailure> {
+        (**self).handle_batch(deliveries).await
     }
 }
 
@@ -459,12 +527,45 @@ where
             delivering = Some(last.position);
         }
         let mut handled = 0u64;
-        for event in &read {
-            let redelivery = resumed_from.is_some_and(|d| event.position <= d);
-            if let Err(source) = handler
-                .handle_delivery(Delivery::new(event, redelivery))
-                .await
-            {
+        let most = handler.max_batch().max(1);
+        let mut rest = read.as_slice();
+        while !rest.is_empty() {
+            // A batch never crosses a checkpoint boundary, so checkpoints
+            // fall where they would one event at a time.
+            let room = options
+                .checkpoint_every_events
+                .saturating_sub(since_save)
+                .max(1);
+            let take = rest
+                .len()
+                .min(most)
+                .min(usize::try_from(room).unwrap_or(usize::MAX));
+            let (batch, tail) = rest.split_at(take);
+            rest = tail;
+            let deliveries: Vec<Delivery<'_>> = batch
+                .iter()
+                .map(|event| {
+                    Delivery::new(event, resumed_from.is_some_and(|d| event.position <= d))
+                })
+                .collect();
+            let outcome = handler.handle_batch(&deliveries).await;
+            // A failure that claims the whole batch still stops before its
+            // last event: something in it went wrong.
+            let done = match &outcome {
+                Ok(()) => take,
+                Err(failure) => failure.handled.min(take - 1),
+            };
+            for event in &batch[..done] {
+                position = event.position;
+                handled += 1;
+                since_save += 1;
+                status.send_modify(|s| {
+                    s.position = Some(position);
+                    s.handled += 1;
+                });
+            }
+            if let Err(BatchFailure { source, .. }) = outcome {
+                let event = &batch[done];
                 options
                     .metrics
                     .record_subscription(name, handled, lag_of(event));
@@ -485,13 +586,6 @@ where
                     source,
                 });
             }
-            position = event.position;
-            handled += 1;
-            since_save += 1;
-            status.send_modify(|s| {
-                s.position = Some(position);
-                s.handled += 1;
-            });
             if since_save >= options.checkpoint_every_events
                 || last_save.elapsed() >= options.checkpoint_interval
             {

@@ -158,7 +158,9 @@ pub use message::{
 pub use port::{Outbox, OutboxWrite};
 pub use relay::{OutboxStats, Relay, RelayConfig, RelayHandle, RelayReport};
 #[cfg(feature = "eventstore")]
-pub use store_relay::{EventStoreRelay, EventStoreRelayHandle};
+pub use store_relay::{
+    DEFAULT_STORE_RELAY_BATCH, EventStoreRelay, EventStoreRelayHandle, MAX_STORE_RELAY_BATCH,
+};
 pub use writer::{NOTIFY_CHANNEL, PgOutbox};
 
 /// The outbox and inbox tables (`keel.outbox`, `keel.inbox`), applied with

@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_core::{BoxError, EventPublisher, Message};
 use keel_eventstore::{
-    EventStore, RecordedEvent, Subscription, SubscriptionHandle, SubscriptionHandler,
-    SubscriptionOptions, SubscriptionStatus, SubscriptionSupport,
+    BatchFailure, Delivery, EventStore, RecordedEvent, Subscription, SubscriptionHandle,
+    SubscriptionHandler, SubscriptionOptions, SubscriptionStatus, SubscriptionSupport,
 };
 use tokio::sync::{oneshot, watch};
 use tracing::warn;
@@ -30,16 +30,31 @@ type Router = dyn Fn(&RecordedEvent) -> Option<String> + Send + Sync;
 ///   deduplicate;
 /// * the stream id as the ordering key.
 ///
+/// Consecutive events bound for one topic go out in one publish call (up
+/// to [`max_batch`](Self::max_batch) events), so the relay's throughput is
+/// not one bus round trip per event; order is kept, within each ordering
+/// key and across topics.
+///
 /// A failed publish is retried with backoff until it succeeds, holding the
-/// log (the checkpoint must not pass an unpublished event). After a crash,
-/// events after the last checkpoint are published again: at-least-once.
+/// log (the checkpoint must not pass an unpublished event). A retried batch
+/// is published whole again, so some of its messages may arrive twice;
+/// after a crash, events after the last checkpoint are published again:
+/// at-least-once either way.
 pub struct EventStoreRelay {
     publisher: Arc<dyn EventPublisher>,
     router: Arc<Router>,
     publish_timeout: Duration,
     retry_min: Duration,
     retry_max: Duration,
+    max_batch: usize,
 }
+
+/// The default of [`EventStoreRelay::max_batch`].
+pub const DEFAULT_STORE_RELAY_BATCH: usize = 100;
+
+/// The largest [`EventStoreRelay::max_batch`]: Pub/Sub takes at most 1,000
+/// messages in one publish request.
+pub const MAX_STORE_RELAY_BATCH: usize = 1_000;
 
 impl fmt::Debug for EventStoreRelay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -47,6 +62,7 @@ impl fmt::Debug for EventStoreRelay {
             .field("publish_timeout", &self.publish_timeout)
             .field("retry_min", &self.retry_min)
             .field("retry_max", &self.retry_max)
+            .field("max_batch", &self.max_batch)
             .finish_non_exhaustive()
     }
 }
@@ -64,7 +80,20 @@ impl EventStoreRelay {
             publish_timeout: Duration::from_secs(30),
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(60),
+            max_batch: DEFAULT_STORE_RELAY_BATCH,
         }
+    }
+
+    /// The most consecutive events published in one call to the bus
+    /// (default [`DEFAULT_STORE_RELAY_BATCH`], at most
+    /// [`MAX_STORE_RELAY_BATCH`]); 1 publishes one event at a time. A
+    /// batch is also cut where the topic changes and at the subscription's
+    /// checkpoint boundaries
+    /// ([`SubscriptionOptions::checkpoint_every_events`]).
+    #[must_use]
+    pub fn max_batch(mut self, events: usize) -> Self {
+        self.max_batch = events;
+        self
     }
 
     /// How long one publish may take before it counts as failed (default
@@ -89,8 +118,10 @@ impl EventStoreRelay {
     ///
     /// # Errors
     ///
-    /// [`OutboxError::Invalid`] when the subscription name is empty or the
-    /// publish timeout or retry delay is zero.
+    /// [`OutboxError::Invalid`] when the subscription name is empty, the
+    /// publish timeout or retry delay is zero, or
+    /// [`max_batch`](Self::max_batch) is not between 1 and
+    /// [`MAX_STORE_RELAY_BATCH`].
     pub fn spawn<S>(
         self,
         store: Arc<S>,
@@ -106,6 +137,12 @@ impl EventStoreRelay {
             return Err(OutboxError::invalid(
                 "publish_timeout",
                 "publish timeout and retry delay must be positive",
+            ));
+        }
+        if !(1..=MAX_STORE_RELAY_BATCH).contains(&self.max_batch) {
+            return Err(OutboxError::invalid(
+                "max_batch",
+                format!("must be between 1 and {MAX_STORE_RELAY_BATCH}"),
             ));
         }
         let (stop, stopping) = watch::channel(false);
@@ -234,34 +271,37 @@ fn to_message(event: &RecordedEvent) -> Result<Message, keel_eventstore::EventSt
     Ok(message)
 }
 
-#[async_trait]
-impl SubscriptionHandler for Forward {
-    async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
-        let Some(topic) = (self.relay.router)(event) else {
-            return Ok(());
-        };
-        let message = to_message(event)?;
-        let batch = std::slice::from_ref(&message);
+impl Forward {
+    /// Publishes `messages` (the events from `first` on, all routed to
+    /// `topic`) in one call, retrying with backoff until it succeeds or the
+    /// relay is stopping.
+    async fn publish(
+        &self,
+        topic: &str,
+        messages: &[Message],
+        first: &RecordedEvent,
+    ) -> std::result::Result<(), BoxError> {
         let mut delay = self.relay.retry_min;
         loop {
             let error = match tokio::time::timeout(
                 self.relay.publish_timeout,
-                self.relay.publisher.publish(&topic, batch),
+                self.relay.publisher.publish(topic, messages),
             )
             .await
             {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(source)) => OutboxError::Publish {
-                    topic: topic.clone(),
+                    topic: topic.to_owned(),
                     source,
                 },
                 Err(_) => OutboxError::PublishTimeout {
-                    topic: topic.clone(),
+                    topic: topic.to_owned(),
                     after: self.relay.publish_timeout,
                 },
             };
-            warn!(relay = %self.name, position = %event.position, event_id = %event.event_id,
-                  error = %error, ?delay, "publishing a stored event failed; will retry");
+            warn!(relay = %self.name, position = %first.position, event_id = %first.event_id,
+                  events = messages.len(), error = %error, ?delay,
+                  "publishing stored events failed; will retry");
             let mut stopping = self.stopping.clone();
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
@@ -272,5 +312,78 @@ impl SubscriptionHandler for Forward {
             }
             delay = (delay * 2).min(self.relay.retry_max);
         }
+    }
+}
+
+/// Consecutive messages bound for one topic, not yet published.
+struct Group<'a> {
+    topic: String,
+    /// Index in the batch of the first event in the group.
+    from: usize,
+    first: &'a RecordedEvent,
+    messages: Vec<Message>,
+}
+
+#[async_trait]
+impl SubscriptionHandler for Forward {
+    async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
+        let Some(topic) = (self.relay.router)(event) else {
+            return Ok(());
+        };
+        let message = to_message(event)?;
+        self.publish(&topic, std::slice::from_ref(&message), event)
+            .await
+    }
+
+    fn max_batch(&self) -> usize {
+        self.relay.max_batch
+    }
+
+    async fn handle_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> std::result::Result<(), BatchFailure> {
+        let mut group: Option<Group<'_>> = None;
+        for (i, delivery) in deliveries.iter().enumerate() {
+            let event = delivery.event();
+            let Some(topic) = (self.relay.router)(event) else {
+                continue;
+            };
+            let message = match to_message(event) {
+                Ok(message) => message,
+                Err(e) => {
+                    // What comes before it still goes out; the relay then
+                    // stops before this event.
+                    if let Some(g) = group.take() {
+                        self.publish(&g.topic, &g.messages, g.first)
+                            .await
+                            .map_err(|source| BatchFailure::new(g.from, source))?;
+                    }
+                    return Err(BatchFailure::new(i, e));
+                }
+            };
+            match &mut group {
+                Some(g) if g.topic == topic => g.messages.push(message),
+                _ => {
+                    if let Some(g) = group.take() {
+                        self.publish(&g.topic, &g.messages, g.first)
+                            .await
+                            .map_err(|source| BatchFailure::new(g.from, source))?;
+                    }
+                    group = Some(Group {
+                        topic,
+                        from: i,
+                        first: event,
+                        messages: vec![message],
+                    });
+                }
+            }
+        }
+        if let Some(g) = group {
+            self.publish(&g.topic, &g.messages, g.first)
+                .await
+                .map_err(|source| BatchFailure::new(g.from, source))?;
+        }
+        Ok(())
     }
 }

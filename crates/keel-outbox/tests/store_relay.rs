@@ -6,9 +6,13 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use common::*;
+use futures::TryStreamExt;
+use keel_core::{EventPublisher, Message};
 use keel_core::{ExpectedVersion, StreamId};
 use keel_eventbus::InMemoryBus;
+use keel_eventstore::GlobalLog;
 use keel_eventstore::{
     EventStore, InMemoryEventStore, NewEvent, PostgresEventStore, RecordedEvent,
     SubscriptionOptions, SubscriptionSupport,
@@ -160,4 +164,216 @@ async fn an_unnamed_relay_is_refused() {
         matches!(err, keel_outbox::OutboxError::Invalid { .. }),
         "{err}"
     );
+}
+
+/// One publish call: its topic, and each message's ordering key and `seq`.
+type Call = (String, Vec<(String, u64)>);
+
+/// Records every publish call (topic and the messages' `seq` per call);
+/// `tear` makes the call numbered `tear` (from 0) pass its first half on
+/// and then fail, like a connection lost mid-request.
+#[derive(Default)]
+struct Calls {
+    calls: Mutex<Vec<Call>>,
+    tear: Option<usize>,
+}
+
+fn key_and_seq(m: &Message) -> (String, u64) {
+    (
+        m.ordering_key.clone().unwrap(),
+        m.payload["seq"].as_u64().unwrap(),
+    )
+}
+
+#[async_trait]
+impl EventPublisher for Calls {
+    async fn publish(&self, topic: &str, messages: &[Message]) -> keel_core::Result<()> {
+        let mut calls = self.calls.lock().unwrap();
+        let n = calls.len();
+        if self.tear == Some(n) {
+            let half = messages.len() / 2;
+            calls.push((
+                topic.to_owned(),
+                messages[..half].iter().map(key_and_seq).collect(),
+            ));
+            return Err(keel_core::Error::unavailable(
+                "bus",
+                "connection lost",
+                "the stream was reset",
+            ));
+        }
+        calls.push((topic.to_owned(), messages.iter().map(key_and_seq).collect()));
+        Ok(())
+    }
+}
+
+impl Calls {
+    fn published(&self) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.len())
+            .sum()
+    }
+}
+
+fn route_two(event: &RecordedEvent) -> Option<String> {
+    match event.stream_id.category() {
+        "Order" => Some("orders".to_owned()),
+        "Payment" => Some("payments".to_owned()),
+        _ => None,
+    }
+}
+
+/// Appends events `seq` in `seqs` to `category`-`id`.
+async fn append_in<S: EventStore + ?Sized>(
+    store: &S,
+    category: &str,
+    id: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+) {
+    let stream = StreamId::for_aggregate(category, id).unwrap();
+    let events = seqs
+        .map(|seq| NewEvent::from_json("changed", &json!({ "seq": seq })))
+        .collect();
+    store
+        .append(&stream, ExpectedVersion::Any, events)
+        .await
+        .unwrap();
+}
+
+/// Runs of events bound for one topic go out in one publish call each (at
+/// most `max_batch` messages, never across a checkpoint boundary), in log
+/// order, each event once; `max_batch(1)` publishes one event per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_of_one_topic_go_out_in_one_call() {
+    let store = Arc::new(InMemoryEventStore::new());
+    // 45 routed events: 30 orders, 5 payments, 10 orders; one internal.
+    for id in ["a", "b", "c"] {
+        append_in(&*store, "Order", id, 1..=10).await;
+    }
+    append_in(&*store, "Payment", "p", 1..=5).await;
+    append_in(&*store, "Audit", "x", 1..=1).await;
+    append_in(&*store, "Order", "a", 11..=20).await;
+    let all: Vec<RecordedEvent> = store
+        .read_all(keel_eventstore::ReadAll::from_start())
+        .try_collect()
+        .await
+        .unwrap();
+    let log: Vec<(String, String, u64)> = all
+        .iter()
+        .filter_map(|e| {
+            let topic = route_two(e)?;
+            Some((
+                topic,
+                e.stream_id.as_str().to_owned(),
+                e.payload_value().unwrap()["seq"].as_u64().unwrap(),
+            ))
+        })
+        .collect();
+    assert_eq!(log.len(), 45);
+
+    for (name, max_batch) in [("batched", 8), ("single", 1)] {
+        let calls = Arc::new(Calls::default());
+        let relay = EventStoreRelay::new(calls.clone(), route_two)
+            .max_batch(max_batch)
+            .spawn(
+                store.clone(),
+                SubscriptionOptions::new(name)
+                    .poll_interval(Duration::from_millis(50))
+                    .checkpoint(20, Duration::from_secs(60)),
+            )
+            .unwrap();
+        eventually("45 events published", WAIT, || async {
+            calls.published() >= 45
+        })
+        .await;
+        relay.shutdown().await.unwrap();
+        let calls = calls.calls.lock().unwrap();
+        let flat: Vec<(String, String, u64)> = calls
+            .iter()
+            .flat_map(|(topic, ms)| {
+                ms.iter()
+                    .map(move |(key, seq)| (topic.clone(), key.clone(), *seq))
+            })
+            .collect();
+        assert_eq!(flat, log, "{name}: each routed event once, in log order");
+        assert!(calls.iter().all(|(_, ms)| ms.len() <= max_batch), "{name}");
+        if max_batch == 1 {
+            assert_eq!(calls.len(), 45);
+        } else {
+            // The log: events 1-30 orders, 31-35 payments, 36 internal
+            // (handled, not published), 37-46 orders. Batches of at most 8
+            // deliveries, cut at the checkpoints after the 20th and 40th
+            // handled event; calls cut where the topic changes:
+            // 1-8, 9-16, 17-20 | 21-28, then the batch 29-36 as 2 orders
+            // and 5 payments, 37-40 | 41-46.
+            let sizes: Vec<usize> = calls.iter().map(|(_, ms)| ms.len()).collect();
+            assert_eq!(sizes, vec![8, 8, 4, 8, 2, 5, 4, 6], "{name}");
+        }
+    }
+}
+
+/// A batch whose publish fails part-way is published again whole: every
+/// event arrives, and within each ordering key the first arrivals keep log
+/// order (the repeats are what an inbox absorbs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_batch_is_published_again_whole() {
+    let store = Arc::new(InMemoryEventStore::new());
+    for id in ["a", "b", "c"] {
+        append_in(&*store, "Order", id, 1..=12).await;
+    }
+    let calls = Arc::new(Calls {
+        tear: Some(1),
+        ..Calls::default()
+    });
+    let relay = EventStoreRelay::new(calls.clone(), route_two)
+        .max_batch(10)
+        .retry_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .spawn(
+            store.clone(),
+            SubscriptionOptions::new("torn").poll_interval(Duration::from_millis(50)),
+        )
+        .unwrap();
+    eventually("36 events and the repeats published", WAIT, || async {
+        calls.published() >= 36 + 5
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    let calls = calls.calls.lock().unwrap();
+    assert_eq!(calls[1].1.len(), 5, "half of the torn call got through");
+    assert_eq!(calls[2].1.len(), 10, "then the whole batch again");
+    assert_eq!(calls[1].1[..], calls[2].1[..5]);
+    let mut first_seen: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    for (key, seq) in calls.iter().flat_map(|(_, ms)| ms.iter()) {
+        if seen.insert((key.clone(), *seq)) {
+            first_seen.entry(key.clone()).or_default().push(*seq);
+        }
+    }
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            first_seen[&format!("Order-{id}")],
+            (1..=12).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(seen.len(), 36, "nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_size_out_of_range_is_refused() {
+    for n in [0, keel_outbox::MAX_STORE_RELAY_BATCH + 1] {
+        let err = EventStoreRelay::new(Arc::new(InMemoryBus::new()), route)
+            .max_batch(n)
+            .spawn(
+                Arc::new(InMemoryEventStore::new()),
+                SubscriptionOptions::new("sized"),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, keel_outbox::OutboxError::Invalid { ref field, .. } if field == "max_batch"),
+            "{n}: {err}"
+        );
+    }
 }

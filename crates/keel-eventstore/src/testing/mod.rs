@@ -57,8 +57,9 @@ pub use read::{
     read_stream_directions_and_limits, typed_decoding,
 };
 pub use subscriptions::{
-    checkpoints_never_move_backwards, subscription_catches_up_then_tails,
-    subscription_has_one_leader_and_fails_over, subscription_redelivers_after_failure_or_crash,
+    batched_handlers_stop_at_the_failed_event, checkpoints_never_move_backwards,
+    subscription_catches_up_then_tails, subscription_has_one_leader_and_fails_over,
+    subscription_redelivers_after_failure_or_crash,
 };
 pub use transactions::{
     aggregate_repository_within_transaction, concurrent_transactions_keep_the_log_exact,
@@ -68,6 +69,8 @@ pub use transactions::{
 
 use keel_core::uow::Transaction;
 
+#[allow(unused_imports, reason = "the suite shares one set of imports")]
+use crate::{BatchFailure, Delivery};
 use crate::{
     EventSourcedRepository, EventStoreBackend, EventStoreError, NewEvent, ReadAll, ReadStream,
     RecordedEvent, Snapshot, SnapshotPolicy, StreamAppend, Subscription, SubscriptionHandle,
@@ -184,6 +187,7 @@ pub const ALL: &[&str] = &[
     "subscription_catches_up_then_tails",
     "subscription_redelivers_after_failure_or_crash",
     "subscription_has_one_leader_and_fails_over",
+    "batched_handlers_stop_at_the_failed_event",
     "aggregate_repository_round_trip",
     "transaction_appends_are_invisible_until_commit",
     "transaction_rollback_leaves_nothing",

@@ -319,3 +319,115 @@ pub async fn subscription_has_one_leader_and_fails_over<S: Subject>(store: S) {
         "B resumes after A's checkpoint"
     );
 }
+
+/// Records what a batching handler was given; fails once, in the middle
+/// of a batch, on the event numbered `fail_on`.
+#[derive(Clone, Default)]
+struct Batches {
+    batches: Arc<Mutex<Vec<Vec<u64>>>>,
+    handled: Arc<Mutex<Vec<u64>>>,
+    fail_on: Option<u64>,
+    failed: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl SubscriptionHandler for Batches {
+    async fn handle(&self, _: &RecordedEvent) -> Result<(), keel_core::BoxError> {
+        Err("a batching handler is called through handle_batch".into())
+    }
+
+    fn max_batch(&self) -> usize {
+        4
+    }
+
+    async fn handle_batch(&self, deliveries: &[Delivery<'_>]) -> Result<(), BatchFailure> {
+        let ns: Vec<u64> = deliveries
+            .iter()
+            .map(|d| d.payload_value().unwrap()["n"].as_u64().unwrap())
+            .collect();
+        self.batches.lock().unwrap().push(ns.clone());
+        for (i, n) in ns.into_iter().enumerate() {
+            if self.fail_on == Some(n) && !self.failed.swap(true, Ordering::SeqCst) {
+                return Err(BatchFailure::new(i, "the handler refused this event"));
+            }
+            self.handled.lock().unwrap().push(n);
+        }
+        Ok(())
+    }
+}
+
+/// A handler that takes events in batches gets at most its
+/// `max_batch`, never across a checkpoint boundary, in log order; when it
+/// fails part-way, the subscription stops before the failed event (the
+/// ones before it count as handled and are checkpointed) and a restart
+/// delivers from the failed event on.
+pub async fn batched_handlers_stop_at_the_failed_event<S: Subject>(store: S) {
+    let store = Arc::new(store);
+    let s = sid("Batched-1");
+    store
+        .append(&s, ExpectedVersion::NoStream, (1..=25).map(ev).collect())
+        .await
+        .unwrap();
+    let positions: Vec<Position> = stream_of(&*store, &s, ReadStream::forward())
+        .await
+        .iter()
+        .map(|e| e.position)
+        .collect();
+
+    let failing = Batches {
+        fail_on: Some(11),
+        ..Batches::default()
+    };
+    // Checkpoints every 10 events; reads of 8.
+    let handle = Subscription::spawn(store.clone(), quick("batched"), failing.clone());
+    let err = tokio::time::timeout(Duration::from_secs(20), handle.join())
+        .await
+        .expect("the subscription stops")
+        .unwrap_err();
+    match err {
+        EventStoreError::Handler { position, .. } => assert_eq!(position, positions[10]),
+        other => panic!("expected a handler error, got {other:?}"),
+    }
+    assert_eq!(
+        *failing.handled.lock().unwrap(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.load_checkpoint("batched").await.unwrap(),
+        Some(positions[9]),
+        "the events before the failed one are checkpointed"
+    );
+
+    let retry = Batches::default();
+    let mut handle = Subscription::spawn(store.clone(), quick("batched"), retry.clone());
+    until(&mut handle, "the rest handled", |s| s.handled >= 15).await;
+    handle.shutdown().await.unwrap();
+    assert_eq!(
+        *retry.handled.lock().unwrap(),
+        (11..=25).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.load_checkpoint("batched").await.unwrap(),
+        Some(positions[24])
+    );
+    for batches in [&failing.batches, &retry.batches] {
+        for batch in batches.lock().unwrap().iter() {
+            assert!(!batch.is_empty() && batch.len() <= 4, "{batch:?}");
+            assert!(
+                batch.windows(2).all(|w| w[1] == w[0] + 1),
+                "in log order: {batch:?}"
+            );
+            // Checkpoints fall after every 10th handled event: 10, 20
+            // (the first run), then 20 again counted from 11 (the second).
+            let crosses = |last: u64| batch.contains(&last) && batch.contains(&(last + 1));
+            assert!(
+                !crosses(10) && !crosses(20),
+                "a batch crossed a checkpoint boundary: {batch:?}"
+            );
+        }
+    }
+    assert!(
+        retry.batches.lock().unwrap().iter().any(|b| b.len() > 1),
+        "events were batched"
+    );
+}
