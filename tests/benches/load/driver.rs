@@ -65,13 +65,16 @@ impl Driven {
     }
 }
 
-/// Places `config.orders` orders, `config.concurrency` at a time; pays
-/// each (or cancels every `cancel_every`-th) right after placing it.
+/// Places `config.orders` orders, `config.concurrency` at a time (and no
+/// faster than `config.rate` per second, when set); pays each (or cancels
+/// every `cancel_every`-th) right after placing it.
 pub(crate) async fn drive(config: &LoadConfig, client: &OrderingClient, driven: &Driven) {
+    let start = tokio::time::Instant::now();
     futures::stream::iter(0..config.orders)
         .for_each_concurrent(config.concurrency, |n| {
             let mut client = client.clone();
             async move {
+                tokio::time::sleep_until(start + config.start_offset(n)).await;
                 if let Err(e) = one_order(config, &mut client, driven, n).await {
                     driven.fail(format!("order #{n}: {e}"));
                 }

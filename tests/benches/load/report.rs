@@ -39,10 +39,14 @@ pub(crate) fn print(r: &Inputs<'_>) {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!();
     println!(
-        "== load run: {} orders ({paid} paid, {cancelled} cancelled, {} failed), {} in flight ==",
+        "== load run: {} orders ({paid} paid, {cancelled} cancelled, {} failed), {} in flight, {} ==",
         r.config.orders,
         d.failed.load(Ordering::Relaxed),
-        r.config.concurrency
+        r.config.concurrency,
+        r.config.rate.map_or_else(
+            || "no rate limit".to_owned(),
+            |n| format!("at most {n} orders/s")
+        )
     );
     println!(
         "machine: {cores} cores, {:.0} % of them busy during the run (everything on the machine), load average {:.1} at the end",

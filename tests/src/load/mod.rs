@@ -27,6 +27,9 @@ pub const CONCURRENCY_VAR: &str = "KEEL_LOAD_CONCURRENCY";
 /// The variable setting how often an order is cancelled instead of paid
 /// (every n-th order; 0 for never).
 pub const CANCEL_EVERY_VAR: &str = "KEEL_LOAD_CANCEL_EVERY";
+/// The variable capping how many orders start per second (0 or unset: as
+/// fast as the orders in flight allow).
+pub const RATE_VAR: &str = "KEEL_LOAD_RATE";
 /// The variable setting how long the run waits for the last shipment
 /// after the last order was paid, in seconds.
 pub const SETTLE_VAR: &str = "KEEL_LOAD_SETTLE_SECS";
@@ -46,6 +49,10 @@ pub struct LoadConfig {
     /// (120 s by default). The wait ends early when everything arrived;
     /// running out of it fails the run.
     pub settle: Duration,
+    /// At most this many orders start per second (`None` by default: each
+    /// starts as soon as one in flight ends). Below the services' capacity
+    /// the end-to-end latency is the path's own, not a queue's.
+    pub rate: Option<usize>,
 }
 
 impl Default for LoadConfig {
@@ -55,13 +62,14 @@ impl Default for LoadConfig {
             concurrency: 32,
             cancel_every: 100,
             settle: Duration::from_secs(120),
+            rate: None,
         }
     }
 }
 
 impl LoadConfig {
     /// The defaults, overridden by [`ORDERS_VAR`], [`CONCURRENCY_VAR`],
-    /// [`CANCEL_EVERY_VAR`] and [`SETTLE_VAR`] where set.
+    /// [`CANCEL_EVERY_VAR`], [`SETTLE_VAR`] and [`RATE_VAR`] where set.
     ///
     /// # Errors
     ///
@@ -104,7 +112,18 @@ impl LoadConfig {
             concurrency: number(CONCURRENCY_VAR, defaults.concurrency, false)?,
             cancel_every: number(CANCEL_EVERY_VAR, defaults.cancel_every, true)?,
             settle: Duration::from_secs(u64::try_from(settle_secs).unwrap_or(u64::MAX)),
+            rate: Some(number(RATE_VAR, 0, true)?).filter(|r| *r > 0),
         })
+    }
+
+    /// When order number `n` (0-based) may start, counted from the run's
+    /// start: `n / rate` seconds, or at once without a rate.
+    #[must_use]
+    pub fn start_offset(&self, n: usize) -> Duration {
+        match self.rate {
+            Some(rate) => Duration::from_secs_f64(n as f64 / rate as f64),
+            None => Duration::ZERO,
+        }
     }
 
     /// Whether order number `n` (0-based) is cancelled instead of paid.
@@ -156,6 +175,7 @@ mod tests {
             (CONCURRENCY_VAR, " 64 "),
             (CANCEL_EVERY_VAR, "0"),
             (SETTLE_VAR, "30"),
+            (RATE_VAR, "50"),
         ]))
         .unwrap();
         assert_eq!(
@@ -165,8 +185,13 @@ mod tests {
                 concurrency: 64,
                 cancel_every: 0,
                 settle: Duration::from_secs(30),
+                rate: Some(50),
             }
         );
+        assert_eq!(c.start_offset(100), Duration::from_secs(2));
+        assert_eq!(LoadConfig::default().start_offset(100), Duration::ZERO);
+        let unlimited = LoadConfig::from_vars(vars(&[(RATE_VAR, "0")])).unwrap();
+        assert_eq!(unlimited.rate, None);
         assert_eq!((c.paid(), c.cancelled()), (10_000, 0));
     }
 
