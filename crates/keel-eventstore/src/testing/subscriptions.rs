@@ -79,6 +79,21 @@ impl SubscriptionHandler for Collect {
     }
 }
 
+/// Appends events numbered 1 to `n` to a new stream `stream` and returns
+/// their positions, in order.
+async fn numbered<S: Subject>(store: &S, stream: &str, n: u64) -> Vec<Position> {
+    let s = sid(stream);
+    store
+        .append(&s, ExpectedVersion::NoStream, (1..=n).map(ev).collect())
+        .await
+        .unwrap();
+    stream_of(store, &s, ReadStream::forward())
+        .await
+        .iter()
+        .map(|e| e.position)
+        .collect()
+}
+
 pub(super) fn quick(name: &str) -> SubscriptionOptions {
     SubscriptionOptions::new(name)
         .batch_size(8)
@@ -194,16 +209,7 @@ pub async fn subscription_catches_up_then_tails<S: Subject>(store: S) {
 /// checkpoint) unsaved events are delivered again: at least once.
 pub async fn subscription_redelivers_after_failure_or_crash<S: Subject>(store: S) {
     let store = Arc::new(store);
-    let s = sid("Redeliver-1");
-    store
-        .append(&s, ExpectedVersion::NoStream, (1..=10).map(ev).collect())
-        .await
-        .unwrap();
-    let positions: Vec<Position> = stream_of(&*store, &s, ReadStream::forward())
-        .await
-        .iter()
-        .map(|e| e.position)
-        .collect();
+    let positions = numbered(&*store, "Redeliver-1", 10).await;
 
     let failing = Collect::failing_once_on(7);
     let handle = Subscription::spawn(store.clone(), quick("flaky"), failing.clone());
@@ -363,16 +369,7 @@ impl SubscriptionHandler for Batches {
 /// delivers from the failed event on.
 pub async fn batched_handlers_stop_at_the_failed_event<S: Subject>(store: S) {
     let store = Arc::new(store);
-    let s = sid("Batched-1");
-    store
-        .append(&s, ExpectedVersion::NoStream, (1..=25).map(ev).collect())
-        .await
-        .unwrap();
-    let positions: Vec<Position> = stream_of(&*store, &s, ReadStream::forward())
-        .await
-        .iter()
-        .map(|e| e.position)
-        .collect();
+    let positions = numbered(&*store, "Batched-1", 25).await;
 
     let failing = Batches {
         fail_on: Some(11),
