@@ -109,12 +109,44 @@ async fn the_database_guards_pending_and_sealed_rows() {
     in_rolled_back_tx(&db, &[insert_sealed(4, h3)])
         .await
         .expect("right after the chain's last record");
+    // Several rows in one statement: each links to the one before it in
+    // the statement (found among the inserted rows), the first to the head.
+    let insert_run = |rows: &[(u64, &str, &str)]| {
+        let values: Vec<String> = rows
+            .iter()
+            .map(|(sequence, prev, hash)| {
+                format!(
+                    "({sequence}, now(), now(), 'x.y', '{{}}', 'accepted', '{{}}', '{prev}', '{hash}')"
+                )
+            })
+            .collect();
+        format!(
+            "INSERT INTO keel.audit_log (sequence, occurred_at, recorded_at, command_type, \
+             event_types, outcome, details, prev_hash, hash) VALUES {}",
+            values.join(", ")
+        )
+    };
+    let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+    in_rolled_back_tx(&db, &[insert_run(&[(4, h3, &a), (5, &a, &b), (6, &b, &c)])])
+        .await
+        .expect("a linked run right after the chain's last record");
+    // A row sealed past the head by an earlier statement of the same
+    // transaction (the head has not moved): found by its sequence.
+    in_rolled_back_tx(
+        &db,
+        &[insert_run(&[(4, h3, &a)]), insert_run(&[(5, &a, &b)])],
+    )
+    .await
+    .expect("linked to a row sealed earlier in the transaction");
     let refused = [
         "UPDATE keel.audit_pending SET entry = entry || '{\"principal\": \"mallory\"}'".to_owned(),
         "DELETE FROM keel.audit_pending".to_owned(),
         "TRUNCATE keel.audit_pending".to_owned(),
         insert_sealed(5, h3),
         insert_sealed(4, &"b".repeat(64)),
+        // A broken link inside one statement's run, and a gap in it.
+        insert_run(&[(4, h3, &a), (5, &c, &b)]),
+        insert_run(&[(4, h3, &a), (6, &a, &b)]),
     ];
     for sql in refused {
         let err = in_rolled_back_tx(&db, std::slice::from_ref(&sql))
