@@ -457,3 +457,86 @@ async fn a_failing_projector_stops_and_turns_unready() {
     );
     assert!(handle.shutdown().await.is_err());
 }
+
+/// One run of events (all read in one batch): a document created,
+/// changed, deleted and created again ends as the last event left it; a
+/// projector failure in the middle of the run writes what the events
+/// before it did and stops before it; the same events one at a time
+/// (`max_batch(1)`) give the same index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_is_applied_in_order_and_stops_at_a_failed_event() {
+    let store = Arc::new(InMemoryEventStore::new());
+    append(
+        &*store,
+        "Order-x",
+        &[
+            ("order.placed", json!({ "customer": "Ada" })),
+            ("order.item_added", json!({ "qty": 2 })),
+            ("order.cancelled", json!({})),
+            ("order.placed", json!({ "customer": "Ada again" })),
+            ("order.item_added", json!({ "qty": 3 })),
+        ],
+    )
+    .await;
+    append(
+        &*store,
+        "Order-y",
+        &[
+            ("order.placed", json!({ "customer": "Grace" })),
+            ("order.item_added", json!({ "qty": 1 })),
+            ("order.exploded", json!({})),
+            ("order.item_added", json!({ "qty": 5 })),
+        ],
+    )
+    .await;
+    for max_batch in [100, 1] {
+        let engine: Arc<dyn SearchEngine> = Arc::new(InMemoryEngine::new());
+        let index = IndexName::new(format!("runs_{max_batch}")).unwrap();
+        let handle = SearchProjection::new(
+            store.clone(),
+            engine.clone(),
+            Orders::default(),
+            index.clone(),
+            "id",
+        )
+        .options(
+            ProjectionOptions::new(format!("runs-{max_batch}"))
+                .max_batch(max_batch)
+                .subscription(
+                    SubscriptionOptions::new("ignored").poll_interval(Duration::from_millis(20)),
+                ),
+        )
+        .start()
+        .await
+        .unwrap();
+        let r = handle.wait_caught_up(Duration::from_secs(30)).await;
+        assert!(r.is_err(), "the unknown event stops it: {r:?}");
+        let status = handle.status();
+        assert!(
+            status
+                .failed
+                .as_deref()
+                .is_some_and(|f| f.contains("order.exploded")),
+            "{status:?}"
+        );
+        // Events 1-7 of the log handled, the 8th failed.
+        let positions: Vec<_> = {
+            use futures::TryStreamExt;
+            use keel_eventstore::GlobalLog;
+            store
+                .read_all(keel_eventstore::ReadAll::from_start())
+                .map_ok(|e| e.position)
+                .try_collect()
+                .await
+                .unwrap()
+        };
+        assert_eq!(status.position, Some(positions[6]), "max_batch {max_batch}");
+        let x = without_position(doc(&*engine, &index, "x").await.expect("x recreated"));
+        assert_eq!(x["customer"], "Ada again");
+        assert_eq!(x["items"], 3, "the first life's items are gone");
+        let y = without_position(doc(&*engine, &index, "y").await.expect("y written"));
+        assert_eq!(y["items"], 1, "applied up to the failed event, not past it");
+        assert_eq!(engine.document_count(&index).await.unwrap(), 2);
+        assert!(handle.shutdown().await.is_err());
+    }
+}

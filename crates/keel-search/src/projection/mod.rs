@@ -12,11 +12,15 @@
 //!   that position is skipped, so re-applying an event leaves the same
 //!   document. A redelivered run of events replays in order, so deletions
 //!   and re-creations end in the same state too.
-//! * **Read-your-own-writes inside the projection**: each write waits until
-//!   Meilisearch applied it (bounded by [`ProjectionOptions::write_timeout`]),
-//!   so the next event for the same document sees the current version.
-//!   Throughput is therefore one document write per event: fine for read
-//!   models fed by commands, slow for bulk imports (use a rebuild).
+//! * **Batched, read-your-own-writes**: events are applied in runs of up
+//!   to [`ProjectionOptions::max_batch`] (default 100): each document the
+//!   run touches is read once, changed in memory event by event, in log
+//!   order, and the run's changes go out as one upsert and one delete,
+//!   each waiting until Meilisearch applied it (bounded by
+//!   [`ProjectionOptions::write_timeout`]), so the next run sees the
+//!   current versions. When the projector fails on an event, what the
+//!   events before it changed is written first and the projection stops
+//!   before that event.
 //! * **Rebuildable**: [`ProjectionHandle::rebuild`] replays the log from
 //!   position 0 into a new index with the same settings, stops the live
 //!   projection once the new index has caught up, lets it finish the last
@@ -27,6 +31,7 @@
 //!   one) is published as the gauges [`LAG_EVENTS`] and [`LAG_SECONDS`] and
 //!   checked by a readiness [`HealthCheck`](keel_core::HealthCheck) ([`ProjectionHandle::readiness`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -35,8 +40,8 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use keel_core::{BoxError, Position};
 use keel_eventstore::{
-    EventStore, RecordedEvent, Subscription, SubscriptionHandle, SubscriptionHandler,
-    SubscriptionSupport,
+    BatchFailure, Delivery, EventStore, RecordedEvent, Subscription, SubscriptionHandle,
+    SubscriptionHandler, SubscriptionSupport,
 };
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge, Meter};
@@ -159,7 +164,8 @@ impl Metrics {
     }
 }
 
-/// The handler the subscription calls: one event, one document.
+/// The handler the subscription calls: a run of events, the documents they
+/// touch.
 struct Apply {
     engine: Arc<dyn SearchEngine>,
     projector: Arc<dyn SearchProjector>,
@@ -177,28 +183,42 @@ fn position_of(doc: &Document) -> Option<Position> {
 impl Apply {
     async fn write(&self, change: Option<Document>, id: &DocumentId) -> Result<()> {
         let wait = Wait::applied(self.options.write_timeout);
+        match &change {
+            Some(doc) => {
+                self.retrying(|| {
+                    self.engine
+                        .upsert_documents(&self.index, vec![doc.clone()], wait)
+                })
+                .await
+            }
+            None => {
+                self.retrying(|| {
+                    self.engine
+                        .delete_documents(&self.index, std::slice::from_ref(id), wait)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Runs `write`, again after a pause while it fails for a retryable
+    /// reason, up to [`ProjectionOptions::write_retries`] times.
+    async fn retrying<F, Fut, T>(&self, mut write: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut attempt = 0;
         loop {
-            let r = match &change {
-                Some(doc) => self
-                    .engine
-                    .upsert_documents(&self.index, vec![doc.clone()], wait)
-                    .await
-                    .map(drop),
-                None => self
-                    .engine
-                    .delete_documents(&self.index, std::slice::from_ref(id), wait)
-                    .await
-                    .map(drop),
-            };
-            match r {
+            match write().await {
+                Ok(_) => return Ok(()),
                 Err(e) if e.is_retryable() && attempt < self.options.write_retries => {
                     attempt += 1;
                     let pause = Duration::from_millis(100 * 2u64.pow(attempt.min(5)));
                     tracing::warn!(projection = %self.options.name, error = %e, attempt, "search write failed; retrying");
                     tokio::time::sleep(pause).await;
                 }
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -219,13 +239,161 @@ impl SubscriptionHandler for Apply {
     async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
         let outcome = self.apply(event).await;
         if let Err(e) = &outcome {
-            // The subscription stops on a handler error; say why.
-            self.status
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .failed = Some(format!("event at {}: {e}", event.position));
+            self.failed(event, e);
         }
         outcome
+    }
+
+    fn max_batch(&self) -> usize {
+        self.options.max_batch
+    }
+
+    async fn handle_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> std::result::Result<(), BatchFailure> {
+        let mut run = Run::default();
+        for (i, delivery) in deliveries.iter().enumerate() {
+            let event = delivery.event();
+            if let Err(e) = self.step(event, &mut run).await {
+                // What the events before it changed is written first.
+                if let Err(w) = self.flush(&mut run).await {
+                    self.failed(deliveries[0].event(), &w);
+                    return Err(BatchFailure::new(0, w));
+                }
+                self.failed(event, &e);
+                return Err(BatchFailure::new(i, e));
+            }
+        }
+        if let Err(w) = self.flush(&mut run).await {
+            self.failed(deliveries[0].event(), &w);
+            return Err(BatchFailure::new(0, w));
+        }
+        Ok(())
+    }
+}
+
+/// The documents a run of events touched, as the events left them, and
+/// what each event did (recorded in the status once the run is written).
+#[derive(Default)]
+struct Run {
+    /// Each touched document after the run's events so far (`None`:
+    /// deleted or never created), with whether an event changed it.
+    docs: HashMap<DocumentId, (Option<Document>, bool)>,
+    /// Each event's position and whether it changed a document (`None`:
+    /// it concerns no document).
+    steps: Vec<(Position, Option<bool>)>,
+}
+
+impl Apply {
+    /// Records why the projection stopped.
+    fn failed(&self, event: &RecordedEvent, e: &dyn fmt::Display) {
+        // The subscription stops on a handler error; say why.
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed = Some(format!("event at {}: {e}", event.position));
+    }
+
+    /// Applies `event` to the run's copy of its document (read from the
+    /// index the first time the run touches it).
+    async fn step(
+        &self,
+        event: &RecordedEvent,
+        run: &mut Run,
+    ) -> std::result::Result<(), BoxError> {
+        let Some(id) = self.projector.document_id(event) else {
+            run.steps.push((event.position, None));
+            return Ok(());
+        };
+        let id = DocumentId::new(id)?;
+        let stored = match run.docs.get(&id) {
+            Some((doc, _)) => doc.clone(),
+            None => {
+                let doc = self.engine.get_document(&self.index, &id).await?;
+                run.docs.insert(id.clone(), (doc.clone(), false));
+                doc
+            }
+        };
+        let current = match stored {
+            Some(doc) if position_of(&doc).is_some_and(|p| p >= event.position) => {
+                run.steps.push((event.position, Some(false)));
+                return Ok(());
+            }
+            Some(mut doc) => {
+                doc.remove(POSITION_FIELD);
+                Some(doc)
+            }
+            None => None,
+        };
+        let next = self
+            .projector
+            .apply(current, event)?
+            .map(|doc| self.stamp(doc, &id, event));
+        run.docs.insert(id, (next, true));
+        run.steps.push((event.position, Some(true)));
+        Ok(())
+    }
+
+    /// Writes the run's changed documents (one upsert, one delete), then
+    /// records its events in the status; the run is empty afterwards.
+    async fn flush(&self, run: &mut Run) -> Result<()> {
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for (id, (doc, changed)) in run.docs.drain() {
+            match (doc, changed) {
+                (_, false) => {}
+                (Some(doc), true) => upserts.push(doc),
+                (None, true) => deletes.push(id),
+            }
+        }
+        let written = upserts.len() + deletes.len();
+        if !upserts.is_empty() {
+            self.retrying(|| {
+                self.engine.upsert_documents(
+                    &self.index,
+                    upserts.clone(),
+                    Wait::applied(self.options.write_timeout),
+                )
+            })
+            .await?;
+        }
+        if !deletes.is_empty() {
+            self.retrying(|| {
+                self.engine.delete_documents(
+                    &self.index,
+                    &deletes,
+                    Wait::applied(self.options.write_timeout),
+                )
+            })
+            .await?;
+        }
+        self.metrics
+            .applied
+            .add(written as u64, &self.metrics.attrs);
+        for (position, changed) in run.steps.drain(..) {
+            match changed {
+                Some(applied) => self.mark(position, applied),
+                None => {
+                    self.status
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .position = Some(position);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `doc` as stored: with its primary key and the position of the event
+    /// that made it.
+    fn stamp(&self, mut doc: Document, id: &DocumentId, event: &RecordedEvent) -> Document {
+        doc.insert(self.primary_key.clone(), Value::String(id.to_string()));
+        doc.insert(
+            POSITION_FIELD.to_owned(),
+            Value::String(event.position.to_string()),
+        );
+        doc
     }
 }
 
@@ -251,15 +419,10 @@ impl Apply {
             }
             None => None,
         };
-        let next = self.projector.apply(current, event)?;
-        let change = next.map(|mut doc| {
-            doc.insert(self.primary_key.clone(), Value::String(id.to_string()));
-            doc.insert(
-                POSITION_FIELD.to_owned(),
-                Value::String(event.position.to_string()),
-            );
-            doc
-        });
+        let change = self
+            .projector
+            .apply(current, event)?
+            .map(|doc| self.stamp(doc, &id, event));
         self.write(change, &id).await?;
         self.metrics.applied.add(1, &self.metrics.attrs);
         self.mark(event.position, true);

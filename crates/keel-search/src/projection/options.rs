@@ -22,6 +22,10 @@ pub struct ProjectionOptions {
     pub lag_interval: Duration,
     /// Readiness fails when more events than this wait (default 1000).
     pub max_ready_lag: u64,
+    /// The most events applied together (default 100): the documents they
+    /// touch are read once, changed in log order, and written in one
+    /// upsert and one delete. 1 writes after every event.
+    pub max_batch: usize,
     /// The subscription's options beyond name and filter (batch size,
     /// checkpoint cadence, polling).
     pub subscription: SubscriptionOptions,
@@ -39,7 +43,15 @@ impl ProjectionOptions {
             write_retries: 5,
             lag_interval: Duration::from_secs(5),
             max_ready_lag: 1000,
+            max_batch: 100,
         }
+    }
+
+    /// Sets how many events are applied together (at least 1).
+    #[must_use]
+    pub fn max_batch(mut self, events: usize) -> Self {
+        self.max_batch = events.max(1);
+        self
     }
 
     /// Reads only events passing `filter`.
@@ -154,7 +166,8 @@ pub struct ProjectionStatus {
     pub lag_events: u64,
     /// Age of the oldest waiting event at the last measurement.
     pub lag_age: Duration,
-    /// Documents written or deleted since start.
+    /// Events applied to their document since start (each changed or
+    /// deleted it; several in one run may share one write).
     pub applied: u64,
     /// Events skipped because their document already reflected them.
     pub skipped: u64,
