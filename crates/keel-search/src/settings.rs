@@ -5,12 +5,41 @@ use std::collections::BTreeMap;
 use crate::error::{Result, SearchError};
 use crate::names::check_field;
 
-/// Meilisearch's default ranking rules, in order.
+/// Meilisearch's default ranking rules, in order (what the in-memory
+/// engine applies, and what Meilisearch up to v1.x releases before the
+/// split of `attribute` reports).
 pub const DEFAULT_RANKING_RULES: [&str; 6] = [
     "words",
     "typo",
     "proximity",
     "attribute",
+    "sort",
+    "exactness",
+];
+
+/// The default ranking rules newer Meilisearch releases report (v1.50
+/// among them), where `attribute` is split into `attributeRank` and
+/// `wordPosition`. Read back, they normalize to `None` like
+/// [`DEFAULT_RANKING_RULES`]: both mean "the engine's defaults".
+pub const SPLIT_DEFAULT_RANKING_RULES: [&str; 7] = [
+    "words",
+    "typo",
+    "proximity",
+    "attributeRank",
+    "sort",
+    "wordPosition",
+    "exactness",
+];
+
+/// Every built-in ranking rule name a setting may use (besides
+/// `field:asc` / `field:desc`).
+pub const BUILT_IN_RANKING_RULES: [&str; 8] = [
+    "words",
+    "typo",
+    "proximity",
+    "attribute",
+    "attributeRank",
+    "wordPosition",
     "sort",
     "exactness",
 ];
@@ -125,10 +154,14 @@ impl IndexSettings {
         {
             self.searchable_attributes = None;
         }
-        if self.ranking_rules.as_ref().is_some_and(|r| {
-            r.len() == DEFAULT_RANKING_RULES.len()
-                && r.iter().zip(DEFAULT_RANKING_RULES).all(|(a, b)| a == b)
-        }) {
+        let is = |rules: &[String], defaults: &[&str]| {
+            rules.len() == defaults.len() && rules.iter().zip(defaults).all(|(a, b)| a == b)
+        };
+        if self
+            .ranking_rules
+            .as_ref()
+            .is_some_and(|r| is(r, &DEFAULT_RANKING_RULES) || is(r, &SPLIT_DEFAULT_RANKING_RULES))
+        {
             self.ranking_rules = None;
         }
         for list in [
@@ -166,7 +199,7 @@ impl IndexSettings {
         }
         if let Some(rules) = &self.ranking_rules {
             for rule in rules {
-                let ok = DEFAULT_RANKING_RULES.contains(&rule.as_str())
+                let ok = BUILT_IN_RANKING_RULES.contains(&rule.as_str())
                     || rule.rsplit_once(':').is_some_and(|(f, d)| {
                         check_field(f).is_ok() && matches!(d, "asc" | "desc")
                     });
@@ -187,5 +220,49 @@ impl IndexSettings {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(names: &[&str]) -> IndexSettings {
+        IndexSettings::new().ranking_rules(names.iter().copied())
+    }
+
+    #[test]
+    fn both_default_lists_read_back_as_the_defaults() {
+        assert_eq!(
+            rules(&DEFAULT_RANKING_RULES).normalized().ranking_rules,
+            None
+        );
+        assert_eq!(
+            rules(&SPLIT_DEFAULT_RANKING_RULES)
+                .normalized()
+                .ranking_rules,
+            None
+        );
+        // Another order is a custom list.
+        let custom = rules(&[
+            "typo",
+            "words",
+            "proximity",
+            "attribute",
+            "sort",
+            "exactness",
+        ]);
+        assert!(custom.normalized().ranking_rules.is_some());
+    }
+
+    #[test]
+    fn newer_rule_names_are_accepted_and_unknown_ones_refused() {
+        assert!(
+            rules(&["words", "attributeRank", "wordPosition", "price:asc"])
+                .validate()
+                .is_ok()
+        );
+        let err = rules(&["words", "popularity"]).validate().unwrap_err();
+        assert!(err.to_string().contains("popularity"), "{err}");
     }
 }
