@@ -10,7 +10,7 @@
 //! commit with the projection's checkpoint, so no event counts twice.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -386,21 +386,11 @@ pub async fn rebuild(
     })
     .await??;
 
-    let (v2, v2_handle, v2_id) = start(
-        services,
-        Arc::clone(&store),
-        transactions,
-        &name,
-        stream_prefix,
-        2,
-        2,
-    )
-    .await?;
-    let models: BTreeMap<u32, Arc<OrderSummary>> =
-        BTreeMap::from([(1, Arc::clone(&v1.summary)), (2, Arc::clone(&v2))]);
-
     // The reader: like a query endpoint, it asks which version is active
-    // and reads that one, every 2 ms, and checks what it got.
+    // and reads that one, every 2 ms, and checks what it got. It starts
+    // before version 2 does, so it reads version 1 at least once however
+    // fast version 2 catches up.
+    let v2_model: Arc<OnceLock<Arc<OrderSummary>>> = Arc::new(OnceLock::new());
     let stop = Arc::new(AtomicBool::new(false));
     let reads: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
     let reader = {
@@ -410,11 +400,23 @@ pub async fn rebuild(
             Arc::clone(&reads),
             expected.clone(),
         );
+        let (v1_model, v2_model) = (Arc::clone(&v1.summary), Arc::clone(&v2_model));
         let name = name.clone();
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let version = store.active_projection_version(&name).await?.unwrap_or(1);
-                let model = models.get(&version).ok_or("an unknown version is active")?;
+                let model = match version {
+                    1 => Arc::clone(&v1_model),
+                    2 => match v2_model.get() {
+                        Some(model) => Arc::clone(model),
+                        // Active before `start` handed it over: next time.
+                        None => {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            continue;
+                        }
+                    },
+                    _ => return Err::<(), BoxError>("an unknown version is active".into()),
+                };
                 let seen = statuses(&model.read().await?);
                 if seen != expected {
                     return Err::<(), BoxError>(
@@ -434,6 +436,24 @@ pub async fn rebuild(
             Ok(())
         })
     };
+    within("a first read of version 1", async {
+        while reads[1].load(Ordering::SeqCst) == 0 && !reader.is_finished() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await?;
+
+    let (v2, v2_handle, v2_id) = start(
+        services,
+        Arc::clone(&store),
+        transactions,
+        &name,
+        stream_prefix,
+        2,
+        2,
+    )
+    .await?;
+    let _ = v2_model.set(Arc::clone(&v2));
 
     let outcome = within("version 2 active and read", async {
         loop {
