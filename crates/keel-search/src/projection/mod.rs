@@ -181,26 +181,6 @@ fn position_of(doc: &Document) -> Option<Position> {
 }
 
 impl Apply {
-    async fn write(&self, change: Option<Document>, id: &DocumentId) -> Result<()> {
-        let wait = Wait::applied(self.options.write_timeout);
-        match &change {
-            Some(doc) => {
-                self.retrying(|| {
-                    self.engine
-                        .upsert_documents(&self.index, vec![doc.clone()], wait)
-                })
-                .await
-            }
-            None => {
-                self.retrying(|| {
-                    self.engine
-                        .delete_documents(&self.index, std::slice::from_ref(id), wait)
-                })
-                .await
-            }
-        }
-    }
-
     /// Runs `write`, again after a pause while it fails for a retryable
     /// reason, up to [`ProjectionOptions::write_retries`] times.
     async fn retrying<F, Fut, T>(&self, mut write: F) -> Result<()>
@@ -237,11 +217,10 @@ impl Apply {
 #[async_trait]
 impl SubscriptionHandler for Apply {
     async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
-        let outcome = self.apply(event).await;
-        if let Err(e) = &outcome {
-            self.failed(event, e);
-        }
-        outcome
+        // A run of one: the same path as every batch.
+        self.handle_batch(&[Delivery::new(event, false)])
+            .await
+            .map_err(|failure| failure.source)
     }
 
     fn max_batch(&self) -> usize {
@@ -253,23 +232,25 @@ impl SubscriptionHandler for Apply {
         deliveries: &[Delivery<'_>],
     ) -> std::result::Result<(), BatchFailure> {
         let mut run = Run::default();
+        let mut stopped = None;
         for (i, delivery) in deliveries.iter().enumerate() {
-            let event = delivery.event();
-            if let Err(e) = self.step(event, &mut run).await {
-                // What the events before it changed is written first.
-                if let Err(w) = self.flush(&mut run).await {
-                    self.failed(deliveries[0].event(), &w);
-                    return Err(BatchFailure::new(0, w));
-                }
-                self.failed(event, &e);
-                return Err(BatchFailure::new(i, e));
+            if let Err(e) = self.step(delivery.event(), &mut run).await {
+                stopped = Some((i, e));
+                break;
             }
         }
+        // What the run changed (up to a failed event) is written first.
         if let Err(w) = self.flush(&mut run).await {
             self.failed(deliveries[0].event(), &w);
             return Err(BatchFailure::new(0, w));
         }
-        Ok(())
+        match stopped {
+            Some((i, e)) => {
+                self.failed(deliveries[i].event(), &e);
+                Err(BatchFailure::new(i, e))
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -394,39 +375,6 @@ impl Apply {
             Value::String(event.position.to_string()),
         );
         doc
-    }
-}
-
-impl Apply {
-    async fn apply(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
-        let Some(id) = self.projector.document_id(event) else {
-            self.status
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .position = Some(event.position);
-            return Ok(());
-        };
-        let id = DocumentId::new(id)?;
-        let current = self.engine.get_document(&self.index, &id).await?;
-        let current = match current {
-            Some(doc) if position_of(&doc).is_some_and(|p| p >= event.position) => {
-                self.mark(event.position, false);
-                return Ok(());
-            }
-            Some(mut doc) => {
-                doc.remove(POSITION_FIELD);
-                Some(doc)
-            }
-            None => None,
-        };
-        let change = self
-            .projector
-            .apply(current, event)?
-            .map(|doc| self.stamp(doc, &id, event));
-        self.write(change, &id).await?;
-        self.metrics.applied.add(1, &self.metrics.attrs);
-        self.mark(event.position, true);
-        Ok(())
     }
 }
 
