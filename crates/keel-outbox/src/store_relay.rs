@@ -313,6 +313,18 @@ impl Forward {
             delay = (delay * 2).min(self.relay.retry_max);
         }
     }
+
+    /// Publishes `group`, if any; a failure names the group's first event
+    /// as the one the relay stops before.
+    async fn flush(&self, group: Option<Group<'_>>) -> std::result::Result<(), BatchFailure> {
+        match group {
+            Some(g) => self
+                .publish(&g.topic, &g.messages, g.first)
+                .await
+                .map_err(|source| BatchFailure::new(g.from, source)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Consecutive messages bound for one topic, not yet published.
@@ -327,12 +339,10 @@ struct Group<'a> {
 #[async_trait]
 impl SubscriptionHandler for Forward {
     async fn handle(&self, event: &RecordedEvent) -> std::result::Result<(), BoxError> {
-        let Some(topic) = (self.relay.router)(event) else {
-            return Ok(());
-        };
-        let message = to_message(event)?;
-        self.publish(&topic, std::slice::from_ref(&message), event)
+        // A batch of one: the same path as every batch.
+        self.handle_batch(&[Delivery::new(event, false)])
             .await
+            .map_err(|failure| failure.source)
     }
 
     fn max_batch(&self) -> usize {
@@ -354,22 +364,14 @@ impl SubscriptionHandler for Forward {
                 Err(e) => {
                     // What comes before it still goes out; the relay then
                     // stops before this event.
-                    if let Some(g) = group.take() {
-                        self.publish(&g.topic, &g.messages, g.first)
-                            .await
-                            .map_err(|source| BatchFailure::new(g.from, source))?;
-                    }
+                    self.flush(group).await?;
                     return Err(BatchFailure::new(i, e));
                 }
             };
             match &mut group {
                 Some(g) if g.topic == topic => g.messages.push(message),
                 _ => {
-                    if let Some(g) = group.take() {
-                        self.publish(&g.topic, &g.messages, g.first)
-                            .await
-                            .map_err(|source| BatchFailure::new(g.from, source))?;
-                    }
+                    self.flush(group.take()).await?;
                     group = Some(Group {
                         topic,
                         from: i,
@@ -379,11 +381,6 @@ impl SubscriptionHandler for Forward {
                 }
             }
         }
-        if let Some(g) = group {
-            self.publish(&g.topic, &g.messages, g.first)
-                .await
-                .map_err(|source| BatchFailure::new(g.from, source))?;
-        }
-        Ok(())
+        self.flush(group).await
     }
 }
