@@ -10,11 +10,14 @@
     reason = "the child process signals where it stands on stdout"
 )]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command as Process, Stdio};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use common::connect;
 use keel_core::command::{
     Command, CommandEnvelope, Handled, TransactionalHandler, TransactionalService,
 };
@@ -23,7 +26,7 @@ use keel_core::{
     AuditAppender, AuditEntry, AuditLog, AuditOutcome, AuditPage, AuditQuery, AuditRecord,
     ChainVerification, PipelineError,
 };
-use keel_database::{Database, DatabaseConfig, UnitOfWork};
+use keel_database::UnitOfWork;
 use keel_security::audit::{AuditHead, PgAuditLog};
 use keel_security::pipeline::AuditLayer;
 use keel_testkit::TestDatabase;
@@ -100,19 +103,6 @@ impl AuditLog for Stalling {
             stall: self.stall,
         })
     }
-}
-
-async fn connect(url: &str, max: u32) -> Database {
-    Database::connect(
-        DatabaseConfig::builder()
-            .connect_options(url.parse().expect("url"))
-            .min_connections(0)
-            .max_connections(max)
-            .build()
-            .expect("config"),
-    )
-    .await
-    .expect("connect")
 }
 
 /// The child's side; does nothing in a normal test run.

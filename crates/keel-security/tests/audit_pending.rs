@@ -3,6 +3,8 @@
 //! lived in `keel.audit_log`, many clients through the command pipeline,
 //! and repeats of one attempt stored once.
 
+mod common;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use common::connect;
 use keel_core::command::{
     Command, CommandEnvelope, Handled, TransactionalHandler, TransactionalService,
 };
@@ -18,7 +21,7 @@ use keel_core::{
     AuditEntry, AuditLog, AuditOutcome, AuditQuery, AuditRecord, ChainVerification, CommandError,
     DomainError, PipelineError,
 };
-use keel_database::{Database, DatabaseConfig, Migrations, UnitOfWork};
+use keel_database::{Migrations, UnitOfWork};
 use keel_security::audit::testing::command_entry;
 use keel_security::audit::{AuditHead, GENESIS_HASH, PgAuditLog, record_hash};
 use keel_security::pipeline::AuditLayer;
@@ -50,19 +53,6 @@ async fn in_rolled_back_tx(db: &TestDatabase, statements: &[String]) -> Result<(
     }
     tx.rollback().await.expect("rollback");
     Ok(())
-}
-
-async fn connect(url: &str, max: u32) -> Database {
-    Database::connect(
-        DatabaseConfig::builder()
-            .connect_options(url.parse().expect("url"))
-            .min_connections(0)
-            .max_connections(max)
-            .build()
-            .expect("config"),
-    )
-    .await
-    .expect("connect")
 }
 
 /// The hash that makes two entries the same attempt (what the log keeps
