@@ -82,6 +82,22 @@ async fn bump(observer: &mut PgConnection) {
         .unwrap();
 }
 
+/// Takes a connection from `pool`, opens a transaction on it with plain
+/// text (so sqlx does not know) and gives it back unfinished; returns its
+/// backend pid.
+async fn leak_open_transaction(pool: &sqlx::PgPool) -> i32 {
+    let mut conn = pool.acquire().await.unwrap();
+    let leaked: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    drop(conn);
+    leaked
+}
+
 #[tokio::test]
 async fn a_connection_left_inside_a_transaction_is_closed_on_release() {
     let (test_db, db) = database(1).await;
@@ -128,15 +144,7 @@ async fn a_hand_built_pool_gets_the_same_check() {
         .connect_with(test_db.connect_options())
         .await
         .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let leaked: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        .await
-        .unwrap();
-    drop(conn);
+    let leaked = leak_open_transaction(&pool).await;
     let mut conn = pool.acquire().await.unwrap();
     let (pid, isolation): (i32, String) =
         sqlx::query_as("SELECT pg_backend_pid(), current_setting('transaction_isolation')")
@@ -257,15 +265,7 @@ async fn cancelled_transactions_never_reach_the_next_user() {
 async fn the_test_kit_pool_closes_the_same_connections() {
     let (test_db, _db) = database(1).await;
     let pool = test_db.pool();
-    let mut conn = pool.acquire().await.unwrap();
-    let leaked: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        .await
-        .unwrap();
-    drop(conn);
+    let leaked = leak_open_transaction(pool).await;
     // The pool holds up to 20 connections: ask until the released one has
     // been checked (closed or kept) and look at every connection it hands out.
     for _ in 0..40 {
