@@ -6,6 +6,28 @@
 use keel_examples::Services;
 use keel_examples::contexts::{self, ORDERS, Summary};
 
+/// A fresh database with the event store's and the outbox's migrations,
+/// and a pool of up to 20 connections on it (keep the first alive while
+/// the pool is in use: dropping it drops the database).
+async fn postgres() -> (keel_testkit::TestDatabase, keel_database::Database) {
+    let test_database = keel_testkit::TestDatabase::create(&[
+        &keel_eventstore::MIGRATIONS,
+        &keel_outbox::MIGRATIONS,
+    ])
+    .await
+    .expect("a PostgreSQL database from keel-testkit");
+    let config = keel_database::DatabaseConfig::builder()
+        .url(test_database.url())
+        .min_connections(1)
+        .max_connections(20)
+        .build()
+        .expect("a valid pool configuration");
+    let database = keel_database::Database::connect(config)
+        .await
+        .expect("a pool");
+    (test_database, database)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_paid_order_ships_once_and_the_poison_message_is_dead_lettered_then_replayed() {
     let summary = contexts::run(&Services::in_memory())
@@ -76,20 +98,7 @@ async fn a_run_of_fewer_than_two_orders_is_refused() {
 /// summary's two versions in tables; the same numbers as in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_summary_holds_on_real_services() {
-    use keel_database::{Database, DatabaseConfig};
-    use keel_testkit::TestDatabase;
-
-    let test_database =
-        TestDatabase::create(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
-            .await
-            .expect("a PostgreSQL database from keel-testkit");
-    let config = DatabaseConfig::builder()
-        .url(test_database.url())
-        .min_connections(1)
-        .max_connections(20)
-        .build()
-        .expect("a valid pool configuration");
-    let database = Database::connect(config).await.expect("a pool");
+    let (_test_database, database) = postgres().await;
     let services = Services::in_memory()
         .with_database(database.clone())
         .with_redis(
@@ -180,11 +189,9 @@ mod shipping_consumer {
 
     use futures::future::join_all;
     use keel_core::{Delivery, EntityRepository, EventHandler, EventPublisher, Message, Version};
-    use keel_database::{Database, DatabaseConfig};
     use keel_eventbus::InMemoryBus;
     use keel_examples::Services;
     use keel_examples::contexts::shipping::{ShipmentRecord, Shipping};
-    use keel_testkit::TestDatabase;
     use ordering_domain::{Address, Money, OrderEvent, OrderLine};
     use shipping_domain::{ShipmentId, ShipmentStatus};
 
@@ -356,17 +363,7 @@ mod shipping_consumer {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_postgres() {
-        let test_database =
-            TestDatabase::create(&[&keel_eventstore::MIGRATIONS, &keel_outbox::MIGRATIONS])
-                .await
-                .expect("a PostgreSQL database from keel-testkit");
-        let config = DatabaseConfig::builder()
-            .url(test_database.url())
-            .min_connections(1)
-            .max_connections(20)
-            .build()
-            .expect("a valid pool configuration");
-        let database = Database::connect(config).await.expect("a pool");
+        let (_test_database, database) = super::postgres().await;
         redeliver_concurrently(&Services::in_memory().with_database(database.clone())).await;
         database.close().await;
     }
